@@ -1,0 +1,48 @@
+# `make run` builds the engine (release) and serves the dashboard on http://localhost:8501.
+# `make test` builds it and runs every test: Rust core, lints, Python API, dashboard, browser.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PORT ?= 8501
+export VIRTUAL_ENV := $(abspath $(VENV))
+
+.PHONY: run test build venv test-rust test-python lint bench bench-quick clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements-dev.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+build: venv
+	$(VENV)/bin/maturin develop --release --quiet
+
+run: build
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
+
+test: build test-rust lint test-python
+
+test-rust:
+	cargo test --release
+
+lint: venv
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m mypy.stubtest attnscope._core --allowlist .stubtest-allowlist
+
+test-python: build
+	$(PY) -m pytest
+
+bench: build
+	$(PY) benchmarks/bench.py
+
+bench-quick: build
+	$(PY) benchmarks/bench.py --quick
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,27 @@
+"""attnscope: fast, exact CPU attention in Rust with a NumPy API.
+
+    import attnscope as ats
+    out = ats.scaled_dot_product_attention(q, k, v, is_causal=True)
+"""
+
+from __future__ import annotations
+
+from ._attention import (
+    get_num_threads,
+    get_weights_memory_limit,
+    scaled_dot_product_attention,
+    set_num_threads,
+    set_weights_memory_limit,
+)
+from ._engine import core_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "core_available",
+    "get_num_threads",
+    "get_weights_memory_limit",
+    "scaled_dot_product_attention",
+    "set_num_threads",
+    "set_weights_memory_limit",
+]

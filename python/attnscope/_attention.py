@@ -1,0 +1,188 @@
+"""`scaled_dot_product_attention` and the thread controls: argument checks, then the Rust core."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from ._engine import core
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_ALIGNMENTS = ("top_left", "bottom_right")
+
+
+def _require_array(value, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray, got {type(value).__name__}; "
+            f"wrap it with numpy.asarray({name}, dtype=numpy.float32)"
+        )
+    return value
+
+
+def check_qkv(query, key, value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """query/key/value are float32 or float64 ndarrays of one dtype (shapes are checked in Rust)."""
+    arrays = tuple(_require_array(a, n) for a, n in ((query, "query"), (key, "key"), (value, "value")))
+    for array, name in zip(arrays, ("query", "key", "value"), strict=True):
+        if array.dtype not in _FLOAT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {array.dtype}; attnscope computes in float32 or float64: "
+                f"convert with {name}.astype(numpy.float32)"
+            )
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) > 1:
+        raise TypeError(
+            "query, key and value must share one dtype, got "
+            f"{arrays[0].dtype}, {arrays[1].dtype} and {arrays[2].dtype}; convert them with .astype()"
+        )
+    return arrays
+
+
+def check_mask(attn_mask, dtype: np.dtype, name: str = "attn_mask") -> np.ndarray | None:
+    """A bool mask stays bool; a float mask is cast (copied, never modified) to the data dtype."""
+    if attn_mask is None:
+        return None
+    mask = _require_array(attn_mask, name)
+    if mask.dtype == np.bool_:
+        return mask
+    if np.issubdtype(mask.dtype, np.floating):
+        return mask if mask.dtype == dtype else mask.astype(dtype)
+    raise TypeError(
+        f"{name} has dtype {mask.dtype}; use a bool mask (True = may attend) or a float mask "
+        "added to the scores (-inf hides a key)"
+    )
+
+
+def check_window(window) -> tuple[int | None, int | None] | None:
+    """`w` (int >= 1) becomes `(w - 1, w - 1)`; `(left, right)` sides are ints >= 0 or None."""
+    if window is None:
+        return None
+    if isinstance(window, bool):
+        raise TypeError(f"window must be an int >= 1 or a (left, right) tuple, got {window!r}")
+    if isinstance(window, numbers.Integral):
+        if window < 1:
+            raise ValueError(f"window must be >= 1 (the number of keys seen), got {window}")
+        return (int(window) - 1, int(window) - 1)
+    if isinstance(window, tuple | list) and len(window) == 2:
+        sides = []
+        for side, label in zip(window, ("left", "right"), strict=True):
+            if side is None:
+                sides.append(None)
+            elif isinstance(side, numbers.Integral) and not isinstance(side, bool):
+                if side < 0:
+                    raise ValueError(f"window {label} side must be >= 0 or None, got {side}")
+                sides.append(int(side))
+            else:
+                raise TypeError(f"window {label} side must be an int or None, got {side!r}")
+        return (sides[0], sides[1])
+    raise TypeError(f"window must be an int >= 1 or a (left, right) tuple, got {window!r}")
+
+
+def check_scale(scale) -> float | None:
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_alignment(causal_alignment) -> str:
+    if causal_alignment not in _ALIGNMENTS:
+        raise ValueError(
+            f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}"
+        )
+    return causal_alignment
+
+
+def check_flag(value, name: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+    return_weights=False,
+):
+    """Exact attention ``softmax(Q·Kᵀ·scale + mask)·V`` on the CPU, with PyTorch's arguments.
+
+    Args:
+        query: ``(..., Hq, L, D)``; ``(L, D)`` and ``(H, L, D)`` work too.
+        key: ``(..., Hkv, S, D)``; leading dims must equal the query's.
+        value: ``(..., Hkv, S, Dv)``.
+        attn_mask: bool (True = takes part) or float (added to the scaled scores, ``-inf``
+            hides a key), broadcastable to ``(..., Hq, L, S)``.
+        is_causal: key ``j`` is visible to query ``i`` only if ``j <= c(i)``.
+        scale: multiplies ``Q·Kᵀ``; defaults to ``1/sqrt(D)``.
+        enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (query head ``h`` reads kv head
+            ``h // (Hq // Hkv)``).
+        causal_alignment: ``"top_left"`` (``c(i) = i``, PyTorch) or ``"bottom_right"``
+            (``c(i) = i + S - L``, what a KV cache needs).
+        window: ``w`` keeps keys with ``|j - c(i)| < w``; ``(left, right)`` keeps
+            ``c(i) - left <= j <= c(i) + right`` (``None`` = unbounded side).
+        return_weights: also return the ``(..., Hq, L, S)`` attention weights.
+
+    Returns:
+        The output ``(..., Hq, L, Dv)`` in the input dtype, or ``(output, weights)``. A query with
+        no visible key gets zeros.
+
+    Raises:
+        TypeError: non-array input, unsupported or mixed dtypes.
+        ValueError: shapes that do not fit together, bad option values, weights too large
+            for the limit set by :func:`set_weights_memory_limit`.
+    """
+    q, k, v = check_qkv(query, key, value)
+    mask = check_mask(attn_mask, q.dtype)
+    return core().scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        mask,
+        check_flag(is_causal, "is_causal"),
+        check_scale(scale),
+        check_flag(enable_gqa, "enable_gqa"),
+        check_alignment(causal_alignment),
+        check_window(window),
+        check_flag(return_weights, "return_weights"),
+    )
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Use `num_threads` worker threads for every later call (1 = run serially)."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    core().set_num_threads(int(num_threads))
+
+
+def get_num_threads() -> int:
+    """The number of worker threads (from ATTNSCOPE_NUM_THREADS, else the CPU count)."""
+    return core().get_num_threads()
+
+
+def set_weights_memory_limit(num_bytes: int) -> None:
+    """Refuse ``return_weights=True`` when the weights array would exceed `num_bytes`."""
+    if isinstance(num_bytes, bool) or not isinstance(num_bytes, numbers.Integral):
+        raise TypeError(f"num_bytes must be an int, got {type(num_bytes).__name__}")
+    if num_bytes < 0:
+        raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
+    core().set_weights_memory_limit(int(num_bytes))
+
+
+def get_weights_memory_limit() -> int:
+    """The largest weights array, in bytes, that ``return_weights=True`` may allocate."""
+    return core().get_weights_memory_limit()

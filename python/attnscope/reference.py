@@ -1,0 +1,129 @@
+"""The executable specification of attnscope's attention, in plain float64 NumPy.
+
+Every fast path is tested against these functions. They materialise the full L x S score
+matrix, so they are also the "naive" baseline the dashboard and the benchmark plot. They
+favour being obviously right over being fast or frugal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = [
+    "normalize_window",
+    "scaled_dot_product_attention",
+    "softmax",
+    "visibility",
+]
+
+
+def normalize_window(window) -> tuple[int | None, int | None] | None:
+    """`window=w` means `(w - 1, w - 1)`; `(left, right)` is kept; `None` stays `None`."""
+    if window is None:
+        return None
+    if isinstance(window, tuple | list):
+        left, right = window
+        return (None if left is None else int(left), None if right is None else int(right))
+    return (int(window) - 1, int(window) - 1)
+
+
+def visibility(
+    num_queries: int,
+    num_keys: int,
+    *,
+    is_causal: bool = False,
+    causal_alignment: str = "top_left",
+    window=None,
+) -> np.ndarray:
+    """The (L, S) boolean matrix of which key each query may see under causal/window rules."""
+    rows = np.arange(num_queries)[:, None]
+    cols = np.arange(num_keys)[None, :]
+    diagonal = rows if causal_alignment == "top_left" else rows + (num_keys - num_queries)
+    visible = np.ones((num_queries, num_keys), dtype=bool)
+    if is_causal:
+        visible &= cols <= diagonal
+    bounds = normalize_window(window)
+    if bounds is not None:
+        left, right = bounds
+        if left is not None:
+            visible &= cols >= diagonal - left
+        if right is not None:
+            visible &= cols <= diagonal + right
+    return visible
+
+
+def softmax(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, restricted to `visible`; rows with nothing visible are 0."""
+    masked = np.where(visible, scores, -np.inf)
+    row_max = masked.max(axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    exps = np.where(visible, np.exp(masked - row_max), 0.0)
+    total = exps.sum(axis=-1, keepdims=True)
+    return np.divide(exps, total, out=np.zeros_like(exps), where=total > 0)
+
+
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+    return_weights=False,
+):
+    """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine.
+
+    Shapes: query (..., Hq, L, D), key (..., Hkv, S, D), value (..., Hkv, S, Dv); 2-D inputs
+    are a single head. Returns float64 output (..., Hq, L, Dv) and, if asked, the weights.
+    """
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(key, dtype=np.float64)
+    v = np.asarray(value, dtype=np.float64)
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
+    num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
+
+    # Grouped-query attention: query head h reads kv head h // group.
+    if q.ndim >= 3 and q.shape[-3] != k.shape[-3]:
+        if not enable_gqa or q.shape[-3] % k.shape[-3] != 0:
+            raise ValueError(f"query heads {q.shape[-3]} vs key heads {k.shape[-3]} need enable_gqa")
+        group = q.shape[-3] // k.shape[-3]
+        k = np.repeat(k, group, axis=-3)
+        v = np.repeat(v, group, axis=-3)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    scores = (q @ np.swapaxes(k, -1, -2)) * scale
+
+    visible = visibility(
+        num_queries,
+        num_keys,
+        is_causal=is_causal,
+        causal_alignment=causal_alignment,
+        window=window,
+    )
+    visible = np.broadcast_to(visible, scores.shape)
+    if attn_mask is not None:
+        mask = np.asarray(attn_mask)
+        if mask.dtype == np.bool_:
+            visible = visible & mask
+        else:
+            mask = mask.astype(np.float64)
+            visible = visible & (mask != -np.inf)
+            scores = scores + mask
+
+    weights = softmax(scores, visible)
+    # A masked-out value must not reach the output even when it is NaN or inf, and 0 * NaN is
+    # NaN, so non-finite values take the exact (slow) road of summing only visible keys.
+    if np.isfinite(v).all():
+        out = weights @ v
+    else:
+        picked = np.where(visible[..., None], weights[..., None] * v[..., None, :, :], 0.0)
+        out = picked.sum(axis=-2)
+    return (out, weights) if return_weights else out
