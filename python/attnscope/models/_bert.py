@@ -1,0 +1,93 @@
+"""The BERT family (all-MiniLM-L6-v2, bert-base, ...): a bidirectional encoder, post-norm blocks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._model import Model, config_int, merge_heads, split_heads
+from ._numerics import activation, layer_norm
+
+
+class BertModel(Model):
+    """BERT as Hugging Face's ``BertModel``: embeddings, then post-norm attention + MLP blocks.
+
+    Every token sees every other token (no mask: one unpadded sequence). No pooler and no
+    task head: the trace ends at the final layer's hidden states and ``logits`` is None.
+    """
+
+    family = "BERT"
+    is_causal = False
+
+    def _setup(self, config: dict, weights: dict) -> None:
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(
+                "only absolute position embeddings are supported, config.json has "
+                f"position_embedding_type={config['position_embedding_type']!r}"
+            )
+        self.num_layers = config_int(config, "num_hidden_layers")
+        self.num_heads = config_int(config, "num_attention_heads")
+        self.hidden_size = config_int(config, "hidden_size")
+        self.vocab_size = config_int(config, "vocab_size")
+        self.max_positions = config_int(config, "max_position_embeddings")
+        self._eps = float(config.get("layer_norm_eps", 1e-12))
+        self._act = activation(config.get("hidden_act", "gelu"))
+        # Checkpoints of BertFor* task models put the encoder under "bert.".
+        if not any(key.startswith("embeddings.") for key in weights):
+            weights = {k.removeprefix("bert."): v for k, v in weights.items()}
+
+        def w(name):
+            return self._weight(weights, name)
+
+        self._word = w("embeddings.word_embeddings.weight")
+        # Position and token-type embeddings add up the same for every text: one token type (0).
+        self._position = w("embeddings.position_embeddings.weight") + w(
+            "embeddings.token_type_embeddings.weight"
+        )[0]
+        self._embed_norm = (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"))
+        self._layers = []
+        for index in range(self.num_layers):
+            p = f"encoder.layer.{index}."
+            # torch's Linear stores (out, in); the chapter's x·W wants (in, out). Q, K and V
+            # are fused into one (d, 3d) product.
+            qkv = np.concatenate(
+                [w(p + f"attention.self.{part}.weight").T for part in ("query", "key", "value")],
+                axis=1,
+            )
+            qkv_bias = np.concatenate(
+                [w(p + f"attention.self.{part}.bias") for part in ("query", "key", "value")]
+            )
+            self._layers.append(
+                {
+                    "qkv": np.ascontiguousarray(qkv),
+                    "qkv_bias": qkv_bias,
+                    "out": np.ascontiguousarray(w(p + "attention.output.dense.weight").T),
+                    "out_bias": w(p + "attention.output.dense.bias"),
+                    "norm1": (
+                        w(p + "attention.output.LayerNorm.weight"),
+                        w(p + "attention.output.LayerNorm.bias"),
+                    ),
+                    "up": np.ascontiguousarray(w(p + "intermediate.dense.weight").T),
+                    "up_bias": w(p + "intermediate.dense.bias"),
+                    "down": np.ascontiguousarray(w(p + "output.dense.weight").T),
+                    "down_bias": w(p + "output.dense.bias"),
+                    "norm2": (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias")),
+                }
+            )
+        self._scale = 1.0 / math.sqrt(self.hidden_size // self.num_heads)
+
+    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+        n = ids.size
+        x = layer_norm(self._word[ids] + self._position[:n], *self._embed_norm, self._eps)
+        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+        d = self.hidden_size
+        for index, layer in enumerate(self._layers):
+            qkv = x @ layer["qkv"] + layer["qkv_bias"]
+            q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
+            context, attentions[index] = self._attend(q, k, v, scale=self._scale)
+            attended = merge_heads(context) @ layer["out"] + layer["out_bias"]
+            x = layer_norm(attended + x, *layer["norm1"], self._eps)
+            hidden = self._act(x @ layer["up"] + layer["up_bias"])
+            x = layer_norm(hidden @ layer["down"] + layer["down_bias"] + x, *layer["norm2"], self._eps)
+        return attentions, x, None

@@ -1,0 +1,79 @@
+"""The GPT-2 family (gpt2, distilgpt2, ...): a causal decoder with pre-norm blocks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._model import Model, config_int, merge_heads, split_heads
+from ._numerics import activation, layer_norm
+
+
+class GPT2Model(Model):
+    """GPT-2 as Hugging Face's ``GPT2LMHeadModel``: token i attends to tokens 0..i only.
+
+    The trace's hidden states are the final layer's output after the last layer norm
+    (``ln_f``), and the logits are those hidden states times the (tied) token embeddings.
+    """
+
+    family = "GPT-2"
+    is_causal = True
+
+    def _setup(self, config: dict, weights: dict) -> None:
+        self.num_layers = config_int(config, "n_layer", "num_hidden_layers")
+        self.num_heads = config_int(config, "n_head", "num_attention_heads")
+        self.hidden_size = config_int(config, "n_embd", "hidden_size")
+        self.vocab_size = config_int(config, "vocab_size")
+        self.max_positions = config_int(config, "n_positions", "max_position_embeddings")
+        self._eps = float(config.get("layer_norm_epsilon", 1e-5))
+        self._act = activation(config.get("activation_function", "gelu_new"))
+        # save_pretrained of GPT2LMHeadModel writes "transformer.h.0..."; the hub files "h.0...".
+        weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
+
+        def w(name):
+            return self._weight(weights, name)
+
+        self._token = w("wte.weight")
+        self._position = w("wpe.weight")
+        tied = config.get("tie_word_embeddings", True)
+        # The unembedding is stored (d, vocab) so that logits = hidden · W_U.
+        self._unembed = np.ascontiguousarray((self._token if tied else w("lm_head.weight")).T)
+        self._final_norm = (w("ln_f.weight"), w("ln_f.bias"))
+        self._layers = []
+        for index in range(self.num_layers):
+            p = f"h.{index}."
+            # GPT-2's Conv1D already stores (in, out): x · W as in the chapter.
+            self._layers.append(
+                {
+                    "norm1": (w(p + "ln_1.weight"), w(p + "ln_1.bias")),
+                    "qkv": w(p + "attn.c_attn.weight"),
+                    "qkv_bias": w(p + "attn.c_attn.bias"),
+                    "out": w(p + "attn.c_proj.weight"),
+                    "out_bias": w(p + "attn.c_proj.bias"),
+                    "norm2": (w(p + "ln_2.weight"), w(p + "ln_2.bias")),
+                    "up": w(p + "mlp.c_fc.weight"),
+                    "up_bias": w(p + "mlp.c_fc.bias"),
+                    "down": w(p + "mlp.c_proj.weight"),
+                    "down_bias": w(p + "mlp.c_proj.bias"),
+                }
+            )
+        head_dim = self.hidden_size // self.num_heads
+        base = 1.0 / math.sqrt(head_dim) if config.get("scale_attn_weights", True) else 1.0
+        by_layer = config.get("scale_attn_by_inverse_layer_idx", False)
+        self._scales = [base / (index + 1) if by_layer else base for index in range(self.num_layers)]
+
+    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = ids.size
+        x = self._token[ids] + self._position[:n]
+        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+        d = self.hidden_size
+        for index, layer in enumerate(self._layers):
+            qkv = layer_norm(x, *layer["norm1"], self._eps) @ layer["qkv"] + layer["qkv_bias"]
+            q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
+            context, attentions[index] = self._attend(q, k, v, scale=self._scales[index])
+            x = x + (merge_heads(context) @ layer["out"] + layer["out_bias"])
+            hidden = self._act(layer_norm(x, *layer["norm2"], self._eps) @ layer["up"] + layer["up_bias"])
+            x = x + (hidden @ layer["down"] + layer["down_bias"])
+        final = layer_norm(x, *self._final_norm, self._eps)
+        return attentions, final, final @ self._unembed

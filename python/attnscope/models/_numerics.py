@@ -1,0 +1,65 @@
+"""The NumPy pieces around attention in a transformer block: layer norm and activations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# Abramowitz & Stegun 7.1.26: |error| <= 1.5e-7 over the real line. NumPy has no erf, and this
+# error is below float32 rounding of the GELU inputs that reach it, so results match torch.erf
+# to float32 precision.
+_ERF_P = 0.3275911
+_ERF_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """The error function, elementwise, to within 1.5e-7 (computed in the input's dtype)."""
+    sign = np.sign(x)
+    magnitude = np.abs(x)
+    t = 1.0 / (1.0 + _ERF_P * magnitude)
+    a1, a2, a3, a4, a5 = _ERF_A
+    poly = t * (a1 + t * (a2 + t * (a3 + t * (a4 + t * a5))))
+    return sign * (1.0 - poly * np.exp(-magnitude * magnitude))
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """GELU as BERT defines it: ``x · Φ(x)`` with the exact normal CDF."""
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU's tanh approximation, the one GPT-2 was trained with (``gelu_new``)."""
+    inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * (x * x * x))
+    return 0.5 * x * (1.0 + np.tanh(inner))
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    """max(x, 0)."""
+    return np.maximum(x, 0.0)
+
+
+ACTIVATIONS = {
+    "gelu": gelu_erf,
+    "gelu_new": gelu_tanh,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "relu": relu,
+}
+
+
+def activation(name: str):
+    """The activation function a Hugging Face config names (``hidden_act`` / ``activation_function``)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"activation {name!r} is not supported; supported: {', '.join(sorted(ACTIVATIONS))}"
+        ) from None
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    """Normalise each row to zero mean and unit variance (biased, as torch), then scale and shift."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    variance = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(variance + x.dtype.type(eps)) * weight + bias
