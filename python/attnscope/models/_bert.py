@@ -42,9 +42,10 @@ class BertModel(Model):
 
         self._word = w("embeddings.word_embeddings.weight")
         # Position and token-type embeddings add up the same for every text: one token type (0).
-        self._position = w("embeddings.position_embeddings.weight") + w(
-            "embeddings.token_type_embeddings.weight"
-        )[0]
+        self._position = (
+            w("embeddings.position_embeddings.weight")
+            + w("embeddings.token_type_embeddings.weight")[0]
+        )
         self._embed_norm = (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"))
         self._layers = []
         for index in range(self.num_layers):
@@ -89,5 +90,7 @@ class BertModel(Model):
             attended = merge_heads(context) @ layer["out"] + layer["out_bias"]
             x = layer_norm(attended + x, *layer["norm1"], self._eps)
             hidden = self._act(x @ layer["up"] + layer["up_bias"])
-            x = layer_norm(hidden @ layer["down"] + layer["down_bias"] + x, *layer["norm2"], self._eps)
+            x = layer_norm(
+                hidden @ layer["down"] + layer["down_bias"] + x, *layer["norm2"], self._eps
+            )
         return attentions, x, None

@@ -61,7 +61,9 @@ class GPT2Model(Model):
         head_dim = self.hidden_size // self.num_heads
         base = 1.0 / math.sqrt(head_dim) if config.get("scale_attn_weights", True) else 1.0
         by_layer = config.get("scale_attn_by_inverse_layer_idx", False)
-        self._scales = [base / (index + 1) if by_layer else base for index in range(self.num_layers)]
+        self._scales = [
+            base / (index + 1) if by_layer else base for index in range(self.num_layers)
+        ]
 
     def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = ids.size
@@ -73,7 +75,9 @@ class GPT2Model(Model):
             q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
             context, attentions[index] = self._attend(q, k, v, scale=self._scales[index])
             x = x + (merge_heads(context) @ layer["out"] + layer["out_bias"])
-            hidden = self._act(layer_norm(x, *layer["norm2"], self._eps) @ layer["up"] + layer["up_bias"])
+            hidden = self._act(
+                layer_norm(x, *layer["norm2"], self._eps) @ layer["up"] + layer["up_bias"]
+            )
             x = x + (hidden @ layer["down"] + layer["down_bias"])
         final = layer_norm(x, *self._final_norm, self._eps)
         return attentions, final, final @ self._unembed

@@ -48,7 +48,7 @@ ACTIVATIONS = {
 
 
 def activation(name: str):
-    """The activation function a Hugging Face config names (``hidden_act`` / ``activation_function``)."""
+    """The activation a Hugging Face config names (``hidden_act`` / ``activation_function``)."""
     try:
         return ACTIVATIONS[name]
     except KeyError:
@@ -58,7 +58,7 @@ def activation(name: str):
 
 
 def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-    """Normalise each row to zero mean and unit variance (biased, as torch), then scale and shift."""
+    """Each row to zero mean and unit (biased, as torch) variance, then scaled and shifted."""
     mean = x.mean(axis=-1, keepdims=True)
     centred = x - mean
     variance = np.mean(centred * centred, axis=-1, keepdims=True)

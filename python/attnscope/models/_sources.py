@@ -141,7 +141,9 @@ def _from_hub(model: KnownModel) -> Path:
             "huggingface_hub package: pip install huggingface_hub."
         ) from error
     try:
-        return Path(snapshot_download(model.hub_id, allow_patterns=_HUB_FILES, local_files_only=True))
+        return Path(
+            snapshot_download(model.hub_id, allow_patterns=_HUB_FILES, local_files_only=True)
+        )
     except Exception:  # noqa: BLE001 - any cache miss means "not cached"; the hub is next
         pass
     if hub_offline():

@@ -58,7 +58,9 @@ def _check_maps(attentions, name: str) -> np.ndarray:
     if not isinstance(attentions, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(attentions).__name__}")
     if not np.issubdtype(attentions.dtype, np.floating):
-        raise TypeError(f"{name} must hold floats (attention weights), got dtype {attentions.dtype}")
+        raise TypeError(
+            f"{name} must hold floats (attention weights), got dtype {attentions.dtype}"
+        )
     if attentions.ndim != 4 or attentions.shape[-1] != attentions.shape[-2]:
         raise ValueError(
             f"{name} must have shape (layers, heads, n, n) with square maps, got {attentions.shape}"
@@ -87,7 +89,9 @@ def _entropies(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = -(maps * logs).sum(axis=-1)
     support = (maps > 0).sum(axis=-1)
     spread = support > 1
-    relative = np.divide(rows, np.log(np.maximum(support, 2)), where=spread, out=np.zeros_like(rows))
+    relative = np.divide(
+        rows, np.log(np.maximum(support, 2)), where=spread, out=np.zeros_like(rows)
+    )
     relative_mean = np.divide(
         (relative * spread).sum(axis=-1),
         spread.sum(axis=-1),
