@@ -57,7 +57,7 @@ def visibility(
 def softmax(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, restricted to `visible`; rows with nothing visible are 0."""
     masked = np.where(visible, scores, -np.inf)
-    row_max = masked.max(axis=-1, keepdims=True)
+    row_max = masked.max(axis=-1, keepdims=True, initial=-np.inf)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)
     exps = np.where(visible, np.exp(masked - row_max), 0.0)
     total = exps.sum(axis=-1, keepdims=True)
