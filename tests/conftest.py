@@ -1,0 +1,62 @@
+"""Shared test helpers: dtype tolerances against the float64 reference, random inputs, and
+fixtures that put the engine's global settings back after a test changes them."""
+
+from __future__ import annotations
+
+import attnscope
+import numpy as np
+import pytest
+
+# Error allowed against the float64 reference, relative to the largest |expected| (at least 1):
+# float32 rounds every product and exp at ~6e-8, float64 at ~1e-16.
+REFERENCE_TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def tolerance_for(expected: np.ndarray, dtype, relative: float | None = None) -> float:
+    """The absolute tolerance for `expected`: `relative` (default: the dtype's) x max(1, max|x|)."""
+    if relative is None:
+        relative = REFERENCE_TOLERANCE[np.dtype(dtype)]
+    finite = np.abs(expected[np.isfinite(expected)])
+    largest = float(finite.max()) if finite.size else 0.0
+    return relative * max(1.0, largest)
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, dtype, relative: float | None = None):
+    """`actual` has `dtype`, the shape of `expected`, and its values within the tolerance."""
+    assert isinstance(actual, np.ndarray), type(actual)
+    assert actual.dtype == np.dtype(dtype), (actual.dtype, dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_allclose(
+        actual.astype(np.float64),
+        expected,
+        rtol=0,
+        atol=tolerance_for(expected, dtype, relative),
+    )
+
+
+def random_qkv(rng: np.random.Generator, q_shape, k_shape, v_shape, dtype=np.float32):
+    """Standard-normal query, key and value arrays of the given shapes, C-contiguous."""
+    return tuple(rng.standard_normal(shape).astype(dtype) for shape in (q_shape, k_shape, v_shape))
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20240611)
+
+
+@pytest.fixture
+def restore_num_threads():
+    """Put the engine's thread count back to what it was before the test."""
+    before = attnscope.get_num_threads()
+    yield before
+    attnscope.set_num_threads(before)
+
+
+@pytest.fixture
+def restore_weights_limit():
+    """Put the weights memory limit back to what it was before the test."""
+    before = attnscope.get_weights_memory_limit()
+    yield before
+    attnscope.set_weights_memory_limit(before)

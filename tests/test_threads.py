@@ -1,0 +1,186 @@
+"""Thread controls: the thread count setting, bitwise-identical results for every thread count,
+concurrent calls from Python threads, and the GIL being released while the kernel runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import attnscope
+import numpy as np
+import pytest
+from attnscope import reference
+from conftest import assert_close, random_qkv
+
+sdpa = attnscope.scaled_dot_product_attention
+
+
+def test_default_thread_count_is_positive():
+    count = attnscope.get_num_threads()
+    assert isinstance(count, int) and count >= 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 8, 1])
+def test_set_num_threads_round_trips(restore_num_threads, count):
+    attnscope.set_num_threads(count)
+    assert attnscope.get_num_threads() == count
+    attnscope.set_num_threads(np.int64(2))
+    assert attnscope.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "error"),
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)],
+)
+def test_bad_thread_counts_are_rejected(restore_num_threads, value, error):
+    attnscope.set_num_threads(3)
+    with pytest.raises(error, match="num_threads"):
+        attnscope.set_num_threads(value)
+    assert attnscope.get_num_threads() == 3
+
+
+def _inputs_with_several_heads_and_query_blocks(dtype):
+    """B=2, H=3, L=300, S=500, D=40 and a float mask: many (head, query block) work items."""
+    rng = np.random.default_rng(7)
+    query, key, value = random_qkv(rng, (2, 3, 300, 40), (2, 3, 500, 40), (2, 3, 500, 40), dtype)
+    mask = rng.standard_normal((1, 3, 300, 500)).astype(dtype)
+    mask[rng.random(mask.shape) < 0.1] = -np.inf
+    return query, key, value, mask
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(is_causal=True),
+        dict(is_causal=True, causal_alignment="bottom_right", window=(100, None)),
+    ],
+    ids=["full", "causal", "causal-window"],
+)
+def test_results_are_bitwise_identical_for_every_thread_count(restore_num_threads, dtype, kwargs):
+    query, key, value, mask = _inputs_with_several_heads_and_query_blocks(dtype)
+    results = {}
+    for count in (1, 2, 3, 8):
+        attnscope.set_num_threads(count)
+        results[count] = (
+            sdpa(query, key, value, **kwargs),
+            sdpa(query, key, value, mask, **kwargs),
+            *sdpa(query, key, value, mask, **kwargs, return_weights=True),
+        )
+    for count in (2, 3, 8):
+        for single, multi in zip(results[1], results[count], strict=True):
+            np.testing.assert_array_equal(multi, single, err_msg=f"{count} threads")
+    # Identical and also right.
+    expected = reference.scaled_dot_product_attention(query, key, value, mask, **kwargs)
+    assert_close(results[1][1], expected, dtype)
+
+
+def test_environment_variable_sets_the_thread_count_at_import():
+    script = "import attnscope; print(attnscope.get_num_threads())"
+    for count in ("3", "1"):
+        env = {**os.environ, "ATTNSCOPE_NUM_THREADS": count}
+        completed = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        assert completed.stdout.strip() == count
+
+
+def _varied_calls():
+    """Eight different calls: shapes, dtypes and options all differ."""
+    rng = np.random.default_rng(11)
+    calls = []
+    for index in range(8):
+        dtype = np.float32 if index % 2 else np.float64
+        heads, length, keys = 1 + index % 3, 50 + 37 * index, 80 + 29 * index
+        query, key, value = random_qkv(
+            rng, (2, heads, length, 24), (2, heads, keys, 24), (2, heads, keys, 16), dtype
+        )
+        mask = rng.random((length, keys)) < 0.8 if index % 3 == 0 else None
+        kwargs = dict(
+            attn_mask=mask,
+            is_causal=index % 2 == 0,
+            causal_alignment="bottom_right" if index % 4 == 0 else "top_left",
+            window=None if index < 4 else index * 5,
+            return_weights=index % 3 == 1,
+        )
+        calls.append(((query, key, value), kwargs))
+    return calls
+
+
+def _run(call):
+    arrays, kwargs = call
+    result = sdpa(*arrays, **kwargs)
+    return result if isinstance(result, tuple) else (result,)
+
+
+@pytest.mark.parametrize("engine_threads", [1, 2])
+def test_concurrent_calls_match_serial_calls(restore_num_threads, engine_threads):
+    attnscope.set_num_threads(engine_threads)
+    calls = _varied_calls()
+    serial = [_run(call) for call in calls]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            concurrent = list(pool.map(_run, calls))
+            for expected, actual in zip(serial, concurrent, strict=True):
+                for expected_array, actual_array in zip(expected, actual, strict=True):
+                    np.testing.assert_array_equal(actual_array, expected_array)
+
+
+def _inputs_for_a_long_call():
+    """Inputs for one call of at least ~0.3 s on this machine (sized by trying, not asserted)."""
+    rng = np.random.default_rng(5)
+    length = 512
+    while True:
+        query, key, value = random_qkv(
+            rng, (2, length, 64), (2, length, 64), (2, length, 64), np.float32
+        )
+        started = time.perf_counter()
+        sdpa(query, key, value)
+        if time.perf_counter() - started >= 0.3 or length >= 16384:
+            return query, key, value
+        length *= 2
+
+
+def test_gil_is_released_while_the_kernel_runs(restore_num_threads):
+    """A Python thread counting in a loop keeps counting while a call runs in another thread.
+
+    If the call held the GIL the counter would stall for the whole call; the test compares the
+    counting rate during the call with the rate while the main thread sleeps, a ratio that does
+    not depend on how fast this machine is.
+    """
+    attnscope.set_num_threads(1)  # leave a core for the counting thread
+    query, key, value = _inputs_for_a_long_call()
+    stop = threading.Event()
+    counter = [0]
+
+    def count():
+        while not stop.is_set():
+            counter[0] += 1
+
+    counting = threading.Thread(target=count)
+    counting.start()
+    try:
+        before, started = counter[0], time.perf_counter()
+        time.sleep(0.2)
+        free_rate = (counter[0] - before) / (time.perf_counter() - started)
+
+        before, started = counter[0], time.perf_counter()
+        sdpa(query, key, value)
+        during_call = counter[0] - before
+        call_seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        counting.join()
+    assert free_rate > 0
+    # Holding the GIL would allow at most a switch interval (5 ms) of counting.
+    assert during_call > 0.1 * free_rate * call_seconds, (during_call, free_rate, call_seconds)
