@@ -16,7 +16,8 @@ Every statistic is an average over query rows of an attention map ``A`` (row ``i
 
 ``label`` names the dominant behaviour: the largest of previous token, next token, self, sink
 and induction when it takes at least half the attention; else ``local`` (mean distance of at
-most 1.5 tokens), ``broad`` (spread nearly evenly: normalised entropy >= 0.8), or ``mixed``.
+most 1.5 tokens), ``broad`` (spread nearly evenly over the keys it may see: entropy >= 0.8 of the
+uniform spread's), or ``mixed``.
 """
 
 from __future__ import annotations
@@ -84,19 +85,23 @@ def _row_mean(values: np.ndarray) -> np.ndarray:
 
 
 def _entropies(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean row entropy in nats, and mean entropy relative to a uniform spread over the support."""
+    """Mean row entropy in nats, and its mean relative to a uniform spread over the visible keys.
+
+    A head whose maps are zero above the diagonal is read as causal (row i sees i + 1 keys);
+    otherwise every row sees all n keys.
+    """
+    n = maps.shape[-1]
     logs = np.log(np.where(maps > 0, maps, 1.0))
     rows = -(maps * logs).sum(axis=-1)
-    support = (maps > 0).sum(axis=-1)
-    spread = support > 1
+    causal = ~np.triu(maps, k=1).any(axis=(-1, -2))
+    visible = np.where(causal[..., None], np.arange(1, n + 1), n)
+    spread = visible > 1
     relative = np.divide(
-        rows, np.log(np.maximum(support, 2)), where=spread, out=np.zeros_like(rows)
+        rows, np.log(np.maximum(visible, 2)), where=spread, out=np.zeros_like(rows)
     )
+    counted = spread.sum(axis=-1)
     relative_mean = np.divide(
-        (relative * spread).sum(axis=-1),
-        spread.sum(axis=-1),
-        where=spread.sum(axis=-1) > 0,
-        out=np.zeros(rows.shape[:-1]),
+        relative.sum(axis=-1), counted, where=counted > 0, out=np.zeros(rows.shape[:-1])
     )
     return rows.mean(axis=-1), relative_mean
 
