@@ -1,0 +1,277 @@
+"""What context costs: timing sweeps over sequence length, fitted growth exponents,
+extrapolations to long contexts, and the memory of the naive path and of a KV cache."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from . import engine
+
+BYTES_F32 = 4
+TARGET_LENGTHS = (2_048, 8_192, 200_000)  # GPT-2, GPT-3.5, today's long-context models
+SWEEP_WINDOW = 256
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers a KV cache's size depends on."""
+
+    layers: int
+    query_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+MODEL_SHAPES = {
+    "GPT-2 small (12 layers, 12 heads of 64)": ModelShape(12, 12, 12, 64),
+    "Llama 3 8B (32 layers, 32 query / 8 kv heads of 128)": ModelShape(32, 32, 8, 128),
+    "Llama 3 70B (80 layers, 64 query / 8 kv heads of 128)": ModelShape(80, 64, 8, 128),
+}
+
+
+class SweepTooLarge(ValueError):
+    """A sweep whose inputs alone would not fit the memory budget; the message says why."""
+
+
+def lengths(shortest: int, longest: int) -> list[int]:
+    """Powers of two from `shortest` to `longest` (both rounded to powers of two)."""
+    low = 2 ** round(math.log2(max(shortest, 1)))
+    high = 2 ** round(math.log2(max(longest, low)))
+    return [2**p for p in range(int(math.log2(low)), int(math.log2(high)) + 1)]
+
+
+def naive_bytes(n: int, heads: int = 1) -> int:
+    """Extra memory of the materialised path: the float32 n×n scores and their exponentials."""
+    return 2 * heads * n * n * BYTES_F32
+
+
+def tiled_bytes(n: int, head_dim: int, heads: int = 1) -> int:
+    """Memory of q, k, v and the output in float32: all a tiled kernel needs besides a tile."""
+    return 4 * heads * n * head_dim * BYTES_F32
+
+
+def kv_cache_bytes(shape: ModelShape, n: int, bytes_per_value: int = 2, batch: int = 1) -> int:
+    """A key and a value vector per token, kv head and layer."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * n * bytes_per_value * batch
+
+
+def naive_attention(q, k, v, is_causal: bool = False) -> np.ndarray:
+    """The textbook NumPy path: build the full score matrix, softmax it, multiply by V."""
+    scores = q @ k.T
+    scores *= np.float32(1.0 / math.sqrt(q.shape[-1]))
+    if is_causal:
+        scores[np.triu_indices(scores.shape[0], 1)] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return scores @ v
+
+
+def _torch_sdpa() -> Callable | None:
+    try:
+        import torch
+        import torch.nn.functional as functional
+    except ImportError:
+        return None
+
+    def run(q, k, v, is_causal: bool = False):
+        with torch.no_grad():
+            tq, tk, tv = (torch.from_numpy(a)[None, None] for a in (q, k, v))
+            return functional.scaled_dot_product_attention(tq, tk, tv, is_causal=is_causal)
+
+    return run
+
+
+def methods(include_torch: bool = True) -> dict[str, tuple[Callable, bool]]:
+    """Name -> (function(q, k, v), needs n² memory) for every method the sweep can time."""
+    name = "attnscope" if engine.compiled_available() else "reference (fallback)"
+    materialises = not engine.compiled_available()
+    table: dict[str, tuple[Callable, bool]] = {
+        f"{name} full": (lambda q, k, v: engine.attention_output(q, k, v), materialises),
+        f"{name} causal": (
+            lambda q, k, v: engine.attention_output(q, k, v, is_causal=True),
+            materialises,
+        ),
+        f"{name} window {SWEEP_WINDOW}": (
+            lambda q, k, v: engine.attention_output(q, k, v, is_causal=True, window=SWEEP_WINDOW),
+            materialises,
+        ),
+        "NumPy naive full": (naive_attention, True),
+    }
+    torch_sdpa = _torch_sdpa() if include_torch else None
+    if torch_sdpa is not None:
+        table["PyTorch SDPA full"] = (torch_sdpa, False)
+    return table
+
+
+def time_call(function: Callable[[], object], min_seconds: float = 0.02, max_repeats: int = 3):
+    """Median wall time of `function`: one warm-up, then repeats until `min_seconds` or
+    `max_repeats`."""
+    function()
+    samples = []
+    started = time.perf_counter()
+    while len(samples) < max_repeats:
+        t0 = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - t0)
+        if time.perf_counter() - started > min_seconds:
+            break
+    return statistics.median(samples)
+
+
+def sweep(
+    sizes: list[int],
+    head_dim: int = 64,
+    *,
+    memory_budget: int = 256 * 2**20,
+    time_limit: float = 2.0,
+    include_torch: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Time every method at every length. A method stops once its next point would need more
+    than `memory_budget` bytes of n² matrices or (judging by growth so far) more than
+    `time_limit` seconds; those points are recorded with a status saying why.
+
+    Returns columns: n, method, seconds, gflops, status.
+    """
+    if sizes and tiled_bytes(max(sizes), head_dim) > memory_budget:
+        raise SweepTooLarge(
+            f"q, k, v and the output alone need {tiled_bytes(max(sizes), head_dim) / 2**20:,.0f}"
+            f" MiB at n = {max(sizes):,}, above the {memory_budget / 2**20:,.0f} MiB budget: "
+            "choose a shorter longest length or a larger budget."
+        )
+    table = methods(include_torch)
+    rng = np.random.default_rng(seed)
+    rows = []
+    stopped: dict[str, str] = {}
+    last_time: dict[str, float] = {}
+    steps = len(sizes) * len(table)
+    done = 0
+    for n in sizes:
+        q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
+        for name, (function, materialises) in table.items():
+            done += 1
+            if progress is not None:
+                progress(done / steps, f"{name} at n = {n:,}")
+            status = stopped.get(name)
+            if status is None and materialises and naive_bytes(n) > memory_budget:
+                status = f"skipped: needs {naive_bytes(n) / 2**20:,.0f} MiB for n² matrices"
+            if status is None and last_time.get(name, 0.0) * 4.5 > time_limit:
+                status = f"skipped: would take about {last_time[name] * 4:.1f} s"
+            if status is not None:
+                stopped[name] = status
+                rows.append({"n": n, "method": name, "seconds": np.nan, "status": status})
+                continue
+            seconds = time_call(lambda f=function, a=(q, k, v): f(*a))
+            last_time[name] = seconds
+            rows.append({"n": n, "method": name, "seconds": seconds, "status": "measured"})
+    frame = pd.DataFrame(rows, columns=["n", "method", "seconds", "status"])
+    frame["gflops"] = [
+        _flops(int(n), head_dim, str(m)) / s / 1e9 if s == s else np.nan
+        for n, m, s in zip(frame["n"], frame["method"], frame["seconds"], strict=True)
+    ]
+    return frame
+
+
+def _flops(n: int, head_dim: int, method: str) -> float:
+    """4·L·S·D for full attention; only the visible pairs for causal and windowed runs."""
+    if "window" in method:
+        pairs = sum(min(i + 1, SWEEP_WINDOW) for i in range(n))
+    elif "causal" in method:
+        pairs = n * (n + 1) / 2
+    else:
+        pairs = n * n
+    return 4.0 * pairs * head_dim
+
+
+def fit_exponent(frame: pd.DataFrame, method: str, min_points: int = 3):
+    """Fit ``seconds ≈ c·n^p`` on the measured points of `method` (the longer half, where
+    fixed overheads matter least). Returns ``(p, c)`` or None with too few points."""
+    measured = frame[(frame["method"] == method) & (frame["status"] == "measured")]
+    measured = measured[measured["seconds"] > 0].sort_values("n")
+    if len(measured) < min_points:
+        return None
+    tail = measured.iloc[len(measured) // 2 - (1 if len(measured) % 2 == 0 else 0) :]
+    if len(tail) < 2:
+        tail = measured
+    slope, intercept = np.polyfit(np.log(tail["n"]), np.log(tail["seconds"]), 1)
+    return float(slope), float(math.exp(intercept))
+
+
+def projections_table(frame: pd.DataFrame, targets=TARGET_LENGTHS) -> pd.DataFrame:
+    """Seconds at each target length per method: measured when the sweep reached it, else
+    extrapolated from the fit (and labelled so)."""
+    rows = []
+    for method in dict.fromkeys(frame["method"]):
+        fit = fit_exponent(frame, method)
+        for n in targets:
+            hit = frame[(frame["method"] == method) & (frame["n"] == n)]
+            if len(hit) and hit["status"].iloc[0] == "measured":
+                rows.append(
+                    {"method": method, "n": n, "seconds": hit["seconds"].iloc[0], "how": "measured"}
+                )
+            elif fit is not None:
+                exponent, constant = fit
+                rows.append(
+                    {
+                        "method": method,
+                        "n": n,
+                        "seconds": constant * n**exponent,
+                        "how": f"extrapolated (n^{exponent:.2f})",
+                    }
+                )
+    return pd.DataFrame(rows, columns=["method", "n", "seconds", "how"])
+
+
+def memory_frame(sizes: list[int], head_dim: int) -> pd.DataFrame:
+    """Bytes of the naive path's n² matrices vs a tiled kernel's inputs and output."""
+    rows = []
+    for n in sizes:
+        rows.append({"n": n, "path": "naive: n×n scores + weights", "MiB": naive_bytes(n) / 2**20})
+        rows.append(
+            {"n": n, "path": "tiled: q, k, v, output", "MiB": tiled_bytes(n, head_dim) / 2**20}
+        )
+    return pd.DataFrame(rows)
+
+
+def kv_cache_frame(
+    shape: ModelShape, sizes: list[int], bytes_per_value: int = 2, batch: int = 1
+) -> pd.DataFrame:
+    """KV-cache size in GiB at each length for `shape`."""
+    return pd.DataFrame(
+        {
+            "n": sizes,
+            "GiB": [kv_cache_bytes(shape, n, bytes_per_value, batch) / 2**30 for n in sizes],
+        }
+    )
+
+
+def human_seconds(seconds: float) -> str:
+    """'850 µs', '12.3 ms', '4.2 s', '3.1 min', '2.0 h'."""
+    if seconds != seconds:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def human_bytes(num_bytes: float) -> str:
+    """'512 KiB', '3.0 MiB', '1.5 GiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:,.1f} {unit}"
+    return f"{num_bytes:,.0f} B"

@@ -1,0 +1,171 @@
+"""Page: attention heads with the behaviours the chapter describes, built and computed live."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from attnscope.dashboard import charts, heads, text, ui
+
+# Where each example is most telling: (head, token to inspect).
+FOCUS = {
+    "The cat sleeps": ("Subject ↔ verb", "sleeps"),
+    "Coreference": ("Coreference", "he"),
+    "The doctor and the nurse": ("Coreference", "she"),
+    "Agreement": ("Coreference", "he"),
+    "Rhyme": ("Rhyme", "mat"),
+}
+
+
+def _load_example() -> None:
+    name = st.session_state["heads_example"]
+    st.session_state["heads_sentence"] = text.EXAMPLES[name]
+    head, word = FOCUS[name]
+    st.session_state["heads_head"] = head
+    words = text.split_words(text.EXAMPLES[name])
+    st.session_state["heads_row"] = words.index(word) if word in words else 0
+
+
+st.title("Heads: who looks at whom")
+st.markdown(
+    "Each row of a heatmap is one token asking a question; each column is a token offering "
+    "an answer. A cell is how much of the row's new representation comes from that column, "
+    "and every row sums to 1. The heads below were not trained: each one is a tiny rule "
+    "written into `W_Q` and `W_K`, and the engine's softmax turns it into the pattern you see. "
+    "Trained models grow heads like these on their own."
+)
+ui.engine_banner()
+
+default_example = next(iter(text.EXAMPLES))
+st.session_state.setdefault("heads_sentence", text.EXAMPLES[default_example])
+st.session_state.setdefault("heads_head", FOCUS[default_example][0])
+st.session_state.setdefault("heads_row", 2)
+
+controls = st.columns([2, 3])
+controls[0].selectbox("Example", list(text.EXAMPLES), key="heads_example", on_change=_load_example)
+sentence = controls[1].text_input("Sentence (edit it)", key="heads_sentence", max_chars=20_000)
+
+try:
+    tokens, note, weights_causal = ui.head_weights(sentence, True)
+except text.InputError as problem:
+    st.info(str(problem))
+    st.stop()
+if note:
+    st.warning(note)
+words = [token.text for token in tokens]
+
+options = st.columns([2, 2, 1])
+head_name = options[0].selectbox("Head", heads.HEAD_NAMES, key="heads_head")
+if st.session_state.get("heads_row", 0) >= len(words):
+    st.session_state["heads_row"] = len(words) - 1
+row = options[1].selectbox(
+    "Token to inspect (a row)",
+    range(len(words)),
+    format_func=lambda i: f"{i} {words[i]}",
+    key="heads_row",
+)
+causal = options[2].toggle("Causal mask", value=True, key="heads_causal")
+
+head_index = heads.HEAD_NAMES.index(head_name)
+weights = weights_causal if causal else ui.head_weights(sentence, False)[2]
+n = len(words)
+visible = np.tril(np.ones((n, n), dtype=bool)) if causal else np.ones((n, n), dtype=bool)
+spec = heads.HEADS[head_index]
+
+left, right = st.columns([3, 2])
+with left:
+    st.altair_chart(
+        charts.heatmap(weights[head_index], words, visible=visible, title=head_name),
+        key="heads_heatmap",
+    )
+with right:
+    strongest = int(weights[head_index, row].argmax())
+    st.altair_chart(
+        charts.row_bars(
+            weights[head_index, row],
+            words,
+            visible=visible[row],
+            title=f"Where '{words[row]}' looks",
+        ),
+        key="heads_row_bars",
+    )
+    st.metric(
+        f"Strongest key for '{words[row]}'",
+        f"{strongest} {words[strongest]}",
+        f"weight {weights[head_index, row, strongest]:.3f}",
+        delta_color="off",
+    )
+    st.markdown(spec.summary)
+    if causal:
+        st.caption(
+            "Grey cells are the causal mask: a token may not look at anything after it, "
+            "which is what makes a model predict the next word rather than read it."
+        )
+
+with st.expander("How this head is built: embeddings, W_Q, W_K and the scores"):
+    st.markdown(
+        "Each token's embedding `x` holds readable features: its word class, a gender for "
+        "nouns and pronouns that carry one, a sine/cosine code of its position, and three "
+        "'rime' features for rhymes. The head's rule below is written into `W_Q` and `W_K` "
+        "so that `Q·Kᵀ/√d_k` equals it exactly; the engine masks those scores and applies "
+        "softmax. A gap of a few logits is enough for softmax to put almost all the weight "
+        "on one key."
+    )
+    st.dataframe(pd.DataFrame(heads.rule_table(spec)), hide_index=True, key="heads_rule")
+    x = heads.embed(tokens)
+    readable = [i for i, f in enumerate(heads.FEATURES) if not f.startswith(("pos:", "rime:"))]
+    st.altair_chart(
+        charts.matrix(
+            x[:, readable],
+            charts.token_labels(words),
+            [heads.FEATURES[i] for i in readable],
+            title="Embeddings x (word-class, gender and start features; position and rime "
+            "codes not shown)",
+        ),
+        key="heads_embeddings",
+    )
+    w_q, w_k, _, key_features = heads.projections(spec)
+    used = [c for c, f in enumerate(key_features) if f]
+    rows_used = [i for i in range(heads.EMBED_DIM) if np.abs(w_q[i, used]).sum() > 0]
+    if len(used) <= 24:
+        st.altair_chart(
+            charts.matrix(
+                w_q[np.ix_(rows_used, used)],
+                [heads.FEATURES[i] for i in rows_used],
+                [key_features[c] for c in used],
+                title="W_Q (rows it reads from x, columns of the key space)",
+            ),
+            key="heads_wq",
+        )
+    else:
+        st.caption(
+            f"This head's W_Q uses {len(used)} key-space columns (its position code); the "
+            "rule table above says what they do."
+        )
+    st.caption(
+        "W_K simply copies those key features out of x: column c of W_K is 1 at the feature "
+        "named on column c of W_Q."
+    )
+    scores = ui.head_scores(sentence, head_index)
+    st.altair_chart(
+        charts.matrix(
+            np.where(visible, scores, 0.0),
+            charts.token_labels(words),
+            charts.token_labels(words),
+            title="Scaled scores Q·Kᵀ/√d_k before softmax (masked cells shown as 0)",
+        ),
+        key="heads_scores",
+    )
+
+st.subheader("All heads side by side")
+st.markdown(
+    "Multi-head attention runs these heads in parallel on the same tokens: one engine call "
+    "with `Q, K, V` of shape (heads, tokens, d_k). Each head asks its own question."
+)
+columns = st.columns(3)
+for index, name in enumerate(heads.HEAD_NAMES):
+    with columns[index % 3]:
+        st.altair_chart(
+            charts.heatmap(
+                weights[index], words, visible=visible, title=name, cell_px=11, show_labels=n <= 12
+            ),
+            key=f"heads_panel_{index}",
+        )

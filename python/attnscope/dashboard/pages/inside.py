@@ -1,0 +1,138 @@
+"""Page: one head step by step, and what happens without the √d_k factor."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+from attnscope.dashboard import charts, inside, text, ui
+
+D_VALUES = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+st.title("Inside one head")
+st.markdown(
+    "A head owns three learned matrices. Every token's embedding `x` is multiplied by each "
+    "of them: `Q = x·W_Q` is what the token is looking for, `K = x·W_K` is how it presents "
+    "itself, `V = x·W_V` is what it hands over when chosen. The same three matrices serve "
+    "every token of the layer; training is what tunes them."
+)
+ui.engine_banner()
+
+controls = st.columns([3, 2, 2])
+sentence = controls[0].text_input(
+    "A short sentence", "The cat sleeps", key="inside_sentence", max_chars=20_000
+)
+d_k = controls[1].select_slider("d_k (width of Q and K)", D_VALUES, value=4, key="inside_d_k")
+scaling = controls[2].radio(
+    "Scale the scores", ["÷ √d_k", "no scaling"], key="inside_scaling", horizontal=True
+)
+
+words = text.split_words(sentence)[:8]
+if not words:
+    st.info("Type a few words to follow them through the head.")
+    st.stop()
+if len(text.split_words(sentence)) > 8:
+    st.warning("This page follows the first 8 tokens so that every matrix stays readable.")
+steps = ui.one_head(tuple(words), d_k, scaling == "÷ √d_k")
+labels = charts.token_labels(words)
+dims = [f"d{i}" for i in range(d_k)]
+model_dims = [f"e{i}" for i in range(inside.MODEL_DIM)]
+
+
+def show(matrix, rows, cols, title, key, diverging=True):
+    st.altair_chart(
+        charts.matrix(matrix, rows, cols, title=title, diverging=diverging, cell_px=22),
+        key=key,
+    )
+
+
+st.subheader("1 · Project each token")
+columns = st.columns(4)
+with columns[0]:
+    show(steps.x, labels, model_dims, "x (embeddings)", "inside_x")
+for column, (name, w) in zip(
+    columns[1:], (("W_Q", steps.w_q), ("W_K", steps.w_k), ("W_V", steps.w_v)), strict=True
+):
+    with column:
+        show(w, model_dims, dims, name, f"inside_{name}")
+columns = st.columns(3)
+for column, (name, m) in zip(
+    columns, (("Q = x·W_Q", steps.q), ("K = x·W_K", steps.k), ("V = x·W_V", steps.v)), strict=True
+):
+    with column:
+        show(m, labels, dims, name, f"inside_{name[0]}")
+
+st.subheader("2 · Score, scale, softmax, mix")
+n = len(words)
+causal = np.tril(np.ones((n, n), dtype=bool))
+columns = st.columns(3)
+with columns[0]:
+    show(np.where(causal, steps.scores, 0.0), labels, labels, "scores Q·Kᵀ", "inside_scores")
+with columns[1]:
+    title = f"× {steps.scale:.3f} (= 1/√{d_k})" if scaling == "÷ √d_k" else "× 1 (no scaling)"
+    show(np.where(causal, steps.scaled, 0.0), labels, labels, title, "inside_scaled")
+with columns[2]:
+    st.altair_chart(
+        charts.heatmap(steps.weights, words, visible=causal, title="softmax (engine)", cell_px=30),
+        key="inside_weights",
+    )
+st.markdown(
+    "Softmax turns each row of scaled scores into weights: `exp(score)` over the sum of the "
+    "row's `exp`, after the causal mask removed the future. The output of a token is its row "
+    "of weights times `V`: a blend of the values it found interesting."
+)
+row = n - 1
+exps = np.exp(steps.scaled[row, : row + 1] - steps.scaled[row, : row + 1].max())
+st.dataframe(
+    pd.DataFrame(
+        {
+            "key": labels[: row + 1],
+            "scaled score": steps.scaled[row, : row + 1],
+            "exp(score − max)": exps,
+            "weight = exp / sum": exps / exps.sum(),
+            "engine weight": steps.weights[row, : row + 1],
+        }
+    ),
+    hide_index=True,
+    key="inside_softmax_table",
+)
+st.caption(f"The softmax of the last row ('{words[row]}'), by hand and from the engine.")
+show(steps.output, labels, dims, "output = weights · V", "inside_output")
+
+st.subheader("3 · Why divide by √d_k")
+st.markdown(
+    "A score is a sum of `d_k` products, so with unit-size entries its spread grows like "
+    "`√d_k`. Without the factor, wide heads produce huge scores, softmax puts nearly all the "
+    "weight on one key, and its gradient, the signal training needs, fades to nothing. "
+    "Dividing by `√d_k` keeps the spread near 1 at every width. Below: 32 random queries "
+    "against 16 random keys at each width, every softmax from the engine."
+)
+curves = ui.saturation(D_VALUES)
+metric = st.radio(
+    "Show",
+    ["max weight", "entropy (nats)", "softmax gradient", "score std"],
+    key="inside_metric",
+    horizontal=True,
+)
+st.altair_chart(
+    charts.lines(curves, "d_k", metric, "scaling", title=f"{metric} vs d_k", marker_x=d_k),
+    key="inside_saturation",
+)
+at_d = curves[curves["d_k"] == d_k].set_index("scaling")
+cols = st.columns(3)
+cols[0].metric(
+    f"max weight at d_k = {d_k}",
+    f"{at_d.loc['no scaling', 'max weight']:.2f} unscaled",
+    f"{at_d.loc['÷ √d_k', 'max weight']:.2f} scaled",
+    delta_color="off",
+)
+cols[1].metric(
+    "entropy (nats)",
+    f"{at_d.loc['no scaling', 'entropy (nats)']:.2f} unscaled",
+    f"{at_d.loc['÷ √d_k', 'entropy (nats)']:.2f} scaled",
+    delta_color="off",
+)
+cols[2].metric(
+    "softmax gradient",
+    f"{at_d.loc['no scaling', 'softmax gradient']:.3f} unscaled",
+    f"{at_d.loc['÷ √d_k', 'softmax gradient']:.3f} scaled",
+    delta_color="off",
+)

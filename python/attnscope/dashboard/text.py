@@ -1,0 +1,141 @@
+"""Sentences to tokens, and tokens to the small word classes the designed heads read.
+
+A tiny rule-based tagger stands in for what a trained model learns: it is enough for the
+example sentences and for most short sentences a reader types in.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MAX_TOKENS = 32
+
+# Word classes, in the order of the embedding's one-hot block.
+ROLES = ("determiner", "noun", "pronoun", "verb", "adjective", "punctuation", "other")
+
+EXAMPLES = {
+    "The cat sleeps": "The cat sleeps in the sun, and the dog barks at the door.",
+    "Coreference": "The baby cried because he was hungry.",
+    "The doctor and the nurse": "The doctor fired the nurse because she was tired.",
+    "Agreement": "The king thanked the queen because he was proud.",
+    "Rhyme": "The cat in the hat sat on the mat.",
+}
+
+_TOKEN = re.compile(r"[A-Za-z0-9]+(?:'[A-Za-z]+)?|[^\sA-Za-z0-9]")
+
+_DETERMINERS = set(
+    "the a an this that these those his its their my your our some every each no any".split()
+)
+_PRONOUNS = set("he she it they him her them i you we me us hers himself herself itself".split())
+_VERBS = set(
+    """is are was were be been am has have had do does did will would can could should may
+    might must sleeps sleep slept fired fires cried cries cry ate eats eat sat sits sit ran runs
+    run barks barked bark chased chases saw sees see thanked thanks loves loved love likes liked
+    said says gave gives took takes went goes came comes helped helps called told asked wanted
+    needed found thought knew made wrote read reads sang sings lost won fell falls left waited
+    smiled laughed slept woke wakes plays played""".split()
+)
+_ADJECTIVES = set(
+    """tired hungry happy sad warm cold big small old young red proud angry late sick good bad
+    new long little quiet loud brave kind""".split()
+)
+_MASCULINE = set(
+    "he him his himself king man boy father brother son husband prince uncle sir".split()
+)
+_FEMININE = set(
+    "she her hers herself queen woman girl mother sister daughter wife princess aunt".split()
+)
+_VOWELS = "aeiouy"
+
+
+class InputError(ValueError):
+    """A sentence the heads page cannot use; the message is meant for the reader."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token and the features its designed embedding is made of."""
+
+    text: str
+    role: str
+    gender: str | None  # "masculine", "feminine" or None
+    rime: str | None  # the ending a rhyme compares, for content words
+
+
+def split_words(sentence: str) -> list[str]:
+    """Words, numbers and single punctuation marks, in order."""
+    return _TOKEN.findall(sentence)
+
+
+def _rime(word: str) -> str:
+    """The last vowel group and what follows it: 'cat' -> 'at', 'sleeps' -> 'eeps'."""
+    lower = word.lower()
+    end = len(lower)
+    position = end - 1
+    while position >= 0 and lower[position] not in _VOWELS:
+        position -= 1
+    while position > 0 and lower[position - 1] in _VOWELS:
+        position -= 1
+    return lower[max(position, 0) : end]
+
+
+def _role(word: str, previous_role: str | None) -> str:
+    lower = word.lower()
+    if not lower[0].isalnum():
+        return "punctuation"
+    if lower in _DETERMINERS:
+        return "determiner"
+    if lower in _PRONOUNS:
+        return "pronoun"
+    if lower in _VERBS:
+        return "verb"
+    if lower in _ADJECTIVES:
+        return "adjective"
+    if lower in _OTHER:
+        return "other"
+    if previous_role in ("determiner", "adjective"):
+        return "noun"
+    if previous_role in ("noun", "pronoun") and (lower.endswith("s") or lower.endswith("ed")):
+        return "verb"
+    if lower.endswith("ed") and len(lower) > 4:
+        return "verb"
+    return "noun"
+
+
+_OTHER = set(
+    """because and or but so in on at to of with for from by after before while when if then
+    not very too also as than there here up down out into over under again yes""".split()
+)
+
+
+def tag(words: list[str]) -> list[Token]:
+    """Give each word a role, a gender when the word carries one, and a rime for rhymes."""
+    tokens: list[Token] = []
+    previous_role = None
+    for word in words:
+        role = _role(word, previous_role)
+        lower = word.lower()
+        gender = "masculine" if lower in _MASCULINE else "feminine" if lower in _FEMININE else None
+        rime = _rime(word) if role in ("noun", "verb", "adjective") and len(word) > 1 else None
+        tokens.append(Token(word, role, gender, rime))
+        previous_role = role
+    return tokens
+
+
+def tokenize(sentence: str, max_tokens: int = MAX_TOKENS) -> tuple[list[Token], str | None]:
+    """Tagged tokens of `sentence` and a note for the reader when it had to be shortened.
+
+    Raises InputError for a sentence with no word in it.
+    """
+    words = split_words(sentence or "")
+    if not words:
+        raise InputError("Type a sentence with at least one word to see its attention.")
+    note = None
+    if len(words) > max_tokens:
+        note = (
+            f"That text has {len(words):,} tokens; the heatmaps show its first {max_tokens} "
+            "so that every label stays readable."
+        )
+        words = words[:max_tokens]
+    return tag(words), note

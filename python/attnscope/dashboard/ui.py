@@ -1,0 +1,69 @@
+"""Streamlit pieces every page shares: the engine banner and cached calls into the compute
+modules (cached on plain arguments, so a rerun with the same controls costs nothing)."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from . import engine, heads, inside, regimes, text
+
+
+def engine_banner() -> None:
+    """Say which implementation computes the page; warn loudly when it is the fallback."""
+    message = engine.fallback_message()
+    if message:
+        st.warning(message, icon="⚠️")
+    else:
+        st.caption(
+            f"Every number below is computed live by {engine.engine_name()} "
+            f"on {engine.get_threads()} thread(s)."
+        )
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_weights(sentence: str, causal: bool):
+    """Tokens (as text) and the ``(heads, n, n)`` weights of the designed heads."""
+    tokens, note = text.tokenize(sentence)
+    return tokens, note, heads.head_weights(tokens, causal=causal)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def head_scores(sentence: str, head_index: int):
+    """One designed head's scaled scores for `sentence`."""
+    tokens, _ = text.tokenize(sentence)
+    return heads.head_scores(tokens, head_index)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def both_regimes(words: tuple[str, ...]):
+    return regimes.both_regimes(list(words))
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def edit_effect(words: tuple[str, ...], position: int, replacement: str):
+    return regimes.edit_effect(list(words), position, replacement)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def alignment_weights(words: tuple[str, ...], num_queries: int):
+    return regimes.alignment_weights(list(words), num_queries)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def window_weights(words: tuple[str, ...], window: int):
+    return regimes.window_weights(list(words), window)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def gqa_weights(words: tuple[str, ...], query_heads: int, kv_heads: int):
+    return regimes.gqa_weights(list(words), query_heads, kv_heads)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def one_head(words: tuple[str, ...], d_k: int, scaled: bool):
+    return inside.one_head(list(words), d_k, scaled)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def saturation(d_values: tuple[int, ...]):
+    return inside.saturation(d_values)
