@@ -1,0 +1,618 @@
+"""attnscope against NumPy and torch: one process, same thread count, interleaved runs, medians.
+
+    python benchmarks/bench.py                 # full sizes: a few minutes on 2 cores
+    python benchmarks/bench.py --quick         # smaller sizes: well under a minute
+    python benchmarks/bench.py --threads 1 --rows dense,decode --no-write
+
+It first prints the machine's measured limits (SGEMM rate, memory read bandwidth). Then it
+prints one table row per case with the case's target and verdict, and writes
+``benchmarks/results/latest.json`` and ``latest.md`` (unless ``--no-write``). Every row also
+checks attnscope's output against the float64 reference. A row whose error exceeds
+``ERROR_TOLERANCE`` fails, however fast it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import shlex
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import attnscope as ats
+import limits
+import numpy as np
+import peak_memory
+import peers
+import report
+from report import Row
+from timing import Plan, Timing, interleave
+
+__all__ = ["GROUPS", "PRESETS", "Benchmark", "Preset", "main", "run"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Targets, fixed for the full sizes. DENSE_TARGETS holds (full, causal) per Preset.dense entry.
+DENSE_TARGETS = ((1.0, 1.15), (1.0, 1.0))
+WINDOW_TARGET = 20.0  # x torch, which has no window argument and gets the same bool mask
+DOUBLING_TARGET = 2.3  # at most this much more time when L doubles under a fixed window
+DECODE_TARGET = 1.8  # x torch
+DECODE_BANDWIDTH_TARGET = 0.7  # fraction of the measured memory read bandwidth
+TINY_TARGET = 2.0  # x torch, per call
+SCALING_TARGET = 1.8  # speed-up from 1 to 2 threads
+PEAK_MEMORY_TARGET_MIB = 64.0  # beyond inputs and output
+MHA_TARGET = 1.0  # x nn.MultiheadAttention
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes for one run of the benchmark.
+
+    Attributes:
+        dense: ``(heads, length, head_dim)`` per dense case; each runs full and causal.
+        window_length, window: the sliding-window case, then the same at twice the length.
+        decode: ``(heads, keys, head_dim)`` for one query against a cache of `keys`.
+        tiny: ``(heads, length, head_dim)`` of the call-overhead case.
+        scaling_length: L=S of the 1-vs-2-thread case (8 heads, head_dim 64).
+        peak_length: L=S of the causal peak-memory case (8 heads, head_dim 64).
+        mha: ``(embed_dim, heads, length)`` of the MultiHeadAttention case.
+        sgemm_size, bandwidth_bytes: sizes of the two limit measurements.
+        plan: how long each row is timed.
+    """
+
+    name: str
+    dense: tuple[tuple[int, int, int], ...]
+    window_length: int
+    window: int
+    decode: tuple[int, int, int]
+    tiny: tuple[int, int, int]
+    scaling_length: int
+    peak_length: int
+    mha: tuple[int, int, int]
+    sgemm_size: int
+    bandwidth_bytes: int
+    plan: Plan
+
+
+PRESETS = {
+    "full": Preset(
+        name="full",
+        dense=((8, 4096, 64), (16, 2048, 128)),
+        window_length=16384,
+        window=256,
+        decode=(32, 32768, 128),
+        tiny=(4, 16, 16),
+        scaling_length=4096,
+        peak_length=65536,
+        mha=(512, 8, 2048),
+        sgemm_size=4096,
+        bandwidth_bytes=2**30,
+        plan=Plan(budget_s=5.0, min_repeats=3, max_repeats=30, min_sample_s=0.05),
+    ),
+    "quick": Preset(
+        name="quick",
+        dense=((8, 1024, 64), (16, 512, 128)),
+        window_length=4096,
+        window=256,
+        decode=(32, 8192, 128),
+        tiny=(4, 16, 16),
+        scaling_length=1024,
+        peak_length=8192,
+        mha=(512, 8, 512),
+        sgemm_size=2048,
+        bandwidth_bytes=2**28,
+        plan=Plan(budget_s=0.8, min_repeats=3, max_repeats=20, min_sample_s=0.02),
+    ),
+    # Tiny sizes for the test suite: checks that every row runs and is correct; the times mean
+    # nothing.
+    "smoke": Preset(
+        name="smoke",
+        dense=((2, 96, 16), (2, 64, 32)),
+        window_length=256,
+        window=32,
+        decode=(4, 512, 32),
+        tiny=(4, 16, 16),
+        scaling_length=128,
+        peak_length=512,
+        mha=(64, 4, 48),
+        sgemm_size=256,
+        bandwidth_bytes=2**24,
+        plan=Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0),
+    ),
+}
+
+# Row groups, in the order they run; --rows picks a subset.
+GROUPS = ("dense", "window", "decode", "tiny", "scaling", "memory", "mha")
+
+
+def _verdict(row: Row, unmeasured: str) -> str:
+    error = row.max_rel_error
+    if error is not None and not error <= peers.ERROR_TOLERANCE:
+        return "FAIL (error)"
+    if row.met is None:
+        return f"n/a ({unmeasured})"
+    return "PASS" if row.met else "FAIL"
+
+
+class Benchmark:
+    """Runs the row groups of one preset at one thread count and collects :class:`Row` s.
+
+    Args:
+        preset: the sizes.
+        threads: threads for attnscope and torch (and NumPy's BLAS, when the caller limits it).
+        naive_budget_bytes: the NumPy naive peer runs only where its score matrix fits this.
+        torch: the torch module, or None to leave torch out.
+        log: called with one progress line per row.
+    """
+
+    def __init__(
+        self,
+        preset: Preset,
+        threads: int,
+        naive_budget_bytes: int,
+        torch=None,
+        log: Callable[[str], None] = print,
+    ):
+        self.preset = preset
+        self.threads = threads
+        self.naive_budget_bytes = naive_budget_bytes
+        self.torch = torch
+        self.log = log
+        self.rng = np.random.default_rng(0)
+        self.read_bandwidth_gbs: float | None = None
+        self.set_threads(threads)
+
+    def set_threads(self, threads: int) -> None:
+        """Use `threads` threads in attnscope and torch."""
+        ats.set_num_threads(threads)
+        if self.torch is not None:
+            self.torch.set_num_threads(threads)
+
+    def inputs(self, shape, count=3) -> list[np.ndarray]:
+        """`count` float32 standard-normal arrays of `shape`."""
+        return [self.rng.standard_normal(shape, dtype=np.float32) for _ in range(count)]
+
+    def measure_limits(self) -> dict:
+        """SGEMM rate and memory read bandwidth at this benchmark's thread count."""
+        self.log("measuring limits: SGEMM and memory read bandwidth")
+        sgemm = limits.measure_sgemm(self.threads, self.preset.sgemm_size, self.torch)
+        bandwidth = limits.measure_read_bandwidth(
+            self.threads, self.preset.bandwidth_bytes, self.torch
+        )
+        self.set_threads(self.threads)  # the measurements may change torch's thread count
+        self.read_bandwidth_gbs = bandwidth["gbs"]
+        return {"sgemm": sgemm, "read_bandwidth": bandwidth}
+
+    def run(self, groups=GROUPS) -> list[Row]:
+        """The rows of the chosen groups, in :data:`GROUPS` order."""
+        rows = []
+        for group in GROUPS:
+            if group in groups:
+                rows += getattr(self, f"{group}_rows")()
+        return rows
+
+    # ---- helpers shared by the rows ----
+
+    def _time(self, contenders, plan: Plan | None = None) -> dict[str, Timing]:
+        return interleave(contenders, plan or self.preset.plan)
+
+    def _add_sdpa_peers(
+        self, row, contenders, query, key, value, rules, *, torch_causal, torch_mask=None
+    ) -> None:
+        """Add the torch and NumPy naive contenders of an SDPA row, or say why they are absent."""
+        batch, heads, num_queries, _ = query.shape
+        num_keys = key.shape[-2]
+        if self.torch is None:
+            row.cells["torch"] = "n/a (no torch)"
+        else:
+            call, backend = peers.torch_sdpa_call(
+                self.torch, query, key, value, is_causal=torch_causal, attn_mask=torch_mask
+            )
+            contenders["torch"] = call
+            how = "bool mask" if torch_mask is not None else "is_causal" if torch_causal else ""
+            row.notes.append(f"torch backend: {backend}" + (f" ({how})" if how else ""))
+        masked = rules.get("is_causal", False) or rules.get("window") is not None
+        need = peers.naive_bytes(batch, heads, num_queries, num_keys, masked)
+        if need > self.naive_budget_bytes:
+            row.cells["numpy"] = f"skipped: would need {need / 2**30:.1f} GiB"
+            return
+        hidden = None
+        if masked:
+            hidden = ~peers.visible_rows(np.arange(num_queries), num_queries, num_keys, **rules)
+            hidden = hidden if hidden.any() else None
+        contenders["numpy"] = lambda: peers.naive_attention(query, key, value, hidden)
+
+    @staticmethod
+    def _record_times(row, timings) -> None:
+        for name in report.PEERS:
+            if name in timings:
+                row.cells[name] = timings[name].median_s
+        repeats = {t.repeats for t in timings.values()}
+        row.notes.append(f"median of {max(repeats)} interleaved rounds")
+
+    @staticmethod
+    def _torch_ratio(row, timings, target) -> None:
+        """Set result/met from torch time / attnscope time (None without torch)."""
+        if "torch" not in timings:
+            return
+        ratio = timings["torch"].median_s / timings["attnscope"].median_s
+        row.metrics["ratio"] = ratio
+        row.result = f"{ratio:.2f}× torch"
+        row.met = ratio >= target
+
+    def _sdpa_row(self, row_id, label, shape, rules, target) -> Row:
+        """An SDPA case timed against torch (flash path) and the NumPy naive peer."""
+        heads, length, head_dim = shape
+        row = Row(id=row_id, label=label, target=f"≥ {target:.2f}× torch")
+        self.log(label)
+        query, key, value = self.inputs((1, heads, length, head_dim))
+        contenders = {
+            "attnscope": lambda: ats.scaled_dot_product_attention(query, key, value, **rules)
+        }
+        self._add_sdpa_peers(
+            row, contenders, query, key, value, rules, torch_causal=rules["is_causal"]
+        )
+        timings = self._time(contenders)
+        self._record_times(row, timings)
+        pairs = peers.visible_pairs(length, length, **rules)
+        row.gflops = 4 * heads * pairs * head_dim / timings["attnscope"].median_s / 1e9
+        self._torch_ratio(row, timings, target)
+        out = ats.scaled_dot_product_attention(query, key, value, **rules)
+        row.max_rel_error = peers.max_relative_error(out, query, key, value, **rules)
+        row.verdict = _verdict(row, "no torch")
+        return row
+
+    # ---- the row groups ----
+
+    def dense_rows(self) -> list[Row]:
+        """Full and causal attention at the two dense shapes."""
+        rows = []
+        for (heads, length, head_dim), targets in zip(
+            self.preset.dense, DENSE_TARGETS, strict=True
+        ):
+            for causal, target in zip((False, True), targets, strict=True):
+                kind = "causal" if causal else "full"
+                rows.append(
+                    self._sdpa_row(
+                        f"sdpa_{kind}_h{heads}_d{head_dim}",
+                        f"B1 H{heads} L=S={length} D{head_dim} {kind}",
+                        (heads, length, head_dim),
+                        {"is_causal": causal},
+                        target,
+                    )
+                )
+        return rows
+
+    def window_rows(self) -> list[Row]:
+        """Causal sliding window vs torch given the same window as a bool mask; then 2x length."""
+        length, window = self.preset.window_length, self.preset.window
+        heads, head_dim = 8, 64
+        rules = {"is_causal": True, "window": window}
+        label = f"B1 H{heads} L=S={length} D{head_dim} causal window {window}"
+        self.log(label)
+        row = Row(id="window", label=label, target=f"≥ {WINDOW_TARGET:.0f}× torch (bool mask)")
+        doubled = Row(
+            id="window_doubling",
+            label=f"same window, L=S={2 * length}: time vs L={length}",
+            target=f"≤ {DOUBLING_TARGET:.1f}× time",
+        )
+        query, key, value = self.inputs((1, heads, length, head_dim))
+        query2, key2, value2 = self.inputs((1, heads, 2 * length, head_dim))
+        contenders = {
+            "attnscope": lambda: ats.scaled_dot_product_attention(query, key, value, **rules),
+            "attnscope_2L": lambda: ats.scaled_dot_product_attention(query2, key2, value2, **rules),
+        }
+        torch_mask = None
+        if self.torch is not None:
+            torch_mask = peers.visible_rows(np.arange(length), length, length, **rules)
+        self._add_sdpa_peers(
+            row, contenders, query, key, value, rules, torch_causal=False, torch_mask=torch_mask
+        )
+        if torch_mask is not None:
+            row.notes.append("SDPA has no window argument, so torch gets it as an L×S bool mask")
+        timings = self._time(contenders)
+        self._record_times(row, timings)
+        flops = 4 * heads * head_dim * peers.visible_pairs(length, length, **rules)
+        row.gflops = flops / timings["attnscope"].median_s / 1e9
+        self._torch_ratio(row, timings, WINDOW_TARGET)
+        out = ats.scaled_dot_product_attention(query, key, value, **rules)
+        row.max_rel_error = peers.max_relative_error(out, query, key, value, **rules)
+        row.verdict = _verdict(row, "no torch")
+
+        time_ratio = timings["attnscope_2L"].median_s / timings["attnscope"].median_s
+        doubled.cells = {"attnscope": timings["attnscope_2L"].median_s}
+        flops2 = 4 * heads * head_dim * peers.visible_pairs(2 * length, 2 * length, **rules)
+        doubled.gflops = flops2 / timings["attnscope_2L"].median_s / 1e9
+        doubled.metrics["time_ratio"] = time_ratio
+        doubled.result = f"{time_ratio:.2f}× the time"
+        doubled.met = time_ratio <= DOUBLING_TARGET
+        doubled.notes.append(f"timed in the same rounds as L={length}")
+        out2 = ats.scaled_dot_product_attention(query2, key2, value2, **rules)
+        doubled.max_rel_error = peers.max_relative_error(out2, query2, key2, value2, **rules)
+        doubled.verdict = _verdict(doubled, "")
+        return [row, doubled]
+
+    def decode_rows(self) -> list[Row]:
+        """One new query against a long cache: bound by reading K and V once."""
+        heads, num_keys, head_dim = self.preset.decode
+        label = f"decode: 1 query vs {num_keys} cached keys, H{heads} D{head_dim}"
+        self.log(label)
+        row = Row(
+            id="decode",
+            label=label,
+            target=f"≥ {DECODE_TARGET:.1f}× torch and "
+            f"≥ {DECODE_BANDWIDTH_TARGET:.0%} of read bandwidth",
+        )
+        (query,) = self.inputs((1, heads, 1, head_dim), count=1)
+        key, value = self.inputs((1, heads, num_keys, head_dim), count=2)
+        rules = {"is_causal": True, "causal_alignment": "bottom_right"}
+        if hasattr(ats, "KVCache"):
+            cache = ats.KVCache(heads, head_dim, batch=1, dtype=np.float32)
+            cache.append(key, value)
+
+            def attend():
+                return cache.attend(query)
+
+            row.notes.append("attnscope: KVCache.attend")
+        else:
+
+            def attend():
+                return ats.scaled_dot_product_attention(query, key, value, **rules)
+
+            row.notes.append("attnscope: SDPA with L=1, bottom_right causal (no KVCache yet)")
+        contenders = {"attnscope": attend}
+        # One query at the bottom-right diagonal sees every key: torch needs no mask.
+        self._add_sdpa_peers(row, contenders, query, key, value, rules, torch_causal=False)
+        timings = self._time(contenders)
+        self._record_times(row, timings)
+        seconds = timings["attnscope"].median_s
+        row.gflops = 4 * heads * num_keys * head_dim / seconds / 1e9
+        bandwidth = (key.nbytes + value.nbytes) / seconds / 1e9
+        row.metrics["bandwidth_gbs"] = bandwidth
+        self._torch_ratio(row, timings, DECODE_TARGET)
+        parts = [row.result] if row.result else []
+        if self.read_bandwidth_gbs:
+            fraction = bandwidth / self.read_bandwidth_gbs
+            row.metrics["bandwidth_fraction"] = fraction
+            parts.append(f"{bandwidth:.1f} GB/s = {fraction:.0%} of read BW")
+            if row.met is not None:
+                row.met = row.met and fraction >= DECODE_BANDWIDTH_TARGET
+        else:
+            parts.append(f"{bandwidth:.1f} GB/s")
+            row.met = None
+        row.result = ", ".join(parts)
+        row.max_rel_error = peers.max_relative_error(attend(), query, key, value, **rules)
+        row.verdict = _verdict(row, "no torch" if self.torch is None else "no bandwidth limit")
+        return [row]
+
+    def tiny_rows(self) -> list[Row]:
+        """A very small call, where per-call overhead is everything."""
+        heads, length, head_dim = self.preset.tiny
+        label = f"B1 H{heads} L=S={length} D{head_dim} full, per call"
+        return [self._sdpa_row("tiny", label, self.preset.tiny, {"is_causal": False}, TINY_TARGET)]
+
+    def scaling_rows(self) -> list[Row]:
+        """attnscope alone on 1 thread and on 2, same call."""
+        length, heads, head_dim = self.preset.scaling_length, 8, 64
+        label = f"threads 1 → 2, B1 H{heads} L=S={length} D{head_dim} full"
+        self.log(label)
+        row = Row(id="scaling", label=label, target=f"≥ {SCALING_TARGET:.1f}× speed-up")
+        if limits.usable_cpus() < 2:
+            row.verdict = "n/a (needs 2 CPUs)"
+            return [row]
+        query, key, value = self.inputs((1, heads, length, head_dim))
+
+        def on_threads(threads):
+            def call():
+                ats.set_num_threads(threads)
+                return ats.scaled_dot_product_attention(query, key, value)
+
+            return call
+
+        try:
+            timings = self._time({"1": on_threads(1), "2": on_threads(2)})
+            outputs = [on_threads(threads)() for threads in (1, 2)]
+        finally:
+            ats.set_num_threads(self.threads)
+        speedup = timings["1"].median_s / timings["2"].median_s
+        row.cells = {"attnscope": timings["2"].median_s}
+        row.gflops = 4 * heads * length * length * head_dim / timings["2"].median_s / 1e9
+        row.metrics.update(speedup=speedup, one_thread_s=timings["1"].median_s)
+        row.result = f"{speedup:.2f}× speed-up"
+        row.met = speedup >= SCALING_TARGET
+        identical = np.array_equal(outputs[0], outputs[1])
+        row.notes += [
+            f"1 thread: {report.format_seconds(timings['1'].median_s)}; time shown is 2 threads",
+            f"outputs bitwise identical across thread counts: {'yes' if identical else 'NO'}",
+        ]
+        row.max_rel_error = peers.max_relative_error(outputs[1], query, key, value)
+        row.verdict = _verdict(row, "")
+        return [row]
+
+    def memory_rows(self) -> list[Row]:
+        """Peak memory of a long causal call without weights, in a fresh process."""
+        length, heads, head_dim = self.preset.peak_length, 8, 64
+        label = f"peak memory, B1 H{heads} L=S={length} D{head_dim} causal"
+        self.log(label)
+        row = Row(
+            id="peak_memory",
+            label=label,
+            target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
+        )
+        measured = peak_memory.run_in_child(length, heads, head_dim, self.threads)
+        row.cells = {"attnscope": measured["seconds"]}
+        flops = 4 * heads * head_dim * peers.visible_pairs(length, length, is_causal=True)
+        row.gflops = flops / measured["seconds"] / 1e9
+        row.metrics["extra_mib"] = measured["extra_mib"]
+        row.result = f"{measured['extra_mib']:.1f} MiB"
+        row.met = measured["extra_mib"] <= PEAK_MEMORY_TARGET_MIB
+        row.max_rel_error = measured["max_rel_error"]
+        row.notes.append(
+            f"fresh process, one call; inputs {measured['inputs_mib']:.0f} MiB, output "
+            f"{measured['output_mib']:.0f} MiB; peak counter reset: "
+            f"{'yes' if measured['peak_counter_reset'] else 'no (upper bound)'}"
+        )
+        row.verdict = _verdict(row, "")
+        return [row]
+
+    def mha_rows(self) -> list[Row]:
+        """The whole self-attention block (projections included) vs nn.MultiheadAttention."""
+        embed_dim, heads, length = self.preset.mha
+        label = f"MultiHeadAttention E{embed_dim} H{heads} B1 L{length}"
+        self.log(label)
+        row = Row(id="mha", label=label, target=f"≥ {MHA_TARGET:.1f}× nn.MultiheadAttention")
+        if not hasattr(ats, "MultiHeadAttention"):
+            row.cells = {name: "n/a (not available)" for name in report.PEERS}
+            row.verdict = "n/a (not available)"
+            return [row]
+        (x,) = self.inputs((1, length, embed_dim), count=1)
+        contenders = {}
+        if self.torch is None:
+            mha = ats.MultiHeadAttention(embed_dim, heads, seed=0)
+            row.cells["torch"] = "n/a (no torch)"
+        else:
+            self.torch.manual_seed(0)
+            module = self.torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True)
+            mha = ats.MultiHeadAttention.from_torch(module)
+            contenders["torch"] = peers.torch_mha_call(self.torch, module, x)
+            row.notes.append("torch: eval, inference_mode, need_weights=False (fused fast path)")
+        contenders = {"attnscope": lambda: mha(x), **contenders}
+        names = [f"{kind}_{part}" for kind in "wb" for part in "qkvo"]
+        weights = {name: getattr(mha, name) for name in names}
+        if peers.naive_bytes(1, heads, length, length, False) <= self.naive_budget_bytes:
+            contenders["numpy"] = lambda: peers.naive_multi_head_attention(x, weights, heads)
+        timings = self._time(contenders)
+        self._record_times(row, timings)
+        flops = 8 * length * embed_dim**2 + 4 * length * length * embed_dim
+        row.gflops = flops / timings["attnscope"].median_s / 1e9
+        row.notes.append("GFLOP/s counts the four projections and the attention")
+        self._torch_ratio(row, timings, MHA_TARGET)
+        if row.result:
+            row.result = row.result.replace("torch", "nn.MHA")
+        weights64 = {
+            k: None if w is None else np.asarray(w, np.float64) for k, w in weights.items()
+        }
+        expected = peers.naive_multi_head_attention(x.astype(np.float64), weights64, heads)
+        got = np.asarray(mha(x))
+        row.max_rel_error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+        row.verdict = _verdict(row, "no torch")
+        return [row]
+
+
+def _numpy_thread_limit(threads: int):
+    """A context that limits NumPy's BLAS to `threads` (threadpoolctl), and how it was done."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext(), "not controlled (threadpoolctl not installed)"
+    return threadpool_limits(limits=threads, user_api="blas"), f"{threads} (threadpoolctl)"
+
+
+def run(
+    preset: str = "full",
+    threads: int | None = None,
+    groups=GROUPS,
+    naive_budget_gib: float = 2.0,
+    use_torch: bool = True,
+    log: Callable[[str], None] = print,
+    command: str = "",
+) -> dict:
+    """Measure the limits and the rows; returns the result dict that is written as JSON."""
+    threads = threads or limits.usable_cpus()
+    torch = peers.load_torch() if use_torch else None
+    limit, numpy_threads = _numpy_thread_limit(threads)
+    with limit:
+        bench = Benchmark(PRESETS[preset], threads, int(naive_budget_gib * 2**30), torch, log)
+        measured_limits = bench.measure_limits()
+        log(
+            f"limits at {threads} threads: SGEMM {measured_limits['sgemm']['gflops']:.1f} "
+            f"GFLOP/s ({measured_limits['sgemm']['how']}); memory read "
+            f"{measured_limits['read_bandwidth']['gbs']:.1f} GB/s "
+            f"({measured_limits['read_bandwidth']['how']})"
+        )
+        rows = bench.run(groups)
+    return {
+        "meta": {
+            "preset": preset,
+            "threads": threads,
+            "numpy_threads": numpy_threads,
+            "torch": torch.__version__ if torch is not None else "not installed",
+            "numpy": np.__version__,
+            "attnscope": ats.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command,
+            "machine": limits.machine_info(),
+            "error_tolerance": peers.ERROR_TOLERANCE,
+            "naive_budget_gib": naive_budget_gib,
+        },
+        "limits": measured_limits,
+        "rows": report.rows_to_json(rows),
+    }
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Benchmark attnscope against NumPy and torch (see benchmarks/README.md)."
+    )
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="smaller sizes (well under a minute)")
+    sizes.add_argument("--smoke", action="store_true", help="tiny sizes, for the test suite")
+    parser.add_argument("--threads", type=int, default=None, help="threads (default: all CPUs)")
+    parser.add_argument(
+        "--rows", default=",".join(GROUPS), help=f"comma-separated groups of {','.join(GROUPS)}"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only, write no files")
+    parser.add_argument("--no-torch", action="store_true", help="leave torch out even if present")
+    parser.add_argument(
+        "--naive-budget-gib",
+        type=float,
+        default=2.0,
+        help="run the NumPy naive peer only where its score matrix fits this (default 2)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS_DIR, help="folder for latest.json and latest.md"
+    )
+    args = parser.parse_args(argv)
+    groups = [group.strip() for group in args.rows.split(",") if group.strip()]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        parser.error(f"unknown row groups {unknown}; choose from {', '.join(GROUPS)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    args.groups = groups
+    args.preset = "quick" if args.quick else "smoke" if args.smoke else "full"
+    return args
+
+
+def main(argv=None) -> int:
+    """Command-line entry point; exit status 0 even when a target is missed."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parse_args(argv)
+    if not ats.core_available():
+        print("attnscope's compiled engine is not importable; build it with `make build`.")
+        return 2
+
+    def log(line):
+        print(f"[bench] {line}", file=sys.stderr, flush=True)
+
+    results = run(
+        preset=args.preset,
+        threads=args.threads,
+        groups=args.groups,
+        naive_budget_gib=args.naive_budget_gib,
+        use_torch=not args.no_torch,
+        log=log,
+        command=shlex.join(["python", "benchmarks/bench.py", *argv]),
+    )
+    print(report.markdown_report(results))
+    if not args.no_write:
+        for path in report.write_results(results, args.out):
+            log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Peak memory of one causal attention call, measured in a fresh process.
+
+The engine allocates in Rust, which tracemalloc cannot see, so the process's resident set is
+read from the kernel. The inputs are created first and the call is warmed up on a small slice.
+Then the peak-RSS counter is reset (``/proc/self/clear_refs``), the call runs once, and the
+new peak minus the resident set before the call minus the output array is what the call
+needed beyond its inputs and output.
+
+Run as a script it prints one JSON object; :func:`run_in_child` does that for the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["measure", "run_in_child"]
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``VmRSS``/``VmHWM``-style line of /proc/self/status in KiB, or None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Make VmHWM start again from the current RSS (Linux >= 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kib() -> int:
+    hwm = _status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure(length: int, heads: int, head_dim: int, threads: int) -> dict:
+    """Run causal attention on ``(1, heads, length, head_dim)`` float32 inputs once.
+
+    Returns the MiB used beyond inputs and output, the seconds the call took, and the
+    sampled float64 error.
+    """
+    import attnscope as ats
+    from peers import max_relative_error
+
+    ats.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    shape = (1, heads, length, head_dim)
+    query, key, value = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
+    warm = slice(0, min(length, 64))
+    ats.scaled_dot_product_attention(
+        query[:, :, warm], key[:, :, warm], value[:, :, warm], is_causal=True
+    )
+    gc.collect()
+
+    rss_before = _status_kib("VmRSS")
+    resettable = rss_before is not None and _reset_peak()
+    if not resettable:
+        # The peak so far stands in for the current RSS; inputs are made without temporaries,
+        # so the two are close.
+        rss_before = _peak_kib()
+    start = time.perf_counter()
+    out = ats.scaled_dot_product_attention(query, key, value, is_causal=True)
+    seconds = time.perf_counter() - start
+    peak = _peak_kib()
+
+    extra_bytes = (peak - rss_before) * 1024 - out.nbytes
+    return {
+        "extra_mib": max(extra_bytes, 0) / 2**20,
+        "inputs_mib": 3 * query.nbytes / 2**20,
+        "output_mib": out.nbytes / 2**20,
+        "seconds": seconds,
+        "peak_counter_reset": resettable,
+        "max_rel_error": max_relative_error(out, query, key, value, is_causal=True),
+    }
+
+
+def run_in_child(length: int, heads: int, head_dim: int, threads: int) -> dict:
+    """:func:`measure` in a fresh Python process, so earlier allocations cannot hide a peak."""
+    done = subprocess.run(
+        [sys.executable, __file__, str(length), str(heads), str(head_dim), str(threads)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"peak-memory child failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Command line: ``peak_memory.py LENGTH HEADS HEAD_DIM THREADS`` prints one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in ("length", "heads", "head_dim", "threads"):
+        parser.add_argument(name, type=int)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.length, args.heads, args.head_dim, args.threads)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""The benchmark harness runs end to end at tiny sizes and attnscope passes its float64 check there.
+
+Correctness only: no test here looks at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import attnscope
+import numpy as np
+import pytest
+from attnscope import reference
+
+if not attnscope.core_available():
+    pytest.skip("attnscope's compiled engine is not built", allow_module_level=True)
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+import bench  # noqa: E402
+import peers  # noqa: E402
+import report  # noqa: E402
+
+RULES = [
+    {},
+    {"is_causal": True},
+    {"is_causal": True, "causal_alignment": "bottom_right"},
+    {"is_causal": True, "window": 3},
+    {"window": (2, None)},
+    {"window": (None, 1), "causal_alignment": "bottom_right"},
+]
+
+
+@pytest.mark.parametrize("rules", RULES)
+@pytest.mark.parametrize(("num_queries", "num_keys"), [(7, 7), (4, 9), (9, 4), (1, 6)])
+def test_visibility_helpers_match_reference(rules, num_queries, num_keys):
+    expected = reference.visibility(num_queries, num_keys, **rules)
+    rows = np.arange(num_queries)
+    np.testing.assert_array_equal(
+        peers.visible_rows(rows, num_queries, num_keys, **rules), expected
+    )
+    assert peers.visible_pairs(num_queries, num_keys, **rules) == expected.sum()
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_naive_peer_matches_reference(is_causal):
+    rng = np.random.default_rng(1)
+    query, key, value = (rng.standard_normal((2, 3, 10, 8)) for _ in range(3))
+    hidden = ~reference.visibility(10, 10, is_causal=is_causal) if is_causal else None
+    np.testing.assert_allclose(
+        peers.naive_attention(query, key, value, hidden),
+        reference.scaled_dot_product_attention(query, key, value, is_causal=is_causal),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_sampled_error_check_catches_a_wrong_output():
+    rng = np.random.default_rng(2)
+    query, key, value = (rng.standard_normal((1, 2, 12, 4)).astype(np.float32) for _ in range(3))
+    right = reference.scaled_dot_product_attention(query, key, value, is_causal=True)
+    assert peers.max_relative_error(right, query, key, value, is_causal=True) < 1e-12
+    wrong = right.copy()
+    wrong[0, 1, -1, 0] += 0.1
+    assert peers.max_relative_error(wrong, query, key, value, is_causal=True) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def smoke_results():
+    return bench.run(preset="smoke", log=lambda line: None, command="test")
+
+
+def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
+    meta, limits, rows = smoke_results["meta"], smoke_results["limits"], smoke_results["rows"]
+    assert meta["threads"] >= 1 and meta["preset"] == "smoke"
+    assert meta["machine"]["cpu"]
+    assert limits["sgemm"]["gflops"] > 0 and limits["read_bandwidth"]["gbs"] > 0
+
+    ids = [row["id"] for row in rows]
+    assert ids[:4] == [
+        "sdpa_full_h2_d16",
+        "sdpa_causal_h2_d16",
+        "sdpa_full_h2_d32",
+        "sdpa_causal_h2_d32",
+    ]
+    assert ids[4:] == [
+        "window",
+        "window_doubling",
+        "decode",
+        "tiny",
+        "scaling",
+        "peak_memory",
+        "mha",
+    ]
+
+    for row in rows:
+        assert row["verdict"], row
+        if row["id"] == "mha" and not hasattr(attnscope, "MultiHeadAttention"):
+            assert row["verdict"] == "n/a (not available)"
+            continue
+        if row["id"] == "scaling" and row["verdict"].startswith("n/a"):
+            continue  # a one-CPU machine cannot measure scaling
+        assert row["max_rel_error"] is not None, row["id"]
+        assert row["max_rel_error"] <= peers.ERROR_TOLERANCE, row
+        assert row["verdict"] != "FAIL (error)"
+        assert isinstance(row["cells"]["attnscope"], float) and row["cells"]["attnscope"] > 0
+        assert row["gflops"] > 0
+
+
+def test_result_files_hold_the_table(smoke_results, tmp_path):
+    json_path, md_path = report.write_results(smoke_results, tmp_path)
+    assert json.loads(json_path.read_text(encoding="utf-8"))["rows"] == smoke_results["rows"]
+    markdown = md_path.read_text(encoding="utf-8")
+    assert "| Row | attnscope | torch | NumPy naive |" in markdown
+    for row in smoke_results["rows"]:
+        assert row["label"] in markdown
+
+
+def test_command_line_prints_the_table_and_writes_nothing_with_no_write(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench.py"), "--smoke", "--no-write", "--rows", "tiny"]
+        + ["--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Limits: SGEMM" in done.stdout
+    assert "| B1 H4 L=S=16 D16 full, per call |" in done.stdout
+    assert list(tmp_path.iterdir()) == []
