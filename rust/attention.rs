@@ -1,0 +1,580 @@
+//! `scaled_dot_product_attention`: checks the arguments, splits the work into tasks over
+//! (batch, head, query block[, key chunk]) and runs them on the engine's thread pool.
+//!
+//! Every task computes the same numbers whichever thread runs it and however many threads
+//! there are: key chunks are fixed by the shape alone and merged in a fixed order, so results
+//! are bitwise identical for any thread count.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
+use rayon::prelude::*;
+
+use crate::bounds::{Bounds, CausalAlignment, Window};
+use crate::error::{shape_str, AttnError};
+use crate::kernel::{
+    HeadData, KernelElement, KernelParams, MaskRows, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
+};
+use crate::simd::active_level;
+use crate::threads::pool;
+
+/// Options of one attention call; the defaults are PyTorch's.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AttentionOptions {
+    pub is_causal: bool,
+    pub alignment: CausalAlignment,
+    pub window: Option<Window>,
+    /// Multiplies `Q·Kᵀ`; `None` means `1 / sqrt(D)`.
+    pub scale: Option<f64>,
+    pub enable_gqa: bool,
+    pub return_weights: bool,
+}
+
+/// An attention mask broadcastable to `(..., Hq, L, S)`.
+pub enum Mask<'a, T> {
+    None,
+    /// True = the key takes part.
+    Bool(ArrayViewD<'a, bool>),
+    /// Added to the scaled scores; `-inf` hides the key.
+    Additive(ArrayViewD<'a, T>),
+}
+
+/// The output `(..., Hq, L, Dv)` and, when asked for, the weights `(..., Hq, L, S)`.
+pub struct Attention<T> {
+    pub output: ArrayD<T>,
+    pub weights: Option<ArrayD<T>>,
+}
+
+/// The environment variable read for the initial weights memory limit, in bytes.
+pub const WEIGHTS_LIMIT_ENV: &str = "ATTNSCOPE_WEIGHTS_LIMIT_BYTES";
+/// The weights memory limit when neither the variable nor `set_weights_memory_limit` sets one.
+pub const DEFAULT_WEIGHTS_LIMIT: u64 = 2 << 30;
+const LIMIT_UNSET: u64 = u64::MAX;
+static WEIGHTS_LIMIT: AtomicU64 = AtomicU64::new(LIMIT_UNSET);
+
+/// The largest weights array, in bytes, that `return_weights` may allocate.
+pub fn weights_memory_limit() -> u64 {
+    match WEIGHTS_LIMIT.load(Ordering::Relaxed) {
+        LIMIT_UNSET => std::env::var(WEIGHTS_LIMIT_ENV)
+            .ok()
+            .and_then(|value| value.trim().parse::<u64>().ok())
+            .filter(|&limit| limit != LIMIT_UNSET)
+            .unwrap_or(DEFAULT_WEIGHTS_LIMIT),
+        limit => limit,
+    }
+}
+
+/// Sets the weights memory limit in bytes.
+pub fn set_weights_memory_limit(bytes: u64) {
+    WEIGHTS_LIMIT.store(bytes.min(LIMIT_UNSET - 1), Ordering::Relaxed);
+}
+
+/// Sizes of one call, with leading dims flattened into `batch` (2-D inputs are one head).
+#[derive(Debug, Clone)]
+pub(crate) struct Geometry {
+    pub query_heads: usize,
+    pub kv_heads: usize,
+    pub batch: usize,
+    pub num_queries: usize,
+    pub num_keys: usize,
+    pub depth: usize,
+    pub value_dim: usize,
+    /// The leading (batch) dims, then the head dim if the inputs have one.
+    pub outer_shape: Vec<usize>,
+    pub batch_shape: Vec<usize>,
+}
+
+impl Geometry {
+    fn check(
+        query: &[usize],
+        key: &[usize],
+        value: &[usize],
+        enable_gqa: bool,
+    ) -> Result<Self, AttnError> {
+        let shapes = || {
+            format!(
+                "(query {}, key {}, value {})",
+                shape_str(query),
+                shape_str(key),
+                shape_str(value)
+            )
+        };
+        if query.len() < 2 {
+            return Err(AttnError::shape(
+                "query",
+                format!(
+                    "expected at least 2 dims (L, D), got shape {}",
+                    shape_str(query)
+                ),
+            ));
+        }
+        let rank = query.len();
+        for (name, shape) in [("key", key), ("value", value)] {
+            if shape.len() != rank {
+                return Err(AttnError::shape(
+                    name,
+                    format!(
+                        "expected {rank} dims like query, got {} dims {}",
+                        shape.len(),
+                        shapes()
+                    ),
+                ));
+            }
+        }
+        let lead = rank.saturating_sub(3);
+        for (name, shape) in [("key", key), ("value", value)] {
+            if shape[..lead] != query[..lead] {
+                return Err(AttnError::shape(
+                    name,
+                    format!(
+                        "leading (batch) dims {} do not match query's {} {}",
+                        shape_str(&shape[..lead]),
+                        shape_str(&query[..lead]),
+                        shapes()
+                    ),
+                ));
+            }
+        }
+        if key[rank - 1] != query[rank - 1] {
+            return Err(AttnError::shape(
+                "key",
+                format!(
+                    "head dim D (last axis) is {} but query's is {} {}",
+                    key[rank - 1],
+                    query[rank - 1],
+                    shapes()
+                ),
+            ));
+        }
+        if value[rank - 2] != key[rank - 2] {
+            return Err(AttnError::shape(
+                "value",
+                format!(
+                    "length S (axis -2) is {} but key's is {} {}",
+                    value[rank - 2],
+                    key[rank - 2],
+                    shapes()
+                ),
+            ));
+        }
+        let (query_heads, kv_heads) = if rank >= 3 {
+            (query[rank - 3], key[rank - 3])
+        } else {
+            (1, 1)
+        };
+        if rank >= 3 && value[rank - 3] != kv_heads {
+            return Err(AttnError::shape(
+                "value",
+                format!(
+                    "has {} heads but key has {kv_heads} {}",
+                    value[rank - 3],
+                    shapes()
+                ),
+            ));
+        }
+        if query_heads != kv_heads {
+            if !enable_gqa {
+                return Err(AttnError::shape(
+                    "key",
+                    format!(
+                        "query has {query_heads} heads but key/value have {kv_heads}; pass \
+                         enable_gqa=True for grouped-query attention {}",
+                        shapes()
+                    ),
+                ));
+            }
+            if kv_heads == 0 || query_heads % kv_heads != 0 {
+                return Err(AttnError::shape(
+                    "enable_gqa",
+                    format!(
+                        "query heads ({query_heads}) must be a multiple of key/value heads \
+                         ({kv_heads}) {}",
+                        shapes()
+                    ),
+                ));
+            }
+        }
+        let batch_shape = query[..lead].to_vec();
+        Ok(Geometry {
+            query_heads,
+            kv_heads,
+            batch: batch_shape.iter().product(),
+            num_queries: query[rank - 2],
+            num_keys: key[rank - 2],
+            depth: query[rank - 1],
+            value_dim: value[rank - 1],
+            outer_shape: query[..rank - 2].to_vec(),
+            batch_shape,
+        })
+    }
+
+    fn output_shape(&self) -> Vec<usize> {
+        let mut shape = self.outer_shape.clone();
+        shape.extend([self.num_queries, self.value_dim]);
+        shape
+    }
+
+    fn weights_shape(&self) -> Vec<usize> {
+        let mut shape = self.outer_shape.clone();
+        shape.extend([self.num_queries, self.num_keys]);
+        shape
+    }
+
+    fn heads(&self) -> usize {
+        self.batch * self.query_heads
+    }
+}
+
+/// A mask made contiguous, with the element strides that broadcast it to
+/// `(batch..., Hq, L, S)` (0 along broadcast dims).
+struct MaskPlan {
+    batch_strides: Vec<usize>,
+    head_stride: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl MaskPlan {
+    fn new(mask_shape: &[usize], geometry: &Geometry) -> Result<Self, AttnError> {
+        let target = geometry.weights_shape();
+        let fits = mask_shape.len() <= target.len()
+            && mask_shape
+                .iter()
+                .rev()
+                .zip(target.iter().rev())
+                .all(|(&m, &t)| m == t || m == 1);
+        if !fits {
+            return Err(AttnError::shape(
+                "attn_mask",
+                format!(
+                    "shape {} does not broadcast to the weights shape {} (..., Hq, L, S)",
+                    shape_str(mask_shape),
+                    shape_str(&target)
+                ),
+            ));
+        }
+        // C-order strides of the mask, right-aligned onto (batch..., Hq, L, S).
+        let full_rank = geometry.batch_shape.len() + 3;
+        let mut strides = vec![0usize; full_rank];
+        let mut running = 1usize;
+        for (offset, &dim) in mask_shape.iter().rev().enumerate() {
+            if dim != 1 {
+                strides[full_rank - 1 - offset] = running;
+            }
+            running *= dim;
+        }
+        Ok(MaskPlan {
+            batch_strides: strides[..full_rank - 3].to_vec(),
+            head_stride: strides[full_rank - 3],
+            row_stride: strides[full_rank - 2],
+            col_stride: strides[full_rank - 1],
+        })
+    }
+
+    /// Offset of element (query 0, key 0) for flattened batch index `batch` and head `head`.
+    fn base(&self, geometry: &Geometry, batch: usize, head: usize) -> usize {
+        let mut remaining = batch;
+        let mut offset = head * self.head_stride;
+        for (dim, stride) in geometry.batch_shape.iter().zip(&self.batch_strides).rev() {
+            offset += (remaining % dim) * stride;
+            remaining /= dim;
+        }
+        offset
+    }
+}
+
+/// A mutable slice that parallel tasks write to at disjoint ranges.
+struct DisjointWriter<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: tasks only write through `range_mut` at ranges no other task touches.
+unsafe impl<T: Send> Send for DisjointWriter<T> {}
+unsafe impl<T: Send> Sync for DisjointWriter<T> {}
+
+impl<T> DisjointWriter<T> {
+    fn new(data: &mut [T]) -> Self {
+        DisjointWriter {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+        }
+    }
+
+    /// # Safety
+    /// No two live slices returned by this method may overlap.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range_mut(&self, range: Range<usize>) -> &mut [T] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len())
+    }
+}
+
+/// Queries at or below this count split their keys into fixed chunks handled by different
+/// threads (decoding one token against a long cache would otherwise use a single core).
+const SPLIT_MAX_QUERIES: usize = QUERY_BLOCK;
+/// Keys per chunk when splitting; a multiple of `KEY_BLOCK`, fixed so results never depend on
+/// the thread count.
+pub(crate) const KV_CHUNK: usize = 8 * KEY_BLOCK;
+/// Below this many multiply-adds the pool's wake-up costs more than it saves.
+const SERIAL_WORK: usize = 1 << 18;
+
+/// One unit of parallel work: a block of query rows of one (batch, head), over some keys.
+struct Task {
+    head: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+    cost: usize,
+}
+
+fn contiguous<'a, T>(array: &'a CowArray<'_, T, IxDyn>) -> &'a [T] {
+    array.as_slice().expect("standard layout is contiguous")
+}
+
+/// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline.
+fn run_tasks<F>(tasks: &mut [Task], work: F)
+where
+    F: Fn(&Task) + Sync + Send,
+{
+    tasks.sort_by(|a, b| b.cost.cmp(&a.cost));
+    let total: usize = tasks.iter().map(|task| task.cost).sum();
+    if total <= SERIAL_WORK || tasks.len() == 1 {
+        tasks.iter().for_each(work);
+    } else {
+        pool().install(|| tasks.par_iter().with_max_len(1).for_each(work));
+    }
+}
+
+/// Exact scaled dot-product attention; see [`AttentionOptions`] for the options and the
+/// Python docs for the full contract.
+pub fn scaled_dot_product_attention<T: KernelElement>(
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Attention<T>, AttnError> {
+    let geometry = Geometry::check(
+        query.shape(),
+        key.shape(),
+        value.shape(),
+        options.enable_gqa,
+    )?;
+    if let Some(scale) = options.scale {
+        if !scale.is_finite() {
+            return Err(AttnError::value(
+                "scale",
+                format!("must be finite, got {scale}"),
+            ));
+        }
+    }
+    let plan = match &mask {
+        Mask::None => None,
+        Mask::Bool(view) => Some(MaskPlan::new(view.shape(), &geometry)?),
+        Mask::Additive(view) => Some(MaskPlan::new(view.shape(), &geometry)?),
+    };
+    if options.return_weights {
+        let elements: u128 = geometry
+            .weights_shape()
+            .iter()
+            .map(|&d| d as u128)
+            .product();
+        let bytes = elements * std::mem::size_of::<T>() as u128;
+        let limit = weights_memory_limit();
+        if bytes > limit as u128 {
+            return Err(AttnError::WeightsTooLarge {
+                shape: geometry.weights_shape(),
+                bytes,
+                limit,
+            });
+        }
+    }
+
+    // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
+    let query = query.as_standard_layout();
+    let key = key.as_standard_layout();
+    let value = value.as_standard_layout();
+    let bool_mask: Option<CowArray<'_, bool, IxDyn>> = match &mask {
+        Mask::Bool(view) => Some(view.as_standard_layout()),
+        _ => None,
+    };
+    let additive_mask: Option<CowArray<'_, T, IxDyn>> = match &mask {
+        Mask::Additive(view) => Some(view.as_standard_layout()),
+        _ => None,
+    };
+    let (q, k, v) = (contiguous(&query), contiguous(&key), contiguous(&value));
+
+    let scale = options.scale.unwrap_or(if geometry.depth == 0 {
+        1.0
+    } else {
+        1.0 / (geometry.depth as f64).sqrt()
+    });
+    let params = KernelParams {
+        num_keys: geometry.num_keys,
+        depth: geometry.depth,
+        value_dim: geometry.value_dim,
+        bounds: Bounds::new(
+            geometry.num_queries,
+            geometry.num_keys,
+            options.is_causal,
+            options.alignment,
+            options.window,
+        ),
+        score_scale: T::from_f64(scale * std::f64::consts::LOG2_E),
+    };
+
+    let group = geometry.query_heads / geometry.kv_heads.max(1);
+    let (l, s, d, dv) = (
+        geometry.num_queries,
+        geometry.num_keys,
+        geometry.depth,
+        geometry.value_dim,
+    );
+    let head_data = |head: usize| -> HeadData<'_, T> {
+        let (batch, query_head) = (head / geometry.query_heads, head % geometry.query_heads);
+        let kv_head = batch * geometry.kv_heads + query_head / group;
+        let mask_rows = match (&plan, &bool_mask, &additive_mask) {
+            (Some(plan), Some(data), _) => MaskRows::Bool {
+                data: contiguous(data),
+                base: plan.base(&geometry, batch, query_head),
+                row_stride: plan.row_stride,
+                col_stride: plan.col_stride,
+            },
+            (Some(plan), _, Some(data)) => MaskRows::Additive {
+                data: contiguous(data),
+                base: plan.base(&geometry, batch, query_head),
+                row_stride: plan.row_stride,
+                col_stride: plan.col_stride,
+            },
+            _ => MaskRows::None,
+        };
+        HeadData {
+            q: &q[head * l * d..(head + 1) * l * d],
+            k: &k[kv_head * s * d..(kv_head + 1) * s * d],
+            v: &v[kv_head * s * dv..(kv_head + 1) * s * dv],
+            mask: mask_rows,
+        }
+    };
+
+    let mut output = vec![T::ZERO; geometry.heads() * l * dv];
+    let mut weights = if options.return_weights {
+        Some(vec![T::ZERO; geometry.heads() * l * s])
+    } else {
+        None
+    };
+    let level = active_level();
+
+    // Query blocks of every head, each with the keys its rows can see.
+    let mut blocks = Vec::new();
+    for head in 0..geometry.heads() {
+        for start in (0..l).step_by(QUERY_BLOCK) {
+            let rows = start..(start + QUERY_BLOCK).min(l);
+            let keys = params.bounds.block_keys(&rows);
+            let cost = rows.len() * keys.len() * (d + dv).max(1);
+            blocks.push(Task {
+                head,
+                rows,
+                keys,
+                cost,
+            });
+        }
+    }
+
+    let out_writer = DisjointWriter::new(&mut output);
+    if let Some(weights) = weights.as_mut() {
+        let weights_writer = DisjointWriter::new(weights);
+        run_tasks(&mut blocks, |task| {
+            let head = head_data(task.head);
+            let base = task.head * l;
+            // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
+            let (w, out) = unsafe {
+                (
+                    weights_writer
+                        .range_mut((base + task.rows.start) * s..(base + task.rows.end) * s),
+                    out_writer
+                        .range_mut((base + task.rows.start) * dv..(base + task.rows.end) * dv),
+                )
+            };
+            T::weights(level, &params, &head, task.rows.clone(), w, out);
+        });
+    } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK) {
+        // Few queries, many keys: chunks of keys run in parallel and merge in key order.
+        let mut chunks = Vec::new();
+        for (index, block) in blocks.iter().enumerate() {
+            let mut start = block.keys.start;
+            while start < block.keys.end {
+                let keys = start..(start + KV_CHUNK).min(block.keys.end);
+                start = keys.end;
+                let cost = block.rows.len() * keys.len() * (d + dv).max(1);
+                chunks.push((
+                    index,
+                    Task {
+                        head: block.head,
+                        rows: block.rows.clone(),
+                        keys,
+                        cost,
+                    },
+                ));
+            }
+        }
+        let compute = |(_, task): &(usize, Task)| {
+            let mut state = SoftmaxState::new(task.rows.len(), dv);
+            T::flash(
+                level,
+                &params,
+                &head_data(task.head),
+                task.rows.clone(),
+                task.keys.clone(),
+                &mut state,
+            );
+            state
+        };
+        let states: Vec<SoftmaxState<T>> =
+            pool().install(|| chunks.par_iter().map(compute).collect());
+        let mut merged: Vec<Option<SoftmaxState<T>>> = (0..blocks.len()).map(|_| None).collect();
+        for ((index, _), state) in chunks.iter().zip(states) {
+            match &mut merged[*index] {
+                Some(total) => total.merge(&state, dv),
+                slot @ None => *slot = Some(state),
+            }
+        }
+        for (block, state) in blocks.iter().zip(merged) {
+            if let Some(state) = state {
+                let base = block.head * l;
+                // SAFETY: single-threaded here; ranges are disjoint anyway.
+                let out = unsafe {
+                    out_writer
+                        .range_mut((base + block.rows.start) * dv..(base + block.rows.end) * dv)
+                };
+                state.finish_into(out, dv);
+            }
+        }
+    } else {
+        run_tasks(&mut blocks, |task| {
+            let mut state = SoftmaxState::new(task.rows.len(), dv);
+            T::flash(
+                level,
+                &params,
+                &head_data(task.head),
+                task.rows.clone(),
+                task.keys.clone(),
+                &mut state,
+            );
+            let base = task.head * l;
+            // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
+            let out = unsafe {
+                out_writer.range_mut((base + task.rows.start) * dv..(base + task.rows.end) * dv)
+            };
+            state.finish_into(out, dv);
+        });
+    }
+
+    let output = ArrayD::from_shape_vec(IxDyn(&geometry.output_shape()), output)
+        .expect("output buffer matches its shape");
+    let weights = weights.map(|w| {
+        ArrayD::from_shape_vec(IxDyn(&geometry.weights_shape()), w)
+            .expect("weights buffer matches its shape")
+    });
+    Ok(Attention { output, weights })
+}

@@ -1,0 +1,535 @@
+//! The tiled attention kernel: one block of query rows against a range of keys, with an online
+//! softmax (FlashAttention-style) so the L x S score matrix never exists, and the weights path
+//! that does materialise it when asked.
+//!
+//! Scores are kept in base 2: `Q` is pre-multiplied by `scale · log2(e)` (and additive masks by
+//! `log2(e)`), so each probability is one `exp2`. Key blocks that the causal/window rules hide
+//! are never visited; blocks they leave fully visible skip the per-element rule check.
+
+use std::ops::Range;
+
+use crate::bounds::Bounds;
+use crate::element::Element;
+use crate::microkernel::{
+    accumulate_pv, exp2_shifted, row_max, scale_row, scores_block, TILE_ROWS,
+};
+use crate::simd::{SimdLevel, SimdVec};
+
+/// Query rows per task.
+pub const QUERY_BLOCK: usize = 64;
+/// Keys per inner block: `Kᵀ` and the score tile stay in L2 while P·V reads them back.
+pub const KEY_BLOCK: usize = 256;
+
+/// Where the mask element for (query `i`, key `j`) of one head lives:
+/// `data[base + i * row_stride + j * col_stride]` (strides are 0 along broadcast dims).
+#[derive(Clone, Copy)]
+pub enum MaskRows<'a, T> {
+    None,
+    Bool {
+        data: &'a [bool],
+        base: usize,
+        row_stride: usize,
+        col_stride: usize,
+    },
+    Additive {
+        data: &'a [T],
+        base: usize,
+        row_stride: usize,
+        col_stride: usize,
+    },
+}
+
+/// One (batch, head) pair's inputs: `q` is `L x D`, `k` is `S x D`, `v` is `S x Dv`.
+#[derive(Clone, Copy)]
+pub struct HeadData<'a, T> {
+    pub q: &'a [T],
+    pub k: &'a [T],
+    pub v: &'a [T],
+    pub mask: MaskRows<'a, T>,
+}
+
+/// What every task of one call shares.
+#[derive(Clone, Copy)]
+pub struct KernelParams<T> {
+    pub num_keys: usize,
+    pub depth: usize,
+    pub value_dim: usize,
+    pub bounds: Bounds,
+    /// `scale · log2(e)`, folded into Q.
+    pub score_scale: T,
+}
+
+/// Online-softmax state of a block of rows: running max and sum (base 2) and the unnormalised
+/// output accumulator (`rows x Dv`).
+pub struct SoftmaxState<T> {
+    pub max: Vec<T>,
+    pub sum: Vec<T>,
+    pub acc: Vec<T>,
+}
+
+impl<T: Element> SoftmaxState<T> {
+    pub(crate) fn new(rows: usize, value_dim: usize) -> Self {
+        SoftmaxState {
+            max: vec![T::NEG_INFINITY; rows],
+            sum: vec![T::ZERO; rows],
+            acc: vec![T::ZERO; rows * value_dim],
+        }
+    }
+
+    /// Writes `acc / sum` into `out` (`rows x Dv`); rows that saw no key get zeros.
+    pub(crate) fn finish_into(&self, out: &mut [T], value_dim: usize) {
+        for (row, &sum) in self.sum.iter().enumerate() {
+            let out_row = &mut out[row * value_dim..(row + 1) * value_dim];
+            let acc_row = &self.acc[row * value_dim..(row + 1) * value_dim];
+            if sum > T::ZERO {
+                let inverse = T::ONE / sum;
+                for (o, a) in out_row.iter_mut().zip(acc_row) {
+                    *o = *a * inverse;
+                }
+            } else {
+                out_row.fill(T::ZERO);
+            }
+        }
+    }
+
+    /// Folds `other` (the same rows over a later range of keys) into `self`.
+    pub(crate) fn merge(&mut self, other: &SoftmaxState<T>, value_dim: usize) {
+        for row in 0..self.max.len() {
+            let (mine, theirs) = (self.max[row], other.max[row]);
+            if theirs == T::NEG_INFINITY {
+                continue;
+            }
+            let best = mine.max(theirs);
+            let keep = if mine == T::NEG_INFINITY {
+                T::ZERO
+            } else {
+                (mine - best).exp2()
+            };
+            let take = (theirs - best).exp2();
+            self.max[row] = best;
+            self.sum[row] = self.sum[row] * keep + other.sum[row] * take;
+            let acc_row = &mut self.acc[row * value_dim..(row + 1) * value_dim];
+            let other_row = &other.acc[row * value_dim..(row + 1) * value_dim];
+            for (a, b) in acc_row.iter_mut().zip(other_row) {
+                *a = *a * keep + *b * take;
+            }
+        }
+    }
+}
+
+fn round_up(value: usize, multiple: usize) -> usize {
+    value.div_ceil(multiple) * multiple
+}
+
+/// Q rows times `score_scale`, zero-padded to a whole number of register tiles.
+fn pack_scaled_queries<T: Element>(
+    params: &KernelParams<T>,
+    q: &[T],
+    rows: &Range<usize>,
+) -> Vec<T> {
+    let depth = params.depth;
+    let mut packed = vec![T::ZERO; round_up(rows.len(), TILE_ROWS) * depth];
+    for (dst, src) in packed
+        .chunks_exact_mut(depth.max(1))
+        .zip(q[rows.start * depth..rows.end * depth].chunks_exact(depth.max(1)))
+    {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = *s * params.score_scale;
+        }
+    }
+    packed
+}
+
+/// Keys `keys` of `k` transposed into `kt` (`D x cols`, zero beyond the block).
+fn pack_keys_transposed<T: Element>(
+    k: &[T],
+    depth: usize,
+    keys: &Range<usize>,
+    cols: usize,
+    kt: &mut [T],
+) {
+    kt[..depth * cols].fill(T::ZERO);
+    for (col, key) in keys.clone().enumerate() {
+        for (d, value) in k[key * depth..(key + 1) * depth].iter().enumerate() {
+            kt[d * cols + col] = *value;
+        }
+    }
+}
+
+/// Hides (sets to -inf) the scores the causal/window rules or the mask exclude, and adds an
+/// additive mask. Returns whether any key of the block was hidden.
+fn apply_visibility<T: Element>(
+    params: &KernelParams<T>,
+    mask: &MaskRows<'_, T>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    scores: &mut [T],
+    stride: usize,
+) -> bool {
+    let structural = !params.bounds.fully_visible(rows, keys);
+    if !structural && matches!(mask, MaskRows::None) {
+        return false;
+    }
+    let log2_e = T::from_f64(std::f64::consts::LOG2_E);
+    let mut hidden = false;
+    for (offset, row) in rows.clone().enumerate() {
+        let scores_row = &mut scores[offset * stride..offset * stride + keys.len()];
+        if structural {
+            let visible = params.bounds.row_keys(row);
+            for (col, score) in scores_row.iter_mut().enumerate() {
+                if !visible.contains(&(keys.start + col)) {
+                    *score = T::NEG_INFINITY;
+                    hidden = true;
+                }
+            }
+        }
+        match *mask {
+            MaskRows::None => {}
+            MaskRows::Bool {
+                data,
+                base,
+                row_stride,
+                col_stride,
+            } => {
+                let row_base = base + row * row_stride;
+                for (col, score) in scores_row.iter_mut().enumerate() {
+                    if !data[row_base + (keys.start + col) * col_stride] {
+                        *score = T::NEG_INFINITY;
+                        hidden = true;
+                    }
+                }
+            }
+            MaskRows::Additive {
+                data,
+                base,
+                row_stride,
+                col_stride,
+            } => {
+                let row_base = base + row * row_stride;
+                for (col, score) in scores_row.iter_mut().enumerate() {
+                    let bias = data[row_base + (keys.start + col) * col_stride];
+                    // Assigning (not adding) -inf keeps a NaN key score from surviving its mask.
+                    if bias == T::NEG_INFINITY {
+                        *score = T::NEG_INFINITY;
+                        hidden = true;
+                    } else {
+                        *score += bias * log2_e;
+                    }
+                }
+            }
+        }
+    }
+    hidden
+}
+
+fn all_finite<T: Element>(values: &[T]) -> bool {
+    values.iter().all(|value| value.is_finite())
+}
+
+/// Scores of `rows` against `keys` into `scores` (`rows_pad x cols`), hidden ones at -inf
+/// (including the padding columns). Returns whether the rules or the mask hid any key.
+#[inline(always)]
+unsafe fn block_scores<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    head: &HeadData<'_, V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    q_packed: &[V::Elem],
+    kt: &mut [V::Elem],
+    scores: &mut [V::Elem],
+    cols: usize,
+) -> bool {
+    let rows_padded = round_up(rows.len(), TILE_ROWS);
+    pack_keys_transposed(head.k, params.depth, keys, cols, kt);
+    scores_block::<V>(q_packed, kt, params.depth, rows_padded, cols, scores);
+    for row in 0..rows.len() {
+        scores[row * cols + keys.len()..(row + 1) * cols].fill(V::Elem::NEG_INFINITY);
+    }
+    apply_visibility(params, &head.mask, rows, keys, scores, cols)
+}
+
+/// Online softmax of `rows` over `keys`, folded into `state` (FlashAttention's inner loop).
+#[inline(always)]
+pub(crate) unsafe fn flash_block<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    head: &HeadData<'_, V::Elem>,
+    rows: Range<usize>,
+    keys: Range<usize>,
+    state: &mut SoftmaxState<V::Elem>,
+) {
+    let span = params.bounds.block_keys(&rows);
+    let span = span.start.max(keys.start)..span.end.min(keys.end);
+    if rows.is_empty() || span.is_empty() {
+        return;
+    }
+    let depth = params.depth;
+    let dv = params.value_dim;
+    let cols_max = round_up(KEY_BLOCK.min(span.len()), V::TILE_VECS * V::LANES);
+    let q_packed = pack_scaled_queries(params, head.q, &rows);
+    let mut kt = vec![V::Elem::ZERO; depth.max(1) * cols_max];
+    let mut scores = vec![V::Elem::ZERO; round_up(rows.len(), TILE_ROWS) * cols_max];
+
+    let mut block_start = span.start;
+    while block_start < span.end {
+        let block = block_start..(block_start + KEY_BLOCK).min(span.end);
+        block_start = block.end;
+        let cols = round_up(block.len(), V::TILE_VECS * V::LANES);
+        let hidden = block_scores::<V>(
+            params,
+            head,
+            &rows,
+            &block,
+            &q_packed,
+            &mut kt,
+            &mut scores,
+            cols,
+        );
+
+        for row in 0..rows.len() {
+            let p_row = &mut scores[row * cols..(row + 1) * cols];
+            let old_max = state.max[row];
+            let new_max = old_max.max(row_max::<V>(p_row));
+            if new_max == V::Elem::NEG_INFINITY {
+                p_row.fill(V::Elem::ZERO);
+                continue;
+            }
+            let block_sum = exp2_shifted::<V>(p_row, new_max);
+            if new_max > old_max && old_max != V::Elem::NEG_INFINITY {
+                // Rescale only when the running max grows.
+                let correction = (old_max - new_max).exp2();
+                state.sum[row] *= correction;
+                scale_row::<V>(&mut state.acc[row * dv..(row + 1) * dv], correction);
+            }
+            state.max[row] = new_max;
+            state.sum[row] += block_sum;
+        }
+        let values = &head.v[block.start * dv..block.end * dv];
+        let guard_non_finite = hidden && !all_finite(values);
+        accumulate_pv::<V>(
+            &scores,
+            cols,
+            rows.len(),
+            block.len(),
+            values,
+            dv,
+            &mut state.acc,
+            guard_non_finite,
+        );
+    }
+}
+
+/// Exact softmax of `rows` over all keys, written to `weights` (`rows x S`, zero-filled by the
+/// caller), and `out = weights · V` (`rows x Dv`), so output and weights agree exactly.
+#[inline(always)]
+pub(crate) unsafe fn weights_block<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    head: &HeadData<'_, V::Elem>,
+    rows: Range<usize>,
+    weights: &mut [V::Elem],
+    out: &mut [V::Elem],
+) {
+    let span = params.bounds.block_keys(&rows);
+    if rows.is_empty() || span.is_empty() {
+        return;
+    }
+    let num_keys = params.num_keys;
+    let depth = params.depth;
+    let dv = params.value_dim;
+    let cols_max = round_up(KEY_BLOCK.min(span.len()), V::TILE_VECS * V::LANES);
+    let q_packed = pack_scaled_queries(params, head.q, &rows);
+    let mut kt = vec![V::Elem::ZERO; depth.max(1) * cols_max];
+    let mut scores = vec![V::Elem::ZERO; round_up(rows.len(), TILE_ROWS) * cols_max];
+    let mut maxima = vec![V::Elem::NEG_INFINITY; rows.len()];
+    let mut hidden = false;
+
+    let mut block_start = span.start;
+    while block_start < span.end {
+        let block = block_start..(block_start + KEY_BLOCK).min(span.end);
+        block_start = block.end;
+        let cols = round_up(block.len(), V::TILE_VECS * V::LANES);
+        hidden |= block_scores::<V>(
+            params,
+            head,
+            &rows,
+            &block,
+            &q_packed,
+            &mut kt,
+            &mut scores,
+            cols,
+        );
+        for (row, max) in maxima.iter_mut().enumerate() {
+            let scores_row = &scores[row * cols..(row + 1) * cols];
+            *max = max.max(row_max::<V>(scores_row));
+            weights[row * num_keys + block.start..row * num_keys + block.end]
+                .copy_from_slice(&scores_row[..block.len()]);
+        }
+    }
+
+    for (row, &max) in maxima.iter().enumerate() {
+        let weights_row = &mut weights[row * num_keys + span.start..row * num_keys + span.end];
+        if max == V::Elem::NEG_INFINITY {
+            weights_row.fill(V::Elem::ZERO);
+            continue;
+        }
+        let whole = weights_row.len() / V::LANES * V::LANES;
+        let (vectors, tail) = weights_row.split_at_mut(whole);
+        let mut total = exp2_shifted::<V>(vectors, max);
+        for weight in tail {
+            *weight = (*weight - max).exp2();
+            total += *weight;
+        }
+        scale_row::<V>(weights_row, V::Elem::ONE / total);
+    }
+
+    let values = &head.v[span.start * dv..span.end * dv];
+    let guard_non_finite = hidden && !all_finite(values);
+    accumulate_pv::<V>(
+        &weights[span.start..],
+        num_keys,
+        rows.len(),
+        span.len(),
+        values,
+        dv,
+        out,
+        guard_non_finite,
+    );
+}
+
+/// The element types the kernel is compiled for, each at every instruction set.
+pub trait KernelElement: Element {
+    fn flash(
+        level: SimdLevel,
+        params: &KernelParams<Self>,
+        head: &HeadData<'_, Self>,
+        rows: Range<usize>,
+        keys: Range<usize>,
+        state: &mut SoftmaxState<Self>,
+    );
+    fn weights(
+        level: SimdLevel,
+        params: &KernelParams<Self>,
+        head: &HeadData<'_, Self>,
+        rows: Range<usize>,
+        weights: &mut [Self],
+        out: &mut [Self],
+    );
+}
+
+/// Compiles the generic kernels for one element type at each instruction set, and dispatches
+/// on the level chosen at run time.
+macro_rules! kernel_element {
+    ($t:ty, $portable:ty, $avx2:ty, $avx512:ty) => {
+        impl KernelElement for $t {
+            fn flash(
+                level: SimdLevel,
+                params: &KernelParams<$t>,
+                head: &HeadData<'_, $t>,
+                rows: Range<usize>,
+                keys: Range<usize>,
+                state: &mut SoftmaxState<$t>,
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn avx512(
+                        params: &KernelParams<$t>,
+                        head: &HeadData<'_, $t>,
+                        rows: Range<usize>,
+                        keys: Range<usize>,
+                        state: &mut SoftmaxState<$t>,
+                    ) {
+                        flash_block::<$avx512>(params, head, rows, keys, state)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2(
+                        params: &KernelParams<$t>,
+                        head: &HeadData<'_, $t>,
+                        rows: Range<usize>,
+                        keys: Range<usize>,
+                        state: &mut SoftmaxState<$t>,
+                    ) {
+                        flash_block::<$avx2>(params, head, rows, keys, state)
+                    }
+                    // SAFETY: `level` comes from `simd::active_level`, which only returns
+                    // levels this CPU supports.
+                    match level {
+                        SimdLevel::Avx512 => {
+                            return unsafe { avx512(params, head, rows, keys, state) }
+                        }
+                        SimdLevel::Avx2 => return unsafe { avx2(params, head, rows, keys, state) },
+                        SimdLevel::Portable => {}
+                    }
+                }
+                let _ = level;
+                // SAFETY: portable vectors need no CPU feature.
+                unsafe { flash_block::<$portable>(params, head, rows, keys, state) }
+            }
+
+            fn weights(
+                level: SimdLevel,
+                params: &KernelParams<$t>,
+                head: &HeadData<'_, $t>,
+                rows: Range<usize>,
+                weights: &mut [$t],
+                out: &mut [$t],
+            ) {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f")]
+                    unsafe fn avx512(
+                        params: &KernelParams<$t>,
+                        head: &HeadData<'_, $t>,
+                        rows: Range<usize>,
+                        weights: &mut [$t],
+                        out: &mut [$t],
+                    ) {
+                        weights_block::<$avx512>(params, head, rows, weights, out)
+                    }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn avx2(
+                        params: &KernelParams<$t>,
+                        head: &HeadData<'_, $t>,
+                        rows: Range<usize>,
+                        weights: &mut [$t],
+                        out: &mut [$t],
+                    ) {
+                        weights_block::<$avx2>(params, head, rows, weights, out)
+                    }
+                    // SAFETY: as above, `level` is supported by this CPU.
+                    match level {
+                        SimdLevel::Avx512 => {
+                            return unsafe { avx512(params, head, rows, weights, out) }
+                        }
+                        SimdLevel::Avx2 => {
+                            return unsafe { avx2(params, head, rows, weights, out) }
+                        }
+                        SimdLevel::Portable => {}
+                    }
+                }
+                let _ = level;
+                // SAFETY: portable vectors need no CPU feature.
+                unsafe { weights_block::<$portable>(params, head, rows, weights, out) }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_types {
+    pub(crate) use crate::simd::avx2::{Avx2F32, Avx2F64};
+    pub(crate) use crate::simd::avx512::{Avx512F32, Avx512F64};
+}
+#[cfg(not(target_arch = "x86_64"))]
+mod x86_types {
+    // Never compiled into a path that runs: the x86 branches are cfg'd out.
+    pub(crate) type Avx2F32 = crate::simd::portable::PortableF32;
+    pub(crate) type Avx2F64 = crate::simd::portable::PortableF64;
+    pub(crate) type Avx512F32 = crate::simd::portable::PortableF32;
+    pub(crate) type Avx512F64 = crate::simd::portable::PortableF64;
+}
+use crate::simd::portable::{PortableF32, PortableF64};
+#[allow(unused_imports)]
+use x86_types::*;
+
+kernel_element!(f32, PortableF32, Avx2F32, Avx512F32);
+kernel_element!(f64, PortableF64, Avx2F64, Avx512F64);

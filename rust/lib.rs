@@ -1,0 +1,28 @@
+//! attnscope's engine: exact scaled dot-product attention on the CPU.
+//!
+//! A tiled, online-softmax kernel (never the L x S matrix unless weights are asked for),
+//! multithreaded with rayon over (batch, head, query block) and, for few queries, key chunks;
+//! SIMD micro-kernels chosen at run time (AVX-512, AVX2+FMA, portable). Pure Rust: the Python
+//! bindings live in `python.rs` behind the `python` feature.
+
+mod attention;
+mod bounds;
+mod element;
+mod error;
+mod kernel;
+mod microkernel;
+pub mod simd;
+mod threads;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use attention::{
+    scaled_dot_product_attention, set_weights_memory_limit, weights_memory_limit, Attention,
+    AttentionOptions, Mask, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
+};
+pub use bounds::{CausalAlignment, Window};
+pub use element::Element;
+pub use error::AttnError;
+pub use kernel::KernelElement as Float;
+pub use threads::{num_threads, set_num_threads, NUM_THREADS_ENV};

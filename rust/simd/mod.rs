@@ -1,0 +1,133 @@
+//! SIMD vectors behind one small trait, and the runtime choice of instruction set.
+//!
+//! The attention kernel is written once, generic over [`SimdVec`], and compiled once per
+//! instruction set inside a `#[target_feature]` entry point, so every helper inlines into code
+//! that may use those instructions. The choice is made at run time, never with
+//! `target-cpu=native`, and can be forced (tests use that to cover every path).
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::element::Element;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512;
+pub(crate) mod portable;
+
+/// A register of `LANES` elements. Methods are `unsafe` because a vector type may only be used
+/// inside code compiled for its instruction set, and loads/stores read `LANES` elements.
+pub(crate) trait SimdVec: Copy {
+    type Elem: Element;
+    const LANES: usize;
+    unsafe fn splat(x: Self::Elem) -> Self;
+    unsafe fn load(ptr: *const Self::Elem) -> Self;
+    unsafe fn store(self, ptr: *mut Self::Elem);
+    /// `a * b + c`, fused where the instruction set has FMA.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn mul(self, other: Self) -> Self;
+    unsafe fn add(self, other: Self) -> Self;
+    unsafe fn max(self, other: Self) -> Self;
+    unsafe fn reduce_max(self) -> Self::Elem;
+    unsafe fn reduce_sum(self) -> Self::Elem;
+    /// `2^x` for `x <= 0`; exactly 0 for `-inf` and far below the normal range.
+    unsafe fn exp2(self) -> Self;
+    /// Vectors of columns in the register tile of the `Q·Kᵀ` and `P·V` micro-kernels.
+    const TILE_VECS: usize;
+}
+
+/// Coefficients of `2^f = exp(f·ln 2)` on `[-0.5, 0.5]` (Taylor to degree 7: below 1e-8
+/// relative error, well inside f32's precision).
+pub(crate) const EXP2_COEFFS: [f32; 8] = [
+    1.0,
+    std::f32::consts::LN_2,
+    0.240_226_5,
+    0.055_504_11,
+    0.009_618_129,
+    0.001_333_355_8,
+    0.000_154_035_3,
+    0.000_015_252_73,
+];
+
+/// Instruction sets the kernel is compiled for, best first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    Avx512,
+    Avx2,
+    Portable,
+}
+
+impl SimdLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Avx512 => "avx512",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Portable => "portable",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "avx512" => Some(SimdLevel::Avx512),
+            "avx2" => Some(SimdLevel::Avx2),
+            "portable" => Some(SimdLevel::Portable),
+            _ => None,
+        }
+    }
+
+    /// Whether this CPU can run the level.
+    pub fn is_supported(self) -> bool {
+        match self {
+            SimdLevel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx2 => {
+                std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "x86_64")]
+            SimdLevel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    fn best_supported() -> Self {
+        [SimdLevel::Avx512, SimdLevel::Avx2]
+            .into_iter()
+            .find(|level| level.is_supported())
+            .unwrap_or(SimdLevel::Portable)
+    }
+}
+
+const LEVEL_UNSET: u8 = u8::MAX;
+static FORCED_LEVEL: AtomicU8 = AtomicU8::new(LEVEL_UNSET);
+
+fn encode(level: SimdLevel) -> u8 {
+    level as u8
+}
+
+fn decode(code: u8) -> Option<SimdLevel> {
+    [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Portable]
+        .into_iter()
+        .find(|level| encode(*level) == code)
+}
+
+/// The level kernels run at: the forced one if set, else the best this CPU supports.
+pub fn active_level() -> SimdLevel {
+    decode(FORCED_LEVEL.load(Ordering::Relaxed)).unwrap_or_else(SimdLevel::best_supported)
+}
+
+/// Forces a level (`None` returns to automatic choice). Refuses a level this CPU lacks.
+pub fn force_level(level: Option<SimdLevel>) -> Result<(), crate::AttnError> {
+    match level {
+        None => FORCED_LEVEL.store(LEVEL_UNSET, Ordering::Relaxed),
+        Some(level) if level.is_supported() => FORCED_LEVEL.store(encode(level), Ordering::Relaxed),
+        Some(level) => {
+            return Err(crate::AttnError::value(
+                "level",
+                format!("this CPU does not support {}", level.name()),
+            ))
+        }
+    }
+    Ok(())
+}
