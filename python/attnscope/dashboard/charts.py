@@ -177,7 +177,7 @@ def lines(
     y_format: str = ".3g",
     marker_x: float | None = None,
     dashed: str | None = None,
-) -> alt.LayerChart:
+) -> alt.Chart | alt.LayerChart:
     """Lines with points, one per `color` value; optional log axes, a vertical marker, and a
     boolean column `dashed` that draws some rows (e.g. extrapolations) dashed."""
     x_scale = alt.Scale(type="log") if log_x else alt.Scale(zero=False)
@@ -198,7 +198,7 @@ def lines(
     if marker_x is not None:
         rule = alt.Chart(pd.DataFrame({x: [marker_x]})).mark_rule(color="grey").encode(x=f"{x}:Q")
         chart = chart + rule
-    return alt.layer(chart).properties(height=260)
+    return chart.properties(height=260)
 
 
 def grouped_bars(

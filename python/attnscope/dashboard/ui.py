@@ -20,6 +20,17 @@ def engine_banner() -> None:
         )
 
 
+def bounded_slider(container, label: str, low: int, high: int, value: int, key: str) -> int:
+    """An integer slider whose range follows the sentence: a remembered value outside the new
+    range is pulled back into it, and a range of one value shows a note instead."""
+    if high <= low:
+        container.caption(f"{label}: {low} (the sentence leaves no other choice)")
+        return low
+    if key in st.session_state:
+        st.session_state[key] = min(max(st.session_state[key], low), high)
+    return container.slider(label, low, high, min(max(value, low), high), key=key)
+
+
 @st.cache_data(show_spinner=False, max_entries=256)
 def head_weights(sentence: str, causal: bool):
     """Tokens (as text) and the ``(heads, n, n)`` weights of the designed heads."""

@@ -11,7 +11,7 @@ FOCUS = {
     "Coreference": ("Coreference", "he"),
     "The doctor and the nurse": ("Coreference", "she"),
     "Agreement": ("Coreference", "he"),
-    "Rhyme": ("Rhyme", "mat"),
+    "Rhyme": ("Rhyme", "hat"),
 }
 
 

@@ -47,9 +47,7 @@ st.markdown(
     "it) and can reuse its past work while generating. Bidirectional rows all move."
 )
 edit = st.columns([2, 2])
-position = edit[0].slider(
-    "Position to edit", 0, n - 1, min(n - 1, max(0, n // 2)), key="regimes_edit_position"
-)
+position = ui.bounded_slider(edit[0], "Position to edit", 0, n - 1, n // 2, "regimes_edit_position")
 replacement = (
     edit[1]
     .text_input("Replacement word", "surgeon", key="regimes_replacement", max_chars=40)
@@ -90,7 +88,7 @@ st.markdown(
     "corner. PyTorch's `is_causal` aligns it top-left instead, which would hide keys the new "
     "tokens are entitled to see; `causal_alignment='bottom_right'` fixes that."
 )
-num_queries = st.slider("New tokens (queries)", 1, n, min(3, n), key="regimes_num_queries")
+num_queries = ui.bounded_slider(st, "New tokens (queries)", 1, n, 3, "regimes_num_queries")
 aligned = ui.alignment_weights(key, num_queries)
 left, right = st.columns(2)
 for column, alignment in zip((left, right), ("top_left", "bottom_right"), strict=True):
@@ -105,7 +103,7 @@ for column, alignment in zip((left, right), ("top_left", "bottom_right"), strict
 st.subheader("Sliding window and grouped-query attention")
 left, right = st.columns(2)
 with left:
-    window = st.slider("Window (keys each token sees)", 1, n, min(3, n), key="regimes_window")
+    window = ui.bounded_slider(st, "Window (keys each token sees)", 1, n, 3, "regimes_window")
     weights, visible = ui.window_weights(key, window)
     st.altair_chart(
         charts.heatmap(

@@ -1,0 +1,266 @@
+"""The dashboard's computing functions: the designed heads do what the page says, and every
+number they show agrees with attnscope.reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from attnscope import reference
+from attnscope.dashboard import cost, engine, heads, inside, regimes, text
+
+
+def tokens_of(sentence: str):
+    tokens, note = text.tokenize(sentence)
+    assert note is None
+    return tokens
+
+
+def strongest(sentence: str, head: str, word: str, causal: bool = True) -> str:
+    """The word that `word`'s row weights most in `head`."""
+    tokens = tokens_of(sentence)
+    words = [t.text for t in tokens]
+    weights = heads.head_weights(tokens, causal=causal)[heads.HEAD_NAMES.index(head)]
+    return words[int(weights[words.index(word)].argmax())]
+
+
+# --- engine selection -----------------------------------------------------------------------
+
+
+def test_engine_weights_match_reference():
+    rng = np.random.default_rng(1)
+    q, k, v = (rng.standard_normal((2, 7, 5)) for _ in range(3))
+    out, weights = engine.attention(q, k, v, is_causal=True)
+    ref_out, ref_weights = reference.scaled_dot_product_attention(
+        q, k, v, is_causal=True, return_weights=True
+    )
+    np.testing.assert_allclose(weights, ref_weights, atol=1e-12)
+    np.testing.assert_allclose(out, ref_out, atol=1e-12)
+
+
+def test_fallback_uses_reference_and_says_so(monkeypatch):
+    monkeypatch.setattr(engine, "compiled_available", lambda: False)
+    assert engine.engine_name() == engine.FALLBACK_NAME
+    assert "attnscope.reference" in engine.fallback_message()
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((4, 3)) for _ in range(3))
+    _, weights = engine.attention(q, k, v, window=2)
+    _, expected = reference.scaled_dot_product_attention(q, k, v, window=2, return_weights=True)
+    np.testing.assert_array_equal(weights, expected)
+    assert engine.get_threads() == 1
+
+
+# --- text -----------------------------------------------------------------------------------
+
+
+def test_tokenize_rejects_empty_and_shortens_long_text():
+    with pytest.raises(text.InputError):
+        text.tokenize("   ")
+    tokens, note = text.tokenize("word " * 2_000)
+    assert len(tokens) == text.MAX_TOKENS
+    assert "2,000" in note
+
+
+def test_tagger_on_the_examples():
+    roles = {t.text: t.role for t in tokens_of(text.EXAMPLES["The doctor and the nurse"])}
+    assert roles["doctor"] == roles["nurse"] == "noun"
+    assert roles["fired"] == roles["was"] == "verb"
+    assert roles["she"] == "pronoun"
+    assert roles["."] == "punctuation"
+    assert text.tag(["queen"])[0].gender == "feminine"
+
+
+# --- designed heads -------------------------------------------------------------------------
+
+
+def test_head_weights_are_the_reference_softmax_of_the_designed_qkv():
+    tokens = tokens_of(text.EXAMPLES["The cat sleeps"])
+    q, k, v = heads.head_qkv(tokens)
+    for causal in (True, False):
+        _, expected = reference.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, return_weights=True
+        )
+        np.testing.assert_allclose(heads.head_weights(tokens, causal), expected, atol=1e-9)
+
+
+def test_projections_reproduce_the_score_rule():
+    tokens = tokens_of(text.EXAMPLES["Agreement"])
+    x = heads.embed(tokens)
+    for index, spec in enumerate(heads.HEADS):
+        w_q, w_k, _, _ = heads.projections(spec)
+        expected = x @ heads.score_rule(spec) @ x.T
+        np.testing.assert_allclose((x @ w_q) @ (x @ w_k).T / math.sqrt(heads.HEAD_DIM), expected)
+        np.testing.assert_allclose(heads.head_scores(tokens, index), expected, atol=1e-9)
+
+
+def test_position_code_singles_out_one_position():
+    distances = np.arange(1, text.MAX_TOKENS)
+    kernel = np.cos(np.outer(distances, heads.FREQUENCIES)).sum(axis=1)
+    assert np.abs(kernel).max() < 0.02
+    assert np.cos(np.zeros(len(heads.FREQUENCIES))).sum() == 16
+
+
+def test_previous_token_head():
+    tokens = tokens_of(text.EXAMPLES["The cat sleeps"])
+    weights = heads.head_weights(tokens)[heads.HEAD_NAMES.index("Previous token")]
+    rows = np.arange(1, len(tokens))
+    assert (weights[rows, rows - 1] > 0.99).all()
+
+
+def test_the_chapter_examples():
+    assert strongest(text.EXAMPLES["The cat sleeps"], "Subject ↔ verb", "sleeps") == "cat"
+    assert strongest(text.EXAMPLES["The cat sleeps"], "Subject ↔ verb", "barks") == "dog"
+    assert strongest(text.EXAMPLES["Coreference"], "Coreference", "he") == "baby"
+    assert strongest(text.EXAMPLES["The doctor and the nurse"], "Coreference", "she") == "nurse"
+    # Agreement beats distance: "queen" is closer, but "he" is masculine.
+    assert strongest(text.EXAMPLES["Agreement"], "Coreference", "he") == "king"
+    assert strongest(text.EXAMPLES["Rhyme"], "Rhyme", "hat") == "cat"
+    assert strongest(text.EXAMPLES["The cat sleeps"], "Delimiters", "dog") == ","
+
+
+def test_bidirectional_subject_looks_ahead_to_its_verb():
+    sentence = text.EXAMPLES["The cat sleeps"]
+    assert strongest(sentence, "Subject ↔ verb", "cat", causal=False) == "sleeps"
+    assert strongest(sentence, "Subject ↔ verb", "cat", causal=True) == "cat"
+
+
+# --- regimes --------------------------------------------------------------------------------
+
+WORDS = regimes.sentence_words("The doctor fired the nurse because she was tired.")
+
+
+def test_both_regimes_match_reference():
+    q, k, v = regimes.qkv(WORDS)
+    result = regimes.both_regimes(WORDS)
+    for regime, causal in (("causal", True), ("bidirectional", False)):
+        out, weights = reference.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, return_weights=True
+        )
+        np.testing.assert_allclose(result[regime][1], weights, atol=1e-12)
+        np.testing.assert_allclose(result[regime][0], out, atol=1e-12)
+
+
+def test_editing_a_later_word_leaves_earlier_causal_rows_untouched():
+    position = 6
+    change = regimes.edit_effect(WORDS, position, "he")
+    assert (change["causal"][:position] == 0).all()
+    assert (change["causal"][position:] > 0).all()
+    assert (change["bidirectional"] > 0).all()
+
+
+def test_alignment_for_fewer_queries_than_keys():
+    aligned = regimes.alignment_weights(WORDS, 3)
+    top_left, visible_tl = aligned["top_left"]
+    bottom_right, visible_br = aligned["bottom_right"]
+    n = len(WORDS)
+    assert visible_tl[0].sum() == 1  # the first new token sees only the very first key
+    assert visible_br[-1].all()  # the last new token sees everything
+    np.testing.assert_allclose(top_left[:, visible_tl.shape[1] - 1], 0)
+    q, k, v = regimes.qkv(WORDS)
+    _, expected = reference.scaled_dot_product_attention(
+        q[-3:], k, v, is_causal=True, causal_alignment="bottom_right", return_weights=True
+    )
+    np.testing.assert_allclose(bottom_right, expected, atol=1e-12)
+    assert bottom_right.shape == (3, n)
+
+
+def test_window_and_gqa_match_reference():
+    weights, visible = regimes.window_weights(WORDS, 3)
+    assert (visible.sum(axis=1) <= 3).all()
+    assert np.all(weights[~visible] == 0)
+    q, k, v = regimes.qkv(WORDS)
+    _, expected = reference.scaled_dot_product_attention(
+        q, k, v, is_causal=True, window=3, return_weights=True
+    )
+    np.testing.assert_allclose(weights, expected, atol=1e-12)
+
+    gqa = regimes.gqa_weights(WORDS, 4, 2)
+    x = regimes.embeddings(WORDS)
+    w_q, _, _ = regimes.projections(heads=4, seed=regimes.SEED + 1)
+    _, w_k, w_v = regimes.projections(heads=2, seed=regimes.SEED + 2)
+    for head in range(4):
+        kv = head // 2
+        _, expected = reference.scaled_dot_product_attention(
+            x @ w_q[head], x @ w_k[kv], x @ w_v[kv], is_causal=True, return_weights=True
+        )
+        np.testing.assert_allclose(gqa[head], expected, atol=1e-12)
+    with pytest.raises(regimes.RegimeInputError):
+        regimes.gqa_weights(WORDS, 4, 3)
+
+
+# --- inside one head ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_one_head_steps(scaled):
+    steps = inside.one_head(["The", "cat", "sleeps"], 8, scaled)
+    np.testing.assert_allclose(steps.q, steps.x @ steps.w_q)
+    assert steps.scale == (1 / math.sqrt(8) if scaled else 1.0)
+    visible = np.tril(np.ones((3, 3), dtype=bool))
+    np.testing.assert_allclose(steps.weights, reference.softmax(steps.scaled, visible), atol=1e-12)
+    np.testing.assert_allclose(steps.output, steps.weights @ steps.v, atol=1e-9)
+
+
+def test_softmax_gradient_and_entropy():
+    uniform = np.full((1, 4), 0.25)
+    one_hot = np.array([[0.0, 1.0, 0.0, 0.0]])
+    assert inside.entropy(uniform)[0] == pytest.approx(math.log(4))
+    assert inside.entropy(one_hot)[0] == 0
+    assert inside.softmax_gradient_norm(one_hot)[0] == 0
+    # diag(p) - p·pᵀ for p uniform over 4: 3/16 on the diagonal, -1/16 elsewhere.
+    assert inside.softmax_gradient_norm(uniform)[0] == pytest.approx(math.sqrt(12 / 16**2 * 4))
+
+
+def test_without_scaling_softmax_saturates():
+    curves = inside.saturation((4, 64, 1024)).set_index(["scaling", "d_k"])
+    unscaled, scaled = curves.loc["no scaling"], curves.loc["÷ √d_k"]
+    assert unscaled.loc[1024, "max weight"] > 0.9
+    assert unscaled.loc[1024, "entropy (nats)"] < 0.3
+    assert unscaled.loc[1024, "softmax gradient"] < 0.3 * scaled.loc[1024, "softmax gradient"]
+    assert scaled["score std"].between(0.7, 1.4).all()
+    assert scaled.loc[1024, "max weight"] < 0.5
+
+
+# --- cost -----------------------------------------------------------------------------------
+
+
+def test_lengths_and_memory_models():
+    assert cost.lengths(128, 2048) == [128, 256, 512, 1024, 2048]
+    assert cost.naive_bytes(1024) == 2 * 1024 * 1024 * 4
+    llama = cost.MODEL_SHAPES["Llama 3 8B (32 layers, 32 query / 8 kv heads of 128)"]
+    assert cost.kv_cache_bytes(llama, 8_192) == 2**30  # 1 GiB in 16-bit
+
+
+def test_naive_attention_matches_reference():
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((33, 16), dtype=np.float32) for _ in range(3))
+    for causal in (False, True):
+        expected = reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        np.testing.assert_allclose(cost.naive_attention(q, k, v, causal), expected, atol=1e-5)
+
+
+def test_fit_exponent_recovers_a_power_law():
+    frame = cost.pd.DataFrame(
+        {
+            "n": [128, 256, 512, 1024],
+            "method": "m",
+            "seconds": [3e-9 * n**2 for n in (128, 256, 512, 1024)],
+            "status": "measured",
+        }
+    )
+    exponent, constant = cost.fit_exponent(frame, "m")
+    assert exponent == pytest.approx(2.0)
+    table = cost.projections_table(frame, targets=(1024, 2048))
+    assert list(table["how"]) == ["measured", "extrapolated (n^2.00)"]
+    assert table["seconds"].iloc[1] == pytest.approx(3e-9 * 2048**2)
+
+
+def test_sweep_measures_and_respects_the_memory_budget():
+    frame = cost.sweep([64, 128], 16, memory_budget=100_000, include_torch=False)
+    naive = frame[frame["method"] == "NumPy naive full"].set_index("n")
+    assert naive.loc[64, "status"] == "measured"  # 2·64²·4 bytes = 32 KiB
+    assert naive.loc[128, "status"].startswith("skipped")  # 128 KiB > budget
+    assert (frame[frame["status"] == "measured"]["seconds"] > 0).all()
+    with pytest.raises(cost.SweepTooLarge):
+        cost.sweep([1 << 20], 64, memory_budget=2**20, include_torch=False)
