@@ -216,8 +216,11 @@ st.markdown(
     "target, say *nurse*): every head is ranked by the weight the source puts on the target."
 )
 lowered = [token.lower() for token in tokens]
-keep_choice("real_model_source", range(n), lowered.index("she") if "she" in lowered else n - 1)
-keep_choice("real_model_target", range(n), lowered.index("nurse") if "nurse" in lowered else 0)
+if st.session_state.get("real_model_tokens") != trace.tokens:
+    # Another model or text: positions mean other tokens now, start again from she -> nurse.
+    st.session_state["real_model_tokens"] = trace.tokens
+    st.session_state["real_model_source"] = lowered.index("she") if "she" in lowered else n - 1
+    st.session_state["real_model_target"] = lowered.index("nurse") if "nurse" in lowered else 0
 finders = st.columns(2)
 source_position = finders[0].selectbox(
     "Source (looking)",
