@@ -16,7 +16,7 @@ use crate::error::{shape_str, AttnError};
 use crate::kernel::{
     HeadData, KernelElement, KernelParams, MaskRows, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
-use crate::simd::active_level;
+use crate::simd::{active_level, SimdLevel};
 use crate::threads::pool;
 
 /// Options of one attention call; the defaults are PyTorch's.
@@ -355,6 +355,18 @@ pub fn scaled_dot_product_attention<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
+    attention_at_level(active_level(), query, key, value, mask, options)
+}
+
+/// [`scaled_dot_product_attention`] at a given instruction set (tests cover each one).
+pub(crate) fn attention_at_level<T: KernelElement>(
+    level: SimdLevel,
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Attention<T>, AttnError> {
     let geometry = Geometry::check(
         query.shape(),
         key.shape(),
@@ -463,7 +475,6 @@ pub fn scaled_dot_product_attention<T: KernelElement>(
     } else {
         None
     };
-    let level = active_level();
 
     // Query blocks of every head, each with the keys its rows can see.
     let mut blocks = Vec::new();

@@ -26,3 +26,6 @@ pub use element::Element;
 pub use error::AttnError;
 pub use kernel::KernelElement as Float;
 pub use threads::{num_threads, set_num_threads, NUM_THREADS_ENV};
+
+#[cfg(test)]
+mod attention_tests;

@@ -24,7 +24,9 @@ def _require_array(value, name: str) -> np.ndarray:
 
 def check_qkv(query, key, value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """query/key/value are float32 or float64 ndarrays of one dtype (shapes are checked in Rust)."""
-    arrays = tuple(_require_array(a, n) for a, n in ((query, "query"), (key, "key"), (value, "value")))
+    arrays = tuple(
+        _require_array(a, n) for a, n in ((query, "query"), (key, "key"), (value, "value"))
+    )
     for array, name in zip(arrays, ("query", "key", "value"), strict=True):
         if array.dtype not in _FLOAT_DTYPES:
             raise TypeError(
@@ -35,7 +37,8 @@ def check_qkv(query, key, value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if len(dtypes) > 1:
         raise TypeError(
             "query, key and value must share one dtype, got "
-            f"{arrays[0].dtype}, {arrays[1].dtype} and {arrays[2].dtype}; convert them with .astype()"
+            f"{arrays[0].dtype}, {arrays[1].dtype} and {arrays[2].dtype}; "
+            "convert them with .astype()"
         )
     return arrays
 

@@ -86,13 +86,17 @@ def scaled_dot_product_attention(
     k = np.asarray(key, dtype=np.float64)
     v = np.asarray(value, dtype=np.float64)
     if causal_alignment not in ("top_left", "bottom_right"):
-        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
+        raise ValueError(
+            f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}"
+        )
     num_queries, num_keys, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
 
     # Grouped-query attention: query head h reads kv head h // group.
     if q.ndim >= 3 and q.shape[-3] != k.shape[-3]:
         if not enable_gqa or q.shape[-3] % k.shape[-3] != 0:
-            raise ValueError(f"query heads {q.shape[-3]} vs key heads {k.shape[-3]} need enable_gqa")
+            raise ValueError(
+                f"query heads {q.shape[-3]} vs key heads {k.shape[-3]} need enable_gqa"
+            )
         group = q.shape[-3] // k.shape[-3]
         k = np.repeat(k, group, axis=-3)
         v = np.repeat(v, group, axis=-3)
