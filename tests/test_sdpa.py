@@ -108,7 +108,15 @@ def test_matches_reference(case, return_weights):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(
     ("num_queries", "num_keys", "head_dim", "value_dim"),
-    [(1, 1, 1, 1), (1, 300, 64, 64), (257, 130, 128, 80), (129, 129, 96, 8), (200, 3, 7, 130)],
+    [
+        (1, 1, 1, 1),
+        (1, 300, 64, 64),
+        (1, 3000, 32, 16),
+        (257, 130, 128, 80),
+        (129, 129, 96, 8),
+        (200, 3, 7, 130),
+        (5, 9, 300, 513),
+    ],
 )
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_larger_shapes_cross_several_tiles(
@@ -166,6 +174,19 @@ def test_window_int_is_symmetric_and_causal_window_keeps_the_w_most_recent_keys(
         symmetric, reference.scaled_dot_product_attention(query, key, value, band), np.float64
     )
     np.testing.assert_array_equal(symmetric, as_tuple)
+
+
+@pytest.mark.parametrize(
+    "window", [10**6, 2**63, 2**64, (2**64, None), (None, 10**30), (2**70, 2**70)]
+)
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_window_wider_than_any_sequence_changes_nothing(rng, window, is_causal):
+    query, key, value = random_qkv(rng, (2, 30, 8), (2, 40, 8), (2, 40, 8))
+    for alignment in ("top_left", "bottom_right"):
+        kwargs = dict(is_causal=is_causal, causal_alignment=alignment)
+        np.testing.assert_array_equal(
+            sdpa(query, key, value, window=window, **kwargs), sdpa(query, key, value, **kwargs)
+        )
 
 
 def test_bottom_right_equals_top_left_when_lengths_match(rng):
@@ -468,11 +489,14 @@ def _layouts():
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("mask_kind", ["float", "bool"])
 @pytest.mark.parametrize("layout", list(_layouts()))
-def test_any_memory_layout_gives_the_contiguous_result(rng, dtype, layout):
+def test_any_memory_layout_gives_the_contiguous_result(rng, dtype, mask_kind, layout):
     query, key, value = random_qkv(rng, (2, 3, 37, 24), (2, 3, 45, 24), (2, 3, 45, 12), dtype)
     mask = rng.standard_normal((2, 3, 37, 45)).astype(dtype)
     mask[rng.random(mask.shape) < 0.2] = -np.inf
+    if mask_kind == "bool":
+        mask = mask > -0.5
     kwargs = dict(is_causal=True, causal_alignment="bottom_right", return_weights=True)
     expected_out, expected_weights = sdpa(query, key, value, mask, **kwargs)
 

@@ -12,6 +12,7 @@ import re
 import attnscope
 import numpy as np
 import pytest
+from conftest import assert_close
 
 sdpa = attnscope.scaled_dot_product_attention
 
@@ -125,6 +126,19 @@ def test_unsupported_inputs_are_type_errors(query, key, value, word):
         sdpa(query, key, value)
 
 
+def test_mask_sized_for_kv_heads_does_not_broadcast_to_query_heads():
+    """With GQA the mask follows the query heads (Hq = 4), not the kv heads (Hkv = 2)."""
+    query, key, value = zeros(4, 3, 8), zeros(2, 5, 8), zeros(2, 5, 8)
+    with pytest.raises(ValueError, match="attn_mask") as error:
+        sdpa(query, key, value, np.ones((2, 3, 5), dtype=bool), enable_gqa=True)
+    assert re.search(shape_pattern((2, 3, 5)), str(error.value)), str(error.value)
+    assert sdpa(query, key, value, np.ones((4, 3, 5), dtype=bool), enable_gqa=True).shape == (
+        4,
+        3,
+        8,
+    )
+
+
 @pytest.mark.parametrize(
     "mask",
     [
@@ -206,6 +220,16 @@ def test_bad_weights_memory_limit_is_rejected(restore_weights_limit, value, erro
     assert attnscope.get_weights_memory_limit() == restore_weights_limit
 
 
+def test_weights_memory_limit_beyond_64_bits_is_not_an_overflow(restore_weights_limit):
+    """A limit too large to store means "no limit" or a ValueError, never an OverflowError."""
+    try:
+        attnscope.set_weights_memory_limit(2**70)
+    except ValueError as error:
+        assert "num_bytes" in str(error)
+    else:
+        assert attnscope.get_weights_memory_limit() >= 2**63  # far beyond any real array
+
+
 @pytest.mark.parametrize(("dtype", "itemsize"), [(np.float32, 4), (np.float64, 8)])
 def test_weights_over_the_limit_are_refused(restore_weights_limit, dtype, itemsize):
     query = np.ones((2, 4, 20, 8), dtype=dtype)
@@ -221,7 +245,7 @@ def test_weights_over_the_limit_are_refused(restore_weights_limit, dtype, itemsi
     with pytest.raises(ValueError, match="(?i)limit"):
         sdpa(query, key, value, return_weights=True)
     # Only the weights count: the output alone is still computed.
-    np.testing.assert_array_equal(sdpa(query, key, value), out)
+    assert_close(sdpa(query, key, value), out.astype(np.float64), dtype)
 
 
 def test_weights_limit_is_checked_before_allocating(restore_weights_limit):

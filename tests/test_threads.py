@@ -34,7 +34,14 @@ def test_set_num_threads_round_trips(restore_num_threads, count):
 
 @pytest.mark.parametrize(
     ("value", "error"),
-    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)],
+    [
+        (0, ValueError),
+        (-1, ValueError),
+        (2**64, ValueError),
+        (1.5, TypeError),
+        (True, TypeError),
+        ("2", TypeError),
+    ],
 )
 def test_bad_thread_counts_are_rejected(restore_num_threads, value, error):
     attnscope.set_num_threads(3)
@@ -134,6 +141,33 @@ def test_concurrent_calls_match_serial_calls(restore_num_threads, engine_threads
             for expected, actual in zip(serial, concurrent, strict=True):
                 for expected_array, actual_array in zip(expected, actual, strict=True):
                     np.testing.assert_array_equal(actual_array, expected_array)
+
+
+def test_changing_the_thread_count_while_calls_run(restore_num_threads):
+    """Calls running while another Python thread resizes the pool still give the serial result."""
+    calls = _varied_calls()
+    serial = [_run(call) for call in calls]
+    stop = threading.Event()
+
+    def resize():
+        counts = (1, 2, 3)
+        index = 0
+        while not stop.is_set():
+            attnscope.set_num_threads(counts[index % 3])
+            index += 1
+            time.sleep(0.001)
+
+    resizer = threading.Thread(target=resize)
+    resizer.start()
+    try:
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            for _ in range(3):
+                for expected, actual in zip(serial, pool.map(_run, calls), strict=True):
+                    for expected_array, actual_array in zip(expected, actual, strict=True):
+                        np.testing.assert_array_equal(actual_array, expected_array)
+    finally:
+        stop.set()
+        resizer.join()
 
 
 def _inputs_for_a_long_call():
