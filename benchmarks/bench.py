@@ -95,7 +95,7 @@ PRESETS = {
     "quick": Preset(
         name="quick",
         dense=((8, 1024, 64), (16, 512, 128)),
-        window_length=4096,
+        window_length=2048,
         window=256,
         decode=(32, 8192, 128),
         tiny=(4, 16, 16),
@@ -524,6 +524,7 @@ def run(
     threads = threads or limits.usable_cpus()
     torch = peers.load_torch() if use_torch else None
     limit, numpy_threads = _numpy_thread_limit(threads)
+    load_before = limits.load_average()
     with limit:
         bench = Benchmark(PRESETS[preset], threads, int(naive_budget_gib * 2**30), torch, log)
         measured_limits = bench.measure_limits()
@@ -545,6 +546,7 @@ def run(
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": command,
             "machine": limits.machine_info(),
+            "load_average": {"start": load_before, "end": limits.load_average()},
             "error_tolerance": peers.ERROR_TOLERANCE,
             "naive_budget_gib": naive_budget_gib,
         },

@@ -18,7 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["machine_info", "measure_read_bandwidth", "measure_sgemm", "usable_cpus"]
+__all__ = [
+    "load_average",
+    "machine_info",
+    "measure_read_bandwidth",
+    "measure_sgemm",
+    "usable_cpus",
+]
 
 # Variables that pin OpenBLAS to a slower code path or cache size on some machines. They are
 # cleared only in the child process that measures NumPy's SGEMM, so that it gives the
@@ -45,6 +51,14 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: above the CPU count, other work shares the machine."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _cpu_model() -> str:

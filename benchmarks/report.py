@@ -103,7 +103,8 @@ def markdown_report(results: dict) -> str:
         f"- Threads: {meta['threads']} for every contender (numpy BLAS: {meta['numpy_threads']})",
         f"- Versions: attnscope {meta['attnscope']}, torch {meta['torch']}, "
         f"numpy {meta['numpy']}, Python {machine['python']}",
-        f"- Date: {meta['date']}; command: `{meta['command']}`",
+        f"- Date: {meta['date']}; command: `{meta['command']}`; 1-min load average "
+        f"{meta['load_average']['start']} at start, {meta['load_average']['end']} at end",
         f"- Limits: SGEMM {limits['sgemm']['gflops']:.1f} GFLOP/s ({limits['sgemm']['how']}); "
         f"memory read {limits['read_bandwidth']['gbs']:.1f} GB/s "
         f"({limits['read_bandwidth']['how']})",
