@@ -337,7 +337,7 @@ fn run_tasks<F>(tasks: &mut [Task], work: F)
 where
     F: Fn(&Task) + Sync + Send,
 {
-    tasks.sort_by(|a, b| b.cost.cmp(&a.cost));
+    tasks.sort_by_key(|task| std::cmp::Reverse(task.cost));
     let total: usize = tasks.iter().map(|task| task.cost).sum();
     if total <= SERIAL_WORK || tasks.len() == 1 {
         tasks.iter().for_each(work);

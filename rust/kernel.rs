@@ -11,7 +11,8 @@ use std::ops::Range;
 use crate::bounds::Bounds;
 use crate::element::Element;
 use crate::microkernel::{
-    accumulate_pv, exp2_shifted, row_max, scale_row, scores_block, TILE_ROWS,
+    accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, transposed_scores,
+    transposed_scores_by_dot, WeightLayout,
 };
 use crate::simd::{SimdLevel, SimdVec};
 
@@ -121,50 +122,58 @@ fn round_up(value: usize, multiple: usize) -> usize {
     value.div_ceil(multiple) * multiple
 }
 
-/// Q rows times `score_scale`, zero-padded to a whole number of register tiles.
-fn pack_scaled_queries<T: Element>(
-    params: &KernelParams<T>,
-    q: &[T],
-    rows: &Range<usize>,
-) -> Vec<T> {
-    let depth = params.depth;
-    let mut packed = vec![T::ZERO; round_up(rows.len(), TILE_ROWS) * depth];
-    for (dst, src) in packed
-        .chunks_exact_mut(depth.max(1))
-        .zip(q[rows.start * depth..rows.end * depth].chunks_exact(depth.max(1)))
-    {
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = *s * params.score_scale;
-        }
-    }
-    packed
+/// At most this many query rows get their scores by dot products instead of the register-tiled
+/// kernel, which would pad them to a full tile of queries.
+const DOT_MAX_QUERIES: usize = 4;
+
+/// A block's queries, multiplied by `score_scale` and laid out for the score kernel: `Qᵀ`
+/// (`depth x width`) for the tiled kernel, or the rows themselves for the dot-product one.
+/// `width` is the number of query columns of the `Sᵀ` tile (the queries, padded).
+struct PackedQueries<T> {
+    data: Vec<T>,
+    width: usize,
+    by_dot: bool,
 }
 
-/// Keys `keys` of `k` transposed into `kt` (`D x cols`, zero beyond the block).
-fn pack_keys_transposed<T: Element>(
-    k: &[T],
-    depth: usize,
-    keys: &Range<usize>,
-    cols: usize,
-    kt: &mut [T],
-) {
-    kt[..depth * cols].fill(T::ZERO);
-    for (col, key) in keys.clone().enumerate() {
-        for (d, value) in k[key * depth..(key + 1) * depth].iter().enumerate() {
-            kt[d * cols + col] = *value;
+fn pack_queries<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    q: &[V::Elem],
+    rows: &Range<usize>,
+) -> PackedQueries<V::Elem> {
+    let depth = params.depth;
+    let queries = &q[rows.start * depth..rows.end * depth];
+    if rows.len() <= DOT_MAX_QUERIES {
+        let data = queries.iter().map(|&x| x * params.score_scale).collect();
+        return PackedQueries {
+            data,
+            width: round_up(rows.len(), V::LANES),
+            by_dot: true,
+        };
+    }
+    let width = round_up(rows.len(), V::TILE_VECS * V::LANES);
+    let mut data = vec![V::Elem::ZERO; depth * width];
+    for (row, query) in queries.chunks_exact(depth.max(1)).enumerate() {
+        for (d, &x) in query.iter().enumerate() {
+            data[d * width + row] = x * params.score_scale;
         }
+    }
+    PackedQueries {
+        data,
+        width,
+        by_dot: false,
     }
 }
 
 /// Hides (sets to -inf) the scores the causal/window rules or the mask exclude, and adds an
-/// additive mask. Returns whether any key of the block was hidden.
+/// additive mask. `scores` is `Sᵀ`: (query `r`, key `c`) at `c * width + r`. Returns whether
+/// any key of the block was hidden from any query.
 fn apply_visibility<T: Element>(
     params: &KernelParams<T>,
     mask: &MaskRows<'_, T>,
     rows: &Range<usize>,
     keys: &Range<usize>,
     scores: &mut [T],
-    stride: usize,
+    width: usize,
 ) -> bool {
     let structural = !params.bounds.fully_visible(rows, keys);
     if !structural && matches!(mask, MaskRows::None) {
@@ -173,12 +182,12 @@ fn apply_visibility<T: Element>(
     let log2_e = T::from_f64(std::f64::consts::LOG2_E);
     let mut hidden = false;
     for (offset, row) in rows.clone().enumerate() {
-        let scores_row = &mut scores[offset * stride..offset * stride + keys.len()];
+        let cell = |col: usize| col * width + offset;
         if structural {
             let visible = params.bounds.row_keys(row);
-            for (col, score) in scores_row.iter_mut().enumerate() {
+            for col in 0..keys.len() {
                 if !visible.contains(&(keys.start + col)) {
-                    *score = T::NEG_INFINITY;
+                    scores[cell(col)] = T::NEG_INFINITY;
                     hidden = true;
                 }
             }
@@ -192,9 +201,9 @@ fn apply_visibility<T: Element>(
                 col_stride,
             } => {
                 let row_base = base + row * row_stride;
-                for (col, score) in scores_row.iter_mut().enumerate() {
+                for col in 0..keys.len() {
                     if !data[row_base + (keys.start + col) * col_stride] {
-                        *score = T::NEG_INFINITY;
+                        scores[cell(col)] = T::NEG_INFINITY;
                         hidden = true;
                     }
                 }
@@ -206,14 +215,14 @@ fn apply_visibility<T: Element>(
                 col_stride,
             } => {
                 let row_base = base + row * row_stride;
-                for (col, score) in scores_row.iter_mut().enumerate() {
+                for col in 0..keys.len() {
                     let bias = data[row_base + (keys.start + col) * col_stride];
                     // Assigning (not adding) -inf keeps a NaN key score from surviving its mask.
                     if bias == T::NEG_INFINITY {
-                        *score = T::NEG_INFINITY;
+                        scores[cell(col)] = T::NEG_INFINITY;
                         hidden = true;
                     } else {
-                        *score += bias * log2_e;
+                        scores[cell(col)] += bias * log2_e;
                     }
                 }
             }
@@ -226,26 +235,41 @@ fn all_finite<T: Element>(values: &[T]) -> bool {
     values.iter().all(|value| value.is_finite())
 }
 
-/// Scores of `rows` against `keys` into `scores` (`rows_pad x cols`), hidden ones at -inf
-/// (including the padding columns). Returns whether the rules or the mask hid any key.
+/// `Sᵀ` of `rows` against `keys` into `scores` (`keys x width`), hidden ones at -inf. Returns
+/// whether the rules or the mask hid any key.
 #[inline(always)]
 unsafe fn block_scores<V: SimdVec>(
     params: &KernelParams<V::Elem>,
     head: &HeadData<'_, V::Elem>,
     rows: &Range<usize>,
     keys: &Range<usize>,
-    q_packed: &[V::Elem],
-    kt: &mut [V::Elem],
+    queries: &PackedQueries<V::Elem>,
     scores: &mut [V::Elem],
-    cols: usize,
 ) -> bool {
-    let rows_padded = round_up(rows.len(), TILE_ROWS);
-    pack_keys_transposed(head.k, params.depth, keys, cols, kt);
-    scores_block::<V>(q_packed, kt, params.depth, rows_padded, cols, scores);
-    for row in 0..rows.len() {
-        scores[row * cols + keys.len()..(row + 1) * cols].fill(V::Elem::NEG_INFINITY);
+    let depth = params.depth;
+    let key_rows = &head.k[keys.start * depth..keys.end * depth];
+    if queries.by_dot {
+        // Padding columns are never written; they keep finite values that nothing reads.
+        transposed_scores_by_dot::<V>(
+            key_rows,
+            keys.len(),
+            &queries.data,
+            rows.len(),
+            depth,
+            queries.width,
+            scores,
+        );
+    } else {
+        transposed_scores::<V>(
+            key_rows,
+            keys.len(),
+            &queries.data,
+            depth,
+            queries.width,
+            scores,
+        );
     }
-    apply_visibility(params, &head.mask, rows, keys, scores, cols)
+    apply_visibility(params, &head.mask, rows, keys, scores, queries.width)
 }
 
 /// Online softmax of `rows` over `keys`, folded into `state` (FlashAttention's inner loop).
@@ -262,52 +286,64 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
     if rows.is_empty() || span.is_empty() {
         return;
     }
-    let depth = params.depth;
     let dv = params.value_dim;
-    let cols_max = round_up(KEY_BLOCK.min(span.len()), V::TILE_VECS * V::LANES);
-    let q_packed = pack_scaled_queries(params, head.q, &rows);
-    let mut kt = vec![V::Elem::ZERO; depth.max(1) * cols_max];
-    let mut scores = vec![V::Elem::ZERO; round_up(rows.len(), TILE_ROWS) * cols_max];
+    let queries = pack_queries::<V>(params, head.q, &rows);
+    let width = queries.width;
+    let mut scores = vec![V::Elem::ZERO; KEY_BLOCK.min(span.len()) * width];
+    let mut block_max = vec![V::Elem::NEG_INFINITY; width];
+    let mut shift = vec![V::Elem::ZERO; width];
+    let mut block_sum = vec![V::Elem::ZERO; width];
 
     let mut block_start = span.start;
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        let cols = round_up(block.len(), V::TILE_VECS * V::LANES);
-        let hidden = block_scores::<V>(
-            params,
-            head,
-            &rows,
-            &block,
-            &q_packed,
-            &mut kt,
-            &mut scores,
-            cols,
-        );
+        let hidden = block_scores::<V>(params, head, &rows, &block, &queries, &mut scores);
 
-        for row in 0..rows.len() {
-            let p_row = &mut scores[row * cols..(row + 1) * cols];
-            let old_max = state.max[row];
-            let new_max = old_max.max(row_max::<V>(p_row));
-            if new_max == V::Elem::NEG_INFINITY {
-                p_row.fill(V::Elem::ZERO);
+        block_max.fill(V::Elem::NEG_INFINITY);
+        column_max::<V>(&scores, block.len(), width, &mut block_max);
+        for (query, (shift, &max)) in shift.iter_mut().zip(&block_max).enumerate() {
+            let running = state
+                .max
+                .get(query)
+                .copied()
+                .unwrap_or(V::Elem::NEG_INFINITY);
+            let best = running.max(max);
+            // A query that has seen no key yet keeps shift 0: 2^(-inf - 0) = 0, never NaN.
+            *shift = if best == V::Elem::NEG_INFINITY {
+                V::Elem::ZERO
+            } else {
+                best
+            };
+        }
+        block_sum.fill(V::Elem::ZERO);
+        column_exp2::<V>(&mut scores, block.len(), width, &shift, &mut block_sum);
+
+        for query in 0..rows.len() {
+            let best = state.max[query].max(block_max[query]);
+            if best == V::Elem::NEG_INFINITY {
                 continue;
             }
-            let block_sum = exp2_shifted::<V>(p_row, new_max);
-            if new_max > old_max && old_max != V::Elem::NEG_INFINITY {
+            let running = state.max[query];
+            if best > running && running != V::Elem::NEG_INFINITY {
                 // Rescale only when the running max grows.
-                let correction = (old_max - new_max).exp2();
-                state.sum[row] *= correction;
-                scale_row::<V>(&mut state.acc[row * dv..(row + 1) * dv], correction);
+                let correction = (running - best).exp2();
+                state.sum[query] *= correction;
+                scale_row::<V>(&mut state.acc[query * dv..(query + 1) * dv], correction);
             }
-            state.max[row] = new_max;
-            state.sum[row] += block_sum;
+            state.max[query] = best;
+            state.sum[query] += block_sum[query];
         }
+
         let values = &head.v[block.start * dv..block.end * dv];
         let guard_non_finite = hidden && !all_finite(values);
+        let layout = WeightLayout {
+            row_stride: 1,
+            key_stride: width,
+        };
         accumulate_pv::<V>(
             &scores,
-            cols,
+            layout,
             rows.len(),
             block.len(),
             values,
@@ -333,59 +369,44 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
         return;
     }
     let num_keys = params.num_keys;
-    let depth = params.depth;
     let dv = params.value_dim;
-    let cols_max = round_up(KEY_BLOCK.min(span.len()), V::TILE_VECS * V::LANES);
-    let q_packed = pack_scaled_queries(params, head.q, &rows);
-    let mut kt = vec![V::Elem::ZERO; depth.max(1) * cols_max];
-    let mut scores = vec![V::Elem::ZERO; round_up(rows.len(), TILE_ROWS) * cols_max];
-    let mut maxima = vec![V::Elem::NEG_INFINITY; rows.len()];
+    let queries = pack_queries::<V>(params, head.q, &rows);
+    let width = queries.width;
+    let mut scores = vec![V::Elem::ZERO; KEY_BLOCK.min(span.len()) * width];
     let mut hidden = false;
 
     let mut block_start = span.start;
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        let cols = round_up(block.len(), V::TILE_VECS * V::LANES);
-        hidden |= block_scores::<V>(
-            params,
-            head,
-            &rows,
-            &block,
-            &q_packed,
-            &mut kt,
-            &mut scores,
-            cols,
-        );
-        for (row, max) in maxima.iter_mut().enumerate() {
-            let scores_row = &scores[row * cols..(row + 1) * cols];
-            *max = max.max(row_max::<V>(scores_row));
-            weights[row * num_keys + block.start..row * num_keys + block.end]
-                .copy_from_slice(&scores_row[..block.len()]);
+        hidden |= block_scores::<V>(params, head, &rows, &block, &queries, &mut scores);
+        for (col, key) in block.clone().enumerate() {
+            for query in 0..rows.len() {
+                weights[query * num_keys + key] = scores[col * width + query];
+            }
         }
     }
 
-    for (row, &max) in maxima.iter().enumerate() {
-        let weights_row = &mut weights[row * num_keys + span.start..row * num_keys + span.end];
+    for query in 0..rows.len() {
+        let weights_row = &mut weights[query * num_keys + span.start..query * num_keys + span.end];
+        let max = row_max::<V>(weights_row);
         if max == V::Elem::NEG_INFINITY {
             weights_row.fill(V::Elem::ZERO);
             continue;
         }
-        let whole = weights_row.len() / V::LANES * V::LANES;
-        let (vectors, tail) = weights_row.split_at_mut(whole);
-        let mut total = exp2_shifted::<V>(vectors, max);
-        for weight in tail {
-            *weight = (*weight - max).exp2();
-            total += *weight;
-        }
+        let total = row_exp2::<V>(weights_row, max);
         scale_row::<V>(weights_row, V::Elem::ONE / total);
     }
 
     let values = &head.v[span.start * dv..span.end * dv];
     let guard_non_finite = hidden && !all_finite(values);
+    let layout = WeightLayout {
+        row_stride: num_keys,
+        key_stride: 1,
+    };
     accumulate_pv::<V>(
         &weights[span.start..],
-        num_keys,
+        layout,
         rows.len(),
         span.len(),
         values,

@@ -1,85 +1,143 @@
 //! Register-tiled micro-kernels for the two products of attention, generic over [`SimdVec`].
 //!
-//! `scores_tile`: S = Q·Kᵀ for a tile of query rows against keys packed transposed (`Kᵀ` is
-//! `D x keys`, so one vector load covers `LANES` keys and each query element is broadcast).
-//! `accumulate_pv`: acc += P·V with V read in place (rows of `Dv` contiguous).
-//! All functions are `unsafe`: callers guarantee the pointer extents documented on each and run
-//! them only inside code compiled for `V`'s instruction set.
+//! Scores are computed transposed, `Sᵀ = K·Qᵀ` (keys x queries): each key element is broadcast
+//! from K as it lies in memory and multiplied by a vector of queries from `Qᵀ`, which is packed
+//! once per task. So K is never copied, and the softmax runs down the key axis with one query
+//! per lane. `P·V` reads V in place (rows of `Dv` contiguous) and broadcasts the weights.
+//!
+//! All functions are `unsafe`: callers guarantee the extents documented on each and run them
+//! only inside code compiled for `V`'s instruction set.
 
 use crate::element::Element;
 use crate::simd::SimdVec;
 
-/// Query rows per register tile (the same for every instruction set).
+/// Keys (rows of `Sᵀ`) and query rows (of `P·V`) per register tile.
 pub(crate) const TILE_ROWS: usize = 4;
 
-/// `scores[r][c] = Σ_k q[r][k] · kt[k][c]` for `TILE_ROWS` rows and `V::TILE_VECS` vectors of
-/// columns. Reads `q[r * q_stride + k]` for `k < depth` and `kt[k * kt_stride + c]`.
+/// `out[r][c] = Σ_k a[r][k] · b[k][c]` for `ROWS` rows of `a` (broadcast) and `COLS` vectors of
+/// `b` columns: reads `a[r * a_stride + k]`, `b[k * b_stride + c]` for `k < depth`.
 #[inline(always)]
-unsafe fn scores_tile<V: SimdVec, const COLS: usize>(
-    q: *const V::Elem,
-    q_stride: usize,
-    kt: *const V::Elem,
-    kt_stride: usize,
+unsafe fn product_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
+    a: *const V::Elem,
+    a_stride: usize,
+    b: *const V::Elem,
+    b_stride: usize,
     depth: usize,
-    scores: *mut V::Elem,
-    scores_stride: usize,
+    out: *mut V::Elem,
+    out_stride: usize,
 ) {
     let zero = V::splat(V::Elem::ZERO);
-    let mut acc = [[zero; COLS]; TILE_ROWS];
+    let mut acc = [[zero; COLS]; ROWS];
     for k in 0..depth {
-        let mut keys = [zero; COLS];
-        for (col, key) in keys.iter_mut().enumerate() {
-            *key = V::load(kt.add(k * kt_stride + col * V::LANES));
+        let mut columns = [zero; COLS];
+        for (col, column) in columns.iter_mut().enumerate() {
+            *column = V::load(b.add(k * b_stride + col * V::LANES));
         }
         for (row, acc_row) in acc.iter_mut().enumerate() {
-            let query = V::splat(*q.add(row * q_stride + k));
+            let broadcast = V::splat(*a.add(row * a_stride + k));
             for col in 0..COLS {
-                acc_row[col] = V::mul_add(query, keys[col], acc_row[col]);
+                acc_row[col] = V::mul_add(broadcast, columns[col], acc_row[col]);
             }
         }
     }
     for (row, acc_row) in acc.iter().enumerate() {
         for (col, value) in acc_row.iter().enumerate() {
-            value.store(scores.add(row * scores_stride + col * V::LANES));
+            value.store(out.add(row * out_stride + col * V::LANES));
         }
     }
 }
 
-/// Scores for `rows` (a multiple of `TILE_ROWS`) x `cols` (a multiple of
-/// `V::TILE_VECS * V::LANES`) from packed, zero-padded `q` (`rows x depth`) and `kt`
-/// (`depth x cols`). Writes `scores[r * cols + c]`.
+/// `Sᵀ[j][i] = Σ_d k[j][d] · qt[d][i]` for `num_keys` keys (rows of `k`, stride `depth`) and
+/// `width` queries (a multiple of `V::TILE_VECS * V::LANES`); `qt` is `depth x width`.
 #[inline(always)]
-pub(crate) unsafe fn scores_block<V: SimdVec>(
-    q: &[V::Elem],
-    kt: &[V::Elem],
+pub(crate) unsafe fn transposed_scores<V: SimdVec>(
+    keys: &[V::Elem],
+    num_keys: usize,
+    qt: &[V::Elem],
     depth: usize,
-    rows: usize,
-    cols: usize,
+    width: usize,
     scores: &mut [V::Elem],
 ) {
-    debug_assert!(rows % TILE_ROWS == 0 && cols % (V::TILE_VECS * V::LANES) == 0);
-    debug_assert!(q.len() >= rows * depth && kt.len() >= depth * cols);
-    debug_assert!(scores.len() >= rows * cols);
-    let tile_cols = V::TILE_VECS * V::LANES;
-    for row in (0..rows).step_by(TILE_ROWS) {
-        for col in (0..cols).step_by(tile_cols) {
-            let q_tile = q.as_ptr().add(row * depth);
-            let kt_tile = kt.as_ptr().add(col);
-            let out = scores.as_mut_ptr().add(row * cols + col);
+    debug_assert!(width.is_multiple_of(V::TILE_VECS * V::LANES));
+    debug_assert!(keys.len() >= num_keys * depth && qt.len() >= depth * width);
+    debug_assert!(scores.len() >= num_keys * width);
+    let tile_width = V::TILE_VECS * V::LANES;
+    let (k, q, s) = (keys.as_ptr(), qt.as_ptr(), scores.as_mut_ptr());
+    for col in (0..width).step_by(tile_width) {
+        let mut key = 0;
+        while key + TILE_ROWS <= num_keys {
+            let (a, out) = (k.add(key * depth), s.add(key * width + col));
             if V::TILE_VECS == 4 {
-                scores_tile::<V, 4>(q_tile, depth, kt_tile, cols, depth, out, cols);
+                product_tile::<V, TILE_ROWS, 4>(a, depth, q.add(col), width, depth, out, width);
             } else {
-                scores_tile::<V, 2>(q_tile, depth, kt_tile, cols, depth, out, cols);
+                product_tile::<V, TILE_ROWS, 2>(a, depth, q.add(col), width, depth, out, width);
             }
+            key += TILE_ROWS;
+        }
+        while key < num_keys {
+            let (a, out) = (k.add(key * depth), s.add(key * width + col));
+            if V::TILE_VECS == 4 {
+                product_tile::<V, 1, 4>(a, depth, q.add(col), width, depth, out, width);
+            } else {
+                product_tile::<V, 1, 2>(a, depth, q.add(col), width, depth, out, width);
+            }
+            key += 1;
         }
     }
 }
 
-/// `acc[r][c] += Σ_j p[r][j] · v[j][c]` for `ROWS` rows and `COLS` vectors of columns.
+/// Dot product of two `len`-element rows.
 #[inline(always)]
+unsafe fn dot<V: SimdVec>(a: *const V::Elem, b: *const V::Elem, len: usize) -> V::Elem {
+    let mut sum = V::splat(V::Elem::ZERO);
+    let mut index = 0;
+    while index + V::LANES <= len {
+        sum = V::mul_add(V::load(a.add(index)), V::load(b.add(index)), sum);
+        index += V::LANES;
+    }
+    let mut total = sum.reduce_sum();
+    while index < len {
+        total += *a.add(index) * *b.add(index);
+        index += 1;
+    }
+    total
+}
+
+/// `Sᵀ[j][i] = q[i] · k[j]` by dot products, for a few query rows (`q` is `num_queries x
+/// depth`): decoding reads each key once without padding queries to a full register tile.
+#[inline(always)]
+pub(crate) unsafe fn transposed_scores_by_dot<V: SimdVec>(
+    keys: &[V::Elem],
+    num_keys: usize,
+    q: &[V::Elem],
+    num_queries: usize,
+    depth: usize,
+    width: usize,
+    scores: &mut [V::Elem],
+) {
+    debug_assert!(keys.len() >= num_keys * depth && q.len() >= num_queries * depth);
+    debug_assert!(num_queries <= width && scores.len() >= num_keys * width);
+    for key in 0..num_keys {
+        let key_row = keys.as_ptr().add(key * depth);
+        for query in 0..num_queries {
+            scores[key * width + query] = dot::<V>(q.as_ptr().add(query * depth), key_row, depth);
+        }
+    }
+}
+
+/// Weights laid out for `P·V`: weight of (row `r`, key `j`) at `r * row_stride + j * key_stride`.
+#[derive(Clone, Copy)]
+pub(crate) struct WeightLayout {
+    pub row_stride: usize,
+    pub key_stride: usize,
+}
+
+/// `acc[r][c] += Σ_j p(r, j) · v[j][c]` for `ROWS` rows and `COLS` vectors of columns.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn pv_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
     p: *const V::Elem,
-    p_stride: usize,
+    layout: WeightLayout,
     num_keys: usize,
     v: *const V::Elem,
     v_stride: usize,
@@ -99,7 +157,7 @@ unsafe fn pv_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
             *value = V::load(v.add(key * v_stride + col * V::LANES));
         }
         for (row, sums_row) in sums.iter_mut().enumerate() {
-            let weight = V::splat(*p.add(row * p_stride + key));
+            let weight = V::splat(*p.add(row * layout.row_stride + key * layout.key_stride));
             for col in 0..COLS {
                 sums_row[col] = V::mul_add(weight, values[col], sums_row[col]);
             }
@@ -112,13 +170,11 @@ unsafe fn pv_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
     }
 }
 
-/// `acc[r][c] += Σ_j p[r][j] · v[j][c]` over `rows` rows of `p` (stride `p_stride`), `num_keys`
-/// keys and `dv` columns; `v` rows have stride `dv`, `acc` rows stride `dv`.
+/// `P·V` for `ROWS` rows over all `dv` columns: wide tiles, then single vectors, then scalars.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
     p: *const V::Elem,
-    p_stride: usize,
+    layout: WeightLayout,
     num_keys: usize,
     v: *const V::Elem,
     dv: usize,
@@ -128,20 +184,20 @@ unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
     let mut col = 0;
     while col + wide <= dv {
         if V::TILE_VECS == 4 {
-            pv_tile::<V, ROWS, 4>(p, p_stride, num_keys, v.add(col), dv, acc.add(col), dv);
+            pv_tile::<V, ROWS, 4>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
         } else {
-            pv_tile::<V, ROWS, 2>(p, p_stride, num_keys, v.add(col), dv, acc.add(col), dv);
+            pv_tile::<V, ROWS, 2>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
         }
         col += wide;
     }
     while col + V::LANES <= dv {
-        pv_tile::<V, ROWS, 1>(p, p_stride, num_keys, v.add(col), dv, acc.add(col), dv);
+        pv_tile::<V, ROWS, 1>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
         col += V::LANES;
     }
     if col < dv {
         for row in 0..ROWS {
             for key in 0..num_keys {
-                let weight = *p.add(row * p_stride + key);
+                let weight = *p.add(row * layout.row_stride + key * layout.key_stride);
                 for c in col..dv {
                     *acc.add(row * dv + c) += weight * *v.add(key * dv + c);
                 }
@@ -150,16 +206,17 @@ unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
     }
 }
 
-/// `acc += P·V` for `rows` rows: `p` is `rows x num_keys` with row stride `p_stride`, `v` is
+/// `acc += P·V`: `rows` rows of weights (at `layout`) over `num_keys` keys, `v` is
 /// `num_keys x dv`, `acc` is `rows x dv`.
 ///
 /// With `skip_zero_weights`, keys of weight exactly zero are skipped instead of multiplied, so
 /// a NaN or inf value at a hidden key cannot reach the sum (0 · NaN is NaN); that path is
 /// scalar and used only for blocks that both hide keys and hold non-finite values.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn accumulate_pv<V: SimdVec>(
     p: &[V::Elem],
-    p_stride: usize,
+    layout: WeightLayout,
     rows: usize,
     num_keys: usize,
     v: &[V::Elem],
@@ -170,13 +227,13 @@ pub(crate) unsafe fn accumulate_pv<V: SimdVec>(
     if rows == 0 || num_keys == 0 || dv == 0 {
         return;
     }
-    debug_assert!(p.len() >= (rows - 1) * p_stride + num_keys);
+    debug_assert!(p.len() > (rows - 1) * layout.row_stride + (num_keys - 1) * layout.key_stride);
     debug_assert!(v.len() >= num_keys * dv && acc.len() >= rows * dv);
     if skip_zero_weights {
         for row in 0..rows {
             let acc_row = &mut acc[row * dv..(row + 1) * dv];
             for key in 0..num_keys {
-                let weight = p[row * p_stride + key];
+                let weight = p[row * layout.row_stride + key * layout.key_stride];
                 if weight != V::Elem::ZERO {
                     for (sum, value) in acc_row.iter_mut().zip(&v[key * dv..(key + 1) * dv]) {
                         *sum += weight * *value;
@@ -188,52 +245,96 @@ pub(crate) unsafe fn accumulate_pv<V: SimdVec>(
     }
     let mut row = 0;
     while row + TILE_ROWS <= rows {
-        pv_rows::<V, TILE_ROWS>(
-            p.as_ptr().add(row * p_stride),
-            p_stride,
-            num_keys,
-            v.as_ptr(),
-            dv,
+        let (p_rows, acc_rows) = (
+            p.as_ptr().add(row * layout.row_stride),
             acc.as_mut_ptr().add(row * dv),
         );
+        pv_rows::<V, TILE_ROWS>(p_rows, layout, num_keys, v.as_ptr(), dv, acc_rows);
         row += TILE_ROWS;
     }
     while row < rows {
-        pv_rows::<V, 1>(
-            p.as_ptr().add(row * p_stride),
-            p_stride,
-            num_keys,
-            v.as_ptr(),
-            dv,
+        let (p_rows, acc_rows) = (
+            p.as_ptr().add(row * layout.row_stride),
             acc.as_mut_ptr().add(row * dv),
         );
+        pv_rows::<V, 1>(p_rows, layout, num_keys, v.as_ptr(), dv, acc_rows);
         row += 1;
     }
 }
 
-/// Largest element of `row` (length a multiple of `V::LANES`).
+/// `best[c] = max(best[c], rows[j][c])` over `num_rows` rows of `width` (a multiple of LANES).
 #[inline(always)]
-pub(crate) unsafe fn row_max<V: SimdVec>(row: &[V::Elem]) -> V::Elem {
-    debug_assert!(row.len() % V::LANES == 0);
-    let mut best = V::splat(V::Elem::NEG_INFINITY);
-    for chunk in row.chunks_exact(V::LANES) {
-        best = best.max(V::load(chunk.as_ptr()));
+pub(crate) unsafe fn column_max<V: SimdVec>(
+    rows: &[V::Elem],
+    num_rows: usize,
+    width: usize,
+    best: &mut [V::Elem],
+) {
+    debug_assert!(width.is_multiple_of(V::LANES) && rows.len() >= num_rows * width);
+    for col in (0..width).step_by(V::LANES) {
+        let mut max = V::load(best.as_ptr().add(col));
+        for row in 0..num_rows {
+            max = max.max(V::load(rows.as_ptr().add(row * width + col)));
+        }
+        max.store(best.as_mut_ptr().add(col));
     }
-    best.reduce_max()
 }
 
-/// `row[c] = 2^(row[c] - max)` in place, returning the sum (length a multiple of `V::LANES`).
+/// `rows[j][c] = 2^(rows[j][c] - shift[c])` in place; adds each column's sum to `sums[c]`.
 #[inline(always)]
-pub(crate) unsafe fn exp2_shifted<V: SimdVec>(row: &mut [V::Elem], max: V::Elem) -> V::Elem {
-    debug_assert!(row.len() % V::LANES == 0);
-    let shift = V::splat(max * V::Elem::from_f64(-1.0));
-    let mut total = V::splat(V::Elem::ZERO);
-    for chunk in row.chunks_exact_mut(V::LANES) {
-        let weights = V::load(chunk.as_ptr()).add(shift).exp2();
-        weights.store(chunk.as_mut_ptr());
-        total = total.add(weights);
+pub(crate) unsafe fn column_exp2<V: SimdVec>(
+    rows: &mut [V::Elem],
+    num_rows: usize,
+    width: usize,
+    shift: &[V::Elem],
+    sums: &mut [V::Elem],
+) {
+    debug_assert!(width.is_multiple_of(V::LANES) && rows.len() >= num_rows * width);
+    let minus_one = V::splat(V::Elem::from_f64(-1.0));
+    for col in (0..width).step_by(V::LANES) {
+        let negated_shift = V::load(shift.as_ptr().add(col)).mul(minus_one);
+        let mut sum = V::load(sums.as_ptr().add(col));
+        for row in 0..num_rows {
+            let cell = rows.as_mut_ptr().add(row * width + col);
+            let weight = V::load(cell).add(negated_shift).exp2();
+            weight.store(cell);
+            sum = sum.add(weight);
+        }
+        sum.store(sums.as_mut_ptr().add(col));
     }
-    total.reduce_sum()
+}
+
+/// `row[c] = 2^(row[c] - max)` in place (any length), returning the sum.
+#[inline(always)]
+pub(crate) unsafe fn row_exp2<V: SimdVec>(row: &mut [V::Elem], max: V::Elem) -> V::Elem {
+    let negated_max = V::splat(max * V::Elem::from_f64(-1.0));
+    let mut sum = V::splat(V::Elem::ZERO);
+    let mut chunks = row.chunks_exact_mut(V::LANES);
+    for chunk in &mut chunks {
+        let weight = V::load(chunk.as_ptr()).add(negated_max).exp2();
+        weight.store(chunk.as_mut_ptr());
+        sum = sum.add(weight);
+    }
+    let mut total = sum.reduce_sum();
+    for weight in chunks.into_remainder() {
+        *weight = (*weight - max).exp2();
+        total += *weight;
+    }
+    total
+}
+
+/// Largest element of `row` (any length).
+#[inline(always)]
+pub(crate) unsafe fn row_max<V: SimdVec>(row: &[V::Elem]) -> V::Elem {
+    let mut best = V::splat(V::Elem::NEG_INFINITY);
+    let mut chunks = row.chunks_exact(V::LANES);
+    for chunk in &mut chunks {
+        best = best.max(V::load(chunk.as_ptr()));
+    }
+    chunks
+        .remainder()
+        .iter()
+        .fold(best.reduce_max(), |max, &value| max.max(value))
 }
 
 /// `row[c] *= factor` (any length).
