@@ -190,8 +190,23 @@ class Benchmark:
         """The rows of the chosen groups, in :data:`GROUPS` order."""
         rows = []
         for group in GROUPS:
-            if group in groups:
+            if group not in groups:
+                continue
+            try:
                 rows += getattr(self, f"{group}_rows")()
+            except Exception as error:  # one broken case must not hide the others
+                message = " ".join(str(error).split())[:120]
+                self.log(f"{group}: {type(error).__name__}: {message}")
+                rows.append(
+                    Row(
+                        id=group,
+                        label=f"{group} (did not run)",
+                        target="—",
+                        verdict=f"ERROR ({type(error).__name__}: {message})",
+                    )
+                )
+            finally:
+                self.set_threads(self.threads)
         return rows
 
     # ---- helpers shared by the rows ----
