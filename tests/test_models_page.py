@@ -134,6 +134,22 @@ def test_grid_follows_the_chosen_statistic(default_page, minilm_trace):
 
 
 @needs_minilm
+def test_a_click_on_the_grid_opens_that_head(minilm_trace):
+    app = run_page()
+    # What st.altair_chart(on_select="rerun") hands back after a click on layer 2, head 4.
+    app.session_state["real_model_grid"] = {"selection": {"pick": [{"layer": 2, "head": 4}]}}
+    app.run()
+    assert_clean(app)
+    assert (widget(app, "real_model_layer").value, widget(app, "real_model_head").value) == (2, 4)
+    weights, _ = heatmap_grid(chart_data(app)["Layer 2, head 4"])
+    np.testing.assert_allclose(weights, minilm_trace.attentions[2, 4], atol=1e-6)
+    # The same (old) click does not undo a later choice made with the pickers.
+    widget(app, "real_model_head").select(7).run()
+    assert_clean(app)
+    assert (widget(app, "real_model_layer").value, widget(app, "real_model_head").value) == (2, 7)
+
+
+@needs_minilm
 def test_changing_the_source_and_target_reranks(default_page, minilm_trace):
     app = default_page
     doctor = minilm_trace.tokens.index("doctor")
