@@ -10,6 +10,10 @@ import numpy as np
 from ._engine import core
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# A window side wider than any sequence means "unbounded"; this one still fits the core's usize.
+_WIDEST_SIDE = 2**63 - 1
+# More worker threads than this is a mistake, not a configuration.
+_MOST_THREADS = 1024
 _ALIGNMENTS = ("top_left", "bottom_right")
 
 
@@ -67,7 +71,8 @@ def check_window(window) -> tuple[int | None, int | None] | None:
     if isinstance(window, numbers.Integral):
         if window < 1:
             raise ValueError(f"window must be >= 1 (the number of keys seen), got {window}")
-        return (int(window) - 1, int(window) - 1)
+        side = min(int(window) - 1, _WIDEST_SIDE)
+        return (side, side)
     if isinstance(window, tuple | list) and len(window) == 2:
         sides = []
         for side, label in zip(window, ("left", "right"), strict=True):
@@ -76,7 +81,7 @@ def check_window(window) -> tuple[int | None, int | None] | None:
             elif isinstance(side, numbers.Integral) and not isinstance(side, bool):
                 if side < 0:
                     raise ValueError(f"window {label} side must be >= 0 or None, got {side}")
-                sides.append(int(side))
+                sides.append(min(int(side), _WIDEST_SIDE))
             else:
                 raise TypeError(f"window {label} side must be an int or None, got {side!r}")
         return (sides[0], sides[1])
@@ -169,6 +174,8 @@ def set_num_threads(num_threads: int) -> None:
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    if num_threads > _MOST_THREADS:
+        raise ValueError(f"num_threads must be <= {_MOST_THREADS}, got {num_threads}")
     core().set_num_threads(int(num_threads))
 
 
@@ -183,7 +190,7 @@ def set_weights_memory_limit(num_bytes: int) -> None:
         raise TypeError(f"num_bytes must be an int, got {type(num_bytes).__name__}")
     if num_bytes < 0:
         raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
-    core().set_weights_memory_limit(int(num_bytes))
+    core().set_weights_memory_limit(min(int(num_bytes), 2**64 - 1))
 
 
 def get_weights_memory_limit() -> int:

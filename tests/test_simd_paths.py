@@ -1,0 +1,69 @@
+"""Every instruction-set path of the kernel (AVX-512, AVX2+FMA, portable) against the reference.
+
+The engine picks the best path at run time; forcing each one here keeps the fallbacks correct
+on machines that would never pick them.
+"""
+
+from __future__ import annotations
+
+import attnscope
+import numpy as np
+import pytest
+from attnscope import _core, reference
+from conftest import assert_close, random_qkv
+
+LEVELS = [level for level in ("avx512", "avx2", "portable") if _core.simd_level_supported(level)]
+
+CASES = [
+    # (q shape, k shape, v shape, options)
+    ((2, 3, 70, 24), (2, 3, 300, 24), (2, 3, 300, 40), {"is_causal": True}),
+    ((1, 4, 65, 64), (1, 2, 65, 64), (1, 2, 65, 64), {"enable_gqa": True, "window": 9}),
+    ((1, 2, 3000), (1, 2, 3000), (1, 2, 3000), {}),  # 3-D: heads of one key, D=3000
+    ((1, 1, 1, 128), (1, 1, 5000, 128), (1, 1, 5000, 128), {"causal_alignment": "bottom_right"}),
+    ((130, 17), (257, 17), (257, 33), {"window": (40, 2), "scale": 0.2}),
+]
+
+
+@pytest.fixture(params=LEVELS)
+def simd_level(request):
+    _core.force_simd_level(request.param)
+    yield request.param
+    _core.force_simd_level(None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda case: str(case[0]))
+def test_each_level_matches_reference(simd_level, case, dtype):
+    q_shape, k_shape, v_shape, options = case
+    q, k, v = random_qkv(np.random.default_rng(3), q_shape, k_shape, v_shape, dtype)
+    assert _core.simd_level() == simd_level
+    for return_weights in (False, True):
+        got = attnscope.scaled_dot_product_attention(
+            q, k, v, return_weights=return_weights, **options
+        )
+        want = reference.scaled_dot_product_attention(
+            q, k, v, return_weights=return_weights, **options
+        )
+        if return_weights:
+            assert_close(got[0], want[0], dtype)
+            assert_close(got[1], want[1], dtype)
+        else:
+            assert_close(got, want, dtype)
+
+
+def test_each_level_hides_nan_behind_a_mask(simd_level):
+    rng = np.random.default_rng(5)
+    q, k, v = random_qkv(rng, (2, 90, 32), (2, 400, 32), (2, 400, 32))
+    k[:, 17] = np.nan
+    v[:, 17] = np.inf
+    mask = np.ones((90, 400), dtype=bool)
+    mask[:, 17] = False
+    got = attnscope.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert np.isfinite(got).all()
+    assert_close(got, want, np.float32)
+
+
+def test_forcing_an_unknown_level_is_refused():
+    with pytest.raises(ValueError, match="level"):
+        _core.force_simd_level("sse9")
