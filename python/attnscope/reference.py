@@ -128,6 +128,7 @@ def scaled_dot_product_attention(
     if np.isfinite(v).all():
         out = weights @ v
     else:
-        picked = np.where(visible[..., None], weights[..., None] * v[..., None, :, :], 0.0)
+        with np.errstate(invalid="ignore"):  # 0 * inf at hidden keys, discarded just below
+            picked = np.where(visible[..., None], weights[..., None] * v[..., None, :, :], 0.0)
         out = picked.sum(axis=-2)
     return (out, weights) if return_weights else out
