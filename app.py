@@ -19,15 +19,19 @@ except ImportError:
     # engine the pages say so and compute with attnscope.reference.
     sys.path.insert(0, str(ROOT / "python"))
 
-st.set_page_config(page_title="attnscope: attention you can see", page_icon="🔍", layout="wide")
+st.set_page_config(
+    page_title="attnscope: attention you can see", page_icon=":material/grid_on:", layout="wide"
+)
 
 pages = [
-    st.Page(f"{PAGES}/heads.py", title="Heads", icon="🧠", default=True),
-    st.Page(f"{PAGES}/regimes.py", title="Causal vs bidirectional", icon="🎭"),
-    st.Page(f"{PAGES}/inside.py", title="Inside one head", icon="🔬"),
-    st.Page(f"{PAGES}/cost.py", title="Cost of context", icon="⏱️"),
+    st.Page(f"{PAGES}/heads.py", title="Heads", icon=":material/hub:", default=True),
+    st.Page(
+        f"{PAGES}/regimes.py", title="Causal vs bidirectional", icon=":material/compare_arrows:"
+    ),
+    st.Page(f"{PAGES}/inside.py", title="Inside one head", icon=":material/calculate:"),
+    st.Page(f"{PAGES}/cost.py", title="Cost of context", icon=":material/speed:"),
 ]
 if (ROOT / PAGES / "real_model.py").exists():
-    pages.append(st.Page(f"{PAGES}/real_model.py", title="Real model", icon="🤖"))
+    pages.append(st.Page(f"{PAGES}/real_model.py", title="Real model", icon=":material/smart_toy:"))
 
 st.navigation(pages).run()

@@ -264,3 +264,21 @@ def test_sweep_measures_and_respects_the_memory_budget():
     assert (frame[frame["status"] == "measured"]["seconds"] > 0).all()
     with pytest.raises(cost.SweepTooLarge):
         cost.sweep([1 << 20], 64, memory_budget=2**20, include_torch=False)
+
+
+def test_results_csv_marks_extrapolations():
+    frame = cost.pd.DataFrame(
+        {
+            "n": [128, 256, 512],
+            "method": "NumPy naive full",
+            "seconds": [1e-3, 4e-3, 1.6e-2],
+            "status": "measured",
+            "gflops": 1.0,
+        }
+    )
+    projections = cost.projections_table(frame, targets=(512, 200_000), memory_budget=2**30)
+    assert "would need" in projections["how"].iloc[1]  # 2·200000²·4 bytes is far over 1 GiB
+    csv = cost.results_csv(frame, projections, threads=2)
+    lines = csv.strip().splitlines()
+    assert len(lines) == 1 + 3 + 1
+    assert lines[-1].split(",")[lines[0].split(",").index("extrapolated")] == "True"

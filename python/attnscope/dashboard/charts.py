@@ -12,11 +12,17 @@ HIDDEN_GREY = "#d4d4d4"
 HIGHLIGHT = "#e4572e"
 BAR_BLUE = "#4c78a8"
 CELL_PX = 24
+# Heatmaps keep their natural size (square cells plus axes); Streamlit's default "fit" would
+# squeeze the cells to make room for long token labels.
+NATURAL_SIZE = alt.AutoSizeParams(type="pad")
+# Bars and lines stretch across their column and keep the height they ask for.
+FIT_WIDTH = alt.AutoSizeParams(type="fit-x", contains="padding")
 
 
-def token_labels(tokens: Sequence[str]) -> list[str]:
-    """Axis labels that stay unique when a word repeats: '3 the', '7 the'."""
-    return [f"{i} {token}" for i, token in enumerate(tokens)]
+def token_labels(tokens: Sequence[str], first: int = 0) -> list[str]:
+    """Axis labels that stay unique when a word repeats: '3 the', '7 the' (positions count
+    from `first`)."""
+    return [f"{i} {token}" for i, token in enumerate(tokens, start=first)]
 
 
 def weights_frame(
@@ -24,14 +30,17 @@ def weights_frame(
     query_tokens: Sequence[str],
     key_tokens: Sequence[str] | None = None,
     visible: np.ndarray | None = None,
+    query_first: int = 0,
 ) -> pd.DataFrame:
-    """One row per (query, key) cell: labels, weight, and whether the mask hides it."""
+    """One row per (query, key) cell: labels, weight, and whether the mask hides it.
+    Query labels count positions from `query_first` (e.g. the new tokens of a KV cache)."""
     weights = np.asarray(weights, dtype=float)
     key_tokens = query_tokens if key_tokens is None else key_tokens
     rows, cols = weights.shape
     if visible is None:
         visible = np.ones_like(weights, dtype=bool)
-    query_labels, key_labels = token_labels(query_tokens), token_labels(key_tokens)
+    query_labels = token_labels(query_tokens, query_first)
+    key_labels = token_labels(key_tokens)
     return pd.DataFrame(
         {
             "query": np.repeat(query_labels, cols),
@@ -53,15 +62,21 @@ def heatmap(
     title: str = "",
     cell_px: int = CELL_PX,
     show_labels: bool = True,
+    query_first: int = 0,
 ) -> alt.LayerChart:
     """Query rows × key columns coloured by weight; cells the mask hides are drawn grey."""
     key_tokens = query_tokens if key_tokens is None else key_tokens
-    frame = weights_frame(weights, query_tokens, key_tokens, visible)
+    frame = weights_frame(weights, query_tokens, key_tokens, visible, query_first)
     rows, cols = np.asarray(weights).shape
     axis = alt.Axis(labelLimit=90, labels=show_labels, ticks=show_labels)
     base = alt.Chart(frame, title=title).encode(
         x=alt.X("key:N", sort=token_labels(key_tokens), title="key (looked at)", axis=axis),
-        y=alt.Y("query:N", sort=token_labels(query_tokens), title="query (looking)", axis=axis),
+        y=alt.Y(
+            "query:N",
+            sort=token_labels(query_tokens, query_first),
+            title="query (looking)",
+            axis=axis,
+        ),
         tooltip=[
             alt.Tooltip("query:N"),
             alt.Tooltip("key:N"),
@@ -81,7 +96,9 @@ def heatmap(
         )
     )
     hidden = base.transform_filter("!datum.visible").mark_rect(color=HIDDEN_GREY)
-    return (hidden + shown).properties(width=cell_px * cols, height=cell_px * rows)
+    return (hidden + shown).properties(
+        width=cell_px * cols, height=cell_px * rows, autosize=NATURAL_SIZE
+    )
 
 
 def row_bars(
@@ -109,7 +126,12 @@ def row_bars(
         alt.Chart(frame, title=title)
         .mark_bar()
         .encode(
-            x=alt.X("key:N", sort=list(frame["key"]), title=None, axis=alt.Axis(labelAngle=-45)),
+            x=alt.X(
+                "key:N",
+                sort=list(frame["key"]),
+                title=None,
+                axis=alt.Axis(labelAngle=-45, labelOverlap=False),
+            ),
             y=alt.Y("weight:Q", scale=alt.Scale(domain=[0, 1]), title="weight"),
             color=alt.Color(
                 "kind:N",
@@ -121,7 +143,7 @@ def row_bars(
             ),
             tooltip=["key:N", alt.Tooltip("weight:Q", format=".4f"), "kind:N"],
         )
-        .properties(height=220)
+        .properties(width="container", height=220, autosize=FIT_WIDTH)
     )
 
 
@@ -159,7 +181,7 @@ def matrix(
             color=alt.Color("value:Q", scale=scale, legend=alt.Legend(title=None)),
             tooltip=["row:N", "column:N", alt.Tooltip("value:Q", format=".4f")],
         )
-        .properties(width=min(cell_px * cols, 640), height=cell_px * rows)
+        .properties(width=min(cell_px * cols, 640), height=cell_px * rows, autosize=NATURAL_SIZE)
     )
 
 
@@ -193,12 +215,18 @@ def lines(
         ],
     }
     if dashed is not None:
-        encoding["strokeDash"] = alt.StrokeDash(f"{dashed}:N", legend=None)
+        # The first value of the column is drawn solid, the others dashed.
+        values = list(dict.fromkeys(frame[dashed]))
+        encoding["strokeDash"] = alt.StrokeDash(
+            f"{dashed}:N",
+            scale=alt.Scale(domain=values, range=[[1, 0]] + [[6, 4]] * (len(values) - 1)),
+            legend=None,
+        )
     chart = alt.Chart(frame, title=title).mark_line(point=True).encode(**encoding)
     if marker_x is not None:
         rule = alt.Chart(pd.DataFrame({x: [marker_x]})).mark_rule(color="grey").encode(x=f"{x}:Q")
         chart = chart + rule
-    return chart.properties(height=260)
+    return chart.properties(width="container", height=260, autosize=FIT_WIDTH)
 
 
 def grouped_bars(
@@ -215,5 +243,5 @@ def grouped_bars(
             color=alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient="top")),
             tooltip=[f"{x}:N", f"{color}:N", alt.Tooltip(f"{y}:Q", format=".3g")],
         )
-        .properties(height=220)
+        .properties(width="container", height=220, autosize=FIT_WIDTH)
     )

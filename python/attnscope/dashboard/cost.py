@@ -111,18 +111,18 @@ def methods(include_torch: bool = True) -> dict[str, tuple[Callable, bool]]:
     return table
 
 
-def time_call(function: Callable[[], object], min_seconds: float = 0.02, max_repeats: int = 3):
-    """Median wall time of `function`: one warm-up, then repeats until `min_seconds` or
-    `max_repeats`."""
+def time_call(function: Callable[[], object], budget_seconds: float = 0.05, repeats: int = 5):
+    """Median wall time of `function` after one warm-up call: up to `repeats` calls, fewer
+    when they would take more than `budget_seconds` together (at least one)."""
+    t0 = time.perf_counter()
     function()
+    first = time.perf_counter() - t0
+    count = max(1, min(repeats, int(budget_seconds / max(first, 1e-9))))
     samples = []
-    started = time.perf_counter()
-    while len(samples) < max_repeats:
+    for _ in range(count):
         t0 = time.perf_counter()
         function()
         samples.append(time.perf_counter() - t0)
-        if time.perf_counter() - started > min_seconds:
-            break
     return statistics.median(samples)
 
 
@@ -192,23 +192,30 @@ def _flops(n: int, head_dim: int, method: str) -> float:
     return 4.0 * pairs * head_dim
 
 
+FIT_MIN_SECONDS = 1e-3  # calls shorter than this mostly time fixed overheads
+
+
 def fit_exponent(frame: pd.DataFrame, method: str, min_points: int = 3):
-    """Fit ``seconds ≈ c·n^p`` on the measured points of `method` (the longer half, where
-    fixed overheads matter least). Returns ``(p, c)`` or None with too few points."""
+    """Fit ``seconds ≈ c·n^p`` on the measured points of `method`, leaving out calls too
+    short to show the growth (under FIT_MIN_SECONDS) while at least three points remain.
+    Returns ``(p, c)``, or None with fewer than `min_points` measured points."""
     measured = frame[(frame["method"] == method) & (frame["status"] == "measured")]
     measured = measured[measured["seconds"] > 0].sort_values("n")
     if len(measured) < min_points:
         return None
-    tail = measured.iloc[len(measured) // 2 - (1 if len(measured) % 2 == 0 else 0) :]
-    if len(tail) < 2:
-        tail = measured
-    slope, intercept = np.polyfit(np.log(tail["n"]), np.log(tail["seconds"]), 1)
+    long_enough = measured[measured["seconds"] >= FIT_MIN_SECONDS]
+    points = long_enough if len(long_enough) >= 3 else measured.iloc[-3:]
+    slope, intercept = np.polyfit(np.log(points["n"]), np.log(points["seconds"]), 1)
     return float(slope), float(math.exp(intercept))
 
 
-def projections_table(frame: pd.DataFrame, targets=TARGET_LENGTHS) -> pd.DataFrame:
+def projections_table(
+    frame: pd.DataFrame, targets=TARGET_LENGTHS, memory_budget: int | None = None
+) -> pd.DataFrame:
     """Seconds at each target length per method: measured when the sweep reached it, else
-    extrapolated from the fit (and labelled so)."""
+    extrapolated from the fit (and labelled so, with a warning when the method's n² matrices
+    would not fit `memory_budget`)."""
+    materialising = {name for name, (_, needs_n2) in methods(False).items() if needs_n2}
     rows = []
     for method in dict.fromkeys(frame["method"]):
         fit = fit_exponent(frame, method)
@@ -225,10 +232,28 @@ def projections_table(frame: pd.DataFrame, targets=TARGET_LENGTHS) -> pd.DataFra
                         "method": method,
                         "n": n,
                         "seconds": constant * n**exponent,
-                        "how": f"extrapolated (n^{exponent:.2f})",
+                        "how": f"extrapolated (n^{exponent:.2f})"
+                        + (
+                            f"; would need {human_bytes(naive_bytes(n))} for its n² matrices"
+                            if method in materialising
+                            and memory_budget is not None
+                            and naive_bytes(n) > memory_budget
+                            else ""
+                        ),
                     }
                 )
     return pd.DataFrame(rows, columns=["method", "n", "seconds", "how"])
+
+
+def results_csv(frame: pd.DataFrame, projections: pd.DataFrame, **context) -> str:
+    """The sweep's rows, then the extrapolated projections, as CSV; `context` (threads,
+    head_dim, engine, ...) becomes constant columns so a file says how it was made."""
+    extrapolated = projections[projections["how"] != "measured"].rename(columns={"how": "status"})
+    rows = pd.concat(
+        [frame.assign(extrapolated=False), extrapolated.assign(extrapolated=True)],
+        ignore_index=True,
+    )
+    return rows.assign(**context).to_csv(index=False)
 
 
 def memory_frame(sizes: list[int], head_dim: int) -> pd.DataFrame:

@@ -45,9 +45,11 @@ def one_head(words: list[str], d_k: int, scaled: bool = True, seed: int = 4) -> 
     """Run one head on `words` with key width `d_k`, dividing by √d_k when `scaled`."""
     x = np.stack([_word_embedding(w) for w in words])
     rng = np.random.default_rng(seed)
-    # Unit-variance weights: each entry of Q and K then has variance about MODEL_DIM, so a
-    # score Q·Kᵀ sums d_k such products and its spread grows like √d_k.
-    w_q, w_k, w_v = (np.round(rng.standard_normal((MODEL_DIM, d_k)), 2) for _ in range(3))
+    # Weights of variance 1/MODEL_DIM keep each entry of Q and K near unit size, so a score
+    # Q·Kᵀ, a sum of d_k such products, spreads like √d_k: exactly what 1/√d_k undoes.
+    w_q, w_k, w_v = (
+        np.round(rng.standard_normal((MODEL_DIM, d_k)) / math.sqrt(MODEL_DIM), 2) for _ in range(3)
+    )
     q, k, v = x @ w_q, x @ w_k, x @ w_v
     scale = 1.0 / math.sqrt(d_k) if scaled else 1.0
     output, weights = engine.attention(q, k, v, is_causal=True, scale=scale)

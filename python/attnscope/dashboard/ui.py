@@ -12,12 +12,18 @@ def engine_banner() -> None:
     """Say which implementation computes the page; warn loudly when it is the fallback."""
     message = engine.fallback_message()
     if message:
-        st.warning(message, icon="⚠️")
+        st.warning(message, icon=":material/warning:")
     else:
         st.caption(
             f"Every number below is computed live by {engine.engine_name()} "
             f"on {engine.get_threads()} thread(s)."
         )
+
+
+def chart(container, spec, key: str) -> None:
+    """Draw an Altair chart: heatmaps at their natural size, lines and bars across the column."""
+    stretch = getattr(spec, "width", None) == "container"
+    container.altair_chart(spec, key=key, width="stretch" if stretch else "content")
 
 
 def bounded_slider(container, label: str, low: int, high: int, value: int, key: str) -> int:

@@ -89,7 +89,8 @@ timeline = pd.concat(
         pd.DataFrame(projection_rows, columns=["n", "method", "seconds", "kind"]),
     ]
 )
-st.altair_chart(
+ui.chart(
+    st,
     charts.lines(
         timeline,
         "n",
@@ -122,20 +123,27 @@ for _, item in skipped.iterrows():
     st.caption(f"{item['method']}: stopped at n = {item['n']:,} ({item['status']}).")
 
 st.subheader("What 2,048 / 8,192 / 200,000 tokens would cost here")
-table = cost.projections_table(frame)
-table["time"] = table["seconds"].map(cost.human_seconds)
+table = cost.projections_table(frame, memory_budget=budget_mib * 2**20)
+table["time"] = [
+    cost.human_seconds(seconds)
+    + ("" if how == "measured" else " *")
+    + (" †" if "need" in how else "")
+    for seconds, how in zip(table["seconds"], table["how"], strict=True)
+]
 st.dataframe(
     table.pivot(index="method", columns="n", values="time").rename(columns="n = {:,}".format),
     key="cost_projection_table",
 )
 st.caption(
-    "Values past the longest measured length are extrapolated from the fitted exponent "
-    "(marked in the CSV as such); they are estimates for this machine, one head, float32."
+    "\\* extrapolated from the fitted exponent, not measured: an estimate for this machine, one "
+    "head, float32. † the naive path could not even hold its n×n matrices in the memory "
+    "budget at that length. The CSV marks every extrapolated row."
 )
 
 st.subheader("Memory: the n×n matrix vs a tiled kernel")
 sizes = cost.lengths(128, 262_144)
-st.altair_chart(
+ui.chart(
+    st,
     charts.lines(
         cost.memory_frame(sizes, head_dim),
         "n",
@@ -173,14 +181,15 @@ st.caption(
     "attention (fewer kv heads than query heads) is how large models keep this in check."
 )
 
-csv = frame.assign(
-    extrapolated=False, threads=threads, head_dim=head_dim, engine=engine.engine_name()
-)
 st.download_button(
     "Download the sweep as CSV",
-    pd.concat(
-        [csv, table.assign(extrapolated=table["how"] != "measured")], ignore_index=True
-    ).to_csv(index=False),
+    cost.results_csv(
+        frame,
+        table.drop(columns="time"),
+        threads=threads,
+        head_dim=head_dim,
+        engine=engine.engine_name(),
+    ),
     file_name="attnscope_sweep.csv",
     mime="text/csv",
     key="cost_download",

@@ -72,13 +72,15 @@ spec = heads.HEADS[head_index]
 
 left, right = st.columns([3, 2])
 with left:
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.heatmap(weights[head_index], words, visible=visible, title=head_name),
         key="heads_heatmap",
     )
 with right:
     strongest = int(weights[head_index, row].argmax())
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.row_bars(
             weights[head_index, row],
             words,
@@ -112,7 +114,8 @@ with st.expander("How this head is built: embeddings, W_Q, W_K and the scores"):
     st.dataframe(pd.DataFrame(heads.rule_table(spec)), hide_index=True, key="heads_rule")
     x = heads.embed(tokens)
     readable = [i for i, f in enumerate(heads.FEATURES) if not f.startswith(("pos:", "rime:"))]
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.matrix(
             x[:, readable],
             charts.token_labels(words),
@@ -126,7 +129,8 @@ with st.expander("How this head is built: embeddings, W_Q, W_K and the scores"):
     used = [c for c, f in enumerate(key_features) if f]
     rows_used = [i for i in range(heads.EMBED_DIM) if np.abs(w_q[i, used]).sum() > 0]
     if len(used) <= 24:
-        st.altair_chart(
+        ui.chart(
+            st,
             charts.matrix(
                 w_q[np.ix_(rows_used, used)],
                 [heads.FEATURES[i] for i in rows_used],
@@ -145,7 +149,8 @@ with st.expander("How this head is built: embeddings, W_Q, W_K and the scores"):
         "named on column c of W_Q."
     )
     scores = ui.head_scores(sentence, head_index)
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.matrix(
             np.where(visible, scores, 0.0),
             charts.token_labels(words),
@@ -163,7 +168,8 @@ st.markdown(
 columns = st.columns(3)
 for index, name in enumerate(heads.HEAD_NAMES):
     with columns[index % 3]:
-        st.altair_chart(
+        ui.chart(
+            st,
             charts.heatmap(
                 weights[index], words, visible=visible, title=name, cell_px=11, show_labels=n <= 12
             ),

@@ -33,12 +33,15 @@ if len(text.split_words(sentence)) > 8:
     st.warning("This page follows the first 8 tokens so that every matrix stays readable.")
 steps = ui.one_head(tuple(words), d_k, scaling == "÷ √d_k")
 labels = charts.token_labels(words)
-dims = [f"d{i}" for i in range(d_k)]
+SHOWN = 16  # wider matrices are cut to their first columns on screen (not in the maths)
+shown = min(d_k, SHOWN)
+dims = [f"d{i}" for i in range(shown)]
 model_dims = [f"e{i}" for i in range(inside.MODEL_DIM)]
 
 
 def show(matrix, rows, cols, title, key, diverging=True):
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.matrix(matrix, rows, cols, title=title, diverging=diverging, cell_px=22),
         key=key,
     )
@@ -52,13 +55,15 @@ for column, (name, w) in zip(
     columns[1:], (("W_Q", steps.w_q), ("W_K", steps.w_k), ("W_V", steps.w_v)), strict=True
 ):
     with column:
-        show(w, model_dims, dims, name, f"inside_{name}")
+        show(w[:, :shown], model_dims, dims, name, f"inside_{name}")
 columns = st.columns(3)
 for column, (name, m) in zip(
     columns, (("Q = x·W_Q", steps.q), ("K = x·W_K", steps.k), ("V = x·W_V", steps.v)), strict=True
 ):
     with column:
-        show(m, labels, dims, name, f"inside_{name[0]}")
+        show(m[:, :shown], labels, dims, name, f"inside_{name[0]}")
+if d_k > SHOWN:
+    st.caption(f"Only the first {SHOWN} of the {d_k} columns are drawn; all are used.")
 
 st.subheader("2 · Score, scale, softmax, mix")
 n = len(words)
@@ -70,7 +75,8 @@ with columns[1]:
     title = f"× {steps.scale:.3f} (= 1/√{d_k})" if scaling == "÷ √d_k" else "× 1 (no scaling)"
     show(np.where(causal, steps.scaled, 0.0), labels, labels, title, "inside_scaled")
 with columns[2]:
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.heatmap(steps.weights, words, visible=causal, title="softmax (engine)", cell_px=30),
         key="inside_weights",
     )
@@ -95,7 +101,7 @@ st.dataframe(
     key="inside_softmax_table",
 )
 st.caption(f"The softmax of the last row ('{words[row]}'), by hand and from the engine.")
-show(steps.output, labels, dims, "output = weights · V", "inside_output")
+show(steps.output[:, :shown], labels, dims, "output = weights · V", "inside_output")
 
 st.subheader("3 · Why divide by √d_k")
 st.markdown(
@@ -112,7 +118,8 @@ metric = st.radio(
     key="inside_metric",
     horizontal=True,
 )
-st.altair_chart(
+ui.chart(
+    st,
     charts.lines(curves, "d_k", metric, "scaling", title=f"{metric} vs d_k", marker_x=d_k),
     key="inside_saturation",
 )

@@ -34,7 +34,8 @@ result = ui.both_regimes(key)
 left, right = st.columns(2)
 for column, regime in zip((left, right), ("causal", "bidirectional"), strict=True):
     visible = visibility(n, n, is_causal=regime == "causal")
-    column.altair_chart(
+    ui.chart(
+        column,
         charts.heatmap(result[regime][1], words, visible=visible, title=regime, cell_px=20),
         key=f"regimes_{regime}",
     )
@@ -61,7 +62,8 @@ frame = pd.concat(
         for regime in ("causal", "bidirectional")
     ]
 )
-st.altair_chart(
+ui.chart(
+    st,
     charts.grouped_bars(
         frame,
         "row",
@@ -93,9 +95,16 @@ aligned = ui.alignment_weights(key, num_queries)
 left, right = st.columns(2)
 for column, alignment in zip((left, right), ("top_left", "bottom_right"), strict=True):
     weights, visible = aligned[alignment]
-    column.altair_chart(
+    ui.chart(
+        column,
         charts.heatmap(
-            weights, words[-num_queries:], words, visible=visible, title=alignment, cell_px=20
+            weights,
+            words[-num_queries:],
+            words,
+            visible=visible,
+            title=alignment,
+            cell_px=20,
+            query_first=n - num_queries,
         ),
         key=f"regimes_align_{alignment}",
     )
@@ -105,7 +114,8 @@ left, right = st.columns(2)
 with left:
     window = ui.bounded_slider(st, "Window (keys each token sees)", 1, n, 3, "regimes_window")
     weights, visible = ui.window_weights(key, window)
-    st.altair_chart(
+    ui.chart(
+        st,
         charts.heatmap(
             weights, words, visible=visible, title=f"causal, window {window}", cell_px=16
         ),
@@ -124,7 +134,8 @@ with right:
     group = 4 // kv_heads
     small = st.columns(2)
     for head in range(4):
-        small[head % 2].altair_chart(
+        ui.chart(
+            small[head % 2],
             charts.heatmap(
                 gqa[head],
                 words,

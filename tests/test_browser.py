@@ -1,0 +1,156 @@
+"""The dashboard in a real Chromium: every page renders charts without an exception, and one
+control per page can be changed. Screenshots land in test-artifacts/ for a human to look at."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+EXCEPTION = '[data-testid="stException"]'
+CHART = '[data-testid="stVegaLiteChart"]'
+RUNNING = '[data-testid="stStatusWidget"]'
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("no Chromium found: install it (e.g. `apt-get install chromium`) to run this test")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """`streamlit run app.py` on a free port; always stopped afterwards."""
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(ROOT / "app.py"),
+        "--server.headless",
+        "true",
+        "--server.port",
+        str(port),
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+                pytest.fail(f"streamlit did not start:\n{output[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=_chromium(), args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            tab = browser.new_page(viewport={"width": 1400, "height": 2600})
+            tab.set_default_timeout(120_000)
+            yield tab
+        finally:
+            browser.close()
+
+
+def _settle(page) -> None:
+    """Wait until the script has finished running and the charts have been drawn."""
+    page.wait_for_selector(CHART, state="attached")
+    page.wait_for_timeout(500)
+    page.wait_for_selector(RUNNING, state="detached")
+    page.wait_for_selector(f"{CHART} canvas, {CHART} svg", state="attached")
+    page.wait_for_timeout(700)
+
+
+def _check(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
+    assert page.locator(CHART).count() >= 1
+
+
+def test_heads_page(server, page):
+    started = time.monotonic()
+    page.goto(server)
+    _settle(page)
+    print(f"heads page ready in {time.monotonic() - started:.2f} s")
+    _check(page, "heads")
+    page.get_by_test_id("stCheckbox").get_by_text("Causal mask", exact=True).click()
+    _settle(page)
+    _check(page, "heads-bidirectional")
+
+
+def test_regimes_page(server, page):
+    page.goto(f"{server}/regimes")
+    _settle(page)
+    _check(page, "regimes")
+    field = page.get_by_label("Replacement word")
+    field.fill("teacher")
+    field.press("Enter")
+    _settle(page)
+    _check(page, "regimes-edited")
+
+
+def test_inside_page(server, page):
+    page.goto(f"{server}/inside")
+    _settle(page)
+    _check(page, "inside")
+    page.get_by_text("no scaling", exact=True).first.click()
+    _settle(page)
+    _check(page, "inside-unscaled")
+
+
+def test_cost_page(server, page):
+    page.goto(f"{server}/cost")
+    _settle(page)
+    _check(page, "cost")
+    page.get_by_text("8-bit", exact=True).click()
+    _settle(page)
+    _check(page, "cost-8bit")
