@@ -8,13 +8,14 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ndarray::{ArrayD, ArrayViewD, CowArray, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, Axis, CowArray, IxDyn, Slice};
 use rayon::prelude::*;
 
 use crate::bounds::{Bounds, CausalAlignment, Window};
+use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::{
-    HeadData, KernelElement, KernelParams, MaskRows, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
+    HeadData, KernelElement, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
 use crate::simd::{active_level, SimdLevel};
 use crate::threads::pool;
@@ -332,17 +333,25 @@ fn contiguous<'a, T>(array: &'a CowArray<'_, T, IxDyn>) -> &'a [T] {
     array.as_slice().expect("standard layout is contiguous")
 }
 
-/// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline.
-fn run_tasks<F>(tasks: &mut [Task], work: F)
+/// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline. Each
+/// worker reuses one scratch space across the tasks it runs.
+fn run_tasks<T, F>(tasks: &mut [Task], work: F)
 where
-    F: Fn(&Task) + Sync + Send,
+    T: Element,
+    F: Fn(&mut Scratch<T>, &Task) + Sync + Send,
 {
     tasks.sort_by_key(|task| std::cmp::Reverse(task.cost));
     let total: usize = tasks.iter().map(|task| task.cost).sum();
     if total <= SERIAL_WORK || tasks.len() == 1 {
-        tasks.iter().for_each(work);
+        let mut scratch = Scratch::default();
+        tasks.iter().for_each(|task| work(&mut scratch, task));
     } else {
-        pool().install(|| tasks.par_iter().with_max_len(1).for_each(work));
+        pool().install(|| {
+            tasks
+                .par_iter()
+                .with_max_len(1)
+                .for_each_init(Scratch::default, |scratch, task| work(scratch, task))
+        });
     }
 }
 
@@ -373,6 +382,26 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         value.shape(),
         options.enable_gqa,
     )?;
+    let plan = check_call(&geometry, &mask, options)?;
+    // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
+    let key = key.as_standard_layout();
+    let value = value.as_standard_layout();
+    let kv = KvRows {
+        key: contiguous(&key),
+        value: contiguous(&value),
+        row_capacity: geometry.num_keys,
+    };
+    Ok(attend_checked(
+        level, &geometry, plan, query, kv, &mask, options,
+    ))
+}
+
+/// The checks shared by every entry point once the shapes fit: scale, mask shape, weights size.
+fn check_call<T: KernelElement>(
+    geometry: &Geometry,
+    mask: &Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Option<MaskPlan>, AttnError> {
     if let Some(scale) = options.scale {
         if !scale.is_finite() {
             return Err(AttnError::value(
@@ -381,10 +410,10 @@ pub(crate) fn attention_at_level<T: KernelElement>(
             ));
         }
     }
-    let plan = match &mask {
+    let plan = match mask {
         Mask::None => None,
-        Mask::Bool(view) => Some(MaskPlan::new(view.shape(), &geometry)?),
-        Mask::Additive(view) => Some(MaskPlan::new(view.shape(), &geometry)?),
+        Mask::Bool(view) => Some(MaskPlan::new(view.shape(), geometry)?),
+        Mask::Additive(view) => Some(MaskPlan::new(view.shape(), geometry)?),
     };
     if options.return_weights {
         let elements: u128 = geometry
@@ -403,19 +432,38 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         }
     }
 
-    // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
+    Ok(plan)
+}
+
+/// Keys and values head after head (batch and kv heads flattened), each head's rows
+/// `row_capacity` rows apart: a KV cache keeps room to grow after each head's keys.
+struct KvRows<'a, T> {
+    key: &'a [T],
+    value: &'a [T],
+    row_capacity: usize,
+}
+
+/// Runs a call whose arguments [`check_call`] accepted.
+fn attend_checked<T: KernelElement>(
+    level: SimdLevel,
+    geometry: &Geometry,
+    plan: Option<MaskPlan>,
+    query: ArrayViewD<'_, T>,
+    kv: KvRows<'_, T>,
+    mask: &Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Attention<T> {
     let query = query.as_standard_layout();
-    let key = key.as_standard_layout();
-    let value = value.as_standard_layout();
-    let bool_mask: Option<CowArray<'_, bool, IxDyn>> = match &mask {
+    let bool_mask: Option<CowArray<'_, bool, IxDyn>> = match mask {
         Mask::Bool(view) => Some(view.as_standard_layout()),
         _ => None,
     };
-    let additive_mask: Option<CowArray<'_, T, IxDyn>> = match &mask {
+    let additive_mask: Option<CowArray<'_, T, IxDyn>> = match mask {
         Mask::Additive(view) => Some(view.as_standard_layout()),
         _ => None,
     };
-    let (q, k, v) = (contiguous(&query), contiguous(&key), contiguous(&value));
+    let (q, k, v) = (contiguous(&query), kv.key, kv.value);
+    let row_capacity = kv.row_capacity;
 
     let scale = options.scale.unwrap_or(if geometry.depth == 0 {
         1.0
@@ -449,13 +497,13 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         let mask_rows = match (&plan, &bool_mask, &additive_mask) {
             (Some(plan), Some(data), _) => MaskRows::Bool {
                 data: contiguous(data),
-                base: plan.base(&geometry, batch, query_head),
+                base: plan.base(geometry, batch, query_head),
                 row_stride: plan.row_stride,
                 col_stride: plan.col_stride,
             },
             (Some(plan), _, Some(data)) => MaskRows::Additive {
                 data: contiguous(data),
-                base: plan.base(&geometry, batch, query_head),
+                base: plan.base(geometry, batch, query_head),
                 row_stride: plan.row_stride,
                 col_stride: plan.col_stride,
             },
@@ -463,8 +511,8 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         };
         HeadData {
             q: &q[head * l * d..(head + 1) * l * d],
-            k: &k[kv_head * s * d..(kv_head + 1) * s * d],
-            v: &v[kv_head * s * dv..(kv_head + 1) * s * dv],
+            k: &k[kv_head * row_capacity * d..][..s * d],
+            v: &v[kv_head * row_capacity * dv..][..s * dv],
             mask: mask_rows,
         }
     };
@@ -495,7 +543,7 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     let out_writer = DisjointWriter::new(&mut output);
     if let Some(weights) = weights.as_mut() {
         let weights_writer = DisjointWriter::new(weights);
-        run_tasks(&mut blocks, |task| {
+        run_tasks(&mut blocks, |scratch, task| {
             let head = head_data(task.head);
             let base = task.head * l;
             // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
@@ -507,7 +555,7 @@ pub(crate) fn attention_at_level<T: KernelElement>(
                         .range_mut((base + task.rows.start) * dv..(base + task.rows.end) * dv),
                 )
             };
-            T::weights(level, &params, &head, task.rows.clone(), w, out);
+            T::weights(level, &params, &head, task.rows.clone(), w, out, scratch);
         });
     } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK) {
         // Few queries, many keys: chunks of keys run in parallel and merge in key order.
@@ -529,20 +577,24 @@ pub(crate) fn attention_at_level<T: KernelElement>(
                 ));
             }
         }
-        let compute = |(_, task): &(usize, Task)| {
-            let mut state = SoftmaxState::new(task.rows.len(), dv);
+        let compute = |scratch: &mut Scratch<T>, (_, task): &(usize, Task)| {
+            scratch.state.reset(task.rows.len(), dv);
             T::flash(
                 level,
                 &params,
                 &head_data(task.head),
                 task.rows.clone(),
                 task.keys.clone(),
-                &mut state,
+                scratch,
             );
-            state
+            std::mem::take(&mut scratch.state)
         };
-        let states: Vec<SoftmaxState<T>> =
-            pool().install(|| chunks.par_iter().map(compute).collect());
+        let states: Vec<SoftmaxState<T>> = pool().install(|| {
+            chunks
+                .par_iter()
+                .map_init(Scratch::default, compute)
+                .collect()
+        });
         let mut merged: Vec<Option<SoftmaxState<T>>> = (0..blocks.len()).map(|_| None).collect();
         for ((index, _), state) in chunks.iter().zip(states) {
             match &mut merged[*index] {
@@ -562,22 +614,22 @@ pub(crate) fn attention_at_level<T: KernelElement>(
             }
         }
     } else {
-        run_tasks(&mut blocks, |task| {
-            let mut state = SoftmaxState::new(task.rows.len(), dv);
+        run_tasks(&mut blocks, |scratch, task| {
+            scratch.state.reset(task.rows.len(), dv);
             T::flash(
                 level,
                 &params,
                 &head_data(task.head),
                 task.rows.clone(),
                 task.keys.clone(),
-                &mut state,
+                scratch,
             );
             let base = task.head * l;
             // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
             let out = unsafe {
                 out_writer.range_mut((base + task.rows.start) * dv..(base + task.rows.end) * dv)
             };
-            state.finish_into(out, dv);
+            scratch.state.finish_into(out, dv);
         });
     }
 
@@ -587,5 +639,162 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         ArrayD::from_shape_vec(IxDyn(&geometry.weights_shape()), w)
             .expect("weights buffer matches its shape")
     });
-    Ok(Attention { output, weights })
+    Attention { output, weights }
+}
+
+/// Keys and values kept in buffers with room to grow, as in a KV cache: `key` holds
+/// `(..., Hkv, row_capacity, D)` and `value` `(..., Hkv, row_capacity, Dv)` (leading dims
+/// those of the query), and the first `num_keys` rows of every head take part.
+#[derive(Debug, Clone, Copy)]
+pub struct StridedKv<'a, T> {
+    pub key: &'a [T],
+    pub value: &'a [T],
+    pub kv_heads: usize,
+    pub num_keys: usize,
+    pub row_capacity: usize,
+    pub depth: usize,
+    pub value_dim: usize,
+}
+
+/// [`scaled_dot_product_attention`] with `query` `(..., Hq, L, D)` against keys and values
+/// read in place from [`StridedKv`] buffers (no copy of the cache per call).
+///
+/// Decoding one query row with grouped heads runs the query heads that share a kv head as one
+/// block of rows, so each kv head's keys and values are read from memory once, not once per
+/// query head (when the mask, if any, is the same for every head).
+pub fn attention_over_strided_kv<T: KernelElement>(
+    query: ArrayViewD<'_, T>,
+    kv: &StridedKv<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Attention<T>, AttnError> {
+    let level = active_level();
+    let rank = query.ndim();
+    if rank < 3 {
+        return Err(AttnError::shape(
+            "query",
+            format!(
+                "expected (..., Hq, L, D) to attend over cached keys, got shape {}",
+                shape_str(query.shape())
+            ),
+        ));
+    }
+    let lead = &query.shape()[..rank - 3];
+    let key_shape = [lead, &[kv.kv_heads, kv.num_keys, kv.depth]].concat();
+    let value_shape = [lead, &[kv.kv_heads, kv.num_keys, kv.value_dim]].concat();
+    let geometry = Geometry::check(query.shape(), &key_shape, &value_shape, options.enable_gqa)?;
+    let kv_rows = geometry.batch * kv.kv_heads * kv.row_capacity;
+    if kv.num_keys > kv.row_capacity
+        || kv.key.len() != kv_rows * kv.depth
+        || kv.value.len() != kv_rows * kv.value_dim
+    {
+        return Err(AttnError::value(
+            "key",
+            format!(
+                "buffers of {} key and {} value elements do not hold {kv_rows} rows of depth {} \
+                 and {} with {} keys in use",
+                kv.key.len(),
+                kv.value.len(),
+                kv.depth,
+                kv.value_dim,
+                kv.num_keys
+            ),
+        ));
+    }
+    let plan = check_call(&geometry, &mask, options)?;
+    let group = geometry.query_heads / geometry.kv_heads.max(1);
+    let same_mask_for_every_head = plan
+        .as_ref()
+        .is_none_or(|plan| plan.head_stride == 0 && plan.row_stride == 0);
+    if geometry.num_queries == 1 && group > 1 && !options.return_weights && same_mask_for_every_head
+    {
+        return attend_query_groups(level, &geometry, query, kv, &mask, options);
+    }
+    let rows = KvRows {
+        key: kv.key,
+        value: kv.value,
+        row_capacity: kv.row_capacity,
+    };
+    Ok(attend_checked(
+        level, &geometry, plan, query, rows, &mask, options,
+    ))
+}
+
+/// One query row per head, `group` query heads per kv head: the group's heads become the rows
+/// of one block against their shared keys. With a single query row the causal and window rules
+/// reduce to one range of keys, which is sliced out so the block needs no per-row rule.
+fn attend_query_groups<T: KernelElement>(
+    level: SimdLevel,
+    geometry: &Geometry,
+    query: ArrayViewD<'_, T>,
+    kv: &StridedKv<'_, T>,
+    mask: &Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Attention<T>, AttnError> {
+    let group = geometry.query_heads / geometry.kv_heads;
+    let visible = Bounds::new(
+        1,
+        geometry.num_keys,
+        options.is_causal,
+        options.alignment,
+        options.window,
+    )
+    .row_keys(0);
+    let query = query.as_standard_layout();
+    let mut grouped_shape = geometry.batch_shape.clone();
+    grouped_shape.extend([geometry.kv_heads, group, geometry.depth]);
+    let grouped_query = query
+        .view()
+        .into_shape_with_order(IxDyn(&grouped_shape))
+        .expect("a contiguous (..., Hq, 1, D) query regroups as (..., Hkv, group, D)");
+    // A mask broadcast along the keys (last dim 1) has nothing to slice.
+    let per_key = |shape: &[usize]| shape.last() != Some(&1);
+    let grouped_mask = match mask {
+        Mask::None => Mask::None,
+        Mask::Bool(view) => Mask::Bool(if per_key(view.shape()) {
+            view.slice_axis(Axis(view.ndim() - 1), Slice::from(visible.clone()))
+        } else {
+            view.view()
+        }),
+        Mask::Additive(view) => Mask::Additive(if per_key(view.shape()) {
+            view.slice_axis(Axis(view.ndim() - 1), Slice::from(visible.clone()))
+        } else {
+            view.view()
+        }),
+    };
+    let grouped_options = AttentionOptions {
+        is_causal: false,
+        window: None,
+        enable_gqa: false,
+        return_weights: false,
+        ..*options
+    };
+    let mut key_shape = grouped_shape.clone();
+    key_shape[geometry.batch_shape.len() + 1] = visible.len();
+    let mut value_shape = key_shape.clone();
+    *value_shape.last_mut().expect("rank >= 3") = geometry.value_dim;
+    let grouped = Geometry::check(&grouped_shape, &key_shape, &value_shape, false)?;
+    let plan = check_call(&grouped, &grouped_mask, &grouped_options)?;
+    let rows = KvRows {
+        key: &kv.key[visible.start * kv.depth..],
+        value: &kv.value[visible.start * kv.value_dim..],
+        row_capacity: kv.row_capacity,
+    };
+    let result = attend_checked(
+        level,
+        &grouped,
+        plan,
+        grouped_query,
+        rows,
+        &grouped_mask,
+        &grouped_options,
+    );
+    let output = result
+        .output
+        .into_shape_with_order(IxDyn(&geometry.output_shape()))
+        .expect("(..., Hkv, group, Dv) output regroups as (..., Hq, 1, Dv)");
+    Ok(Attention {
+        output,
+        weights: None,
+    })
 }

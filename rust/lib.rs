@@ -10,13 +10,17 @@ mod bounds;
 mod element;
 mod error;
 mod kernel;
+mod kv_cache;
+mod mha;
 mod microkernel;
+mod projection;
 pub mod simd;
 mod threads;
 
 #[cfg(feature = "python")]
 mod python;
 
+pub use attention::{attention_over_strided_kv, StridedKv};
 pub use attention::{
     scaled_dot_product_attention, set_weights_memory_limit, weights_memory_limit, Attention,
     AttentionOptions, Mask, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
@@ -25,6 +29,8 @@ pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;
 pub use kernel::KernelElement as Float;
+pub use kv_cache::{CacheAttendOptions, KvCache};
+pub use mha::{multi_head_attention, MhaHeads, MhaInputs, MhaWeights};
 pub use threads::{num_threads, set_num_threads, NUM_THREADS_ENV};
 
 #[cfg(test)]

@@ -1,0 +1,411 @@
+//! Multi-head attention as a layer: project the inputs (`Q = x·W_Q`, `K = x·W_K`,
+//! `V = x·W_V`), run every head at once on the attention kernel, join the heads and project
+//! back (`·W_O`). Optionally appends the new keys and values to a [`KvCache`] and attends over
+//! all of it, for generating one token at a time.
+
+use ndarray::{
+    Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewD, Axis,
+    CowArray, Ix3, Ix4, IxDyn,
+};
+
+use crate::error::shape_str;
+use crate::kernel::KernelElement;
+use crate::kv_cache::{CacheAttendOptions, KvCache};
+use crate::projection::linear;
+use crate::{scaled_dot_product_attention, Attention, AttentionOptions, AttnError, Mask};
+
+/// The learned matrices in the chapter's orientation (`x·W`): `w_q` is `(E, Hq·Dh)`, `w_k`
+/// `(Ek, Hkv·Dh)`, `w_v` `(Ev, Hkv·Dh)`, `w_o` `(Hq·Dh, E_out)`; biases one per column.
+#[derive(Clone, Copy)]
+pub struct MhaWeights<'a, T> {
+    pub w_q: ArrayView2<'a, T>,
+    pub w_k: ArrayView2<'a, T>,
+    pub w_v: ArrayView2<'a, T>,
+    pub w_o: ArrayView2<'a, T>,
+    pub b_q: Option<ArrayView1<'a, T>>,
+    pub b_k: Option<ArrayView1<'a, T>>,
+    pub b_v: Option<ArrayView1<'a, T>>,
+    pub b_o: Option<ArrayView1<'a, T>>,
+}
+
+/// Query heads and key/value heads (fewer for grouped-query, 1 for multi-query attention).
+#[derive(Debug, Clone, Copy)]
+pub struct MhaHeads {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+}
+
+/// One forward call's inputs: `query` `(B, L, E)`, `key` `(B, S, Ek)`, `value` `(B, S, Ev)`.
+pub struct MhaInputs<'a, T> {
+    pub query: ArrayView3<'a, T>,
+    pub key: ArrayView3<'a, T>,
+    pub value: ArrayView3<'a, T>,
+    /// Broadcastable to `(B, Hq, L, S)`: bool (true = may attend) or added to the scores.
+    pub attn_mask: Mask<'a, T>,
+    /// `(B, S)`, true = padding (the key is ignored), as in PyTorch.
+    pub key_padding_mask: Option<ArrayView2<'a, bool>>,
+    /// Top-left causal, as PyTorch's `is_causal` (with a cache, attention is always causal).
+    pub is_causal: bool,
+    /// Also return the per-head weights `(B, Hq, L, S)`.
+    pub need_weights: bool,
+}
+
+/// The sizes the weights imply.
+#[derive(Debug, Clone, Copy)]
+struct LayerDims {
+    embed_dim: usize,
+    key_dim: usize,
+    value_dim: usize,
+    head_dim: usize,
+    output_dim: usize,
+}
+
+fn check_matrix(
+    name: &'static str,
+    shape: &[usize],
+    rows: Option<usize>,
+    cols: usize,
+    expected: &str,
+) -> Result<(), AttnError> {
+    if rows.is_some_and(|r| r != shape[0]) || shape[1] != cols {
+        return Err(AttnError::shape(
+            name,
+            format!("expected shape {expected}, got {}", shape_str(shape)),
+        ));
+    }
+    Ok(())
+}
+
+fn check_weights<T>(weights: &MhaWeights<'_, T>, heads: MhaHeads) -> Result<LayerDims, AttnError> {
+    let MhaHeads {
+        num_heads,
+        num_kv_heads,
+    } = heads;
+    if num_heads == 0 {
+        return Err(AttnError::value("num_heads", "must be >= 1, got 0"));
+    }
+    if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        return Err(AttnError::value(
+            "num_kv_heads",
+            format!("num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"),
+        ));
+    }
+    let (embed_dim, query_width) = weights.w_q.dim();
+    if query_width % num_heads != 0 {
+        return Err(AttnError::shape(
+            "w_q",
+            format!(
+                "has {query_width} columns, not a multiple of num_heads ({num_heads}); shape {}",
+                shape_str(weights.w_q.shape())
+            ),
+        ));
+    }
+    let head_dim = query_width / num_heads;
+    let kv_width = num_kv_heads * head_dim;
+    let kv_expected = format!("(kdim, num_kv_heads * head_dim) = (kdim, {kv_width})");
+    check_matrix("w_k", weights.w_k.shape(), None, kv_width, &kv_expected)?;
+    check_matrix("w_v", weights.w_v.shape(), None, kv_width, &kv_expected)?;
+    let output_dim = weights.w_o.ncols();
+    check_matrix(
+        "w_o",
+        weights.w_o.shape(),
+        Some(query_width),
+        output_dim,
+        &format!("(num_heads * head_dim, E) = ({query_width}, E)"),
+    )?;
+    for (name, bias, width) in [
+        ("b_q", weights.b_q, query_width),
+        ("b_k", weights.b_k, kv_width),
+        ("b_v", weights.b_v, kv_width),
+        ("b_o", weights.b_o, output_dim),
+    ] {
+        if let Some(bias) = bias {
+            if bias.len() != width {
+                return Err(AttnError::shape(
+                    name,
+                    format!("expected shape ({width},), got {}", shape_str(bias.shape())),
+                ));
+            }
+        }
+    }
+    Ok(LayerDims {
+        embed_dim,
+        key_dim: weights.w_k.nrows(),
+        value_dim: weights.w_v.nrows(),
+        head_dim,
+        output_dim,
+    })
+}
+
+fn check_inputs<T>(inputs: &MhaInputs<'_, T>, dims: &LayerDims) -> Result<(), AttnError> {
+    let (batch, _, width) = inputs.query.dim();
+    if width != dims.embed_dim {
+        return Err(AttnError::shape(
+            "query",
+            format!(
+                "last axis must be embed_dim = {}, got shape {}",
+                dims.embed_dim,
+                shape_str(inputs.query.shape())
+            ),
+        ));
+    }
+    for (name, input, expected_width) in [
+        ("key", &inputs.key, dims.key_dim),
+        ("value", &inputs.value, dims.value_dim),
+    ] {
+        let (input_batch, _, input_width) = input.dim();
+        if input_batch != batch || input_width != expected_width {
+            return Err(AttnError::shape(
+                name,
+                format!(
+                    "expected shape (B, S, {expected_width}) with B = {batch} like query, got {}",
+                    shape_str(input.shape())
+                ),
+            ));
+        }
+    }
+    if inputs.key.dim().1 != inputs.value.dim().1 {
+        return Err(AttnError::shape(
+            "value",
+            format!(
+                "has {} tokens but key has {} (key {}, value {})",
+                inputs.value.dim().1,
+                inputs.key.dim().1,
+                shape_str(inputs.key.shape()),
+                shape_str(inputs.value.shape())
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_cache<T: KernelElement>(
+    cache: &KvCache<T>,
+    batch: usize,
+    heads: MhaHeads,
+    head_dim: usize,
+) -> Result<(), AttnError> {
+    let fits = cache.batch() == batch
+        && cache.kv_heads() == heads.num_kv_heads
+        && cache.head_dim() == head_dim;
+    if !fits {
+        return Err(AttnError::shape(
+            "cache",
+            format!(
+                "holds (batch, num_kv_heads, head_dim) = ({}, {}, {}) but this call needs \
+                 ({batch}, {}, {head_dim})",
+                cache.batch(),
+                cache.kv_heads(),
+                cache.head_dim(),
+                heads.num_kv_heads
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `shape` broadcasts to `target` (NumPy rules, right-aligned).
+fn broadcasts(shape: &[usize], target: &[usize]) -> bool {
+    shape.len() <= target.len()
+        && shape
+            .iter()
+            .rev()
+            .zip(target.iter().rev())
+            .all(|(&m, &t)| m == t || m == 1)
+}
+
+/// `view` with leading length-1 axes up to rank 4.
+fn as_rank4<'a, U>(view: &ArrayViewD<'a, U>) -> ArrayViewD<'a, U> {
+    let mut view = view.clone();
+    while view.ndim() < 4 {
+        view.insert_axis_inplace(Axis(0));
+    }
+    view
+}
+
+/// The attention mask and the key padding mask as one mask for the kernel. A padding mask
+/// becomes `(B, 1, 1, S)` (true = may attend) and is combined with `attn_mask` by broadcasting,
+/// so nothing of size `Hq·L·S` is built unless `attn_mask` already has that size.
+enum CombinedMask<'a, T> {
+    Borrowed(Mask<'a, T>),
+    Bool(ArrayD<bool>),
+    Additive(ArrayD<T>),
+}
+
+impl<'a, T: KernelElement> CombinedMask<'a, T> {
+    fn new(attn_mask: Mask<'a, T>, key_padding_mask: Option<ArrayView2<'_, bool>>) -> Self {
+        let Some(padding) = key_padding_mask else {
+            return CombinedMask::Borrowed(attn_mask);
+        };
+        let (batch, keys) = padding.dim();
+        let may_attend = padding
+            .mapv(|is_padding| !is_padding)
+            .into_shape_with_order(IxDyn(&[batch, 1, 1, keys]))
+            .expect("(B, S) reshapes to (B, 1, 1, S)");
+        match attn_mask {
+            Mask::None => CombinedMask::Bool(may_attend),
+            Mask::Bool(mask) => CombinedMask::Bool(&as_rank4(&mask) & &may_attend),
+            Mask::Additive(mask) => {
+                let hidden = may_attend.mapv(|keep| if keep { T::ZERO } else { T::NEG_INFINITY });
+                CombinedMask::Additive(&as_rank4(&mask) + &hidden)
+            }
+        }
+    }
+
+    fn view(&self) -> Mask<'_, T> {
+        match self {
+            CombinedMask::Borrowed(Mask::None) => Mask::None,
+            CombinedMask::Borrowed(Mask::Bool(view)) => Mask::Bool(view.view()),
+            CombinedMask::Borrowed(Mask::Additive(view)) => Mask::Additive(view.view()),
+            CombinedMask::Bool(array) => Mask::Bool(array.view()),
+            CombinedMask::Additive(array) => Mask::Additive(array.view()),
+        }
+    }
+}
+
+/// A `(B, N, E)` input as `(B·N, E)` rows (a view: the input is already contiguous).
+fn token_rows<'b, T>(input: &'b CowArray<'_, T, Ix3>) -> ArrayView2<'b, T> {
+    let (batch, tokens, width) = input.dim();
+    input
+        .view()
+        .into_shape_with_order((batch * tokens, width))
+        .expect("a standard-layout (B, N, E) array reshapes to (B·N, E)")
+}
+
+/// `(B, N, H·Dh)` projected rows as the kernel's `(B, H, N, Dh)` (a view; no copy).
+fn split_heads<T>(
+    projected: &Array2<T>,
+    batch: usize,
+    heads: usize,
+    head_dim: usize,
+) -> ArrayView4<'_, T> {
+    let tokens = projected.nrows() / batch.max(1);
+    projected
+        .view()
+        .into_shape_with_order((batch, tokens, heads, head_dim))
+        .expect("projection rows are (B·N, H·Dh)")
+        .permuted_axes([0, 2, 1, 3])
+}
+
+/// The whole layer: projections, attention over every head, output projection. Returns the
+/// output `(B, L, E_out)` and, with `need_weights`, the per-head weights `(B, Hq, L, S)`.
+///
+/// With a `cache`, the new keys and values are appended and the queries attend over the whole
+/// cache with bottom-right causal alignment (query `i` of `L` sees keys up to `len - L + i`);
+/// the call must then be self-attention (`key` and `value` are `query`). If the call fails the
+/// cache is left as it was.
+pub fn multi_head_attention<T: KernelElement>(
+    weights: &MhaWeights<'_, T>,
+    heads: MhaHeads,
+    inputs: MhaInputs<'_, T>,
+    cache: Option<&mut KvCache<T>>,
+) -> Result<Attention<T>, AttnError> {
+    let dims = check_weights(weights, heads)?;
+    check_inputs(&inputs, &dims)?;
+    let (batch, num_queries, _) = inputs.query.dim();
+    let new_keys = inputs.key.dim().1;
+    let total_keys = match &cache {
+        Some(cache) => {
+            check_cache(cache, batch, heads, dims.head_dim)?;
+            cache.len() + new_keys
+        }
+        None => new_keys,
+    };
+    let weights_shape = [batch, heads.num_heads, num_queries, total_keys];
+    if let Some(padding) = &inputs.key_padding_mask {
+        if padding.dim() != (batch, total_keys) {
+            let cached = if cache.is_some() {
+                " (S counts the cached tokens and the new ones)"
+            } else {
+                ""
+            };
+            return Err(AttnError::shape(
+                "key_padding_mask",
+                format!(
+                    "expected shape (B, S) = ({batch}, {total_keys}){cached}, got {}",
+                    shape_str(padding.shape())
+                ),
+            ));
+        }
+    }
+    let mask_shape = match &inputs.attn_mask {
+        Mask::None => None,
+        Mask::Bool(view) => Some(view.shape().to_vec()),
+        Mask::Additive(view) => Some(view.shape().to_vec()),
+    };
+    if let Some(shape) = mask_shape {
+        if !broadcasts(&shape, &weights_shape) {
+            return Err(AttnError::shape(
+                "attn_mask",
+                format!(
+                    "shape {} does not broadcast to (B, num_heads, L, S) = {}",
+                    shape_str(&shape),
+                    shape_str(&weights_shape)
+                ),
+            ));
+        }
+    }
+
+    let (query_rows, key_rows, value_rows) = (
+        inputs.query.as_standard_layout(),
+        inputs.key.as_standard_layout(),
+        inputs.value.as_standard_layout(),
+    );
+    let projected_query = linear(token_rows(&query_rows), weights.w_q, weights.b_q);
+    let projected_key = linear(token_rows(&key_rows), weights.w_k, weights.b_k);
+    let projected_value = linear(token_rows(&value_rows), weights.w_v, weights.b_v);
+    let query = split_heads(&projected_query, batch, heads.num_heads, dims.head_dim);
+    let key = split_heads(&projected_key, batch, heads.num_kv_heads, dims.head_dim);
+    let value = split_heads(&projected_value, batch, heads.num_kv_heads, dims.head_dim);
+    let mask = CombinedMask::new(inputs.attn_mask, inputs.key_padding_mask);
+
+    let attention = match cache {
+        None => scaled_dot_product_attention(
+            query.into_dyn(),
+            key.into_dyn(),
+            value.into_dyn(),
+            mask.view(),
+            &AttentionOptions {
+                is_causal: inputs.is_causal,
+                enable_gqa: true,
+                return_weights: inputs.need_weights,
+                ..Default::default()
+            },
+        )?,
+        Some(cache) => {
+            let held = cache.len();
+            cache.append(key, value)?;
+            let options = CacheAttendOptions {
+                enable_gqa: true,
+                return_weights: inputs.need_weights,
+                ..Default::default()
+            };
+            match cache.attend(query.into_dyn(), mask.view(), &options) {
+                Ok(attention) => attention,
+                Err(error) => {
+                    cache.truncate(held);
+                    return Err(error);
+                }
+            }
+        }
+    };
+
+    // Join the heads: (B, Hq, L, Dh) -> (B·L, Hq·Dh), then project back.
+    let joined: Array4<T> = attention
+        .output
+        .into_dimensionality::<Ix4>()
+        .expect("attention output is (B, Hq, L, Dh)")
+        .permuted_axes([0, 2, 1, 3])
+        .as_standard_layout()
+        .into_owned();
+    let joined = joined
+        .into_shape_with_order((batch * num_queries, heads.num_heads * dims.head_dim))
+        .expect("standard layout (B, L, Hq, Dh) reshapes to (B·L, Hq·Dh)");
+    let output = linear(joined.view(), weights.w_o, weights.b_o)
+        .into_shape_with_order(IxDyn(&[batch, num_queries, dims.output_dim]))
+        .expect("(B·L, E) reshapes to (B, L, E)");
+    Ok(Attention {
+        output,
+        weights: attention.weights,
+    })
+}
