@@ -68,13 +68,22 @@ pub struct SoftmaxState<T> {
     pub acc: Vec<T>,
 }
 
-impl<T: Element> SoftmaxState<T> {
-    pub(crate) fn new(rows: usize, value_dim: usize) -> Self {
+impl<T> Default for SoftmaxState<T> {
+    fn default() -> Self {
         SoftmaxState {
-            max: vec![T::NEG_INFINITY; rows],
-            sum: vec![T::ZERO; rows],
-            acc: vec![T::ZERO; rows * value_dim],
+            max: Vec::new(),
+            sum: Vec::new(),
+            acc: Vec::new(),
         }
+    }
+}
+
+impl<T: Element> SoftmaxState<T> {
+    /// Empties the state for `rows` new rows, keeping its allocations.
+    pub(crate) fn reset(&mut self, rows: usize, value_dim: usize) {
+        refill(&mut self.max, rows, T::NEG_INFINITY);
+        refill(&mut self.sum, rows, T::ZERO);
+        refill(&mut self.acc, rows * value_dim, T::ZERO);
     }
 
     /// Writes `acc / sum` into `out` (`rows x Dv`); rows that saw no key get zeros.
@@ -126,32 +135,58 @@ fn round_up(value: usize, multiple: usize) -> usize {
 /// kernel, which would pad them to a full tile of queries.
 const DOT_MAX_QUERIES: usize = 4;
 
+/// Buffers a task reuses from one block to the next (and a worker from one task to the next),
+/// so small problems are not dominated by allocation.
+#[derive(Default)]
+pub struct Scratch<T> {
+    queries: Vec<T>,
+    scores: Vec<T>,
+    block_max: Vec<T>,
+    shift: Vec<T>,
+    block_sum: Vec<T>,
+    /// The online-softmax state of the task being computed.
+    pub state: SoftmaxState<T>,
+}
+
+/// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
+fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
+    buffer.clear();
+    buffer.resize(len, value);
+}
+
 /// A block's queries, multiplied by `score_scale` and laid out for the score kernel: `Qᵀ`
 /// (`depth x width`) for the tiled kernel, or the rows themselves for the dot-product one.
 /// `width` is the number of query columns of the `Sᵀ` tile (the queries, padded).
-struct PackedQueries<T> {
-    data: Vec<T>,
+struct PackedQueries<'a, T> {
+    data: &'a [T],
     width: usize,
     by_dot: bool,
 }
 
-fn pack_queries<V: SimdVec>(
+fn pack_queries<'a, V: SimdVec>(
     params: &KernelParams<V::Elem>,
     q: &[V::Elem],
     rows: &Range<usize>,
-) -> PackedQueries<V::Elem> {
+    data: &'a mut Vec<V::Elem>,
+) -> PackedQueries<'a, V::Elem> {
     let depth = params.depth;
     let queries = &q[rows.start * depth..rows.end * depth];
     if rows.len() <= DOT_MAX_QUERIES {
-        let data = queries.iter().map(|&x| x * params.score_scale).collect();
+        data.clear();
+        data.extend(queries.iter().map(|&x| x * params.score_scale));
         return PackedQueries {
             data,
             width: round_up(rows.len(), V::LANES),
             by_dot: true,
         };
     }
-    let width = round_up(rows.len(), V::TILE_VECS * V::LANES);
-    let mut data = vec![V::Elem::ZERO; depth * width];
+    let tile_width = V::TILE_VECS * V::LANES;
+    let width = if rows.len() >= tile_width {
+        round_up(rows.len(), tile_width)
+    } else {
+        round_up(rows.len(), V::LANES)
+    };
+    refill(data, depth * width, V::Elem::ZERO);
     for (row, query) in queries.chunks_exact(depth.max(1)).enumerate() {
         for (d, &x) in query.iter().enumerate() {
             data[d * width + row] = x * params.score_scale;
@@ -243,7 +278,7 @@ unsafe fn block_scores<V: SimdVec>(
     head: &HeadData<'_, V::Elem>,
     rows: &Range<usize>,
     keys: &Range<usize>,
-    queries: &PackedQueries<V::Elem>,
+    queries: &PackedQueries<'_, V::Elem>,
     scores: &mut [V::Elem],
 ) -> bool {
     let depth = params.depth;
@@ -253,7 +288,7 @@ unsafe fn block_scores<V: SimdVec>(
         transposed_scores_by_dot::<V>(
             key_rows,
             keys.len(),
-            &queries.data,
+            queries.data,
             rows.len(),
             depth,
             queries.width,
@@ -263,7 +298,7 @@ unsafe fn block_scores<V: SimdVec>(
         transposed_scores::<V>(
             key_rows,
             keys.len(),
-            &queries.data,
+            queries.data,
             depth,
             queries.width,
             scores,
@@ -279,7 +314,7 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
     head: &HeadData<'_, V::Elem>,
     rows: Range<usize>,
     keys: Range<usize>,
-    state: &mut SoftmaxState<V::Elem>,
+    scratch: &mut Scratch<V::Elem>,
 ) {
     let span = params.bounds.block_keys(&rows);
     let span = span.start.max(keys.start)..span.end.min(keys.end);
@@ -287,22 +322,30 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
         return;
     }
     let dv = params.value_dim;
-    let queries = pack_queries::<V>(params, head.q, &rows);
+    let Scratch {
+        queries,
+        scores,
+        block_max,
+        shift,
+        block_sum,
+        state,
+    } = scratch;
+    let queries = pack_queries::<V>(params, head.q, &rows, queries);
     let width = queries.width;
-    let mut scores = vec![V::Elem::ZERO; KEY_BLOCK.min(span.len()) * width];
-    let mut block_max = vec![V::Elem::NEG_INFINITY; width];
-    let mut shift = vec![V::Elem::ZERO; width];
-    let mut block_sum = vec![V::Elem::ZERO; width];
+    refill(scores, KEY_BLOCK.min(span.len()) * width, V::Elem::ZERO);
+    refill(block_max, width, V::Elem::NEG_INFINITY);
+    refill(shift, width, V::Elem::ZERO);
+    refill(block_sum, width, V::Elem::ZERO);
 
     let mut block_start = span.start;
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        let hidden = block_scores::<V>(params, head, &rows, &block, &queries, &mut scores);
+        let hidden = block_scores::<V>(params, head, &rows, &block, &queries, scores);
 
         block_max.fill(V::Elem::NEG_INFINITY);
-        column_max::<V>(&scores, block.len(), width, &mut block_max);
-        for (query, (shift, &max)) in shift.iter_mut().zip(&block_max).enumerate() {
+        column_max::<V>(scores, block.len(), width, block_max);
+        for (query, (shift, &max)) in shift.iter_mut().zip(block_max.iter()).enumerate() {
             let running = state
                 .max
                 .get(query)
@@ -317,7 +360,7 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
             };
         }
         block_sum.fill(V::Elem::ZERO);
-        column_exp2::<V>(&mut scores, block.len(), width, &shift, &mut block_sum);
+        column_exp2::<V>(scores, block.len(), width, shift, block_sum);
 
         for query in 0..rows.len() {
             let best = state.max[query].max(block_max[query]);
@@ -342,7 +385,7 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
             key_stride: width,
         };
         accumulate_pv::<V>(
-            &scores,
+            scores,
             layout,
             rows.len(),
             block.len(),
@@ -363,6 +406,7 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
     rows: Range<usize>,
     weights: &mut [V::Elem],
     out: &mut [V::Elem],
+    scratch: &mut Scratch<V::Elem>,
 ) {
     let span = params.bounds.block_keys(&rows);
     if rows.is_empty() || span.is_empty() {
@@ -370,16 +414,17 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
     }
     let num_keys = params.num_keys;
     let dv = params.value_dim;
-    let queries = pack_queries::<V>(params, head.q, &rows);
+    let queries = pack_queries::<V>(params, head.q, &rows, &mut scratch.queries);
     let width = queries.width;
-    let mut scores = vec![V::Elem::ZERO; KEY_BLOCK.min(span.len()) * width];
+    let scores = &mut scratch.scores;
+    refill(scores, KEY_BLOCK.min(span.len()) * width, V::Elem::ZERO);
     let mut hidden = false;
 
     let mut block_start = span.start;
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        hidden |= block_scores::<V>(params, head, &rows, &block, &queries, &mut scores);
+        hidden |= block_scores::<V>(params, head, &rows, &block, &queries, scores);
         for (col, key) in block.clone().enumerate() {
             for query in 0..rows.len() {
                 weights[query * num_keys + key] = scores[col * width + query];
@@ -424,7 +469,7 @@ pub trait KernelElement: Element {
         head: &HeadData<'_, Self>,
         rows: Range<usize>,
         keys: Range<usize>,
-        state: &mut SoftmaxState<Self>,
+        scratch: &mut Scratch<Self>,
     );
     fn weights(
         level: SimdLevel,
@@ -433,6 +478,7 @@ pub trait KernelElement: Element {
         rows: Range<usize>,
         weights: &mut [Self],
         out: &mut [Self],
+        scratch: &mut Scratch<Self>,
     );
 }
 
@@ -447,7 +493,7 @@ macro_rules! kernel_element {
                 head: &HeadData<'_, $t>,
                 rows: Range<usize>,
                 keys: Range<usize>,
-                state: &mut SoftmaxState<$t>,
+                scratch: &mut Scratch<$t>,
             ) {
                 #[cfg(target_arch = "x86_64")]
                 {
@@ -457,9 +503,9 @@ macro_rules! kernel_element {
                         head: &HeadData<'_, $t>,
                         rows: Range<usize>,
                         keys: Range<usize>,
-                        state: &mut SoftmaxState<$t>,
+                        scratch: &mut Scratch<$t>,
                     ) {
-                        flash_block::<$avx512>(params, head, rows, keys, state)
+                        flash_block::<$avx512>(params, head, rows, keys, scratch)
                     }
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn avx2(
@@ -467,23 +513,25 @@ macro_rules! kernel_element {
                         head: &HeadData<'_, $t>,
                         rows: Range<usize>,
                         keys: Range<usize>,
-                        state: &mut SoftmaxState<$t>,
+                        scratch: &mut Scratch<$t>,
                     ) {
-                        flash_block::<$avx2>(params, head, rows, keys, state)
+                        flash_block::<$avx2>(params, head, rows, keys, scratch)
                     }
                     // SAFETY: `level` comes from `simd::active_level`, which only returns
                     // levels this CPU supports.
                     match level {
                         SimdLevel::Avx512 => {
-                            return unsafe { avx512(params, head, rows, keys, state) }
+                            return unsafe { avx512(params, head, rows, keys, scratch) }
                         }
-                        SimdLevel::Avx2 => return unsafe { avx2(params, head, rows, keys, state) },
+                        SimdLevel::Avx2 => {
+                            return unsafe { avx2(params, head, rows, keys, scratch) }
+                        }
                         SimdLevel::Portable => {}
                     }
                 }
                 let _ = level;
                 // SAFETY: portable vectors need no CPU feature.
-                unsafe { flash_block::<$portable>(params, head, rows, keys, state) }
+                unsafe { flash_block::<$portable>(params, head, rows, keys, scratch) }
             }
 
             fn weights(
@@ -493,6 +541,7 @@ macro_rules! kernel_element {
                 rows: Range<usize>,
                 weights: &mut [$t],
                 out: &mut [$t],
+                scratch: &mut Scratch<$t>,
             ) {
                 #[cfg(target_arch = "x86_64")]
                 {
@@ -503,8 +552,9 @@ macro_rules! kernel_element {
                         rows: Range<usize>,
                         weights: &mut [$t],
                         out: &mut [$t],
+                        scratch: &mut Scratch<$t>,
                     ) {
-                        weights_block::<$avx512>(params, head, rows, weights, out)
+                        weights_block::<$avx512>(params, head, rows, weights, out, scratch)
                     }
                     #[target_feature(enable = "avx2,fma")]
                     unsafe fn avx2(
@@ -513,23 +563,24 @@ macro_rules! kernel_element {
                         rows: Range<usize>,
                         weights: &mut [$t],
                         out: &mut [$t],
+                        scratch: &mut Scratch<$t>,
                     ) {
-                        weights_block::<$avx2>(params, head, rows, weights, out)
+                        weights_block::<$avx2>(params, head, rows, weights, out, scratch)
                     }
                     // SAFETY: as above, `level` is supported by this CPU.
                     match level {
                         SimdLevel::Avx512 => {
-                            return unsafe { avx512(params, head, rows, weights, out) }
+                            return unsafe { avx512(params, head, rows, weights, out, scratch) }
                         }
                         SimdLevel::Avx2 => {
-                            return unsafe { avx2(params, head, rows, weights, out) }
+                            return unsafe { avx2(params, head, rows, weights, out, scratch) }
                         }
                         SimdLevel::Portable => {}
                     }
                 }
                 let _ = level;
                 // SAFETY: portable vectors need no CPU feature.
-                unsafe { weights_block::<$portable>(params, head, rows, weights, out) }
+                unsafe { weights_block::<$portable>(params, head, rows, weights, out, scratch) }
             }
         }
     };

@@ -48,7 +48,7 @@ unsafe fn product_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
 }
 
 /// `Sᵀ[j][i] = Σ_d k[j][d] · qt[d][i]` for `num_keys` keys (rows of `k`, stride `depth`) and
-/// `width` queries (a multiple of `V::TILE_VECS * V::LANES`); `qt` is `depth x width`.
+/// `width` queries (a multiple of `V::LANES`); `qt` is `depth x width`.
 #[inline(always)]
 pub(crate) unsafe fn transposed_scores<V: SimdVec>(
     keys: &[V::Elem],
@@ -58,31 +58,64 @@ pub(crate) unsafe fn transposed_scores<V: SimdVec>(
     width: usize,
     scores: &mut [V::Elem],
 ) {
-    debug_assert!(width.is_multiple_of(V::TILE_VECS * V::LANES));
+    debug_assert!(width.is_multiple_of(V::LANES));
     debug_assert!(keys.len() >= num_keys * depth && qt.len() >= depth * width);
     debug_assert!(scores.len() >= num_keys * width);
     let tile_width = V::TILE_VECS * V::LANES;
-    let (k, q, s) = (keys.as_ptr(), qt.as_ptr(), scores.as_mut_ptr());
-    for col in (0..width).step_by(tile_width) {
-        let mut key = 0;
-        while key + TILE_ROWS <= num_keys {
-            let (a, out) = (k.add(key * depth), s.add(key * width + col));
-            if V::TILE_VECS == 4 {
-                product_tile::<V, TILE_ROWS, 4>(a, depth, q.add(col), width, depth, out, width);
-            } else {
-                product_tile::<V, TILE_ROWS, 2>(a, depth, q.add(col), width, depth, out, width);
+    let mut col = 0;
+    while col < width {
+        // Full register tiles of queries, then single vectors for a narrow remainder.
+        let vectors = if col + tile_width <= width {
+            V::TILE_VECS
+        } else {
+            1
+        };
+        scores_columns::<V>(keys, num_keys, qt, depth, width, col, vectors, scores);
+        col += vectors * V::LANES;
+    }
+}
+
+/// One column strip of [`transposed_scores`]: `vectors` vectors of queries starting at `col`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_columns<V: SimdVec>(
+    keys: &[V::Elem],
+    num_keys: usize,
+    qt: &[V::Elem],
+    depth: usize,
+    width: usize,
+    col: usize,
+    vectors: usize,
+    scores: &mut [V::Elem],
+) {
+    let (k, q, s) = (
+        keys.as_ptr(),
+        qt.as_ptr().add(col),
+        scores.as_mut_ptr().add(col),
+    );
+    let mut key = 0;
+    while key < num_keys {
+        let rows = if key + TILE_ROWS <= num_keys {
+            TILE_ROWS
+        } else {
+            1
+        };
+        let (a, out) = (k.add(key * depth), s.add(key * width));
+        match (rows, vectors) {
+            (TILE_ROWS, 4) => {
+                product_tile::<V, TILE_ROWS, 4>(a, depth, q, width, depth, out, width)
             }
-            key += TILE_ROWS;
-        }
-        while key < num_keys {
-            let (a, out) = (k.add(key * depth), s.add(key * width + col));
-            if V::TILE_VECS == 4 {
-                product_tile::<V, 1, 4>(a, depth, q.add(col), width, depth, out, width);
-            } else {
-                product_tile::<V, 1, 2>(a, depth, q.add(col), width, depth, out, width);
+            (TILE_ROWS, 2) => {
+                product_tile::<V, TILE_ROWS, 2>(a, depth, q, width, depth, out, width)
             }
-            key += 1;
+            (TILE_ROWS, _) => {
+                product_tile::<V, TILE_ROWS, 1>(a, depth, q, width, depth, out, width)
+            }
+            (_, 4) => product_tile::<V, 1, 4>(a, depth, q, width, depth, out, width),
+            (_, 2) => product_tile::<V, 1, 2>(a, depth, q, width, depth, out, width),
+            _ => product_tile::<V, 1, 1>(a, depth, q, width, depth, out, width),
         }
+        key += rows;
     }
 }
 

@@ -1,7 +1,7 @@
 //! The only file that knows Python: argument conversion, dtype dispatch, errors, and releasing
 //! the GIL around every kernel call.
 
-use numpy::{IntoPyArray, PyReadonlyArrayDyn};
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
@@ -120,9 +120,10 @@ fn scaled_dot_product_attention<'py>(
         enable_gqa,
         return_weights,
     };
-    if query.extract::<PyReadonlyArrayDyn<'py, f32>>().is_ok() {
+    // A type check, not a borrow: the array is borrowed once, in `attend_typed`.
+    if query.cast::<PyArrayDyn<f32>>().is_ok() {
         attend_typed::<f32>(py, query, key, value, attn_mask, options)
-    } else if query.extract::<PyReadonlyArrayDyn<'py, f64>>().is_ok() {
+    } else if query.cast::<PyArrayDyn<f64>>().is_ok() {
         attend_typed::<f64>(py, query, key, value, attn_mask, options)
     } else {
         Err(dtype_error("query", query))

@@ -9,7 +9,7 @@ import numpy as np
 
 from ._engine import core
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT_CHARS = (np.dtype(np.float32).char, np.dtype(np.float64).char)
 # A window side wider than any sequence means "unbounded"; this one still fits the core's usize.
 _WIDEST_SIDE = 2**63 - 1
 # More worker threads than this is a mistake, not a configuration.
@@ -18,7 +18,7 @@ _ALIGNMENTS = ("top_left", "bottom_right")
 
 
 def _require_array(value, name: str) -> np.ndarray:
-    if not isinstance(value, np.ndarray):
+    if type(value) is not np.ndarray and not isinstance(value, np.ndarray):
         raise TypeError(
             f"{name} must be a numpy.ndarray, got {type(value).__name__}; "
             f"wrap it with numpy.asarray({name}, dtype=numpy.float32)"
@@ -28,23 +28,20 @@ def _require_array(value, name: str) -> np.ndarray:
 
 def check_qkv(query, key, value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """query/key/value are float32 or float64 ndarrays of one dtype (shapes are checked in Rust)."""
-    arrays = tuple(
-        _require_array(a, n) for a, n in ((query, "query"), (key, "key"), (value, "value"))
-    )
-    for array, name in zip(arrays, ("query", "key", "value"), strict=True):
-        if array.dtype not in _FLOAT_DTYPES:
+    # Written for speed: this runs on every call, and tiny calls are dominated by overhead.
+    for array, name in ((query, "query"), (key, "key"), (value, "value")):
+        _require_array(array, name)
+        if array.dtype.char not in _FLOAT_CHARS:
             raise TypeError(
                 f"{name} has dtype {array.dtype}; attnscope computes in float32 or float64: "
                 f"convert with {name}.astype(numpy.float32)"
             )
-    dtypes = {a.dtype for a in arrays}
-    if len(dtypes) > 1:
+    if not query.dtype.char == key.dtype.char == value.dtype.char:
         raise TypeError(
             "query, key and value must share one dtype, got "
-            f"{arrays[0].dtype}, {arrays[1].dtype} and {arrays[2].dtype}; "
-            "convert them with .astype()"
+            f"{query.dtype}, {key.dtype} and {value.dtype}; convert them with .astype()"
         )
-    return arrays
+    return query, key, value
 
 
 def check_mask(attn_mask, dtype: np.dtype, name: str = "attn_mask") -> np.ndarray | None:
@@ -107,6 +104,8 @@ def check_alignment(causal_alignment) -> str:
 
 
 def check_flag(value, name: str) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
