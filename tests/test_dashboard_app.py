@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from attnscope import reference
-from attnscope.dashboard import engine, heads, regimes, text
+from attnscope.dashboard import cost, engine, heads, regimes, text
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
@@ -204,11 +204,15 @@ def test_cost_sweep_controls_and_tables():
     app.select_slider(key="cost_dim").set_value(32)
     app.slider(key="cost_threads").set_value(1)
     app.select_slider(key="cost_budget").set_value(64)
+    app.checkbox(key="cost_torch").check()
     app.button(key="cost_run").click().run()
     assert_clean(app)
     drawn = charts(app)
     timing = next(frame for title, frame in drawn.items() if title.startswith("Time per call"))
-    assert set(timing["n"][timing["kind"] == "measured"]) == {128, 256, 512}
+    measured = timing[timing["kind"] == "measured"]
+    assert set(measured["n"]) == {128, 256, 512}
+    if cost.torch_installed():
+        assert "PyTorch SDPA full" in set(measured["method"])
     assert any(title.startswith("Memory") for title in drawn)
 
     for shape in (

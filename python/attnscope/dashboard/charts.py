@@ -207,7 +207,11 @@ def lines(
     encoding = {
         "x": alt.X(f"{x}:Q", scale=x_scale, title=x_title or x),
         "y": alt.Y(f"{y}:Q", scale=y_scale, title=y_title or y),
-        "color": alt.Color(f"{color}:N", legend=alt.Legend(title=None, orient="bottom")),
+        "color": alt.Color(
+            f"{color}:N",
+            scale=alt.Scale(scheme="tableau10"),
+            legend=alt.Legend(title=None, orient="bottom"),
+        ),
         "tooltip": [
             alt.Tooltip(f"{color}:N"),
             alt.Tooltip(f"{x}:Q", format=",.4g"),

@@ -3,6 +3,7 @@ extrapolations to long contexts, and the memory of the naive path and of a KV ca
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import statistics
 import time
@@ -72,6 +73,11 @@ def naive_attention(q, k, v, is_causal: bool = False) -> np.ndarray:
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return scores @ v
+
+
+def torch_installed() -> bool:
+    """Whether PyTorch could be imported (without paying for importing it)."""
+    return importlib.util.find_spec("torch") is not None
 
 
 def _torch_sdpa() -> Callable | None:

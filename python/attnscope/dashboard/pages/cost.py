@@ -39,9 +39,16 @@ with st.form("cost_form"):
     budget_mib = row[3].select_slider(
         "Memory budget (MiB)", BUDGET_CHOICES, value=256, key="cost_budget"
     )
-    st.form_submit_button("Run sweep", key="cost_run")
+    with_torch = st.checkbox(
+        "Include PyTorch's scaled_dot_product_attention (importing it takes a few seconds)",
+        value=False,
+        key="cost_torch",
+        disabled=not cost.torch_installed(),
+        help=None if cost.torch_installed() else "PyTorch is not installed here.",
+    )
+    st.form_submit_button("Run sweep", key="cost_run", type="primary")
 
-config = (longest, head_dim, threads, budget_mib)
+config = (longest, head_dim, threads, budget_mib, with_torch)
 results = st.session_state.setdefault("cost_results", {})
 if config not in results:
     progress = st.progress(0.0, text="Starting the sweep…")
@@ -52,6 +59,7 @@ if config not in results:
             cost.lengths(128, longest),
             head_dim,
             memory_budget=budget_mib * 2**20,
+            include_torch=with_torch,
             progress=lambda fraction, label: progress.progress(fraction, text=f"Timing {label}"),
         )
     except cost.SweepTooLarge as problem:
@@ -115,8 +123,9 @@ left.dataframe(exponents, hide_index=True, key="cost_exponents")
 right.markdown(
     "Full and causal attention should fit an exponent near 2 once n is large enough for the "
     "arithmetic to dominate; a fixed window near 1, because each token sees at most "
-    f"{cost.SWEEP_WINDOW} keys. Short lengths are dominated by fixed overheads, so the fit "
-    "uses the longer half of the sweep."
+    f"{cost.SWEEP_WINDOW} keys. Calls shorter than a millisecond mostly time fixed overheads, "
+    "so the fit leaves them out. Timings on a busy or shared machine are noisy: run the "
+    "sweep again, or longer, if an exponent looks off."
 )
 skipped = frame[frame["status"] != "measured"].drop_duplicates("method")
 for _, item in skipped.iterrows():
