@@ -189,5 +189,371 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(simd_level, module)?)?;
     module.add_function(wrap_pyfunction!(force_simd_level, module)?)?;
     module.add_function(wrap_pyfunction!(simd_level_supported, module)?)?;
+    register_layer(module)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The multi-head attention layer and the KV cache. The Python classes in `attnscope._mha` check
+// the argument types and own the weights; these functions borrow the arrays and run the layer.
+
+fn register_layer(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_class::<KvCacheCore>()?;
+    module.add_function(wrap_pyfunction!(multi_head_attention_forward, module)?)?;
+    Ok(())
+}
+
+enum CacheStore {
+    F32(crate::KvCache<f32>),
+    F64(crate::KvCache<f64>),
+}
+
+/// The element types a cache can hold, and how to find a cache of that type in the store.
+trait CachedFloat: Float + numpy::Element {
+    const NAME: &'static str;
+    fn cache_in(store: &mut CacheStore) -> Option<&mut crate::KvCache<Self>>;
+}
+
+impl CachedFloat for f32 {
+    const NAME: &'static str = "float32";
+    fn cache_in(store: &mut CacheStore) -> Option<&mut crate::KvCache<f32>> {
+        match store {
+            CacheStore::F32(cache) => Some(cache),
+            CacheStore::F64(_) => None,
+        }
+    }
+}
+
+impl CachedFloat for f64 {
+    const NAME: &'static str = "float64";
+    fn cache_in(store: &mut CacheStore) -> Option<&mut crate::KvCache<f64>> {
+        match store {
+            CacheStore::F64(cache) => Some(cache),
+            CacheStore::F32(_) => None,
+        }
+    }
+}
+
+impl CacheStore {
+    fn dtype(&self) -> &'static str {
+        match self {
+            CacheStore::F32(_) => f32::NAME,
+            CacheStore::F64(_) => f64::NAME,
+        }
+    }
+
+    fn typed<T: CachedFloat>(&mut self, what: &str) -> PyResult<&mut crate::KvCache<T>> {
+        let dtype = self.dtype();
+        T::cache_in(self).ok_or_else(|| {
+            PyTypeError::new_err(format!(
+                "cache holds {dtype} keys and values but {what} is {}; create the KVCache with \
+                 dtype=numpy.{}",
+                T::NAME,
+                T::NAME
+            ))
+        })
+    }
+}
+
+macro_rules! with_cache {
+    ($store:expr, $cache:ident => $body:expr) => {
+        match $store {
+            CacheStore::F32($cache) => $body,
+            CacheStore::F64($cache) => $body,
+        }
+    };
+}
+
+fn borrow_typed<'py, T: CachedFloat, D: ndarray::Dimension>(
+    array: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
+    array
+        .extract::<numpy::PyReadonlyArray<'py, T, D>>()
+        .map_err(|_| {
+            let dims = D::NDIM.map_or(String::new(), |n| format!("{n}-D "));
+            PyTypeError::new_err(format!("{name} must be a {dims}numpy.{} array", T::NAME))
+        })
+}
+
+/// Keys and values of past tokens (see `attnscope.KVCache`).
+#[pyclass(module = "attnscope._core")]
+struct KvCacheCore {
+    store: CacheStore,
+}
+
+impl KvCacheCore {
+    fn append_typed<T: CachedFloat>(
+        &mut self,
+        py: Python<'_>,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let (k, v) = (
+            borrow_typed::<T, ndarray::Ix4>(k, "k")?,
+            borrow_typed::<T, ndarray::Ix4>(v, "v")?,
+        );
+        let cache = self.store.typed::<T>("k")?;
+        let (k_view, v_view) = (k.as_array(), v.as_array());
+        Ok(py.detach(|| cache.append(k_view, v_view))?)
+    }
+
+    fn attend_typed<'py, T: CachedFloat>(
+        &mut self,
+        py: Python<'py>,
+        q: &Bound<'py, PyAny>,
+        options: crate::CacheAttendOptions,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let q = borrow_typed::<T, ndarray::IxDyn>(q, "q")?;
+        let cache = self.store.typed::<T>("q")?;
+        let q_view = q.as_array();
+        let result = py.detach(|| cache.attend(q_view, Mask::None, &options))?;
+        Ok(result.output.into_pyarray(py).into_any())
+    }
+}
+
+#[pymethods]
+impl KvCacheCore {
+    #[new]
+    #[pyo3(signature = (num_kv_heads, head_dim, batch, dtype, capacity))]
+    fn new(
+        num_kv_heads: usize,
+        head_dim: usize,
+        batch: usize,
+        dtype: &str,
+        capacity: usize,
+    ) -> PyResult<Self> {
+        let store = match dtype {
+            "float32" => CacheStore::F32(crate::KvCache::new(
+                num_kv_heads,
+                head_dim,
+                batch,
+                capacity,
+            )?),
+            "float64" => CacheStore::F64(crate::KvCache::new(
+                num_kv_heads,
+                head_dim,
+                batch,
+                capacity,
+            )?),
+            other => {
+                return Err(PyTypeError::new_err(format!(
+                    "dtype must be float32 or float64, got {other}"
+                )))
+            }
+        };
+        Ok(KvCacheCore { store })
+    }
+
+    /// Appends `k` and `v`, each (batch, num_kv_heads, n, head_dim); unchanged on error.
+    fn append(
+        &mut self,
+        py: Python<'_>,
+        k: &Bound<'_, PyAny>,
+        v: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        match self.store {
+            CacheStore::F32(_) => self.append_typed::<f32>(py, k, v),
+            CacheStore::F64(_) => self.append_typed::<f64>(py, k, v),
+        }
+    }
+
+    /// Bottom-right causal attention of `q` (batch, H, L, head_dim) over the cache.
+    #[pyo3(signature = (q, scale, window, enable_gqa))]
+    fn attend<'py>(
+        &mut self,
+        py: Python<'py>,
+        q: &Bound<'py, PyAny>,
+        scale: Option<f64>,
+        window: Option<(Option<usize>, Option<usize>)>,
+        enable_gqa: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let options = crate::CacheAttendOptions {
+            scale: parse_scale(scale)?,
+            window: window.map(|(left, right)| Window { left, right }),
+            enable_gqa,
+            return_weights: false,
+        };
+        match self.store {
+            CacheStore::F32(_) => self.attend_typed::<f32>(py, q, options),
+            CacheStore::F64(_) => self.attend_typed::<f64>(py, q, options),
+        }
+    }
+
+    fn reset(&mut self) {
+        with_cache!(&mut self.store, cache => cache.reset())
+    }
+
+    fn __len__(&self) -> usize {
+        with_cache!(&self.store, cache => cache.len())
+    }
+
+    #[getter]
+    fn nbytes(&self) -> usize {
+        with_cache!(&self.store, cache => cache.nbytes())
+    }
+
+    #[getter]
+    fn capacity(&self) -> usize {
+        with_cache!(&self.store, cache => cache.capacity())
+    }
+
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.store.dtype()
+    }
+
+    #[getter]
+    fn batch(&self) -> usize {
+        with_cache!(&self.store, cache => cache.batch())
+    }
+
+    #[getter]
+    fn num_kv_heads(&self) -> usize {
+        with_cache!(&self.store, cache => cache.kv_heads())
+    }
+
+    #[getter]
+    fn head_dim(&self) -> usize {
+        with_cache!(&self.store, cache => cache.head_dim())
+    }
+}
+
+/// The arrays of one layer call, borrowed from Python.
+struct LayerArrays<'py> {
+    query: Bound<'py, PyAny>,
+    key: Bound<'py, PyAny>,
+    value: Bound<'py, PyAny>,
+    matrices: [Bound<'py, PyAny>; 4],
+    biases: [Option<Bound<'py, PyAny>>; 4],
+    attn_mask: Option<Bound<'py, PyAny>>,
+    key_padding_mask: Option<Bound<'py, PyAny>>,
+}
+
+fn layer_typed<'py, T: CachedFloat>(
+    py: Python<'py>,
+    arrays: &LayerArrays<'py>,
+    heads: crate::MhaHeads,
+    is_causal: bool,
+    need_weights: bool,
+    cache: Option<&Bound<'py, KvCacheCore>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let inputs = [
+        borrow_typed::<T, ndarray::Ix3>(&arrays.query, "query")?,
+        borrow_typed::<T, ndarray::Ix3>(&arrays.key, "key")?,
+        borrow_typed::<T, ndarray::Ix3>(&arrays.value, "value")?,
+    ];
+    let mut matrices = Vec::with_capacity(4);
+    for (array, name) in arrays.matrices.iter().zip(["w_q", "w_k", "w_v", "w_o"]) {
+        matrices.push(borrow_typed::<T, ndarray::Ix2>(array, name)?);
+    }
+    let mut biases = Vec::with_capacity(4);
+    for (array, name) in arrays.biases.iter().zip(["b_q", "b_k", "b_v", "b_o"]) {
+        biases.push(match array {
+            Some(array) => Some(borrow_typed::<T, ndarray::Ix1>(array, name)?),
+            None => None,
+        });
+    }
+    let bool_mask = match &arrays.attn_mask {
+        Some(mask) => mask.extract::<PyReadonlyArrayDyn<'py, bool>>().ok(),
+        None => None,
+    };
+    let additive_mask = match (&arrays.attn_mask, &bool_mask) {
+        (Some(mask), None) => Some(borrow_typed::<T, ndarray::IxDyn>(mask, "attn_mask")?),
+        _ => None,
+    };
+    let padding = match &arrays.key_padding_mask {
+        Some(mask) => Some(
+            mask.extract::<numpy::PyReadonlyArray2<'py, bool>>()
+                .map_err(|_| PyTypeError::new_err("key_padding_mask must be a 2-D bool array"))?,
+        ),
+        None => None,
+    };
+    let mut cache_ref = cache.map(|cache| cache.borrow_mut());
+    let cache = match cache_ref.as_mut() {
+        Some(cache) => Some(cache.store.typed::<T>("the layer")?),
+        None => None,
+    };
+    let bias = |index: usize| biases[index].as_ref().map(|b| b.as_array());
+    let weights = crate::MhaWeights {
+        w_q: matrices[0].as_array(),
+        w_k: matrices[1].as_array(),
+        w_v: matrices[2].as_array(),
+        w_o: matrices[3].as_array(),
+        b_q: bias(0),
+        b_k: bias(1),
+        b_v: bias(2),
+        b_o: bias(3),
+    };
+    let layer_inputs = crate::MhaInputs {
+        query: inputs[0].as_array(),
+        key: inputs[1].as_array(),
+        value: inputs[2].as_array(),
+        attn_mask: match (&bool_mask, &additive_mask) {
+            (Some(mask), _) => Mask::Bool(mask.as_array()),
+            (_, Some(mask)) => Mask::Additive(mask.as_array()),
+            _ => Mask::None,
+        },
+        key_padding_mask: padding.as_ref().map(|mask| mask.as_array()),
+        is_causal,
+        need_weights,
+    };
+    let result = py.detach(|| crate::multi_head_attention(&weights, heads, layer_inputs, cache))?;
+    let output = result.output.into_pyarray(py).into_any();
+    match result.weights {
+        Some(weights) => {
+            let weights = weights.into_pyarray(py).into_any();
+            Ok(PyTuple::new(py, [output, weights])?.into_any())
+        }
+        None => Ok(output),
+    }
+}
+
+/// The whole multi-head attention layer in one call (see `attnscope.MultiHeadAttention`):
+/// (B, L, E) inputs, weights in `x·W` orientation, the GIL released throughout.
+#[pyfunction]
+#[pyo3(signature = (query, key, value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads, attn_mask, key_padding_mask, is_causal, need_weights, cache))]
+#[allow(clippy::too_many_arguments)]
+fn multi_head_attention_forward<'py>(
+    py: Python<'py>,
+    query: Bound<'py, PyAny>,
+    key: Bound<'py, PyAny>,
+    value: Bound<'py, PyAny>,
+    w_q: Bound<'py, PyAny>,
+    w_k: Bound<'py, PyAny>,
+    w_v: Bound<'py, PyAny>,
+    w_o: Bound<'py, PyAny>,
+    b_q: Option<Bound<'py, PyAny>>,
+    b_k: Option<Bound<'py, PyAny>>,
+    b_v: Option<Bound<'py, PyAny>>,
+    b_o: Option<Bound<'py, PyAny>>,
+    num_heads: usize,
+    num_kv_heads: usize,
+    attn_mask: Option<Bound<'py, PyAny>>,
+    key_padding_mask: Option<Bound<'py, PyAny>>,
+    is_causal: bool,
+    need_weights: bool,
+    cache: Option<Bound<'py, KvCacheCore>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let heads = crate::MhaHeads {
+        num_heads,
+        num_kv_heads,
+    };
+    let arrays = LayerArrays {
+        query,
+        key,
+        value,
+        matrices: [w_q, w_k, w_v, w_o],
+        biases: [b_q, b_k, b_v, b_o],
+        attn_mask,
+        key_padding_mask,
+    };
+    let cache = cache.as_ref();
+    if arrays.query.cast::<PyArrayDyn<f32>>().is_ok() {
+        layer_typed::<f32>(py, &arrays, heads, is_causal, need_weights, cache)
+    } else if arrays.query.cast::<PyArrayDyn<f64>>().is_ok() {
+        layer_typed::<f64>(py, &arrays, heads, is_causal, need_weights, cache)
+    } else {
+        Err(dtype_error("query", &arrays.query))
+    }
 }

@@ -1,7 +1,7 @@
 """attnscope: fast, exact CPU attention in Rust with a NumPy API.
 
-    import attnscope as ats
-    out = ats.scaled_dot_product_attention(q, k, v, is_causal=True)
+import attnscope as ats
+out = ats.scaled_dot_product_attention(q, k, v, is_causal=True)
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from ._attention import (
     set_weights_memory_limit,
 )
 from ._engine import core_available
+from ._mha import KVCache, MultiHeadAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
+    "MultiHeadAttention",
     "core_available",
     "get_num_threads",
     "get_weights_memory_limit",

@@ -1,14 +1,16 @@
 """Type stubs for the compiled engine. Call it through the checked wrappers in `attnscope`."""
 
-from typing import Any
+from typing import Any, final
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "KvCacheCore",
     "force_simd_level",
     "get_num_threads",
     "get_weights_memory_limit",
+    "multi_head_attention_forward",
     "scaled_dot_product_attention",
     "set_num_threads",
     "set_weights_memory_limit",
@@ -35,3 +37,56 @@ def get_weights_memory_limit() -> int: ...
 def simd_level() -> str: ...
 def force_simd_level(level: str | None) -> None: ...
 def simd_level_supported(level: str) -> bool: ...
+
+@final
+class KvCacheCore:
+    """Keys and values of past tokens (see `attnscope.KVCache`)."""
+
+    def __new__(
+        cls, num_kv_heads: int, head_dim: int, batch: int, dtype: str, capacity: int
+    ) -> KvCacheCore: ...
+    def append(
+        self, k: npt.NDArray[np.floating[Any]], v: npt.NDArray[np.floating[Any]]
+    ) -> None: ...
+    def attend(
+        self,
+        q: npt.NDArray[np.floating[Any]],
+        scale: float | None,
+        window: tuple[int | None, int | None] | None,
+        enable_gqa: bool,
+    ) -> npt.NDArray[np.floating[Any]]: ...
+    def reset(self) -> None: ...
+    def __len__(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+
+def multi_head_attention_forward(
+    query: npt.NDArray[np.floating[Any]],
+    key: npt.NDArray[np.floating[Any]],
+    value: npt.NDArray[np.floating[Any]],
+    w_q: npt.NDArray[np.floating[Any]],
+    w_k: npt.NDArray[np.floating[Any]],
+    w_v: npt.NDArray[np.floating[Any]],
+    w_o: npt.NDArray[np.floating[Any]],
+    b_q: npt.NDArray[np.floating[Any]] | None,
+    b_k: npt.NDArray[np.floating[Any]] | None,
+    b_v: npt.NDArray[np.floating[Any]] | None,
+    b_o: npt.NDArray[np.floating[Any]] | None,
+    num_heads: int,
+    num_kv_heads: int,
+    attn_mask: npt.NDArray[Any] | None,
+    key_padding_mask: npt.NDArray[np.bool_] | None,
+    is_causal: bool,
+    need_weights: bool,
+    cache: KvCacheCore | None,
+) -> Any: ...

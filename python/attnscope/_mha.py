@@ -1,0 +1,460 @@
+"""`MultiHeadAttention` (projections, every head at once, output projection) and `KVCache`
+(past keys and values for token-by-token decoding): argument checks here, the work in Rust."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+
+import numpy as np
+
+from ._attention import check_flag, check_mask, check_scale, check_window
+from ._engine import core
+
+__all__ = ["KVCache", "MultiHeadAttention"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
+_BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
+
+
+def _float_dtype(dtype) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as error:
+        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from error
+    if resolved not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {resolved}")
+    return resolved
+
+
+def _positive_int(value, name: str, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    lowest = 0 if allow_zero else 1
+    if value < lowest:
+        raise ValueError(f"{name} must be >= {lowest}, got {value}")
+    return int(value)
+
+
+def _array_of(value, name: str, dtype: np.dtype, ndims: tuple[int, ...]) -> np.ndarray:
+    """`value` as an ndarray of `dtype` with one of `ndims` dimensions, else TypeError or
+    ValueError naming the argument."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"{name} must be a numpy.ndarray, got {type(value).__name__}; "
+            f"wrap it with numpy.asarray({name}, dtype=numpy.{dtype})"
+        )
+    if value.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {value.dtype} but this computes in {dtype}; "
+            f"convert with {name}.astype(numpy.{dtype})"
+        )
+    if value.ndim not in ndims:
+        expected = " or ".join(str(n) for n in ndims)
+        raise ValueError(f"{name} must have {expected} dims, got shape {value.shape}")
+    return value
+
+
+class KVCache:
+    """The keys and values of the tokens generated so far, for decoding one token at a time.
+
+    Holds keys and values of shape ``(batch, num_kv_heads, len, head_dim)`` in buffers with
+    spare room; when the room runs out it at least doubles, so a long generation copies each
+    key a bounded number of times (no O(n²) copying). Attention reads the buffers in place.
+
+    Args:
+        num_kv_heads: key/value heads held.
+        head_dim: width of each head.
+        batch: sequences decoded side by side.
+        dtype: ``numpy.float32`` or ``numpy.float64``.
+        capacity: tokens to make room for up front (``None``: grow as needed).
+
+    Example::
+
+        cache = attnscope.KVCache(8, 64)
+        cache.append(k, v)                 # (1, 8, n, 64) each
+        out = cache.attend(q)              # (1, 8, L, 64); query i sees keys <= len - L + i
+    """
+
+    def __init__(self, num_kv_heads, head_dim, *, batch=1, dtype=np.float32, capacity=None):
+        self._dtype = _float_dtype(dtype)
+        self._core = core().KvCacheCore(
+            _positive_int(num_kv_heads, "num_kv_heads"),
+            _positive_int(head_dim, "head_dim"),
+            _positive_int(batch, "batch"),
+            str(self._dtype),
+            0 if capacity is None else _positive_int(capacity, "capacity", allow_zero=True),
+        )
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._core.num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._core.head_dim
+
+    @property
+    def batch(self) -> int:
+        return self._core.batch
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the keys and values held: ``2 · batch · num_kv_heads · len · head_dim``
+        elements (the spare room is not counted; see :attr:`capacity`)."""
+        return self._core.nbytes
+
+    @property
+    def capacity(self) -> int:
+        """Tokens that fit before the buffers grow."""
+        return self._core.capacity
+
+    def __len__(self) -> int:
+        """Tokens held."""
+        return len(self._core)
+
+    def __repr__(self) -> str:
+        return (
+            f"KVCache(num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"batch={self.batch}, dtype={self.dtype}, len={len(self)})"
+        )
+
+    def append(self, k, v) -> None:
+        """Appends ``k`` and ``v``, each ``(batch, num_kv_heads, n, head_dim)``.
+
+        Raises:
+            TypeError: not arrays of the cache's dtype.
+            ValueError: shapes that do not fit the cache, or ``k`` and ``v`` of different
+                lengths. The cache is left exactly as it was.
+        """
+        k = _array_of(k, "k", self._dtype, (4,))
+        v = _array_of(v, "v", self._dtype, (4,))
+        self._core.append(k, v)
+
+    def attend(self, q, *, scale=None, window=None, enable_gqa=False) -> np.ndarray:
+        """Attention of the newest ``L`` tokens' queries over the whole cache.
+
+        Args:
+            q: ``(batch, num_heads, L, head_dim)``; the ``L`` queries are the last ``L``
+                tokens appended, so query ``i`` sees keys ``j <= len - L + i`` (bottom-right
+                causal alignment).
+            scale: multiplies ``Q·Kᵀ``; defaults to ``1/sqrt(head_dim)``.
+            window: ``w`` keeps each query's ``w`` most recent keys; ``(left, right)`` as in
+                :func:`attnscope.scaled_dot_product_attention`.
+            enable_gqa: allow ``num_heads`` to be a multiple of ``num_kv_heads``.
+
+        Returns:
+            ``(batch, num_heads, L, head_dim)`` in the cache's dtype.
+        """
+        q = _array_of(q, "q", self._dtype, (4,))
+        return self._core.attend(
+            q, check_scale(scale), check_window(window), check_flag(enable_gqa, "enable_gqa")
+        )
+
+    def reset(self) -> None:
+        """Forgets every token (the buffers are kept for the next sequence)."""
+        self._core.reset()
+
+
+def _xavier_uniform(rng: np.random.Generator, rows: int, cols: int, dtype) -> np.ndarray:
+    bound = math.sqrt(6.0 / (rows + cols)) if rows + cols else 0.0
+    return rng.uniform(-bound, bound, size=(rows, cols)).astype(dtype)
+
+
+def _to_numpy(value) -> np.ndarray:
+    """A torch tensor (without importing torch) or anything array-like, as a NumPy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        if str(value.dtype) not in ("torch.float32", "torch.float64"):
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+class MultiHeadAttention:
+    """Multi-head attention as a layer, in the chapter's notation.
+
+    ``Q = x·W_Q``, ``K = x·W_K``, ``V = x·W_V`` (plus biases) are split into heads, every head
+    attends at once, and the joined heads are projected back with ``W_O``. The whole forward
+    runs in Rust in one call with the GIL released.
+
+    Args:
+        embed_dim: width ``E`` of the token embeddings (and of the output).
+        num_heads: query heads ``Hq``; ``E`` must be a multiple of it (``Dh = E / Hq``).
+        num_kv_heads: key/value heads ``Hkv`` (default ``Hq``); fewer gives grouped-query
+            attention, 1 multi-query attention. ``Hq`` must be a multiple of it.
+        bias: whether the four projections have biases.
+        seed: seed of the deterministic initialisation (Xavier-uniform weights, zero biases).
+        dtype: ``numpy.float32`` or ``numpy.float64``.
+        kdim, vdim: widths of the key and value inputs for cross-attention (default ``E``).
+
+    Attributes:
+        w_q: ``(E, Hq·Dh)``.  w_k: ``(kdim, Hkv·Dh)``.  w_v: ``(vdim, Hkv·Dh)``.
+        w_o: ``(Hq·Dh, E)``.  b_q, b_k, b_v, b_o: one per column, or ``None``.
+        They are plain arrays: assign new ones (same shapes and dtype) to change the layer.
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        *,
+        num_kv_heads=None,
+        bias=True,
+        seed=None,
+        dtype=np.float32,
+        kdim=None,
+        vdim=None,
+    ):
+        embed_dim = _positive_int(embed_dim, "embed_dim")
+        num_heads = _positive_int(num_heads, "num_heads")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
+        if embed_dim % num_heads:
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+            )
+        self._dtype = _float_dtype(dtype)
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
+        self.vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        kv_width = num_kv_heads * self.head_dim
+        rng = np.random.default_rng(seed)
+        self.w_q = _xavier_uniform(rng, embed_dim, embed_dim, self._dtype)
+        self.w_k = _xavier_uniform(rng, self.kdim, kv_width, self._dtype)
+        self.w_v = _xavier_uniform(rng, self.vdim, kv_width, self._dtype)
+        self.w_o = _xavier_uniform(rng, embed_dim, embed_dim, self._dtype)
+        use_bias = check_flag(bias, "bias")
+        zeros = (lambda n: np.zeros(n, dtype=self._dtype)) if use_bias else (lambda n: None)
+        self.b_q = zeros(embed_dim)
+        self.b_k = zeros(kv_width)
+        self.b_v = zeros(kv_width)
+        self.b_o = zeros(embed_dim)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_kv_heads={self.num_kv_heads}, bias={self.b_q is not None}, dtype={self.dtype})"
+        )
+
+    def new_cache(self, *, batch=1, capacity=None) -> KVCache:
+        """An empty :class:`KVCache` that fits this layer."""
+        return KVCache(
+            self.num_kv_heads, self.head_dim, batch=batch, dtype=self.dtype, capacity=capacity
+        )
+
+    def _parameters(self) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+        matrices = [_array_of(getattr(self, n), n, self._dtype, (2,)) for n in _WEIGHT_NAMES]
+        biases = [
+            None if getattr(self, n) is None else _array_of(getattr(self, n), n, self._dtype, (1,))
+            for n in _BIAS_NAMES
+        ]
+        return matrices, biases
+
+    def __call__(
+        self,
+        query,
+        key=None,
+        value=None,
+        *,
+        attn_mask=None,
+        key_padding_mask=None,
+        is_causal=False,
+        need_weights=False,
+        cache=None,
+    ):
+        """Runs the layer.
+
+        Args:
+            query: ``(B, L, E)``, or ``(L, E)`` for one unbatched sequence.
+            key: ``(B, S, kdim)``; defaults to ``query`` (self-attention).
+            value: ``(B, S, vdim)``; defaults to ``key``.
+            attn_mask: bool (True = may attend, as in :func:`scaled_dot_product_attention`;
+                PyTorch's bool masks mean the opposite) or float (added to the scores),
+                broadcastable to ``(B, Hq, L, S)`` (unbatched: ``(Hq, L, S)``).
+            key_padding_mask: bool ``(B, S)`` (unbatched ``(S,)``), True = padding: that key
+                is ignored, as in PyTorch.
+            is_causal: query ``i`` sees keys ``j <= i`` (top-left, as PyTorch).
+            need_weights: also return the per-head weights ``(B, Hq, L, S)`` (PyTorch averages
+                heads unless ``average_attn_weights=False``).
+            cache: a :class:`KVCache`: the new tokens' keys and values are appended and the
+                queries attend over the whole cache, causally with bottom-right alignment
+                (``S`` is then the cache length). Self-attention only. On error the cache is
+                left as it was.
+
+        Returns:
+            The output ``(B, L, E)`` (``(L, E)`` unbatched), or ``(output, weights)``. A query
+            that sees no key gets attention output zeros (so its output is ``b_o``).
+        """
+        dtype = self._dtype
+        query = _array_of(query, "query", dtype, (2, 3))
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be an attnscope.KVCache, got {type(cache).__name__}")
+            if (key is not None and key is not query) or (value is not None and value is not key):
+                raise ValueError(
+                    "cache= runs self-attention: leave key and value out (they are the query)"
+                )
+            if cache.dtype != dtype:
+                raise TypeError(
+                    f"cache holds {cache.dtype} but the layer computes in {dtype}; create it "
+                    f"with dtype=numpy.{dtype} (or layer.new_cache())"
+                )
+        key = query if key is None else _array_of(key, "key", dtype, (2, 3))
+        value = key if value is None else _array_of(value, "value", dtype, (2, 3))
+        unbatched = query.ndim == 2
+        for name, array in (("key", key), ("value", value)):
+            if array.ndim != query.ndim:
+                raise ValueError(
+                    f"{name} has shape {array.shape} but query has shape {query.shape}; "
+                    "both batched (B, N, E) or both unbatched (N, E)"
+                )
+        mask = check_mask(attn_mask, dtype)
+        padding = None
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, np.ndarray) or key_padding_mask.dtype != np.bool_:
+                raise TypeError(
+                    "key_padding_mask must be a bool numpy array (True = padding), got "
+                    f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}"
+                )
+            expected_ndim = 1 if unbatched else 2
+            if key_padding_mask.ndim != expected_ndim:
+                layout = "(S,)" if unbatched else "(B, S)"
+                raise ValueError(
+                    f"key_padding_mask must be {layout}, got shape {key_padding_mask.shape}"
+                )
+            padding = key_padding_mask[None] if unbatched else key_padding_mask
+        if unbatched:
+            query, key, value = query[None], key[None], value[None]
+        matrices, biases = self._parameters()
+        result = core().multi_head_attention_forward(
+            query,
+            key,
+            value,
+            *matrices,
+            *biases,
+            self.num_heads,
+            self.num_kv_heads,
+            mask,
+            padding,
+            check_flag(is_causal, "is_causal"),
+            check_flag(need_weights, "need_weights"),
+            None if cache is None else cache._core,
+        )
+        if not unbatched:
+            return result
+        if isinstance(result, tuple):
+            return result[0][0], result[1][0]
+        return result[0]
+
+    @classmethod
+    def from_torch(cls, module_or_state_dict, num_heads=None) -> MultiHeadAttention:
+        """A layer with the weights of a ``torch.nn.MultiheadAttention`` (or its state dict).
+
+        Converts ``in_proj_weight``/``in_proj_bias`` (or ``q_proj_weight``, ``k_proj_weight``,
+        ``v_proj_weight`` when ``kdim``/``vdim`` differ from ``embed_dim``) and ``out_proj.*``,
+        transposing them to the ``x·W`` orientation, so outputs and per-head weights match
+        PyTorch's. torch is not needed to call this with a dict of NumPy arrays.
+
+        Args:
+            module_or_state_dict: an ``nn.MultiheadAttention``, or a mapping of its state-dict
+                names to tensors or arrays.
+            num_heads: required with a mapping (a state dict does not record it); with a
+                module it must be ``None`` or equal ``module.num_heads``.
+
+        Note: PyTorch's default input layout is ``(L, B, E)`` unless ``batch_first=True``;
+        this layer takes ``(B, L, E)``. Dropout is not applied (use the module in eval mode
+        to compare).
+        """
+        source = module_or_state_dict
+        if hasattr(source, "state_dict") and callable(source.state_dict):
+            module_heads = getattr(source, "num_heads", None)
+            if num_heads is not None and num_heads != module_heads:
+                raise ValueError(
+                    f"num_heads={num_heads} but the module has num_heads={module_heads}"
+                )
+            num_heads = module_heads
+            if getattr(source, "add_zero_attn", False):
+                raise ValueError("add_zero_attn=True is not supported")
+            state = source.state_dict()
+        elif isinstance(source, Mapping):
+            if num_heads is None:
+                raise ValueError("num_heads is required when converting a state dict")
+            state = source
+        else:
+            raise TypeError(
+                "module_or_state_dict must be a torch.nn.MultiheadAttention or a mapping of "
+                f"its state-dict names to arrays, got {type(source).__name__}"
+            )
+        arrays = {name: _to_numpy(tensor) for name, tensor in state.items()}
+        for unsupported in ("bias_k", "bias_v"):
+            if arrays.get(unsupported) is not None:
+                raise ValueError(f"{unsupported} (add_bias_kv=True) is not supported")
+        if "out_proj.weight" not in arrays:
+            raise ValueError(
+                f"no 'out_proj.weight' in the state dict; found {sorted(arrays)} — is this an "
+                "nn.MultiheadAttention?"
+            )
+        out_weight = arrays["out_proj.weight"]
+        embed_dim = out_weight.shape[0]
+        if "in_proj_weight" in arrays:
+            packed = arrays["in_proj_weight"]
+            if packed.shape != (3 * embed_dim, embed_dim):
+                raise ValueError(
+                    f"in_proj_weight has shape {packed.shape}, expected "
+                    f"(3 * embed_dim, embed_dim) = {(3 * embed_dim, embed_dim)}"
+                )
+            q_weight, k_weight, v_weight = np.split(packed, 3, axis=0)
+        else:
+            missing = [
+                name
+                for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+                if name not in arrays
+            ]
+            if missing:
+                raise ValueError(f"the state dict has no in_proj_weight and no {missing}")
+            q_weight = arrays["q_proj_weight"]
+            k_weight = arrays["k_proj_weight"]
+            v_weight = arrays["v_proj_weight"]
+        in_bias = arrays.get("in_proj_bias")
+        out_bias = arrays.get("out_proj.bias")
+        dtype = np.float64 if q_weight.dtype == np.float64 else np.float32
+        layer = cls(
+            embed_dim,
+            num_heads,
+            bias=in_bias is not None or out_bias is not None,
+            dtype=dtype,
+            kdim=k_weight.shape[1],
+            vdim=v_weight.shape[1],
+        )
+
+        def oriented(weight: np.ndarray) -> np.ndarray:
+            return np.ascontiguousarray(weight.T, dtype=dtype)
+
+        layer.w_q, layer.w_k, layer.w_v = oriented(q_weight), oriented(k_weight), oriented(v_weight)
+        layer.w_o = oriented(out_weight)
+        if in_bias is not None:
+            layer.b_q, layer.b_k, layer.b_v = (
+                np.ascontiguousarray(part, dtype=dtype) for part in np.split(in_bias, 3)
+            )
+        else:
+            layer.b_q = layer.b_k = layer.b_v = None
+        layer.b_o = None if out_bias is None else np.ascontiguousarray(out_bias, dtype=dtype)
+        return layer
