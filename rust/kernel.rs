@@ -199,6 +199,78 @@ fn pack_queries<'a, V: SimdVec>(
     }
 }
 
+/// What a mask does to one block of (query rows, keys).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MaskCoverage {
+    /// Hides every pair: the block is skipped without computing a score.
+    Hidden,
+    /// Changes nothing (all True, or all 0.0): the block is computed as if unmasked.
+    Neutral,
+    Mixed,
+}
+
+/// Scans the mask over a block. Far cheaper than the block's scores (a byte per pair against
+/// `D + Dv` multiply-adds), and it lets a mostly-false mask (a sliding window given as a dense
+/// mask, say) cost what its visible pairs cost.
+fn mask_coverage<T: Element>(
+    mask: &MaskRows<'_, T>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+) -> MaskCoverage {
+    fn classify<M: Copy>(
+        data: &[M],
+        (base, row_stride, col_stride): (usize, usize, usize),
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+        visible: impl Fn(M) -> bool,
+        neutral: impl Fn(M) -> bool,
+    ) -> MaskCoverage {
+        let (mut any_visible, mut all_neutral) = (false, true);
+        for row in rows.clone() {
+            let row_base = base + row * row_stride;
+            for key in keys.clone() {
+                let value = data[row_base + key * col_stride];
+                any_visible |= visible(value);
+                all_neutral &= neutral(value);
+            }
+        }
+        match (any_visible, all_neutral) {
+            (false, _) => MaskCoverage::Hidden,
+            (true, true) => MaskCoverage::Neutral,
+            (true, false) => MaskCoverage::Mixed,
+        }
+    }
+    match *mask {
+        MaskRows::None => MaskCoverage::Neutral,
+        MaskRows::Bool {
+            data,
+            base,
+            row_stride,
+            col_stride,
+        } => classify(
+            data,
+            (base, row_stride, col_stride),
+            rows,
+            keys,
+            |m| m,
+            |m| m,
+        ),
+        MaskRows::Additive {
+            data,
+            base,
+            row_stride,
+            col_stride,
+        } => classify(
+            data,
+            (base, row_stride, col_stride),
+            rows,
+            keys,
+            |m| m != T::NEG_INFINITY,
+            |m| m == T::ZERO,
+        ),
+    }
+}
+
 /// Hides (sets to -inf) the scores the causal/window rules or the mask exclude, and adds an
 /// additive mask. `scores` is `Sᵀ`: (query `r`, key `c`) at `c * width + r`. Returns whether
 /// any key of the block was hidden from any query.
@@ -280,6 +352,7 @@ unsafe fn block_scores<V: SimdVec>(
     keys: &Range<usize>,
     queries: &PackedQueries<'_, V::Elem>,
     scores: &mut [V::Elem],
+    coverage: MaskCoverage,
 ) -> bool {
     let depth = params.depth;
     let key_rows = &head.k[keys.start * depth..keys.end * depth];
@@ -304,7 +377,12 @@ unsafe fn block_scores<V: SimdVec>(
             scores,
         );
     }
-    apply_visibility(params, &head.mask, rows, keys, scores, queries.width)
+    let mask = if coverage == MaskCoverage::Neutral {
+        &MaskRows::None
+    } else {
+        &head.mask
+    };
+    apply_visibility(params, mask, rows, keys, scores, queries.width)
 }
 
 /// Online softmax of `rows` over `keys`, folded into `state` (FlashAttention's inner loop).
@@ -341,7 +419,11 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        let hidden = block_scores::<V>(params, head, &rows, &block, &queries, scores);
+        let coverage = mask_coverage(&head.mask, &rows, &block);
+        if coverage == MaskCoverage::Hidden {
+            continue;
+        }
+        let hidden = block_scores::<V>(params, head, &rows, &block, &queries, scores, coverage);
 
         block_max.fill(V::Elem::NEG_INFINITY);
         column_max::<V>(scores, block.len(), width, block_max);
@@ -424,7 +506,16 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        hidden |= block_scores::<V>(params, head, &rows, &block, &queries, scores);
+        let coverage = mask_coverage(&head.mask, &rows, &block);
+        if coverage == MaskCoverage::Hidden {
+            hidden = true;
+            for query in 0..rows.len() {
+                let start = query * num_keys;
+                weights[start + block.start..start + block.end].fill(V::Elem::NEG_INFINITY);
+            }
+            continue;
+        }
+        hidden |= block_scores::<V>(params, head, &rows, &block, &queries, scores, coverage);
         for (col, key) in block.clone().enumerate() {
             for query in 0..rows.len() {
                 weights[query * num_keys + key] = scores[col * width + query];
