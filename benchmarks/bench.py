@@ -513,6 +513,11 @@ class Benchmark:
         expected = peers.naive_multi_head_attention(x.astype(np.float64), weights64, heads)
         got = np.asarray(mha(x))
         row.max_rel_error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+        if "torch" in contenders:
+            # Same module, so the two outputs agree only if from_torch copied it faithfully.
+            torch_out = contenders["torch"]().numpy()
+            gap = float(np.max(np.abs(got - torch_out)) / np.max(np.abs(expected)))
+            row.notes.append(f"attnscope vs torch output: max rel. difference {gap:.1e}")
         row.verdict = _verdict(row, "no torch")
         return [row]
 
@@ -543,12 +548,7 @@ def run(
     with limit:
         bench = Benchmark(PRESETS[preset], threads, int(naive_budget_gib * 2**30), torch, log)
         measured_limits = bench.measure_limits()
-        log(
-            f"limits at {threads} threads: SGEMM {measured_limits['sgemm']['gflops']:.1f} "
-            f"GFLOP/s ({measured_limits['sgemm']['how']}); memory read "
-            f"{measured_limits['read_bandwidth']['gbs']:.1f} GB/s "
-            f"({measured_limits['read_bandwidth']['how']})"
-        )
+        log(f"limits at {threads} threads: {report.describe_limits(measured_limits)}")
         rows = bench.run(groups)
     return {
         "meta": {

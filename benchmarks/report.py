@@ -10,6 +10,7 @@ from pathlib import Path
 __all__ = [
     "PEERS",
     "Row",
+    "describe_limits",
     "format_seconds",
     "markdown_report",
     "markdown_table",
@@ -105,9 +106,7 @@ def markdown_report(results: dict) -> str:
         f"numpy {meta['numpy']}, Python {machine['python']}",
         f"- Date: {meta['date']}; command: `{meta['command']}`; 1-min load average "
         f"{meta['load_average']['start']} at start, {meta['load_average']['end']} at end",
-        f"- Limits: SGEMM {limits['sgemm']['gflops']:.1f} GFLOP/s ({limits['sgemm']['how']}); "
-        f"memory read {limits['read_bandwidth']['gbs']:.1f} GB/s "
-        f"({limits['read_bandwidth']['how']})",
+        f"- Limits at {meta['threads']} threads: {describe_limits(limits)}",
         "",
     ]
     if meta["preset"] != "full":
@@ -119,6 +118,17 @@ def markdown_report(results: dict) -> str:
     lines += [markdown_table(rows), "", "Notes:", ""]
     lines += [f"- {row.label}: {'; '.join(row.notes)}" for row in rows if row.notes]
     return "\n".join(lines) + "\n"
+
+
+def describe_limits(limits: dict) -> str:
+    """One line: the SGEMM and read-bandwidth limits, how each was measured, every rate seen."""
+    sgemm, bandwidth = limits["sgemm"], limits["read_bandwidth"]
+    sgemm_rates = ", ".join(f"{k} {v:.1f}" for k, v in sgemm["rates_gflops"].items())
+    read_rates = ", ".join(f"{k} {v:.1f}" for k, v in bandwidth["rates_gbs"].items())
+    return (
+        f"SGEMM {sgemm['gflops']:.1f} GFLOP/s ({sgemm['how']}; {sgemm_rates}); "
+        f"memory read {bandwidth['gbs']:.1f} GB/s ({bandwidth['how']}; {read_rates})"
+    )
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -130,6 +130,6 @@ def test_command_line_prints_the_table_and_writes_nothing_with_no_write(tmp_path
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    assert "Limits: SGEMM" in done.stdout
+    assert "threads: SGEMM" in done.stdout
     assert "| B1 H4 L=S=16 D16 full, per call |" in done.stdout
     assert list(tmp_path.iterdir()) == []
