@@ -71,9 +71,21 @@ def _format_error(error: float | None) -> str:
     return "—" if error is None else f"{error:.1e}"
 
 
-def markdown_table(rows: list[Row]) -> str:
-    """The result rows as a GitHub markdown table (times are medians per call)."""
-    header = ["Row", *PEERS.values(), "attnscope GFLOP/s", "Result", "Target", "Max rel. err"]
+def _format_gflops(gflops: float | None, sgemm_gflops: float | None) -> str:
+    if gflops is None:
+        return "—"
+    if not sgemm_gflops:
+        return f"{gflops:.1f}"
+    return f"{gflops:.1f} ({gflops / sgemm_gflops:.0%})"
+
+
+def markdown_table(rows: list[Row], sgemm_gflops: float | None = None) -> str:
+    """The result rows as a GitHub markdown table (times are medians per call).
+
+    With `sgemm_gflops`, each GFLOP/s cell also shows its fraction of that SGEMM rate.
+    """
+    rate = "attnscope GFLOP/s" + (" (% of SGEMM)" if sgemm_gflops else "")
+    header = ["Row", *PEERS.values(), rate, "Result", "Target", "Max rel. err"]
     lines = [
         "| " + " | ".join([*header, "Verdict"]) + " |",
         "|" + "---|" * (len(header) + 1),
@@ -82,7 +94,7 @@ def markdown_table(rows: list[Row]) -> str:
         cells = [
             row.label,
             *(format_seconds(row.cells.get(name)) for name in PEERS),
-            "—" if row.gflops is None else f"{row.gflops:.1f}",
+            _format_gflops(row.gflops, sgemm_gflops),
             row.result or "—",
             row.target,
             _format_error(row.max_rel_error),
@@ -115,7 +127,7 @@ def markdown_report(results: dict) -> str:
             "",
         ]
     rows = [Row(**row) for row in results["rows"]]
-    lines += [markdown_table(rows), "", "Notes:", ""]
+    lines += [markdown_table(rows, limits["sgemm"]["gflops"]), "", "Notes:", ""]
     lines += [f"- {row.label}: {'; '.join(row.notes)}" for row in rows if row.notes]
     return "\n".join(lines) + "\n"
 
