@@ -25,42 +25,44 @@ from timing import Plan, interleave
 PLAN = Plan(budget_s=6.0, min_repeats=5, max_repeats=50, min_sample_s=0.05)
 
 
-def decode_rows(torch, threads: int, cache_tokens: int) -> None:
-    rng = np.random.default_rng(0)
-    head_dim, query_heads = 128, 32
+def decode_rows(torch, cache_tokens: int) -> None:
     for kv_heads in (32, 8):
-        shape = (1, kv_heads, cache_tokens, head_dim)
-        keys = rng.standard_normal(shape, dtype=np.float32)
-        values = rng.standard_normal(shape, dtype=np.float32)
-        cache = ats.KVCache(kv_heads, head_dim)
-        for start in range(0, cache_tokens, 4096):  # filled in prefill-sized appends
-            part = slice(start, start + 4096)
-            cache.append(keys[:, :, part], values[:, :, part])
-        query = rng.standard_normal((1, query_heads, 1, head_dim), dtype=np.float32)
-        grouped = kv_heads != query_heads
-        contenders = {"attnscope": lambda: cache.attend(query, enable_gqa=grouped)}
-        if torch is not None:
-            tq, tk, tv = (torch.from_numpy(a) for a in (query, keys, values))
-            sdpa = torch.nn.functional.scaled_dot_product_attention
-            contenders["torch sdpa"] = lambda: sdpa(tq, tk, tv, enable_gqa=grouped)
-            difference = np.abs(contenders["attnscope"]() - contenders["torch sdpa"]().numpy())
-            assert difference.max() < 1e-4, difference.max()
-        timings = interleave(contenders, PLAN)
-        read = cache.nbytes
-        label = f"decode 1 query, {query_heads} q heads / {kv_heads} kv heads, D={head_dim}"
-        print(f"{label}, {cache_tokens} cached tokens ({read / 2**30:.2f} GiB K+V):")
-        for name, timing in timings.items():
-            print(
-                f"  {name:12s} {timing.median_s * 1e3:8.2f} ms  "
-                f"{read / timing.median_s / 1e9:6.1f} GB/s of K+V"
-            )
-        if torch is not None:
-            ratio = timings["torch sdpa"].median_s / timings["attnscope"].median_s
-            print(f"  attnscope is {ratio:.2f}x torch sdpa")
-        del cache, keys, values
+        decode_row(torch, cache_tokens, query_heads=32, kv_heads=kv_heads, head_dim=128)
 
 
-def layer_row(torch, threads: int) -> None:
+def decode_row(torch, cache_tokens: int, *, query_heads: int, kv_heads: int, head_dim: int):
+    rng = np.random.default_rng(0)
+    shape = (1, kv_heads, cache_tokens, head_dim)
+    keys = rng.standard_normal(shape, dtype=np.float32)
+    values = rng.standard_normal(shape, dtype=np.float32)
+    cache = ats.KVCache(kv_heads, head_dim)
+    for start in range(0, cache_tokens, 4096):  # filled in prefill-sized appends
+        part = slice(start, start + 4096)
+        cache.append(keys[:, :, part], values[:, :, part])
+    query = rng.standard_normal((1, query_heads, 1, head_dim), dtype=np.float32)
+    grouped = kv_heads != query_heads
+    contenders = {"attnscope": lambda: cache.attend(query, enable_gqa=grouped)}
+    if torch is not None:
+        tq, tk, tv = (torch.from_numpy(a) for a in (query, keys, values))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        contenders["torch sdpa"] = lambda: sdpa(tq, tk, tv, enable_gqa=grouped)
+        difference = np.abs(contenders["attnscope"]() - contenders["torch sdpa"]().numpy())
+        assert difference.max() < 1e-4, difference.max()
+    timings = interleave(contenders, PLAN)
+    read = cache.nbytes
+    label = f"decode 1 query, {query_heads} q heads / {kv_heads} kv heads, D={head_dim}"
+    print(f"{label}, {cache_tokens} cached tokens ({read / 2**30:.2f} GiB K+V):")
+    for name, timing in timings.items():
+        print(
+            f"  {name:12s} {timing.median_s * 1e3:8.2f} ms  "
+            f"{read / timing.median_s / 1e9:6.1f} GB/s of K+V"
+        )
+    if torch is not None:
+        ratio = timings["torch sdpa"].median_s / timings["attnscope"].median_s
+        print(f"  attnscope is {ratio:.2f}x torch sdpa")
+
+
+def layer_row(torch) -> None:
     if torch is None:
         print("layer: torch is not installed, nothing to compare with")
         return
@@ -100,8 +102,8 @@ def main() -> None:
     bandwidth = limits.measure_read_bandwidth(args.threads, 1 << 30, torch=torch)
     print(f"threads {args.threads}, load average {limits.load_average()}")
     print(f"measured read bandwidth: {bandwidth}")
-    decode_rows(torch, args.threads, args.cache_tokens)
-    layer_row(torch, args.threads)
+    decode_rows(torch, args.cache_tokens)
+    layer_row(torch)
 
 
 if __name__ == "__main__":
