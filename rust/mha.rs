@@ -278,11 +278,10 @@ fn token_rows<'b, T>(input: &'b CowArray<'_, T, Ix3>) -> ArrayView2<'b, T> {
 /// `(B, N, H·Dh)` projected rows as the kernel's `(B, H, N, Dh)` (a view; no copy).
 fn split_heads<T>(
     projected: &Array2<T>,
-    batch: usize,
+    (batch, tokens): (usize, usize),
     heads: usize,
     head_dim: usize,
 ) -> ArrayView4<'_, T> {
-    let tokens = projected.nrows() / batch.max(1);
     projected
         .view()
         .into_shape_with_order((batch, tokens, heads, head_dim))
@@ -371,9 +370,24 @@ pub fn multi_head_attention<T: KernelElement>(
     let projected_query = linear(token_rows(&query_rows), weights.w_q, weights.b_q);
     let projected_key = linear(token_rows(&key_rows), weights.w_k, weights.b_k);
     let projected_value = linear(token_rows(&value_rows), weights.w_v, weights.b_v);
-    let query = split_heads(&projected_query, batch, heads.num_heads, dims.head_dim);
-    let key = split_heads(&projected_key, batch, heads.num_kv_heads, dims.head_dim);
-    let value = split_heads(&projected_value, batch, heads.num_kv_heads, dims.head_dim);
+    let query = split_heads(
+        &projected_query,
+        (batch, num_queries),
+        heads.num_heads,
+        dims.head_dim,
+    );
+    let key = split_heads(
+        &projected_key,
+        (batch, new_keys),
+        heads.num_kv_heads,
+        dims.head_dim,
+    );
+    let value = split_heads(
+        &projected_value,
+        (batch, new_keys),
+        heads.num_kv_heads,
+        dims.head_dim,
+    );
     let mask = CombinedMask::new(inputs.attn_mask, inputs.key_padding_mask);
 
     let attention = match cache {

@@ -469,7 +469,14 @@ fn layer_typed<'py, T: CachedFloat>(
         ),
         None => None,
     };
-    let mut cache_ref = cache.map(|cache| cache.borrow_mut());
+    let mut cache_ref = match cache {
+        Some(cache) => Some(cache.try_borrow_mut().map_err(|_| {
+            pyo3::exceptions::PyRuntimeError::new_err(
+                "cache is in use by another call (a KVCache serves one decoding loop at a time)",
+            )
+        })?),
+        None => None,
+    };
     let cache = match cache_ref.as_mut() {
         Some(cache) => Some(cache.store.typed::<T>("the layer")?),
         None => None,

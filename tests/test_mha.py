@@ -242,6 +242,8 @@ def test_empty_sequences(rng):
     out, weights = layer(inputs(rng, 1, 3, 8), inputs(rng, 1, 0, 8), need_weights=True)
     assert weights.shape == (1, 2, 3, 0)
     np.testing.assert_allclose(out, np.broadcast_to(layer.b_o, (1, 3, 8)), rtol=0, atol=0)
+    out, weights = layer(inputs(rng, 0, 5, 8), inputs(rng, 0, 7, 8), need_weights=True)
+    assert out.shape == (0, 5, 8) and weights.shape == (0, 2, 5, 7)
 
 
 @st.composite
