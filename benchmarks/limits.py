@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 __all__ = [
+    "best_limits",
     "load_average",
     "machine_info",
     "measure_read_bandwidth",
@@ -163,3 +164,16 @@ def _median_rate(call, nbytes, repeats) -> float:
         call()
         times.append(time.perf_counter() - start)
     return nbytes / statistics.median(times) / 1e9
+
+
+def best_limits(measurements: list[dict]) -> dict:
+    """Per limit, the best of several ``{"sgemm": ..., "read_bandwidth": ...}`` measurements.
+
+    Other load on the machine can only lower a measured rate, so the highest one is the
+    closest to what the machine can do. Every measurement is kept under ``"measurements"``.
+    """
+    return {
+        "sgemm": max((m["sgemm"] for m in measurements), key=lambda m: m["gflops"]),
+        "read_bandwidth": max((m["read_bandwidth"] for m in measurements), key=lambda m: m["gbs"]),
+        "measurements": measurements,
+    }

@@ -137,9 +137,11 @@ def describe_limits(limits: dict) -> str:
     sgemm, bandwidth = limits["sgemm"], limits["read_bandwidth"]
     sgemm_rates = ", ".join(f"{k} {v:.1f}" for k, v in sgemm["rates_gflops"].items())
     read_rates = ", ".join(f"{k} {v:.1f}" for k, v in bandwidth["rates_gbs"].items())
+    count = len(limits.get("measurements", [])) or 1
     return (
         f"SGEMM {sgemm['gflops']:.1f} GFLOP/s ({sgemm['how']}; {sgemm_rates}); "
         f"memory read {bandwidth['gbs']:.1f} GB/s ({bandwidth['how']}; {read_rates})"
+        + (f"; best of {count} measurements (start and end of the run)" if count > 1 else "")
     )
 
 
