@@ -440,3 +440,162 @@ pub fn multi_head_attention<T: KernelElement>(
         weights: attention.weights,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{s, Array1, Array3, Axis};
+
+    fn filled<D: ndarray::Dimension>(shape: D, seed: f64) -> ndarray::Array<f64, D> {
+        let mut counter = seed;
+        ndarray::Array::from_shape_simple_fn(shape, || {
+            counter += 0.618;
+            (counter * 2.3).sin()
+        })
+    }
+
+    struct Layer {
+        w: [Array2<f64>; 4],
+        b: [Array1<f64>; 4],
+    }
+
+    impl Layer {
+        fn new(embed: usize, heads: MhaHeads) -> Self {
+            let head_dim = embed / heads.num_heads;
+            let kv = heads.num_kv_heads * head_dim;
+            Layer {
+                w: [
+                    filled(ndarray::Ix2(embed, embed), 0.1) * 0.3,
+                    filled(ndarray::Ix2(embed, kv), 0.2) * 0.3,
+                    filled(ndarray::Ix2(embed, kv), 0.3) * 0.3,
+                    filled(ndarray::Ix2(embed, embed), 0.4) * 0.3,
+                ],
+                b: [
+                    filled(ndarray::Ix1(embed), 0.5),
+                    filled(ndarray::Ix1(kv), 0.6),
+                    filled(ndarray::Ix1(kv), 0.7),
+                    filled(ndarray::Ix1(embed), 0.8),
+                ],
+            }
+        }
+
+        fn weights(&self) -> MhaWeights<'_, f64> {
+            MhaWeights {
+                w_q: self.w[0].view(),
+                w_k: self.w[1].view(),
+                w_v: self.w[2].view(),
+                w_o: self.w[3].view(),
+                b_q: Some(self.b[0].view()),
+                b_k: Some(self.b[1].view()),
+                b_v: Some(self.b[2].view()),
+                b_o: Some(self.b[3].view()),
+            }
+        }
+    }
+
+    fn self_attention(x: ArrayView3<'_, f64>, is_causal: bool) -> MhaInputs<'_, f64> {
+        MhaInputs {
+            query: x,
+            key: x,
+            value: x,
+            attn_mask: Mask::None,
+            key_padding_mask: None,
+            is_causal,
+            need_weights: false,
+        }
+    }
+
+    #[test]
+    fn decoding_token_by_token_equals_one_causal_forward() {
+        let heads = MhaHeads {
+            num_heads: 4,
+            num_kv_heads: 2,
+        };
+        let layer = Layer::new(16, heads);
+        let x: Array3<f64> = filled(ndarray::Ix3(2, 9, 16), 1.0);
+        let full = multi_head_attention(
+            &layer.weights(),
+            heads,
+            self_attention(x.view(), true),
+            None,
+        )
+        .unwrap()
+        .output;
+        let mut cache = KvCache::new(2, 4, 2, 0).unwrap();
+        let prompt = x.slice(s![.., ..5, ..]);
+        let mut steps = vec![
+            multi_head_attention(
+                &layer.weights(),
+                heads,
+                self_attention(prompt, false),
+                Some(&mut cache),
+            )
+            .unwrap()
+            .output,
+        ];
+        for token in 5..9 {
+            let step = x.slice(s![.., token..token + 1, ..]);
+            steps.push(
+                multi_head_attention(
+                    &layer.weights(),
+                    heads,
+                    self_attention(step, false),
+                    Some(&mut cache),
+                )
+                .unwrap()
+                .output,
+            );
+        }
+        let views: Vec<_> = steps.iter().map(|step| step.view()).collect();
+        let decoded = ndarray::concatenate(Axis(1), &views).unwrap();
+        let difference = (&decoded - &full)
+            .iter()
+            .fold(0.0f64, |m, d| m.max(d.abs()));
+        assert!(difference < 1e-12, "{difference}");
+        assert_eq!(cache.len(), 9);
+    }
+
+    #[test]
+    fn shape_errors_name_the_argument() {
+        let heads = MhaHeads {
+            num_heads: 4,
+            num_kv_heads: 2,
+        };
+        let layer = Layer::new(16, heads);
+        let narrow: Array3<f64> = Array3::zeros((1, 3, 12));
+        let error = multi_head_attention(
+            &layer.weights(),
+            heads,
+            self_attention(narrow.view(), false),
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(error.to_string().starts_with("query: "), "{error}");
+        let bad_heads = MhaHeads {
+            num_heads: 4,
+            num_kv_heads: 3,
+        };
+        let x: Array3<f64> = Array3::zeros((1, 3, 16));
+        let error = multi_head_attention(
+            &layer.weights(),
+            bad_heads,
+            self_attention(x.view(), false),
+            None,
+        )
+        .err()
+        .unwrap();
+        assert!(error.to_string().starts_with("num_kv_heads: "), "{error}");
+        let mut cache = KvCache::new(1, 4, 1, 0).unwrap();
+        let error = multi_head_attention(
+            &layer.weights(),
+            heads,
+            self_attention(x.view(), false),
+            Some(&mut cache),
+        )
+        .err()
+        .unwrap();
+        assert!(error.to_string().starts_with("cache: "), "{error}");
+        assert!(cache.is_empty());
+    }
+}
