@@ -119,21 +119,31 @@ unsafe fn scores_columns<V: SimdVec>(
     }
 }
 
-/// Dot product of two `len`-element rows.
+/// Dot products of one row `q` with `KEYS` consecutive rows of `k` (stride `len`). Several keys
+/// at once give the FMA chains independent accumulators and reuse each load of `q`.
 #[inline(always)]
-unsafe fn dot<V: SimdVec>(a: *const V::Elem, b: *const V::Elem, len: usize) -> V::Elem {
-    let mut sum = V::splat(V::Elem::ZERO);
+unsafe fn dots<V: SimdVec, const KEYS: usize>(
+    q: *const V::Elem,
+    k: *const V::Elem,
+    len: usize,
+) -> [V::Elem; KEYS] {
+    let mut sums = [V::splat(V::Elem::ZERO); KEYS];
     let mut index = 0;
     while index + V::LANES <= len {
-        sum = V::mul_add(V::load(a.add(index)), V::load(b.add(index)), sum);
+        let query = V::load(q.add(index));
+        for (key, sum) in sums.iter_mut().enumerate() {
+            *sum = V::mul_add(query, V::load(k.add(key * len + index)), *sum);
+        }
         index += V::LANES;
     }
-    let mut total = sum.reduce_sum();
-    while index < len {
-        total += *a.add(index) * *b.add(index);
-        index += 1;
+    let mut totals = [V::Elem::ZERO; KEYS];
+    for (key, total) in totals.iter_mut().enumerate() {
+        *total = sums[key].reduce_sum();
+        for tail in index..len {
+            *total += *q.add(tail) * *k.add(key * len + tail);
+        }
     }
-    total
+    totals
 }
 
 /// `Sᵀ[j][i] = q[i] · k[j]` by dot products, for a few query rows (`q` is `num_queries x
@@ -148,13 +158,28 @@ pub(crate) unsafe fn transposed_scores_by_dot<V: SimdVec>(
     width: usize,
     scores: &mut [V::Elem],
 ) {
+    const KEYS_AT_ONCE: usize = 4;
     debug_assert!(keys.len() >= num_keys * depth && q.len() >= num_queries * depth);
     debug_assert!(num_queries <= width && scores.len() >= num_keys * width);
-    for key in 0..num_keys {
-        let key_row = keys.as_ptr().add(key * depth);
+    let mut key = 0;
+    while key < num_keys {
+        let key_rows = keys.as_ptr().add(key * depth);
         for query in 0..num_queries {
-            scores[key * width + query] = dot::<V>(q.as_ptr().add(query * depth), key_row, depth);
+            let query_row = q.as_ptr().add(query * depth);
+            if key + KEYS_AT_ONCE <= num_keys {
+                let totals = dots::<V, KEYS_AT_ONCE>(query_row, key_rows, depth);
+                for (offset, total) in totals.into_iter().enumerate() {
+                    scores[(key + offset) * width + query] = total;
+                }
+            } else {
+                scores[key * width + query] = dots::<V, 1>(query_row, key_rows, depth)[0];
+            }
         }
+        key += if key + KEYS_AT_ONCE <= num_keys {
+            KEYS_AT_ONCE
+        } else {
+            1
+        };
     }
 }
 
