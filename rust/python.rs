@@ -44,6 +44,54 @@ fn parse_scale(scale: Option<f64>) -> PyResult<Option<f64>> {
     }
 }
 
+/// An attention mask borrowed from Python: bool (True = takes part) or additive floats.
+enum BorrowedMask<'py, T: numpy::Element> {
+    Bool(PyReadonlyArrayDyn<'py, bool>),
+    Additive(PyReadonlyArrayDyn<'py, T>),
+}
+
+impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
+    fn borrow(mask: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Self>> {
+        let Some(mask) = mask else {
+            return Ok(None);
+        };
+        if let Ok(bools) = mask.extract::<PyReadonlyArrayDyn<'py, bool>>() {
+            return Ok(Some(BorrowedMask::Bool(bools)));
+        }
+        mask.extract::<PyReadonlyArrayDyn<'py, T>>()
+            .map(|floats| Some(BorrowedMask::Additive(floats)))
+            .map_err(|_| {
+                PyTypeError::new_err(
+                    "attn_mask must be a bool array or a float array of the same dtype as query",
+                )
+            })
+    }
+
+    fn view(mask: &Option<Self>) -> Mask<'_, T> {
+        match mask {
+            Some(BorrowedMask::Bool(bools)) => Mask::Bool(bools.as_array()),
+            Some(BorrowedMask::Additive(floats)) => Mask::Additive(floats.as_array()),
+            None => Mask::None,
+        }
+    }
+}
+
+/// The output as a new NumPy array, or `(output, weights)` when weights were computed.
+fn attention_result<'py, T: numpy::Element>(
+    py: Python<'py>,
+    output: ndarray::ArrayD<T>,
+    weights: Option<ndarray::ArrayD<T>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let output = output.into_pyarray(py).into_any();
+    match weights {
+        Some(weights) => {
+            let weights = weights.into_pyarray(py).into_any();
+            Ok(PyTuple::new(py, [output, weights])?.into_any())
+        }
+        None => Ok(output),
+    }
+}
+
 /// Runs attention for one element type with the GIL released.
 #[allow(clippy::too_many_arguments)]
 fn attend_typed<'py, T: Float + numpy::Element>(
@@ -64,34 +112,12 @@ fn attend_typed<'py, T: Float + numpy::Element>(
         borrow(key, "key")?,
         borrow(value, "value")?,
     );
-    let bool_mask = match attn_mask {
-        Some(mask) => mask.extract::<PyReadonlyArrayDyn<'py, bool>>().ok(),
-        None => None,
-    };
-    let additive_mask = match (attn_mask, &bool_mask) {
-        (Some(mask), None) => Some(mask.extract::<PyReadonlyArrayDyn<'py, T>>().map_err(|_| {
-            PyTypeError::new_err(
-                "attn_mask must be a bool array or a float array of the same dtype as query",
-            )
-        })?),
-        _ => None,
-    };
+    let borrowed_mask = BorrowedMask::borrow(attn_mask)?;
     let (q_view, k_view, v_view) = (q.as_array(), k.as_array(), v.as_array());
-    let mask = match (&bool_mask, &additive_mask) {
-        (Some(mask), _) => Mask::Bool(mask.as_array()),
-        (_, Some(mask)) => Mask::Additive(mask.as_array()),
-        _ => Mask::None,
-    };
+    let mask = BorrowedMask::view(&borrowed_mask);
     let result =
         py.detach(|| crate::scaled_dot_product_attention(q_view, k_view, v_view, mask, &options))?;
-    let output = result.output.into_pyarray(py).into_any();
-    match result.weights {
-        Some(weights) => {
-            let weights = weights.into_pyarray(py).into_any();
-            Ok(PyTuple::new(py, [output, weights])?.into_any())
-        }
-        None => Ok(output),
-    }
+    attention_result(py, result.output, result.weights)
 }
 
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
@@ -454,14 +480,7 @@ fn layer_typed<'py, T: CachedFloat>(
             None => None,
         });
     }
-    let bool_mask = match &arrays.attn_mask {
-        Some(mask) => mask.extract::<PyReadonlyArrayDyn<'py, bool>>().ok(),
-        None => None,
-    };
-    let additive_mask = match (&arrays.attn_mask, &bool_mask) {
-        (Some(mask), None) => Some(borrow_typed::<T, ndarray::IxDyn>(mask, "attn_mask")?),
-        _ => None,
-    };
+    let borrowed_mask = BorrowedMask::<T>::borrow(arrays.attn_mask.as_ref())?;
     let padding = match &arrays.key_padding_mask {
         Some(mask) => Some(
             mask.extract::<numpy::PyReadonlyArray2<'py, bool>>()
@@ -496,24 +515,13 @@ fn layer_typed<'py, T: CachedFloat>(
         query: inputs[0].as_array(),
         key: inputs[1].as_array(),
         value: inputs[2].as_array(),
-        attn_mask: match (&bool_mask, &additive_mask) {
-            (Some(mask), _) => Mask::Bool(mask.as_array()),
-            (_, Some(mask)) => Mask::Additive(mask.as_array()),
-            _ => Mask::None,
-        },
+        attn_mask: BorrowedMask::view(&borrowed_mask),
         key_padding_mask: padding.as_ref().map(|mask| mask.as_array()),
         is_causal,
         need_weights,
     };
     let result = py.detach(|| crate::multi_head_attention(&weights, heads, layer_inputs, cache))?;
-    let output = result.output.into_pyarray(py).into_any();
-    match result.weights {
-        Some(weights) => {
-            let weights = weights.into_pyarray(py).into_any();
-            Ok(PyTuple::new(py, [output, weights])?.into_any())
-        }
-        None => Ok(output),
-    }
+    attention_result(py, result.output, result.weights)
 }
 
 /// The whole multi-head attention layer in one call (see `attnscope.MultiHeadAttention`):
