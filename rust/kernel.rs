@@ -677,22 +677,13 @@ macro_rules! kernel_element {
     };
 }
 
+// The x86 vector types are named only inside the macro's x86-only branches, so other
+// architectures never need them.
 #[cfg(target_arch = "x86_64")]
-mod x86_types {
-    pub(crate) use crate::simd::avx2::{Avx2F32, Avx2F64};
-    pub(crate) use crate::simd::avx512::{Avx512F32, Avx512F64};
-}
-#[cfg(not(target_arch = "x86_64"))]
-mod x86_types {
-    // Never compiled into a path that runs: the x86 branches are cfg'd out.
-    pub(crate) type Avx2F32 = crate::simd::portable::PortableF32;
-    pub(crate) type Avx2F64 = crate::simd::portable::PortableF64;
-    pub(crate) type Avx512F32 = crate::simd::portable::PortableF32;
-    pub(crate) type Avx512F64 = crate::simd::portable::PortableF64;
-}
+use crate::simd::avx2::{Avx2F32, Avx2F64};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::avx512::{Avx512F32, Avx512F64};
 use crate::simd::portable::{PortableF32, PortableF64};
-#[allow(unused_imports)]
-use x86_types::*;
 
 kernel_element!(f32, PortableF32, Avx2F32, Avx512F32);
 kernel_element!(f64, PortableF64, Avx2F64, Avx512F64);
