@@ -17,6 +17,7 @@ use crate::error::{shape_str, AttnError};
 use crate::kernel::{
     HeadData, KernelElement, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
+use crate::memory::{standard_layout, zeroed};
 use crate::simd::{active_level, SimdLevel};
 use crate::threads::pool;
 
@@ -384,16 +385,14 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     )?;
     let plan = check_call(&geometry, &mask, options)?;
     // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
-    let key = key.as_standard_layout();
-    let value = value.as_standard_layout();
+    let key = standard_layout(key, "key")?;
+    let value = standard_layout(value, "value")?;
     let kv = KvRows {
         key: contiguous(&key),
         value: contiguous(&value),
         row_capacity: geometry.num_keys,
     };
-    Ok(attend_checked(
-        level, &geometry, plan, query, kv, &mask, options,
-    ))
+    attend_checked(level, &geometry, plan, query, kv, &mask, options)
 }
 
 /// The checks shared by every entry point once the shapes fit: scale, mask shape, weights size.
@@ -452,14 +451,14 @@ fn attend_checked<T: KernelElement>(
     kv: KvRows<'_, T>,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
-) -> Attention<T> {
-    let query = query.as_standard_layout();
+) -> Result<Attention<T>, AttnError> {
+    let query = standard_layout(query, "query")?;
     let bool_mask: Option<CowArray<'_, bool, IxDyn>> = match mask {
-        Mask::Bool(view) => Some(view.as_standard_layout()),
+        Mask::Bool(view) => Some(standard_layout(view.view(), "attn_mask")?),
         _ => None,
     };
     let additive_mask: Option<CowArray<'_, T, IxDyn>> = match mask {
-        Mask::Additive(view) => Some(view.as_standard_layout()),
+        Mask::Additive(view) => Some(standard_layout(view.view(), "attn_mask")?),
         _ => None,
     };
     let (q, k, v) = (contiguous(&query), kv.key, kv.value);
@@ -517,9 +516,9 @@ fn attend_checked<T: KernelElement>(
         }
     };
 
-    let mut output = vec![T::ZERO; geometry.heads() * l * dv];
+    let mut output = zeroed(geometry.heads() * l * dv, "output")?;
     let mut weights = if options.return_weights {
-        Some(vec![T::ZERO; geometry.heads() * l * s])
+        Some(zeroed(geometry.heads() * l * s, "return_weights")?)
     } else {
         None
     };
@@ -639,7 +638,7 @@ fn attend_checked<T: KernelElement>(
         ArrayD::from_shape_vec(IxDyn(&geometry.weights_shape()), w)
             .expect("weights buffer matches its shape")
     });
-    Attention { output, weights }
+    Ok(Attention { output, weights })
 }
 
 /// Keys and values kept in buffers with room to grow, as in a KV cache: `key` holds
@@ -715,9 +714,7 @@ pub fn attention_over_strided_kv<T: KernelElement>(
         value: kv.value,
         row_capacity: kv.row_capacity,
     };
-    Ok(attend_checked(
-        level, &geometry, plan, query, rows, &mask, options,
-    ))
+    attend_checked(level, &geometry, plan, query, rows, &mask, options)
 }
 
 /// One query row per head, `group` query heads per kv head: the group's heads become the rows
@@ -740,7 +737,7 @@ fn attend_query_groups<T: KernelElement>(
         options.window,
     )
     .row_keys(0);
-    let query = query.as_standard_layout();
+    let query = standard_layout(query, "query")?;
     let mut grouped_shape = geometry.batch_shape.clone();
     grouped_shape.extend([geometry.kv_heads, group, geometry.depth]);
     let grouped_query = query
@@ -788,7 +785,7 @@ fn attend_query_groups<T: KernelElement>(
         rows,
         &grouped_mask,
         &grouped_options,
-    );
+    )?;
     let output = result
         .output
         .into_shape_with_order(IxDyn(&geometry.output_shape()))

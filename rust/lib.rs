@@ -11,6 +11,7 @@ mod element;
 mod error;
 mod kernel;
 mod kv_cache;
+mod memory;
 mod mha;
 mod microkernel;
 mod projection;

@@ -11,6 +11,7 @@ use ndarray::{
 use crate::error::shape_str;
 use crate::kernel::KernelElement;
 use crate::kv_cache::{CacheAttendOptions, KvCache};
+use crate::memory::standard_layout;
 use crate::projection::linear;
 use crate::{
     scaled_dot_product_attention, weights_memory_limit, Attention, AttentionOptions, AttnError,
@@ -363,9 +364,9 @@ pub fn multi_head_attention<T: KernelElement>(
     }
 
     let (query_rows, key_rows, value_rows) = (
-        inputs.query.as_standard_layout(),
-        inputs.key.as_standard_layout(),
-        inputs.value.as_standard_layout(),
+        standard_layout(inputs.query.view(), "query")?,
+        standard_layout(inputs.key.view(), "key")?,
+        standard_layout(inputs.value.view(), "value")?,
     );
     let projected_query = linear(token_rows(&query_rows), weights.w_q, weights.b_q);
     let projected_key = linear(token_rows(&key_rows), weights.w_k, weights.b_k);

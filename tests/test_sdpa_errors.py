@@ -263,3 +263,14 @@ def test_weights_that_cannot_fit_in_memory_are_refused_by_default():
     query = np.broadcast_to(zeros(1, 1), (length, 1))
     with pytest.raises(ValueError, match="(?i)limit|memory"):
         sdpa(query, query, query, return_weights=True)
+
+
+def test_inputs_too_large_to_copy_are_refused_not_fatal():
+    # A broadcast view describes 64 GiB while storing 4 bytes; making it contiguous must fail
+    # cleanly with an error naming the argument instead of aborting the process.
+    small = np.ones((1, 1, 1, 1), dtype=np.float32)
+    huge = np.broadcast_to(np.ones(1, dtype=np.float32), (1, 1, 1 << 34, 1))
+    with pytest.raises(ValueError, match="query"):
+        attnscope.scaled_dot_product_attention(huge, small, small)
+    with pytest.raises(ValueError, match="key"):
+        attnscope.scaled_dot_product_attention(small, huge, huge)
