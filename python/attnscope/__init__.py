@@ -1,7 +1,9 @@
 """attnscope: fast, exact CPU attention in Rust with a NumPy API.
 
-import attnscope as ats
-out = ats.scaled_dot_product_attention(q, k, v, is_causal=True)
+Example::
+
+    import attnscope as ats
+    out = ats.scaled_dot_product_attention(q, k, v, is_causal=True)
 """
 
 from __future__ import annotations
