@@ -90,7 +90,7 @@ PRESETS = {
         mha=(512, 8, 2048),
         sgemm_size=4096,
         bandwidth_bytes=2**30,
-        plan=Plan(budget_s=5.0, min_repeats=3, max_repeats=30, min_sample_s=0.05),
+        plan=Plan(budget_s=6.0, min_repeats=3, max_repeats=30, min_sample_s=0.05),
     ),
     "quick": Preset(
         name="quick",
@@ -104,7 +104,7 @@ PRESETS = {
         mha=(512, 8, 512),
         sgemm_size=2048,
         bandwidth_bytes=2**28,
-        plan=Plan(budget_s=0.8, min_repeats=3, max_repeats=20, min_sample_s=0.02),
+        plan=Plan(budget_s=1.0, min_repeats=3, max_repeats=20, min_sample_s=0.02),
     ),
     # Tiny sizes for the test suite: checks that every row runs and is correct; the times mean
     # nothing.
@@ -120,7 +120,7 @@ PRESETS = {
         mha=(64, 4, 48),
         sgemm_size=256,
         bandwidth_bytes=2**24,
-        plan=Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0),
+        plan=Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0, settle_s=0.0),
     ),
 }
 

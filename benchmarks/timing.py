@@ -4,6 +4,10 @@ The machines these benchmarks run on are shared and noisy. When contender A runs
 minute and then B runs, A and B see different machines. Alternating them round by round (and
 rotating who goes first) lets both see the same noise, so their ratio holds even when the
 absolute times drift.
+
+Each sample starts after a short pause. The thread pools of BLAS libraries (OpenBLAS) and of
+OpenMP keep spinning for up to ~0.1 s after a call returns, and without the pause those
+threads would take cores away from whichever contender runs next.
 """
 
 from __future__ import annotations
@@ -31,12 +35,15 @@ class Plan:
         max_repeats: rounds that never run beyond this, however cheap the calls are.
         min_sample_s: a sample loops a fast call until it lasts about this long, so that
             microsecond calls are not just timer noise.
+        settle_s: idle pause before each sample (and warmup call), so that the previous
+            contender's spinning worker threads have gone to sleep.
     """
 
     budget_s: float
     min_repeats: int
     max_repeats: int
     min_sample_s: float
+    settle_s: float = 0.12
 
 
 @dataclass
@@ -49,7 +56,9 @@ class Timing:
     samples_s: list[float] = field(repr=False)
 
 
-def _time_calls(call: Callable[[], object], count: int) -> float:
+def _time_calls(call: Callable[[], object], count: int, settle_s: float) -> float:
+    if settle_s > 0:
+        time.sleep(settle_s)
     start = time.perf_counter()
     for _ in range(count):
         call()
@@ -60,18 +69,21 @@ def interleave(contenders: dict[str, Callable[[], object]], plan: Plan) -> dict[
     """Time each zero-argument call in `contenders` in alternating rounds, after warmup.
 
     Returns a :class:`Timing` per name. Each call is warmed up (twice if it is fast) before
-    the rounds start. The number of rounds is what fits `plan.budget_s`, clamped to the
-    plan's bounds.
+    the rounds start. The number of rounds is what fits `plan.budget_s` (pauses included),
+    clamped to the plan's bounds.
     """
     names = list(contenders)
     per_call = {}
     for name in names:
-        first = _time_calls(contenders[name], 1)
-        per_call[name] = first if first > _SLOW_CALL_S else _time_calls(contenders[name], 1)
+        first = _time_calls(contenders[name], 1, plan.settle_s)
+        if first > _SLOW_CALL_S:
+            per_call[name] = first
+        else:
+            per_call[name] = _time_calls(contenders[name], 1, plan.settle_s)
     calls_per_sample = {
         name: max(1, math.ceil(plan.min_sample_s / max(per_call[name], 1e-9))) for name in names
     }
-    round_s = sum(per_call[name] * calls_per_sample[name] for name in names)
+    round_s = sum(per_call[name] * calls_per_sample[name] + plan.settle_s for name in names)
     repeats = int(min(plan.max_repeats, max(plan.min_repeats, plan.budget_s // max(round_s, 1e-9))))
 
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -81,7 +93,9 @@ def interleave(contenders: dict[str, Callable[[], object]], plan: Plan) -> dict[
         for round_index in range(repeats):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                samples[name].append(_time_calls(contenders[name], calls_per_sample[name]))
+                samples[name].append(
+                    _time_calls(contenders[name], calls_per_sample[name], plan.settle_s)
+                )
     finally:
         if gc_was_enabled:
             gc.enable()
