@@ -109,12 +109,28 @@ def _settle(page, charts: bool = True) -> None:
     page.wait_for_timeout(700)
 
 
+# Charts drawn wider than the element or column that holds them are cut off or run into
+# their neighbours: report each one's left edge and its overflow in pixels.
+OVERFLOWING_CHARTS = """() => [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')]
+  .map(chart => {
+    const drawn = chart.querySelector('canvas, svg');
+    const column = chart.closest('[data-testid="stColumn"]');
+    if (!drawn) return null;
+    const right = drawn.getBoundingClientRect().right;
+    const limit = column ? column.getBoundingClientRect().right : right;
+    const overflow = Math.max(chart.scrollWidth - chart.clientWidth, right - limit);
+    return overflow > 1 ? [Math.round(chart.getBoundingClientRect().left), overflow] : null;
+  })
+  .filter(Boolean)"""
+
+
 def _check(page, name: str, charts: bool = True) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
     if charts:
         assert page.locator(CHART).count() >= 1
+    assert page.evaluate(OVERFLOWING_CHARTS) == []
 
 
 def test_heads_page(server, page):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from attnscope import reference
 from attnscope.dashboard import cost, engine, heads, inside, regimes, text
+from threadpoolctl import threadpool_info
 
 
 def tokens_of(sentence: str):
@@ -254,6 +255,82 @@ def test_fit_exponent_recovers_a_power_law():
     table = cost.projections_table(frame, targets=(1024, 2048))
     assert list(table["how"]) == ["measured", "extrapolated (n^2.00)"]
     assert table["seconds"].iloc[1] == pytest.approx(3e-9 * 2048**2)
+
+
+def test_fit_exponent_leaves_out_short_contexts():
+    # Short calls sit on a flat floor of fixed costs; from FIT_MIN_N on they grow as n².
+    sizes = [128, 256, 512, 1024, 2048]
+    floor = {128: 2e-3, 256: 2e-3}
+    frame = cost.pd.DataFrame(
+        {
+            "n": sizes,
+            "method": "m",
+            "seconds": [floor.get(n, 3e-9 * n**2) for n in sizes],
+            "status": "measured",
+        }
+    )
+    assert cost.FIT_MIN_N == 512
+    exponent, constant = cost.fit_exponent(frame, "m")
+    assert exponent == pytest.approx(2.0)
+    assert constant == pytest.approx(3e-9)
+    everything, _ = cost.fit_exponent(frame, "m", min_n=0)
+    assert everything < 1.5  # what the floor does to a fit over every point
+    # Too few long points: the longest three are fitted.
+    short = frame[frame["n"] <= 1024]
+    assert cost.fit_exponent(short, "m") == cost.fit_exponent(short[1:], "m", min_n=0)
+
+
+def test_time_call_keeps_the_best_of_more_runs_for_faster_calls(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+
+    def calls_taking(durations):
+        runs = iter(durations)
+        count = [0]
+
+        def function():
+            count[0] += 1
+            clock[0] += next(runs)
+
+        return function, count
+
+    # Slow calls: at least three runs once the budget is spent, the fastest one kept.
+    function, count = calls_taking([0.05, 0.02, 0.03, 0.02])
+    assert cost.time_call(function, budget_seconds=0.04) == pytest.approx(0.02)
+    assert count[0] == 3
+    # Very slow calls stop at four budgets, even before three runs.
+    function, count = calls_taking([0.1, 0.1, 0.1])
+    cost.time_call(function, budget_seconds=0.04)
+    assert count[0] == 2
+    # Fast calls repeat until the budget is spent, up to max_repeats.
+    function, count = calls_taking([1e-3] * 100)
+    cost.time_call(function, budget_seconds=0.04)
+    assert count[0] == 40
+    function, count = calls_taking([1e-5] * 100)
+    cost.time_call(function, budget_seconds=0.04, max_repeats=50)
+    assert count[0] == 50
+
+
+def blas_threads() -> list[int]:
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
+@pytest.mark.skipif(not blas_threads(), reason="NumPy here uses no BLAS that threadpoolctl sees")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sweep_runs_numpy_under_the_engine_thread_limit(monkeypatch, threads):
+    before = blas_threads()
+    seen = []
+    naive_attention = cost.naive_attention
+
+    def spy(q, k, v, is_causal=False):
+        seen.extend(blas_threads())
+        return naive_attention(q, k, v, is_causal)
+
+    monkeypatch.setattr(cost, "naive_attention", spy)
+    frame = cost.sweep([64], 16, include_torch=False, threads=threads)
+    assert set(seen) == {1, threads}
+    assert frame.set_index("method").loc[cost.NAIVE, "status"] == "measured"
+    assert blas_threads() == before  # the limit is lifted afterwards
 
 
 def test_sweep_measures_and_respects_the_memory_budget():

@@ -168,7 +168,8 @@ def matrix(
     )
     limit = float(np.abs(values).max()) or 1.0
     scale = (
-        alt.Scale(scheme="redblue", domain=[limit, -limit])
+        # Red for positive, blue for negative, and the legend reads from +limit at the top.
+        alt.Scale(scheme="redblue", domain=[-limit, limit], reverse=True)
         if diverging
         else alt.Scale(scheme="blues", domain=[0, limit])
     )

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import ThreadpoolController
 
 from . import engine
 
 BYTES_F32 = 4
 TARGET_LENGTHS = (2_048, 8_192, 200_000)  # GPT-2, GPT-3.5, today's long-context models
 SWEEP_WINDOW = 256
+NAIVE = "NumPy naive full"
+# Below this length a call's fixed costs (Python, waking threads) weigh as much as its
+# arithmetic, so the growth exponent is fitted on longer contexts only.
+FIT_MIN_N = 512
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def methods(include_torch: bool = True) -> dict[str, tuple[Callable, bool]]:
             lambda q, k, v: engine.attention_output(q, k, v, is_causal=True, window=SWEEP_WINDOW),
             materialises,
         ),
-        "NumPy naive full": (naive_attention, True),
+        NAIVE: (naive_attention, True),
     }
     torch_sdpa = _torch_sdpa() if include_torch else None
     if torch_sdpa is not None:
@@ -117,19 +122,42 @@ def methods(include_torch: bool = True) -> dict[str, tuple[Callable, bool]]:
     return table
 
 
-def time_call(function: Callable[[], object], budget_seconds: float = 0.05, repeats: int = 5):
-    """Median wall time of `function` after one warm-up call: up to `repeats` calls, fewer
-    when they would take more than `budget_seconds` together (at least one)."""
-    t0 = time.perf_counter()
-    function()
-    first = time.perf_counter() - t0
-    count = max(1, min(repeats, int(budget_seconds / max(first, 1e-9))))
-    samples = []
-    for _ in range(count):
+def time_call(
+    function: Callable[[], object],
+    budget_seconds: float = 0.04,
+    min_repeats: int = 3,
+    max_repeats: int = 50,
+) -> float:
+    """Best wall time of `function` over repeated calls: fast calls repeat until
+    `budget_seconds` have passed (at most `max_repeats` times), slower ones at least
+    `min_repeats` times unless that would take over four budgets. The best run is the one
+    that other work on the machine disturbed least; the first also pays for warming caches."""
+    start = time.perf_counter()
+    best = math.inf
+    for calls in range(1, max_repeats + 1):
         t0 = time.perf_counter()
         function()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        best = min(best, time.perf_counter() - t0)
+        spent = time.perf_counter() - start
+        if spent >= budget_seconds and (calls >= min_repeats or spent >= 4 * budget_seconds):
+            break
+    return best
+
+
+_BLAS = ThreadpoolController()
+
+
+def time_naive(function: Callable[[], object], max_threads: int) -> float:
+    """Best time of the NumPy path with its BLAS on one thread and on `max_threads`, never
+    more threads than the engine gets. NumPy's BLAS splits a product evenly between its
+    threads and waits for the slowest, so on a busy machine more threads can be far slower."""
+    best = math.inf
+    # Most threads first: BLAS workers keep spinning a while after a call, and the one-thread
+    # run gives them time to settle before the next method is timed.
+    for threads in sorted({1, max(1, max_threads)}, reverse=True):
+        with _BLAS.limit(limits=threads, user_api="blas"):
+            best = min(best, time_call(function))
+    return best
 
 
 def sweep(
@@ -141,10 +169,12 @@ def sweep(
     include_torch: bool = True,
     progress: Callable[[float, str], None] | None = None,
     seed: int = 0,
+    threads: int | None = None,
 ) -> pd.DataFrame:
-    """Time every method at every length. A method stops once its next point would need more
-    than `memory_budget` bytes of n² matrices or (judging by growth so far) more than
-    `time_limit` seconds; those points are recorded with a status saying why.
+    """Time every method at every length, each point the best of a few runs. A method stops
+    once its next point would need more than `memory_budget` bytes of n² matrices or (judging
+    by growth so far) more than `time_limit` seconds; those points are recorded with a status
+    saying why. The NumPy path's BLAS gets at most `threads` threads (default: the engine's).
 
     Returns columns: n, method, seconds, gflops, status.
     """
@@ -155,6 +185,7 @@ def sweep(
             "choose a shorter longest length or a larger budget."
         )
     table = methods(include_torch)
+    threads = engine.get_threads() if threads is None else threads
     rng = np.random.default_rng(seed)
     rows = []
     stopped: dict[str, str] = {}
@@ -176,7 +207,8 @@ def sweep(
                 stopped[name] = status
                 rows.append({"n": n, "method": name, "seconds": np.nan, "status": status})
                 continue
-            seconds = time_call(lambda f=function, a=(q, k, v): f(*a))
+            call = partial(function, q, k, v)
+            seconds = time_naive(call, threads) if name == NAIVE else time_call(call)
             last_time[name] = seconds
             rows.append({"n": n, "method": name, "seconds": seconds, "status": "measured"})
     frame = pd.DataFrame(rows, columns=["n", "method", "seconds", "status"])
@@ -198,19 +230,16 @@ def _flops(n: int, head_dim: int, method: str) -> float:
     return 4.0 * pairs * head_dim
 
 
-FIT_MIN_SECONDS = 1e-3  # calls shorter than this mostly time fixed overheads
-
-
-def fit_exponent(frame: pd.DataFrame, method: str, min_points: int = 3):
-    """Fit ``seconds ≈ c·n^p`` on the measured points of `method`, leaving out calls too
-    short to show the growth (under FIT_MIN_SECONDS) while at least three points remain.
+def fit_exponent(frame: pd.DataFrame, method: str, min_points: int = 3, min_n: int = FIT_MIN_N):
+    """Fit ``seconds ≈ c·n^p`` on the measured points of `method` with n ≥ `min_n`, where the
+    arithmetic dominates; on the longest `min_points` points when fewer reach `min_n`.
     Returns ``(p, c)``, or None with fewer than `min_points` measured points."""
     measured = frame[(frame["method"] == method) & (frame["status"] == "measured")]
     measured = measured[measured["seconds"] > 0].sort_values("n")
     if len(measured) < min_points:
         return None
-    long_enough = measured[measured["seconds"] >= FIT_MIN_SECONDS]
-    points = long_enough if len(long_enough) >= 3 else measured.iloc[-3:]
+    large = measured[measured["n"] >= min_n]
+    points = large if len(large) >= min_points else measured.iloc[-min_points:]
     slope, intercept = np.polyfit(np.log(points["n"]), np.log(points["seconds"]), 1)
     return float(slope), float(math.exp(intercept))
 

@@ -60,6 +60,7 @@ if config not in results:
             head_dim,
             memory_budget=budget_mib * 2**20,
             include_torch=with_torch,
+            threads=threads,
             progress=lambda fraction, label: progress.progress(fraction, text=f"Timing {label}"),
         )
     except cost.SweepTooLarge as problem:
@@ -121,11 +122,13 @@ exponents = pd.DataFrame(
 left, right = st.columns([2, 3])
 left.dataframe(exponents, hide_index=True, key="cost_exponents")
 right.markdown(
-    "Full and causal attention should fit an exponent near 2 once n is large enough for the "
-    "arithmetic to dominate; a fixed window near 1, because each token sees at most "
-    f"{cost.SWEEP_WINDOW} keys. Calls shorter than a millisecond mostly time fixed overheads, "
-    "so the fit leaves them out. Timings on a busy or shared machine are noisy: run the "
-    "sweep again, or longer, if an exponent looks off."
+    "Full attention should fit an exponent near 2; causal a little less at these lengths, "
+    "as the blocks on its diagonal weigh more in a short context; a fixed window near 1, "
+    f"because each token sees at most {cost.SWEEP_WINDOW} keys. The fit uses only n ≥ "
+    f"{cost.FIT_MIN_N}: shorter calls mostly time fixed costs (Python, waking threads), not "
+    "arithmetic. Each point is the fastest of a few runs, and NumPy's BLAS may use at most "
+    f"the engine's {threads} thread(s). A busy machine still adds noise: run the sweep again "
+    "if an exponent looks off."
 )
 skipped = frame[frame["status"] != "measured"].drop_duplicates("method")
 for _, item in skipped.iterrows():

@@ -7,7 +7,7 @@ import attnscope.models as am
 import numpy as np
 import pandas as pd
 import streamlit as st
-from attnscope.dashboard import charts
+from attnscope.dashboard import charts, ui
 
 LOCAL_FOLDER = "A local folder…"
 DEFAULT_TEXT = "The doctor fired the nurse because she was tired"
@@ -20,8 +20,8 @@ STATISTIC_HELP = {
     "self": "weight a token keeps on itself",
     "first_token": "weight on the first token",
     "sink": "weight parked on the first token and on delimiters ([CLS], [SEP], punctuation)",
-    "induction": "on random tokens repeated twice: weight on the token that followed the "
-    "current one last time (the copy-the-pattern circuit)",
+    "induction": "in random tokens repeated twice, weight on the token that followed this one "
+    "last time",
 }
 
 
@@ -70,7 +70,11 @@ def head_grid(table: pd.DataFrame, statistic: str) -> alt.Chart:
             tooltip=["layer:O", "head:O", "label:N", alt.Tooltip(f"{statistic}:Q", format=".3f")],
         )
         .add_params(pick)
-        .properties(width=34 * table["head"].nunique(), height=30 * table["layer"].nunique())
+        .properties(
+            width=34 * table["head"].nunique(),
+            height=30 * table["layer"].nunique(),
+            autosize=charts.NATURAL_SIZE,
+        )
     )
 
 
@@ -163,7 +167,11 @@ statistic = st.selectbox(
 )
 st.caption(f"**{statistic.replace('_', ' ')}**: {STATISTIC_HELP[statistic]}.")
 grid_event = st.altair_chart(
-    head_grid(table, statistic), key="real_model_grid", on_select="rerun", selection_mode="pick"
+    head_grid(table, statistic),
+    key="real_model_grid",
+    on_select="rerun",
+    selection_mode="pick",
+    width="content",
 )
 follow_grid_click(grid_event, model.num_layers, model.num_heads)
 labels = table["label"].value_counts()
@@ -182,33 +190,40 @@ head = pickers[1].selectbox("Head", range(model.num_heads), key="real_model_head
 weights = trace.attentions[layer, head]
 visible = np.tril(np.ones((n, n), dtype=bool)) if trace.is_causal else np.ones((n, n), dtype=bool)
 row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
-left, right = st.columns([3, 2])
-with left:
-    st.altair_chart(
-        charts.heatmap(
-            weights,
-            tokens,
-            visible=visible,
-            title=f"Layer {layer}, head {head}",
-            cell_px=max(8, min(24, 480 // n)),
-            show_labels=n <= 48,
-        ),
-        key="real_model_heatmap",
-    )
-    if trace.is_causal:
-        st.caption("Grey cells are hidden by the causal mask: no token sees its future.")
-with right:
-    st.metric("Behaviour", row["label"])
-    st.dataframe(
-        pd.DataFrame(
-            {
-                "statistic": [s.replace("_", " ") for s in am.STATISTICS],
-                "value": [row[s] for s in am.STATISTICS],
-            }
-        ),
-        hide_index=True,
-        key="real_model_head_stats",
-    )
+# The heatmap keeps its natural size (every key column drawn, however long the sentence), so
+# the numbers go below it rather than beside it, where a wide heatmap would run into them.
+ui.chart(
+    st,
+    charts.heatmap(
+        weights,
+        tokens,
+        visible=visible,
+        title=f"Layer {layer}, head {head}",
+        cell_px=max(8, min(24, 480 // n)),
+        show_labels=n <= 48,
+    ),
+    key="real_model_heatmap",
+)
+if trace.is_causal:
+    st.caption("Grey cells are hidden by the causal mask: no token sees its future.")
+st.metric("Behaviour", row["label"])
+st.caption(
+    "Whichever of previous token, next token, self, sink or induction takes at least half the "
+    "weight; failing that, local (1.5 tokens away or less on average), broad (spread nearly "
+    "evenly) or mixed."
+)
+st.dataframe(
+    pd.DataFrame(
+        {
+            "statistic": [s.replace("_", " ") for s in am.STATISTICS],
+            "value": [row[s] for s in am.STATISTICS],
+            "what it measures": [STATISTIC_HELP[s] for s in am.STATISTICS],
+        }
+    ),
+    hide_index=True,
+    key="real_model_head_stats",
+    column_config={"value": st.column_config.NumberColumn(format="%.3f")},
+)
 
 st.subheader("Find the head")
 st.markdown(
