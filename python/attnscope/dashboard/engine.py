@@ -6,8 +6,9 @@ reference (same arguments, slow but exact), and says which one ran so a page can
 
 from __future__ import annotations
 
-import attnscope
 import numpy as np
+
+import attnscope
 from attnscope import reference
 
 COMPILED_NAME = "attnscope (Rust engine)"
