@@ -5,9 +5,12 @@ minute and then B runs, A and B see different machines. Alternating them round b
 rotating who goes first) lets both see the same noise, so their ratio holds even when the
 absolute times drift.
 
-Each sample starts after a short pause. The thread pools of BLAS libraries (OpenBLAS) and of
-OpenMP keep spinning for up to ~0.1 s after a call returns, and without the pause those
-threads would take cores away from whichever contender runs next.
+In rows of slow calls, each sample starts after a short pause. The thread pools of BLAS
+libraries (OpenBLAS) and of OpenMP keep spinning for up to ~0.1 s after a call returns, and
+without the pause those threads would take cores away from whichever contender runs next.
+Rows of fast calls get no pause. Their calls do not wake whole thread pools, and a pause
+would let the cores idle, so that the next call pays for waking them. On a virtual machine
+that cost can be far larger than the call itself.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ __all__ = ["Plan", "Timing", "interleave"]
 
 # A single call slower than this is its own warmup: a second warmup call would only cost time.
 _SLOW_CALL_S = 2.0
+# Rows whose slowest call is faster than this get no settle pause (see the module docstring).
+_SETTLE_MIN_CALL_S = 1e-3
 
 
 @dataclass(frozen=True)
@@ -35,8 +40,9 @@ class Plan:
         max_repeats: rounds that never run beyond this, however cheap the calls are.
         min_sample_s: a sample loops a fast call until it lasts about this long, so that
             microsecond calls are not just timer noise.
-        settle_s: idle pause before each sample (and warmup call), so that the previous
-            contender's spinning worker threads have gone to sleep.
+        settle_s: idle pause before each sample, so that the previous contender's spinning
+            worker threads have gone to sleep. It applies only to rows whose slowest call
+            takes 1 ms or more.
     """
 
     budget_s: float
@@ -68,22 +74,23 @@ def _time_calls(call: Callable[[], object], count: int, settle_s: float) -> floa
 def interleave(contenders: dict[str, Callable[[], object]], plan: Plan) -> dict[str, Timing]:
     """Time each zero-argument call in `contenders` in alternating rounds, after warmup.
 
-    Returns a :class:`Timing` per name. Each call is warmed up (twice if it is fast) before
-    the rounds start. The number of rounds is what fits `plan.budget_s` (pauses included),
-    clamped to the plan's bounds.
+    Returns a :class:`Timing` per name. Each call is warmed up (twice, unless one call takes
+    over 2 s) before the rounds start. The number of rounds is what fits `plan.budget_s`
+    (pauses included), clamped to the plan's bounds.
     """
     names = list(contenders)
     per_call = {}
     for name in names:
-        first = _time_calls(contenders[name], 1, plan.settle_s)
+        first = _time_calls(contenders[name], 1, 0.0)
         if first > _SLOW_CALL_S:
             per_call[name] = first
         else:
-            per_call[name] = _time_calls(contenders[name], 1, plan.settle_s)
+            per_call[name] = min(first, _time_calls(contenders[name], 1, 0.0))
+    settle_s = plan.settle_s if max(per_call.values()) >= _SETTLE_MIN_CALL_S else 0.0
     calls_per_sample = {
         name: max(1, math.ceil(plan.min_sample_s / max(per_call[name], 1e-9))) for name in names
     }
-    round_s = sum(per_call[name] * calls_per_sample[name] + plan.settle_s for name in names)
+    round_s = sum(per_call[name] * calls_per_sample[name] + settle_s for name in names)
     repeats = int(min(plan.max_repeats, max(plan.min_repeats, plan.budget_s // max(round_s, 1e-9))))
 
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -94,7 +101,7 @@ def interleave(contenders: dict[str, Callable[[], object]], plan: Plan) -> dict[
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 samples[name].append(
-                    _time_calls(contenders[name], calls_per_sample[name], plan.settle_s)
+                    _time_calls(contenders[name], calls_per_sample[name], settle_s)
                 )
     finally:
         if gc_was_enabled:
