@@ -11,8 +11,8 @@ use std::ops::Range;
 use crate::bounds::Bounds;
 use crate::element::Element;
 use crate::microkernel::{
-    accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, transposed_scores,
-    transposed_scores_by_dot, WeightLayout,
+    accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, scores_by_dot,
+    transposed_scores, WeightLayout,
 };
 use crate::simd::{SimdLevel, SimdVec};
 
@@ -163,6 +163,29 @@ struct PackedQueries<'a, T> {
     by_dot: bool,
 }
 
+impl<T> PackedQueries<'_, T> {
+    /// Where the score of (query row, key) of a block lives: row-major (`rows x key_capacity`)
+    /// for the dot-product path, `Sᵀ` (`keys x width`) for the tiled one.
+    fn score_layout(&self, key_capacity: usize) -> WeightLayout {
+        if self.by_dot {
+            WeightLayout {
+                row_stride: key_capacity,
+                key_stride: 1,
+            }
+        } else {
+            WeightLayout {
+                row_stride: 1,
+                key_stride: self.width,
+            }
+        }
+    }
+
+    /// Score buffer length for blocks of up to `key_capacity` keys.
+    fn scores_len(&self, key_capacity: usize) -> usize {
+        key_capacity.max(1) * self.width
+    }
+}
+
 fn pack_queries<'a, V: SimdVec>(
     params: &KernelParams<V::Elem>,
     q: &[V::Elem],
@@ -272,15 +295,15 @@ fn mask_coverage<T: Element>(
 }
 
 /// Hides (sets to -inf) the scores the causal/window rules or the mask exclude, and adds an
-/// additive mask. `scores` is `Sᵀ`: (query `r`, key `c`) at `c * width + r`. Returns whether
-/// any key of the block was hidden from any query.
+/// additive mask. (query `r`, key `c`) of the block is at `layout`. Returns whether any key of
+/// the block was hidden from any query.
 fn apply_visibility<T: Element>(
     params: &KernelParams<T>,
     mask: &MaskRows<'_, T>,
     rows: &Range<usize>,
     keys: &Range<usize>,
     scores: &mut [T],
-    width: usize,
+    layout: WeightLayout,
 ) -> bool {
     let structural = !params.bounds.fully_visible(rows, keys);
     if !structural && matches!(mask, MaskRows::None) {
@@ -289,7 +312,7 @@ fn apply_visibility<T: Element>(
     let log2_e = T::from_f64(std::f64::consts::LOG2_E);
     let mut hidden = false;
     for (offset, row) in rows.clone().enumerate() {
-        let cell = |col: usize| col * width + offset;
+        let cell = |col: usize| offset * layout.row_stride + col * layout.key_stride;
         if structural {
             let visible = params.bounds.row_keys(row);
             for col in 0..keys.len() {
@@ -342,9 +365,10 @@ fn all_finite<T: Element>(values: &[T]) -> bool {
     values.iter().all(|value| value.is_finite())
 }
 
-/// `Sᵀ` of `rows` against `keys` into `scores` (`keys x width`), hidden ones at -inf. Returns
+/// Scores of `rows` against `keys` into `scores` at `layout`, hidden ones at -inf. Returns
 /// whether the rules or the mask hid any key.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn block_scores<V: SimdVec>(
     params: &KernelParams<V::Elem>,
     head: &HeadData<'_, V::Elem>,
@@ -352,22 +376,23 @@ unsafe fn block_scores<V: SimdVec>(
     keys: &Range<usize>,
     queries: &PackedQueries<'_, V::Elem>,
     scores: &mut [V::Elem],
+    layout: WeightLayout,
     coverage: MaskCoverage,
 ) -> bool {
     let depth = params.depth;
     let key_rows = &head.k[keys.start * depth..keys.end * depth];
     if queries.by_dot {
-        // Padding columns are never written; they keep finite values that nothing reads.
-        transposed_scores_by_dot::<V>(
+        scores_by_dot::<V>(
             key_rows,
             keys.len(),
             queries.data,
             rows.len(),
             depth,
-            queries.width,
+            layout.row_stride,
             scores,
         );
     } else {
+        // Padding query columns hold finite values that nothing reads.
         transposed_scores::<V>(
             key_rows,
             keys.len(),
@@ -382,7 +407,28 @@ unsafe fn block_scores<V: SimdVec>(
     } else {
         &head.mask
     };
-    apply_visibility(params, mask, rows, keys, scores, queries.width)
+    apply_visibility(params, mask, rows, keys, scores, layout)
+}
+
+/// Folds one block's softmax into query `query`'s running state: `best` is the new running
+/// max, `block_sum` the block's `Σ 2^(s - best)`.
+#[inline(always)]
+unsafe fn fold_block<V: SimdVec>(
+    state: &mut SoftmaxState<V::Elem>,
+    query: usize,
+    best: V::Elem,
+    block_sum: V::Elem,
+    dv: usize,
+) {
+    let running = state.max[query];
+    if best > running && running != V::Elem::NEG_INFINITY {
+        // Rescale only when the running max grows.
+        let correction = (running - best).exp2();
+        state.sum[query] *= correction;
+        scale_row::<V>(&mut state.acc[query * dv..(query + 1) * dv], correction);
+    }
+    state.max[query] = best;
+    state.sum[query] += block_sum;
 }
 
 /// Online softmax of `rows` over `keys`, folded into `state` (FlashAttention's inner loop).
@@ -410,7 +456,9 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
     } = scratch;
     let queries = pack_queries::<V>(params, head.q, &rows, queries);
     let width = queries.width;
-    refill(scores, KEY_BLOCK.min(span.len()) * width, V::Elem::ZERO);
+    let key_capacity = KEY_BLOCK.min(span.len());
+    let layout = queries.score_layout(key_capacity);
+    refill(scores, queries.scores_len(key_capacity), V::Elem::ZERO);
     refill(block_max, width, V::Elem::NEG_INFINITY);
     refill(shift, width, V::Elem::ZERO);
     refill(block_sum, width, V::Elem::ZERO);
@@ -423,49 +471,52 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
         if coverage == MaskCoverage::Hidden {
             continue;
         }
-        let hidden = block_scores::<V>(params, head, &rows, &block, &queries, scores, coverage);
+        let hidden = block_scores::<V>(
+            params, head, &rows, &block, &queries, scores, layout, coverage,
+        );
 
-        block_max.fill(V::Elem::NEG_INFINITY);
-        column_max::<V>(scores, block.len(), width, block_max);
-        for (query, (shift, &max)) in shift.iter_mut().zip(block_max.iter()).enumerate() {
-            let running = state
-                .max
-                .get(query)
-                .copied()
-                .unwrap_or(V::Elem::NEG_INFINITY);
-            let best = running.max(max);
-            // A query that has seen no key yet keeps shift 0: 2^(-inf - 0) = 0, never NaN.
-            *shift = if best == V::Elem::NEG_INFINITY {
-                V::Elem::ZERO
-            } else {
-                best
-            };
-        }
-        block_sum.fill(V::Elem::ZERO);
-        column_exp2::<V>(scores, block.len(), width, shift, block_sum);
-
-        for query in 0..rows.len() {
-            let best = state.max[query].max(block_max[query]);
-            if best == V::Elem::NEG_INFINITY {
-                continue;
+        if queries.by_dot {
+            // Row layout: the softmax runs along the keys, a key per lane.
+            for query in 0..rows.len() {
+                let weights = &mut scores[query * layout.row_stride..][..block.len()];
+                let best = state.max[query].max(row_max::<V>(weights));
+                if best == V::Elem::NEG_INFINITY {
+                    weights.fill(V::Elem::ZERO);
+                    continue;
+                }
+                let block_sum = row_exp2::<V>(weights, best);
+                fold_block::<V>(state, query, best, block_sum, dv);
             }
-            let running = state.max[query];
-            if best > running && running != V::Elem::NEG_INFINITY {
-                // Rescale only when the running max grows.
-                let correction = (running - best).exp2();
-                state.sum[query] *= correction;
-                scale_row::<V>(&mut state.acc[query * dv..(query + 1) * dv], correction);
+        } else {
+            // Sᵀ layout: a query per lane, reduced down the keys.
+            block_max.fill(V::Elem::NEG_INFINITY);
+            column_max::<V>(scores, block.len(), width, block_max);
+            for (query, (shift, &max)) in shift.iter_mut().zip(block_max.iter()).enumerate() {
+                let running = state
+                    .max
+                    .get(query)
+                    .copied()
+                    .unwrap_or(V::Elem::NEG_INFINITY);
+                let best = running.max(max);
+                // A query that has seen no key yet keeps shift 0: 2^(-inf - 0) = 0, never NaN.
+                *shift = if best == V::Elem::NEG_INFINITY {
+                    V::Elem::ZERO
+                } else {
+                    best
+                };
             }
-            state.max[query] = best;
-            state.sum[query] += block_sum[query];
+            block_sum.fill(V::Elem::ZERO);
+            column_exp2::<V>(scores, block.len(), width, shift, block_sum);
+            for query in 0..rows.len() {
+                let best = state.max[query].max(block_max[query]);
+                if best != V::Elem::NEG_INFINITY {
+                    fold_block::<V>(state, query, best, block_sum[query], dv);
+                }
+            }
         }
 
         let values = &head.v[block.start * dv..block.end * dv];
         let guard_non_finite = hidden && !all_finite(values);
-        let layout = WeightLayout {
-            row_stride: 1,
-            key_stride: width,
-        };
         accumulate_pv::<V>(
             scores,
             layout,
@@ -497,9 +548,10 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
     let num_keys = params.num_keys;
     let dv = params.value_dim;
     let queries = pack_queries::<V>(params, head.q, &rows, &mut scratch.queries);
-    let width = queries.width;
+    let key_capacity = KEY_BLOCK.min(span.len());
+    let layout = queries.score_layout(key_capacity);
     let scores = &mut scratch.scores;
-    refill(scores, KEY_BLOCK.min(span.len()) * width, V::Elem::ZERO);
+    refill(scores, queries.scores_len(key_capacity), V::Elem::ZERO);
     let mut hidden = false;
 
     let mut block_start = span.start;
@@ -515,10 +567,13 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
             }
             continue;
         }
-        hidden |= block_scores::<V>(params, head, &rows, &block, &queries, scores, coverage);
+        hidden |= block_scores::<V>(
+            params, head, &rows, &block, &queries, scores, layout, coverage,
+        );
         for (col, key) in block.clone().enumerate() {
             for query in 0..rows.len() {
-                weights[query * num_keys + key] = scores[col * width + query];
+                weights[query * num_keys + key] =
+                    scores[query * layout.row_stride + col * layout.key_stride];
             }
         }
     }

@@ -146,21 +146,22 @@ unsafe fn dots<V: SimdVec, const KEYS: usize>(
     totals
 }
 
-/// `Sᵀ[j][i] = q[i] · k[j]` by dot products, for a few query rows (`q` is `num_queries x
-/// depth`): decoding reads each key once without padding queries to a full register tile.
+/// `S[i][j] = q[i] · k[j]` by dot products, for a few query rows (`q` is `num_queries x
+/// depth`), into rows of `stride`: decoding reads each key once, and its softmax runs along
+/// the keys with a key per lane instead of padding one query to a whole vector.
 #[inline(always)]
-pub(crate) unsafe fn transposed_scores_by_dot<V: SimdVec>(
+pub(crate) unsafe fn scores_by_dot<V: SimdVec>(
     keys: &[V::Elem],
     num_keys: usize,
     q: &[V::Elem],
     num_queries: usize,
     depth: usize,
-    width: usize,
+    stride: usize,
     scores: &mut [V::Elem],
 ) {
     const KEYS_AT_ONCE: usize = 4;
     debug_assert!(keys.len() >= num_keys * depth && q.len() >= num_queries * depth);
-    debug_assert!(num_queries <= width && scores.len() >= num_keys * width);
+    debug_assert!(num_keys <= stride && scores.len() >= num_queries * stride);
     let mut key = 0;
     while key < num_keys {
         let key_rows = keys.as_ptr().add(key * depth);
@@ -169,10 +170,10 @@ pub(crate) unsafe fn transposed_scores_by_dot<V: SimdVec>(
             if key + KEYS_AT_ONCE <= num_keys {
                 let totals = dots::<V, KEYS_AT_ONCE>(query_row, key_rows, depth);
                 for (offset, total) in totals.into_iter().enumerate() {
-                    scores[(key + offset) * width + query] = total;
+                    scores[query * stride + key + offset] = total;
                 }
             } else {
-                scores[key * width + query] = dots::<V, 1>(query_row, key_rows, depth)[0];
+                scores[query * stride + key] = dots::<V, 1>(query_row, key_rows, depth)[0];
             }
         }
         key += if key + KEYS_AT_ONCE <= num_keys {
@@ -240,6 +241,12 @@ unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
 ) {
     let wide = V::TILE_VECS * V::LANES;
     let mut col = 0;
+    // A single row has registers to spare: eight vectors per pass read each row of V in one
+    // sweep (decoding is bound by that read).
+    while ROWS == 1 && col + 8 * V::LANES <= dv {
+        pv_tile::<V, ROWS, 8>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
+        col += 8 * V::LANES;
+    }
     while col + wide <= dv {
         if V::TILE_VECS == 4 {
             pv_tile::<V, ROWS, 4>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
