@@ -116,8 +116,8 @@ def markdown_report(results: dict) -> str:
         f"- Threads: {meta['threads']} for every contender (numpy BLAS: {meta['numpy_threads']})",
         f"- Versions: attnscope {meta['attnscope']}, torch {meta['torch']}, "
         f"numpy {meta['numpy']}, Python {machine['python']}",
-        f"- Date: {meta['date']}; command: `{meta['command']}`; 1-min load average "
-        f"{meta['load_average']['start']} at start, {meta['load_average']['end']} at end",
+        f"- Date: {meta['date']}; command: `{meta['command']}`; 1-min load average before "
+        f"the run: {meta['load_average']['start']} (other work on the machine)",
         f"- Limits at {meta['threads']} threads: {describe_limits(limits)}",
         "",
     ]
