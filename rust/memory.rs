@@ -33,12 +33,18 @@ pub(crate) fn standard_layout<'a, T: Clone, D: Dimension>(
         return Ok(CowArray::from(view));
     }
     let len = view.len();
+    let Some(first) = view.first().cloned() else {
+        return Ok(CowArray::from(view.to_owned()));
+    };
     let mut buffer = Vec::new();
     buffer
         .try_reserve_exact(len)
         .map_err(|_| too_large(argument, len as u128 * std::mem::size_of::<T>() as u128))?;
-    buffer.extend(view.iter().cloned());
-    let owned = Array::from_shape_vec(view.raw_dim(), buffer)
+    buffer.resize(len, first);
+    let mut owned = Array::from_shape_vec(view.raw_dim(), buffer)
         .expect("a buffer of the view's length fits the view's shape");
+    // `assign` walks both arrays in their best common order; an element iterator over a
+    // permuted view would be several times slower.
+    owned.assign(&view);
     Ok(CowArray::from(owned))
 }
