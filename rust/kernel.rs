@@ -390,6 +390,8 @@ unsafe fn block_scores<V: SimdVec>(
             depth,
             layout.row_stride,
             scores,
+            &head.v[keys.start * params.value_dim..keys.end * params.value_dim],
+            params.value_dim,
         );
     } else {
         // Padding query columns hold finite values that nothing reads.

@@ -146,10 +146,31 @@ unsafe fn dots<V: SimdVec, const KEYS: usize>(
     totals
 }
 
+/// How far ahead of the row being read the decode path touches K and V: a few pages, so the
+/// hardware prefetcher, which stops at page boundaries, is already streaming the next page.
+const PREFETCH_BYTES: usize = 16384;
+
+/// One cache-line hint `PREFETCH_BYTES` past `base + offset` elements. A hint never faults, so
+/// it may point past the data (hence `wrapping_add`).
+#[inline(always)]
+fn prefetch_ahead<T>(base: *const T, offset: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let target = (base.wrapping_add(offset) as *const i8).wrapping_add(PREFETCH_BYTES);
+        // SAFETY: prefetching is a hint with no effect on memory; any address is allowed.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(target) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, offset);
+}
+
 /// `S[i][j] = q[i] · k[j]` by dot products, for a few query rows (`q` is `num_queries x
 /// depth`), into rows of `stride`: decoding reads each key once, and its softmax runs along
-/// the keys with a key per lane instead of padding one query to a whole vector.
+/// the keys with a key per lane instead of padding one query to a whole vector. Decoding is
+/// bound by reading K and V, so both (`values` has rows of `value_dim`) are hinted ahead.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn scores_by_dot<V: SimdVec>(
     keys: &[V::Elem],
     num_keys: usize,
@@ -158,12 +179,16 @@ pub(crate) unsafe fn scores_by_dot<V: SimdVec>(
     depth: usize,
     stride: usize,
     scores: &mut [V::Elem],
+    values: &[V::Elem],
+    value_dim: usize,
 ) {
     const KEYS_AT_ONCE: usize = 4;
     debug_assert!(keys.len() >= num_keys * depth && q.len() >= num_queries * depth);
     debug_assert!(num_keys <= stride && scores.len() >= num_queries * stride);
     let mut key = 0;
     while key < num_keys {
+        prefetch_ahead(keys.as_ptr(), key * depth);
+        prefetch_ahead(values.as_ptr(), key * value_dim);
         let key_rows = keys.as_ptr().add(key * depth);
         for query in 0..num_queries {
             let query_row = q.as_ptr().add(query * depth);
