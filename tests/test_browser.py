@@ -34,7 +34,10 @@ def _chromium() -> str:
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("no Chromium found: install it (e.g. `apt-get install chromium`) to run this test")
+    message = "no Chromium found: install it (e.g. `apt-get install chromium`) to run this test"
+    if os.environ.get("CI"):
+        pytest.fail(message)  # CI installs Chromium, so its absence there is a failure
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
