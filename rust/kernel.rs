@@ -630,8 +630,36 @@ pub trait KernelElement: Element {
     );
 }
 
-/// Compiles the generic kernels for one element type at each instruction set, and dispatches
-/// on the level chosen at run time.
+/// Calls `$kernel::<V>(args)` with `V` the vector type of `$level`, each instruction set's
+/// instance compiled inside a `#[target_feature]` function so the generic code inlines into
+/// code that may use those instructions.
+macro_rules! at_level {
+    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $kernel:ident($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $kernel::<$avx512>($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $kernel::<$avx2>($($arg),*)
+            }
+            // SAFETY: `level` comes from `simd::active_level`, which only returns levels this
+            // CPU supports.
+            match $level {
+                SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                SimdLevel::Portable => {}
+            }
+        }
+        let _ = $level;
+        // SAFETY: portable vectors need no CPU feature.
+        unsafe { $kernel::<$portable>($($arg),*) }
+    }};
+}
+
+/// Compiles the generic kernels for one element type at each instruction set.
 macro_rules! kernel_element {
     ($t:ty, $portable:ty, $avx2:ty, $avx512:ty) => {
         impl KernelElement for $t {
@@ -643,43 +671,19 @@ macro_rules! kernel_element {
                 keys: Range<usize>,
                 scratch: &mut Scratch<$t>,
             ) {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    unsafe fn avx512(
+                at_level!(
+                    level,
+                    $portable,
+                    $avx2,
+                    $avx512,
+                    flash_block(
                         params: &KernelParams<$t>,
                         head: &HeadData<'_, $t>,
                         rows: Range<usize>,
                         keys: Range<usize>,
-                        scratch: &mut Scratch<$t>,
-                    ) {
-                        flash_block::<$avx512>(params, head, rows, keys, scratch)
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2(
-                        params: &KernelParams<$t>,
-                        head: &HeadData<'_, $t>,
-                        rows: Range<usize>,
-                        keys: Range<usize>,
-                        scratch: &mut Scratch<$t>,
-                    ) {
-                        flash_block::<$avx2>(params, head, rows, keys, scratch)
-                    }
-                    // SAFETY: `level` comes from `simd::active_level`, which only returns
-                    // levels this CPU supports.
-                    match level {
-                        SimdLevel::Avx512 => {
-                            return unsafe { avx512(params, head, rows, keys, scratch) }
-                        }
-                        SimdLevel::Avx2 => {
-                            return unsafe { avx2(params, head, rows, keys, scratch) }
-                        }
-                        SimdLevel::Portable => {}
-                    }
-                }
-                let _ = level;
-                // SAFETY: portable vectors need no CPU feature.
-                unsafe { flash_block::<$portable>(params, head, rows, keys, scratch) }
+                        scratch: &mut Scratch<$t>
+                    )
+                )
             }
 
             fn weights(
@@ -691,44 +695,20 @@ macro_rules! kernel_element {
                 out: &mut [$t],
                 scratch: &mut Scratch<$t>,
             ) {
-                #[cfg(target_arch = "x86_64")]
-                {
-                    #[target_feature(enable = "avx512f")]
-                    unsafe fn avx512(
+                at_level!(
+                    level,
+                    $portable,
+                    $avx2,
+                    $avx512,
+                    weights_block(
                         params: &KernelParams<$t>,
                         head: &HeadData<'_, $t>,
                         rows: Range<usize>,
                         weights: &mut [$t],
                         out: &mut [$t],
-                        scratch: &mut Scratch<$t>,
-                    ) {
-                        weights_block::<$avx512>(params, head, rows, weights, out, scratch)
-                    }
-                    #[target_feature(enable = "avx2,fma")]
-                    unsafe fn avx2(
-                        params: &KernelParams<$t>,
-                        head: &HeadData<'_, $t>,
-                        rows: Range<usize>,
-                        weights: &mut [$t],
-                        out: &mut [$t],
-                        scratch: &mut Scratch<$t>,
-                    ) {
-                        weights_block::<$avx2>(params, head, rows, weights, out, scratch)
-                    }
-                    // SAFETY: as above, `level` is supported by this CPU.
-                    match level {
-                        SimdLevel::Avx512 => {
-                            return unsafe { avx512(params, head, rows, weights, out, scratch) }
-                        }
-                        SimdLevel::Avx2 => {
-                            return unsafe { avx2(params, head, rows, weights, out, scratch) }
-                        }
-                        SimdLevel::Portable => {}
-                    }
-                }
-                let _ = level;
-                // SAFETY: portable vectors need no CPU feature.
-                unsafe { weights_block::<$portable>(params, head, rows, weights, out, scratch) }
+                        scratch: &mut Scratch<$t>
+                    )
+                )
             }
         }
     };

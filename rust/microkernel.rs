@@ -148,6 +148,7 @@ unsafe fn dots<V: SimdVec, const KEYS: usize>(
 
 /// How far ahead of the row being read the decode path touches K and V: a few pages, so the
 /// hardware prefetcher, which stops at page boundaries, is already streaming the next page.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 16384;
 
 /// One cache-line hint `PREFETCH_BYTES` past `base + offset` elements. A hint never faults, so
