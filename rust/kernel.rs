@@ -314,13 +314,14 @@ fn apply_visibility<T: Element>(
     for (offset, row) in rows.clone().enumerate() {
         let cell = |col: usize| offset * layout.row_stride + col * layout.key_stride;
         if structural {
+            // The row's visible keys are one range: hide what lies before and after it.
             let visible = params.bounds.row_keys(row);
-            for col in 0..keys.len() {
-                if !visible.contains(&(keys.start + col)) {
-                    scores[cell(col)] = T::NEG_INFINITY;
-                    hidden = true;
-                }
+            let first = visible.start.saturating_sub(keys.start).min(keys.len());
+            let end = visible.end.saturating_sub(keys.start).clamp(first, keys.len());
+            for col in (0..first).chain(end..keys.len()) {
+                scores[cell(col)] = T::NEG_INFINITY;
             }
+            hidden |= first > 0 || end < keys.len();
         }
         match *mask {
             MaskRows::None => {}
