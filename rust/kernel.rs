@@ -317,7 +317,10 @@ fn apply_visibility<T: Element>(
             // The row's visible keys are one range: hide what lies before and after it.
             let visible = params.bounds.row_keys(row);
             let first = visible.start.saturating_sub(keys.start).min(keys.len());
-            let end = visible.end.saturating_sub(keys.start).clamp(first, keys.len());
+            let end = visible
+                .end
+                .saturating_sub(keys.start)
+                .clamp(first, keys.len());
             for col in (0..first).chain(end..keys.len()) {
                 scores[cell(col)] = T::NEG_INFINITY;
             }
