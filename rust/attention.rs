@@ -516,9 +516,9 @@ fn attend_checked<T: KernelElement>(
         }
     };
 
-    let mut output = zeroed(geometry.heads() * l * dv, "output")?;
+    let mut output = zeroed(&[geometry.heads(), l, dv], "output")?;
     let mut weights = if options.return_weights {
-        Some(zeroed(geometry.heads() * l * s, "return_weights")?)
+        Some(zeroed(&[geometry.heads(), l, s], "return_weights")?)
     } else {
         None
     };

@@ -13,12 +13,25 @@ fn too_large(argument: &'static str, bytes: u128) -> AttnError {
     )
 }
 
-/// A zero-filled buffer of `len` elements.
-pub(crate) fn zeroed<T: Element>(len: usize, argument: &'static str) -> Result<Vec<T>, AttnError> {
+/// A zero-filled buffer for an array of shape `dims`.
+pub(crate) fn zeroed<T: Element>(
+    dims: &[usize],
+    argument: &'static str,
+) -> Result<Vec<T>, AttnError> {
+    let elements = dims
+        .iter()
+        .try_fold(1u128, |product, &dim| product.checked_mul(dim as u128));
+    let bytes = elements.map_or(u128::MAX, |n| {
+        n.saturating_mul(std::mem::size_of::<T>() as u128)
+    });
+    // Broadcast inputs can describe results whose size does not even fit in a usize.
+    let len = elements
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| too_large(argument, bytes))?;
     let mut buffer = Vec::new();
     buffer
         .try_reserve_exact(len)
-        .map_err(|_| too_large(argument, len as u128 * std::mem::size_of::<T>() as u128))?;
+        .map_err(|_| too_large(argument, bytes))?;
     buffer.resize(len, T::ZERO);
     Ok(buffer)
 }
