@@ -387,6 +387,18 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
     let key = standard_layout(key, "key")?;
     let value = standard_layout(value, "value")?;
+    if decodes_by_group(&geometry, plan.as_ref(), options) {
+        let kv = StridedKv {
+            key: contiguous(&key),
+            value: contiguous(&value),
+            kv_heads: geometry.kv_heads,
+            num_keys: geometry.num_keys,
+            row_capacity: geometry.num_keys,
+            depth: geometry.depth,
+            value_dim: geometry.value_dim,
+        };
+        return attend_query_groups(level, &geometry, query, &kv, &mask, options);
+    }
     let kv = KvRows {
         key: contiguous(&key),
         value: contiguous(&value),
@@ -655,6 +667,19 @@ pub struct StridedKv<'a, T> {
     pub value_dim: usize,
 }
 
+/// Whether one query row with grouped heads can run each kv group's query heads as one block
+/// (the mask, if any, must be the same for every head and row).
+fn decodes_by_group(
+    geometry: &Geometry,
+    plan: Option<&MaskPlan>,
+    options: &AttentionOptions,
+) -> bool {
+    let group = geometry.query_heads / geometry.kv_heads.max(1);
+    let same_mask_for_every_head =
+        plan.is_none_or(|plan| plan.head_stride == 0 && plan.row_stride == 0);
+    geometry.num_queries == 1 && group > 1 && !options.return_weights && same_mask_for_every_head
+}
+
 /// [`scaled_dot_product_attention`] with `query` `(..., Hq, L, D)` against keys and values
 /// read in place from [`StridedKv`] buffers (no copy of the cache per call).
 ///
@@ -701,12 +726,7 @@ pub fn attention_over_strided_kv<T: KernelElement>(
         ));
     }
     let plan = check_call(&geometry, &mask, options)?;
-    let group = geometry.query_heads / geometry.kv_heads.max(1);
-    let same_mask_for_every_head = plan
-        .as_ref()
-        .is_none_or(|plan| plan.head_stride == 0 && plan.row_stride == 0);
-    if geometry.num_queries == 1 && group > 1 && !options.return_weights && same_mask_for_every_head
-    {
+    if decodes_by_group(&geometry, plan.as_ref(), options) {
         return attend_query_groups(level, &geometry, query, kv, &mask, options);
     }
     let rows = KvRows {

@@ -21,6 +21,13 @@ CASES = [
     ((1, 2, 3000), (1, 2, 3000), (1, 2, 3000), {}),  # 3-D: heads of one key, D=3000
     ((1, 1, 1, 128), (1, 1, 5000, 128), (1, 1, 5000, 128), {"causal_alignment": "bottom_right"}),
     ((130, 17), (257, 17), (257, 33), {"window": (40, 2), "scale": 0.2}),
+    # Decoding with grouped heads: the query heads of a kv group run as one block.
+    (
+        (2, 8, 1, 64),
+        (2, 2, 3000, 64),
+        (2, 2, 3000, 48),
+        {"enable_gqa": True, "is_causal": True, "causal_alignment": "bottom_right", "window": 900},
+    ),
 ]
 
 
@@ -67,3 +74,14 @@ def test_each_level_hides_nan_behind_a_mask(simd_level):
 def test_forcing_an_unknown_level_is_refused():
     with pytest.raises(ValueError, match="level"):
         _core.force_simd_level("sse9")
+
+
+def test_grouped_decode_with_a_shared_mask(simd_level):
+    rng = np.random.default_rng(9)
+    q, k, v = random_qkv(rng, (3, 6, 1, 32), (3, 2, 2500, 32), (3, 2, 2500, 32))
+    mask = rng.random((3, 1, 1, 2500)) > 0.3  # one row per batch, shared by every head
+    k[:, :, ~mask[0, 0, 0]] = np.nan  # hidden keys of batch 0 hold NaN
+    got = attnscope.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    want = reference.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    assert np.isfinite(got[0]).all()
+    assert_close(got, want, np.float32)
