@@ -427,23 +427,28 @@ fn check_call<T: KernelElement>(
         Mask::Additive(view) => Some(MaskPlan::new(view.shape(), geometry)?),
     };
     if options.return_weights {
-        let elements: u128 = geometry
-            .weights_shape()
-            .iter()
-            .map(|&d| d as u128)
-            .product();
-        let bytes = elements * std::mem::size_of::<T>() as u128;
-        let limit = weights_memory_limit();
-        if bytes > limit as u128 {
-            return Err(AttnError::WeightsTooLarge {
-                shape: geometry.weights_shape(),
-                bytes,
-                limit,
-            });
-        }
+        check_weights_fit::<T>(&geometry.weights_shape())?;
     }
 
     Ok(plan)
+}
+
+/// Refuses, before anything is allocated, weights of `shape` larger than the memory limit.
+pub(crate) fn check_weights_fit<T>(shape: &[usize]) -> Result<(), AttnError> {
+    let bytes = shape
+        .iter()
+        .fold(std::mem::size_of::<T>() as u128, |product, &dim| {
+            product.saturating_mul(dim as u128)
+        });
+    let limit = weights_memory_limit();
+    if bytes > limit as u128 {
+        return Err(AttnError::WeightsTooLarge {
+            shape: shape.to_vec(),
+            bytes,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Keys and values head after head (batch and kv heads flattened), each head's rows

@@ -8,15 +8,13 @@ use ndarray::{
     CowArray, Ix3, Ix4, IxDyn,
 };
 
+use crate::attention::check_weights_fit;
 use crate::error::shape_str;
 use crate::kernel::KernelElement;
 use crate::kv_cache::{CacheAttendOptions, KvCache};
 use crate::memory::standard_layout;
 use crate::projection::linear;
-use crate::{
-    scaled_dot_product_attention, weights_memory_limit, Attention, AttentionOptions, AttnError,
-    Mask,
-};
+use crate::{scaled_dot_product_attention, Attention, AttentionOptions, AttnError, Mask};
 
 /// The learned matrices in the chapter's orientation (`x·W`): `w_q` is `(E, Hq·Dh)`, `w_k`
 /// `(Ek, Hkv·Dh)`, `w_v` `(Ev, Hkv·Dh)`, `w_o` `(Hq·Dh, E_out)`; biases one per column.
@@ -351,16 +349,7 @@ pub fn multi_head_attention<T: KernelElement>(
 
     if inputs.need_weights {
         // Checked before the cache grows, so a refused call leaves it exactly as it was.
-        let bytes = weights_shape.iter().map(|&d| d as u128).product::<u128>()
-            * std::mem::size_of::<T>() as u128;
-        let limit = weights_memory_limit();
-        if bytes > limit as u128 {
-            return Err(AttnError::WeightsTooLarge {
-                shape: weights_shape.to_vec(),
-                bytes,
-                limit,
-            });
-        }
+        check_weights_fit::<T>(&weights_shape)?;
     }
 
     let (query_rows, key_rows, value_rows) = (
