@@ -3,6 +3,10 @@ fixtures that put the engine's global settings back after a test changes them.""
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 import attnscope
 import numpy as np
 import pytest
@@ -60,3 +64,37 @@ def restore_weights_limit():
     before = attnscope.get_weights_memory_limit()
     yield before
     attnscope.set_weights_memory_limit(before)
+
+
+def counting_while(call) -> tuple[int, float, float]:
+    """Runs `call()` while another Python thread counts in a loop.
+
+    Returns the count reached during the call, the counting rate while the main thread only
+    sleeps, and the call's duration. If the call held the GIL the counter would stall for the
+    whole call; comparing rates keeps the check independent of how fast the machine is. A short
+    switch interval keeps a held GIL from leaking more than ~1 ms of counting around the call.
+    """
+    stop = threading.Event()
+    counter = [0]
+
+    def count():
+        while not stop.is_set():
+            counter[0] += 1
+
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
+    counting = threading.Thread(target=count)
+    counting.start()
+    try:
+        before, started = counter[0], time.perf_counter()
+        time.sleep(0.2)
+        free_rate = (counter[0] - before) / (time.perf_counter() - started)
+        before, started = counter[0], time.perf_counter()
+        call()
+        during_call = counter[0] - before
+        call_seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        counting.join()
+        sys.setswitchinterval(switch_interval)
+    return during_call, free_rate, call_seconds

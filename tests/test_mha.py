@@ -3,15 +3,11 @@ grouped heads, masks, padding, causal, cross-attention, unbatched inputs and per
 
 from __future__ import annotations
 
-import sys
-import threading
-import time
-
 import attnscope
 import numpy as np
 import pytest
 from attnscope import reference
-from conftest import FLOAT_DTYPES, assert_close
+from conftest import FLOAT_DTYPES, assert_close, counting_while
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -313,28 +309,6 @@ def test_forward_releases_the_gil(restore_num_threads):
     attnscope.set_num_threads(1)  # leave a core for the counting thread
     layer = attnscope.MultiHeadAttention(256, 4, seed=0)
     x = np.random.default_rng(0).standard_normal((1, 1500, 256)).astype(np.float32)
-    stop = threading.Event()
-    counter = [0]
-
-    def count():
-        while not stop.is_set():
-            counter[0] += 1
-
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    counting = threading.Thread(target=count)
-    counting.start()
-    try:
-        before, started = counter[0], time.perf_counter()
-        time.sleep(0.2)
-        free_rate = (counter[0] - before) / (time.perf_counter() - started)
-        before, started = counter[0], time.perf_counter()
-        layer(x, is_causal=True)
-        during_call = counter[0] - before
-        call_seconds = time.perf_counter() - started
-    finally:
-        stop.set()
-        counting.join()
-        sys.setswitchinterval(switch_interval)
+    during_call, free_rate, call_seconds = counting_while(lambda: layer(x, is_causal=True))
     assert free_rate > 0
     assert during_call > 0.1 * free_rate * call_seconds, (during_call, free_rate, call_seconds)

@@ -14,7 +14,7 @@ import attnscope
 import numpy as np
 import pytest
 from attnscope import reference
-from conftest import assert_close, random_qkv
+from conftest import assert_close, counting_while, random_qkv
 
 sdpa = attnscope.scaled_dot_product_attention
 
@@ -194,32 +194,7 @@ def test_gil_is_released_while_the_kernel_runs(restore_num_threads):
     """
     attnscope.set_num_threads(1)  # leave a core for the counting thread
     query, key, value = _inputs_for_a_long_call()
-    stop = threading.Event()
-    counter = [0]
-
-    def count():
-        while not stop.is_set():
-            counter[0] += 1
-
-    # A short switch interval keeps a held GIL from leaking more than ~1 ms of counting around
-    # the call, which makes the two outcomes far apart.
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    counting = threading.Thread(target=count)
-    counting.start()
-    try:
-        before, started = counter[0], time.perf_counter()
-        time.sleep(0.2)
-        free_rate = (counter[0] - before) / (time.perf_counter() - started)
-
-        before, started = counter[0], time.perf_counter()
-        sdpa(query, key, value)
-        during_call = counter[0] - before
-        call_seconds = time.perf_counter() - started
-    finally:
-        stop.set()
-        counting.join()
-        sys.setswitchinterval(switch_interval)
+    during_call, free_rate, call_seconds = counting_while(lambda: sdpa(query, key, value))
     assert free_rate > 0
     # Holding the GIL would allow about 1% of the free rate (two switch intervals per call).
     assert during_call > 0.1 * free_rate * call_seconds, (during_call, free_rate, call_seconds)
