@@ -204,15 +204,22 @@ def test_cost_sweep_controls_and_tables():
     app.select_slider(key="cost_dim").set_value(32)
     app.slider(key="cost_threads").set_value(1)
     app.select_slider(key="cost_budget").set_value(64)
-    app.checkbox(key="cost_torch").check()
+    include_torch = app.checkbox(key="cost_torch")
+    if cost.torch_installed():
+        assert not include_torch.disabled
+        include_torch.check()
+    else:
+        # AppTest refuses to tick a disabled widget; check what a user without torch sees.
+        assert include_torch.disabled
+        assert include_torch.help == "PyTorch is not installed here."
     app.button(key="cost_run").click().run()
     assert_clean(app)
     drawn = charts(app)
     timing = next(frame for title, frame in drawn.items() if title.startswith("Time per call"))
     measured = timing[timing["kind"] == "measured"]
     assert set(measured["n"]) == {128, 256, 512}
-    if cost.torch_installed():
-        assert "PyTorch SDPA full" in set(measured["method"])
+    torch_rows = "PyTorch SDPA full" in set(measured["method"])
+    assert torch_rows == cost.torch_installed()
     assert any(title.startswith("Memory") for title in drawn)
 
     for shape in (
