@@ -45,6 +45,17 @@ def random_qkv(rng: np.random.Generator, q_shape, k_shape, v_shape, dtype=np.flo
     return tuple(rng.standard_normal(shape).astype(dtype) for shape in (q_shape, k_shape, v_shape))
 
 
+# Measurements a test wants in the run's output (pytest captures what tests print).
+summary_lines: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    if summary_lines:
+        terminalreporter.section("measured")
+        for line in summary_lines:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20240611)

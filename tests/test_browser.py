@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import summary_lines
 
 pytestmark = pytest.mark.browser
 
@@ -44,8 +45,10 @@ def _chromium() -> str:
 def server():
     """`streamlit run app.py` on a free port; always stopped afterwards."""
     port = _free_port()
+    # The server may run from another environment than the tests (CI's Cloud-like installs).
+    server_python = os.environ.get("ATTNSCOPE_SERVER_PYTHON", sys.executable)
     command = [
-        sys.executable,
+        server_python,
         "-m",
         "streamlit",
         "run",
@@ -79,6 +82,7 @@ def server():
                 pytest.fail(f"streamlit did not start:\n{output[-3000:]}")
             time.sleep(0.5)
         yield url
+        _report_resident_memory(process.pid, server_python)
     finally:
         process.terminate()
         try:
@@ -86,6 +90,26 @@ def server():
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+# Streamlit Community Cloud gives an app between about 0.7 and 2.7 GB; stay well inside the upper.
+SERVER_MEMORY_LIMIT_MIB = 1536
+
+
+def _report_resident_memory(pid: int, server_python: str) -> None:
+    """After every page: print the server's resident memory in the run's summary, and fail the
+    run if it outgrew what a Community Cloud app may use."""
+    status = Path(f"/proc/{pid}/status")
+    if not status.exists():
+        return  # not Linux: nothing to read
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+    resident_mib = int(fields["VmRSS"].split()[0]) / 1024
+    peak_mib = int(fields["VmHWM"].split()[0]) / 1024
+    summary_lines.append(
+        f"dashboard server ({server_python}) after every page: resident {resident_mib:.0f} MiB, "
+        f"peak {peak_mib:.0f} MiB (limit {SERVER_MEMORY_LIMIT_MIB} MiB)"
+    )
+    assert peak_mib < SERVER_MEMORY_LIMIT_MIB, f"server peaked at {peak_mib:.0f} MiB"
 
 
 @pytest.fixture(scope="module")
