@@ -194,36 +194,33 @@ def test_heads_page_survives_two_edits(server, page):
         assert page.get_by_text(f"Where '{sentence.split()[2]}' looks").count() >= 1
 
 
-def test_regimes_page(server, page):
-    charts = PAGE_CHARTS["regimes"]
-    page.goto(f"{server}/regimes")
-    _settle(page, min_charts=charts)
-    _check(page, "regimes", min_charts=charts)
+def _type_a_replacement(page) -> None:
     field = page.get_by_label("Replacement word")
     field.fill("teacher")
     field.press("Enter")
-    _settle(page, min_charts=charts)
-    _check(page, "regimes-edited", min_charts=charts)
 
 
-def test_inside_page(server, page):
-    charts = PAGE_CHARTS["inside"]
-    page.goto(f"{server}/inside")
-    _settle(page, min_charts=charts)
-    _check(page, "inside", min_charts=charts)
-    page.get_by_text("no scaling", exact=True).first.click()
-    _settle(page, min_charts=charts)
-    _check(page, "inside-unscaled", min_charts=charts)
+# Per page: its path, the name of the screenshot after one control changed, and that change.
+PAGE_CHANGES = [
+    ("regimes", "regimes-edited", _type_a_replacement),
+    (
+        "inside",
+        "inside-unscaled",
+        lambda page: page.get_by_text("no scaling", exact=True).first.click(),
+    ),
+    ("cost", "cost-8bit", lambda page: page.get_by_text("8-bit", exact=True).click()),
+]
 
 
-def test_cost_page(server, page):
-    charts = PAGE_CHARTS["cost"]
-    page.goto(f"{server}/cost")
+@pytest.mark.parametrize(("path", "changed", "change"), PAGE_CHANGES)
+def test_page_and_one_change(server, page, path, changed, change):
+    charts = PAGE_CHARTS[path]
+    page.goto(f"{server}/{path}")
     _settle(page, min_charts=charts)
-    _check(page, "cost", min_charts=charts)
-    page.get_by_text("8-bit", exact=True).click()
+    _check(page, path, min_charts=charts)
+    change(page)
     _settle(page, min_charts=charts)
-    _check(page, "cost-8bit", min_charts=charts)
+    _check(page, changed, min_charts=charts)
 
 
 @pytest.mark.skipif(

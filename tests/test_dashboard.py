@@ -64,12 +64,12 @@ def test_tokenize_rejects_empty_and_shortens_long_text():
     assert "2,000" in note
 
 
-def test_first_words_cuts_to_the_limit_and_says_so():
-    options = {"empty": "nothing here", "shortened": "{count:,} words, {limit} kept"}
-    assert text.first_words("a b, c", 5, **options) == (["a", "b", ",", "c"], None)
-    assert text.first_words("one two three", 2, **options) == (["one", "two"], "3 words, 2 kept")
+def test_sentence_rule_cuts_to_the_limit_and_says_so():
+    rule = text.SentenceRule(2, empty="nothing here", shortened="{count:,} words, {limit} kept")
+    assert rule.words("a, b") == (["a", ","], "3 words, 2 kept")
+    assert rule.words("one two") == (["one", "two"], None)
     with pytest.raises(text.InputError, match="nothing here"):
-        text.first_words(" \n", 2, **options)
+        rule.words(" \n")
 
 
 def test_every_page_gives_a_word_the_same_vector():
@@ -184,17 +184,19 @@ def test_bidirectional_subject_looks_ahead_to_its_verb():
 
 # --- regimes --------------------------------------------------------------------------------
 
-WORDS, _ = regimes.sentence_words("The doctor fired the nurse because she was tired.")
+WORDS, _ = regimes.SENTENCE.words("The doctor fired the nurse because she was tired.")
 
 
-def test_sentence_words_of_each_page():
-    assert regimes.sentence_words("a " * 30)[0] == ["a"] * regimes.MAX_WORDS
-    assert "first 24 tokens" in regimes.sentence_words("a " * 30)[1]
-    assert inside.sentence_words("one two") == (["one", "two"], None)
-    assert "first 8 tokens" in inside.sentence_words("a " * 9)[1]
+def test_sentence_rules_of_each_page():
+    assert regimes.SENTENCE.words("a " * 30) == (
+        ["a"] * regimes.MAX_WORDS,
+        "Only the first 24 tokens are used on this page.",
+    )
+    assert inside.SENTENCE.words("a " * 9)[0] == ["a"] * 8
+    assert "first 8 tokens" in inside.SENTENCE.words("a " * 9)[1]
     for page in (regimes, inside):
         with pytest.raises(text.InputError):
-            page.sentence_words("")
+            page.SENTENCE.words("")
 
 
 def test_both_regimes_match_reference():

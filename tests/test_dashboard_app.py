@@ -164,7 +164,7 @@ def test_fallback_banner(monkeypatch):
 
 def test_regimes_numbers_and_controls():
     app = open_page("regimes.py")
-    words, _ = regimes.sentence_words(app.text_input(key="regimes_sentence").value)
+    words, _ = regimes.SENTENCE.words(app.text_input(key="regimes_sentence").value)
     q, k, v = regimes.qkv(words)
     drawn = charts(app)
     for regime, causal in (("causal", True), ("bidirectional", False)):

@@ -16,23 +16,14 @@ from attnscope.models.stats import row_entropy
 from attnscope.reference import visibility
 
 from . import engine
-from .text import first_words, word_vector
+from .text import SentenceRule, word_vector
 
 MODEL_DIM = 4
-MAX_WORDS = 8  # every matrix of the page stays readable
-
-
-def sentence_words(sentence: str, max_words: int = MAX_WORDS) -> tuple[list[str], str | None]:
-    """The words the page follows (at most `max_words`) and a note when some were left out.
-
-    Raises InputError for a sentence with no word in it.
-    """
-    return first_words(
-        sentence,
-        max_words,
-        empty="Type a few words to follow them through the head.",
-        shortened="This page follows the first {limit} tokens so that every matrix stays readable.",
-    )
+SENTENCE = SentenceRule(
+    8,  # every matrix of the page stays readable
+    empty="Type a few words to follow them through the head.",
+    shortened="This page follows the first {limit} tokens so that every matrix stays readable.",
+)
 
 
 @dataclass(frozen=True)

@@ -15,26 +15,18 @@ import pandas as pd
 from attnscope.reference import visibility
 
 from . import engine
-from .text import InputError, first_words, word_vector
+from .text import InputError, SentenceRule, word_vector
 
 MODEL_DIM = 16
 HEAD_DIM = 8
 MAX_WORDS = 24
 SEED = 2017
 REGIMES = ("causal", "bidirectional")
-
-
-def sentence_words(sentence: str, max_words: int = MAX_WORDS) -> tuple[list[str], str | None]:
-    """The words of `sentence` (at most `max_words`) and a note when some were left out.
-
-    Raises InputError for a sentence with no word in it.
-    """
-    return first_words(
-        sentence,
-        max_words,
-        empty="Type a sentence with at least one word.",
-        shortened="Only the first {limit} tokens are used on this page.",
-    )
+SENTENCE = SentenceRule(
+    MAX_WORDS,
+    empty="Type a sentence with at least one word.",
+    shortened="Only the first {limit} tokens are used on this page.",
+)
 
 
 def embeddings(words: list[str]) -> np.ndarray:

@@ -73,20 +73,37 @@ def split_words(sentence: str) -> list[str]:
     return _TOKEN.findall(sentence)
 
 
-def first_words(
-    sentence: str, max_words: int, *, empty: str, shortened: str
-) -> tuple[list[str], str | None]:
-    """The first `max_words` words of `sentence`, and a note for the reader when there were more.
+@dataclass(frozen=True)
+class SentenceRule:
+    """How a page reads the reader's sentence: at most `max_words` words, the message for a
+    sentence with none, and the note when words were left out (formatted with ``count``, the
+    words typed, and ``limit``)."""
 
-    `shortened` is the note, formatted with ``count`` (the words typed) and ``limit``. Raises
-    InputError with the message `empty` for a sentence with no word in it.
-    """
-    words = split_words(sentence or "")
-    if not words:
-        raise InputError(empty)
-    if len(words) <= max_words:
-        return words, None
-    return words[:max_words], shortened.format(count=len(words), limit=max_words)
+    max_words: int
+    empty: str
+    shortened: str
+
+    def words(self, sentence: str) -> tuple[list[str], str | None]:
+        """The first `max_words` words of `sentence`, and the note when there were more.
+
+        Raises InputError with the `empty` message for a sentence with no word in it.
+        """
+        words = split_words(sentence or "")
+        if not words:
+            raise InputError(self.empty)
+        if len(words) <= self.max_words:
+            return words, None
+        return words[: self.max_words], self.shortened.format(
+            count=len(words), limit=self.max_words
+        )
+
+
+HEADS_SENTENCE = SentenceRule(
+    MAX_TOKENS,
+    empty="Type a sentence with at least one word to see its attention.",
+    shortened="That text has {count:,} tokens; the heatmaps show its first {limit} so that "
+    "every label stays readable.",
+)
 
 
 def word_vector(word: str, size: int) -> np.ndarray:
@@ -152,16 +169,8 @@ def tag(words: list[str]) -> list[Token]:
     return tokens
 
 
-def tokenize(sentence: str, max_tokens: int = MAX_TOKENS) -> tuple[list[Token], str | None]:
-    """Tagged tokens of `sentence` and a note for the reader when it had to be shortened.
-
-    Raises InputError for a sentence with no word in it.
-    """
-    words, note = first_words(
-        sentence,
-        max_tokens,
-        empty="Type a sentence with at least one word to see its attention.",
-        shortened="That text has {count:,} tokens; the heatmaps show its first {limit} so that "
-        "every label stays readable.",
-    )
+def tokenize(sentence: str) -> tuple[list[Token], str | None]:
+    """The Heads page's tagged tokens of `sentence`, and a note for the reader when it had to
+    be shortened. Raises InputError for a sentence with no word in it."""
+    words, note = HEADS_SENTENCE.words(sentence)
     return tag(words), note

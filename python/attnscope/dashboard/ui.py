@@ -5,7 +5,7 @@ arguments, so a rerun with the same controls costs nothing)."""
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import streamlit as st
 
@@ -59,6 +59,19 @@ def bounded_slider(container, label: str, low: int, high: int, value: int, key: 
     return container.slider(label, low, high, key=key)
 
 
+def read_sentence(read: Callable[[str], tuple[list, str | None]], sentence: str) -> list:
+    """What `read` (a page's sentence rule) makes of `sentence`, with its note shown as a
+    warning; a sentence it refuses gets its message and ends the page there."""
+    try:
+        words, note = read(sentence)
+    except text.InputError as problem:
+        st.info(str(problem))
+        st.stop()
+    if note:
+        st.warning(note)
+    return words
+
+
 _LEADING_POSITION = re.compile(r"\s*(\d+)")
 
 
@@ -83,9 +96,9 @@ def position_select(container, label: str, tokens: Sequence[str], key: str) -> i
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def head_weights(sentence: str, causal: bool):
-    """Tokens (as text) and the ``(heads, n, n)`` weights of the designed heads."""
-    tokens, note = text.tokenize(sentence)
-    return tokens, note, heads.head_weights(tokens, causal=causal)
+    """The ``(heads, n, n)`` weights of the designed heads on `sentence`."""
+    tokens, _ = text.tokenize(sentence)
+    return heads.head_weights(tokens, causal=causal)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

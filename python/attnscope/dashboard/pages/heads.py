@@ -43,13 +43,7 @@ controls = st.columns([2, 3])
 controls[0].selectbox("Example", list(text.EXAMPLES), key="heads_example", on_change=_load_example)
 sentence = controls[1].text_input("Sentence (edit it)", key="heads_sentence", max_chars=20_000)
 
-try:
-    tokens, note, weights_causal = ui.head_weights(sentence, True)
-except text.InputError as problem:
-    st.info(str(problem))
-    st.stop()
-if note:
-    st.warning(note)
+tokens = ui.read_sentence(text.tokenize, sentence)
 words = [token.text for token in tokens]
 
 options = st.columns([2, 2, 1])
@@ -58,7 +52,7 @@ row = ui.position_select(options[1], "Token to inspect (a row)", words, key="hea
 causal = options[2].toggle("Causal mask", value=True, key="heads_causal")
 
 head_index = heads.HEAD_NAMES.index(head_name)
-weights = weights_causal if causal else ui.head_weights(sentence, False)[2]
+weights = ui.head_weights(sentence, causal)
 n = len(words)
 visible = visibility(n, n, is_causal=causal)
 spec = heads.HEADS[head_index]

@@ -1,7 +1,7 @@
 """Page: one head step by step, and what happens without the √d_k factor."""
 
 import streamlit as st
-from attnscope.dashboard import charts, inside, text, ui
+from attnscope.dashboard import charts, inside, ui
 
 D_VALUES = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -23,13 +23,7 @@ scaling = controls[2].radio(
     "Scale the scores", ["÷ √d_k", "no scaling"], key="inside_scaling", horizontal=True
 )
 
-try:
-    words, note = inside.sentence_words(sentence)
-except text.InputError as problem:
-    st.info(str(problem))
-    st.stop()
-if note:
-    st.warning(note)
+words = ui.read_sentence(inside.SENTENCE.words, sentence)
 steps = ui.one_head(tuple(words), d_k, scaling == "÷ √d_k")
 labels = charts.token_labels(words)
 SHOWN = 16  # wider matrices are cut to their first columns on screen (not in the maths)

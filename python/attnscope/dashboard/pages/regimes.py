@@ -1,7 +1,7 @@
 """Page: the same Q, K, V under causal and bidirectional attention, and the other regimes."""
 
 import streamlit as st
-from attnscope.dashboard import charts, regimes, text, ui
+from attnscope.dashboard import charts, regimes, ui
 from attnscope.reference import visibility
 
 st.title("Causal or bidirectional?")
@@ -19,13 +19,7 @@ sentence = st.text_input(
     key="regimes_sentence",
     max_chars=20_000,
 )
-try:
-    words, note = regimes.sentence_words(sentence)
-except text.InputError as problem:
-    st.info(str(problem))
-    st.stop()
-if note:
-    st.warning(note)
+words = ui.read_sentence(regimes.SENTENCE.words, sentence)
 key = tuple(words)
 n = len(words)
 
