@@ -19,8 +19,10 @@ except ImportError:
     # engine the pages say so and compute with attnscope.reference.
     sys.path.insert(0, str(ROOT / "python"))
 
+from attnscope.dashboard.ui import PAGE_ICON  # noqa: E402  (after the path fallback above)
+
 st.set_page_config(
-    page_title="attnscope: attention you can see", page_icon=":material/grid_on:", layout="wide"
+    page_title="attnscope: attention you can see", page_icon=PAGE_ICON, layout="wide"
 )
 
 pages = [

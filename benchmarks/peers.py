@@ -1,7 +1,8 @@
 """The peers attnscope is timed against, and the float64 check every benchmark row passes.
 
 * NumPy naive: float32 attention that materialises the whole ``(B, H, L, S)`` score matrix and
-  its softmax, which is what attention costs without tiling.
+  its softmax, which is what attention costs without tiling (the same function the
+  dashboard's cost page times, :func:`attnscope.dashboard.naive.naive_attention`).
 * torch: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` on the CPU, used only
   when torch is importable.
 
@@ -11,11 +12,11 @@ it stays cheap at sizes where the full float64 score matrix would not fit in mem
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 from attnscope import reference
+from attnscope.dashboard.naive import naive_attention
 
 __all__ = [
     "ERROR_TOLERANCE",
@@ -89,23 +90,6 @@ def naive_bytes(batch, heads, num_queries, num_keys, masked) -> int:
     return batch * heads * num_queries * num_keys * 4 + (num_queries * num_keys if masked else 0)
 
 
-def naive_attention(query, key, value, hidden=None) -> np.ndarray:
-    """Attention that materialises the scores, ``softmax(Q·Kᵀ/√D) · V``, in the inputs' dtype.
-
-    `hidden` is an (L, S) bool array, True where a key is masked out. The caller builds it
-    outside the timed region. That favours this peer, which is fine for a baseline.
-    """
-    dtype = query.dtype.type
-    scores = np.matmul(query, np.swapaxes(key, -1, -2))
-    scores *= dtype(1.0 / math.sqrt(query.shape[-1]))
-    if hidden is not None:
-        np.copyto(scores, dtype(-np.inf), where=hidden)
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return np.matmul(scores, value)
-
-
 def naive_multi_head_attention(x, weights, num_heads) -> np.ndarray:
     """Self-attention with projections ``Q = x·W_Q + b_Q`` and so on, using :func:`naive_attention`.
 
@@ -133,29 +117,31 @@ def torch_sdpa_call(torch, query, key, value, *, is_causal=False, attn_mask=None
     """A zero-argument call of torch's SDPA on views of the NumPy inputs, plus its backend name.
 
     The inputs stay 4-D and contiguous and dropout is 0, so torch can take its fused CPU
-    (flash) kernel. The backend name is torch's own choice for exactly these arguments.
+    (flash) kernel. Fewer key heads than query heads are passed as grouped-query attention.
+    The backend name is torch's own choice for exactly these arguments.
     """
     tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in (query, key, value)]
     mask = None if attn_mask is None else torch.from_numpy(attn_mask)
     if any(t.dim() != 4 or not t.is_contiguous() for t in tensors):
         raise ValueError("torch SDPA inputs must be 4-D and contiguous to take the flash path")
+    options = {"attn_mask": mask, "dropout_p": 0.0, "is_causal": is_causal}
+    if query.shape[1] != key.shape[1]:
+        options["enable_gqa"] = True
     sdpa = torch.nn.functional.scaled_dot_product_attention
 
     def call():
         with torch.inference_mode():
-            return sdpa(*tensors, attn_mask=mask, dropout_p=0.0, is_causal=is_causal)
+            return sdpa(*tensors, **options)
 
-    return call, _torch_backend(torch, tensors, mask, is_causal)
+    return call, _torch_backend(torch, tensors, options)
 
 
-def _torch_backend(torch, tensors, mask, is_causal) -> str:
+def _torch_backend(torch, tensors, options) -> str:
     """Which SDPA kernel torch picks for these inputs ("flash_attention", "math", ...)."""
     try:
         from torch.nn.attention import SDPBackend
 
-        choice = torch._fused_sdp_choice(
-            *tensors, attn_mask=mask, dropout_p=0.0, is_causal=is_causal
-        )
+        choice = torch._fused_sdp_choice(*tensors, **options)
         return SDPBackend(choice).name.lower()
     except (AttributeError, ImportError, RuntimeError, TypeError, ValueError):
         return "unknown"
@@ -196,11 +182,13 @@ def max_relative_error(
 ) -> float:
     """``max |out - float64 reference| / max |reference|`` over sampled heads and query rows.
 
-    Inputs are ``(B, H, L, D)`` with as many key heads as query heads. The sample always
-    contains the first and last query row and head.
+    Inputs are ``(B, H, L, D)``; with fewer key heads than query heads, query head ``h`` reads
+    key head ``h // (Hq // Hkv)``. The sample always contains the first and last query row
+    and head.
     """
     num_queries, num_keys = query.shape[-2], key.shape[-2]
     heads = _spread(query.shape[1], max_heads)
+    kv_heads = heads // (query.shape[1] // key.shape[1])
     rows = _spread(num_queries, max_rows)
     visible = visible_rows(
         rows,
@@ -211,7 +199,7 @@ def max_relative_error(
         window=window,
     )
     expected = reference.scaled_dot_product_attention(
-        query[:, heads][:, :, rows], key[:, heads], value[:, heads], attn_mask=visible
+        query[:, heads][:, :, rows], key[:, kv_heads], value[:, kv_heads], attn_mask=visible
     )
     got = np.asarray(out)[:, heads][:, :, rows]
     return float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-300))

@@ -59,14 +59,31 @@ def test_naive_peer_matches_reference(is_causal):
     )
 
 
-def test_sampled_error_check_catches_a_wrong_output():
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_sampled_error_check_catches_a_wrong_output(kv_heads):
     rng = np.random.default_rng(2)
-    query, key, value = (rng.standard_normal((1, 2, 12, 4)).astype(np.float32) for _ in range(3))
-    right = reference.scaled_dot_product_attention(query, key, value, is_causal=True)
+    query = rng.standard_normal((1, 4, 12, 4)).astype(np.float32)
+    key, value = (rng.standard_normal((1, kv_heads, 12, 4)).astype(np.float32) for _ in range(2))
+    grouped = kv_heads != 4
+    right = reference.scaled_dot_product_attention(
+        query, key, value, is_causal=True, enable_gqa=grouped
+    )
     assert peers.max_relative_error(right, query, key, value, is_causal=True) < 1e-12
-    wrong = right.copy()
-    wrong[0, 1, -1, 0] += 0.1
-    assert peers.max_relative_error(wrong, query, key, value, is_causal=True) > 1e-3
+    for head in (0, 3):  # the first and last query head, which read different kv heads
+        wrong = right.copy()
+        wrong[0, head, -1, 0] += 0.1
+        assert peers.max_relative_error(wrong, query, key, value, is_causal=True) > 1e-3
+
+
+def test_grouped_naive_peer_is_one_taller_query_block_per_kv_head():
+    # How the benchmark hands grouped decode to the NumPy peer: the query heads that share a
+    # kv head become one block of rows.
+    rng = np.random.default_rng(4)
+    query = rng.standard_normal((1, 8, 1, 16))
+    key, value = (rng.standard_normal((1, 2, 40, 16)) for _ in range(2))
+    taller = peers.naive_attention(query.reshape(1, 2, 4, 16), key, value)
+    expected = reference.scaled_dot_product_attention(query, key, value, enable_gqa=True)
+    np.testing.assert_allclose(taller.reshape(expected.shape), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +108,7 @@ def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
         "window",
         "window_doubling",
         "decode",
+        "decode_gqa",
         "tiny",
         "scaling",
         "peak_memory",
@@ -99,9 +117,6 @@ def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
 
     for row in rows:
         assert row["verdict"], row
-        if row["id"] == "mha" and not hasattr(attnscope, "MultiHeadAttention"):
-            assert row["verdict"] == "n/a (not available)"
-            continue
         if row["id"] == "scaling" and row["verdict"].startswith("n/a"):
             continue  # a one-CPU machine cannot measure scaling
         assert row["max_rel_error"] is not None, row["id"]

@@ -1,5 +1,6 @@
-"""The dashboard in a real Chromium: every page renders charts without an exception, and one
-control per page can be changed. Screenshots land in test-artifacts/ for a human to look at."""
+"""The dashboard in a real Chromium: every page renders charts without an exception, one
+control per page can be changed, and the browser never asks anything of a host other than the
+dashboard's own server. Screenshots land in test-artifacts/ for a human to look at."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from conftest import summary_lines
@@ -22,6 +24,17 @@ ARTIFACTS = ROOT / "test-artifacts"
 EXCEPTION = '[data-testid="stException"]'
 CHART = '[data-testid="stVegaLiteChart"]'
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
+# Charts each page draws with its default controls; _settle waits until they are all drawn.
+PAGE_CHARTS = {"heads": 10, "regimes": 10, "inside": 12, "cost": 2}
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+# Every request the browser sent to a host other than the dashboard's server.
+OUTSIDE_REQUESTS: list[str] = []
+
+
+def _note_outside_request(request) -> None:
+    url = urlparse(request.url)
+    if url.scheme not in ("data", "blob", "about") and url.hostname not in LOCAL_HOSTS:
+        OUTSIDE_REQUESTS.append(request.url)
 
 
 def _free_port() -> int:
@@ -122,18 +135,35 @@ def page(server):
         try:
             tab = browser.new_page(viewport={"width": 1400, "height": 2600})
             tab.set_default_timeout(120_000)
+            tab.on("request", _note_outside_request)
             yield tab
         finally:
             browser.close()
 
 
-def _settle(page, charts: bool = True) -> None:
-    """Wait until the script has finished running and (if asked) the charts are drawn."""
+# True once at least `min` charts are on the page and every one of them has drawn its canvas.
+CHARTS_DRAWN = """(min) => {
+  const charts = [...document.querySelectorAll('[data-testid="stVegaLiteChart"]')];
+  return charts.length >= min && charts.every(chart => chart.querySelector('canvas, svg'));
+}"""
+
+
+def _settle(page, charts: bool = True, min_charts: int = 1) -> None:
+    """Wait until the script has finished running and (if asked) at least `min_charts`
+    charts are drawn. A script reports idle before the browser has drawn what it sent (up to
+    a second on a cold server), so the charts are waited for, not counted at once."""
     page.wait_for_timeout(300)
     page.wait_for_selector(IDLE, state="attached")
     if charts:
-        page.wait_for_selector(f"{CHART} canvas, {CHART} svg", state="attached")
-    page.wait_for_timeout(700)
+        try:
+            page.wait_for_function(CHARTS_DRAWN, arg=min_charts, timeout=60_000)
+        except Exception as error:  # playwright's TimeoutError: say what was missing
+            drawn = page.locator(f"{CHART} canvas, {CHART} svg").count()
+            found = page.locator(CHART).count()
+            pytest.fail(
+                f"expected {min_charts} drawn charts, found {found} ({drawn} drawn): {error}"
+            )
+    page.wait_for_timeout(500)
 
 
 # Charts drawn wider than the element or column that holds them are cut off or run into
@@ -151,53 +181,70 @@ OVERFLOWING_CHARTS = """() => [...document.querySelectorAll('[data-testid="stVeg
   .filter(Boolean)"""
 
 
-def _check(page, name: str, charts: bool = True) -> None:
+def _check(page, name: str, charts: bool = True, min_charts: int = 1) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     assert page.locator(EXCEPTION).count() == 0, page.locator(EXCEPTION).first.inner_text()
     if charts:
-        assert page.locator(CHART).count() >= 1
+        assert page.locator(CHART).count() >= min_charts
     assert page.evaluate(OVERFLOWING_CHARTS) == []
+    assert OUTSIDE_REQUESTS == [], "the page asked hosts other than its own server"
 
 
 def test_heads_page(server, page):
+    charts = PAGE_CHARTS["heads"]
     started = time.monotonic()
     page.goto(server)
-    _settle(page)
+    _settle(page, min_charts=charts)
     print(f"heads page ready in {time.monotonic() - started:.2f} s")
-    _check(page, "heads")
+    _check(page, "heads", min_charts=charts)
     page.get_by_test_id("stCheckbox").get_by_text("Causal mask", exact=True).click()
-    _settle(page)
-    _check(page, "heads-bidirectional")
+    _settle(page, min_charts=charts)
+    _check(page, "heads-bidirectional", min_charts=charts)
 
 
-def test_regimes_page(server, page):
-    page.goto(f"{server}/regimes")
-    _settle(page)
-    _check(page, "regimes")
+def test_heads_page_survives_two_edits(server, page):
+    # The row chooser's labels come from the sentence: after two edits the browser sends back
+    # a label of a sentence the page no longer shows.
+    charts = PAGE_CHARTS["heads"]
+    page.goto(server)
+    _settle(page, min_charts=charts)
+    for number, sentence in enumerate(("The cat sat", "a b c d e"), start=1):
+        field = page.get_by_label("Sentence (edit it)")
+        field.fill(sentence)
+        field.press("Enter")
+        _settle(page, min_charts=charts)
+        _check(page, f"heads-edit-{number}", min_charts=charts)
+        assert page.get_by_text(f"Where '{sentence.split()[2]}' looks").count() >= 1
+
+
+def _type_a_replacement(page) -> None:
     field = page.get_by_label("Replacement word")
     field.fill("teacher")
     field.press("Enter")
-    _settle(page)
-    _check(page, "regimes-edited")
 
 
-def test_inside_page(server, page):
-    page.goto(f"{server}/inside")
-    _settle(page)
-    _check(page, "inside")
-    page.get_by_text("no scaling", exact=True).first.click()
-    _settle(page)
-    _check(page, "inside-unscaled")
+# Per page: its path, the name of the screenshot after one control changed, and that change.
+PAGE_CHANGES = [
+    ("regimes", "regimes-edited", _type_a_replacement),
+    (
+        "inside",
+        "inside-unscaled",
+        lambda page: page.get_by_text("no scaling", exact=True).first.click(),
+    ),
+    ("cost", "cost-8bit", lambda page: page.get_by_text("8-bit", exact=True).click()),
+]
 
 
-def test_cost_page(server, page):
-    page.goto(f"{server}/cost")
-    _settle(page)
-    _check(page, "cost")
-    page.get_by_text("8-bit", exact=True).click()
-    _settle(page)
-    _check(page, "cost-8bit")
+@pytest.mark.parametrize(("path", "changed", "change"), PAGE_CHANGES)
+def test_page_and_one_change(server, page, path, changed, change):
+    charts = PAGE_CHARTS[path]
+    page.goto(f"{server}/{path}")
+    _settle(page, min_charts=charts)
+    _check(page, path, min_charts=charts)
+    change(page)
+    _settle(page, min_charts=charts)
+    _check(page, changed, min_charts=charts)
 
 
 @pytest.mark.skipif(

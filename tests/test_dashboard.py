@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 from attnscope import reference
-from attnscope.dashboard import cost, engine, heads, inside, regimes, text
+from attnscope.dashboard import cost, engine, heads, inside, naive, regimes, text
+from attnscope.models.stats import row_entropy
 from threadpoolctl import threadpool_info
 
 
@@ -63,6 +64,25 @@ def test_tokenize_rejects_empty_and_shortens_long_text():
     assert "2,000" in note
 
 
+def test_sentence_rule_cuts_to_the_limit_and_says_so():
+    rule = text.SentenceRule(2, empty="nothing here", shortened="{count:,} words, {limit} kept")
+    assert rule.words("a, b") == (["a", ","], "3 words, 2 kept")
+    assert rule.words("one two") == (["one", "two"], None)
+    with pytest.raises(text.InputError, match="nothing here"):
+        rule.words(" \n")
+
+
+def test_every_page_gives_a_word_the_same_vector():
+    vector = text.word_vector("Cat", 16)
+    np.testing.assert_array_equal(vector, text.word_vector("cat", 16))
+    assert not np.array_equal(vector, text.word_vector("hat", 16))
+    # The regimes page adds a position code to it; the inside page rounds it to print it.
+    position_zero = regimes.embeddings(["x"])[0] - text.word_vector("x", regimes.MODEL_DIM)
+    np.testing.assert_allclose(regimes.embeddings(["cat"])[0], vector + position_zero)
+    steps = inside.one_head(["cat"], 4)
+    np.testing.assert_array_equal(steps.x[0], np.round(text.word_vector("cat", 4), 2))
+
+
 def test_tagger_on_the_examples():
     roles = {t.text: t.role for t in tokens_of(text.EXAMPLES["The doctor and the nurse"])}
     assert roles["doctor"] == roles["nurse"] == "noun"
@@ -99,7 +119,43 @@ def test_position_code_singles_out_one_position():
     distances = np.arange(1, text.MAX_TOKENS)
     kernel = np.cos(np.outer(distances, heads.FREQUENCIES)).sum(axis=1)
     assert np.abs(kernel).max() < 0.02
-    assert np.cos(np.zeros(len(heads.FREQUENCIES))).sum() == 16
+    # Through the projections: the previous-token head's scores are its gain times the number
+    # of frequencies on the diagonal below the main one, and about 0 at every other visible key.
+    tokens, _ = text.tokenize("word " * text.MAX_TOKENS)
+    index = heads.HEAD_NAMES.index("Previous token")
+    (offset,) = heads.HEADS[index].offsets
+    scores = heads.head_scores(tokens, index)
+    n = len(tokens)
+    below = np.eye(n, k=-offset.back, dtype=bool)
+    np.testing.assert_allclose(scores[below], offset.gain * len(heads.FREQUENCIES))
+    others = reference.visibility(n, n, is_causal=True) & ~below
+    assert np.abs(scores[others]).max() < 0.02 * offset.gain
+
+
+def test_masked_scores_hide_the_future_only_when_causal():
+    tokens = tokens_of(text.EXAMPLES["Rhyme"])
+    index = heads.HEAD_NAMES.index("Rhyme")
+    scores = heads.head_scores(tokens, index)
+    np.testing.assert_array_equal(heads.masked_scores(tokens, index, causal=False), scores)
+    causal = heads.masked_scores(tokens, index, causal=True)
+    np.testing.assert_array_equal(causal, np.tril(scores))
+
+
+def test_expander_matrices_are_parts_of_the_embeddings_and_w_q():
+    tokens = tokens_of(text.EXAMPLES["Coreference"])
+    readable = heads.readable_embeddings(tokens)
+    x = heads.embed(tokens)
+    for column, name in enumerate(heads.READABLE_FEATURES):
+        np.testing.assert_array_equal(readable[:, column], x[:, heads.FEATURE_INDEX[name]])
+    assert not any(name.startswith(("pos:", "rime:")) for name in heads.READABLE_FEATURES)
+    spec = heads.HEADS[heads.HEAD_NAMES.index("Coreference")]
+    shown, read, written = heads.query_weights_used(spec)
+    w_q, _, _, key_features = heads.projections(spec)
+    rows = [heads.FEATURE_INDEX[name] for name in read]
+    columns = [key_features.index(name) for name in written]
+    np.testing.assert_array_equal(shown, w_q[np.ix_(rows, columns)])
+    # Nothing the rule uses is left out.
+    assert np.abs(w_q).sum() == pytest.approx(np.abs(shown).sum())
 
 
 def test_previous_token_head():
@@ -128,7 +184,19 @@ def test_bidirectional_subject_looks_ahead_to_its_verb():
 
 # --- regimes --------------------------------------------------------------------------------
 
-WORDS = regimes.sentence_words("The doctor fired the nurse because she was tired.")
+WORDS, _ = regimes.SENTENCE.words("The doctor fired the nurse because she was tired.")
+
+
+def test_sentence_rules_of_each_page():
+    assert regimes.SENTENCE.words("a " * 30) == (
+        ["a"] * regimes.MAX_WORDS,
+        "Only the first 24 tokens are used on this page.",
+    )
+    assert inside.SENTENCE.words("a " * 9)[0] == ["a"] * 8
+    assert "first 8 tokens" in inside.SENTENCE.words("a " * 9)[1]
+    for page in (regimes, inside):
+        with pytest.raises(text.InputError):
+            page.SENTENCE.words("")
 
 
 def test_both_regimes_match_reference():
@@ -148,6 +216,15 @@ def test_editing_a_later_word_leaves_earlier_causal_rows_untouched():
     assert (change["causal"][:position] == 0).all()
     assert (change["causal"][position:] > 0).all()
     assert (change["bidirectional"] > 0).all()
+    assert regimes.rows_changed(change, position) == {
+        "causal before the edit": 0,
+        "bidirectional": len(WORDS),
+    }
+    frame = regimes.change_frame(change, [f"row {i}" for i in range(len(WORDS))])
+    for regime in regimes.REGIMES:
+        drawn = frame[frame["regime"] == regime]
+        np.testing.assert_array_equal(drawn["change"], change[regime])
+        assert drawn["row"].iloc[-1] == f"row {len(WORDS) - 1}"
 
 
 def test_alignment_for_fewer_queries_than_keys():
@@ -186,7 +263,7 @@ def test_window_and_gqa_match_reference():
             x @ w_q[head], x @ w_k[kv], x @ w_v[kv], is_causal=True, return_weights=True
         )
         np.testing.assert_allclose(gqa[head], expected, atol=1e-12)
-    with pytest.raises(regimes.RegimeInputError):
+    with pytest.raises(text.InputError):
         regimes.gqa_weights(WORDS, 4, 3)
 
 
@@ -198,16 +275,28 @@ def test_one_head_steps(scaled):
     steps = inside.one_head(["The", "cat", "sleeps"], 8, scaled)
     np.testing.assert_allclose(steps.q, steps.x @ steps.w_q)
     assert steps.scale == (1 / math.sqrt(8) if scaled else 1.0)
-    visible = np.tril(np.ones((3, 3), dtype=bool))
+    visible = reference.visibility(3, 3, is_causal=True)
+    np.testing.assert_array_equal(steps.visible, visible)
     np.testing.assert_allclose(steps.weights, reference.softmax(steps.scaled, visible), atol=1e-12)
     np.testing.assert_allclose(steps.output, steps.weights @ steps.v, atol=1e-9)
+    np.testing.assert_array_equal(steps.hide_future(steps.scores), np.tril(steps.scores))
+
+
+def test_softmax_by_hand_is_the_engine_softmax_of_the_visible_keys():
+    steps = inside.one_head(["The", "cat", "sat", "on", "it"], 16)
+    for row in (0, 2, 4):
+        table = inside.softmax_by_hand(steps, row, ["a", "b", "c", "d", "e"])
+        assert list(table["key"]) == ["a", "b", "c", "d", "e"][: row + 1]
+        expected = reference.softmax(steps.scaled, steps.visible)[row, : row + 1]
+        np.testing.assert_allclose(table["weight = exp / sum"], expected, atol=1e-12)
+        np.testing.assert_allclose(table["engine weight"], expected, atol=1e-12)
 
 
 def test_softmax_gradient_and_entropy():
     uniform = np.full((1, 4), 0.25)
     one_hot = np.array([[0.0, 1.0, 0.0, 0.0]])
-    assert inside.entropy(uniform)[0] == pytest.approx(math.log(4))
-    assert inside.entropy(one_hot)[0] == 0
+    assert row_entropy(uniform)[0] == pytest.approx(math.log(4))
+    assert row_entropy(one_hot)[0] == 0
     assert inside.softmax_gradient_norm(one_hot)[0] == 0
     # diag(p) - p·pᵀ for p uniform over 4: 3/16 on the diagonal, -1/16 elsewhere.
     assert inside.softmax_gradient_norm(uniform)[0] == pytest.approx(math.sqrt(12 / 16**2 * 4))
@@ -221,6 +310,8 @@ def test_without_scaling_softmax_saturates():
     assert unscaled.loc[1024, "softmax gradient"] < 0.3 * scaled.loc[1024, "softmax gradient"]
     assert scaled["score std"].between(0.7, 1.4).all()
     assert scaled.loc[1024, "max weight"] < 0.5
+    at_64 = inside.saturation_at(inside.saturation((4, 64, 1024)), 64)
+    assert at_64.loc["no scaling", "max weight"] == unscaled.loc[64, "max weight"]
 
 
 # --- cost -----------------------------------------------------------------------------------
@@ -231,6 +322,9 @@ def test_lengths_and_memory_models():
     assert cost.naive_bytes(1024) == 2 * 1024 * 1024 * 4
     llama = cost.MODEL_SHAPES["Llama 3 8B (32 layers, 32 query / 8 kv heads of 128)"]
     assert cost.kv_cache_bytes(llama, 8_192) == 2**30  # 1 GiB in 16-bit
+    table = cost.kv_cache_frame(llama, [8_192, 16_384], bytes_per_value=1).set_index("n")
+    assert list(table["size"]) == ["512.0 MiB", "1.0 GiB"]
+    assert table.loc[16_384, "GiB"] == 1.0
 
 
 def test_naive_attention_matches_reference():
@@ -238,7 +332,10 @@ def test_naive_attention_matches_reference():
     q, k, v = (rng.standard_normal((33, 16), dtype=np.float32) for _ in range(3))
     for causal in (False, True):
         expected = reference.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        np.testing.assert_allclose(cost.naive_attention(q, k, v, causal), expected, atol=1e-5)
+        hidden = ~reference.visibility(33, 33, is_causal=causal)
+        got = naive.naive_attention(q, k, v, hidden)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_fit_exponent_recovers_a_power_law():
@@ -255,6 +352,34 @@ def test_fit_exponent_recovers_a_power_law():
     table = cost.projections_table(frame, targets=(1024, 2048))
     assert list(table["how"]) == ["measured", "extrapolated (n^2.00)"]
     assert table["seconds"].iloc[1] == pytest.approx(3e-9 * 2048**2)
+
+
+def test_timeline_and_tables_extrapolate_from_the_fit():
+    sizes = [128, 256, 512, 1024]
+    frame = cost.pd.DataFrame(
+        {
+            "n": sizes * 2,
+            "method": ["m"] * 4 + ["naive"] * 4,
+            "seconds": [3e-9 * n**2 for n in sizes] + [1e-6, 4e-6, np.nan, np.nan],
+            "status": ["measured"] * 6 + ["skipped: needs 2 MiB for n² matrices"] * 2,
+        }
+    )
+    fitted = cost.fits(frame)
+    assert fitted["naive"] is None  # two points are too few to fit
+    assert fitted["m"][0] == pytest.approx(2.0)
+    line = cost.timeline(frame, fitted)
+    guessed = line[line["kind"] == "extrapolated"]
+    assert list(guessed["n"]) == [1024, *cost.TARGET_LENGTHS]
+    np.testing.assert_allclose(guessed["seconds"], [3e-9 * n**2 for n in guessed["n"]])
+    assert len(line[line["kind"] == "measured"]) == 6
+    exponents = cost.exponents_table(fitted).set_index("method").iloc[:, 0]
+    assert exponents["m"] == 2.0 and exponents.isna()["naive"]
+    stopped = cost.stopped_methods(frame)
+    assert list(zip(stopped["method"], stopped["n"], strict=True)) == [("naive", 512)]
+
+    shown = cost.projections_shown(cost.projections_table(frame, targets=(1024, 8_192)))
+    assert shown.loc["m", "n = 1,024"] == cost.human_seconds(3e-9 * 1024**2)
+    assert shown.loc["m", "n = 8,192"] == cost.human_seconds(3e-9 * 8192**2) + " *"
 
 
 def test_fit_exponent_leaves_out_short_contexts():
@@ -322,9 +447,9 @@ def test_sweep_runs_numpy_under_the_engine_thread_limit(monkeypatch, threads):
     seen = []
     naive_attention = cost.naive_attention
 
-    def spy(q, k, v, is_causal=False):
+    def spy(q, k, v, hidden=None):
         seen.extend(blas_threads())
-        return naive_attention(q, k, v, is_causal)
+        return naive_attention(q, k, v, hidden)
 
     monkeypatch.setattr(cost, "naive_attention", spy)
     frame = cost.sweep([64], 16, include_torch=False, threads=threads)

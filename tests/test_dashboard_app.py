@@ -114,6 +114,34 @@ def test_heads_every_control_reruns_cleanly():
     assert len(app.selectbox(key="heads_row").options) == 4
 
 
+@pytest.mark.parametrize(
+    ("remembered", "sentence", "expected"),
+    [
+        ("2 sleeps", "a b c d e", 2),
+        ("13 door", "a b c d e", 4),
+        ("no position", "a b", 0),
+        (11, "The cat sat", 2),
+        (3, "a b c d e", 3),
+    ],
+)
+def test_heads_row_follows_edits_of_the_sentence(remembered, sentence, expected):
+    # A browser sends back the label it showed, not the position. Two edits after choosing a
+    # row, that label ('2 sleeps') belongs to a sentence the widget no longer knows, and
+    # Streamlit hands it to the page as a plain string. A position may also lie past the end.
+    app = AppTest.from_file(APP, default_timeout=180)
+    app.session_state["heads_sentence"] = sentence
+    app.session_state["heads_row"] = remembered
+    app.run()
+    assert_clean(app)
+    words = text.split_words(sentence)
+    assert app.selectbox(key="heads_row").value == expected
+    assert app.selectbox(key="heads_row").options == [f"{i} {w}" for i, w in enumerate(words)]
+    assert app.metric[0].label == f"Strongest key for '{words[expected]}'"
+    app.text_input(key="heads_sentence").input("x y z").run()  # and the edit after that
+    assert_clean(app)
+    assert app.selectbox(key="heads_row").value == min(expected, 2)
+
+
 def test_heads_bad_sentences_get_a_message():
     app = open_page()
     app.text_input(key="heads_sentence").input("").run()
@@ -136,7 +164,7 @@ def test_fallback_banner(monkeypatch):
 
 def test_regimes_numbers_and_controls():
     app = open_page("regimes.py")
-    words = regimes.sentence_words(app.text_input(key="regimes_sentence").value)
+    words, _ = regimes.SENTENCE.words(app.text_input(key="regimes_sentence").value)
     q, k, v = regimes.qkv(words)
     drawn = charts(app)
     for regime, causal in (("causal", True), ("bidirectional", False)):
@@ -166,6 +194,27 @@ def test_regimes_numbers_and_controls():
     app.text_input(key="regimes_sentence").input(" ").run()
     assert_clean(app)
     assert app.info
+
+
+def test_regimes_sliders_set_no_value_twice(monkeypatch):
+    # Streamlit logs a warning (once per process) for a widget given a default value while
+    # session state also sets it; the page's range-following sliders must not cause it.
+    from streamlit.elements.lib import policies
+
+    warnings = []
+    monkeypatch.setattr(policies, "_shown_default_value_warning", False)
+    monkeypatch.setattr(policies._LOGGER, "warning", lambda *args, **_: warnings.append(args))
+    app = open_page("regimes.py")
+    for key, value in (("regimes_edit_position", 2), ("regimes_num_queries", 5)):
+        app.slider(key=key).set_value(value).run()
+        assert_clean(app)
+    app.text_input(key="regimes_sentence").input("One two three").run()
+    assert_clean(app)
+    assert app.slider(key="regimes_edit_position").value == 2
+    assert app.slider(key="regimes_num_queries").value == 3  # pulled back into the range
+    app.text_input(key="regimes_sentence").input("One two three four five six").run()
+    assert_clean(app)
+    assert warnings == []
 
 
 # --- Inside one head ------------------------------------------------------------------------

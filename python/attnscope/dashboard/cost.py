@@ -15,6 +15,7 @@ import pandas as pd
 from threadpoolctl import ThreadpoolController
 
 from . import engine
+from .naive import naive_attention
 
 BYTES_F32 = 4
 TARGET_LENGTHS = (2_048, 8_192, 200_000)  # GPT-2, GPT-3.5, today's long-context models
@@ -66,18 +67,6 @@ def tiled_bytes(n: int, head_dim: int, heads: int = 1) -> int:
 def kv_cache_bytes(shape: ModelShape, n: int, bytes_per_value: int = 2, batch: int = 1) -> int:
     """A key and a value vector per token, kv head and layer."""
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * n * bytes_per_value * batch
-
-
-def naive_attention(q, k, v, is_causal: bool = False) -> np.ndarray:
-    """The textbook NumPy path: build the full score matrix, softmax it, multiply by V."""
-    scores = q @ k.T
-    scores *= np.float32(1.0 / math.sqrt(q.shape[-1]))
-    if is_causal:
-        scores[np.triu_indices(scores.shape[0], 1)] = -np.inf
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return scores @ v
 
 
 def torch_installed() -> bool:
@@ -280,6 +269,69 @@ def projections_table(
     return pd.DataFrame(rows, columns=["method", "n", "seconds", "how"])
 
 
+def fits(frame: pd.DataFrame) -> dict[str, tuple[float, float] | None]:
+    """:func:`fit_exponent` of every method in the sweep, in the sweep's order."""
+    return {method: fit_exponent(frame, method) for method in dict.fromkeys(frame["method"])}
+
+
+def timeline(frame: pd.DataFrame, fitted: dict[str, tuple[float, float] | None]) -> pd.DataFrame:
+    """The measured times, then each fitted method extrapolated from its longest measured
+    length to every longer target length. Columns: n, method, seconds, kind ("measured" or
+    "extrapolated")."""
+    measured = frame[frame["status"] == "measured"]
+    rows = []
+    for method, fit in fitted.items():
+        if fit is None:
+            continue
+        exponent, constant = fit
+        last = measured[measured["method"] == method]["n"].max()
+        for n in [last, *[t for t in TARGET_LENGTHS if t > last]]:
+            rows.append(
+                {
+                    "n": n,
+                    "method": method,
+                    "seconds": constant * n**exponent,
+                    "kind": "extrapolated",
+                }
+            )
+    columns = ["n", "method", "seconds", "kind"]
+    return pd.concat(
+        [measured.assign(kind="measured")[columns], pd.DataFrame(rows, columns=columns)]
+    )
+
+
+def exponents_table(fitted: dict[str, tuple[float, float] | None]) -> pd.DataFrame:
+    """One row per method with its fitted exponent p (time ∝ nᵖ), rounded; None if unfitted."""
+    return pd.DataFrame(
+        [
+            {"method": m, "fitted exponent p (time ∝ nᵖ)": None if f is None else round(f[0], 2)}
+            for m, f in fitted.items()
+        ]
+    )
+
+
+def stopped_methods(frame: pd.DataFrame) -> pd.DataFrame:
+    """For each method the sweep stopped, the first length it skipped and why (n, method,
+    status)."""
+    return frame[frame["status"] != "measured"].drop_duplicates("method")[["n", "method", "status"]]
+
+
+def projections_shown(projections: pd.DataFrame) -> pd.DataFrame:
+    """:func:`projections_table` as readable times, methods × target lengths: ``*`` marks an
+    extrapolation, ``†`` one whose n² matrices would not fit the memory budget."""
+    times = [
+        human_seconds(seconds)
+        + ("" if how == "measured" else " *")
+        + (" †" if "need" in how else "")
+        for seconds, how in zip(projections["seconds"], projections["how"], strict=True)
+    ]
+    return (
+        projections.assign(time=times)
+        .pivot(index="method", columns="n", values="time")
+        .rename(columns="n = {:,}".format)
+    )
+
+
 def results_csv(frame: pd.DataFrame, projections: pd.DataFrame, **context) -> str:
     """The sweep's rows, then the extrapolated projections, as CSV; `context` (threads,
     head_dim, engine, ...) becomes constant columns so a file says how it was made."""
@@ -305,11 +357,13 @@ def memory_frame(sizes: list[int], head_dim: int) -> pd.DataFrame:
 def kv_cache_frame(
     shape: ModelShape, sizes: list[int], bytes_per_value: int = 2, batch: int = 1
 ) -> pd.DataFrame:
-    """KV-cache size in GiB at each length for `shape`."""
+    """KV-cache size at each length for `shape`: in GiB, and readable ('1.0 GiB')."""
+    sizes_bytes = [kv_cache_bytes(shape, n, bytes_per_value, batch) for n in sizes]
     return pd.DataFrame(
         {
             "n": sizes,
-            "GiB": [kv_cache_bytes(shape, n, bytes_per_value, batch) / 2**30 for n in sizes],
+            "GiB": [size / 2**30 for size in sizes_bytes],
+            "size": [human_bytes(size) for size in sizes_bytes],
         }
     )
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from attnscope.reference import visibility
+
 from . import engine
 from .text import ROLES, Token
 
@@ -227,9 +229,32 @@ def head_scores(tokens: list[Token], head_index: int) -> np.ndarray:
     return q[head_index] @ k[head_index].T / math.sqrt(HEAD_DIM)
 
 
-def strongest_keys(weights: np.ndarray) -> np.ndarray:
-    """For each query row, the index of the key it weights most."""
-    return np.asarray(weights).argmax(axis=-1)
+def masked_scores(tokens: list[Token], head_index: int, causal: bool) -> np.ndarray:
+    """:func:`head_scores` with the cells the mask hides set to 0, for display."""
+    n = len(tokens)
+    return np.where(visibility(n, n, is_causal=causal), head_scores(tokens, head_index), 0.0)
+
+
+READABLE_FEATURES = [name for name in FEATURES if not name.startswith(("pos:", "rime:"))]
+
+
+def readable_embeddings(tokens: list[Token]) -> np.ndarray:
+    """The columns of :func:`embed` a reader can name (:data:`READABLE_FEATURES`: bias, start,
+    word class, gender), without the position and rime codes."""
+    return embed(tokens)[:, [FEATURE_INDEX[name] for name in READABLE_FEATURES]]
+
+
+def query_weights_used(head: HeadSpec) -> tuple[np.ndarray, list[str], list[str]]:
+    """The part of ``W_Q`` the head's rule fills: the rows of x it reads and the key-space
+    columns it writes, with the feature named by each row and each column."""
+    w_q, _, _, key_features = projections(head)
+    columns = [c for c, feature in enumerate(key_features) if feature]
+    rows = [i for i in range(EMBED_DIM) if np.abs(w_q[i, columns]).sum() > 0]
+    return (
+        w_q[np.ix_(rows, columns)],
+        [FEATURES[i] for i in rows],
+        [key_features[c] for c in columns],
+    )
 
 
 def rule_table(head: HeadSpec) -> list[dict[str, object]]:

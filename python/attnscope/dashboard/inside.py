@@ -6,16 +6,24 @@ step returned so the page can show it, with the softmax and output taken from th
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from attnscope.models.stats import row_entropy
+from attnscope.reference import visibility
+
 from . import engine
+from .text import SentenceRule, word_vector
 
 MODEL_DIM = 4
+SENTENCE = SentenceRule(
+    8,  # every matrix of the page stays readable
+    empty="Type a few words to follow them through the head.",
+    shortened="This page follows the first {limit} tokens so that every matrix stays readable.",
+)
 
 
 @dataclass(frozen=True)
@@ -34,16 +42,17 @@ class Steps:
     scaled: np.ndarray  # scores · scale
     weights: np.ndarray  # softmax, from the engine
     output: np.ndarray  # weights · V, from the engine
+    visible: np.ndarray  # (n, n) the causal mask: True where a query may see a key
 
-
-def _word_embedding(word: str) -> np.ndarray:
-    seed = int.from_bytes(hashlib.blake2b(word.lower().encode(), digest_size=8).digest(), "big")
-    return np.round(np.random.default_rng(seed).standard_normal(MODEL_DIM), 2)
+    def hide_future(self, matrix: np.ndarray) -> np.ndarray:
+        """`matrix` with the cells the causal mask removes set to 0, for display."""
+        return np.where(self.visible, matrix, 0.0)
 
 
 def one_head(words: list[str], d_k: int, scaled: bool = True, seed: int = 4) -> Steps:
     """Run one head on `words` with key width `d_k`, dividing by √d_k when `scaled`."""
-    x = np.stack([_word_embedding(w) for w in words])
+    # Two decimals: the embeddings are printed on the page and should read as plain numbers.
+    x = np.stack([np.round(word_vector(w, MODEL_DIM), 2) for w in words])
     rng = np.random.default_rng(seed)
     # Weights of variance 1/MODEL_DIM keep each entry of Q and K near unit size, so a score
     # Q·Kᵀ, a sum of d_k such products, spreads like √d_k: exactly what 1/√d_k undoes.
@@ -54,7 +63,25 @@ def one_head(words: list[str], d_k: int, scaled: bool = True, seed: int = 4) -> 
     scale = 1.0 / math.sqrt(d_k) if scaled else 1.0
     output, weights = engine.attention(q, k, v, is_causal=True, scale=scale)
     scores = q @ k.T
-    return Steps(x, w_q, w_k, w_v, q, k, v, scores, scale, scores * scale, weights, output)
+    visible = visibility(len(words), len(words), is_causal=True)
+    return Steps(x, w_q, w_k, w_v, q, k, v, scores, scale, scores * scale, weights, output, visible)
+
+
+def softmax_by_hand(steps: Steps, row: int, key_labels: list[str]) -> pd.DataFrame:
+    """Query `row`'s softmax worked out step by step over the keys it sees, next to the
+    engine's weights: the scaled scores, exp(score − max), and exp over the row's sum."""
+    seen = np.flatnonzero(steps.visible[row])
+    scaled = steps.scaled[row, seen]
+    exps = np.exp(scaled - scaled.max())
+    return pd.DataFrame(
+        {
+            "key": [key_labels[j] for j in seen],
+            "scaled score": scaled,
+            "exp(score − max)": exps,
+            "weight = exp / sum": exps / exps.sum(),
+            "engine weight": steps.weights[row, seen],
+        }
+    )
 
 
 def softmax_gradient_norm(weights: np.ndarray) -> np.ndarray:
@@ -68,13 +95,6 @@ def softmax_gradient_norm(weights: np.ndarray) -> np.ndarray:
     diagonal = np.arange(p.shape[-1])
     jacobian[..., diagonal, diagonal] += p
     return np.sqrt((jacobian**2).sum(axis=(-2, -1)))
-
-
-def entropy(weights: np.ndarray) -> np.ndarray:
-    """Per row, the entropy of the weights in nats (0 = all weight on one key)."""
-    p = np.asarray(weights, dtype=float)
-    logs = np.log(np.where(p > 0, p, 1.0))
-    return -(p * logs).sum(axis=-1)
 
 
 def saturation(
@@ -98,9 +118,15 @@ def saturation(
                     "d_k": d_k,
                     "scaling": label,
                     "max weight": float(weights.max(axis=-1).mean()),
-                    "entropy (nats)": float(entropy(weights).mean()),
+                    "entropy (nats)": float(row_entropy(weights).mean()),
                     "softmax gradient": float(softmax_gradient_norm(weights).mean()),
                     "score std": float((q @ k.T * scale).std()),
                 }
             )
     return pd.DataFrame(rows)
+
+
+def saturation_at(curves: pd.DataFrame, d_k: int) -> pd.DataFrame:
+    """The rows of :func:`saturation` at width `d_k`, indexed by scaling ("÷ √d_k", "no
+    scaling")."""
+    return curves[curves["d_k"] == d_k].set_index("scaling")

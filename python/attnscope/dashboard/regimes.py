@@ -7,35 +7,26 @@ turn those into ``Q, K, V``. The same ``Q, K, V`` then go through each regime in
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
+import pandas as pd
+
+from attnscope.reference import visibility
 
 from . import engine
-from .text import split_words
+from .text import InputError, SentenceRule, word_vector
 
 MODEL_DIM = 16
 HEAD_DIM = 8
 MAX_WORDS = 24
 SEED = 2017
-
-
-class RegimeInputError(ValueError):
-    """Input the regimes page cannot use; the message is meant for the reader."""
-
-
-def sentence_words(sentence: str, max_words: int = MAX_WORDS) -> list[str]:
-    """The words of `sentence`, at most `max_words` of them; an empty sentence is an error."""
-    words = split_words(sentence or "")
-    if not words:
-        raise RegimeInputError("Type a sentence with at least one word.")
-    return words[:max_words]
-
-
-def _word_vector(word: str) -> np.ndarray:
-    seed = int.from_bytes(hashlib.blake2b(word.lower().encode(), digest_size=8).digest(), "big")
-    return np.random.default_rng(seed).standard_normal(MODEL_DIM)
+REGIMES = ("causal", "bidirectional")
+SENTENCE = SentenceRule(
+    MAX_WORDS,
+    empty="Type a sentence with at least one word.",
+    shortened="Only the first {limit} tokens are used on this page.",
+)
 
 
 def embeddings(words: list[str]) -> np.ndarray:
@@ -46,7 +37,9 @@ def embeddings(words: list[str]) -> np.ndarray:
     position_code = np.zeros((n, MODEL_DIM))
     position_code[:, 0::2] = np.sin(positions * rates)
     position_code[:, 1::2] = np.cos(positions * rates)
-    words_code = np.stack([_word_vector(w) for w in words]) if words else np.zeros((0, MODEL_DIM))
+    words_code = (
+        np.stack([word_vector(w, MODEL_DIM) for w in words]) if words else np.zeros((0, MODEL_DIM))
+    )
     return words_code + position_code
 
 
@@ -67,10 +60,7 @@ def qkv(words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def both_regimes(words: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"causal": (out, weights), "bidirectional": (out, weights)}`` from the same Q, K, V."""
     q, k, v = qkv(words)
-    return {
-        "causal": engine.attention(q, k, v, is_causal=True),
-        "bidirectional": engine.attention(q, k, v, is_causal=False),
-    }
+    return {regime: engine.attention(q, k, v, is_causal=regime == "causal") for regime in REGIMES}
 
 
 def edit_effect(words: list[str], position: int, replacement: str) -> dict[str, np.ndarray]:
@@ -80,11 +70,30 @@ def edit_effect(words: list[str], position: int, replacement: str) -> dict[str, 
     mask rows before `position` cannot see the edit, so their change is exactly zero.
     """
     if not 0 <= position < len(words):
-        raise RegimeInputError(f"pick a position between 0 and {len(words) - 1}")
+        raise InputError(f"pick a position between 0 and {len(words) - 1}")
     edited = list(words)
     edited[position] = replacement or words[position]
     before, after = both_regimes(words), both_regimes(edited)
     return {regime: np.abs(after[regime][0] - before[regime][0]).max(axis=-1) for regime in before}
+
+
+def change_frame(change: dict[str, np.ndarray], row_labels: list[str]) -> pd.DataFrame:
+    """:func:`edit_effect`'s result as rows (row, regime, change) for a grouped bar chart."""
+    return pd.concat(
+        [
+            pd.DataFrame({"row": row_labels, "regime": regime, "change": change[regime]})
+            for regime in REGIMES
+        ]
+    )
+
+
+def rows_changed(change: dict[str, np.ndarray], position: int) -> dict[str, int]:
+    """How many rows moved at all: causal rows before `position` (0 whenever the mask holds),
+    and bidirectional rows anywhere."""
+    return {
+        "causal before the edit": int((change["causal"][:position] != 0).sum()),
+        "bidirectional": int((change["bidirectional"] != 0).sum()),
+    }
 
 
 def alignment_weights(
@@ -99,7 +108,7 @@ def alignment_weights(
         _, weights = engine.attention(
             q[-num_queries:], k, v, is_causal=True, causal_alignment=alignment
         )
-        visible = _visible(num_queries, len(words), is_causal=True, causal_alignment=alignment)
+        visible = visibility(num_queries, len(words), is_causal=True, causal_alignment=alignment)
         result[alignment] = (weights, visible)
     return result
 
@@ -108,7 +117,7 @@ def window_weights(words: list[str], window: int) -> tuple[np.ndarray, np.ndarra
     """Causal sliding-window attention: each token sees itself and the `window - 1` before it."""
     q, k, v = qkv(words)
     _, weights = engine.attention(q, k, v, is_causal=True, window=window)
-    return weights, _visible(len(words), len(words), is_causal=True, window=window)
+    return weights, visibility(len(words), len(words), is_causal=True, window=window)
 
 
 def gqa_weights(words: list[str], query_heads: int, kv_heads: int) -> np.ndarray:
@@ -117,7 +126,7 @@ def gqa_weights(words: list[str], query_heads: int, kv_heads: int) -> np.ndarray
     Returns weights ``(query_heads, n, n)``; query head h reads kv head ``h // (Hq // Hkv)``.
     """
     if kv_heads < 1 or query_heads % kv_heads:
-        raise RegimeInputError("the number of query heads must be a multiple of the kv heads")
+        raise InputError("the number of query heads must be a multiple of the kv heads")
     x = embeddings(words)
     w_q, _, _ = projections(heads=query_heads, seed=SEED + 1)
     _, w_k, w_v = projections(heads=kv_heads, seed=SEED + 2)
@@ -131,9 +140,3 @@ def gqa_weights(words: list[str], query_heads: int, kv_heads: int) -> np.ndarray
 def kv_bytes_per_token(kv_heads: int, head_dim: int = HEAD_DIM, bytes_per_value: int = 4) -> int:
     """Bytes a KV cache stores per token and layer: a key and a value for each kv head."""
     return 2 * kv_heads * head_dim * bytes_per_value
-
-
-def _visible(num_queries: int, num_keys: int, **rules) -> np.ndarray:
-    from attnscope.reference import visibility
-
-    return visibility(num_queries, num_keys, **rules)

@@ -1,4 +1,6 @@
-"""Sentences to tokens, and tokens to the small word classes the designed heads read.
+"""Sentences to words and tokens for every page: the one place a reader's text is split, cut
+to a page's limit, refused when empty, tagged with the word classes the designed heads read,
+and turned into a fixed random vector per word.
 
 A tiny rule-based tagger stands in for what a trained model learns: it is enough for the
 example sentences and for most short sentences a reader types in.
@@ -6,8 +8,11 @@ example sentences and for most short sentences a reader types in.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+
+import numpy as np
 
 MAX_TOKENS = 32
 
@@ -50,7 +55,7 @@ _VOWELS = "aeiouy"
 
 
 class InputError(ValueError):
-    """A sentence the heads page cannot use; the message is meant for the reader."""
+    """Input a page cannot use; the message is meant for the reader."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,47 @@ class Token:
 def split_words(sentence: str) -> list[str]:
     """Words, numbers and single punctuation marks, in order."""
     return _TOKEN.findall(sentence)
+
+
+@dataclass(frozen=True)
+class SentenceRule:
+    """How a page reads the reader's sentence: at most `max_words` words, the message for a
+    sentence with none, and the note when words were left out (formatted with ``count``, the
+    words typed, and ``limit``)."""
+
+    max_words: int
+    empty: str
+    shortened: str
+
+    def words(self, sentence: str) -> tuple[list[str], str | None]:
+        """The first `max_words` words of `sentence`, and the note when there were more.
+
+        Raises InputError with the `empty` message for a sentence with no word in it.
+        """
+        words = split_words(sentence or "")
+        if not words:
+            raise InputError(self.empty)
+        if len(words) <= self.max_words:
+            return words, None
+        return words[: self.max_words], self.shortened.format(
+            count=len(words), limit=self.max_words
+        )
+
+
+HEADS_SENTENCE = SentenceRule(
+    MAX_TOKENS,
+    empty="Type a sentence with at least one word to see its attention.",
+    shortened="That text has {count:,} tokens; the heatmaps show its first {limit} so that "
+    "every label stays readable.",
+)
+
+
+def word_vector(word: str, size: int) -> np.ndarray:
+    """A fixed standard-normal vector for `word` (any case), seeded by the word itself, so the
+    same word gets the same vector on every page and every run, and editing one word changes
+    only its own vector."""
+    digest = hashlib.blake2b(word.lower().encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "big")).standard_normal(size)
 
 
 def _rime(word: str) -> str:
@@ -123,19 +169,8 @@ def tag(words: list[str]) -> list[Token]:
     return tokens
 
 
-def tokenize(sentence: str, max_tokens: int = MAX_TOKENS) -> tuple[list[Token], str | None]:
-    """Tagged tokens of `sentence` and a note for the reader when it had to be shortened.
-
-    Raises InputError for a sentence with no word in it.
-    """
-    words = split_words(sentence or "")
-    if not words:
-        raise InputError("Type a sentence with at least one word to see its attention.")
-    note = None
-    if len(words) > max_tokens:
-        note = (
-            f"That text has {len(words):,} tokens; the heatmaps show its first {max_tokens} "
-            "so that every label stays readable."
-        )
-        words = words[:max_tokens]
+def tokenize(sentence: str) -> tuple[list[Token], str | None]:
+    """The Heads page's tagged tokens of `sentence`, and a note for the reader when it had to
+    be shortened. Raises InputError for a sentence with no word in it."""
+    words, note = HEADS_SENTENCE.words(sentence)
     return tag(words), note

@@ -1,11 +1,32 @@
-"""Streamlit pieces every page shares: the engine banner and cached calls into the compute
-modules (cached on plain arguments, so a rerun with the same controls costs nothing)."""
+"""Streamlit pieces every page shares: the page icon, the engine banner, widgets whose choices
+follow the reader's text, and cached calls into the compute modules (cached on plain
+arguments, so a rerun with the same controls costs nothing)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Sequence
+
 import streamlit as st
 
-from . import engine, heads, inside, regimes, text
+from . import charts, engine, heads, inside, regimes, text
+
+
+def _page_icon_svg() -> str:
+    """A 4×4 causal attention map as an SVG: lower-left cells in blues, the masked ones grey.
+    Given to Streamlit as markup, the icon travels inside the page: no font or CDN request."""
+    blues = ("#08519c", "#3182bd", "#6baed6", "#9ecae1")
+    cells = []
+    for row in range(4):
+        for col in range(4):
+            colour = blues[(row - col) % 4] if col <= row else charts.HIDDEN_GREY
+            cells.append(
+                f'<rect x="{col * 8}" y="{row * 8}" width="7" height="7" fill="{colour}"/>'
+            )
+    return f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 31 31">{"".join(cells)}</svg>'
+
+
+PAGE_ICON = _page_icon_svg()
 
 
 def engine_banner() -> None:
@@ -32,23 +53,59 @@ def bounded_slider(container, label: str, low: int, high: int, value: int, key: 
     if high <= low:
         container.caption(f"{label}: {low} (the sentence leaves no other choice)")
         return low
-    if key in st.session_state:
-        st.session_state[key] = min(max(st.session_state[key], low), high)
-    return container.slider(label, low, high, min(max(value, low), high), key=key)
+    # The value lives in session state alone: Streamlit warns about a widget that gets both a
+    # default and a value set through session state.
+    st.session_state[key] = min(max(st.session_state.get(key, value), low), high)
+    return container.slider(label, low, high, key=key)
+
+
+def read_sentence(read: Callable[[str], tuple[list, str | None]], sentence: str) -> list:
+    """What `read` (a page's sentence rule) makes of `sentence`, with its note shown as a
+    warning; a sentence it refuses gets its message and ends the page there."""
+    try:
+        words, note = read(sentence)
+    except text.InputError as problem:
+        st.info(str(problem))
+        st.stop()
+    if note:
+        st.warning(note)
+    return words
+
+
+_LEADING_POSITION = re.compile(r"\s*(\d+)")
+
+
+def position_select(container, label: str, tokens: Sequence[str], key: str) -> int:
+    """A selectbox of token positions, shown as '3 the': its value is always a position.
+
+    The browser sends back the shown label, not the position, so after the reader edits the
+    sentence a label of the old sentence can come back as a plain string, and a position can
+    lie past the new end. Either is turned back into a position within the new sentence
+    before the widget is drawn.
+    """
+    remembered = st.session_state.get(key)
+    if remembered is not None and not (
+        isinstance(remembered, int) and 0 <= remembered < len(tokens)
+    ):
+        found = _LEADING_POSITION.match(str(remembered))
+        position = int(found.group(1)) if found else 0
+        st.session_state[key] = min(position, len(tokens) - 1)
+    labels = charts.token_labels(tokens)
+    return container.selectbox(label, range(len(tokens)), format_func=labels.__getitem__, key=key)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
 def head_weights(sentence: str, causal: bool):
-    """Tokens (as text) and the ``(heads, n, n)`` weights of the designed heads."""
-    tokens, note = text.tokenize(sentence)
-    return tokens, note, heads.head_weights(tokens, causal=causal)
+    """The ``(heads, n, n)`` weights of the designed heads on `sentence`."""
+    tokens, _ = text.tokenize(sentence)
+    return heads.head_weights(tokens, causal=causal)
 
 
 @st.cache_data(show_spinner=False, max_entries=256)
-def head_scores(sentence: str, head_index: int):
-    """One designed head's scaled scores for `sentence`."""
+def masked_scores(sentence: str, head_index: int, causal: bool):
+    """One designed head's scaled scores for `sentence`, 0 where the mask hides a cell."""
     tokens, _ = text.tokenize(sentence)
-    return heads.head_scores(tokens, head_index)
+    return heads.masked_scores(tokens, head_index, causal)
 
 
 @st.cache_data(show_spinner=False, max_entries=128)

@@ -84,6 +84,12 @@ def _row_mean(values: np.ndarray) -> np.ndarray:
     return values.mean(axis=-1)
 
 
+def row_entropy(weights: np.ndarray) -> np.ndarray:
+    """Per row (the last axis), the entropy of the weights in nats (0 = all weight on one key)."""
+    p = np.asarray(weights)
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1)
+
+
 def _entropies(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean row entropy in nats, and its mean relative to a uniform spread over the visible keys.
 
@@ -91,8 +97,7 @@ def _entropies(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     otherwise every row sees all n keys.
     """
     n = maps.shape[-1]
-    logs = np.log(np.where(maps > 0, maps, 1.0))
-    rows = -(maps * logs).sum(axis=-1)
+    rows = row_entropy(maps)
     causal = ~np.triu(maps, k=1).any(axis=(-1, -2))
     visible = np.where(causal[..., None], np.arange(1, n + 1), n)
     spread = visible > 1

@@ -2,8 +2,6 @@
 
 import os
 
-import numpy as np
-import pandas as pd
 import streamlit as st
 from attnscope.dashboard import charts, cost, engine, ui
 
@@ -81,27 +79,11 @@ if frame is None:
     st.error(st.session_state.get("cost_problem", "That sweep could not run."))
     st.stop()
 
-measured = frame[frame["status"] == "measured"]
-fits = {m: cost.fit_exponent(frame, m) for m in dict.fromkeys(frame["method"])}
-projection_rows = []
-for method, fit in fits.items():
-    if fit is None:
-        continue
-    last = measured[measured["method"] == method]["n"].max()
-    for n in [last, *[t for t in cost.TARGET_LENGTHS if t > last]]:
-        projection_rows.append(
-            {"n": n, "method": method, "seconds": fit[1] * n ** fit[0], "kind": "extrapolated"}
-        )
-timeline = pd.concat(
-    [
-        measured.assign(kind="measured")[["n", "method", "seconds", "kind"]],
-        pd.DataFrame(projection_rows, columns=["n", "method", "seconds", "kind"]),
-    ]
-)
+fitted = cost.fits(frame)
 ui.chart(
     st,
     charts.lines(
-        timeline,
+        cost.timeline(frame, fitted),
         "n",
         "seconds",
         "method",
@@ -113,14 +95,8 @@ ui.chart(
     ),
     key="cost_time_chart",
 )
-exponents = pd.DataFrame(
-    [
-        {"method": m, "fitted exponent p (time ∝ nᵖ)": None if f is None else round(f[0], 2)}
-        for m, f in fits.items()
-    ]
-)
 left, right = st.columns([2, 3])
-left.dataframe(exponents, hide_index=True, key="cost_exponents")
+left.dataframe(cost.exponents_table(fitted), hide_index=True, key="cost_exponents")
 right.markdown(
     "Full attention should fit an exponent near 2; causal a little less at these lengths, "
     "as the blocks on its diagonal weigh more in a short context; a fixed window near 1, "
@@ -130,22 +106,12 @@ right.markdown(
     f"the engine's {threads} thread(s). A busy machine still adds noise: run the sweep again "
     "if an exponent looks off."
 )
-skipped = frame[frame["status"] != "measured"].drop_duplicates("method")
-for _, item in skipped.iterrows():
+for _, item in cost.stopped_methods(frame).iterrows():
     st.caption(f"{item['method']}: stopped at n = {item['n']:,} ({item['status']}).")
 
 st.subheader("What 2,048 / 8,192 / 200,000 tokens would cost here")
-table = cost.projections_table(frame, memory_budget=budget_mib * 2**20)
-table["time"] = [
-    cost.human_seconds(seconds)
-    + ("" if how == "measured" else " *")
-    + (" †" if "need" in how else "")
-    for seconds, how in zip(table["seconds"], table["how"], strict=True)
-]
-st.dataframe(
-    table.pivot(index="method", columns="n", values="time").rename(columns="n = {:,}".format),
-    key="cost_projection_table",
-)
+projections = cost.projections_table(frame, memory_budget=budget_mib * 2**20)
+st.dataframe(cost.projections_shown(projections), key="cost_projection_table")
 st.caption(
     "\\* extrapolated from the fitted exponent, not measured: an estimate for this machine, one "
     "head, float32. † the naive path could not even hold its n×n matrices in the memory "
@@ -184,7 +150,6 @@ precision = row[1].radio(
 shape = cost.MODEL_SHAPES[shape_name]
 bytes_per_value = 2 if precision == "16-bit" else 1
 kv = cost.kv_cache_frame(shape, list(cost.TARGET_LENGTHS), bytes_per_value)
-kv["size"] = [cost.human_bytes(cost.kv_cache_bytes(shape, n, bytes_per_value)) for n in kv["n"]]
 st.dataframe(kv[["n", "size"]], hide_index=True, key="cost_kv_table")
 st.caption(
     f"Per token: 2 (key and value) × {shape.layers} layers × {shape.kv_heads} kv heads × "
@@ -197,7 +162,7 @@ st.download_button(
     "Download the sweep as CSV",
     cost.results_csv(
         frame,
-        table.drop(columns="time"),
+        projections,
         threads=threads,
         head_dim=head_dim,
         engine=engine.engine_name(),
@@ -206,5 +171,5 @@ st.download_button(
     mime="text/csv",
     key="cost_download",
 )
-if np.isnan(frame["seconds"]).all():
+if frame["seconds"].isna().all():
     st.info("No method could be measured with these settings.")

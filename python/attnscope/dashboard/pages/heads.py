@@ -1,9 +1,9 @@
 """Page: attention heads with the behaviours the chapter describes, built and computed live."""
 
-import numpy as np
 import pandas as pd
 import streamlit as st
 from attnscope.dashboard import charts, heads, text, ui
+from attnscope.reference import visibility
 
 # Where each example is most telling: (head, token to inspect).
 FOCUS = {
@@ -43,31 +43,18 @@ controls = st.columns([2, 3])
 controls[0].selectbox("Example", list(text.EXAMPLES), key="heads_example", on_change=_load_example)
 sentence = controls[1].text_input("Sentence (edit it)", key="heads_sentence", max_chars=20_000)
 
-try:
-    tokens, note, weights_causal = ui.head_weights(sentence, True)
-except text.InputError as problem:
-    st.info(str(problem))
-    st.stop()
-if note:
-    st.warning(note)
+tokens = ui.read_sentence(text.tokenize, sentence)
 words = [token.text for token in tokens]
 
 options = st.columns([2, 2, 1])
 head_name = options[0].selectbox("Head", heads.HEAD_NAMES, key="heads_head")
-if st.session_state.get("heads_row", 0) >= len(words):
-    st.session_state["heads_row"] = len(words) - 1
-row = options[1].selectbox(
-    "Token to inspect (a row)",
-    range(len(words)),
-    format_func=lambda i: f"{i} {words[i]}",
-    key="heads_row",
-)
+row = ui.position_select(options[1], "Token to inspect (a row)", words, key="heads_row")
 causal = options[2].toggle("Causal mask", value=True, key="heads_causal")
 
 head_index = heads.HEAD_NAMES.index(head_name)
-weights = weights_causal if causal else ui.head_weights(sentence, False)[2]
+weights = ui.head_weights(sentence, causal)
 n = len(words)
-visible = np.tril(np.ones((n, n), dtype=bool)) if causal else np.ones((n, n), dtype=bool)
+visible = visibility(n, n, is_causal=causal)
 spec = heads.HEADS[head_index]
 
 left, right = st.columns([3, 2])
@@ -112,47 +99,42 @@ with st.expander("How this head is built: embeddings, W_Q, W_K and the scores"):
         "on one key."
     )
     st.dataframe(pd.DataFrame(heads.rule_table(spec)), hide_index=True, key="heads_rule")
-    x = heads.embed(tokens)
-    readable = [i for i, f in enumerate(heads.FEATURES) if not f.startswith(("pos:", "rime:"))]
     ui.chart(
         st,
         charts.matrix(
-            x[:, readable],
+            heads.readable_embeddings(tokens),
             charts.token_labels(words),
-            [heads.FEATURES[i] for i in readable],
+            heads.READABLE_FEATURES,
             title="Embeddings x (word-class, gender and start features; position and rime "
             "codes not shown)",
         ),
         key="heads_embeddings",
     )
-    w_q, w_k, _, key_features = heads.projections(spec)
-    used = [c for c, f in enumerate(key_features) if f]
-    rows_used = [i for i in range(heads.EMBED_DIM) if np.abs(w_q[i, used]).sum() > 0]
-    if len(used) <= 24:
+    w_q, read_features, key_features = heads.query_weights_used(spec)
+    if len(key_features) <= 24:
         ui.chart(
             st,
             charts.matrix(
-                w_q[np.ix_(rows_used, used)],
-                [heads.FEATURES[i] for i in rows_used],
-                [key_features[c] for c in used],
+                w_q,
+                read_features,
+                key_features,
                 title="W_Q (rows it reads from x, columns of the key space)",
             ),
             key="heads_wq",
         )
     else:
         st.caption(
-            f"This head's W_Q uses {len(used)} key-space columns (its position code); the "
-            "rule table above says what they do."
+            f"This head's W_Q uses {len(key_features)} key-space columns (its position code); "
+            "the rule table above says what they do."
         )
     st.caption(
         "W_K simply copies those key features out of x: column c of W_K is 1 at the feature "
         "named on column c of W_Q."
     )
-    scores = ui.head_scores(sentence, head_index)
     ui.chart(
         st,
         charts.matrix(
-            np.where(visible, scores, 0.0),
+            ui.masked_scores(sentence, head_index, causal),
             charts.token_labels(words),
             charts.token_labels(words),
             title="Scaled scores Q·Kᵀ/√d_k before softmax (masked cells shown as 0)",

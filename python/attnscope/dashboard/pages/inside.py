@@ -1,9 +1,7 @@
 """Page: one head step by step, and what happens without the √d_k factor."""
 
-import numpy as np
-import pandas as pd
 import streamlit as st
-from attnscope.dashboard import charts, inside, text, ui
+from attnscope.dashboard import charts, inside, ui
 
 D_VALUES = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -25,12 +23,7 @@ scaling = controls[2].radio(
     "Scale the scores", ["÷ √d_k", "no scaling"], key="inside_scaling", horizontal=True
 )
 
-words = text.split_words(sentence)[:8]
-if not words:
-    st.info("Type a few words to follow them through the head.")
-    st.stop()
-if len(text.split_words(sentence)) > 8:
-    st.warning("This page follows the first 8 tokens so that every matrix stays readable.")
+words = ui.read_sentence(inside.SENTENCE.words, sentence)
 steps = ui.one_head(tuple(words), d_k, scaling == "÷ √d_k")
 labels = charts.token_labels(words)
 SHOWN = 16  # wider matrices are cut to their first columns on screen (not in the maths)
@@ -66,18 +59,18 @@ if d_k > SHOWN:
     st.caption(f"Only the first {SHOWN} of the {d_k} columns are drawn; all are used.")
 
 st.subheader("2 · Score, scale, softmax, mix")
-n = len(words)
-causal = np.tril(np.ones((n, n), dtype=bool))
 columns = st.columns(3)
 with columns[0]:
-    show(np.where(causal, steps.scores, 0.0), labels, labels, "scores Q·Kᵀ", "inside_scores")
+    show(steps.hide_future(steps.scores), labels, labels, "scores Q·Kᵀ", "inside_scores")
 with columns[1]:
     title = f"× {steps.scale:.3f} (= 1/√{d_k})" if scaling == "÷ √d_k" else "× 1 (no scaling)"
-    show(np.where(causal, steps.scaled, 0.0), labels, labels, title, "inside_scaled")
+    show(steps.hide_future(steps.scaled), labels, labels, title, "inside_scaled")
 with columns[2]:
     ui.chart(
         st,
-        charts.heatmap(steps.weights, words, visible=causal, title="softmax (engine)", cell_px=30),
+        charts.heatmap(
+            steps.weights, words, visible=steps.visible, title="softmax (engine)", cell_px=30
+        ),
         key="inside_weights",
     )
 st.markdown(
@@ -85,20 +78,9 @@ st.markdown(
     "row's `exp`, after the causal mask removed the future. The output of a token is its row "
     "of weights times `V`: a blend of the values it found interesting."
 )
-row = n - 1
-exps = np.exp(steps.scaled[row, : row + 1] - steps.scaled[row, : row + 1].max())
+row = len(words) - 1
 st.dataframe(
-    pd.DataFrame(
-        {
-            "key": labels[: row + 1],
-            "scaled score": steps.scaled[row, : row + 1],
-            "exp(score − max)": exps,
-            "weight = exp / sum": exps / exps.sum(),
-            "engine weight": steps.weights[row, : row + 1],
-        }
-    ),
-    hide_index=True,
-    key="inside_softmax_table",
+    inside.softmax_by_hand(steps, row, labels), hide_index=True, key="inside_softmax_table"
 )
 st.caption(f"The softmax of the last row ('{words[row]}'), by hand and from the engine.")
 show(steps.output[:, :shown], labels, dims, "output = weights · V", "inside_output")
@@ -123,7 +105,7 @@ ui.chart(
     charts.lines(curves, "d_k", metric, "scaling", title=f"{metric} vs d_k", marker_x=d_k),
     key="inside_saturation",
 )
-at_d = curves[curves["d_k"] == d_k].set_index("scaling")
+at_d = inside.saturation_at(curves, d_k)
 cols = st.columns(3)
 cols[0].metric(
     f"max weight at d_k = {d_k}",

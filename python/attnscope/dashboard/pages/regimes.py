@@ -1,8 +1,7 @@
 """Page: the same Q, K, V under causal and bidirectional attention, and the other regimes."""
 
-import pandas as pd
 import streamlit as st
-from attnscope.dashboard import charts, regimes, text, ui
+from attnscope.dashboard import charts, regimes, ui
 from attnscope.reference import visibility
 
 st.title("Causal or bidirectional?")
@@ -20,19 +19,13 @@ sentence = st.text_input(
     key="regimes_sentence",
     max_chars=20_000,
 )
-try:
-    words = regimes.sentence_words(sentence)
-except regimes.RegimeInputError as problem:
-    st.info(str(problem))
-    st.stop()
-if len(text.split_words(sentence)) > regimes.MAX_WORDS:
-    st.warning(f"Only the first {regimes.MAX_WORDS} tokens are used on this page.")
+words = ui.read_sentence(regimes.SENTENCE.words, sentence)
 key = tuple(words)
 n = len(words)
 
 result = ui.both_regimes(key)
 left, right = st.columns(2)
-for column, regime in zip((left, right), ("causal", "bidirectional"), strict=True):
+for column, regime in zip((left, right), regimes.REGIMES, strict=True):
     visible = visibility(n, n, is_causal=regime == "causal")
     ui.chart(
         column,
@@ -55,17 +48,10 @@ replacement = (
     .strip()
 )
 change = ui.edit_effect(key, position, replacement or words[position])
-labels = charts.token_labels(words)
-frame = pd.concat(
-    [
-        pd.DataFrame({"row": labels, "regime": regime, "change": change[regime]})
-        for regime in ("causal", "bidirectional")
-    ]
-)
 ui.chart(
     st,
     charts.grouped_bars(
-        frame,
+        regimes.change_frame(change, charts.token_labels(words)),
         "row",
         "change",
         "regime",
@@ -75,11 +61,11 @@ ui.chart(
     ),
     key="regimes_edit_chart",
 )
-untouched = int((change["causal"][:position] == 0).sum())
+changed = regimes.rows_changed(change, position)
 st.caption(
-    f"Causal rows before position {position} that changed: {position - untouched} of "
-    f"{position}. Bidirectional rows that changed: "
-    f"{int((change['bidirectional'] > 0).sum())} of {n}."
+    f"Causal rows before position {position} that changed: "
+    f"{changed['causal before the edit']} of {position}. Bidirectional rows that changed: "
+    f"{changed['bidirectional']} of {n}."
 )
 
 st.subheader("Fewer queries than keys: which diagonal?")
