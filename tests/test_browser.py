@@ -119,7 +119,8 @@ def _report_resident_memory(pid: int, server_python: str) -> None:
     resident_mib = int(fields["VmRSS"].split()[0]) / 1024
     peak_mib = int(fields["VmHWM"].split()[0]) / 1024
     summary_lines.append(
-        f"dashboard server ({server_python}) after every page: resident {resident_mib:.0f} MiB, "
+        f"dashboard server (environment {Path(server_python).parent.parent.name!r}) after every "
+        f"page: resident {resident_mib:.0f} MiB, "
         f"peak {peak_mib:.0f} MiB (limit {SERVER_MEMORY_LIMIT_MIB} MiB)"
     )
     assert peak_mib < SERVER_MEMORY_LIMIT_MIB, f"server peaked at {peak_mib:.0f} MiB"
