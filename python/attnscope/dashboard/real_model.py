@@ -80,9 +80,9 @@ def missing_package_hint(name: str) -> str | None:
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=^])")
-# An absolute (or home-relative) file path inside a message: a run of /name parts that does
-# not continue a word (a relative path such as the one a visitor typed is left as it is).
-_PATH = re.compile(r"(?<![\w.~-])(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\'\"`,;:()<>]+)+[/\\]?")
+# An absolute (or home-relative) file path inside a message: two or more /name parts that do
+# not continue a word or a URL (a relative path such as the one a visitor typed stays as it is).
+_PATH = re.compile(r"(?<![\w.~\-:/<])(?:~|[A-Za-z]:)?(?:[/\\][^\s/\\'\"`,;:()<>]+){2,}[/\\]?")
 
 
 def plain(text: str) -> str:

@@ -44,19 +44,25 @@ def load(name: str, *, any_error: bool = False):
         if hint:
             st.caption("Its weights ship in a package; install it with")
             st.code(hint, language="bash")
+        return None
     except Exception as problem:  # noqa: BLE001 - a damaged folder may fail in any library
-        if not (any_error or isinstance(problem, ValueError | TypeError | OSError)):
-            raise
-        st.error(f"Cannot load that model: {rm.load_error_message(problem)}")
-    return None
+        return refuse(problem, any_error, "Cannot load that model: ")
 
 
-def read(name: str, text: str, limit: int | None = None):
+def shielded(work, *, any_error: bool = False):
+    """`work()`, or None after an st.error saying what went wrong: a ValueError (text the
+    model cannot read) or, with `any_error`, anything a visitor's own folder may raise."""
     try:
         with st.spinner("Running the model…"):
-            return rm.cached_reading(name, text, limit)
-    except ValueError as problem:
-        st.error(rm.plain(str(problem)))
+            return work()
+    except Exception as problem:  # noqa: BLE001 - re-raised below unless it is expected
+        return refuse(problem, any_error)
+
+
+def refuse(problem: Exception, any_error: bool, prefix: str = ""):
+    if not (any_error or isinstance(problem, ValueError | TypeError | OSError)):
+        raise problem
+    st.error(prefix + rm.load_error_message(problem))
     return None
 
 
@@ -113,11 +119,12 @@ def every_head_view() -> None:
     text = controls[1].text_area(
         "Text", value=rm.PRONOUN_SENTENCE, key="real_model_text", height=80, max_chars=50_000
     )
-    model = load(source, any_error=choice == LOCAL_FOLDER)
-    reading = model and read(source, text)
-    if reading is None:
+    local = choice == LOCAL_FOLDER
+    model = load(source, any_error=local)
+    reading = model and shielded(lambda: rm.cached_reading(source, text), any_error=local)
+    table = reading and shielded(lambda: rm.cached_head_table(source, text), any_error=local)
+    if table is None:
         return
-    table = rm.cached_head_table(source, text)
     kind = (
         "causal: each token sees only the ones before it" if reading.is_causal else "bidirectional"
     )
@@ -262,7 +269,7 @@ def regimes_view() -> None:
 
 def regime_column(name: str, regime: str, sentence: str) -> None:
     model = load(name)
-    reading = model and read(name, sentence, rm.REGIMES_MAX_TOKENS)
+    reading = model and shielded(lambda: rm.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS))
     if reading is None:
         return
     search = head_search(f"real_model_{regime}", reading, "Strongest head")
