@@ -99,7 +99,7 @@ def key_bars(
     """One query's weight on every key, however many: the strongest key is highlighted and
     `groups` (e.g. prompt / generated) colour the others."""
     row = np.asarray(row, dtype=float)
-    groups = ["key"] * len(row) if groups is None else list(groups)
+    groups = ["other keys"] * len(row) if groups is None else list(groups)
     strongest = int(row.argmax())
     kinds = ["strongest" if j == strongest else group for j, group in enumerate(groups)]
     domain = ["strongest", *dict.fromkeys(g for g in groups)]
