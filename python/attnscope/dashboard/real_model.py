@@ -116,15 +116,11 @@ def display_tokens(tokens: list[str]) -> list[str]:
     return [text or "␣" for text in shown]
 
 
-def context_length(model: am.Model) -> int:
-    return int(getattr(model, "context_length", model.max_positions))
-
-
 def token_limit(model: am.Model) -> int:
     """The longest text the page reads with `model`: its context window, or less where every
     head's map of a longer text would not fit in ATTENTION_BUDGET_BYTES."""
     bytes_per_pair = 4 * model.num_layers * model.num_heads
-    return min(context_length(model), math.isqrt(ATTENTION_BUDGET_BYTES // bytes_per_pair))
+    return min(model.context_length, math.isqrt(ATTENTION_BUDGET_BYTES // bytes_per_pair))
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,7 +154,7 @@ def read_text(model: am.Model, text: str, limit: int | None = None) -> Reading:
     if ids.size > limit:
         why = (
             "its context window"
-            if limit == context_length(model)
+            if limit == model.context_length
             else "so that every head's map fits in memory"
         )
         raise ReadingError(
@@ -172,7 +168,7 @@ def read_text(model: am.Model, text: str, limit: int | None = None) -> Reading:
 def head_table(model: am.Model, reading: Reading) -> pd.DataFrame:
     """:func:`attnscope.models.head_stats` of the reading, one row per head, with induction
     measured on random tokens repeated twice."""
-    period = min(INDUCTION_PERIOD, context_length(model) // 2)
+    period = min(INDUCTION_PERIOD, model.context_length // 2)
     # Low ids are special and punctuation tokens in these vocabularies: draw ordinary words.
     avoid = range(min(1000, model.vocab_size - period))
     ids = am.repeated_random_ids(model.vocab_size, period, seed=0, avoid=avoid)
