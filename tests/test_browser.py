@@ -239,7 +239,8 @@ def test_real_model_generate(server, page):
     _settle(page, charts=False)
     page.get_by_role("button", name="Generate").click()
     # The answer grows while the model writes, before the replay charts exist.
-    page.wait_for_selector('[data-testid="stProgress"]', state="attached")
+    page.wait_for_selector('[data-testid="stProgress"] >> visible=true')
+    page.wait_for_selector('[data-testid="stCode"]')
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "real-model-generating.png"), full_page=True)
     _settle(page)

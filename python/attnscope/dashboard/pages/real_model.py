@@ -334,8 +334,9 @@ def generate_view() -> None:
     prompt = st.text_area(
         "Prompt", DEFAULT_PROMPT, key="real_model_gen_prompt", height=80, max_chars=5_000
     )
+    clicked = st.button("Generate", key="real_model_generate", type="primary")
     answer = st.empty()
-    if st.button("Generate", key="real_model_generate", type="primary"):
+    if clicked:
         stream(model, prompt, mode, max_new_tokens, temperature, answer)
     replay = st.session_state.get("real_model_replay")
     if replay is None:
