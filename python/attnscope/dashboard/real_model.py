@@ -173,7 +173,16 @@ def head_table(model: am.Model, reading: Reading) -> pd.DataFrame:
     avoid = range(min(1000, model.vocab_size - period))
     ids = am.repeated_random_ids(model.vocab_size, period, seed=0, avoid=avoid)
     induction = model.encode(ids=ids).attentions
-    stats = am.head_stats(reading.attentions, tokens=reading.raw_tokens, induction=induction)
+    # Layer by layer: head_stats works in float64 with a few full-size temporaries, which for
+    # every layer of a long text at once would cost several times the maps' own memory.
+    stats = []
+    for layer in range(model.num_layers):
+        rows = am.head_stats(
+            reading.attentions[layer : layer + 1],
+            tokens=reading.raw_tokens,
+            induction=induction[layer : layer + 1],
+        )
+        stats += [row | {"layer": layer} for row in rows]
     return pd.DataFrame(stats)
 
 
