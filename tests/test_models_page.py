@@ -442,7 +442,8 @@ def test_replay_rows_follow_the_growing_cache():
         np.testing.assert_array_equal(weights[k, : 3 + k], step.attention[1, 2])
         assert not weights[k, 3 + k :].any() and visible[k].sum() == 3 + k
     assert replay.text == " t0 t1 t2 t3"
-    assert replay.key_labels() == ["0 a", "1 b", "2 c", "3 t0", "4 t1", "5 t2"]
+    assert replay.cache_tokens() == ["a", "b", "c", "t0", "t1", "t2"]
+    assert replay.step_tokens() == ["→ t0", "→ t1", "→ t2", "→ t3"]
     assert replay.key_groups() == ["prompt"] * 3 + ["generated"] * 3
     assert replay.decode_rate() == pytest.approx(3 / 0.06)
     assert list(replay.timing()["cache KiB"]) == [3, 4, 5, 6]

@@ -128,14 +128,14 @@ class Replay:
     def num_heads(self) -> int:
         return self.attention[0].shape[1]
 
-    def key_labels(self) -> list[str]:
-        """'i token' for every position the last step attended to: prompt, then new tokens."""
+    def cache_tokens(self) -> list[str]:
+        """The token at every position the last step attended to: prompt, then new tokens."""
         width = self.attention[-1].shape[-1]
-        tokens = self.prompt_tokens + [piece_label(p) for p in self.pieces]
-        return [f"{i} {token}" for i, token in enumerate(tokens[:width])]
+        return (self.prompt_tokens + [piece_label(p) for p in self.pieces])[:width]
 
-    def step_labels(self) -> list[str]:
-        return [f"{k} → {piece_label(piece)}" for k, piece in enumerate(self.pieces)]
+    def step_tokens(self) -> list[str]:
+        """What each step wrote, as '→ token'."""
+        return [f"→ {piece_label(piece)}" for piece in self.pieces]
 
     def head_rows(self, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
         """``(steps, cache)`` weights of one head, a row per step, and which cells existed

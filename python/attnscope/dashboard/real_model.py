@@ -218,6 +218,8 @@ def default_pair(tokens: list[str]) -> tuple[int, int]:
 class HeadSearch:
     """Every head ranked by the weight the source token puts on the target token."""
 
+    source: int
+    target: int
     ranking: pd.DataFrame  # rank, layer, head, weight; strongest first
     uniform: float  # the weight an even spread over what the source sees would give
     target_hidden: bool  # a causal model: the target comes after the source
@@ -232,7 +234,7 @@ def find_heads(reading: Reading, source: int, target: int) -> HeadSearch:
     """Rank every head of `reading` by the weight from position `source` to `target`."""
     ranking = pd.DataFrame(am.rank_heads(reading.attentions, source, target))
     seen = source + 1 if reading.is_causal else reading.n
-    return HeadSearch(ranking, 1 / seen, reading.is_causal and target > source)
+    return HeadSearch(source, target, ranking, 1 / seen, reading.is_causal and target > source)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 
 import attnscope
 import attnscope.models as am
+import numpy as np
 import streamlit as st
 from attnscope.dashboard import generation, model_charts, ui
 from attnscope.dashboard import real_model as rm
@@ -66,7 +67,7 @@ def refuse(problem: Exception, any_error: bool, prefix: str = ""):
     return None
 
 
-def head_search(prefix: str, reading, heading: str) -> rm.HeadSearch:
+def head_search(prefix: str, reading) -> rm.HeadSearch:
     """Source and target pickers and the strongest head between them."""
     reset_on_new_tokens(
         prefix,
@@ -85,12 +86,44 @@ def head_search(prefix: str, reading, heading: str) -> rm.HeadSearch:
         )
     layer, head, weight = search.best
     st.metric(
-        f"{heading} for {source_word} → {target_word}",
+        f"Strongest head for {source_word} → {target_word}",
         f"layer {layer}, head {head}",
         f"weight {weight:.3f} (spread evenly it would be {search.uniform:.3f})",
         delta_color="off",
     )
     return search
+
+
+def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, **options):
+    """A heatmap of every cell, or of blocks of tokens when the matrix is too big to draw."""
+    blocks = rm.block_sum(weights, visible)
+    largest = max(blocks.weights.shape)
+    ui.chart(
+        st,
+        model_charts.labelled_heatmap(
+            blocks.weights,
+            rm.block_labels(row_tokens, blocks.row_starts, blocks.row_size),
+            rm.block_labels(col_tokens, blocks.col_starts, blocks.col_size),
+            visible=blocks.visible,
+            title=title if blocks.exact else f"{title} (blocks of {block_size(blocks)} tokens)",
+            cell_px=max(6, min(24, options.pop("width_px", 480) // largest)),
+            show_labels=largest <= 48,
+            **options,
+        ),
+        key=key,
+    )
+    if not blocks.exact:
+        st.caption(
+            "Too many tokens to draw one cell each: a cell here is the share of attention a "
+            "block of rows gives, on average, to a block of columns. The bars below show one "
+            "row exactly."
+        )
+
+
+def block_size(blocks: rm.Blocks) -> str:
+    if blocks.row_size == blocks.col_size:
+        return str(blocks.row_size)
+    return f"{blocks.row_size}×{blocks.col_size}"
 
 
 def every_head_view() -> None:
@@ -132,7 +165,23 @@ def every_head_view() -> None:
         f"{rm.plain(model.name)}: {model.num_layers} layers × {model.num_heads} heads, {kind}; "
         f"{reading.n} tokens (this page reads up to {rm.token_limit(model)})."
     )
+    grid_section(model, table)
+    one_head_section(model, reading, table)
+    st.subheader("Find the head")
+    st.markdown(
+        "Pick the token that is looking (the source, say *she*) and the token it should find "
+        "(the target, say *nurse*): every head is ranked by the weight the source puts on the "
+        "target."
+    )
+    search = head_search("real_model", reading)
+    st.dataframe(
+        search.ranking.head(10)[["rank", "layer", "head", "weight"]],
+        hide_index=True,
+        key="real_model_ranking",
+    )
 
+
+def grid_section(model, table) -> None:
     st.subheader("Every head at a glance")
     statistic = st.selectbox(
         "Colour the heads by",
@@ -153,6 +202,8 @@ def every_head_view() -> None:
         f"Dominant behaviour per head: {rm.label_counts(table)}. Click a cell to open that head."
     )
 
+
+def one_head_section(model, reading, table) -> None:
     st.subheader("One head")
     keep_choice("real_model_layer", range(model.num_layers), 0)
     keep_choice("real_model_head", range(model.num_heads), 0)
@@ -174,60 +225,30 @@ def every_head_view() -> None:
         column_config={"value": st.column_config.NumberColumn(format="%.3f")},
     )
 
-    st.subheader("Find the head")
-    st.markdown(
-        "Pick the token that is looking (the source, say *she*) and the token it should find "
-        "(the target, say *nurse*): every head is ranked by the weight the source puts on the "
-        "target."
-    )
-    search = head_search("real_model", reading, "Strongest head")
-    st.dataframe(
-        search.ranking.head(10)[["rank", "layer", "head", "weight"]],
-        hide_index=True,
-        key="real_model_ranking",
-    )
-
 
 def head_heatmap(reading, layer: int, head: int) -> None:
     """One head's map (in blocks of tokens when the text is long) and one query's full row."""
-    blocks = rm.block_sum(reading.attentions[layer, head], reading.visible())
-    title = f"Layer {layer}, head {head}"
-    if not blocks.exact:
-        title += f" (blocks of {blocks.row_size} tokens)"
-    ui.chart(
-        st,
-        model_charts.labelled_heatmap(
-            blocks.weights,
-            rm.block_labels(reading.tokens, blocks.row_starts, blocks.row_size),
-            rm.block_labels(reading.tokens, blocks.col_starts, blocks.col_size),
-            visible=blocks.visible,
-            title=title,
-            cell_px=max(8, min(24, 480 // len(blocks.weights))),
-            show_labels=len(blocks.weights) <= 48,
-        ),
+    tokens = reading.tokens
+    draw_map(
+        reading.attentions[layer, head],
+        reading.visible(),
+        tokens,
+        tokens,
+        title=f"Layer {layer}, head {head}",
         key="real_model_heatmap",
     )
-    if not blocks.exact:
-        st.caption(
-            f"The text is {reading.n} tokens long, so each cell sums a block of tokens: the "
-            "share of attention a block of queries gives, on average, to a block of keys. "
-            "Below, any one query's exact weights."
-        )
     if reading.is_causal:
         st.caption("Grey cells are hidden by the causal mask: no token sees its future.")
-    reset_on_new_tokens(
-        "real_model_row", reading.tokens, {"query": rm.default_pair(reading.tokens)[0]}
-    )
-    query = token_picker(st, "Where one query looks", reading.tokens, "real_model_row_query")
-    seen = reading.visible()[query]
-    labels = rm.block_labels(reading.tokens, range(reading.n), 1)
+    reset_on_new_tokens("real_model_row", tokens, {"query": rm.default_pair(tokens)[0]})
+    query = token_picker(st, "Where one query looks", tokens, "real_model_row_query")
+    seen = np.flatnonzero(reading.visible()[query])
     ui.chart(
         st,
         model_charts.key_bars(
             reading.attentions[layer, head, query, seen],
-            [label for label, shown in zip(labels, seen, strict=True) if shown],
-            title=f"Layer {layer}, head {head}: where '{reading.tokens[query]}' looks",
-            show_labels=int(seen.sum()) <= 64,
+            rm.block_labels(tokens, seen, 1),
+            title=f"Layer {layer}, head {head}: where '{tokens[query]}' looks",
+            show_labels=len(seen) <= 64,
         ),
         key="real_model_row_bars",
     )
@@ -272,33 +293,25 @@ def regime_column(name: str, regime: str, sentence: str) -> None:
     reading = model and shielded(lambda: rm.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS))
     if reading is None:
         return
-    search = head_search(f"real_model_{regime}", reading, "Strongest head")
+    search = head_search(f"real_model_{regime}", reading)
     layer, head, _ = search.best
-    labels = rm.block_labels(reading.tokens, range(reading.n), 1)
-    ui.chart(
-        st,
-        model_charts.labelled_heatmap(
-            reading.attentions[layer, head],
-            labels,
-            labels,
-            visible=reading.visible(),
-            title=f"{name}: layer {layer}, head {head}",
-            cell_px=max(8, min(22, 330 // reading.n)),
-        ),
+    draw_map(
+        reading.attentions[layer, head],
+        reading.visible(),
+        reading.tokens,
+        reading.tokens,
+        title=f"{name}: layer {layer}, head {head}",
         key=f"real_model_{regime}_heatmap",
+        width_px=330,
     )
-    source = st.session_state[f"real_model_{regime}_source"]
-    target = st.session_state[f"real_model_{regime}_target"]
-    reverse = rm.find_heads(reading, target, source)
-    words = rm.plain(reading.tokens[target]), rm.plain(reading.tokens[source])
+    reverse = rm.find_heads(reading, search.target, search.source)
+    words = rm.plain(reading.tokens[search.target]), rm.plain(reading.tokens[search.source])
+    hidden = (
+        " (every head gives 0: the mask hides the later token)" if reverse.target_hidden else ""
+    )
     st.caption(
         f"The other way round, {words[0]} → {words[1]}: the strongest head gives "
-        f"{reverse.best[2]:.3f}"
-        + (
-            " (every head gives 0: the mask hides the later token)."
-            if reverse.target_hidden
-            else "."
-        )
+        f"{reverse.best[2]:.3f}{hidden}."
     )
 
 
@@ -384,27 +397,16 @@ def show_replay(replay: generation.Replay) -> None:
     layer = pickers[0].selectbox("Layer", range(replay.num_layers), key="real_model_replay_layer")
     head = pickers[1].selectbox("Head", range(replay.num_heads), key="real_model_replay_head")
     weights, visible = replay.head_rows(layer, head)
-    blocks = rm.block_sum(weights, visible)
-    keys = [label.split(" ", 1)[1] for label in replay.key_labels()]
-    title = f"Layer {layer}, head {head}: a row per step, a column per cached token"
-    ui.chart(
-        st,
-        model_charts.labelled_heatmap(
-            blocks.weights,
-            rm.block_labels(
-                [label.split(" ", 1)[1] for label in replay.step_labels()],
-                blocks.row_starts,
-                blocks.row_size,
-            ),
-            rm.block_labels(keys, blocks.col_starts, blocks.col_size),
-            visible=blocks.visible,
-            title=title if blocks.exact else f"{title} (in blocks)",
-            cell_px=max(6, min(18, 720 // max(blocks.weights.shape))),
-            show_labels=max(blocks.weights.shape) <= 48,
-            row_title="step (the token it wrote)",
-            col_title="cached token",
-        ),
+    draw_map(
+        weights,
+        visible,
+        replay.step_tokens(),
+        replay.cache_tokens(),
+        title=f"Layer {layer}, head {head}: a row per step, a column per cached token",
         key="real_model_replay_heatmap",
+        width_px=720,
+        row_title="step (the token it wrote)",
+        col_title="cached token",
     )
     st.caption(
         "Row 0 is the prompt's last token choosing the first new token; each row below has one "
@@ -418,7 +420,7 @@ def show_replay(replay: generation.Replay) -> None:
         st,
         model_charts.key_bars(
             weights[step, :seen],
-            replay.key_labels()[:seen],
+            rm.block_labels(replay.cache_tokens(), range(seen), 1),
             groups=replay.key_groups()[:seen],
             title=f"Step {step} wrote '{generation.piece_label(replay.pieces[step])}': its weights",
             show_labels=seen <= 64,
