@@ -343,6 +343,8 @@ def generate_view() -> None:
         0.0,
         0.1,
         key="real_model_gen_temperature",
+        help="Above 0 the next token is drawn at random, likelier tokens more often; the draw "
+        "is seeded, so the same settings write the same text.",
     )
     prompt = st.text_area(
         "Prompt", DEFAULT_PROMPT, key="real_model_gen_prompt", height=80, max_chars=5_000
