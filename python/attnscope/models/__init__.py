@@ -6,13 +6,19 @@
     trace.attentions.shape            # (layers, heads, n, n)
     am.head_stats(trace.attentions, tokens=trace.tokens)
 
-Weights come from safetensors, tokens from the `tokenizers` library, and everything around
-attention (embeddings, layer norms, MLPs) is NumPy: no torch or transformers at run time.
+    llm = am.load("SmolLM2-135M-Instruct")     # a causal LLM, from its GGUF file
+    llm.generate("The doctor fired the nurse because", max_new_tokens=20).text
+
+Weights come from safetensors or GGUF files, tokens from the `tokenizers` library, and
+everything around attention (embeddings, norms, MLPs) is NumPy: no torch or transformers at
+run time. Generation decodes through one :class:`attnscope.KVCache` per layer.
 """
 
 from __future__ import annotations
 
-from ._model import Model, Trace, load
+from ._generate import Generation, GenerationStep, Perplexity
+from ._loader import load
+from ._model import Model, Trace
 from ._sources import KNOWN_MODELS, ModelUnavailableError
 from .stats import (
     DELIMITERS,
@@ -29,8 +35,11 @@ __all__ = [
     "KNOWN_MODELS",
     "LABELS",
     "STATISTICS",
+    "Generation",
+    "GenerationStep",
     "Model",
     "ModelUnavailableError",
+    "Perplexity",
     "Trace",
     "head_stats",
     "induction_scores",

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._model import Model, config_int, merge_heads, split_heads
+from ._model import Checkpoint, Model, merge_heads, split_heads
 from ._numerics import activation, layer_norm
 
 
@@ -20,63 +20,66 @@ class BertModel(Model):
     family = "BERT"
     is_causal = False
 
-    def _setup(self, config: dict, weights: dict) -> None:
+    def _setup(self, checkpoint: Checkpoint) -> None:
+        config, weights = checkpoint.config, checkpoint.weights
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
-                "only absolute position embeddings are supported, config.json has "
+                f"only absolute position embeddings are supported, {self._config_file} has "
                 f"position_embedding_type={config['position_embedding_type']!r}"
             )
-        self.num_layers = config_int(config, "num_hidden_layers")
-        self.num_heads = config_int(config, "num_attention_heads")
-        self.hidden_size = config_int(config, "hidden_size")
-        self.vocab_size = config_int(config, "vocab_size")
-        self.max_positions = config_int(config, "max_position_embeddings")
-        self._eps = float(config.get("layer_norm_eps", 1e-12))
+        self.num_layers = self._config_int(config, "num_hidden_layers")
+        self.num_heads = self._config_int(config, "num_attention_heads")
+        self.hidden_size = d = self._config_int(config, "hidden_size")
+        self.vocab_size = self._config_int(config, "vocab_size")
+        self.max_positions = self._config_int(config, "max_position_embeddings")
+        inner = self._config_int(config, "intermediate_size", default=4 * d)
+        token_types = self._config_int(config, "type_vocab_size", default=2)
+        self._heads_divide(d, self.num_heads, "hidden_size")
+        self._eps = self._config_float(config, "layer_norm_eps", 1e-12)
         self._act = activation(config.get("hidden_act", "gelu"))
         # Checkpoints of BertFor* task models put the encoder under "bert.".
         if not any(key.startswith("embeddings.") for key in weights):
             weights = {k.removeprefix("bert."): v for k, v in weights.items()}
 
-        def w(name):
-            return self._weight(weights, name)
+        def w(name, *shape):
+            return self._weight(weights, name, shape)
 
-        self._word = w("embeddings.word_embeddings.weight")
+        self._word = w("embeddings.word_embeddings.weight", self.vocab_size, d)
         # Position and token-type embeddings add up the same for every text: one token type (0).
         self._position = (
-            w("embeddings.position_embeddings.weight")
-            + w("embeddings.token_type_embeddings.weight")[0]
+            w("embeddings.position_embeddings.weight", self.max_positions, d)
+            + w("embeddings.token_type_embeddings.weight", token_types, d)[0]
         )
-        self._embed_norm = (w("embeddings.LayerNorm.weight"), w("embeddings.LayerNorm.bias"))
+        self._embed_norm = (w("embeddings.LayerNorm.weight", d), w("embeddings.LayerNorm.bias", d))
         self._layers = []
         for index in range(self.num_layers):
             p = f"encoder.layer.{index}."
             # torch's Linear stores (out, in); the chapter's x·W wants (in, out). Q, K and V
             # are fused into one (d, 3d) product.
-            qkv = np.concatenate(
-                [w(p + f"attention.self.{part}.weight").T for part in ("query", "key", "value")],
-                axis=1,
-            )
-            qkv_bias = np.concatenate(
-                [w(p + f"attention.self.{part}.bias") for part in ("query", "key", "value")]
-            )
+            parts = ("query", "key", "value")
+            qkv = np.concatenate([w(p + f"attention.self.{n}.weight", d, d).T for n in parts], 1)
+            qkv_bias = np.concatenate([w(p + f"attention.self.{n}.bias", d) for n in parts])
             self._layers.append(
                 {
                     "qkv": np.ascontiguousarray(qkv),
                     "qkv_bias": qkv_bias,
-                    "out": np.ascontiguousarray(w(p + "attention.output.dense.weight").T),
-                    "out_bias": w(p + "attention.output.dense.bias"),
+                    "out": np.ascontiguousarray(w(p + "attention.output.dense.weight", d, d).T),
+                    "out_bias": w(p + "attention.output.dense.bias", d),
                     "norm1": (
-                        w(p + "attention.output.LayerNorm.weight"),
-                        w(p + "attention.output.LayerNorm.bias"),
+                        w(p + "attention.output.LayerNorm.weight", d),
+                        w(p + "attention.output.LayerNorm.bias", d),
                     ),
-                    "up": np.ascontiguousarray(w(p + "intermediate.dense.weight").T),
-                    "up_bias": w(p + "intermediate.dense.bias"),
-                    "down": np.ascontiguousarray(w(p + "output.dense.weight").T),
-                    "down_bias": w(p + "output.dense.bias"),
-                    "norm2": (w(p + "output.LayerNorm.weight"), w(p + "output.LayerNorm.bias")),
+                    "up": np.ascontiguousarray(w(p + "intermediate.dense.weight", inner, d).T),
+                    "up_bias": w(p + "intermediate.dense.bias", inner),
+                    "down": np.ascontiguousarray(w(p + "output.dense.weight", d, inner).T),
+                    "down_bias": w(p + "output.dense.bias", d),
+                    "norm2": (
+                        w(p + "output.LayerNorm.weight", d),
+                        w(p + "output.LayerNorm.bias", d),
+                    ),
                 }
             )
-        self._scale = 1.0 / math.sqrt(self.hidden_size // self.num_heads)
+        self._scale = 1.0 / math.sqrt(d // self.num_heads)
 
     def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
         n = ids.size

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._model import Model, config_int, merge_heads, split_heads
+from ._model import Checkpoint, Model, merge_heads, split_heads
 from ._numerics import activation, layer_norm
 
 
@@ -20,42 +20,45 @@ class GPT2Model(Model):
     family = "GPT-2"
     is_causal = True
 
-    def _setup(self, config: dict, weights: dict) -> None:
-        self.num_layers = config_int(config, "n_layer", "num_hidden_layers")
-        self.num_heads = config_int(config, "n_head", "num_attention_heads")
-        self.hidden_size = config_int(config, "n_embd", "hidden_size")
-        self.vocab_size = config_int(config, "vocab_size")
-        self.max_positions = config_int(config, "n_positions", "max_position_embeddings")
-        self._eps = float(config.get("layer_norm_epsilon", 1e-5))
+    def _setup(self, checkpoint: Checkpoint) -> None:
+        config, weights = checkpoint.config, checkpoint.weights
+        self.num_layers = self._config_int(config, "n_layer", "num_hidden_layers")
+        self.num_heads = self._config_int(config, "n_head", "num_attention_heads")
+        self.hidden_size = d = self._config_int(config, "n_embd", "hidden_size")
+        self.vocab_size = self._config_int(config, "vocab_size")
+        self.max_positions = self._config_int(config, "n_positions", "max_position_embeddings")
+        inner = self._config_int(config, "n_inner", default=4 * d)
+        self._heads_divide(d, self.num_heads, "n_embd")
+        self._eps = self._config_float(config, "layer_norm_epsilon", 1e-5)
         self._act = activation(config.get("activation_function", "gelu_new"))
         # save_pretrained of GPT2LMHeadModel writes "transformer.h.0..."; the hub files "h.0...".
         weights = {k.removeprefix("transformer."): v for k, v in weights.items()}
 
-        def w(name):
-            return self._weight(weights, name)
+        def w(name, *shape):
+            return self._weight(weights, name, shape)
 
-        self._token = w("wte.weight")
-        self._position = w("wpe.weight")
+        self._token = w("wte.weight", self.vocab_size, d)
+        self._position = w("wpe.weight", self.max_positions, d)
         tied = config.get("tie_word_embeddings", True)
-        # The unembedding is stored (d, vocab) so that logits = hidden · W_U.
-        self._unembed = np.ascontiguousarray((self._token if tied else w("lm_head.weight")).T)
-        self._final_norm = (w("ln_f.weight"), w("ln_f.bias"))
+        # The unembedding is a transposed view (d, vocab): logits = hidden · W_U, no second copy.
+        self._unembed = (self._token if tied else w("lm_head.weight", self.vocab_size, d)).T
+        self._final_norm = (w("ln_f.weight", d), w("ln_f.bias", d))
         self._layers = []
         for index in range(self.num_layers):
             p = f"h.{index}."
             # GPT-2's Conv1D already stores (in, out): x · W as in the chapter.
             self._layers.append(
                 {
-                    "norm1": (w(p + "ln_1.weight"), w(p + "ln_1.bias")),
-                    "qkv": w(p + "attn.c_attn.weight"),
-                    "qkv_bias": w(p + "attn.c_attn.bias"),
-                    "out": w(p + "attn.c_proj.weight"),
-                    "out_bias": w(p + "attn.c_proj.bias"),
-                    "norm2": (w(p + "ln_2.weight"), w(p + "ln_2.bias")),
-                    "up": w(p + "mlp.c_fc.weight"),
-                    "up_bias": w(p + "mlp.c_fc.bias"),
-                    "down": w(p + "mlp.c_proj.weight"),
-                    "down_bias": w(p + "mlp.c_proj.bias"),
+                    "norm1": (w(p + "ln_1.weight", d), w(p + "ln_1.bias", d)),
+                    "qkv": w(p + "attn.c_attn.weight", d, 3 * d),
+                    "qkv_bias": w(p + "attn.c_attn.bias", 3 * d),
+                    "out": w(p + "attn.c_proj.weight", d, d),
+                    "out_bias": w(p + "attn.c_proj.bias", d),
+                    "norm2": (w(p + "ln_2.weight", d), w(p + "ln_2.bias", d)),
+                    "up": w(p + "mlp.c_fc.weight", d, inner),
+                    "up_bias": w(p + "mlp.c_fc.bias", inner),
+                    "down": w(p + "mlp.c_proj.weight", inner, d),
+                    "down_bias": w(p + "mlp.c_proj.bias", d),
                 }
             )
         head_dim = self.hidden_size // self.num_heads

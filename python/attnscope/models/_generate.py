@@ -1,0 +1,423 @@
+"""Text generation, chat and perplexity for causal models, with the engine's KV cache.
+
+Generation reads the prompt once (one causal attention call per layer) and then decodes one
+token per step: each layer appends the new token's key and value to its
+:class:`attnscope.KVCache` and attends over it, so no past token is ever recomputed.
+
+Every step also reports the new query's attention row over the whole cache, for every layer
+and head. ``KVCache.attend`` returns no weights, so the decoder keeps a copy of the rotated
+keys and, once per step, computes all layers' rows in a single engine call (the queries of
+every layer as one batch, an empty value matrix, and a mask hiding unused buffer rows).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+import attnscope
+
+_PERPLEXITY_CHUNK = 256  # tokens read per step when no window bounds the cache
+_CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationStep:
+    """One generated token.
+
+    Attributes:
+        index: position of the token among the generated ones (0 = first).
+        token_id: the token's id.
+        text: the text this step adds (may be empty while a multi-byte character is split
+            across tokens, and for special tokens such as the end of the answer).
+        logprob: natural log of the token's probability under the model (before any
+            temperature or top-k).
+        seconds: wall time of the step (for step 0: reading the prompt).
+        attention: ``(layers, heads, cache_len)`` float32, the attention row of the query that
+            produced this token over every cached key (step 0: the prompt's last token).
+        cache_len: tokens in the KV cache after the step.
+        cache_nbytes: bytes of keys and values over all layers after the step.
+        done: whether this is the last step (end of text or ``max_new_tokens`` reached).
+    """
+
+    index: int
+    token_id: int
+    text: str
+    logprob: float
+    seconds: float
+    attention: np.ndarray
+    cache_len: int
+    cache_nbytes: int
+    done: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """A finished generation: the prompt's ids, the new ids, their tokens, text and steps."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    tokens: list[str]
+    text: str
+    steps: list[GenerationStep]
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """Mean negative log-likelihood (nats per token), its exponential, and the tokens scored
+    (every token of the text but the first, which has nothing before it)."""
+
+    nll: float
+    ppl: float
+    tokens: int
+
+
+# --- argument checks ------------------------------------------------------------------------
+
+
+def _check_int(value, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return int(value)
+
+
+def _check_sampling(temperature, top_k, seed) -> tuple[float, int | None, int | None]:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        top_k = _check_int(top_k, "top_k", 1)
+    if seed is not None:
+        seed = _check_int(seed, "seed", 0)
+    return float(temperature), top_k, seed
+
+
+def _prompt_ids(model, prompt, max_new_tokens) -> tuple[np.ndarray, int]:
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("prompt is empty: give some text to continue")
+    context = model.context_length
+    max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1, context)
+    _, ids = model.tokenize(prompt)
+    if ids.size == 0:
+        raise ValueError(f"prompt {prompt!r} gives no tokens")
+    if ids.size + max_new_tokens > context:
+        raise ValueError(
+            f"the prompt is {ids.size} tokens and max_new_tokens is {max_new_tokens}: together "
+            f"more than the {context} tokens {model.name} can read (its context window); "
+            "shorten the prompt or ask for fewer tokens"
+        )
+    return ids, max_new_tokens
+
+
+# --- decoding through the KV cache -------------------------------------------------------------
+
+
+class _Decoder:
+    """One generation's state: a KV cache per layer, plus what the attention rows need."""
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        layers, heads = model.num_layers, model.num_heads
+        kv_heads, head_dim = model.num_kv_heads, model.head_dim
+        self.caches = [
+            attnscope.KVCache(kv_heads, head_dim, dtype=model.dtype, capacity=capacity)
+            for _ in range(layers)
+        ]
+        self.length = 0
+        # Rotated keys of every layer (room doubles as needed) and the newest token's queries.
+        self.keys = np.zeros((layers, kv_heads, min(capacity, 64), head_dim), dtype=model.dtype)
+        self.queries = np.zeros((layers, heads, 1, head_dim), dtype=model.dtype)
+
+    @property
+    def cache_nbytes(self) -> int:
+        return sum(cache.nbytes for cache in self.caches)
+
+    def _keep_keys(self, layer: int, k: np.ndarray) -> None:
+        end = self.length + k.shape[1]
+        if end > self.keys.shape[2]:
+            grown = np.zeros(
+                self.keys.shape[:2] + (max(end, 2 * self.keys.shape[2]), self.keys.shape[3]),
+                dtype=self.keys.dtype,
+            )
+            grown[:, :, : self.length] = self.keys[:, :, : self.length]
+            self.keys = grown
+        self.keys[layer, :, self.length : end] = k
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Reads the prompt, fills the caches; the next-token logits ``(vocab,)``."""
+
+        def attend(layer, q, k, v):
+            context = attnscope.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True
+            )
+            self.caches[layer].append(k[None], v[None])
+            self._keep_keys(layer, k)
+            self.queries[layer, :, 0] = q[:, -1]
+            return context
+
+        hidden = self.model.blocks(ids, 0, attend)
+        self.length = ids.size
+        return self.model.logits(hidden[-1:])[0]
+
+    def decode(self, token: int) -> np.ndarray:
+        """Appends `token` through every layer's cache; the next-token logits ``(vocab,)``."""
+
+        def attend(layer, q, k, v):
+            cache = self.caches[layer]
+            cache.append(k[None], v[None])
+            self._keep_keys(layer, k)
+            self.queries[layer] = q
+            return cache.attend(q[None], enable_gqa=True)[0]
+
+        hidden = self.model.blocks(np.array([token]), self.length, attend)
+        self.length += 1
+        return self.model.logits(hidden)[0]
+
+    def attention_row(self) -> np.ndarray:
+        """The newest query's weights over the cache, ``(layers, heads, length)``."""
+        keys = self.keys
+        visible = np.arange(keys.shape[2]) < self.length
+        no_values = np.empty(keys.shape[:3] + (0,), dtype=keys.dtype)
+        _, weights = attnscope.scaled_dot_product_attention(
+            self.queries,
+            keys,
+            no_values,
+            attn_mask=visible[None, :],
+            enable_gqa=True,
+            return_weights=True,
+        )
+        return np.ascontiguousarray(weights[:, :, 0, : self.length], dtype=np.float32)
+
+
+def _log_softmax_at(logits: np.ndarray, token: int) -> float:
+    scores = logits.astype(np.float64)
+    top = scores.max()
+    return float(scores[token] - top - math.log(np.exp(scores - top).sum()))
+
+
+def _choose(logits: np.ndarray, temperature: float, top_k, rng) -> int:
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    scores = logits.astype(np.float64) / temperature
+    if top_k is not None and top_k < scores.size:
+        kth = np.partition(scores, -top_k)[-top_k]
+        scores = np.where(scores >= kth, scores, -np.inf)
+    probabilities = np.exp(scores - scores.max())
+    probabilities /= probabilities.sum()
+    return int(rng.choice(scores.size, p=probabilities))
+
+
+class _TextPieces:
+    """The text each new token adds, holding back bytes of a character not yet complete."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self._start = 0  # decoding restarts here, a token before the unshown text
+        self._shown = 0  # tokens whose text has been given out
+
+    def add(self, token: int, final: bool) -> str:
+        self.ids.append(token)
+        before = self._decode(self.ids[self._start : self._shown])
+        after = self._decode(self.ids[self._start :])
+        if (after.endswith("\ufffd") and not final) or len(after) < len(before):
+            return ""  # part of a multi-byte character: wait for the rest
+        self._start, self._shown = self._shown, len(self.ids)
+        return after[len(before) :]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def stream(model, prompt, max_new_tokens=32, *, temperature=0.0, top_k=None, seed=None):
+    """Generate after `prompt`, yielding a :class:`GenerationStep` per new token.
+
+    Arguments are checked here, before the first step: a bad one raises at the call.
+    See :meth:`LlamaModel.generate` for their meaning.
+    """
+    return _start(model, prompt, max_new_tokens, temperature, top_k, seed)[1]
+
+
+def generate(model, prompt, max_new_tokens=32, *, temperature=0.0, top_k=None, seed=None):
+    """Every step of :func:`stream`, gathered into a :class:`Generation`."""
+    ids, steps = _start(model, prompt, max_new_tokens, temperature, top_k, seed)
+    steps = list(steps)
+    new_ids = [step.token_id for step in steps]
+    return Generation(
+        prompt_ids=ids.tolist(),
+        ids=new_ids,
+        tokens=[model.tokenizer.id_to_token(i) or "" for i in new_ids],
+        text="".join(step.text for step in steps),
+        steps=steps,
+    )
+
+
+def _start(model, prompt, max_new_tokens, temperature, top_k, seed):
+    ids, max_new_tokens = _prompt_ids(model, prompt, max_new_tokens)
+    temperature, top_k, seed = _check_sampling(temperature, top_k, seed)
+    rng = np.random.default_rng(seed)
+    return ids, _steps(model, ids, max_new_tokens, temperature, top_k, rng)
+
+
+def _steps(model, ids, max_new_tokens, temperature, top_k, rng) -> Iterator[GenerationStep]:
+    decoder = _Decoder(model, ids.size + max_new_tokens)
+    pieces = _TextPieces(model.tokenizer)
+    started = time.perf_counter()
+    logits = decoder.prefill(ids)
+    for index in range(max_new_tokens):
+        token = _choose(logits, temperature, top_k, rng)
+        done = token == model.eos_token_id or index == max_new_tokens - 1
+        text = pieces.add(token, final=done)
+        logprob = _log_softmax_at(logits, token)
+        attention = decoder.attention_row()
+        yield GenerationStep(
+            index=index,
+            token_id=token,
+            text=text,
+            logprob=logprob,
+            seconds=time.perf_counter() - started,
+            attention=attention,
+            cache_len=decoder.length,
+            cache_nbytes=decoder.cache_nbytes,
+            done=done,
+        )
+        if done:
+            return
+        started = time.perf_counter()
+        logits = decoder.decode(token)
+
+
+# --- chat ------------------------------------------------------------------------------------
+
+
+def _check_messages(messages) -> list[dict]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise TypeError(
+            'messages must be a list of {"role": ..., "content": ...} dicts, got '
+            f"{type(messages).__name__}"
+        )
+    if not messages:
+        raise ValueError("messages is empty: give at least one user message")
+    checked = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or set(message) != {"role", "content"}:
+            raise ValueError(
+                f'messages[{index}] must be a dict with exactly "role" and "content", '
+                f"got {message!r}"
+            )
+        role, content = message["role"], message["content"]
+        if role not in _CHAT_ROLES:
+            raise ValueError(
+                f"messages[{index}]['role'] must be one of {', '.join(_CHAT_ROLES)}, got {role!r}"
+            )
+        if not isinstance(content, str):
+            raise TypeError(
+                f"messages[{index}]['content'] must be a str, got {type(content).__name__}"
+            )
+        checked.append({"role": role, "content": content})
+    if checked[-1]["role"] == "assistant":
+        raise ValueError("the last message is the assistant's: end with a user message")
+    return checked
+
+
+def chat_prompt(model, messages) -> str:
+    """`messages` rendered by the model's Jinja chat template, the assistant's turn opened."""
+    messages = _check_messages(messages)
+    if not model.chat_template:
+        raise ValueError(f"{model.name} carries no chat template: use generate() with a prompt")
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    # As transformers renders templates: sandboxed, blocks trimmed.
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        template = environment.from_string(model.chat_template)
+        return template.render(messages=messages, add_generation_prompt=True)
+    except TemplateError as error:
+        raise ValueError(
+            f"the chat template of {model.name} refused the messages: {error}"
+        ) from None
+
+
+# --- perplexity ------------------------------------------------------------------------------
+
+
+def visible_keys(queries: np.ndarray, keys: np.ndarray, window: int | None, sinks: int):
+    """Which key positions each query position sees: causal, then at most the `window` most
+    recent keys, plus the first `sinks` tokens. ``(len(queries), len(keys))`` bool."""
+    seen = keys[None, :] <= queries[:, None]
+    if window is not None:
+        seen &= (keys[None, :] > queries[:, None] - window) | (keys[None, :] < sinks)
+    return seen
+
+
+def perplexity(model, text, *, window=None, sinks=0) -> Perplexity:
+    """Perplexity of `text`, reading it in chunks through a KV cache that keeps, when `window`
+    is set, only the first `sinks` tokens and the most recent keys (older ones are evicted)."""
+    if window is not None:
+        window = _check_int(window, "window", 1)
+    sinks = _check_int(sinks, "sinks", 0)
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    _, ids = model.tokenize(text)
+    if ids.size < 2:
+        raise ValueError("text must give at least two tokens: the first one is not predicted")
+    if ids.size > model.context_length:
+        raise ValueError(
+            f"text is {ids.size} tokens long but {model.name} reads at most "
+            f"{model.context_length} tokens (its context window); shorten the text"
+        )
+    chunk = window or _PERPLEXITY_CHUNK
+    cache = [None] * model.num_layers  # per layer: (keys, values, positions) kept so far
+    total = 0.0
+    for start in range(0, ids.size - 1, chunk):
+        stop = min(start + chunk, ids.size - 1)
+        positions = np.arange(start, stop)
+
+        def attend(layer, q, k, v, positions=positions):
+            if cache[layer] is None:
+                keys, values, kept = k, v, positions
+            else:
+                old_keys, old_values, old_positions = cache[layer]
+                keys = np.concatenate([old_keys, k], axis=1)
+                values = np.concatenate([old_values, v], axis=1)
+                kept = np.concatenate([old_positions, positions])
+            mask = visible_keys(positions, kept, window, sinks)
+            context = attnscope.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=True
+            )
+            # Evict what no later query can see.
+            if window is not None:
+                keep = (kept < sinks) | (kept > positions[-1] - window + 1)
+                keys, values, kept = keys[:, keep], values[:, keep], kept[keep]
+            cache[layer] = (keys, values, kept)
+            return context
+
+        logits = model.logits(model.blocks(ids[start:stop], start, attend))
+        total += _negative_log_likelihood(logits, ids[start + 1 : stop + 1])
+    scored = ids.size - 1
+    nll = total / scored
+    return Perplexity(nll=nll, ppl=math.exp(nll), tokens=scored)
+
+
+def _negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over rows of ``-log softmax(logits[i])[targets[i]]``."""
+    top = logits.max(axis=1, keepdims=True)
+    log_sums = np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64)) + top[:, 0]
+    picked = logits[np.arange(targets.size), targets].astype(np.float64)
+    return float((log_sums - picked).sum())

@@ -1,0 +1,282 @@
+"""The Llama family (SmolLM2, Llama, ...): a causal decoder with RMSNorm, rotary positions,
+grouped-query attention and a SwiGLU MLP, as Hugging Face's ``LlamaForCausalLM``.
+
+One block, for the running hidden state ``x`` (n tokens × d):
+
+    h = rms_norm(x) · w₁                 q, k, v = h·W_Q, h·W_K, h·W_V    (k, v: fewer heads)
+    q, k = rotate(q, k, position)         x = x + attention(q, k, v)·W_O
+    h = rms_norm(x) · w₂                 x = x + (silu(h·W_gate) ⊙ h·W_up)·W_down
+
+Q, K and V are one fused product, gate and up another; weights are kept (in, out) and
+contiguous for NumPy's matrix products. Attention always runs on the engine: one causal,
+grouped-query call per layer when a whole text is read, one :class:`attnscope.KVCache` per
+layer when decoding token by token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+import attnscope
+
+from ._model import Checkpoint, Model
+
+# attend(layer, q, k, v) -> context: q (Hq, n, Dh), k and v (Hkv, n, Dh) -> (Hq, n, Dh).
+Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass
+class _Layer:
+    norm1: np.ndarray  # (d,)
+    qkv: np.ndarray  # (d, (Hq + 2·Hkv)·Dh)
+    out: np.ndarray  # (Hq·Dh, d)
+    norm2: np.ndarray  # (d,)
+    gate_up: np.ndarray  # (d, 2·inner)
+    down: np.ndarray  # (inner, d)
+
+
+class LlamaModel(Model):
+    """Llama as Hugging Face's ``LlamaForCausalLM`` (no biases, default rotary embeddings).
+
+    The trace's hidden states are the final layer's output after the final RMSNorm, and the
+    logits those states times the unembedding (the token embeddings when they are tied).
+    """
+
+    family = "Llama"
+    is_causal = True
+
+    def _setup(self, checkpoint: Checkpoint) -> None:
+        config, weights = checkpoint.config, checkpoint.weights
+        self._check_supported(config)
+        self.num_layers = self._config_int(config, "num_hidden_layers")
+        self.num_heads = heads = self._config_int(config, "num_attention_heads")
+        self.hidden_size = d = self._config_int(config, "hidden_size")
+        self._num_kv_heads = kv_heads = self._config_int(
+            config, "num_key_value_heads", default=heads
+        )
+        if heads % kv_heads:
+            raise ValueError(
+                f"{self._config_file}: num_attention_heads {heads} is not a multiple of "
+                f"num_key_value_heads {kv_heads}"
+            )
+        self._head_dim = dh = self._config_int(
+            config, "head_dim", default=self._heads_divide(d, heads, "hidden_size")
+        )
+        if dh % 2:
+            raise ValueError(
+                f"{self._config_file}: head_dim {dh} must be even for rotary positions"
+            )
+        self.vocab_size = self._config_int(config, "vocab_size")
+        self.max_positions = self._config_int(config, "max_position_embeddings")
+        inner = self._config_int(config, "intermediate_size")
+        self._eps = self._config_float(config, "rms_norm_eps", 1e-6)
+        self.eos_token_id = config.get("eos_token_id")
+        if isinstance(self.eos_token_id, list):  # some configs list several
+            self.eos_token_id = self.eos_token_id[0] if self.eos_token_id else None
+        self.chat_template = checkpoint.chat_template
+
+        def w(name, *shape):
+            return self._weight(weights, name, shape)
+
+        self._embed = w("model.embed_tokens.weight", self.vocab_size, d)
+        if config.get("tie_word_embeddings", False):
+            self._unembed = self._embed.T  # a view: the (vocab, d) matrix is stored once
+        else:
+            self._unembed = w("lm_head.weight", self.vocab_size, d).T
+        self._final_norm = w("model.norm.weight", d)
+        self._layers = [self._read_layer(w, index, inner) for index in range(self.num_layers)]
+        self._cos, self._sin = _rotary_tables(
+            self.max_positions, dh, self._config_float(config, "rope_theta", 10000.0)
+        )
+
+    def _check_supported(self, config: dict) -> None:
+        scaling = config.get("rope_scaling") or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        parameters = config.get("rope_parameters") or {}
+        rope_type = parameters.get("rope_type", rope_type)
+        if rope_type != "default":
+            raise ValueError(
+                f"{self._config_file}: rope scaling {rope_type!r} is not supported (only the "
+                "default rotary embeddings)"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if config.get(flag):
+                raise ValueError(f"{self._config_file}: {flag}=true is not supported")
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"{self._config_file}: hidden_act {config['hidden_act']!r} is not supported "
+                "(only 'silu')"
+            )
+
+    def _read_layer(self, w, index: int, inner: int) -> _Layer:
+        d, dh = self.hidden_size, self._head_dim
+        heads, kv_heads = self.num_heads, self._num_kv_heads
+        p = f"model.layers.{index}."
+        # torch's Linear stores (out, in); x·W wants (in, out). One copy per fused matrix.
+        qkv = np.concatenate(
+            [
+                w(p + "self_attn.q_proj.weight", heads * dh, d),
+                w(p + "self_attn.k_proj.weight", kv_heads * dh, d),
+                w(p + "self_attn.v_proj.weight", kv_heads * dh, d),
+            ]
+        )
+        gate_up = np.concatenate(
+            [w(p + "mlp.gate_proj.weight", inner, d), w(p + "mlp.up_proj.weight", inner, d)]
+        )
+        return _Layer(
+            norm1=w(p + "input_layernorm.weight", d),
+            qkv=np.ascontiguousarray(qkv.T),
+            out=np.ascontiguousarray(w(p + "self_attn.o_proj.weight", d, heads * dh).T),
+            norm2=w(p + "post_attention_layernorm.weight", d),
+            gate_up=np.ascontiguousarray(gate_up.T),
+            down=np.ascontiguousarray(w(p + "mlp.down_proj.weight", d, inner).T),
+        )
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self._num_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self._head_dim
+
+    # --- the forward pass ------------------------------------------------------------------
+
+    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n = ids.size
+        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+
+        def attend(layer, q, k, v):
+            context, attentions[layer] = attnscope.scaled_dot_product_attention(
+                q, k, v, is_causal=True, enable_gqa=True, return_weights=True
+            )
+            return context
+
+        final = self.blocks(ids, 0, attend)
+        return attentions, final, self.logits(final)
+
+    def blocks(self, ids: np.ndarray, start: int, attend: Attend) -> np.ndarray:
+        """Every block over tokens `ids` at positions ``start, start + 1, ...``.
+
+        Returns the final hidden states after the final norm, ``(n, d)``. `attend` runs each
+        layer's attention, so the same blocks serve a whole text, a KV-cache step, or a mask.
+        """
+        n = ids.size
+        heads, kv_heads, dh = self.num_heads, self._num_kv_heads, self._head_dim
+        cos = self._cos[start : start + n, None, :]
+        sin = self._sin[start : start + n, None, :]
+        x = self._embed[ids]
+        for index, layer in enumerate(self._layers):
+            qkv = _rms_norm(x, layer.norm1, self._eps) @ layer.qkv
+            rotated = _rotate(qkv[:, : (heads + kv_heads) * dh].reshape(n, -1, dh), cos, sin)
+            v = qkv[:, (heads + kv_heads) * dh :].reshape(n, kv_heads, dh)
+            if n == 1:  # (1, H, Dh) and (H, 1, Dh) are the same bytes: no copies needed
+                q = rotated[0, :heads, None, :]
+                k = rotated[0, heads:, None, :]
+                v = v.reshape(kv_heads, 1, dh)
+            else:
+                q = np.ascontiguousarray(rotated[:, :heads].transpose(1, 0, 2))
+                k = np.ascontiguousarray(rotated[:, heads:].transpose(1, 0, 2))
+                v = np.ascontiguousarray(v.transpose(1, 0, 2))
+            context = attend(index, q, k, v)
+            x = x + context.transpose(1, 0, 2).reshape(n, heads * dh) @ layer.out
+            gate_up = _rms_norm(x, layer.norm2, self._eps) @ layer.gate_up
+            x = x + _swiglu(gate_up) @ layer.down
+        return _rms_norm(x, self._final_norm, self._eps)
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Next-token scores ``(n, vocab)`` for final hidden states ``(n, d)``."""
+        return hidden @ self._unembed
+
+    # --- generation, chat and perplexity (see _generate) -----------------------------------
+
+    def stream(self, prompt: str, max_new_tokens: int = 32, **options):
+        """Generate token by token; see :func:`attnscope.models.stream` for the arguments."""
+        from ._generate import stream
+
+        return stream(self, prompt, max_new_tokens, **options)
+
+    def generate(self, prompt: str, max_new_tokens: int = 32, **options):
+        """Generate up to `max_new_tokens` tokens after `prompt` with the KV cache.
+
+        Args:
+            prompt: the text to continue (use :meth:`chat_prompt` for a conversation).
+            max_new_tokens: at most this many new tokens (fewer if the model ends its text).
+            temperature: 0 (default) always takes the likeliest token; above 0 samples from
+                ``softmax(logits / temperature)``.
+            top_k: sample only among the `top_k` likeliest tokens (None: all).
+            seed: seed of the sampling, for a repeatable draw.
+
+        Returns:
+            A :class:`~attnscope.models.Generation` with every step's token, log-probability,
+            time and attention row.
+        """
+        from ._generate import generate
+
+        return generate(self, prompt, max_new_tokens, **options)
+
+    def chat_prompt(self, messages) -> str:
+        """`messages` (``[{"role": "user", "content": ...}, ...]``) through the chat template,
+        with the assistant's turn opened, ready to :meth:`generate` from."""
+        from ._generate import chat_prompt
+
+        return chat_prompt(self, messages)
+
+    def chat(self, messages, max_new_tokens: int = 32, **options):
+        """``generate(chat_prompt(messages), ...)``: the assistant's answer to `messages`."""
+        return self.generate(self.chat_prompt(messages), max_new_tokens, **options)
+
+    def perplexity(self, text: str, *, window: int | None = None, sinks: int = 0):
+        """How well the model predicts `text`, optionally through a bounded KV cache.
+
+        Args:
+            text: at least two tokens of text.
+            window: keep only the `window` most recent keys for every query (None: all).
+            sinks: also keep the first `sinks` tokens for every query (StreamingLLM's
+                attention sinks); only meaningful with a window.
+
+        Returns:
+            A :class:`~attnscope.models.Perplexity`: mean negative log-likelihood (nats) of
+            each token given the ones before it, its exponential, and how many tokens count.
+        """
+        from ._generate import perplexity
+
+        return perplexity(self, text, window=window, sinks=sinks)
+
+
+def _rotary_tables(positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of every position's angles, ``(positions, head_dim // 2)`` float32.
+
+    Computed in float32 in transformers' order (inverse frequencies, then position × frequency),
+    so the angles round the same way as in the reference implementation.
+    """
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
+    return np.cos(angles), np.sin(angles)
+
+
+def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary positions: each head's first half turned against its second half."""
+    half = x.shape[-1] // 2
+    first, second = x[..., :half], x[..., half:]
+    out = np.empty_like(x)
+    np.subtract(first * cos, second * sin, out=out[..., :half])
+    np.add(second * cos, first * sin, out=out[..., half:])
+    return out
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Each row divided by its root mean square, then scaled (no centring, no bias)."""
+    mean_square = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])
+    return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps))) * weight
+
+
+def _swiglu(gate_up: np.ndarray) -> np.ndarray:
+    """silu(gate) ⊙ up, for the fused ``[gate | up]`` product."""
+    inner = gate_up.shape[-1] // 2
+    gate, up = gate_up[:, :inner], gate_up[:, inner:]
+    return gate / (np.float32(1.0) + np.exp(-gate)) * up
