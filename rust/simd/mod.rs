@@ -30,7 +30,8 @@ pub(crate) trait SimdVec: Copy {
     unsafe fn max(self, other: Self) -> Self;
     unsafe fn reduce_max(self) -> Self::Elem;
     unsafe fn reduce_sum(self) -> Self::Elem;
-    /// `2^x` for `x <= 0`; exactly 0 for `-inf` and far below the normal range.
+    /// `2^x` for `x <= 0`; exactly 0 for `-inf` and far below the normal range; NaN for NaN
+    /// (a NaN score must reach the output, never turn into a zero weight).
     unsafe fn exp2(self) -> Self;
     /// Vectors of columns in the register tile of the `Q·Kᵀ` and `P·V` micro-kernels.
     const TILE_VECS: usize;
