@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use crate::bounds::Bounds;
 use crate::element::Element;
+use crate::error::AttnError;
 use crate::microkernel::{
     accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, scores_by_dot,
     transposed_scores, WeightLayout,
@@ -60,6 +61,25 @@ pub struct KernelParams<T> {
     pub score_scale: T,
 }
 
+/// `scale · log2(e)` in `T`, the factor folded into Q. A finite scale whose factor overflows `T`
+/// (above about 2.4e38 for float32) would turn every score into ±inf or NaN, so it is refused.
+pub(crate) fn score_scale<T: Element>(scale: f64) -> Result<T, AttnError> {
+    let log2_e = std::f64::consts::LOG2_E;
+    let factor = T::from_f64(scale * log2_e);
+    if factor.is_finite() {
+        Ok(factor)
+    } else {
+        Err(AttnError::value(
+            "scale",
+            format!(
+                "{scale:e} is too large for {}: its magnitude must be at most {:.3e}",
+                T::TYPE_NAME,
+                T::MAX.to_f64() / log2_e
+            ),
+        ))
+    }
+}
+
 /// Online-softmax state of a block of rows: running max and sum (base 2) and the unnormalised
 /// output accumulator (`rows x Dv`).
 pub struct SoftmaxState<T> {
@@ -93,7 +113,11 @@ impl<T: Element> SoftmaxState<T> {
         for (row, &sum) in self.sum.iter().enumerate() {
             let out_row = &mut out[row * value_dim..(row + 1) * value_dim];
             let acc_row = &self.acc[row * value_dim..(row + 1) * value_dim];
-            let inverse = if sum == T::ZERO { T::ZERO } else { T::ONE / sum };
+            let inverse = if sum == T::ZERO {
+                T::ZERO
+            } else {
+                T::ONE / sum
+            };
             for (o, a) in out_row.iter_mut().zip(acc_row) {
                 *o = *a * inverse;
             }
@@ -648,7 +672,9 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
         // Summed a key block at a time, so the total's rounding does not grow with S.
         let total = weights_row
             .chunks_mut(KEY_BLOCK)
-            .fold(V::Elem::ZERO, |total, chunk| total + row_exp2::<V>(chunk, shift));
+            .fold(V::Elem::ZERO, |total, chunk| {
+                total + row_exp2::<V>(chunk, shift)
+            });
         if !total.is_finite() {
             // A NaN score (the only way the total is not finite) makes the whole row NaN,
             // hidden keys included, as in PyTorch.
