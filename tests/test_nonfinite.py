@@ -186,6 +186,27 @@ def test_neg_inf_in_a_float_mask_hides_and_a_row_of_it_gives_zeros(rng, dtype):
     assert_close(weights, want_weights, dtype)
 
 
+@pytest.mark.parametrize(("num_queries", "num_keys"), SHAPES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_scores_all_neg_inf_give_zero_weights_yet_a_visible_nan_value_still_counts(
+    simd_level, rng, dtype, num_queries, num_keys
+):
+    """Row 0's query is +inf against keys that are all negative there: every score is -inf, so
+    its weights are zeros (as for a row that sees nothing), but 0 · NaN at a visible value is NaN,
+    as in PyTorch."""
+    q, k, v = random_qkv(rng, (1, num_queries, 8), (1, num_keys, 8), (1, num_keys, 8), dtype)
+    k[..., 0] = -np.abs(k[..., 0]) - 0.1
+    q[0, 0, 0] = np.inf
+    v[0, -1, 2] = np.nan
+    want_out, want_weights = reference.scaled_dot_product_attention(q, k, v, return_weights=True)
+    out, weights = sdpa(q, k, v, return_weights=True)
+    np.testing.assert_array_equal(weights[0, 0], 0)
+    assert np.isnan(out[0, :, 2]).all() and np.isfinite(np.delete(out, 2, axis=-1)).all()
+    for got in (out, sdpa(q, k, v)):
+        assert_close(got, want_out, dtype)
+    assert_close(weights, want_weights, dtype)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("weight", ["w_q", "w_k", "w_v", "w_o", "b_q", "b_v"])
 def test_a_layer_with_nan_weights_gives_nan(rng, dtype, weight):
