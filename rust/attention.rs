@@ -15,7 +15,8 @@ use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::{
-    HeadData, KernelElement, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
+    score_scale, HeadData, KernelElement, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK,
+    QUERY_BLOCK,
 };
 use crate::memory::{standard_layout, zeroed};
 use crate::simd::{active_level, SimdLevel};
@@ -420,6 +421,7 @@ fn check_call<T: KernelElement>(
                 format!("must be finite, got {scale}"),
             ));
         }
+        score_scale::<T>(scale)?;
     }
     let plan = match mask {
         Mask::None => None,
@@ -497,7 +499,7 @@ fn attend_checked<T: KernelElement>(
             options.alignment,
             options.window,
         ),
-        score_scale: T::from_f64(scale * std::f64::consts::LOG2_E),
+        score_scale: score_scale(scale)?,
     };
 
     let group = geometry.query_heads / geometry.kv_heads.max(1);

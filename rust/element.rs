@@ -20,6 +20,10 @@ pub trait Element:
     const ZERO: Self;
     const ONE: Self;
     const NEG_INFINITY: Self;
+    /// The largest finite value.
+    const MAX: Self;
+    /// The NumPy name of the type, for messages.
+    const TYPE_NAME: &'static str;
     fn from_f64(x: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp2(self) -> Self;
@@ -28,11 +32,13 @@ pub trait Element:
 }
 
 macro_rules! impl_element {
-    ($t:ty) => {
+    ($t:ty, $name:expr) => {
         impl Element for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             const NEG_INFINITY: Self = <$t>::NEG_INFINITY;
+            const MAX: Self = <$t>::MAX;
+            const TYPE_NAME: &'static str = $name;
             #[inline(always)]
             fn from_f64(x: f64) -> Self {
                 x as $t
@@ -57,5 +63,5 @@ macro_rules! impl_element {
     };
 }
 
-impl_element!(f32);
-impl_element!(f64);
+impl_element!(f32, "float32");
+impl_element!(f64, "float64");

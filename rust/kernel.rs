@@ -10,6 +10,7 @@ use std::ops::Range;
 
 use crate::bounds::Bounds;
 use crate::element::Element;
+use crate::error::AttnError;
 use crate::microkernel::{
     accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, scores_by_dot,
     transposed_scores, WeightLayout,
@@ -60,6 +61,25 @@ pub struct KernelParams<T> {
     pub score_scale: T,
 }
 
+/// `scale · log2(e)` in `T`, the factor folded into Q. A finite scale whose factor overflows `T`
+/// (above about 2.4e38 for float32) would turn every score into ±inf or NaN, so it is refused.
+pub(crate) fn score_scale<T: Element>(scale: f64) -> Result<T, AttnError> {
+    let log2_e = std::f64::consts::LOG2_E;
+    let factor = T::from_f64(scale * log2_e);
+    if factor.is_finite() {
+        Ok(factor)
+    } else {
+        Err(AttnError::value(
+            "scale",
+            format!(
+                "{scale:e} is too large for {}: its magnitude must be at most {:.3e}",
+                T::TYPE_NAME,
+                T::MAX.to_f64() / log2_e
+            ),
+        ))
+    }
+}
+
 /// Online-softmax state of a block of rows: running max and sum (base 2) and the unnormalised
 /// output accumulator (`rows x Dv`).
 pub struct SoftmaxState<T> {
@@ -86,36 +106,38 @@ impl<T: Element> SoftmaxState<T> {
         refill(&mut self.acc, rows * value_dim, T::ZERO);
     }
 
-    /// Writes `acc / sum` into `out` (`rows x Dv`); rows that saw no key get zeros.
+    /// Writes `acc / sum` into `out` (`rows x Dv`). A NaN anywhere in a row's sum or
+    /// accumulator makes its output NaN. A row with no weight (no visible key, or only scores of
+    /// -inf) gets zeros, unless a visible NaN or inf value met its zero weight (0 · NaN is NaN).
     pub(crate) fn finish_into(&self, out: &mut [T], value_dim: usize) {
         for (row, &sum) in self.sum.iter().enumerate() {
             let out_row = &mut out[row * value_dim..(row + 1) * value_dim];
             let acc_row = &self.acc[row * value_dim..(row + 1) * value_dim];
-            if sum > T::ZERO {
-                let inverse = T::ONE / sum;
-                for (o, a) in out_row.iter_mut().zip(acc_row) {
-                    *o = *a * inverse;
-                }
+            let inverse = if sum == T::ZERO {
+                T::ZERO
             } else {
-                out_row.fill(T::ZERO);
+                T::ONE / sum
+            };
+            for (o, a) in out_row.iter_mut().zip(acc_row) {
+                *o = *a * inverse;
             }
         }
     }
 
     /// Folds `other` (the same rows over a later range of keys) into `self`.
     pub(crate) fn merge(&mut self, other: &SoftmaxState<T>, value_dim: usize) {
-        for row in 0..self.max.len() {
-            let (mine, theirs) = (self.max[row], other.max[row]);
-            if theirs == T::NEG_INFINITY {
-                continue;
-            }
-            let best = mine.max(theirs);
-            let keep = if mine == T::NEG_INFINITY {
+        // A side that saw no finite score has sum 0 and an accumulator of zeros (or NaN, kept).
+        let factor = |max: T, best: T| {
+            if max == T::NEG_INFINITY {
                 T::ZERO
             } else {
-                (mine - best).exp2()
-            };
-            let take = (theirs - best).exp2();
+                (max - best).exp2()
+            }
+        };
+        for row in 0..self.max.len() {
+            let (mine, theirs) = (self.max[row], other.max[row]);
+            let best = mine.max(theirs);
+            let (keep, take) = (factor(mine, best), factor(theirs, best));
             self.max[row] = best;
             self.sum[row] = self.sum[row] * keep + other.sum[row] * take;
             let acc_row = &mut self.acc[row * value_dim..(row + 1) * value_dim];
@@ -313,19 +335,6 @@ fn apply_visibility<T: Element>(
     let mut hidden = false;
     for (offset, row) in rows.clone().enumerate() {
         let cell = |col: usize| offset * layout.row_stride + col * layout.key_stride;
-        if structural {
-            // The row's visible keys are one range: hide what lies before and after it.
-            let visible = params.bounds.row_keys(row);
-            let first = visible.start.saturating_sub(keys.start).min(keys.len());
-            let end = visible
-                .end
-                .saturating_sub(keys.start)
-                .clamp(first, keys.len());
-            for col in (0..first).chain(end..keys.len()) {
-                scores[cell(col)] = T::NEG_INFINITY;
-            }
-            hidden |= first > 0 || end < keys.len();
-        }
         match *mask {
             MaskRows::None => {}
             MaskRows::Bool {
@@ -361,12 +370,85 @@ fn apply_visibility<T: Element>(
                 }
             }
         }
+        // After the mask, so a NaN or +inf mask cell at a key these rules hide stays hidden.
+        if structural {
+            // The row's visible keys are one range: hide what lies before and after it.
+            let visible = params.bounds.row_keys(row);
+            let first = visible.start.saturating_sub(keys.start).min(keys.len());
+            let end = visible
+                .end
+                .saturating_sub(keys.start)
+                .clamp(first, keys.len());
+            for col in (0..first).chain(end..keys.len()) {
+                scores[cell(col)] = T::NEG_INFINITY;
+            }
+            hidden |= first > 0 || end < keys.len();
+        }
     }
     hidden
 }
 
 fn all_finite<T: Element>(values: &[T]) -> bool {
     values.iter().all(|value| value.is_finite())
+}
+
+/// Whether query `row` may see key `key`: the causal/window rules and the mask agree. (A NaN
+/// or +inf additive mask cell counts as visible: it poisons the row, it does not hide the key.)
+fn is_visible<T: Element>(
+    params: &KernelParams<T>,
+    mask: &MaskRows<'_, T>,
+    row: usize,
+    key: usize,
+) -> bool {
+    params.bounds.row_keys(row).contains(&key)
+        && match *mask {
+            MaskRows::None => true,
+            MaskRows::Bool {
+                data,
+                base,
+                row_stride,
+                col_stride,
+            } => data[base + row * row_stride + key * col_stride],
+            MaskRows::Additive {
+                data,
+                base,
+                row_stride,
+                col_stride,
+            } => data[base + row * row_stride + key * col_stride] != T::NEG_INFINITY,
+        }
+}
+
+/// `acc += P·V` for `rows` against `keys` (weights at `layout`). When the block hides keys from
+/// some rows and holds a NaN or inf value, hidden keys are left out one by one so those values
+/// never reach a row that cannot see them.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn accumulate_block<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    head: &HeadData<'_, V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    weights: &[V::Elem],
+    layout: WeightLayout,
+    any_hidden: bool,
+    acc: &mut [V::Elem],
+) {
+    let dv = params.value_dim;
+    let values = &head.v[keys.start * dv..keys.end * dv];
+    let hidden = |row: usize, key: usize| {
+        !is_visible(params, &head.mask, rows.start + row, keys.start + key)
+    };
+    let guard = any_hidden && !all_finite(values);
+    accumulate_pv::<V>(
+        weights,
+        layout,
+        rows.len(),
+        keys.len(),
+        values,
+        dv,
+        acc,
+        if guard { Some(&hidden) } else { None },
+    );
 }
 
 /// Scores of `rows` against `keys` into `scores` at `layout`, hidden ones at -inf. Returns
@@ -486,12 +568,10 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
             for query in 0..rows.len() {
                 let weights = &mut scores[query * layout.row_stride..][..block.len()];
                 let best = state.max[query].max(row_max::<V>(weights));
-                if best == V::Elem::NEG_INFINITY {
-                    weights.fill(V::Elem::ZERO);
-                    continue;
+                let block_sum = row_exp2::<V>(weights, finite_shift(best));
+                if best != V::Elem::NEG_INFINITY {
+                    fold_block::<V>(state, query, best, block_sum, dv);
                 }
-                let block_sum = row_exp2::<V>(weights, best);
-                fold_block::<V>(state, query, best, block_sum, dv);
             }
         } else {
             // Sᵀ layout: a query per lane, reduced down the keys.
@@ -503,13 +583,7 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
                     .get(query)
                     .copied()
                     .unwrap_or(V::Elem::NEG_INFINITY);
-                let best = running.max(max);
-                // A query that has seen no key yet keeps shift 0: 2^(-inf - 0) = 0, never NaN.
-                *shift = if best == V::Elem::NEG_INFINITY {
-                    V::Elem::ZERO
-                } else {
-                    best
-                };
+                *shift = finite_shift(running.max(max));
             }
             block_sum.fill(V::Elem::ZERO);
             column_exp2::<V>(scores, block.len(), width, shift, block_sum);
@@ -521,18 +595,26 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
             }
         }
 
-        let values = &head.v[block.start * dv..block.end * dv];
-        let guard_non_finite = hidden && !all_finite(values);
-        accumulate_pv::<V>(
+        accumulate_block::<V>(
+            params,
+            head,
+            &rows,
+            &block,
             scores,
             layout,
-            rows.len(),
-            block.len(),
-            values,
-            dv,
+            hidden,
             &mut state.acc,
-            guard_non_finite,
         );
+    }
+}
+
+/// The shift of a row's exponentials: its max, or 0 for a row that has seen no finite score,
+/// whose `2^(-inf - 0)` are zeros while a NaN score stays NaN (its max may have skipped it).
+fn finite_shift<T: Element>(max: T) -> T {
+    if max == T::NEG_INFINITY {
+        T::ZERO
+    } else {
+        max
     }
 }
 
@@ -552,7 +634,6 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
         return;
     }
     let num_keys = params.num_keys;
-    let dv = params.value_dim;
     let queries = pack_queries::<V>(params, head.q, &rows, &mut scratch.queries);
     let key_capacity = KEY_BLOCK.min(span.len());
     let layout = queries.score_layout(key_capacity);
@@ -585,32 +666,43 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
     }
 
     for query in 0..rows.len() {
-        let weights_row = &mut weights[query * num_keys + span.start..query * num_keys + span.end];
-        let max = row_max::<V>(weights_row);
-        if max == V::Elem::NEG_INFINITY {
-            weights_row.fill(V::Elem::ZERO);
-            continue;
+        let full_row = &mut weights[query * num_keys..(query + 1) * num_keys];
+        let weights_row = &mut full_row[span.clone()];
+        let shift = finite_shift(row_max::<V>(weights_row));
+        // Summed a key block at a time, so the total's rounding does not grow with S.
+        let total = weights_row
+            .chunks_mut(KEY_BLOCK)
+            .fold(V::Elem::ZERO, |total, chunk| {
+                total + row_exp2::<V>(chunk, shift)
+            });
+        if !total.is_finite() {
+            // A NaN score (the only way the total is not finite) makes the whole row NaN,
+            // hidden keys included, as in PyTorch.
+            full_row.fill(V::Elem::from_f64(f64::NAN));
+        } else if total != V::Elem::ZERO {
+            scale_row::<V>(weights_row, V::Elem::ONE / total);
         }
-        let total = row_exp2::<V>(weights_row, max);
-        scale_row::<V>(weights_row, V::Elem::ONE / total);
     }
 
-    let values = &head.v[span.start * dv..span.end * dv];
-    let guard_non_finite = hidden && !all_finite(values);
     let layout = WeightLayout {
         row_stride: num_keys,
         key_stride: 1,
     };
-    accumulate_pv::<V>(
-        &weights[span.start..],
-        layout,
-        rows.len(),
-        span.len(),
-        values,
-        dv,
-        out,
-        guard_non_finite,
-    );
+    let mut block_start = span.start;
+    while block_start < span.end {
+        let block = block_start..(block_start + KEY_BLOCK).min(span.end);
+        block_start = block.end;
+        accumulate_block::<V>(
+            params,
+            head,
+            &rows,
+            &block,
+            &weights[block.start..],
+            layout,
+            hidden,
+            out,
+        );
+    }
 }
 
 /// The element types the kernel is compiled for, each at every instruction set.

@@ -36,3 +36,5 @@ pub use threads::{num_threads, set_num_threads, NUM_THREADS_ENV};
 
 #[cfg(test)]
 mod attention_tests;
+#[cfg(test)]
+mod nonfinite_tests;

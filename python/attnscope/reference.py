@@ -55,13 +55,18 @@ def visibility(
 
 
 def softmax(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, restricted to `visible`; rows with nothing visible are 0."""
+    """Softmax over the last axis, restricted to `visible`, as PyTorch computes it.
+
+    A row with nothing to weigh (no visible key, or only scores of -inf) is all zeros. A NaN or
+    +inf among a row's visible scores makes the whole row NaN (+inf - +inf is NaN).
+    """
     masked = np.where(visible, scores, -np.inf)
-    row_max = masked.max(axis=-1, keepdims=True, initial=-np.inf)
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    exps = np.where(visible, np.exp(masked - row_max), 0.0)
-    total = exps.sum(axis=-1, keepdims=True)
-    return np.divide(exps, total, out=np.zeros_like(exps), where=total > 0)
+    row_max = masked.max(axis=-1, keepdims=True, initial=-np.inf)  # NaN if any score is NaN
+    empty = row_max == -np.inf
+    with np.errstate(invalid="ignore"):
+        exps = np.exp(masked - np.where(empty, 0.0, row_max))
+        total = exps.sum(axis=-1, keepdims=True)
+        return np.where(empty, 0.0, exps / np.where(empty, 1.0, total))
 
 
 def scaled_dot_product_attention(

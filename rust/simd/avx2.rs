@@ -62,8 +62,9 @@ impl SimdVec for Avx2F32 {
     }
     #[inline(always)]
     unsafe fn exp2(self) -> Self {
-        // max() returns its second operand for NaN, so NaN and -inf become 2^-127 -> 0.
-        let x = _mm256_max_ps(self.0, _mm256_set1_ps(-127.0));
+        // -inf (and anything below the normal range) clamps to 2^-127, which rounds to 0. maxps
+        // returns its second operand when either is NaN, so a NaN `x` stays NaN to the end.
+        let x = _mm256_max_ps(_mm256_set1_ps(-127.0), self.0);
         let whole = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let frac = _mm256_sub_ps(x, whole);
         let mut poly = _mm256_set1_ps(EXP2_COEFFS[7]);

@@ -50,8 +50,9 @@ impl SimdVec for Avx512F32 {
     }
     #[inline(always)]
     unsafe fn exp2(self) -> Self {
-        // max() returns its second operand for NaN, so NaN and -inf become 2^-127 -> 0.
-        let x = _mm512_max_ps(self.0, _mm512_set1_ps(-127.0));
+        // -inf (and anything below the normal range) clamps to 2^-127, which rounds to 0. vmaxps
+        // returns its second operand when either is NaN, so a NaN `x` stays NaN to the end.
+        let x = _mm512_max_ps(_mm512_set1_ps(-127.0), self.0);
         let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x);
         let frac = _mm512_sub_ps(x, whole);
         let mut poly = _mm512_set1_ps(EXP2_COEFFS[7]);

@@ -30,7 +30,8 @@ pub(crate) trait SimdVec: Copy {
     unsafe fn max(self, other: Self) -> Self;
     unsafe fn reduce_max(self) -> Self::Elem;
     unsafe fn reduce_sum(self) -> Self::Elem;
-    /// `2^x` for `x <= 0`; exactly 0 for `-inf` and far below the normal range.
+    /// `2^x` for `x <= 0`; exactly 0 for `-inf` and far below the normal range; NaN for NaN
+    /// (a NaN score must reach the output, never turn into a zero weight).
     unsafe fn exp2(self) -> Self;
     /// Vectors of columns in the register tile of the `Q·Kᵀ` and `P·V` micro-kernels.
     const TILE_VECS: usize;
@@ -130,4 +131,59 @@ pub fn force_level(level: Option<SimdLevel>) -> Result<(), crate::AttnError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `exp2` of each input at vector type `V`, one lane at a time.
+    fn exp2_lanes<V: SimdVec>(inputs: &[f64]) -> Vec<f64> {
+        inputs
+            .iter()
+            .map(|&x| {
+                let lanes = vec![V::Elem::from_f64(x); V::LANES];
+                let mut out = lanes.clone();
+                // SAFETY: callers pass only vector types this CPU supports; both buffers hold
+                // LANES elements.
+                unsafe { V::load(lanes.as_ptr()).exp2().store(out.as_mut_ptr()) };
+                out[0].to_f64()
+            })
+            .collect()
+    }
+
+    fn check_exp2<V: SimdVec>(name: &str) {
+        let inputs = [f64::NAN, f64::NEG_INFINITY, -1e30, -200.0, -3.5, -1.0, 0.0];
+        let got = exp2_lanes::<V>(&inputs);
+        assert!(
+            got[0].is_nan(),
+            "{name}: 2^NaN must stay NaN, got {}",
+            got[0]
+        );
+        for (&x, &y) in inputs[1..3].iter().zip(&got[1..3]) {
+            assert_eq!(y, 0.0, "{name}: 2^{x}");
+        }
+        // 2^-200 is below float32's range: 0 there, and tiny but exact in float64.
+        for (&x, &y) in inputs[3..].iter().zip(&got[3..]) {
+            let error = (y - x.exp2()).abs();
+            assert!(error <= 1e-6 * x.exp2() + 1e-38, "{name}: 2^{x} = {y}");
+        }
+    }
+
+    #[test]
+    fn exp2_keeps_nan_and_sends_minus_infinity_to_zero_at_every_level() {
+        check_exp2::<portable::PortableF32>("portable f32");
+        check_exp2::<portable::PortableF64>("portable f64");
+        #[cfg(target_arch = "x86_64")]
+        {
+            if SimdLevel::Avx2.is_supported() {
+                check_exp2::<avx2::Avx2F32>("avx2 f32");
+                check_exp2::<avx2::Avx2F64>("avx2 f64");
+            }
+            if SimdLevel::Avx512.is_supported() {
+                check_exp2::<avx512::Avx512F32>("avx512 f32");
+                check_exp2::<avx512::Avx512F64>("avx512 f64");
+            }
+        }
+    }
 }

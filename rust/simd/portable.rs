@@ -6,8 +6,9 @@ use super::{SimdVec, EXP2_COEFFS};
 /// `2^x` for f32 by the same range reduction and polynomial as the SIMD paths.
 #[inline(always)]
 pub(crate) fn exp2_f32(x: f32) -> f32 {
-    // f32::max returns the other operand for NaN, so NaN and -inf both become 2^-127 -> 0.
-    let x = x.max(-127.0);
+    // -inf (and anything below the normal range) clamps to 2^-127, which rounds to 0. A NaN fails
+    // the comparison and stays NaN to the end (f32::max would turn it into -127).
+    let x = if x < -127.0 { -127.0 } else { x };
     let whole = x.round();
     let frac = x - whole;
     let mut poly = EXP2_COEFFS[7];
