@@ -148,3 +148,56 @@ pub(crate) fn strided_elements<'a, T: Clone>(
         strides,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array2, ArrayD, Axis, IxDyn, ShapeBuilder};
+
+    /// Every element of `view` read back through the slice and strides.
+    fn read_back<T: Copy>(view: &ArrayViewD<'_, T>, elements: &StridedElements<'_, T>) -> Vec<T> {
+        view.indexed_iter()
+            .map(|(index, _)| {
+                let offset: usize = (0..view.ndim())
+                    .map(|axis| index[axis] * elements.strides[axis])
+                    .sum();
+                elements.data()[offset]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn broadcast_and_permuted_views_are_read_in_place() {
+        let base = Array2::from_shape_fn((3, 5), |(i, j)| (i * 5 + j) as f32);
+        let broadcast = base.broadcast((4, 6, 3, 5)).unwrap().into_dyn();
+        let transposed = base.t().into_dyn();
+        let fortran =
+            ArrayD::from_shape_vec(IxDyn(&[3, 5]).f(), (0..15).map(|x| x as f32).collect())
+                .unwrap();
+        for view in [broadcast.view(), transposed.view(), fortran.view()] {
+            let elements = strided_elements(view.clone(), "mask").unwrap();
+            assert!(elements.owned.is_none(), "{:?} was copied", view.strides());
+            assert_eq!(elements.data().len(), 15);
+            assert_eq!(
+                read_back(&view, &elements),
+                view.iter().copied().collect::<Vec<_>>()
+            );
+        }
+    }
+
+    #[test]
+    fn reversed_and_gapped_views_are_copied() {
+        let base = Array2::from_shape_fn((4, 6), |(i, j)| (i * 6 + j) as f64);
+        let mut reversed = base.view();
+        reversed.invert_axis(Axis(1));
+        let gapped = base.slice(ndarray::s![.., ..;2]);
+        for view in [reversed.into_dyn(), gapped.into_dyn()] {
+            let elements = strided_elements(view.clone(), "mask").unwrap();
+            assert!(elements.owned.is_some());
+            assert_eq!(
+                read_back(&view, &elements),
+                view.iter().copied().collect::<Vec<_>>()
+            );
+        }
+    }
+}

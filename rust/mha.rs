@@ -248,8 +248,13 @@ fn combined<U: Copy + Default>(
     may_attend: &ArrayD<bool>,
     hidden: U,
 ) -> Result<ArrayD<U>, AttnError> {
+    // NumPy's rule: a length-1 dim takes the other's length (which may be 0).
     let shape: Vec<usize> = (0..4)
-        .map(|axis| mask.shape()[axis].max(may_attend.shape()[axis]))
+        .map(
+            |axis| match (mask.shape()[axis], may_attend.shape()[axis]) {
+                (1, other) | (other, _) => other,
+            },
+        )
         .collect();
     let buffer = memory::filled(&shape, U::default(), "attn_mask")?;
     let mut array =

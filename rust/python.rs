@@ -94,9 +94,10 @@ fn parse_alignment(alignment: &str) -> PyResult<CausalAlignment> {
 /// A thread count under the one rule (`1..=MAX_THREADS`), whatever integer Python passed.
 fn thread_count(value: &Bound<'_, PyAny>) -> PyResult<usize> {
     let count = value.extract::<usize>().map_err(|_| {
-        PyValueError::new_err(format!(
-            "num_threads must be between 1 and {MAX_THREADS}, got {value}"
-        ))
+        AttnError::value(
+            "num_threads",
+            format!("must be between 1 and {MAX_THREADS}, got {value}"),
+        )
     })?;
     Ok(check_thread_count(count)?)
 }
@@ -115,9 +116,9 @@ impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
         if let Ok(bools) = mask.extract::<PyReadonlyArrayDyn<'py, bool>>() {
             return Ok(Some(BorrowedMask::Bool(bools)));
         }
-        mask.extract::<PyReadonlyArrayDyn<'py, T>>()
+        borrow_as::<T, ndarray::IxDyn>(mask)?
             .map(|floats| Some(BorrowedMask::Additive(floats)))
-            .map_err(|_| {
+            .ok_or_else(|| {
                 PyTypeError::new_err(
                     "attn_mask must be a bool array or a float array of the same dtype as query",
                 )

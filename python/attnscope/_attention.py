@@ -58,7 +58,8 @@ def check_mask(attn_mask, dtype: np.dtype, name: str = "attn_mask") -> np.ndarra
     if mask.dtype == np.bool_:
         return mask
     if np.issubdtype(mask.dtype, np.floating):
-        return mask if mask.dtype == dtype else mask.astype(dtype)
+        # Compared by kind: the core reads a byte-swapped copy of the same kind itself.
+        return mask if mask.dtype.char == dtype.char else mask.astype(dtype)
     raise TypeError(
         f"{name} has dtype {mask.dtype}; use a bool mask (True = may attend) or a float mask "
         "added to the scores (-inf hides a key)"
