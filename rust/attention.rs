@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ndarray::{ArrayD, ArrayViewD, Axis, CowArray, IxDyn, Slice};
 use rayon::prelude::*;
+use rayon::ThreadPool;
 
 use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::element::Element;
@@ -18,9 +19,9 @@ use crate::kernel::{
     score_scale, HeadData, KernelElement, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK,
     QUERY_BLOCK,
 };
-use crate::memory::{standard_layout, zeroed};
+use crate::memory::{standard_layout, strided_elements, zeroed};
 use crate::simd::{active_level, SimdLevel};
-use crate::threads::pool;
+use crate::threads::pool_for;
 
 /// Options of one attention call; the defaults are PyTorch's.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,6 +33,8 @@ pub struct AttentionOptions {
     pub scale: Option<f64>,
     pub enable_gqa: bool,
     pub return_weights: bool,
+    /// Worker threads for this call; `None` uses the engine-wide count.
+    pub num_threads: Option<usize>,
 }
 
 /// An attention mask broadcastable to `(..., Hq, L, S)`.
@@ -41,6 +44,17 @@ pub enum Mask<'a, T> {
     Bool(ArrayViewD<'a, bool>),
     /// Added to the scaled scores; `-inf` hides the key.
     Additive(ArrayViewD<'a, T>),
+}
+
+impl<T> Mask<'_, T> {
+    /// The mask's shape (`None` without a mask).
+    pub fn shape(&self) -> Option<&[usize]> {
+        match self {
+            Mask::None => None,
+            Mask::Bool(view) => Some(view.shape()),
+            Mask::Additive(view) => Some(view.shape()),
+        }
+    }
 }
 
 /// The output `(..., Hq, L, Dv)` and, when asked for, the weights `(..., Hq, L, S)`.
@@ -229,7 +243,7 @@ impl Geometry {
     }
 }
 
-/// A mask made contiguous, with the element strides that broadcast it to
+/// Where a mask's elements live, as element strides that broadcast it to
 /// `(batch..., Hq, L, S)` (0 along broadcast dims).
 struct MaskPlan {
     batch_strides: Vec<usize>,
@@ -238,41 +252,50 @@ struct MaskPlan {
     col_stride: usize,
 }
 
+/// Whether a mask of `mask_shape` broadcasts to `target` (NumPy rules, right-aligned).
+pub(crate) fn broadcasts(mask_shape: &[usize], target: &[usize]) -> bool {
+    mask_shape.len() <= target.len()
+        && mask_shape
+            .iter()
+            .rev()
+            .zip(target.iter().rev())
+            .all(|(&m, &t)| m == t || m == 1)
+}
+
+/// Refuses a mask that does not broadcast to the weights shape.
+fn check_mask_shape(mask_shape: &[usize], geometry: &Geometry) -> Result<(), AttnError> {
+    let target = geometry.weights_shape();
+    if broadcasts(mask_shape, &target) {
+        return Ok(());
+    }
+    Err(AttnError::shape(
+        "attn_mask",
+        format!(
+            "shape {} does not broadcast to the weights shape {} (..., Hq, L, S)",
+            shape_str(mask_shape),
+            shape_str(&target)
+        ),
+    ))
+}
+
 impl MaskPlan {
-    fn new(mask_shape: &[usize], geometry: &Geometry) -> Result<Self, AttnError> {
-        let target = geometry.weights_shape();
-        let fits = mask_shape.len() <= target.len()
-            && mask_shape
-                .iter()
-                .rev()
-                .zip(target.iter().rev())
-                .all(|(&m, &t)| m == t || m == 1);
-        if !fits {
-            return Err(AttnError::shape(
-                "attn_mask",
-                format!(
-                    "shape {} does not broadcast to the weights shape {} (..., Hq, L, S)",
-                    shape_str(mask_shape),
-                    shape_str(&target)
-                ),
-            ));
-        }
-        // C-order strides of the mask, right-aligned onto (batch..., Hq, L, S).
+    /// `strides` are the mask's element strides, one per dim of `mask_shape` (which
+    /// [`check_mask_shape`] accepted).
+    fn new(mask_shape: &[usize], strides: &[usize], geometry: &Geometry) -> Self {
+        // Right-aligned onto (batch..., Hq, L, S); a length-1 dim is broadcast: stride 0.
         let full_rank = geometry.batch_shape.len() + 3;
-        let mut strides = vec![0usize; full_rank];
-        let mut running = 1usize;
-        for (offset, &dim) in mask_shape.iter().rev().enumerate() {
+        let mut aligned = vec![0usize; full_rank];
+        for (offset, (&dim, &stride)) in mask_shape.iter().zip(strides).rev().enumerate() {
             if dim != 1 {
-                strides[full_rank - 1 - offset] = running;
+                aligned[full_rank - 1 - offset] = stride;
             }
-            running *= dim;
         }
-        Ok(MaskPlan {
-            batch_strides: strides[..full_rank - 3].to_vec(),
-            head_stride: strides[full_rank - 3],
-            row_stride: strides[full_rank - 2],
-            col_stride: strides[full_rank - 1],
-        })
+        MaskPlan {
+            batch_strides: aligned[..full_rank - 3].to_vec(),
+            head_stride: aligned[full_rank - 3],
+            row_stride: aligned[full_rank - 2],
+            col_stride: aligned[full_rank - 1],
+        }
     }
 
     /// Offset of element (query 0, key 0) for flattened batch index `batch` and head `head`.
@@ -337,7 +360,7 @@ fn contiguous<'a, T>(array: &'a CowArray<'_, T, IxDyn>) -> &'a [T] {
 
 /// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline. Each
 /// worker reuses one scratch space across the tasks it runs.
-fn run_tasks<T, F>(tasks: &mut [Task], work: F)
+fn run_tasks<T, F>(pool: &ThreadPool, tasks: &mut [Task], work: F)
 where
     T: Element,
     F: Fn(&mut Scratch<T>, &Task) + Sync + Send,
@@ -348,7 +371,7 @@ where
         let mut scratch = Scratch::default();
         tasks.iter().for_each(|task| work(&mut scratch, task));
     } else {
-        pool().install(|| {
+        pool.install(|| {
             tasks
                 .par_iter()
                 .with_max_len(1)
@@ -384,11 +407,14 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         value.shape(),
         options.enable_gqa,
     )?;
-    let plan = check_call(&geometry, &mask, options)?;
+    check_call(&geometry, &mask, options)?;
+    if let Some(empty) = nothing_to_compute(&geometry, options)? {
+        return Ok(empty);
+    }
     // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
     let key = standard_layout(key, "key")?;
     let value = standard_layout(value, "value")?;
-    if decodes_by_group(&geometry, plan.as_ref(), options) {
+    if decodes_by_group(&geometry, &mask, options) {
         let kv = StridedKv {
             key: contiguous(&key),
             value: contiguous(&value),
@@ -405,7 +431,7 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         value: contiguous(&value),
         row_capacity: geometry.num_keys,
     };
-    attend_checked(level, &geometry, plan, query, kv, &mask, options)
+    attend_checked(level, &geometry, query, kv, &mask, options)
 }
 
 /// The checks shared by every entry point once the shapes fit: scale, mask shape, weights size.
@@ -413,7 +439,7 @@ fn check_call<T: KernelElement>(
     geometry: &Geometry,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
-) -> Result<Option<MaskPlan>, AttnError> {
+) -> Result<(), AttnError> {
     if let Some(scale) = options.scale {
         if !scale.is_finite() {
             return Err(AttnError::value(
@@ -423,16 +449,34 @@ fn check_call<T: KernelElement>(
         }
         score_scale::<T>(scale)?;
     }
-    let plan = match mask {
-        Mask::None => None,
-        Mask::Bool(view) => Some(MaskPlan::new(view.shape(), geometry)?),
-        Mask::Additive(view) => Some(MaskPlan::new(view.shape(), geometry)?),
-    };
+    if let Some(shape) = mask.shape() {
+        check_mask_shape(shape, geometry)?;
+    }
     if options.return_weights {
         check_weights_fit::<T>(&geometry.weights_shape())?;
     }
+    Ok(())
+}
 
-    Ok(plan)
+/// The result at once when the output and weights hold no element: the work must follow the
+/// data, not leading dims that multiply to billions of empty heads.
+fn nothing_to_compute<T: KernelElement>(
+    geometry: &Geometry,
+    options: &AttentionOptions,
+) -> Result<Option<Attention<T>>, AttnError> {
+    let empty = |shape: &[usize]| shape.contains(&0);
+    let output_shape = geometry.output_shape();
+    let weights_shape = geometry.weights_shape();
+    if !empty(&output_shape) || (options.return_weights && !empty(&weights_shape)) {
+        return Ok(None);
+    }
+    let output = ArrayD::from_shape_vec(IxDyn(&output_shape), Vec::new())
+        .expect("an empty shape holds no element");
+    let weights = options.return_weights.then(|| {
+        ArrayD::from_shape_vec(IxDyn(&weights_shape), Vec::new())
+            .expect("an empty shape holds no element")
+    });
+    Ok(Some(Attention { output, weights }))
 }
 
 /// Refuses, before anything is allocated, weights of `shape` larger than the memory limit.
@@ -465,19 +509,25 @@ struct KvRows<'a, T> {
 fn attend_checked<T: KernelElement>(
     level: SimdLevel,
     geometry: &Geometry,
-    plan: Option<MaskPlan>,
     query: ArrayViewD<'_, T>,
     kv: KvRows<'_, T>,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
+    let pool = pool_for(options.num_threads)?;
     let query = standard_layout(query, "query")?;
-    let bool_mask: Option<CowArray<'_, bool, IxDyn>> = match mask {
-        Mask::Bool(view) => Some(standard_layout(view.view(), "attn_mask")?),
+    // Masks are read through their own strides: a broadcast or transposed view costs nothing.
+    let bool_mask = match mask {
+        Mask::Bool(view) => Some(strided_elements(view.view(), "attn_mask")?),
         _ => None,
     };
-    let additive_mask: Option<CowArray<'_, T, IxDyn>> = match mask {
-        Mask::Additive(view) => Some(standard_layout(view.view(), "attn_mask")?),
+    let additive_mask = match mask {
+        Mask::Additive(view) => Some(strided_elements(view.view(), "attn_mask")?),
+        _ => None,
+    };
+    let plan = match (mask.shape(), &bool_mask, &additive_mask) {
+        (Some(shape), Some(memory), _) => Some(MaskPlan::new(shape, &memory.strides, geometry)),
+        (Some(shape), _, Some(memory)) => Some(MaskPlan::new(shape, &memory.strides, geometry)),
         _ => None,
     };
     let (q, k, v) = (contiguous(&query), kv.key, kv.value);
@@ -513,14 +563,14 @@ fn attend_checked<T: KernelElement>(
         let (batch, query_head) = (head / geometry.query_heads, head % geometry.query_heads);
         let kv_head = batch * geometry.kv_heads + query_head / group;
         let mask_rows = match (&plan, &bool_mask, &additive_mask) {
-            (Some(plan), Some(data), _) => MaskRows::Bool {
-                data: contiguous(data),
+            (Some(plan), Some(memory), _) => MaskRows::Bool {
+                data: memory.data(),
                 base: plan.base(geometry, batch, query_head),
                 row_stride: plan.row_stride,
                 col_stride: plan.col_stride,
             },
-            (Some(plan), _, Some(data)) => MaskRows::Additive {
-                data: contiguous(data),
+            (Some(plan), _, Some(memory)) => MaskRows::Additive {
+                data: memory.data(),
                 base: plan.base(geometry, batch, query_head),
                 row_stride: plan.row_stride,
                 col_stride: plan.col_stride,
@@ -561,7 +611,7 @@ fn attend_checked<T: KernelElement>(
     let out_writer = DisjointWriter::new(&mut output);
     if let Some(weights) = weights.as_mut() {
         let weights_writer = DisjointWriter::new(weights);
-        run_tasks(&mut blocks, |scratch, task| {
+        run_tasks(&pool, &mut blocks, |scratch, task| {
             let head = head_data(task.head);
             let base = task.head * l;
             // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
@@ -607,7 +657,7 @@ fn attend_checked<T: KernelElement>(
             );
             std::mem::take(&mut scratch.state)
         };
-        let states: Vec<SoftmaxState<T>> = pool().install(|| {
+        let states: Vec<SoftmaxState<T>> = pool.install(|| {
             chunks
                 .par_iter()
                 .map_init(Scratch::default, compute)
@@ -632,7 +682,7 @@ fn attend_checked<T: KernelElement>(
             }
         }
     } else {
-        run_tasks(&mut blocks, |scratch, task| {
+        run_tasks(&pool, &mut blocks, |scratch, task| {
             scratch.state.reset(task.rows.len(), dv);
             T::flash(
                 level,
@@ -676,14 +726,16 @@ pub struct StridedKv<'a, T> {
 
 /// Whether one query row with grouped heads can run each kv group's query heads as one block
 /// (the mask, if any, must be the same for every head and row).
-fn decodes_by_group(
+fn decodes_by_group<T>(
     geometry: &Geometry,
-    plan: Option<&MaskPlan>,
+    mask: &Mask<'_, T>,
     options: &AttentionOptions,
 ) -> bool {
     let group = geometry.query_heads / geometry.kv_heads.max(1);
-    let same_mask_for_every_head =
-        plan.is_none_or(|plan| plan.head_stride == 0 && plan.row_stride == 0);
+    // The head dim is third from the right; a mask of lower rank broadcasts over it.
+    let same_mask_for_every_head = mask
+        .shape()
+        .is_none_or(|shape| shape.len() < 3 || shape[shape.len() - 3] == 1);
     geometry.num_queries == 1 && group > 1 && !options.return_weights && same_mask_for_every_head
 }
 
@@ -732,8 +784,11 @@ pub fn attention_over_strided_kv<T: KernelElement>(
             ),
         ));
     }
-    let plan = check_call(&geometry, &mask, options)?;
-    if decodes_by_group(&geometry, plan.as_ref(), options) {
+    check_call(&geometry, &mask, options)?;
+    if let Some(empty) = nothing_to_compute(&geometry, options)? {
+        return Ok(empty);
+    }
+    if decodes_by_group(&geometry, &mask, options) {
         return attend_query_groups(level, &geometry, query, kv, &mask, options);
     }
     let rows = KvRows {
@@ -741,17 +796,17 @@ pub fn attention_over_strided_kv<T: KernelElement>(
         value: kv.value,
         row_capacity: kv.row_capacity,
     };
-    attend_checked(level, &geometry, plan, query, rows, &mask, options)
+    attend_checked(level, &geometry, query, rows, &mask, options)
 }
 
 /// One query row per head, `group` query heads per kv head: the group's heads become the rows
 /// of one block against their shared keys. With a single query row the causal and window rules
 /// reduce to one range of keys, which is sliced out so the block needs no per-row rule.
-fn attend_query_groups<T: KernelElement>(
+fn attend_query_groups<'a, T: KernelElement>(
     level: SimdLevel,
     geometry: &Geometry,
     query: ArrayViewD<'_, T>,
-    kv: &StridedKv<'_, T>,
+    kv: &StridedKv<'a, T>,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
@@ -798,16 +853,17 @@ fn attend_query_groups<T: KernelElement>(
     let mut value_shape = key_shape.clone();
     *value_shape.last_mut().expect("rank >= 3") = geometry.value_dim;
     let grouped = Geometry::check(&grouped_shape, &key_shape, &value_shape, false)?;
-    let plan = check_call(&grouped, &grouped_mask, &grouped_options)?;
+    check_call(&grouped, &grouped_mask, &grouped_options)?;
+    // Every (batch, kv head) starts its rows at `visible.start`; an empty batch has no rows.
+    let from = |buffer: &'a [T], width: usize| buffer.get(visible.start * width..).unwrap_or(&[]);
     let rows = KvRows {
-        key: &kv.key[visible.start * kv.depth..],
-        value: &kv.value[visible.start * kv.value_dim..],
+        key: from(kv.key, kv.depth),
+        value: from(kv.value, kv.value_dim),
         row_capacity: kv.row_capacity,
     };
     let result = attend_checked(
         level,
         &grouped,
-        plan,
         grouped_query,
         rows,
         &grouped_mask,

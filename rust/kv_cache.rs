@@ -36,6 +36,8 @@ pub struct CacheAttendOptions {
     /// Allows more query heads than cached kv heads (a multiple of them).
     pub enable_gqa: bool,
     pub return_weights: bool,
+    /// Worker threads for this call; `None` uses the engine-wide count.
+    pub num_threads: Option<usize>,
 }
 
 impl<T: KernelElement> KvCache<T> {
@@ -159,6 +161,10 @@ impl<T: KernelElement> KvCache<T> {
     ) -> Result<(), AttnError> {
         self.check_append(key.shape(), value.shape())?;
         let new_tokens = key.shape()[2];
+        if new_tokens == 0 {
+            // Nothing to copy, however many (batch, head) pairs there are.
+            return Ok(());
+        }
         let total = self.len.checked_add(new_tokens).ok_or_else(|| {
             AttnError::value("k", format!("{new_tokens} more tokens overflow the cache"))
         })?;
@@ -281,6 +287,7 @@ impl<T: KernelElement> KvCache<T> {
             scale: options.scale,
             enable_gqa: options.enable_gqa,
             return_weights: options.return_weights,
+            num_threads: options.num_threads,
         };
         attention_over_strided_kv(query, &self.strided(), mask, &attention_options)
     }

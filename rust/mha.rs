@@ -5,15 +5,16 @@
 
 use ndarray::{
     Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewD, Axis,
-    CowArray, Ix3, Ix4, IxDyn,
+    CowArray, Ix3, Ix4, IxDyn, Zip,
 };
 
-use crate::attention::check_weights_fit;
+use crate::attention::{broadcasts, check_weights_fit};
 use crate::error::shape_str;
 use crate::kernel::KernelElement;
 use crate::kv_cache::{CacheAttendOptions, KvCache};
-use crate::memory::standard_layout;
+use crate::memory::{self, standard_layout, zeroed};
 use crate::projection::linear;
+use crate::threads::pool_for;
 use crate::{scaled_dot_product_attention, Attention, AttentionOptions, AttnError, Mask};
 
 /// The learned matrices in the chapter's orientation (`x·W`): `w_q` is `(E, Hq·Dh)`, `w_k`
@@ -50,6 +51,8 @@ pub struct MhaInputs<'a, T> {
     pub is_causal: bool,
     /// Also return the per-head weights `(B, Hq, L, S)`.
     pub need_weights: bool,
+    /// Worker threads for this call; `None` uses the engine-wide count.
+    pub num_threads: Option<usize>,
 }
 
 /// The sizes the weights imply.
@@ -59,6 +62,7 @@ struct LayerDims {
     key_dim: usize,
     value_dim: usize,
     head_dim: usize,
+    kv_width: usize,
     output_dim: usize,
 }
 
@@ -107,13 +111,14 @@ fn check_weights<T>(weights: &MhaWeights<'_, T>, heads: MhaHeads) -> Result<Laye
     let kv_expected = format!("(kdim, num_kv_heads * head_dim) = (kdim, {kv_width})");
     check_matrix("w_k", weights.w_k.shape(), None, kv_width, &kv_expected)?;
     check_matrix("w_v", weights.w_v.shape(), None, kv_width, &kv_expected)?;
-    let output_dim = weights.w_o.ncols();
+    // The output has the query's width, so w_o is checked here and b_o only against it.
+    let output_dim = embed_dim;
     check_matrix(
         "w_o",
         weights.w_o.shape(),
         Some(query_width),
         output_dim,
-        &format!("(num_heads * head_dim, E) = ({query_width}, E)"),
+        &format!("(num_heads * head_dim, E) = ({query_width}, {output_dim})"),
     )?;
     for (name, bias, width) in [
         ("b_q", weights.b_q, query_width),
@@ -135,6 +140,7 @@ fn check_weights<T>(weights: &MhaWeights<'_, T>, heads: MhaHeads) -> Result<Laye
         key_dim: weights.w_k.nrows(),
         value_dim: weights.w_v.nrows(),
         head_dim,
+        kv_width,
         output_dim,
     })
 }
@@ -151,20 +157,35 @@ fn check_inputs<T>(inputs: &MhaInputs<'_, T>, dims: &LayerDims) -> Result<(), At
             ),
         ));
     }
-    for (name, input, expected_width) in [
-        ("key", &inputs.key, dims.key_dim),
-        ("value", &inputs.value, dims.value_dim),
+    for (name, input, source, weight, expected_width) in [
+        ("key", &inputs.key, &inputs.query, "w_k", dims.key_dim),
+        ("value", &inputs.value, &inputs.key, "w_v", dims.value_dim),
     ] {
         let (input_batch, _, input_width) = input.dim();
-        if input_batch != batch || input_width != expected_width {
+        if input_batch == batch && input_width == expected_width {
+            continue;
+        }
+        // In self-attention the input is the query (already checked): the weight is wrong.
+        if same_array(input, source) && input_batch == batch {
             return Err(AttnError::shape(
-                name,
+                weight,
                 format!(
-                    "expected shape (B, S, {expected_width}) with B = {batch} like query, got {}",
-                    shape_str(input.shape())
+                    "has {expected_width} rows but the {name} input (here the query) is \
+                     {input_width} wide: expected shape ({input_width}, num_kv_heads * \
+                     head_dim) = ({input_width}, {}), got {}",
+                    dims.kv_width,
+                    shape_str(&[expected_width, dims.kv_width])
                 ),
             ));
         }
+        return Err(AttnError::shape(
+            name,
+            format!(
+                "expected shape (B, S, {expected_width}) with B = {batch} like query, got {} \
+                 (the last axis must equal the rows of {weight})",
+                shape_str(input.shape())
+            ),
+        ));
     }
     if inputs.key.dim().1 != inputs.value.dim().1 {
         return Err(AttnError::shape(
@@ -179,6 +200,11 @@ fn check_inputs<T>(inputs: &MhaInputs<'_, T>, dims: &LayerDims) -> Result<(), At
         ));
     }
     Ok(())
+}
+
+/// Whether two views are the same array (self-attention passes the query as key and value).
+fn same_array<T>(a: &ArrayView3<'_, T>, b: &ArrayView3<'_, T>) -> bool {
+    a.as_ptr() == b.as_ptr() && a.shape() == b.shape() && a.strides() == b.strides()
 }
 
 fn check_cache<T: KernelElement>(
@@ -206,16 +232,6 @@ fn check_cache<T: KernelElement>(
     Ok(())
 }
 
-/// Whether `shape` broadcasts to `target` (NumPy rules, right-aligned).
-fn broadcasts(shape: &[usize], target: &[usize]) -> bool {
-    shape.len() <= target.len()
-        && shape
-            .iter()
-            .rev()
-            .zip(target.iter().rev())
-            .all(|(&m, &t)| m == t || m == 1)
-}
-
 /// `view` with leading length-1 axes up to rank 4.
 fn as_rank4<'a, U>(view: &ArrayViewD<'a, U>) -> ArrayViewD<'a, U> {
     let mut view = view.clone();
@@ -223,6 +239,31 @@ fn as_rank4<'a, U>(view: &ArrayViewD<'a, U>) -> ArrayViewD<'a, U> {
         view.insert_axis_inplace(Axis(0));
     }
     view
+}
+
+/// `mask` (rank 4) combined with `may_attend` `(B, 1, 1, S)` into a new array of their
+/// broadcast shape, allocated through `memory`.
+fn combined<U: Copy + Default>(
+    mask: &ArrayViewD<'_, U>,
+    may_attend: &ArrayD<bool>,
+    hidden: U,
+) -> Result<ArrayD<U>, AttnError> {
+    // NumPy's rule: a length-1 dim takes the other's length (which may be 0).
+    let shape: Vec<usize> = (0..4)
+        .map(
+            |axis| match (mask.shape()[axis], may_attend.shape()[axis]) {
+                (1, other) | (other, _) => other,
+            },
+        )
+        .collect();
+    let buffer = memory::filled(&shape, U::default(), "attn_mask")?;
+    let mut array =
+        ArrayD::from_shape_vec(IxDyn(&shape), buffer).expect("a buffer of the shape's length");
+    Zip::from(&mut array)
+        .and_broadcast(mask)
+        .and_broadcast(may_attend)
+        .for_each(|slot, &value, &keep| *slot = if keep { value } else { hidden });
+    Ok(array)
 }
 
 /// The attention mask and the key padding mask as one mask for the kernel. A padding mask
@@ -235,23 +276,31 @@ enum CombinedMask<'a, T> {
 }
 
 impl<'a, T: KernelElement> CombinedMask<'a, T> {
-    fn new(attn_mask: Mask<'a, T>, key_padding_mask: Option<ArrayView2<'_, bool>>) -> Self {
+    fn new(
+        attn_mask: Mask<'a, T>,
+        key_padding_mask: Option<ArrayView2<'_, bool>>,
+    ) -> Result<Self, AttnError> {
         let Some(padding) = key_padding_mask else {
-            return CombinedMask::Borrowed(attn_mask);
+            return Ok(CombinedMask::Borrowed(attn_mask));
         };
         let (batch, keys) = padding.dim();
-        let may_attend = padding
-            .mapv(|is_padding| !is_padding)
-            .into_shape_with_order(IxDyn(&[batch, 1, 1, keys]))
-            .expect("(B, S) reshapes to (B, 1, 1, S)");
-        match attn_mask {
+        let shape = [batch, 1, 1, keys];
+        let buffer = memory::filled(&shape, false, "key_padding_mask")?;
+        let mut may_attend =
+            ArrayD::from_shape_vec(IxDyn(&shape), buffer).expect("a buffer of (B, 1, 1, S)");
+        // Assigned through the view's own strides: transposed or reversed views work too.
+        may_attend
+            .view_mut()
+            .into_shape_with_order((batch, keys))
+            .expect("a C-order (B, 1, 1, S) array is (B, S)")
+            .zip_mut_with(&padding, |keep, &is_padding| *keep = !is_padding);
+        Ok(match attn_mask {
             Mask::None => CombinedMask::Bool(may_attend),
-            Mask::Bool(mask) => CombinedMask::Bool(&as_rank4(&mask) & &may_attend),
+            Mask::Bool(mask) => CombinedMask::Bool(combined(&as_rank4(&mask), &may_attend, false)?),
             Mask::Additive(mask) => {
-                let hidden = may_attend.mapv(|keep| if keep { T::ZERO } else { T::NEG_INFINITY });
-                CombinedMask::Additive(&as_rank4(&mask) + &hidden)
+                CombinedMask::Additive(combined(&as_rank4(&mask), &may_attend, T::NEG_INFINITY)?)
             }
-        }
+        })
     }
 
     fn view(&self) -> Mask<'_, T> {
@@ -274,16 +323,16 @@ fn token_rows<'b, T>(input: &'b CowArray<'_, T, Ix3>) -> ArrayView2<'b, T> {
         .expect("a standard-layout (B, N, E) array reshapes to (B·N, E)")
 }
 
-/// `(B, N, H·Dh)` projected rows as the kernel's `(B, H, N, Dh)` (a view; no copy).
+/// `(B·N, H·Dh)` projected rows as the kernel's `(B, H, N, Dh)` (a view; no copy).
 fn split_heads<T>(
     projected: &Array2<T>,
     (batch, tokens): (usize, usize),
     heads: usize,
-    head_dim: usize,
 ) -> ArrayView4<'_, T> {
+    let width = projected.ncols();
     projected
         .view()
-        .into_shape_with_order((batch, tokens, heads, head_dim))
+        .into_shape_with_order((batch, tokens, heads, width / heads))
         .expect("projection rows are (B·N, H·Dh)")
         .permuted_axes([0, 2, 1, 3])
 }
@@ -352,33 +401,18 @@ pub fn multi_head_attention<T: KernelElement>(
         check_weights_fit::<T>(&weights_shape)?;
     }
 
-    let (query_rows, key_rows, value_rows) = (
-        standard_layout(inputs.query.view(), "query")?,
-        standard_layout(inputs.key.view(), "key")?,
-        standard_layout(inputs.value.view(), "value")?,
-    );
-    let projected_query = linear(token_rows(&query_rows), weights.w_q, weights.b_q);
-    let projected_key = linear(token_rows(&key_rows), weights.w_k, weights.b_k);
-    let projected_value = linear(token_rows(&value_rows), weights.w_v, weights.b_v);
-    let query = split_heads(
-        &projected_query,
-        (batch, num_queries),
-        heads.num_heads,
-        dims.head_dim,
-    );
-    let key = split_heads(
-        &projected_key,
-        (batch, new_keys),
-        heads.num_kv_heads,
-        dims.head_dim,
-    );
-    let value = split_heads(
-        &projected_value,
-        (batch, new_keys),
-        heads.num_kv_heads,
-        dims.head_dim,
-    );
-    let mask = CombinedMask::new(inputs.attn_mask, inputs.key_padding_mask);
+    let pool = pool_for(inputs.num_threads)?;
+    let project = |input: &ArrayView3<'_, T>, weight, bias, argument| {
+        let rows = standard_layout(input.view(), argument)?;
+        linear(&pool, token_rows(&rows), weight, bias, argument)
+    };
+    let projected_query = project(&inputs.query, weights.w_q, weights.b_q, "query")?;
+    let projected_key = project(&inputs.key, weights.w_k, weights.b_k, "key")?;
+    let projected_value = project(&inputs.value, weights.w_v, weights.b_v, "value")?;
+    let query = split_heads(&projected_query, (batch, num_queries), heads.num_heads);
+    let key = split_heads(&projected_key, (batch, new_keys), heads.num_kv_heads);
+    let value = split_heads(&projected_value, (batch, new_keys), heads.num_kv_heads);
+    let mask = CombinedMask::new(inputs.attn_mask, inputs.key_padding_mask)?;
 
     let attention = match cache {
         None => scaled_dot_product_attention(
@@ -390,6 +424,7 @@ pub fn multi_head_attention<T: KernelElement>(
                 is_causal: inputs.is_causal,
                 enable_gqa: true,
                 return_weights: inputs.need_weights,
+                num_threads: inputs.num_threads,
                 ..Default::default()
             },
         )?,
@@ -399,6 +434,7 @@ pub fn multi_head_attention<T: KernelElement>(
             let options = CacheAttendOptions {
                 enable_gqa: true,
                 return_weights: inputs.need_weights,
+                num_threads: inputs.num_threads,
                 ..Default::default()
             };
             match cache.attend(query.into_dyn(), mask.view(), &options) {
@@ -411,24 +447,31 @@ pub fn multi_head_attention<T: KernelElement>(
         }
     };
 
-    // Join the heads: (B, Hq, L, Dh) -> (B·L, Hq·Dh), then project back.
-    let joined: Array4<T> = attention
-        .output
-        .into_dimensionality::<Ix4>()
-        .expect("attention output is (B, Hq, L, Dh)")
-        .permuted_axes([0, 2, 1, 3])
-        .as_standard_layout()
-        .into_owned();
-    let joined = joined
-        .into_shape_with_order((batch * num_queries, heads.num_heads * dims.head_dim))
-        .expect("standard layout (B, L, Hq, Dh) reshapes to (B·L, Hq·Dh)");
-    let output = linear(joined.view(), weights.w_o, weights.b_o)
+    let joined = join_heads(attention.output)?;
+    let output = linear(&pool, joined.view(), weights.w_o, weights.b_o, "output")?
         .into_shape_with_order(IxDyn(&[batch, num_queries, dims.output_dim]))
         .expect("(B·L, E) reshapes to (B, L, E)");
     Ok(Attention {
         output,
         weights: attention.weights,
     })
+}
+
+/// The heads side by side again: `(B, Hq, L, Dh)` becomes `(B·L, Hq·Dh)` rows.
+fn join_heads<T: KernelElement>(per_head: ArrayD<T>) -> Result<Array2<T>, AttnError> {
+    let per_head = per_head
+        .into_dimensionality::<Ix4>()
+        .expect("attention output is (B, Hq, L, Dh)");
+    let (batch, heads, tokens, head_dim) = per_head.dim();
+    let mut joined = Array4::from_shape_vec(
+        (batch, tokens, heads, head_dim),
+        zeroed(&[batch, tokens, heads, head_dim], "output")?,
+    )
+    .expect("a buffer of B·L·Hq·Dh elements");
+    joined.assign(&per_head.permuted_axes([0, 2, 1, 3]));
+    Ok(joined
+        .into_shape_with_order((batch * tokens, heads * head_dim))
+        .expect("standard layout (B, L, Hq, Dh) reshapes to (B·L, Hq·Dh)"))
 }
 
 #[cfg(test)]
@@ -492,6 +535,7 @@ mod tests {
             key_padding_mask: None,
             is_causal,
             need_weights: false,
+            num_threads: None,
         }
     }
 

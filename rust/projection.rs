@@ -1,35 +1,41 @@
 //! Linear projections `x·W + b` on the `gemm` crate, run on the engine's thread pool.
 
 use ndarray::{Array2, ArrayView1, ArrayView2};
+use rayon::ThreadPool;
 
 use crate::kernel::KernelElement;
-use crate::threads::{num_threads, pool};
+use crate::memory::zeroed;
+use crate::AttnError;
 
 /// Below this many multiply-adds a projection runs on the calling thread.
 const SERIAL_WORK: usize = 1 << 16;
 
 /// `input · weight + bias`: `input` is `(rows, in)`, `weight` `(in, out)`, `bias` `(out,)`;
-/// any strides. The caller has checked that the shapes fit.
+/// any strides; the product runs on `pool`. The caller has checked that the shapes fit.
+/// `argument` names the result in an allocation error.
 pub(crate) fn linear<T: KernelElement>(
+    pool: &ThreadPool,
     input: ArrayView2<'_, T>,
     weight: ArrayView2<'_, T>,
     bias: Option<ArrayView1<'_, T>>,
-) -> Array2<T> {
+    argument: &'static str,
+) -> Result<Array2<T>, AttnError> {
     let (rows, inner) = input.dim();
     let outputs = weight.ncols();
     debug_assert_eq!(weight.nrows(), inner);
-    let mut output = match bias {
-        Some(bias) => bias
-            .broadcast((rows, outputs))
-            .expect("bias has one entry per output column")
-            .to_owned(),
-        None => Array2::from_elem((rows, outputs), T::ZERO),
-    };
+    let mut output = Array2::from_shape_vec((rows, outputs), zeroed(&[rows, outputs], argument)?)
+        .expect("a buffer of rows x outputs elements");
+    if let Some(bias) = bias {
+        output
+            .rows_mut()
+            .into_iter()
+            .for_each(|mut row| row.assign(&bias));
+    }
     if rows == 0 || outputs == 0 || inner == 0 {
-        return output;
+        return Ok(output);
     }
     let work = rows.saturating_mul(inner).saturating_mul(outputs);
-    let threads = num_threads();
+    let threads = pool.current_num_threads();
     let (dst_row_stride, input_strides, weight_strides) =
         (outputs as isize, input.strides(), weight.strides());
     let multiply = |output: &mut Array2<T>, parallelism: gemm::Parallelism| {
@@ -63,9 +69,9 @@ pub(crate) fn linear<T: KernelElement>(
     if work <= SERIAL_WORK || threads == 1 {
         multiply(&mut output, gemm::Parallelism::None);
     } else {
-        pool().install(|| multiply(&mut output, gemm::Parallelism::Rayon(threads)));
+        pool.install(|| multiply(&mut output, gemm::Parallelism::Rayon(threads)));
     }
-    output
+    Ok(output)
 }
 
 #[cfg(test)]
@@ -100,7 +106,15 @@ mod tests {
             let bias = Array1::from_shape_fn(outputs, |c| c as f64 * 0.5);
             for with_bias in [false, true] {
                 let b = with_bias.then_some(&bias);
-                let got = linear(input.view(), weight.view(), b.map(|b| b.view()));
+                let pool = crate::threads::pool_for(Some(2)).unwrap();
+                let got = linear(
+                    &pool,
+                    input.view(),
+                    weight.view(),
+                    b.map(|b| b.view()),
+                    "out",
+                )
+                .unwrap();
                 let want = naive(&input, &weight.as_standard_layout().to_owned(), b);
                 let err = (&got - &want).iter().fold(0.0f64, |m, x| m.max(x.abs()));
                 assert!(err < 1e-9, "{rows}x{inner}x{outputs}: {err}");
@@ -113,7 +127,8 @@ mod tests {
         let input = Array2::<f32>::zeros((4, 0));
         let weight = Array2::<f32>::zeros((0, 3));
         let bias = Array1::from(vec![1.0f32, 2.0, 3.0]);
-        let got = linear(input.view(), weight.view(), Some(bias.view()));
+        let pool = crate::threads::pool_for(Some(1)).unwrap();
+        let got = linear(&pool, input.view(), weight.view(), Some(bias.view()), "out").unwrap();
         assert_eq!(got, Array2::from_shape_fn((4, 3), |(_, c)| c as f32 + 1.0));
     }
 }

@@ -1,18 +1,74 @@
 //! The only file that knows Python: argument conversion, dtype dispatch, errors, and releasing
 //! the GIL around every kernel call.
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn};
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray, PyReadonlyArrayDyn};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use crate::simd::{active_level, force_level, SimdLevel};
+use crate::threads::{check_thread_count, MAX_THREADS};
 use crate::{AttentionOptions, AttnError, CausalAlignment, Float, Mask, Window};
 
 impl From<AttnError> for PyErr {
     fn from(error: AttnError) -> PyErr {
         PyValueError::new_err(error.to_string())
     }
+}
+
+/// The last line of defence: a panic in the core is a bug, and it reaches Python as a
+/// RuntimeError that says so (never as a `PanicException`, which `except Exception` misses).
+fn guarded<R>(call: impl FnOnce() -> PyResult<R>) -> PyResult<R> {
+    catch_unwind(AssertUnwindSafe(call)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_string());
+        Err(PyRuntimeError::new_err(format!(
+            "attnscope internal error (a bug in attnscope, please report it): {message}"
+        )))
+    })
+}
+
+/// A native-byte-order copy of a byte-swapped array (`'>f4'` on a little-endian machine), so
+/// such input is computed on rather than refused; `None` for any other array.
+fn native_order_copy<'py>(array: &Bound<'py, PyAny>) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let Ok(dtype) = array.getattr("dtype") else {
+        return Ok(None);
+    };
+    if dtype.getattr("isnative")?.is_truthy()? {
+        return Ok(None);
+    }
+    let native = dtype.call_method1("newbyteorder", ("=",))?;
+    Ok(Some(array.call_method1("astype", (native,))?))
+}
+
+/// Borrows `array` as `T` elements (copying a byte-swapped one to native order), or `None`
+/// when it holds another element type.
+fn borrow_as<'py, T: numpy::Element, D: ndarray::Dimension>(
+    array: &Bound<'py, PyAny>,
+) -> PyResult<Option<PyReadonlyArray<'py, T, D>>> {
+    if let Ok(borrowed) = array.extract::<PyReadonlyArray<'py, T, D>>() {
+        return Ok(Some(borrowed));
+    }
+    match native_order_copy(array)? {
+        Some(native) => Ok(native.extract::<PyReadonlyArray<'py, T, D>>().ok()),
+        None => Ok(None),
+    }
+}
+
+/// The element type an array computes in: float32 or float64, whatever its byte order.
+fn is_dtype<T: numpy::Element>(array: &Bound<'_, PyAny>) -> bool {
+    if array.cast::<PyArrayDyn<T>>().is_ok() {
+        return true;
+    }
+    let Ok(native) = native_order_copy(array) else {
+        return false;
+    };
+    native.is_some_and(|copy| copy.cast::<PyArrayDyn<T>>().is_ok())
 }
 
 fn dtype_error(name: &str, array: &Bound<'_, PyAny>) -> PyErr {
@@ -30,18 +86,20 @@ fn parse_alignment(alignment: &str) -> PyResult<CausalAlignment> {
         "top_left" => Ok(CausalAlignment::TopLeft),
         "bottom_right" => Ok(CausalAlignment::BottomRight),
         other => Err(PyValueError::new_err(format!(
-            "causal_alignment must be 'top_left' or 'bottom_right', got {other:?}"
+            "causal_alignment must be 'top_left' or 'bottom_right', got '{other}'"
         ))),
     }
 }
 
-fn parse_scale(scale: Option<f64>) -> PyResult<Option<f64>> {
-    match scale {
-        Some(value) if !value.is_finite() => Err(PyValueError::new_err(format!(
-            "scale must be finite, got {value}"
-        ))),
-        other => Ok(other),
-    }
+/// A thread count under the one rule (`1..=MAX_THREADS`), whatever integer Python passed.
+fn thread_count(value: &Bound<'_, PyAny>) -> PyResult<usize> {
+    let count = value.extract::<usize>().map_err(|_| {
+        AttnError::value(
+            "num_threads",
+            format!("must be between 1 and {MAX_THREADS}, got {value}"),
+        )
+    })?;
+    Ok(check_thread_count(count)?)
 }
 
 /// An attention mask borrowed from Python: bool (True = takes part) or additive floats.
@@ -58,9 +116,9 @@ impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
         if let Ok(bools) = mask.extract::<PyReadonlyArrayDyn<'py, bool>>() {
             return Ok(Some(BorrowedMask::Bool(bools)));
         }
-        mask.extract::<PyReadonlyArrayDyn<'py, T>>()
+        borrow_as::<T, ndarray::IxDyn>(mask)?
             .map(|floats| Some(BorrowedMask::Additive(floats)))
-            .map_err(|_| {
+            .ok_or_else(|| {
                 PyTypeError::new_err(
                     "attn_mask must be a bool array or a float array of the same dtype as query",
                 )
@@ -93,8 +151,7 @@ fn attention_result<'py, T: numpy::Element>(
 }
 
 /// Runs attention for one element type with the GIL released.
-#[allow(clippy::too_many_arguments)]
-fn attend_typed<'py, T: Float + numpy::Element>(
+fn sdpa_typed<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     query: &Bound<'py, PyAny>,
     key: &Bound<'py, PyAny>,
@@ -103,9 +160,7 @@ fn attend_typed<'py, T: Float + numpy::Element>(
     options: AttentionOptions,
 ) -> PyResult<Bound<'py, PyAny>> {
     let borrow = |array: &Bound<'py, PyAny>, name: &str| -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-        array
-            .extract::<PyReadonlyArrayDyn<'py, T>>()
-            .map_err(|_| dtype_error(name, array))
+        borrow_as(array)?.ok_or_else(|| dtype_error(name, array))
     };
     let (q, k, v) = (
         borrow(query, "query")?,
@@ -121,10 +176,14 @@ fn attend_typed<'py, T: Float + numpy::Element>(
 }
 
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-/// causal_alignment, window, return_weights) -- the arguments checked by the Python wrapper.
+/// causal_alignment, window, return_weights, num_threads) -- the Python wrapper has turned
+/// `window=w` into sides and refused non-array and non-bool arguments.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads))]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "PyTorch's argument list, one by one"
+)]
 fn scaled_dot_product_attention<'py>(
     py: Python<'py>,
     query: &Bound<'py, PyAny>,
@@ -137,33 +196,51 @@ fn scaled_dot_product_attention<'py>(
     causal_alignment: &str,
     window: Option<(Option<usize>, Option<usize>)>,
     return_weights: bool,
+    num_threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let options = AttentionOptions {
-        is_causal,
-        alignment: parse_alignment(causal_alignment)?,
-        window: window.map(|(left, right)| Window { left, right }),
-        scale: parse_scale(scale)?,
-        enable_gqa,
-        return_weights,
-    };
-    // A type check, not a borrow: the array is borrowed once, in `attend_typed`.
-    if query.cast::<PyArrayDyn<f32>>().is_ok() {
-        attend_typed::<f32>(py, query, key, value, attn_mask, options)
-    } else if query.cast::<PyArrayDyn<f64>>().is_ok() {
-        attend_typed::<f64>(py, query, key, value, attn_mask, options)
-    } else {
-        Err(dtype_error("query", query))
-    }
+    guarded(|| {
+        let options = AttentionOptions {
+            is_causal,
+            alignment: parse_alignment(causal_alignment)?,
+            window: window.map(|(left, right)| Window { left, right }),
+            scale,
+            enable_gqa,
+            return_weights,
+            num_threads,
+        };
+        // A type check, not a borrow: the array is borrowed once, in `sdpa_typed`.
+        if is_dtype::<f32>(query) {
+            sdpa_typed::<f32>(py, query, key, value, attn_mask, options)
+        } else if is_dtype::<f64>(query) {
+            sdpa_typed::<f64>(py, query, key, value, attn_mask, options)
+        } else {
+            Err(dtype_error("query", query))
+        }
+    })
 }
 
+/// Sets the engine-wide thread count (`1..=MAX_THREADS`).
 #[pyfunction]
-fn set_num_threads(num_threads: usize) -> PyResult<()> {
-    Ok(crate::set_num_threads(num_threads)?)
+fn set_num_threads(num_threads: &Bound<'_, PyAny>) -> PyResult<()> {
+    Ok(crate::set_num_threads(thread_count(num_threads)?)?)
 }
 
+/// `num_threads` if it follows the thread-count rule, else the ValueError every setter raises.
 #[pyfunction]
-fn get_num_threads() -> usize {
-    crate::num_threads()
+fn check_num_threads(num_threads: &Bound<'_, PyAny>) -> PyResult<usize> {
+    thread_count(num_threads)
+}
+
+/// The engine-wide thread count; a bad `ATTNSCOPE_NUM_THREADS` is reported here.
+#[pyfunction]
+fn get_num_threads() -> PyResult<usize> {
+    Ok(crate::num_threads()?)
+}
+
+/// Panics on purpose, so tests can check that a panic reaches Python as a RuntimeError.
+#[pyfunction]
+fn _panic_for_tests() -> PyResult<()> {
+    guarded(|| panic!("a deliberate panic"))
 }
 
 #[pyfunction]
@@ -210,6 +287,9 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(scaled_dot_product_attention, module)?)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(check_num_threads, module)?)?;
+    module.add_function(wrap_pyfunction!(_panic_for_tests, module)?)?;
+    module.add("MAX_THREADS", MAX_THREADS)?;
     module.add_function(wrap_pyfunction!(set_weights_memory_limit, module)?)?;
     module.add_function(wrap_pyfunction!(get_weights_memory_limit, module)?)?;
     module.add_function(wrap_pyfunction!(simd_level, module)?)?;
@@ -293,13 +373,19 @@ macro_rules! with_cache {
 fn borrow_typed<'py, T: CachedFloat, D: ndarray::Dimension>(
     array: &Bound<'py, PyAny>,
     name: &str,
-) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
-    array
-        .extract::<numpy::PyReadonlyArray<'py, T, D>>()
-        .map_err(|_| {
-            let dims = D::NDIM.map_or(String::new(), |n| format!("{n}-D "));
-            PyTypeError::new_err(format!("{name} must be a {dims}numpy.{} array", T::NAME))
-        })
+) -> PyResult<PyReadonlyArray<'py, T, D>> {
+    borrow_as(array)?.ok_or_else(|| {
+        let dims = D::NDIM.map_or(String::new(), |n| format!("{n}-D "));
+        PyTypeError::new_err(format!("{name} must be a {dims}numpy.{} array", T::NAME))
+    })
+}
+
+/// The error for a second call on a cache that a call in another thread is using.
+fn cache_in_use() -> PyErr {
+    PyRuntimeError::new_err(
+        "KVCache is in use by a call in another thread: a cache serves one decoding loop at a \
+         time; give each thread its own KVCache, or wait for the other call to return",
+    )
 }
 
 /// Keys and values of past tokens (see `attnscope.KVCache`).
@@ -309,7 +395,15 @@ struct KvCacheCore {
 }
 
 impl KvCacheCore {
-    fn append_typed<T: CachedFloat>(
+    fn borrow<'py>(slf: &Bound<'py, Self>) -> PyResult<PyRef<'py, Self>> {
+        slf.try_borrow().map_err(|_| cache_in_use())
+    }
+
+    fn borrow_mut<'py>(slf: &Bound<'py, Self>) -> PyResult<PyRefMut<'py, Self>> {
+        slf.try_borrow_mut().map_err(|_| cache_in_use())
+    }
+
+    fn cache_append_typed<T: CachedFloat>(
         &mut self,
         py: Python<'_>,
         k: &Bound<'_, PyAny>,
@@ -324,7 +418,7 @@ impl KvCacheCore {
         Ok(py.detach(|| cache.append(k_view, v_view))?)
     }
 
-    fn attend_typed<'py, T: CachedFloat>(
+    fn cache_attend_typed<'py, T: CachedFloat>(
         &mut self,
         py: Python<'py>,
         q: &Bound<'py, PyAny>,
@@ -349,99 +443,111 @@ impl KvCacheCore {
         dtype: &str,
         capacity: usize,
     ) -> PyResult<Self> {
-        let store = match dtype {
-            "float32" => CacheStore::F32(crate::KvCache::new(
-                num_kv_heads,
-                head_dim,
-                batch,
-                capacity,
-            )?),
-            "float64" => CacheStore::F64(crate::KvCache::new(
-                num_kv_heads,
-                head_dim,
-                batch,
-                capacity,
-            )?),
-            other => {
-                return Err(PyTypeError::new_err(format!(
-                    "dtype must be float32 or float64, got {other}"
-                )))
-            }
-        };
-        Ok(KvCacheCore { store })
+        guarded(|| {
+            let store = match dtype {
+                "float32" => CacheStore::F32(crate::KvCache::new(
+                    num_kv_heads,
+                    head_dim,
+                    batch,
+                    capacity,
+                )?),
+                "float64" => CacheStore::F64(crate::KvCache::new(
+                    num_kv_heads,
+                    head_dim,
+                    batch,
+                    capacity,
+                )?),
+                other => {
+                    return Err(PyTypeError::new_err(format!(
+                        "dtype must be float32 or float64, got {other}"
+                    )))
+                }
+            };
+            Ok(KvCacheCore { store })
+        })
     }
 
     /// Appends `k` and `v`, each (batch, num_kv_heads, n, head_dim); unchanged on error.
     fn append(
-        &mut self,
+        slf: &Bound<'_, Self>,
         py: Python<'_>,
         k: &Bound<'_, PyAny>,
         v: &Bound<'_, PyAny>,
     ) -> PyResult<()> {
-        match self.store {
-            CacheStore::F32(_) => self.append_typed::<f32>(py, k, v),
-            CacheStore::F64(_) => self.append_typed::<f64>(py, k, v),
-        }
+        guarded(|| {
+            let mut this = Self::borrow_mut(slf)?;
+            match this.store {
+                CacheStore::F32(_) => this.cache_append_typed::<f32>(py, k, v),
+                CacheStore::F64(_) => this.cache_append_typed::<f64>(py, k, v),
+            }
+        })
     }
 
     /// Bottom-right causal attention of `q` (batch, H, L, head_dim) over the cache.
-    #[pyo3(signature = (q, scale, window, enable_gqa))]
+    #[pyo3(signature = (q, scale, window, enable_gqa, num_threads))]
     fn attend<'py>(
-        &mut self,
+        slf: &Bound<'py, Self>,
         py: Python<'py>,
         q: &Bound<'py, PyAny>,
         scale: Option<f64>,
         window: Option<(Option<usize>, Option<usize>)>,
         enable_gqa: bool,
+        num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let options = crate::CacheAttendOptions {
-            scale: parse_scale(scale)?,
-            window: window.map(|(left, right)| Window { left, right }),
-            enable_gqa,
-            return_weights: false,
-        };
-        match self.store {
-            CacheStore::F32(_) => self.attend_typed::<f32>(py, q, options),
-            CacheStore::F64(_) => self.attend_typed::<f64>(py, q, options),
-        }
+        guarded(|| {
+            let options = crate::CacheAttendOptions {
+                scale,
+                window: window.map(|(left, right)| Window { left, right }),
+                enable_gqa,
+                return_weights: false,
+                num_threads,
+            };
+            let mut this = Self::borrow_mut(slf)?;
+            match this.store {
+                CacheStore::F32(_) => this.cache_attend_typed::<f32>(py, q, options),
+                CacheStore::F64(_) => this.cache_attend_typed::<f64>(py, q, options),
+            }
+        })
     }
 
-    fn reset(&mut self) {
-        with_cache!(&mut self.store, cache => cache.reset())
+    fn reset(slf: &Bound<'_, Self>) -> PyResult<()> {
+        let mut this = Self::borrow_mut(slf)?;
+        with_cache!(&mut this.store, cache => cache.reset());
+        Ok(())
     }
 
-    fn __len__(&self) -> usize {
-        with_cache!(&self.store, cache => cache.len())
-    }
-
-    #[getter]
-    fn nbytes(&self) -> usize {
-        with_cache!(&self.store, cache => cache.nbytes())
-    }
-
-    #[getter]
-    fn capacity(&self) -> usize {
-        with_cache!(&self.store, cache => cache.capacity())
+    fn __len__(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.len()))
     }
 
     #[getter]
-    fn dtype(&self) -> &'static str {
-        self.store.dtype()
+    fn nbytes(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.nbytes()))
     }
 
     #[getter]
-    fn batch(&self) -> usize {
-        with_cache!(&self.store, cache => cache.batch())
+    fn capacity(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.capacity()))
     }
 
     #[getter]
-    fn num_kv_heads(&self) -> usize {
-        with_cache!(&self.store, cache => cache.kv_heads())
+    fn dtype(slf: &Bound<'_, Self>) -> PyResult<&'static str> {
+        Ok(Self::borrow(slf)?.store.dtype())
     }
 
     #[getter]
-    fn head_dim(&self) -> usize {
-        with_cache!(&self.store, cache => cache.head_dim())
+    fn batch(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.batch()))
+    }
+
+    #[getter]
+    fn num_kv_heads(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.kv_heads()))
+    }
+
+    #[getter]
+    fn head_dim(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.head_dim()))
     }
 }
 
@@ -456,12 +562,19 @@ struct LayerArrays<'py> {
     key_padding_mask: Option<Bound<'py, PyAny>>,
 }
 
+/// The flags of one layer call.
+#[derive(Clone, Copy)]
+struct LayerFlags {
+    is_causal: bool,
+    need_weights: bool,
+    num_threads: Option<usize>,
+}
+
 fn layer_typed<'py, T: CachedFloat>(
     py: Python<'py>,
     arrays: &LayerArrays<'py>,
     heads: crate::MhaHeads,
-    is_causal: bool,
-    need_weights: bool,
+    flags: LayerFlags,
     cache: Option<&Bound<'py, KvCacheCore>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let inputs = [
@@ -489,11 +602,7 @@ fn layer_typed<'py, T: CachedFloat>(
         None => None,
     };
     let mut cache_ref = match cache {
-        Some(cache) => Some(cache.try_borrow_mut().map_err(|_| {
-            pyo3::exceptions::PyRuntimeError::new_err(
-                "cache is in use by another call (a KVCache serves one decoding loop at a time)",
-            )
-        })?),
+        Some(cache) => Some(KvCacheCore::borrow_mut(cache)?),
         None => None,
     };
     let cache = match cache_ref.as_mut() {
@@ -511,14 +620,17 @@ fn layer_typed<'py, T: CachedFloat>(
         b_v: bias(2),
         b_o: bias(3),
     };
+    // Self-attention passes one array three times: one borrow keeps the views identical.
+    let view = |index: usize| inputs[index].as_array();
     let layer_inputs = crate::MhaInputs {
-        query: inputs[0].as_array(),
-        key: inputs[1].as_array(),
-        value: inputs[2].as_array(),
+        query: view(0),
+        key: view(1),
+        value: view(2),
         attn_mask: BorrowedMask::view(&borrowed_mask),
         key_padding_mask: padding.as_ref().map(|mask| mask.as_array()),
-        is_causal,
-        need_weights,
+        is_causal: flags.is_causal,
+        need_weights: flags.need_weights,
+        num_threads: flags.num_threads,
     };
     let result = py.detach(|| crate::multi_head_attention(&weights, heads, layer_inputs, cache))?;
     attention_result(py, result.output, result.weights)
@@ -527,8 +639,11 @@ fn layer_typed<'py, T: CachedFloat>(
 /// The whole multi-head attention layer in one call (see `attnscope.MultiHeadAttention`):
 /// (B, L, E) inputs, weights in `x·W` orientation, the GIL released throughout.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads, attn_mask, key_padding_mask, is_causal, need_weights, cache))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (query, key, value, w_q, w_k, w_v, w_o, b_q, b_k, b_v, b_o, num_heads, num_kv_heads, attn_mask, key_padding_mask, is_causal, need_weights, cache, num_threads))]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "every array of the layer, one by one"
+)]
 fn multi_head_attention_forward<'py>(
     py: Python<'py>,
     query: Bound<'py, PyAny>,
@@ -549,26 +664,34 @@ fn multi_head_attention_forward<'py>(
     is_causal: bool,
     need_weights: bool,
     cache: Option<Bound<'py, KvCacheCore>>,
+    num_threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let heads = crate::MhaHeads {
-        num_heads,
-        num_kv_heads,
-    };
-    let arrays = LayerArrays {
-        query,
-        key,
-        value,
-        matrices: [w_q, w_k, w_v, w_o],
-        biases: [b_q, b_k, b_v, b_o],
-        attn_mask,
-        key_padding_mask,
-    };
-    let cache = cache.as_ref();
-    if arrays.query.cast::<PyArrayDyn<f32>>().is_ok() {
-        layer_typed::<f32>(py, &arrays, heads, is_causal, need_weights, cache)
-    } else if arrays.query.cast::<PyArrayDyn<f64>>().is_ok() {
-        layer_typed::<f64>(py, &arrays, heads, is_causal, need_weights, cache)
-    } else {
-        Err(dtype_error("query", &arrays.query))
-    }
+    guarded(|| {
+        let heads = crate::MhaHeads {
+            num_heads,
+            num_kv_heads,
+        };
+        let arrays = LayerArrays {
+            query,
+            key,
+            value,
+            matrices: [w_q, w_k, w_v, w_o],
+            biases: [b_q, b_k, b_v, b_o],
+            attn_mask,
+            key_padding_mask,
+        };
+        let flags = LayerFlags {
+            is_causal,
+            need_weights,
+            num_threads,
+        };
+        let cache = cache.as_ref();
+        if is_dtype::<f32>(&arrays.query) {
+            layer_typed::<f32>(py, &arrays, heads, flags, cache)
+        } else if is_dtype::<f64>(&arrays.query) {
+            layer_typed::<f64>(py, &arrays, heads, flags, cache)
+        } else {
+            Err(dtype_error("query", &arrays.query))
+        }
+    })
 }

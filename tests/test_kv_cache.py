@@ -4,6 +4,8 @@ amortised growth, and failed calls that leave the cache exactly as it was."""
 
 from __future__ import annotations
 
+import threading
+
 import attnscope
 import numpy as np
 import pytest
@@ -280,3 +282,33 @@ def test_attend_errors(rng):
 def test_constructor_errors(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         attnscope.KVCache(*args, **kwargs)
+
+
+def test_a_cache_used_from_two_threads_at_once_says_so(rng):
+    """While one thread's call holds the cache, another thread's call on it raises an error
+    that says what happened (not PyO3's bare "Already borrowed")."""
+    cache = attnscope.KVCache(4, 64, batch=2)
+    tokens = 4096
+    keys = rng.standard_normal((2, 4, tokens, 64)).astype(np.float32)
+    cache.append(keys, keys)
+    query = rng.standard_normal((2, 4, 256, 64)).astype(np.float32)
+    errors = []
+    done = threading.Event()
+
+    def attend_for_a_while():
+        try:
+            for _ in range(20):
+                cache.attend(query)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=attend_for_a_while)
+    worker.start()
+    while not done.is_set():
+        try:
+            cache.append(keys[:, :, :1], keys[:, :, :1])
+        except RuntimeError as error:
+            errors.append(str(error))
+    worker.join()
+    assert errors, "the two threads never overlapped"
+    assert all("KVCache is in use by a call in another thread" in e for e in errors), errors[:1]

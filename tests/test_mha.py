@@ -36,7 +36,7 @@ def reference_layer(
 
     def heads(x, count):
         batch, tokens, _ = x.shape
-        return x.reshape(batch, tokens, count, -1).transpose(0, 2, 1, 3)
+        return x.reshape(batch, tokens, count, x.shape[-1] // count).transpose(0, 2, 1, 3)
 
     q = heads(project(query, layer.w_q, layer.b_q), layer.num_heads)
     k = heads(project(key, layer.w_k, layer.b_k), layer.num_kv_heads)
@@ -61,7 +61,7 @@ def reference_layer(
         return_weights=True,
     )
     batch, _, length, _ = out.shape
-    joined = out.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+    joined = out.transpose(0, 2, 1, 3).reshape(batch, length, out.shape[1] * out.shape[3])
     return project(joined, layer.w_o, layer.b_o), weights
 
 

@@ -129,7 +129,27 @@ def test_call_errors(layer, call, error, match):
             "w_o",
             np.zeros((8, 16), np.float32),
             ValueError,
-            r"w_o: expected shape \(num_heads \* head_dim, E\) = \(16, E\), got \(8, 16\)",
+            r"w_o: expected shape \(num_heads \* head_dim, E\) = \(16, 16\), got \(8, 16\)",
+        ),
+        # A w_o of the wrong width is w_o's fault, not b_o's.
+        (
+            "w_o",
+            np.zeros((16, 12), np.float32),
+            ValueError,
+            r"w_o: expected shape \(num_heads \* head_dim, E\) = \(16, 16\), got \(16, 12\)",
+        ),
+        # In self-attention the key input is the query: a w_k with the wrong rows is w_k's.
+        (
+            "w_k",
+            np.zeros((12, 8), np.float32),
+            ValueError,
+            r"w_k: has 12 rows but the key input \(here the query\) is 16 wide",
+        ),
+        (
+            "w_v",
+            np.zeros((12, 8), np.float32),
+            ValueError,
+            r"w_v: has 12 rows but the value input \(here the query\) is 16 wide",
         ),
         ("b_v", np.zeros(16, np.float32), ValueError, r"b_v: expected shape \(8,\), got \(16,\)"),
         ("w_v", np.zeros((16, 8), np.float64), TypeError, "w_v has dtype float64"),
@@ -151,3 +171,59 @@ def test_from_torch_needs_num_heads_for_a_state_dict():
         MHA.from_torch(np.eye(4), num_heads=2)
     with pytest.raises(ValueError, match=r"in_proj_weight has shape \(8, 4\)"):
         MHA.from_torch({"out_proj.weight": np.eye(4), "in_proj_weight": np.ones((8, 4))}, 2)
+
+
+def test_a_wrong_w_k_in_cross_attention_names_the_key_and_w_k(layer):
+    with pytest.raises(ValueError, match=r"key: expected shape \(B, S, 16\).*rows of w_k"):
+        layer(x(2, 3, 16), x(2, 5, 8))
+
+
+def _state_dict(embed_dim=4):
+    rng = np.random.default_rng(0)
+    return {
+        "in_proj_weight": rng.standard_normal((3 * embed_dim, embed_dim)),
+        "in_proj_bias": rng.standard_normal(3 * embed_dim),
+        "out_proj.weight": rng.standard_normal((embed_dim, embed_dim)),
+        "out_proj.bias": rng.standard_normal(embed_dim),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "error", "match"),
+    [
+        (
+            "in_proj_bias",
+            np.zeros(8),
+            ValueError,
+            r"in_proj_bias must have shape \(12,\), got \(8,\)",
+        ),
+        (
+            "in_proj_bias",
+            np.zeros((3, 4)),
+            ValueError,
+            r"in_proj_bias must have shape \(12,\), got \(3, 4\)",
+        ),
+        ("out_proj.bias", np.zeros((1, 4)), ValueError, r"out_proj.bias must have shape \(4,\)"),
+        ("out_proj.weight", np.float64(1.0), ValueError, r"out_proj.weight must be 2-D"),
+        ("in_proj_weight", np.zeros(48), ValueError, r"in_proj_weight must be 2-D"),
+        ("in_proj_weight", np.zeros((12, 4), bool), TypeError, "in_proj_weight has dtype bool"),
+        ("out_proj.bias", np.zeros(4, np.int64), TypeError, "out_proj.bias has dtype int64"),
+    ],
+)
+def test_from_torch_checks_each_entry_up_front(name, value, error, match):
+    state = _state_dict()
+    state[name] = value
+    with pytest.raises(error, match=match):
+        MHA.from_torch(state, num_heads=2)
+
+
+def test_from_torch_checks_separate_projection_shapes():
+    state = _state_dict()
+    del state["in_proj_weight"]
+    state.update(
+        q_proj_weight=np.zeros((4, 4)),
+        k_proj_weight=np.zeros((3, 6)),
+        v_proj_weight=np.zeros((4, 5)),
+    )
+    with pytest.raises(ValueError, match=r"k_proj_weight has shape \(3, 6\)"):
+        MHA.from_torch(state, num_heads=2)

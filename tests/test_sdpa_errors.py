@@ -12,6 +12,7 @@ import re
 import attnscope
 import numpy as np
 import pytest
+from attnscope import reference
 from conftest import assert_close
 
 sdpa = attnscope.scaled_dot_product_attention
@@ -274,3 +275,25 @@ def test_inputs_too_large_to_copy_are_refused_not_fatal():
         attnscope.scaled_dot_product_attention(huge, small, small)
     with pytest.raises(ValueError, match="key"):
         attnscope.scaled_dot_product_attention(small, huge, huge)
+
+
+def test_a_panic_in_the_core_is_a_runtime_error():
+    """The last line of defence: whatever bug panics inside the core reaches Python as a
+    RuntimeError saying it is an internal error (never a PanicException, which `except
+    Exception` would not catch)."""
+    from attnscope import _core
+
+    with pytest.raises(RuntimeError, match="internal error.*a deliberate panic"):
+        _core._panic_for_tests()
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<f8", ">f8"])
+def test_either_byte_order_is_computed(dtype):
+    rng = np.random.default_rng(0)
+    native = rng.standard_normal((2, 3, 9, 8))
+    swapped = native.astype(dtype)
+    mask = np.where(rng.random((9, 9)) < 0.8, 0.0, -np.inf)
+    out = attnscope.scaled_dot_product_attention(swapped, swapped, swapped, mask.astype(dtype))
+    expected = reference.scaled_dot_product_attention(native, native, native, mask)
+    assert out.dtype == np.dtype(dtype).newbyteorder("=")
+    assert_close(out, expected, out.dtype)

@@ -198,3 +198,95 @@ def test_gil_is_released_while_the_kernel_runs(restore_num_threads):
     assert free_rate > 0
     # Holding the GIL would allow about 1% of the free rate (two switch intervals per call).
     assert during_call > 0.1 * free_rate * call_seconds, (during_call, free_rate, call_seconds)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "100000", "2.5", ""])
+def test_a_bad_environment_variable_is_an_error_at_first_use(value):
+    """The variable follows set_num_threads' rule; a bad value is reported, not ignored, and
+    set_num_threads() still works."""
+    script = """
+import numpy as np, attnscope
+q = np.ones((1, 4, 4), np.float32)
+for call in (attnscope.get_num_threads, lambda: attnscope.scaled_dot_product_attention(q, q, q)):
+    try:
+        call()
+    except ValueError as error:
+        assert "ATTNSCOPE_NUM_THREADS" in str(error) and "between 1 and 1024" in str(error), error
+    else:
+        raise AssertionError("no error")
+attnscope.set_num_threads(2)
+assert attnscope.get_num_threads() == 2
+attnscope.scaled_dot_product_attention(q, q, q)
+print("ok")
+"""
+    env = {**os.environ, "ATTNSCOPE_NUM_THREADS": value}
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "ok"
+
+
+def test_set_num_threads_has_an_upper_bound(restore_num_threads):
+    with pytest.raises(ValueError, match="num_threads: must be between 1 and 1024, got 1025"):
+        attnscope.set_num_threads(1025)
+
+
+def _engine_thread_names() -> set[str]:
+    """Names of this process's engine worker threads (Linux)."""
+    names = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as comm:
+            names.add(comm.read().strip())
+    return {name for name in names if name.startswith("attnscope-")}
+
+
+def test_threads_context_sets_the_count_for_this_context_only(restore_num_threads):
+    attnscope.set_num_threads(2)
+    with attnscope.threads(3):
+        assert attnscope.get_num_threads() == 3
+        with attnscope.threads(1):
+            assert attnscope.get_num_threads() == 1
+        assert attnscope.get_num_threads() == 3
+    assert attnscope.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "error"), [(0, ValueError), (1025, ValueError), (-3, ValueError), (True, TypeError)]
+)
+def test_threads_context_follows_the_same_rule(value, error):
+    with pytest.raises(error, match="num_threads"):
+        with attnscope.threads(value):
+            pass
+
+
+def test_two_python_threads_with_their_own_counts_at_once(restore_num_threads):
+    """Two Python threads run with 1 and 7 engine threads at the same time: each sees its own
+    count, gets the serial result, and the engine-wide count is untouched."""
+    attnscope.set_num_threads(2)
+    query, key, value, mask = _inputs_with_several_heads_and_query_blocks(np.float32)
+    expected = sdpa(query, key, value, mask, is_causal=True)
+    layer = attnscope.MultiHeadAttention(32, 4, seed=0)
+    x = np.random.default_rng(3).standard_normal((2, 300, 32)).astype(np.float32)
+    expected_layer = layer(x, is_causal=True)
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def work(count):
+        with attnscope.threads(count):
+            barrier.wait()
+            for _ in range(3):
+                seen.setdefault(count, set()).add(attnscope.get_num_threads())
+                np.testing.assert_array_equal(
+                    sdpa(query, key, value, mask, is_causal=True), expected
+                )
+                np.testing.assert_array_equal(layer(x, is_causal=True), expected_layer)
+        seen[count].add(("after", attnscope.get_num_threads()))
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(work, (1, 7)))
+    assert seen == {1: {1, ("after", 2)}, 7: {7, ("after", 2)}}
+    assert attnscope.get_num_threads() == 2
+    if os.path.isdir("/proc/self/task"):
+        # A pool of 7 workers ran (worker index 6 exists in no smaller pool).
+        assert "attnscope-6" in _engine_thread_names()

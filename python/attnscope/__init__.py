@@ -14,6 +14,7 @@ from ._attention import (
     scaled_dot_product_attention,
     set_num_threads,
     set_weights_memory_limit,
+    threads,
 )
 from ._engine import core_available
 from ._mha import KVCache, MultiHeadAttention
@@ -29,4 +30,5 @@ __all__ = [
     "scaled_dot_product_attention",
     "set_num_threads",
     "set_weights_memory_limit",
+    "threads",
 ]

@@ -1,9 +1,13 @@
-"""`scaled_dot_product_attention` and the thread controls: argument checks, then the Rust core."""
+"""`scaled_dot_product_attention` and the thread controls. The Rust core checks shapes and
+values; this layer keeps what the core cannot express (arrays, not lists; no bool where a number
+is meant; `window=w` as its two sides) and picks the thread count of the calling context."""
 
 from __future__ import annotations
 
-import math
+import contextlib
+import contextvars
 import numbers
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -12,9 +16,11 @@ from ._engine import core
 _FLOAT_CHARS = (np.dtype(np.float32).char, np.dtype(np.float64).char)
 # A window side wider than any sequence means "unbounded"; this one still fits the core's usize.
 _WIDEST_SIDE = 2**63 - 1
-# More worker threads than this is a mistake, not a configuration.
-_MOST_THREADS = 1024
 _ALIGNMENTS = ("top_left", "bottom_right")
+# The thread count `threads(n)` set for this context (None: the engine-wide count).
+_CONTEXT_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "attnscope_threads", default=None
+)
 
 
 def _require_array(value, name: str) -> np.ndarray:
@@ -52,7 +58,8 @@ def check_mask(attn_mask, dtype: np.dtype, name: str = "attn_mask") -> np.ndarra
     if mask.dtype == np.bool_:
         return mask
     if np.issubdtype(mask.dtype, np.floating):
-        return mask if mask.dtype == dtype else mask.astype(dtype)
+        # Compared by kind: the core reads a byte-swapped copy of the same kind itself.
+        return mask if mask.dtype.char == dtype.char else mask.astype(dtype)
     raise TypeError(
         f"{name} has dtype {mask.dtype}; use a bool mask (True = may attend) or a float mask "
         "added to the scores (-inf hides a key)"
@@ -86,17 +93,16 @@ def check_window(window) -> tuple[int | None, int | None] | None:
 
 
 def check_scale(scale) -> float | None:
+    """A real number as float (the core refuses non-finite ones), or None."""
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    if not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
     return float(scale)
 
 
 def check_alignment(causal_alignment) -> str:
-    if causal_alignment not in _ALIGNMENTS:
+    if not isinstance(causal_alignment, str):
         raise ValueError(
             f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}"
         )
@@ -164,23 +170,60 @@ def scaled_dot_product_attention(
         check_alignment(causal_alignment),
         check_window(window),
         check_flag(return_weights, "return_weights"),
+        _CONTEXT_THREADS.get(),
     )
 
 
-def set_num_threads(num_threads: int) -> None:
-    """Use `num_threads` worker threads for every later call (1 = run serially)."""
+def context_threads() -> int | None:
+    """The thread count set by :func:`threads` for the calling context, or None."""
+    return _CONTEXT_THREADS.get()
+
+
+def _thread_count(num_threads) -> int:
+    """An int that follows the thread-count rule (1 to the engine's maximum), else an error."""
     if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    if num_threads < 1:
-        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    if num_threads > _MOST_THREADS:
-        raise ValueError(f"num_threads must be <= {_MOST_THREADS}, got {num_threads}")
+    return core().check_num_threads(int(num_threads))
+
+
+def set_num_threads(num_threads: int) -> None:
+    """Use `num_threads` worker threads for every later call (1 = run serially), in every
+    thread and context that has not chosen its own count with :func:`threads`."""
+    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
     core().set_num_threads(int(num_threads))
 
 
 def get_num_threads() -> int:
-    """The number of worker threads (from ATTNSCOPE_NUM_THREADS, else the CPU count)."""
-    return core().get_num_threads()
+    """The worker threads a call made here would use: the count of the enclosing
+    :func:`threads` block, else the engine-wide one (``set_num_threads``, else
+    ``ATTNSCOPE_NUM_THREADS``, else the CPU count).
+
+    Raises:
+        ValueError: ``ATTNSCOPE_NUM_THREADS`` is not a whole number from 1 to the maximum.
+    """
+    chosen = _CONTEXT_THREADS.get()
+    return core().get_num_threads() if chosen is None else chosen
+
+
+@contextlib.contextmanager
+def threads(num_threads: int) -> Iterator[None]:
+    """Run the engine calls made inside the block on `num_threads` worker threads.
+
+    The choice belongs to the current Python thread (and asyncio task, through
+    :mod:`contextvars`): other threads, and the engine-wide count of
+    :func:`set_num_threads`, are not touched. Blocks nest; the innermost wins.
+
+    Example::
+
+        with attnscope.threads(1):
+            out = attnscope.scaled_dot_product_attention(q, k, v)
+    """
+    token = _CONTEXT_THREADS.set(_thread_count(num_threads))
+    try:
+        yield
+    finally:
+        _CONTEXT_THREADS.reset(token)
 
 
 def set_weights_memory_limit(num_bytes: int) -> None:

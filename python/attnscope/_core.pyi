@@ -6,7 +6,10 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_THREADS",
     "KvCacheCore",
+    "_panic_for_tests",
+    "check_num_threads",
     "force_simd_level",
     "get_num_threads",
     "get_weights_memory_limit",
@@ -29,9 +32,15 @@ def scaled_dot_product_attention(
     causal_alignment: str,
     window: tuple[int | None, int | None] | None,
     return_weights: bool,
+    num_threads: int | None,
 ) -> Any: ...
+
+MAX_THREADS: int
+
 def set_num_threads(num_threads: int) -> None: ...
+def check_num_threads(num_threads: int) -> int: ...
 def get_num_threads() -> int: ...
+def _panic_for_tests() -> None: ...
 def set_weights_memory_limit(num_bytes: int) -> None: ...
 def get_weights_memory_limit() -> int: ...
 def simd_level() -> str: ...
@@ -54,6 +63,7 @@ class KvCacheCore:
         scale: float | None,
         window: tuple[int | None, int | None] | None,
         enable_gqa: bool,
+        num_threads: int | None,
     ) -> npt.NDArray[np.floating[Any]]: ...
     def reset(self) -> None: ...
     def __len__(self) -> int: ...
@@ -89,4 +99,5 @@ def multi_head_attention_forward(
     is_causal: bool,
     need_weights: bool,
     cache: KvCacheCore | None,
+    num_threads: int | None,
 ) -> Any: ...

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._attention import check_flag, check_mask, check_scale, check_window
+from ._attention import check_flag, check_mask, check_scale, check_window, context_threads
 from ._engine import core
 
 __all__ = ["KVCache", "MultiHeadAttention"]
@@ -46,7 +46,8 @@ def _array_of(value, name: str, dtype: np.dtype, ndims: tuple[int, ...]) -> np.n
             f"{name} must be a numpy.ndarray, got {type(value).__name__}; "
             f"wrap it with numpy.asarray({name}, dtype=numpy.{dtype})"
         )
-    if value.dtype != dtype:
+    # By kind, not byte order: the core computes on a byte-swapped ('>f4') array too.
+    if value.dtype.char != dtype.char:
         raise TypeError(
             f"{name} has dtype {value.dtype} but this computes in {dtype}; "
             f"convert with {name}.astype(numpy.{dtype})"
@@ -154,7 +155,11 @@ class KVCache:
         """
         q = _array_of(q, "q", self._dtype, (4,))
         return self._core.attend(
-            q, check_scale(scale), check_window(window), check_flag(enable_gqa, "enable_gqa")
+            q,
+            check_scale(scale),
+            check_window(window),
+            check_flag(enable_gqa, "enable_gqa"),
+            context_threads(),
         )
 
     def reset(self) -> None:
@@ -175,6 +180,30 @@ def _to_numpy(value) -> np.ndarray:
             value = value.float()
         return value.numpy()
     return np.asarray(value)
+
+
+def _state_matrix(arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """A state-dict weight: a 2-D float array, else an error naming the entry."""
+    weight = arrays[name]
+    if not np.issubdtype(weight.dtype, np.floating):
+        raise TypeError(f"{name} has dtype {weight.dtype}; weights must be floating point")
+    if weight.ndim != 2:
+        raise ValueError(
+            f"{name} must be 2-D (out_features, in_features), got shape {weight.shape}"
+        )
+    return weight
+
+
+def _state_bias(arrays: Mapping[str, np.ndarray], name: str, length: int) -> np.ndarray | None:
+    """A state-dict bias of `length` floats, None when absent, else an error naming it."""
+    bias = arrays.get(name)
+    if bias is None:
+        return None
+    if not np.issubdtype(bias.dtype, np.floating):
+        raise TypeError(f"{name} has dtype {bias.dtype}; biases must be floating point")
+    if bias.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {bias.shape}")
+    return bias
 
 
 class MultiHeadAttention:
@@ -357,6 +386,7 @@ class MultiHeadAttention:
             check_flag(is_causal, "is_causal"),
             check_flag(need_weights, "need_weights"),
             None if cache is None else cache._core,
+            context_threads(),
         )
         if not unbatched:
             return result
@@ -412,10 +442,10 @@ class MultiHeadAttention:
                 f"no 'out_proj.weight' in the state dict; found {sorted(arrays)} — is this an "
                 "nn.MultiheadAttention?"
             )
-        out_weight = arrays["out_proj.weight"]
+        out_weight = _state_matrix(arrays, "out_proj.weight")
         embed_dim = out_weight.shape[0]
         if "in_proj_weight" in arrays:
-            packed = arrays["in_proj_weight"]
+            packed = _state_matrix(arrays, "in_proj_weight")
             if packed.shape != (3 * embed_dim, embed_dim):
                 raise ValueError(
                     f"in_proj_weight has shape {packed.shape}, expected "
@@ -430,11 +460,26 @@ class MultiHeadAttention:
             ]
             if missing:
                 raise ValueError(f"the state dict has no in_proj_weight and no {missing}")
-            q_weight = arrays["q_proj_weight"]
-            k_weight = arrays["k_proj_weight"]
-            v_weight = arrays["v_proj_weight"]
-        in_bias = arrays.get("in_proj_bias")
-        out_bias = arrays.get("out_proj.bias")
+            q_weight = _state_matrix(arrays, "q_proj_weight")
+            k_weight = _state_matrix(arrays, "k_proj_weight")
+            v_weight = _state_matrix(arrays, "v_proj_weight")
+            for name, weight in (
+                ("q_proj_weight", q_weight),
+                ("k_proj_weight", k_weight),
+                ("v_proj_weight", v_weight),
+            ):
+                if weight.shape[0] != embed_dim:
+                    raise ValueError(
+                        f"{name} has shape {weight.shape}, expected (embed_dim, ...) with "
+                        f"embed_dim = {embed_dim} (from out_proj.weight)"
+                    )
+            if q_weight.shape != (embed_dim, embed_dim):
+                raise ValueError(
+                    f"q_proj_weight has shape {q_weight.shape}, expected "
+                    f"(embed_dim, embed_dim) = {(embed_dim, embed_dim)}"
+                )
+        in_bias = _state_bias(arrays, "in_proj_bias", 3 * embed_dim)
+        out_bias = _state_bias(arrays, "out_proj.bias", embed_dim)
         dtype = np.float64 if q_weight.dtype == np.float64 else np.float32
         layer = cls(
             embed_dim,

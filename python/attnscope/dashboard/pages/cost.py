@@ -1,7 +1,9 @@
 """Page: what context length costs in time and memory, measured live on this machine."""
 
+import contextlib
 import os
 
+import attnscope
 import streamlit as st
 from attnscope.dashboard import charts, cost, engine, ui
 
@@ -50,17 +52,22 @@ config = (longest, head_dim, threads, budget_mib, with_torch)
 results = st.session_state.setdefault("cost_results", {})
 if config not in results:
     progress = st.progress(0.0, text="Starting the sweep…")
-    previous_threads = engine.get_threads()
+    # The thread count holds for this session's calls only, never for other visitors'.
+    session_threads = (
+        attnscope.threads(threads) if engine.compiled_available() else contextlib.nullcontext()
+    )
     try:
-        engine.set_threads(threads)
-        results[config] = cost.sweep(
-            cost.lengths(128, longest),
-            head_dim,
-            memory_budget=budget_mib * 2**20,
-            include_torch=with_torch,
-            threads=threads,
-            progress=lambda fraction, label: progress.progress(fraction, text=f"Timing {label}"),
-        )
+        with session_threads:
+            results[config] = cost.sweep(
+                cost.lengths(128, longest),
+                head_dim,
+                memory_budget=budget_mib * 2**20,
+                include_torch=with_torch,
+                threads=threads,
+                progress=lambda fraction, label: progress.progress(
+                    fraction, text=f"Timing {label}"
+                ),
+            )
     except cost.SweepTooLarge as problem:
         results[config] = None
         st.session_state["cost_problem"] = str(problem)
@@ -71,7 +78,6 @@ if config not in results:
             "or a smaller budget."
         )
     finally:
-        engine.set_threads(previous_threads)
         progress.empty()
 
 frame = results[config]
