@@ -7,10 +7,11 @@ One block, for the running hidden state ``x`` (n tokens × d):
     q, k = rotate(q, k, position)         x = x + attention(q, k, v)·W_O
     h = rms_norm(x) · w₂                 x = x + (silu(h·W_gate) ⊙ h·W_up)·W_down
 
-Q, K and V are one fused product, gate and up another; weights are kept (in, out) and
-contiguous for NumPy's matrix products. Attention always runs on the engine: one causal,
-grouped-query call per layer when a whole text is read, one :class:`attnscope.KVCache` per
-layer when decoding token by token.
+Q, K and V are one fused product, gate and up another. Weights stay (out, in) as stored, so a
+block of tokens multiplies by the transposed view (BLAS reads it in place) and a single decoded
+token takes one dot product per output row. Attention always runs on the engine: one causal,
+grouped-query call per layer when a whole text is read, one :class:`attnscope.KVCache` per layer
+when decoding token by token.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 @dataclass
 class _Layer:
+    """One block's weights, each matrix (out, in) and contiguous."""
+
     norm1: np.ndarray  # (d,)
-    qkv: np.ndarray  # (d, (Hq + 2·Hkv)·Dh)
-    out: np.ndarray  # (Hq·Dh, d)
+    qkv: np.ndarray  # ((Hq + 2·Hkv)·Dh, d)
+    out: np.ndarray  # (d, Hq·Dh)
     norm2: np.ndarray  # (d,)
-    gate_up: np.ndarray  # (d, 2·inner)
-    down: np.ndarray  # (inner, d)
+    gate_up: np.ndarray  # (2·inner, d)
+    down: np.ndarray  # (d, inner)
 
 
 class LlamaModel(Model):
@@ -83,9 +86,9 @@ class LlamaModel(Model):
 
         self._embed = w("model.embed_tokens.weight", self.vocab_size, d)
         if config.get("tie_word_embeddings", False):
-            self._unembed = self._embed.T  # a view: the (vocab, d) matrix is stored once
+            self._unembed = self._embed  # the same (vocab, d) matrix, stored once
         else:
-            self._unembed = w("lm_head.weight", self.vocab_size, d).T
+            self._unembed = w("lm_head.weight", self.vocab_size, d)
         self._final_norm = w("model.norm.weight", d)
         self._layers = [self._read_layer(w, index, inner) for index in range(self.num_layers)]
         self._cos, self._sin = _rotary_tables(
@@ -115,7 +118,6 @@ class LlamaModel(Model):
         d, dh = self.hidden_size, self._head_dim
         heads, kv_heads = self.num_heads, self._num_kv_heads
         p = f"model.layers.{index}."
-        # torch's Linear stores (out, in); x·W wants (in, out). One copy per fused matrix.
         qkv = np.concatenate(
             [
                 w(p + "self_attn.q_proj.weight", heads * dh, d),
@@ -128,11 +130,11 @@ class LlamaModel(Model):
         )
         return _Layer(
             norm1=w(p + "input_layernorm.weight", d),
-            qkv=np.ascontiguousarray(qkv.T),
-            out=np.ascontiguousarray(w(p + "self_attn.o_proj.weight", d, heads * dh).T),
+            qkv=qkv,
+            out=w(p + "self_attn.o_proj.weight", d, heads * dh),
             norm2=w(p + "post_attention_layernorm.weight", d),
-            gate_up=np.ascontiguousarray(gate_up.T),
-            down=np.ascontiguousarray(w(p + "mlp.down_proj.weight", d, inner).T),
+            gate_up=gate_up,
+            down=w(p + "mlp.down_proj.weight", d, inner),
         )
 
     @property
@@ -170,7 +172,7 @@ class LlamaModel(Model):
         sin = self._sin[start : start + n, None, :]
         x = self._embed[ids]
         for index, layer in enumerate(self._layers):
-            qkv = _rms_norm(x, layer.norm1, self._eps) @ layer.qkv
+            qkv = _project(_rms_norm(x, layer.norm1, self._eps), layer.qkv)
             rotated = _rotate(qkv[:, : (heads + kv_heads) * dh].reshape(n, -1, dh), cos, sin)
             v = qkv[:, (heads + kv_heads) * dh :].reshape(n, kv_heads, dh)
             if n == 1:  # (1, H, Dh) and (H, 1, Dh) are the same bytes: no copies needed
@@ -182,14 +184,14 @@ class LlamaModel(Model):
                 k = np.ascontiguousarray(rotated[:, heads:].transpose(1, 0, 2))
                 v = np.ascontiguousarray(v.transpose(1, 0, 2))
             context = attend(index, q, k, v)
-            x = x + context.transpose(1, 0, 2).reshape(n, heads * dh) @ layer.out
-            gate_up = _rms_norm(x, layer.norm2, self._eps) @ layer.gate_up
-            x = x + _swiglu(gate_up) @ layer.down
+            x = x + _project(context.transpose(1, 0, 2).reshape(n, heads * dh), layer.out)
+            gate_up = _project(_rms_norm(x, layer.norm2, self._eps), layer.gate_up)
+            x = x + _project(_swiglu(gate_up), layer.down)
         return _rms_norm(x, self._final_norm, self._eps)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Next-token scores ``(n, vocab)`` for final hidden states ``(n, d)``."""
-        return hidden @ self._unembed
+        return _project(hidden, self._unembed)
 
     # --- generation, chat and perplexity (see _generate) -----------------------------------
 
@@ -245,6 +247,23 @@ class LlamaModel(Model):
         from ._generate import perplexity
 
         return perplexity(self, text, window=window, sinks=sinks)
+
+
+# NumPy >= 2 has a dot-product ufunc; older versions fall back to BLAS's matrix-vector product.
+_row_dots = getattr(np, "vecdot", None)
+
+
+def _project(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``x · weightᵀ`` for `weight` stored (out, in), as torch's Linear keeps it.
+
+    Many rows: one BLAS matrix product reading the transposed view in place. One row (a
+    decoding step): one dot product per output, on the calling thread. That product is bound
+    by memory, and waking BLAS's threads for it cost more than it saved in our measurements,
+    by far on a busy machine.
+    """
+    if x.shape[0] == 1 and _row_dots is not None:
+        return _row_dots(weight, x[0])[None]
+    return x @ weight.T
 
 
 def _rotary_tables(positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
