@@ -84,6 +84,11 @@ def heatmap(
             alt.Tooltip("visible:N", title="visible"),
         ],
     )
+    return weight_cells(base, rows, cols, cell_px)
+
+
+def weight_cells(base: alt.Chart, rows: int, cols: int, cell_px: int) -> alt.LayerChart:
+    """The cells of a weights grid: visible ones coloured by weight, hidden ones grey."""
     shown = (
         base.transform_filter("datum.visible")
         .mark_rect()

@@ -10,7 +10,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .charts import BAR_BLUE, HIDDEN_GREY, HIGHLIGHT, NATURAL_SIZE, lines
+from .charts import BAR_BLUE, HIGHLIGHT, NATURAL_SIZE, lines, weight_cells
 
 
 def head_grid(table: pd.DataFrame, statistic: str) -> alt.Chart:
@@ -71,21 +71,7 @@ def labelled_heatmap(
             alt.Tooltip("weight:Q", format=".4f"),
         ],
     )
-    shown = (
-        base.transform_filter("datum.visible")
-        .mark_rect()
-        .encode(
-            color=alt.Color(
-                "weight:Q",
-                scale=alt.Scale(scheme="blues", domain=[0, 1]),
-                legend=alt.Legend(title="weight"),
-            )
-        )
-    )
-    hidden = base.transform_filter("!datum.visible").mark_rect(color=HIDDEN_GREY)
-    return (hidden + shown).properties(
-        width=cell_px * cols, height=cell_px * rows, autosize=NATURAL_SIZE
-    )
+    return weight_cells(base, rows, cols, cell_px)
 
 
 def key_bars(
