@@ -5,15 +5,15 @@
 
 use ndarray::{
     Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewD, Axis,
-    CowArray, Ix3, Ix4, IxDyn, Zip,
+    CowArray, Ix3, Ix4, IxDyn, Slice, Zip,
 };
 
-use crate::attention::{broadcasts, check_weights_fit};
 use crate::error::shape_str;
-use crate::kernel::KernelElement;
 use crate::kv_cache::{CacheAttendOptions, KvCache};
 use crate::memory::{self, standard_layout, zeroed};
 use crate::projection::linear;
+use crate::shapes::{broadcasts, check_weights_fit};
+use crate::simd::KernelElement;
 use crate::threads::pool_for;
 use crate::{scaled_dot_product_attention, Attention, AttentionOptions, AttnError, Mask};
 
@@ -232,11 +232,17 @@ fn check_cache<T: KernelElement>(
     Ok(())
 }
 
-/// `view` with leading length-1 axes up to rank 4.
+/// `view` with leading length-1 axes up to rank 4, and its broadcast axes (stride 0, as
+/// `np.broadcast_to` makes them) shrunk to length 1, so combining it copies only what it holds.
 fn as_rank4<'a, U>(view: &ArrayViewD<'a, U>) -> ArrayViewD<'a, U> {
     let mut view = view.clone();
     while view.ndim() < 4 {
         view.insert_axis_inplace(Axis(0));
+    }
+    for axis in 0..4 {
+        if view.strides()[axis] == 0 && view.shape()[axis] > 1 {
+            view.slice_axis_inplace(Axis(axis), Slice::from(0..1));
+        }
     }
     view
 }

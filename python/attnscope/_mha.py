@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._attention import check_flag, check_mask, check_scale, check_window, context_threads
+from ._attention import check_flag, check_window, context_threads
 from ._engine import core
 
 __all__ = ["KVCache", "MultiHeadAttention"]
@@ -156,9 +156,9 @@ class KVCache:
         q = _array_of(q, "q", self._dtype, (4,))
         return self._core.attend(
             q,
-            check_scale(scale),
-            check_window(window),
-            check_flag(enable_gqa, "enable_gqa"),
+            scale,
+            None if window is None else check_window(window),
+            enable_gqa,
             context_threads(),
         )
 
@@ -355,7 +355,6 @@ class MultiHeadAttention:
                     f"{name} has shape {array.shape} but query has shape {query.shape}; "
                     "both batched (B, N, E) or both unbatched (N, E)"
                 )
-        mask = check_mask(attn_mask, dtype)
         padding = None
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, np.ndarray) or key_padding_mask.dtype != np.bool_:
@@ -381,10 +380,10 @@ class MultiHeadAttention:
             *biases,
             self.num_heads,
             self.num_kv_heads,
-            mask,
+            attn_mask,
             padding,
-            check_flag(is_causal, "is_causal"),
-            check_flag(need_weights, "need_weights"),
+            is_causal,
+            need_weights,
             None if cache is None else cache._core,
             context_threads(),
         )
