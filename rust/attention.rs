@@ -37,6 +37,15 @@ pub enum Mask<'a, T> {
 }
 
 impl<T> Mask<'_, T> {
+    /// The same mask, borrowed.
+    pub fn view(&self) -> Mask<'_, T> {
+        match self {
+            Mask::None => Mask::None,
+            Mask::Bool(view) => Mask::Bool(view.view()),
+            Mask::Additive(view) => Mask::Additive(view.view()),
+        }
+    }
+
     /// The mask's shape (`None` without a mask).
     pub fn shape(&self) -> Option<&[usize]> {
         match self {
@@ -108,12 +117,13 @@ fn nothing_to_compute<T: KernelElement>(
     geometry: &Geometry,
     options: &AttentionOptions,
 ) -> Result<Option<Attention<T>>, AttnError> {
-    let empty = |shape: &[usize]| shape.contains(&0);
-    let output_shape = geometry.output_shape();
-    let weights_shape = geometry.weights_shape();
-    if !empty(&output_shape) || (options.return_weights && !empty(&weights_shape)) {
+    let no_heads = geometry.outer_shape.contains(&0) || geometry.num_queries == 0;
+    let output_empty = no_heads || geometry.value_dim == 0;
+    let weights_empty = no_heads || geometry.num_keys == 0;
+    if !output_empty || (options.return_weights && !weights_empty) {
         return Ok(None);
     }
+    let (output_shape, weights_shape) = (geometry.output_shape(), geometry.weights_shape());
     let output = ArrayD::from_shape_vec(IxDyn(&output_shape), Vec::new())
         .expect("an empty shape holds no element");
     let weights = options.return_weights.then(|| {

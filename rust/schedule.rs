@@ -11,6 +11,8 @@
 //! there are: key chunks are fixed by the shape alone and merged in a fixed order, so results
 //! are bitwise identical for any thread count.
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::ops::Range;
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -85,8 +87,33 @@ struct Task {
     cost: usize,
 }
 
+/// Runs `work` with this thread's scratch space for `T`, kept between calls so that a small
+/// call does not spend its time allocating buffers an earlier call already had.
+fn with_scratch<T: Element, R>(work: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| {
+        let Ok(mut kept) = cell.try_borrow_mut() else {
+            // A call nested in another on this thread gets its own.
+            return work(&mut Scratch::default());
+        };
+        let index = match kept.iter().position(|entry| entry.is::<Scratch<T>>()) {
+            Some(index) => index,
+            None => {
+                kept.push(Box::new(Scratch::<T>::default()));
+                kept.len() - 1
+            }
+        };
+        let scratch = kept[index]
+            .downcast_mut::<Scratch<T>>()
+            .expect("the entry was found by its type");
+        work(scratch)
+    })
+}
+
 /// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline. Each
-/// worker reuses one scratch space across the tasks it runs.
+/// thread reuses its scratch space across the tasks it runs.
 fn run_tasks<T, F>(pool: &ThreadPool, tasks: &mut [Task], work: F)
 where
     T: Element,
@@ -95,14 +122,13 @@ where
     tasks.sort_by_key(|task| std::cmp::Reverse(task.cost));
     let total: usize = tasks.iter().map(|task| task.cost).sum();
     if total <= ATTENTION_INLINE_WORK || tasks.len() == 1 || pool.current_num_threads() == 1 {
-        let mut scratch = Scratch::default();
-        tasks.iter().for_each(|task| work(&mut scratch, task));
+        with_scratch(|scratch| tasks.iter().for_each(|task| work(scratch, task)));
     } else {
         pool.install(|| {
             tasks
                 .par_iter()
                 .with_max_len(1)
-                .for_each_init(Scratch::default, |scratch, task| work(scratch, task))
+                .for_each(|task| with_scratch(|scratch| work(scratch, task)))
         });
     }
 }
@@ -378,7 +404,7 @@ fn by_key_chunks<T: KernelElement>(
     let states: Vec<SoftmaxState<T>> = pool.install(|| {
         chunks
             .par_iter()
-            .map_init(Scratch::default, compute)
+            .map(|chunk| with_scratch(|scratch| compute(scratch, chunk)))
             .collect()
     });
     let mut merged: Vec<Option<SoftmaxState<T>>> = (0..blocks.len()).map(|_| None).collect();

@@ -13,6 +13,11 @@ import numpy as np
 
 from ._engine import core
 
+try:  # bound once: tiny calls are dominated by fixed costs
+    from ._core import scaled_dot_product_attention as _core_sdpa
+except ImportError:  # pragma: no cover - the call below then raises core()'s ImportError
+    _core_sdpa = None
+
 # A window side wider than any sequence means "unbounded"; this one still fits the core's usize.
 _WIDEST_SIDE = 2**63 - 1
 # The thread count `threads(n)` set for this context (None: the engine-wide count).
@@ -95,7 +100,7 @@ def scaled_dot_product_attention(
             for the limit set by :func:`set_weights_memory_limit`.
     """
     # Written for speed: tiny calls are dominated by fixed costs, and the core checks the rest.
-    return core().scaled_dot_product_attention(
+    return (_core_sdpa or core().scaled_dot_product_attention)(
         query,
         key,
         value,
