@@ -4,6 +4,12 @@
 //! multithreaded with rayon over (batch, head, query block) and, for few queries, key chunks;
 //! SIMD micro-kernels chosen at run time (AVX-512, AVX2+FMA, portable). Pure Rust: the Python
 //! bindings live in `python.rs` behind the `python` feature.
+//!
+//! Read top-down: `attention` (entry points) checks a call with `shapes`, hands it to
+//! `schedule` (tasks and strategies), which runs `kernel` (one block of queries, built on
+//! `microkernel`) through `simd::dispatch` (one instance per instruction set). `mha`,
+//! `projection` and `kv_cache` build the layer on top; `memory`, `threads`, `bounds`, `error`
+//! and `element` are the shared pieces.
 
 mod attention;
 mod bounds;
