@@ -120,19 +120,17 @@ def context_threads() -> int | None:
     return _CONTEXT_THREADS.get()
 
 
-def _thread_count(num_threads) -> int:
-    """An int that follows the thread-count rule (1 to the engine's maximum), else an error."""
+def _an_int(num_threads) -> int:
+    """An int, not a bool (the core checks the range: 1 to its maximum)."""
     if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    return core().check_num_threads(int(num_threads))
+    return int(num_threads)
 
 
 def set_num_threads(num_threads: int) -> None:
     """Use `num_threads` worker threads for every later call (1 = run serially), in every
     thread and context that has not chosen its own count with :func:`threads`."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    core().set_num_threads(int(num_threads))
+    core().set_num_threads(_an_int(num_threads))
 
 
 def get_num_threads() -> int:
@@ -160,7 +158,7 @@ def threads(num_threads: int) -> Iterator[None]:
         with attnscope.threads(1):
             out = attnscope.scaled_dot_product_attention(q, k, v)
     """
-    token = _CONTEXT_THREADS.set(_thread_count(num_threads))
+    token = _CONTEXT_THREADS.set(core().check_num_threads(_an_int(num_threads)))
     try:
         yield
     finally:
