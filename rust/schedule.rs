@@ -192,6 +192,16 @@ impl<T: KernelElement> CallData<'_, T> {
         }
     }
 
+    /// The online softmax of `task`'s rows over its keys, left in `scratch.state`.
+    fn stream(&self, scratch: &mut Scratch<T>, task: &Task) {
+        scratch
+            .state
+            .reset(task.rows.len(), self.geometry.value_dim);
+        let head = self.head(task.head);
+        let (rows, keys) = (task.rows.clone(), task.keys.clone());
+        T::flash(self.level, &self.params, &head, rows, keys, scratch);
+    }
+
     /// Every (head, query block) with the keys its rows can see.
     fn query_blocks(&self) -> Vec<Task> {
         let geometry = self.geometry;
@@ -346,16 +356,7 @@ fn by_query_blocks<T: KernelElement>(
     let (l, dv) = (call.geometry.num_queries, call.geometry.value_dim);
     let out_writer = DisjointWriter::new(output);
     run_tasks(pool, blocks, |scratch, task| {
-        scratch.state.reset(task.rows.len(), dv);
-        let head = call.head(task.head);
-        T::flash(
-            call.level,
-            &call.params,
-            &head,
-            task.rows.clone(),
-            task.keys.clone(),
-            scratch,
-        );
+        call.stream(scratch, task);
         // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
         let out = unsafe { out_writer.rows_mut(task.head, &task.rows, l, dv) };
         scratch.state.finish_into(out, dv);
@@ -389,16 +390,7 @@ fn by_key_chunks<T: KernelElement>(
         }
     }
     let compute = |scratch: &mut Scratch<T>, (_, task): &(usize, Task)| {
-        scratch.state.reset(task.rows.len(), dv);
-        let head = call.head(task.head);
-        T::flash(
-            call.level,
-            &call.params,
-            &head,
-            task.rows.clone(),
-            task.keys.clone(),
-            scratch,
-        );
+        call.stream(scratch, task);
         std::mem::take(&mut scratch.state)
     };
     let states: Vec<SoftmaxState<T>> = pool.install(|| {
