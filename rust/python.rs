@@ -1,5 +1,6 @@
-//! The only file that knows Python: argument conversion, dtype dispatch, errors, and releasing
-//! the GIL around every kernel call.
+//! The only file that knows Python: argument conversion and the checks only Python values
+//! need (types, dtypes, byte order), dtype dispatch, errors, releasing the GIL around every
+//! kernel call, and the last line of defence that turns a panic into a `RuntimeError`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
