@@ -206,8 +206,8 @@ impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
                 type_name(mask)
             )));
         }
-        let kind = mask.getattr("dtype")?.getattr("kind")?;
-        if kind.extract::<PyBackedStr>()?.as_ref() as &str == "f" {
+        let kind: PyBackedStr = mask.getattr("dtype")?.getattr("kind")?.extract()?;
+        if &*kind == "f" {
             let cast = mask.call_method1("astype", (numpy::dtype::<T>(mask.py()),))?;
             if let Some(floats) = borrow_as::<T, ndarray::IxDyn>(&cast)? {
                 return Ok(Some(BorrowedMask::Additive(floats)));
