@@ -3,9 +3,11 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::attention::{attention_at_level, KV_CHUNK};
+use crate::attention::attention_at_level;
 use crate::bounds::{Bounds, CausalAlignment, Window};
-use crate::kernel::{KernelElement, KEY_BLOCK, QUERY_BLOCK};
+use crate::kernel::{KEY_BLOCK, QUERY_BLOCK};
+use crate::schedule::KV_CHUNK;
+use crate::simd::KernelElement;
 use crate::simd::SimdLevel;
 use crate::{AttentionOptions, AttnError, Mask};
 
@@ -27,7 +29,6 @@ impl Lcg {
 }
 
 /// Naive attention in f64 for one head: weights (L x S) and output (L x Dv).
-#[allow(clippy::too_many_arguments)]
 fn naive_head(
     q: &[f64],
     k: &[f64],

@@ -15,11 +15,12 @@ use crate::microkernel::{
     accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, scores_by_dot,
     transposed_scores, WeightLayout,
 };
-use crate::simd::{SimdLevel, SimdVec};
+use crate::simd::SimdVec;
 
 /// Query rows per task.
 pub const QUERY_BLOCK: usize = 64;
-/// Keys per inner block: `Kᵀ` and the score tile stay in L2 while P·V reads them back.
+/// Keys per inner block: the block's key rows (read in place), its score tile and its value
+/// rows stay in L2 between the `Q·Kᵀ` pass and the `P·V` pass that reads the scores back.
 pub const KEY_BLOCK: usize = 256;
 
 /// Where the mask element for (query `i`, key `j`) of one head lives:
@@ -454,7 +455,7 @@ unsafe fn accumulate_block<V: SimdVec>(
 /// Scores of `rows` against `keys` into `scores` at `layout`, hidden ones at -inf. Returns
 /// whether the rules or the mask hid any key.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments)]
 unsafe fn block_scores<V: SimdVec>(
     params: &KernelParams<V::Elem>,
     head: &HeadData<'_, V::Elem>,
@@ -704,119 +705,3 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
         );
     }
 }
-
-/// The element types the kernel is compiled for, each at every instruction set.
-pub trait KernelElement: Element {
-    fn flash(
-        level: SimdLevel,
-        params: &KernelParams<Self>,
-        head: &HeadData<'_, Self>,
-        rows: Range<usize>,
-        keys: Range<usize>,
-        scratch: &mut Scratch<Self>,
-    );
-    fn weights(
-        level: SimdLevel,
-        params: &KernelParams<Self>,
-        head: &HeadData<'_, Self>,
-        rows: Range<usize>,
-        weights: &mut [Self],
-        out: &mut [Self],
-        scratch: &mut Scratch<Self>,
-    );
-}
-
-/// Calls `$kernel::<V>(args)` with `V` the vector type of `$level`, each instruction set's
-/// instance compiled inside a `#[target_feature]` function so the generic code inlines into
-/// code that may use those instructions.
-macro_rules! at_level {
-    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $kernel:ident($($arg:ident: $ty:ty),*)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512($($arg: $ty),*) {
-                $kernel::<$avx512>($($arg),*)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) {
-                $kernel::<$avx2>($($arg),*)
-            }
-            // SAFETY: `level` comes from `simd::active_level`, which only returns levels this
-            // CPU supports.
-            match $level {
-                SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
-                SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
-                SimdLevel::Portable => {}
-            }
-        }
-        let _ = $level;
-        // SAFETY: portable vectors need no CPU feature.
-        unsafe { $kernel::<$portable>($($arg),*) }
-    }};
-}
-
-/// Compiles the generic kernels for one element type at each instruction set.
-macro_rules! kernel_element {
-    ($t:ty, $portable:ty, $avx2:ty, $avx512:ty) => {
-        impl KernelElement for $t {
-            fn flash(
-                level: SimdLevel,
-                params: &KernelParams<$t>,
-                head: &HeadData<'_, $t>,
-                rows: Range<usize>,
-                keys: Range<usize>,
-                scratch: &mut Scratch<$t>,
-            ) {
-                at_level!(
-                    level,
-                    $portable,
-                    $avx2,
-                    $avx512,
-                    flash_block(
-                        params: &KernelParams<$t>,
-                        head: &HeadData<'_, $t>,
-                        rows: Range<usize>,
-                        keys: Range<usize>,
-                        scratch: &mut Scratch<$t>
-                    )
-                )
-            }
-
-            fn weights(
-                level: SimdLevel,
-                params: &KernelParams<$t>,
-                head: &HeadData<'_, $t>,
-                rows: Range<usize>,
-                weights: &mut [$t],
-                out: &mut [$t],
-                scratch: &mut Scratch<$t>,
-            ) {
-                at_level!(
-                    level,
-                    $portable,
-                    $avx2,
-                    $avx512,
-                    weights_block(
-                        params: &KernelParams<$t>,
-                        head: &HeadData<'_, $t>,
-                        rows: Range<usize>,
-                        weights: &mut [$t],
-                        out: &mut [$t],
-                        scratch: &mut Scratch<$t>
-                    )
-                )
-            }
-        }
-    };
-}
-
-// The x86 vector types are named only inside the macro's x86-only branches, so other
-// architectures never need them.
-#[cfg(target_arch = "x86_64")]
-use crate::simd::avx2::{Avx2F32, Avx2F64};
-#[cfg(target_arch = "x86_64")]
-use crate::simd::avx512::{Avx512F32, Avx512F64};
-use crate::simd::portable::{PortableF32, PortableF64};
-
-kernel_element!(f32, PortableF32, Avx2F32, Avx512F32);
-kernel_element!(f64, PortableF64, Avx2F64, Avx512F64);

@@ -10,7 +10,8 @@ use ndarray::{s, ArrayView2, ArrayView4, ArrayViewD};
 use crate::attention::{attention_over_strided_kv, StridedKv};
 use crate::bounds::CausalAlignment;
 use crate::error::shape_str;
-use crate::kernel::KernelElement;
+use crate::memory::zeroed;
+use crate::simd::KernelElement;
 use crate::{Attention, AttentionOptions, AttnError, Mask, Window};
 
 /// Keys `(batch, Hkv, len, D)` and values `(batch, Hkv, len, D)` of the tokens seen so far.
@@ -199,28 +200,8 @@ impl<T: KernelElement> KvCache<T> {
             return Ok(());
         }
         let heads = self.batch * self.kv_heads;
-        let elements = heads
-            .checked_mul(rows)
-            .and_then(|n| n.checked_mul(self.head_dim))
-            .filter(|&n| n.checked_mul(std::mem::size_of::<T>()).is_some())
-            .ok_or_else(|| {
-                AttnError::value(
-                    "capacity",
-                    format!(
-                        "{rows} tokens of {heads} heads x {} is too large",
-                        self.head_dim
-                    ),
-                )
-            })?;
         let regrow = |old: &[T]| -> Result<Vec<T>, AttnError> {
-            let mut grown = Vec::new();
-            grown.try_reserve_exact(elements).map_err(|_| {
-                AttnError::value(
-                    "capacity",
-                    format!("cannot allocate {elements} elements for {rows} cached tokens"),
-                )
-            })?;
-            grown.resize(elements, T::ZERO);
+            let mut grown = zeroed(&[heads, rows, self.head_dim], "capacity")?;
             let held = self.len * self.head_dim;
             for head in 0..heads {
                 let from = head * self.row_capacity * self.head_dim;

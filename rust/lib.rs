@@ -4,6 +4,12 @@
 //! multithreaded with rayon over (batch, head, query block) and, for few queries, key chunks;
 //! SIMD micro-kernels chosen at run time (AVX-512, AVX2+FMA, portable). Pure Rust: the Python
 //! bindings live in `python.rs` behind the `python` feature.
+//!
+//! Read top-down: `attention` (entry points) checks a call with `shapes`, hands it to
+//! `schedule` (tasks and strategies), which runs `kernel` (one block of queries, built on
+//! `microkernel`) through `simd::dispatch` (one instance per instruction set). `mha`,
+//! `projection` and `kv_cache` build the layer on top; `memory`, `threads`, `bounds`, `error`
+//! and `element` are the shared pieces.
 
 mod attention;
 mod bounds;
@@ -15,24 +21,28 @@ mod memory;
 mod mha;
 mod microkernel;
 mod projection;
+mod schedule;
+mod shapes;
 pub mod simd;
 mod threads;
 
 #[cfg(feature = "python")]
 mod python;
 
-pub use attention::{attention_over_strided_kv, StridedKv};
 pub use attention::{
-    scaled_dot_product_attention, set_weights_memory_limit, weights_memory_limit, Attention,
-    AttentionOptions, Mask, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
+    attention_over_strided_kv, scaled_dot_product_attention, Attention, AttentionOptions, Mask,
+    StridedKv,
 };
 pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;
-pub use kernel::KernelElement as Float;
 pub use kv_cache::{CacheAttendOptions, KvCache};
 pub use mha::{multi_head_attention, MhaHeads, MhaInputs, MhaWeights};
-pub use threads::{num_threads, set_num_threads, NUM_THREADS_ENV};
+pub use shapes::{
+    set_weights_memory_limit, weights_memory_limit, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
+};
+pub use simd::KernelElement as Float;
+pub use threads::{num_threads, set_num_threads, MAX_THREADS, NUM_THREADS_ENV};
 
 #[cfg(test)]
 mod attention_tests;

@@ -5,15 +5,15 @@
 
 use ndarray::{
     Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewD, Axis,
-    CowArray, Ix3, Ix4, IxDyn, Zip,
+    CowArray, Ix3, Ix4, IxDyn, Slice, Zip,
 };
 
-use crate::attention::{broadcasts, check_weights_fit};
 use crate::error::shape_str;
-use crate::kernel::KernelElement;
 use crate::kv_cache::{CacheAttendOptions, KvCache};
 use crate::memory::{self, standard_layout, zeroed};
 use crate::projection::linear;
+use crate::shapes::{broadcasts, check_weights_fit};
+use crate::simd::KernelElement;
 use crate::threads::pool_for;
 use crate::{scaled_dot_product_attention, Attention, AttentionOptions, AttnError, Mask};
 
@@ -232,11 +232,17 @@ fn check_cache<T: KernelElement>(
     Ok(())
 }
 
-/// `view` with leading length-1 axes up to rank 4.
+/// `view` with leading length-1 axes up to rank 4, and its broadcast axes (stride 0, as
+/// `np.broadcast_to` makes them) shrunk to length 1, so combining it copies only what it holds.
 fn as_rank4<'a, U>(view: &ArrayViewD<'a, U>) -> ArrayViewD<'a, U> {
     let mut view = view.clone();
     while view.ndim() < 4 {
         view.insert_axis_inplace(Axis(0));
+    }
+    for axis in 0..4 {
+        if view.strides()[axis] == 0 && view.shape()[axis] > 1 {
+            view.slice_axis_inplace(Axis(axis), Slice::from(0..1));
+        }
     }
     view
 }
@@ -305,9 +311,7 @@ impl<'a, T: KernelElement> CombinedMask<'a, T> {
 
     fn view(&self) -> Mask<'_, T> {
         match self {
-            CombinedMask::Borrowed(Mask::None) => Mask::None,
-            CombinedMask::Borrowed(Mask::Bool(view)) => Mask::Bool(view.view()),
-            CombinedMask::Borrowed(Mask::Additive(view)) => Mask::Additive(view.view()),
+            CombinedMask::Borrowed(mask) => mask.view(),
             CombinedMask::Bool(array) => Mask::Bool(array.view()),
             CombinedMask::Additive(array) => Mask::Additive(array.view()),
         }
@@ -354,52 +358,14 @@ pub fn multi_head_attention<T: KernelElement>(
     check_inputs(&inputs, &dims)?;
     let (batch, num_queries, _) = inputs.query.dim();
     let new_keys = inputs.key.dim().1;
-    let total_keys = match &cache {
+    let cached = match &cache {
         Some(cache) => {
             check_cache(cache, batch, heads, dims.head_dim)?;
-            cache.len() + new_keys
+            Some(cache.len())
         }
-        None => new_keys,
+        None => None,
     };
-    let weights_shape = [batch, heads.num_heads, num_queries, total_keys];
-    if let Some(padding) = &inputs.key_padding_mask {
-        if padding.dim() != (batch, total_keys) {
-            let cached = if cache.is_some() {
-                " (S counts the cached tokens and the new ones)"
-            } else {
-                ""
-            };
-            return Err(AttnError::shape(
-                "key_padding_mask",
-                format!(
-                    "expected shape (B, S) = ({batch}, {total_keys}){cached}, got {}",
-                    shape_str(padding.shape())
-                ),
-            ));
-        }
-    }
-    let mask_shape = match &inputs.attn_mask {
-        Mask::None => None,
-        Mask::Bool(view) => Some(view.shape().to_vec()),
-        Mask::Additive(view) => Some(view.shape().to_vec()),
-    };
-    if let Some(shape) = mask_shape {
-        if !broadcasts(&shape, &weights_shape) {
-            return Err(AttnError::shape(
-                "attn_mask",
-                format!(
-                    "shape {} does not broadcast to (B, num_heads, L, S) = {}",
-                    shape_str(&shape),
-                    shape_str(&weights_shape)
-                ),
-            ));
-        }
-    }
-
-    if inputs.need_weights {
-        // Checked before the cache grows, so a refused call leaves it exactly as it was.
-        check_weights_fit::<T>(&weights_shape)?;
-    }
+    check_masks(&inputs, heads, cached)?;
 
     let pool = pool_for(inputs.num_threads)?;
     let project = |input: &ArrayView3<'_, T>, weight, bias, argument| {
@@ -412,41 +378,9 @@ pub fn multi_head_attention<T: KernelElement>(
     let query = split_heads(&projected_query, (batch, num_queries), heads.num_heads);
     let key = split_heads(&projected_key, (batch, new_keys), heads.num_kv_heads);
     let value = split_heads(&projected_value, (batch, new_keys), heads.num_kv_heads);
-    let mask = CombinedMask::new(inputs.attn_mask, inputs.key_padding_mask)?;
+    let mask = CombinedMask::new(inputs.attn_mask.view(), inputs.key_padding_mask)?;
 
-    let attention = match cache {
-        None => scaled_dot_product_attention(
-            query.into_dyn(),
-            key.into_dyn(),
-            value.into_dyn(),
-            mask.view(),
-            &AttentionOptions {
-                is_causal: inputs.is_causal,
-                enable_gqa: true,
-                return_weights: inputs.need_weights,
-                num_threads: inputs.num_threads,
-                ..Default::default()
-            },
-        )?,
-        Some(cache) => {
-            let held = cache.len();
-            cache.append(key, value)?;
-            let options = CacheAttendOptions {
-                enable_gqa: true,
-                return_weights: inputs.need_weights,
-                num_threads: inputs.num_threads,
-                ..Default::default()
-            };
-            match cache.attend(query.into_dyn(), mask.view(), &options) {
-                Ok(attention) => attention,
-                Err(error) => {
-                    cache.truncate(held);
-                    return Err(error);
-                }
-            }
-        }
-    };
-
+    let attention = attend_heads([query, key, value], mask.view(), &inputs, cache)?;
     let joined = join_heads(attention.output)?;
     let output = linear(&pool, joined.view(), weights.w_o, weights.b_o, "output")?
         .into_shape_with_order(IxDyn(&[batch, num_queries, dims.output_dim]))
@@ -455,6 +389,87 @@ pub fn multi_head_attention<T: KernelElement>(
         output,
         weights: attention.weights,
     })
+}
+
+/// The masks' shapes against `(B, Hq, L, S)` (`S` counts the `cached` tokens too), and the
+/// weights' size: all checked before the cache grows, so a refused call leaves it as it was.
+fn check_masks<T: KernelElement>(
+    inputs: &MhaInputs<'_, T>,
+    heads: MhaHeads,
+    cached: Option<usize>,
+) -> Result<(), AttnError> {
+    let (batch, num_queries, _) = inputs.query.dim();
+    let total_keys = cached.unwrap_or(0) + inputs.key.dim().1;
+    let weights_shape = [batch, heads.num_heads, num_queries, total_keys];
+    if let Some(padding) = &inputs.key_padding_mask {
+        if padding.dim() != (batch, total_keys) {
+            let counted = if cached.is_some() {
+                " (S counts the cached tokens and the new ones)"
+            } else {
+                ""
+            };
+            return Err(AttnError::shape(
+                "key_padding_mask",
+                format!(
+                    "expected shape (B, S) = ({batch}, {total_keys}){counted}, got {}",
+                    shape_str(padding.shape())
+                ),
+            ));
+        }
+    }
+    if let Some(shape) = inputs.attn_mask.shape() {
+        if !broadcasts(shape, &weights_shape) {
+            return Err(AttnError::shape(
+                "attn_mask",
+                format!(
+                    "shape {} does not broadcast to (B, num_heads, L, S) = {}",
+                    shape_str(shape),
+                    shape_str(&weights_shape)
+                ),
+            ));
+        }
+    }
+    if inputs.need_weights {
+        check_weights_fit::<T>(&weights_shape)?;
+    }
+    Ok(())
+}
+
+/// Attention of every head: over `key` and `value` alone, or, with a `cache`, after appending
+/// them to it (undone if the attention fails).
+fn attend_heads<T: KernelElement>(
+    [query, key, value]: [ArrayView4<'_, T>; 3],
+    mask: Mask<'_, T>,
+    inputs: &MhaInputs<'_, T>,
+    cache: Option<&mut KvCache<T>>,
+) -> Result<Attention<T>, AttnError> {
+    let Some(cache) = cache else {
+        let options = AttentionOptions {
+            is_causal: inputs.is_causal,
+            enable_gqa: true,
+            return_weights: inputs.need_weights,
+            num_threads: inputs.num_threads,
+            ..Default::default()
+        };
+        return scaled_dot_product_attention(
+            query.into_dyn(),
+            key.into_dyn(),
+            value.into_dyn(),
+            mask,
+            &options,
+        );
+    };
+    let held = cache.len();
+    cache.append(key, value)?;
+    let options = CacheAttendOptions {
+        enable_gqa: true,
+        return_weights: inputs.need_weights,
+        num_threads: inputs.num_threads,
+        ..Default::default()
+    };
+    cache
+        .attend(query.into_dyn(), mask, &options)
+        .inspect_err(|_| cache.truncate(held))
 }
 
 /// The heads side by side again: `(B, Hq, L, Dh)` becomes `(B·L, Hq·Dh)` rows.

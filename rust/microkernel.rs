@@ -1,9 +1,12 @@
 //! Register-tiled micro-kernels for the two products of attention, generic over [`SimdVec`].
 //!
-//! Scores are computed transposed, `Sᵀ = K·Qᵀ` (keys x queries): each key element is broadcast
-//! from K as it lies in memory and multiplied by a vector of queries from `Qᵀ`, which is packed
-//! once per task. So K is never copied, and the softmax runs down the key axis with one query
-//! per lane. `P·V` reads V in place (rows of `Dv` contiguous) and broadcasts the weights.
+//! Scores have two layouts. For a block of many queries they are computed transposed,
+//! `Sᵀ = K·Qᵀ` (keys x queries, [`transposed_scores`]): each key element is broadcast from K as
+//! it lies in memory and multiplied by a vector of queries from `Qᵀ`, which is packed once per
+//! task, and the softmax runs down the key axis with one query per lane. For a few query rows
+//! (decoding) they are dot products along the rows, `S = Q·Kᵀ` ([`scores_by_dot`]), and the
+//! softmax runs along the keys with a key per lane. Either way K is never copied. `P·V`
+//! ([`accumulate_pv`]) reads V in place (rows of `Dv` contiguous) and broadcasts the weights.
 //!
 //! All functions are `unsafe`: callers guarantee the extents documented on each and run them
 //! only inside code compiled for `V`'s instruction set.
@@ -77,7 +80,7 @@ pub(crate) unsafe fn transposed_scores<V: SimdVec>(
 
 /// One column strip of [`transposed_scores`]: `vectors` vectors of queries starting at `col`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments)]
 unsafe fn scores_columns<V: SimdVec>(
     keys: &[V::Elem],
     num_keys: usize,
@@ -171,7 +174,7 @@ fn prefetch_ahead<T>(base: *const T, offset: usize) {
 /// the keys with a key per lane instead of padding one query to a whole vector. Decoding is
 /// bound by reading K and V, so both (`values` has rows of `value_dim`) are hinted ahead.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments)]
 pub(crate) unsafe fn scores_by_dot<V: SimdVec>(
     keys: &[V::Elem],
     num_keys: usize,
@@ -223,7 +226,6 @@ pub(crate) struct WeightLayout {
 /// run of keys the running total then takes one rounding per call (per key block), not one
 /// per key, which keeps float32 accurate at hundreds of thousands of keys.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn pv_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
     p: *const V::Elem,
     layout: WeightLayout,
@@ -305,7 +307,7 @@ unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
 /// NaN), while a visible one still does, as in PyTorch. That path is scalar and used only for
 /// blocks that both hide keys and hold non-finite values.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
+#[expect(clippy::too_many_arguments)]
 pub(crate) unsafe fn accumulate_pv<V: SimdVec>(
     p: &[V::Elem],
     layout: WeightLayout,

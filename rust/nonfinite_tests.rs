@@ -4,9 +4,10 @@
 
 use ndarray::{s, ArrayD, IxDyn};
 
-use crate::attention::{attention_at_level, KV_CHUNK};
+use crate::attention::attention_at_level;
 use crate::bounds::CausalAlignment;
-use crate::kernel::KernelElement;
+use crate::schedule::KV_CHUNK;
+use crate::simd::KernelElement;
 use crate::simd::SimdLevel;
 use crate::{AttentionOptions, AttnError, Mask};
 

@@ -3,12 +3,10 @@
 use ndarray::{Array2, ArrayView1, ArrayView2};
 use rayon::ThreadPool;
 
-use crate::kernel::KernelElement;
 use crate::memory::zeroed;
+use crate::simd::KernelElement;
+use crate::threads::PROJECTION_INLINE_WORK;
 use crate::AttnError;
-
-/// Below this many multiply-adds a projection runs on the calling thread.
-const SERIAL_WORK: usize = 1 << 16;
 
 /// `input · weight + bias`: `input` is `(rows, in)`, `weight` `(in, out)`, `bias` `(out,)`;
 /// any strides; the product runs on `pool`. The caller has checked that the shapes fit.
@@ -66,7 +64,7 @@ pub(crate) fn linear<T: KernelElement>(
             )
         }
     };
-    if work <= SERIAL_WORK || threads == 1 {
+    if work <= PROJECTION_INLINE_WORK || threads == 1 {
         multiply(&mut output, gemm::Parallelism::None);
     } else {
         pool.install(|| multiply(&mut output, gemm::Parallelism::Rayon(threads)));

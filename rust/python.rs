@@ -1,12 +1,16 @@
-//! The only file that knows Python: argument conversion, dtype dispatch, errors, and releasing
-//! the GIL around every kernel call.
+//! The only file that knows Python: argument conversion and the checks only Python values
+//! need (types, dtypes, byte order), dtype dispatch, errors, releasing the GIL around every
+//! kernel call, and the last line of defence that turns a panic into a `RuntimeError`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArray, PyReadonlyArrayDyn};
+use numpy::{
+    IntoPyArray, PyArrayDyn, PyArrayMethods, PyReadonlyArray, PyReadonlyArrayDyn, PyUntypedArray,
+};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::pybacked::PyBackedStr;
+use pyo3::types::{PyBool, PyTuple};
 
 use crate::simd::{active_level, force_level, SimdLevel};
 use crate::threads::{check_thread_count, MAX_THREADS};
@@ -71,22 +75,97 @@ fn is_dtype<T: numpy::Element>(array: &Bound<'_, PyAny>) -> bool {
     native.is_some_and(|copy| copy.cast::<PyArrayDyn<T>>().is_ok())
 }
 
-fn dtype_error(name: &str, array: &Bound<'_, PyAny>) -> PyErr {
-    let dtype = array
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map_or_else(|_| "object".to_string(), |name| name.to_string())
+}
+
+fn dtype_of(array: &Bound<'_, PyAny>) -> String {
+    array
         .getattr("dtype")
-        .map(|d| d.to_string())
-        .unwrap_or_else(|_| array.get_type().to_string());
+        .map_or_else(|_| type_name(array), |dtype| dtype.to_string())
+}
+
+/// The TypeError for `name` when it is not a float32 or float64 ndarray, worded for what it is.
+fn input_error(name: &str, array: &Bound<'_, PyAny>) -> PyErr {
+    if array.cast::<PyUntypedArray>().is_err() {
+        return PyTypeError::new_err(format!(
+            "{name} must be a numpy.ndarray, got {}; wrap it with numpy.asarray({name}, \
+             dtype=numpy.float32)",
+            type_name(array)
+        ));
+    }
     PyTypeError::new_err(format!(
-        "{name} must be a float32 or float64 numpy array, got {dtype}"
+        "{name} has dtype {}; attnscope computes in float32 or float64: convert with \
+         {name}.astype(numpy.float32)",
+        dtype_of(array)
     ))
 }
 
-fn parse_alignment(alignment: &str) -> PyResult<CausalAlignment> {
-    match alignment {
-        "top_left" => Ok(CausalAlignment::TopLeft),
-        "bottom_right" => Ok(CausalAlignment::BottomRight),
-        other => Err(PyValueError::new_err(format!(
-            "causal_alignment must be 'top_left' or 'bottom_right', got '{other}'"
+/// The TypeError for inputs that are each float32 or float64 but not the same one.
+fn mixed_dtypes_error(arrays: [&Bound<'_, PyAny>; 3]) -> PyErr {
+    let [query, key, value] = arrays.map(dtype_of);
+    PyTypeError::new_err(format!(
+        "query, key and value must share one dtype, got {query}, {key} and {value}; convert \
+         them with .astype()"
+    ))
+}
+
+/// `array` as an array of the query's element type `T` (a byte-swapped one as a native-order
+/// copy), or an error that explains why it is not one.
+fn input_array<'py, T: numpy::Element>(
+    array: &Bound<'py, PyAny>,
+    name: &str,
+    all: [&Bound<'py, PyAny>; 3],
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    if let Ok(typed) = array.cast::<PyArrayDyn<T>>() {
+        return Ok(typed.clone());
+    }
+    if let Some(native) = native_order_copy(array)? {
+        if let Ok(typed) = native.cast_into::<PyArrayDyn<T>>() {
+            return Ok(typed);
+        }
+    }
+    if is_dtype::<f32>(array) || is_dtype::<f64>(array) {
+        Err(mixed_dtypes_error(all))
+    } else {
+        Err(input_error(name, array))
+    }
+}
+
+/// A Python bool (or `numpy.bool_`), else a TypeError naming the argument.
+fn flag(value: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
+    value.extract::<bool>().map_err(|_| {
+        PyTypeError::new_err(format!("{name} must be a bool, got {}", type_name(value)))
+    })
+}
+
+/// A real number (not a bool) or None; the core refuses non-finite values.
+fn scale_value(scale: Option<&Bound<'_, PyAny>>) -> PyResult<Option<f64>> {
+    let Some(scale) = scale else {
+        return Ok(None);
+    };
+    let refused = || {
+        PyTypeError::new_err(format!(
+            "scale must be a real number or None, got {}",
+            type_name(scale)
+        ))
+    };
+    if scale.cast::<PyBool>().is_ok() {
+        return Err(refused());
+    }
+    scale.extract::<f64>().map(Some).map_err(|_| refused())
+}
+
+fn parse_alignment(alignment: &Bound<'_, PyAny>) -> PyResult<CausalAlignment> {
+    match alignment.extract::<PyBackedStr>().as_deref() {
+        Ok("top_left") => Ok(CausalAlignment::TopLeft),
+        Ok("bottom_right") => Ok(CausalAlignment::BottomRight),
+        _ => Err(PyValueError::new_err(format!(
+            "causal_alignment must be 'top_left' or 'bottom_right', got {}",
+            alignment.repr()?
         ))),
     }
 }
@@ -109,6 +188,8 @@ enum BorrowedMask<'py, T: numpy::Element> {
 }
 
 impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
+    /// A bool mask as it is; a float mask in `T` (a float mask of another precision is cast,
+    /// a copy: the caller's array is never modified).
     fn borrow(mask: Option<&Bound<'py, PyAny>>) -> PyResult<Option<Self>> {
         let Some(mask) = mask else {
             return Ok(None);
@@ -116,13 +197,27 @@ impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
         if let Ok(bools) = mask.extract::<PyReadonlyArrayDyn<'py, bool>>() {
             return Ok(Some(BorrowedMask::Bool(bools)));
         }
-        borrow_as::<T, ndarray::IxDyn>(mask)?
-            .map(|floats| Some(BorrowedMask::Additive(floats)))
-            .ok_or_else(|| {
-                PyTypeError::new_err(
-                    "attn_mask must be a bool array or a float array of the same dtype as query",
-                )
-            })
+        if let Some(floats) = borrow_as::<T, ndarray::IxDyn>(mask)? {
+            return Ok(Some(BorrowedMask::Additive(floats)));
+        }
+        if mask.cast::<PyUntypedArray>().is_err() {
+            return Err(PyTypeError::new_err(format!(
+                "attn_mask must be a numpy.ndarray, got {}; wrap it with numpy.asarray(attn_mask)",
+                type_name(mask)
+            )));
+        }
+        let kind: PyBackedStr = mask.getattr("dtype")?.getattr("kind")?.extract()?;
+        if &*kind == "f" {
+            let cast = mask.call_method1("astype", (numpy::dtype::<T>(mask.py()),))?;
+            if let Some(floats) = borrow_as::<T, ndarray::IxDyn>(&cast)? {
+                return Ok(Some(BorrowedMask::Additive(floats)));
+            }
+        }
+        Err(PyTypeError::new_err(format!(
+            "attn_mask has dtype {}; use a bool mask (True = may attend) or a float mask added \
+             to the scores (-inf hides a key)",
+            dtype_of(mask)
+        )))
     }
 
     fn view(mask: &Option<Self>) -> Mask<'_, T> {
@@ -159,16 +254,19 @@ fn sdpa_typed<'py, T: Float + numpy::Element>(
     attn_mask: Option<&Bound<'py, PyAny>>,
     options: AttentionOptions,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let borrow = |array: &Bound<'py, PyAny>, name: &str| -> PyResult<PyReadonlyArrayDyn<'py, T>> {
-        borrow_as(array)?.ok_or_else(|| dtype_error(name, array))
-    };
+    let all = [query, key, value];
     let (q, k, v) = (
-        borrow(query, "query")?,
-        borrow(key, "key")?,
-        borrow(value, "value")?,
+        input_array::<T>(query, "query", all)?,
+        input_array::<T>(key, "key", all)?,
+        input_array::<T>(value, "value", all)?,
     );
     let borrowed_mask = BorrowedMask::borrow(attn_mask)?;
-    let (q_view, k_view, v_view) = (q.as_array(), k.as_array(), v.as_array());
+    // SAFETY: nothing in attnscope takes a mutable borrow of a NumPy array (every result is a
+    // new array), so no Rust code can write these while the kernel reads them. This skips
+    // rust-numpy's borrow bookkeeping, a measurable share of a tiny call; as with a tracked
+    // borrow, Python code writing an input from another thread during the call is the
+    // caller's race.
+    let (q_view, k_view, v_view) = unsafe { (q.as_array(), k.as_array(), v.as_array()) };
     let mask = BorrowedMask::view(&borrowed_mask);
     let result =
         py.detach(|| crate::scaled_dot_product_attention(q_view, k_view, v_view, mask, &options))?;
@@ -176,8 +274,8 @@ fn sdpa_typed<'py, T: Float + numpy::Element>(
 }
 
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-/// causal_alignment, window, return_weights, num_threads) -- the Python wrapper has turned
-/// `window=w` into sides and refused non-array and non-bool arguments.
+/// causal_alignment, window, return_weights, num_threads) -- every argument is checked here
+/// and in the core; the Python wrapper only turns `window=w` into its two sides.
 #[pyfunction]
 #[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads))]
 #[expect(
@@ -190,22 +288,22 @@ fn scaled_dot_product_attention<'py>(
     key: &Bound<'py, PyAny>,
     value: &Bound<'py, PyAny>,
     attn_mask: Option<&Bound<'py, PyAny>>,
-    is_causal: bool,
-    scale: Option<f64>,
-    enable_gqa: bool,
-    causal_alignment: &str,
+    is_causal: &Bound<'py, PyAny>,
+    scale: Option<&Bound<'py, PyAny>>,
+    enable_gqa: &Bound<'py, PyAny>,
+    causal_alignment: &Bound<'py, PyAny>,
     window: Option<(Option<usize>, Option<usize>)>,
-    return_weights: bool,
+    return_weights: &Bound<'py, PyAny>,
     num_threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
     guarded(|| {
         let options = AttentionOptions {
-            is_causal,
+            is_causal: flag(is_causal, "is_causal")?,
             alignment: parse_alignment(causal_alignment)?,
             window: window.map(|(left, right)| Window { left, right }),
-            scale,
-            enable_gqa,
-            return_weights,
+            scale: scale_value(scale)?,
+            enable_gqa: flag(enable_gqa, "enable_gqa")?,
+            return_weights: flag(return_weights, "return_weights")?,
             num_threads,
         };
         // A type check, not a borrow: the array is borrowed once, in `sdpa_typed`.
@@ -214,7 +312,7 @@ fn scaled_dot_product_attention<'py>(
         } else if is_dtype::<f64>(query) {
             sdpa_typed::<f64>(py, query, key, value, attn_mask, options)
         } else {
-            Err(dtype_error("query", query))
+            Err(input_error("query", query))
         }
     })
 }
@@ -489,16 +587,16 @@ impl KvCacheCore {
         slf: &Bound<'py, Self>,
         py: Python<'py>,
         q: &Bound<'py, PyAny>,
-        scale: Option<f64>,
+        scale: Option<&Bound<'py, PyAny>>,
         window: Option<(Option<usize>, Option<usize>)>,
-        enable_gqa: bool,
+        enable_gqa: &Bound<'py, PyAny>,
         num_threads: Option<usize>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guarded(|| {
             let options = crate::CacheAttendOptions {
-                scale,
+                scale: scale_value(scale)?,
                 window: window.map(|(left, right)| Window { left, right }),
-                enable_gqa,
+                enable_gqa: flag(enable_gqa, "enable_gqa")?,
                 return_weights: false,
                 num_threads,
             };
@@ -661,8 +759,8 @@ fn multi_head_attention_forward<'py>(
     num_kv_heads: usize,
     attn_mask: Option<Bound<'py, PyAny>>,
     key_padding_mask: Option<Bound<'py, PyAny>>,
-    is_causal: bool,
-    need_weights: bool,
+    is_causal: Bound<'py, PyAny>,
+    need_weights: Bound<'py, PyAny>,
     cache: Option<Bound<'py, KvCacheCore>>,
     num_threads: Option<usize>,
 ) -> PyResult<Bound<'py, PyAny>> {
@@ -681,8 +779,8 @@ fn multi_head_attention_forward<'py>(
             key_padding_mask,
         };
         let flags = LayerFlags {
-            is_causal,
-            need_weights,
+            is_causal: flag(&is_causal, "is_causal")?,
+            need_weights: flag(&need_weights, "need_weights")?,
             num_threads,
         };
         let cache = cache.as_ref();
@@ -691,7 +789,7 @@ fn multi_head_attention_forward<'py>(
         } else if is_dtype::<f64>(&arrays.query) {
             layer_typed::<f64>(py, &arrays, heads, flags, cache)
         } else {
-            Err(dtype_error("query", &arrays.query))
+            Err(input_error("query", &arrays.query))
         }
     })
 }

@@ -15,6 +15,12 @@ use crate::AttnError;
 pub const NUM_THREADS_ENV: &str = "ATTNSCOPE_NUM_THREADS";
 /// More worker threads than this is a mistake, not a configuration.
 pub const MAX_THREADS: usize = 1024;
+/// Below this many multiply-adds an attention call runs its tasks on the calling thread: waking
+/// the pool would cost more than it saves.
+pub(crate) const ATTENTION_INLINE_WORK: usize = 1 << 18;
+/// Below this many multiply-adds a projection (`linear`) runs on the calling thread; gemm's
+/// parallel split pays off sooner than attention's tasks.
+pub(crate) const PROJECTION_INLINE_WORK: usize = 1 << 16;
 /// Pools kept for counts other than the engine-wide one; older ones are dropped (a call still
 /// running on one keeps it alive until it returns).
 const SPARE_POOLS: usize = 4;

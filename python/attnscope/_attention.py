@@ -13,57 +13,17 @@ import numpy as np
 
 from ._engine import core
 
-_FLOAT_CHARS = (np.dtype(np.float32).char, np.dtype(np.float64).char)
+try:  # bound once: tiny calls are dominated by fixed costs
+    from ._core import scaled_dot_product_attention as _core_sdpa
+except ImportError:  # pragma: no cover - the call below then raises core()'s ImportError
+    _core_sdpa = None
+
 # A window side wider than any sequence means "unbounded"; this one still fits the core's usize.
 _WIDEST_SIDE = 2**63 - 1
-_ALIGNMENTS = ("top_left", "bottom_right")
 # The thread count `threads(n)` set for this context (None: the engine-wide count).
 _CONTEXT_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar(
     "attnscope_threads", default=None
 )
-
-
-def _require_array(value, name: str) -> np.ndarray:
-    if type(value) is not np.ndarray and not isinstance(value, np.ndarray):
-        raise TypeError(
-            f"{name} must be a numpy.ndarray, got {type(value).__name__}; "
-            f"wrap it with numpy.asarray({name}, dtype=numpy.float32)"
-        )
-    return value
-
-
-def check_qkv(query, key, value) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """query/key/value are float32 or float64 ndarrays of one dtype (shapes are checked in Rust)."""
-    # Written for speed: this runs on every call, and tiny calls are dominated by overhead.
-    for array, name in ((query, "query"), (key, "key"), (value, "value")):
-        _require_array(array, name)
-        if array.dtype.char not in _FLOAT_CHARS:
-            raise TypeError(
-                f"{name} has dtype {array.dtype}; attnscope computes in float32 or float64: "
-                f"convert with {name}.astype(numpy.float32)"
-            )
-    if not query.dtype.char == key.dtype.char == value.dtype.char:
-        raise TypeError(
-            "query, key and value must share one dtype, got "
-            f"{query.dtype}, {key.dtype} and {value.dtype}; convert them with .astype()"
-        )
-    return query, key, value
-
-
-def check_mask(attn_mask, dtype: np.dtype, name: str = "attn_mask") -> np.ndarray | None:
-    """A bool mask stays bool; a float mask is cast (copied, never modified) to the data dtype."""
-    if attn_mask is None:
-        return None
-    mask = _require_array(attn_mask, name)
-    if mask.dtype == np.bool_:
-        return mask
-    if np.issubdtype(mask.dtype, np.floating):
-        # Compared by kind: the core reads a byte-swapped copy of the same kind itself.
-        return mask if mask.dtype.char == dtype.char else mask.astype(dtype)
-    raise TypeError(
-        f"{name} has dtype {mask.dtype}; use a bool mask (True = may attend) or a float mask "
-        "added to the scores (-inf hides a key)"
-    )
 
 
 def check_window(window) -> tuple[int | None, int | None] | None:
@@ -92,26 +52,8 @@ def check_window(window) -> tuple[int | None, int | None] | None:
     raise TypeError(f"window must be an int >= 1 or a (left, right) tuple, got {window!r}")
 
 
-def check_scale(scale) -> float | None:
-    """A real number as float (the core refuses non-finite ones), or None."""
-    if scale is None:
-        return None
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
-    return float(scale)
-
-
-def check_alignment(causal_alignment) -> str:
-    if not isinstance(causal_alignment, str):
-        raise ValueError(
-            f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}"
-        )
-    return causal_alignment
-
-
 def check_flag(value, name: str) -> bool:
-    if value is True or value is False:
-        return value
+    """A bool for a Python-side option (the core checks its own flags)."""
     if not isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -157,19 +99,18 @@ def scaled_dot_product_attention(
         ValueError: shapes that do not fit together, bad option values, weights too large
             for the limit set by :func:`set_weights_memory_limit`.
     """
-    q, k, v = check_qkv(query, key, value)
-    mask = check_mask(attn_mask, q.dtype)
-    return core().scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        mask,
-        check_flag(is_causal, "is_causal"),
-        check_scale(scale),
-        check_flag(enable_gqa, "enable_gqa"),
-        check_alignment(causal_alignment),
-        check_window(window),
-        check_flag(return_weights, "return_weights"),
+    # Written for speed: tiny calls are dominated by fixed costs, and the core checks the rest.
+    return (_core_sdpa or core().scaled_dot_product_attention)(
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        causal_alignment,
+        None if window is None else check_window(window),
+        return_weights,
         _CONTEXT_THREADS.get(),
     )
 
@@ -179,19 +120,17 @@ def context_threads() -> int | None:
     return _CONTEXT_THREADS.get()
 
 
-def _thread_count(num_threads) -> int:
-    """An int that follows the thread-count rule (1 to the engine's maximum), else an error."""
+def _an_int(num_threads) -> int:
+    """An int, not a bool (the core checks the range: 1 to its maximum)."""
     if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
         raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    return core().check_num_threads(int(num_threads))
+    return int(num_threads)
 
 
 def set_num_threads(num_threads: int) -> None:
     """Use `num_threads` worker threads for every later call (1 = run serially), in every
     thread and context that has not chosen its own count with :func:`threads`."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    core().set_num_threads(int(num_threads))
+    core().set_num_threads(_an_int(num_threads))
 
 
 def get_num_threads() -> int:
@@ -219,7 +158,7 @@ def threads(num_threads: int) -> Iterator[None]:
         with attnscope.threads(1):
             out = attnscope.scaled_dot_product_attention(q, k, v)
     """
-    token = _CONTEXT_THREADS.set(_thread_count(num_threads))
+    token = _CONTEXT_THREADS.set(core().check_num_threads(_an_int(num_threads)))
     try:
         yield
     finally:

@@ -26,12 +26,12 @@ def scaled_dot_product_attention(
     key: npt.NDArray[np.floating[Any]],
     value: npt.NDArray[np.floating[Any]],
     attn_mask: npt.NDArray[Any] | None,
-    is_causal: bool,
+    is_causal: bool | np.bool_,
     scale: float | None,
-    enable_gqa: bool,
+    enable_gqa: bool | np.bool_,
     causal_alignment: str,
     window: tuple[int | None, int | None] | None,
-    return_weights: bool,
+    return_weights: bool | np.bool_,
     num_threads: int | None,
 ) -> Any: ...
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._attention import check_flag, check_mask, check_scale, check_window, context_threads
+from ._attention import check_flag, check_window, context_threads
 from ._engine import core
 
 __all__ = ["KVCache", "MultiHeadAttention"]
@@ -156,9 +156,9 @@ class KVCache:
         q = _array_of(q, "q", self._dtype, (4,))
         return self._core.attend(
             q,
-            check_scale(scale),
-            check_window(window),
-            check_flag(enable_gqa, "enable_gqa"),
+            scale,
+            None if window is None else check_window(window),
+            enable_gqa,
             context_threads(),
         )
 
@@ -204,6 +204,48 @@ def _state_bias(arrays: Mapping[str, np.ndarray], name: str, length: int) -> np.
     if bias.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},), got {bias.shape}")
     return bias
+
+
+def _input_projections(
+    arrays: Mapping[str, np.ndarray], embed_dim: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The query, key and value projection weights of a state dict, packed or separate, each
+    checked against `embed_dim` (from out_proj.weight)."""
+    if "in_proj_weight" in arrays:
+        packed = _state_matrix(arrays, "in_proj_weight")
+        if packed.shape != (3 * embed_dim, embed_dim):
+            raise ValueError(
+                f"in_proj_weight has shape {packed.shape}, expected "
+                f"(3 * embed_dim, embed_dim) = {(3 * embed_dim, embed_dim)}"
+            )
+        q_weight, k_weight, v_weight = np.split(packed, 3, axis=0)
+    else:
+        missing = [
+            name
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if name not in arrays
+        ]
+        if missing:
+            raise ValueError(f"the state dict has no in_proj_weight and no {missing}")
+        q_weight = _state_matrix(arrays, "q_proj_weight")
+        k_weight = _state_matrix(arrays, "k_proj_weight")
+        v_weight = _state_matrix(arrays, "v_proj_weight")
+        for name, weight in (
+            ("q_proj_weight", q_weight),
+            ("k_proj_weight", k_weight),
+            ("v_proj_weight", v_weight),
+        ):
+            if weight.shape[0] != embed_dim:
+                raise ValueError(
+                    f"{name} has shape {weight.shape}, expected (embed_dim, ...) with "
+                    f"embed_dim = {embed_dim} (from out_proj.weight)"
+                )
+        if q_weight.shape != (embed_dim, embed_dim):
+            raise ValueError(
+                f"q_proj_weight has shape {q_weight.shape}, expected "
+                f"(embed_dim, embed_dim) = {(embed_dim, embed_dim)}"
+            )
+    return q_weight, k_weight, v_weight
 
 
 class MultiHeadAttention:
@@ -355,7 +397,6 @@ class MultiHeadAttention:
                     f"{name} has shape {array.shape} but query has shape {query.shape}; "
                     "both batched (B, N, E) or both unbatched (N, E)"
                 )
-        mask = check_mask(attn_mask, dtype)
         padding = None
         if key_padding_mask is not None:
             if not isinstance(key_padding_mask, np.ndarray) or key_padding_mask.dtype != np.bool_:
@@ -381,10 +422,10 @@ class MultiHeadAttention:
             *biases,
             self.num_heads,
             self.num_kv_heads,
-            mask,
+            attn_mask,
             padding,
-            check_flag(is_causal, "is_causal"),
-            check_flag(need_weights, "need_weights"),
+            is_causal,
+            need_weights,
             None if cache is None else cache._core,
             context_threads(),
         )
@@ -444,40 +485,7 @@ class MultiHeadAttention:
             )
         out_weight = _state_matrix(arrays, "out_proj.weight")
         embed_dim = out_weight.shape[0]
-        if "in_proj_weight" in arrays:
-            packed = _state_matrix(arrays, "in_proj_weight")
-            if packed.shape != (3 * embed_dim, embed_dim):
-                raise ValueError(
-                    f"in_proj_weight has shape {packed.shape}, expected "
-                    f"(3 * embed_dim, embed_dim) = {(3 * embed_dim, embed_dim)}"
-                )
-            q_weight, k_weight, v_weight = np.split(packed, 3, axis=0)
-        else:
-            missing = [
-                name
-                for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-                if name not in arrays
-            ]
-            if missing:
-                raise ValueError(f"the state dict has no in_proj_weight and no {missing}")
-            q_weight = _state_matrix(arrays, "q_proj_weight")
-            k_weight = _state_matrix(arrays, "k_proj_weight")
-            v_weight = _state_matrix(arrays, "v_proj_weight")
-            for name, weight in (
-                ("q_proj_weight", q_weight),
-                ("k_proj_weight", k_weight),
-                ("v_proj_weight", v_weight),
-            ):
-                if weight.shape[0] != embed_dim:
-                    raise ValueError(
-                        f"{name} has shape {weight.shape}, expected (embed_dim, ...) with "
-                        f"embed_dim = {embed_dim} (from out_proj.weight)"
-                    )
-            if q_weight.shape != (embed_dim, embed_dim):
-                raise ValueError(
-                    f"q_proj_weight has shape {q_weight.shape}, expected "
-                    f"(embed_dim, embed_dim) = {(embed_dim, embed_dim)}"
-                )
+        q_weight, k_weight, v_weight = _input_projections(arrays, embed_dim)
         in_bias = _state_bias(arrays, "in_proj_bias", 3 * embed_dim)
         out_bias = _state_bias(arrays, "out_proj.bias", embed_dim)
         dtype = np.float64 if q_weight.dtype == np.float64 else np.float32

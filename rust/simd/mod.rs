@@ -15,6 +15,9 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod portable;
 
+mod dispatch;
+pub use dispatch::KernelElement;
+
 /// A register of `LANES` elements. Methods are `unsafe` because a vector type may only be used
 /// inside code compiled for its instruction set, and loads/stores read `LANES` elements.
 pub(crate) trait SimdVec: Copy {

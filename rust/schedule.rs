@@ -1,0 +1,417 @@
+//! Running one checked call on the thread pool: the work is cut into tasks over (batch·head,
+//! query block[, key chunk]), each task writes its own rows of the one output through a
+//! [`DisjointWriter`], and one of three strategies drives the kernel:
+//!
+//! - [`with_weights`]: each query block computes its exact softmax rows and `weights · V`;
+//! - [`by_key_chunks`]: few queries against many keys (decoding) — fixed chunks of keys run in
+//!   parallel and their partial softmax states merge in key order;
+//! - [`by_query_blocks`]: everything else — each query block streams over its keys.
+//!
+//! Every task computes the same numbers whichever thread runs it and however many threads
+//! there are: key chunks are fixed by the shape alone and merged in a fixed order, so results
+//! are bitwise identical for any thread count.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::ops::Range;
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+use rayon::prelude::*;
+use rayon::ThreadPool;
+
+use crate::attention::{Attention, AttentionOptions, Mask, StridedKv};
+use crate::bounds::Bounds;
+use crate::element::Element;
+use crate::error::AttnError;
+use crate::kernel::{
+    score_scale, HeadData, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
+};
+use crate::memory::{standard_layout, strided_elements, zeroed, StridedElements};
+use crate::shapes::{Geometry, MaskPlan};
+use crate::simd::{KernelElement, SimdLevel};
+use crate::threads::{pool_for, ATTENTION_INLINE_WORK};
+
+/// Queries at or below this count split their keys into fixed chunks handled by different
+/// threads (decoding one token against a long cache would otherwise use a single core).
+const SPLIT_MAX_QUERIES: usize = QUERY_BLOCK;
+/// Keys per chunk when splitting; a multiple of `KEY_BLOCK`, fixed so results never depend on
+/// the thread count.
+pub(crate) const KV_CHUNK: usize = 8 * KEY_BLOCK;
+
+/// A mutable slice that parallel tasks write to at disjoint ranges.
+struct DisjointWriter<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: tasks only write through `range_mut` at ranges no other task touches.
+unsafe impl<T: Send> Send for DisjointWriter<T> {}
+unsafe impl<T: Send> Sync for DisjointWriter<T> {}
+
+impl<T> DisjointWriter<T> {
+    fn new(data: &mut [T]) -> Self {
+        DisjointWriter {
+            ptr: data.as_mut_ptr(),
+            len: data.len(),
+        }
+    }
+
+    /// Rows `rows` of head `head`, each `width` elements, of a `(heads, L, width)` buffer.
+    ///
+    /// # Safety
+    /// No two live slices returned by this method may overlap: callers pass each (head, rows)
+    /// pair to one task only.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "disjoint ranges of one buffer, one per task"
+    )]
+    unsafe fn rows_mut(
+        &self,
+        head: usize,
+        rows: &Range<usize>,
+        num_rows: usize,
+        width: usize,
+    ) -> &mut [T] {
+        let start = (head * num_rows + rows.start) * width;
+        let end = (head * num_rows + rows.end) * width;
+        assert!(start <= end && end <= self.len);
+        std::slice::from_raw_parts_mut(self.ptr.add(start), end - start)
+    }
+}
+
+/// One unit of parallel work: a block of query rows of one (batch, head), over some keys.
+struct Task {
+    head: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+    cost: usize,
+}
+
+/// Runs `work` with this thread's scratch space for `T`, kept between calls so that a small
+/// call does not spend its time allocating buffers an earlier call already had.
+fn with_scratch<T: Element, R>(work: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|cell| {
+        let Ok(mut kept) = cell.try_borrow_mut() else {
+            // A call nested in another on this thread gets its own.
+            return work(&mut Scratch::default());
+        };
+        let index = match kept.iter().position(|entry| entry.is::<Scratch<T>>()) {
+            Some(index) => index,
+            None => {
+                kept.push(Box::new(Scratch::<T>::default()));
+                kept.len() - 1
+            }
+        };
+        let scratch = kept[index]
+            .downcast_mut::<Scratch<T>>()
+            .expect("the entry was found by its type");
+        work(scratch)
+    })
+}
+
+/// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline. Each
+/// thread reuses its scratch space across the tasks it runs.
+fn run_tasks<T, F>(pool: &ThreadPool, tasks: &mut [Task], work: F)
+where
+    T: Element,
+    F: Fn(&mut Scratch<T>, &Task) + Sync + Send,
+{
+    tasks.sort_by_key(|task| std::cmp::Reverse(task.cost));
+    let total: usize = tasks.iter().map(|task| task.cost).sum();
+    if total <= ATTENTION_INLINE_WORK || tasks.len() == 1 || pool.current_num_threads() == 1 {
+        with_scratch(|scratch| tasks.iter().for_each(|task| work(scratch, task)));
+    } else {
+        pool.install(|| {
+            tasks
+                .par_iter()
+                .with_max_len(1)
+                .for_each(|task| with_scratch(|scratch| work(scratch, task)))
+        });
+    }
+}
+
+/// What every task of one call reads: the query rows, the keys and values, the mask and the
+/// kernel's parameters.
+struct CallData<'a, T> {
+    level: SimdLevel,
+    params: KernelParams<T>,
+    geometry: &'a Geometry,
+    query: &'a [T],
+    kv: &'a StridedKv<'a, T>,
+    mask: Option<(&'a MaskPlan, MaskElements<'a, T>)>,
+}
+
+/// A mask's elements as the kernel reads them.
+enum MaskElements<'a, T> {
+    Bool(&'a [bool]),
+    Additive(&'a [T]),
+}
+
+impl<T: KernelElement> CallData<'_, T> {
+    /// The inputs of flattened (batch, query head) `head`.
+    fn head(&self, head: usize) -> HeadData<'_, T> {
+        let geometry = self.geometry;
+        let (batch, query_head) = (head / geometry.query_heads, head % geometry.query_heads);
+        let kv_head = batch * geometry.kv_heads + query_head / geometry.group();
+        let (l, s, d, dv) = (
+            geometry.num_queries,
+            geometry.num_keys,
+            geometry.depth,
+            geometry.value_dim,
+        );
+        let capacity = self.kv.row_capacity;
+        let mask = match &self.mask {
+            None => MaskRows::None,
+            Some((plan, elements)) => {
+                let base = plan.base(geometry, batch, query_head);
+                let (row_stride, col_stride) = (plan.row_stride, plan.col_stride);
+                match *elements {
+                    MaskElements::Bool(data) => MaskRows::Bool {
+                        data,
+                        base,
+                        row_stride,
+                        col_stride,
+                    },
+                    MaskElements::Additive(data) => MaskRows::Additive {
+                        data,
+                        base,
+                        row_stride,
+                        col_stride,
+                    },
+                }
+            }
+        };
+        HeadData {
+            q: &self.query[head * l * d..(head + 1) * l * d],
+            k: &self.kv.key[kv_head * capacity * d..][..s * d],
+            v: &self.kv.value[kv_head * capacity * dv..][..s * dv],
+            mask,
+        }
+    }
+
+    /// The online softmax of `task`'s rows over its keys, left in `scratch.state`.
+    fn stream(&self, scratch: &mut Scratch<T>, task: &Task) {
+        scratch
+            .state
+            .reset(task.rows.len(), self.geometry.value_dim);
+        let head = self.head(task.head);
+        let (rows, keys) = (task.rows.clone(), task.keys.clone());
+        T::flash(self.level, &self.params, &head, rows, keys, scratch);
+    }
+
+    /// Every (head, query block) with the keys its rows can see.
+    fn query_blocks(&self) -> Vec<Task> {
+        let geometry = self.geometry;
+        let (l, width) = (
+            geometry.num_queries,
+            (geometry.depth + geometry.value_dim).max(1),
+        );
+        let mut blocks = Vec::with_capacity(geometry.heads() * l.div_ceil(QUERY_BLOCK));
+        for head in 0..geometry.heads() {
+            for start in (0..l).step_by(QUERY_BLOCK) {
+                let rows = start..(start + QUERY_BLOCK).min(l);
+                let keys = self.params.bounds.block_keys(&rows);
+                let cost = rows.len() * keys.len() * width;
+                blocks.push(Task {
+                    head,
+                    rows,
+                    keys,
+                    cost,
+                });
+            }
+        }
+        blocks
+    }
+}
+
+/// The kernel's parameters for a call of `geometry` with `options`.
+fn kernel_params<T: KernelElement>(
+    geometry: &Geometry,
+    options: &AttentionOptions,
+) -> Result<KernelParams<T>, AttnError> {
+    let default_scale = if geometry.depth == 0 {
+        1.0
+    } else {
+        1.0 / (geometry.depth as f64).sqrt()
+    };
+    let scale = options.scale.unwrap_or(default_scale);
+    Ok(KernelParams {
+        num_keys: geometry.num_keys,
+        depth: geometry.depth,
+        value_dim: geometry.value_dim,
+        bounds: Bounds::new(
+            geometry.num_queries,
+            geometry.num_keys,
+            options.is_causal,
+            options.alignment,
+            options.window,
+        ),
+        score_scale: score_scale(scale)?,
+    })
+}
+
+/// Runs a call whose arguments `shapes::check_call` accepted: `kv` holds the keys and values
+/// of every (batch, kv head) `kv.row_capacity` rows apart.
+pub(crate) fn attend_checked<T: KernelElement>(
+    level: SimdLevel,
+    geometry: &Geometry,
+    query: ArrayViewD<'_, T>,
+    kv: &StridedKv<'_, T>,
+    mask: &Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Attention<T>, AttnError> {
+    let pool = pool_for(options.num_threads)?;
+    let query = standard_layout(query, "query")?;
+    // Masks are read through their own strides: a broadcast or transposed view costs nothing.
+    let bool_mask: Option<StridedElements<'_, bool>> = match mask {
+        Mask::Bool(view) => Some(strided_elements(view.view(), "attn_mask")?),
+        _ => None,
+    };
+    let additive_mask: Option<StridedElements<'_, T>> = match mask {
+        Mask::Additive(view) => Some(strided_elements(view.view(), "attn_mask")?),
+        _ => None,
+    };
+    let (elements, strides) = match (&bool_mask, &additive_mask) {
+        (Some(memory), _) => (Some(MaskElements::Bool(memory.data())), &memory.strides),
+        (_, Some(memory)) => (Some(MaskElements::Additive(memory.data())), &memory.strides),
+        _ => (None, &Vec::new()),
+    };
+    let plan = mask
+        .shape()
+        .map(|shape| MaskPlan::new(shape, strides, geometry));
+    let call = CallData {
+        level,
+        params: kernel_params(geometry, options)?,
+        geometry,
+        query: query.as_slice().expect("standard layout is contiguous"),
+        kv,
+        mask: plan.as_ref().zip(elements),
+    };
+
+    let (heads, l) = (geometry.heads(), geometry.num_queries);
+    let mut output = zeroed(&[heads, l, geometry.value_dim], "output")?;
+    let mut blocks = call.query_blocks();
+    let mut weights = None;
+    if options.return_weights {
+        let mut buffer = zeroed(&[heads, l, geometry.num_keys], "return_weights")?;
+        with_weights(&pool, &call, &mut blocks, &mut output, &mut buffer);
+        weights = Some(buffer);
+    } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK) {
+        by_key_chunks(&pool, &call, &blocks, &mut output);
+    } else {
+        by_query_blocks(&pool, &call, &mut blocks, &mut output);
+    }
+
+    let output = ArrayD::from_shape_vec(IxDyn(&geometry.output_shape()), output)
+        .expect("output buffer matches its shape");
+    let weights = weights.map(|w| {
+        ArrayD::from_shape_vec(IxDyn(&geometry.weights_shape()), w)
+            .expect("weights buffer matches its shape")
+    });
+    Ok(Attention { output, weights })
+}
+
+/// Each query block: exact softmax rows into `weights`, and `weights · V` into `output`.
+fn with_weights<T: KernelElement>(
+    pool: &ThreadPool,
+    call: &CallData<'_, T>,
+    blocks: &mut [Task],
+    output: &mut [T],
+    weights: &mut [T],
+) {
+    let geometry = call.geometry;
+    let (l, s, dv) = (geometry.num_queries, geometry.num_keys, geometry.value_dim);
+    let (out_writer, weights_writer) = (DisjointWriter::new(output), DisjointWriter::new(weights));
+    run_tasks(pool, blocks, |scratch, task| {
+        // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
+        let (w, out) = unsafe {
+            (
+                weights_writer.rows_mut(task.head, &task.rows, l, s),
+                out_writer.rows_mut(task.head, &task.rows, l, dv),
+            )
+        };
+        let head = call.head(task.head);
+        T::weights(
+            call.level,
+            &call.params,
+            &head,
+            task.rows.clone(),
+            w,
+            out,
+            scratch,
+        );
+    });
+}
+
+/// Each query block streams over its keys with an online softmax.
+fn by_query_blocks<T: KernelElement>(
+    pool: &ThreadPool,
+    call: &CallData<'_, T>,
+    blocks: &mut [Task],
+    output: &mut [T],
+) {
+    let (l, dv) = (call.geometry.num_queries, call.geometry.value_dim);
+    let out_writer = DisjointWriter::new(output);
+    run_tasks(pool, blocks, |scratch, task| {
+        call.stream(scratch, task);
+        // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
+        let out = unsafe { out_writer.rows_mut(task.head, &task.rows, l, dv) };
+        scratch.state.finish_into(out, dv);
+    });
+}
+
+/// Few queries, many keys: fixed chunks of each block's keys run in parallel, and their partial
+/// softmax states merge in key order.
+fn by_key_chunks<T: KernelElement>(
+    pool: &ThreadPool,
+    call: &CallData<'_, T>,
+    blocks: &[Task],
+    output: &mut [T],
+) {
+    let (l, dv) = (call.geometry.num_queries, call.geometry.value_dim);
+    let mut chunks = Vec::new();
+    for (index, block) in blocks.iter().enumerate() {
+        for start in block.keys.clone().step_by(KV_CHUNK) {
+            let keys = start..(start + KV_CHUNK).min(block.keys.end);
+            let cost = block.rows.len() * keys.len();
+            let (head, rows) = (block.head, block.rows.clone());
+            chunks.push((
+                index,
+                Task {
+                    head,
+                    rows,
+                    keys,
+                    cost,
+                },
+            ));
+        }
+    }
+    let compute = |scratch: &mut Scratch<T>, (_, task): &(usize, Task)| {
+        call.stream(scratch, task);
+        std::mem::take(&mut scratch.state)
+    };
+    let states: Vec<SoftmaxState<T>> = pool.install(|| {
+        chunks
+            .par_iter()
+            .map(|chunk| with_scratch(|scratch| compute(scratch, chunk)))
+            .collect()
+    });
+    let mut merged: Vec<Option<SoftmaxState<T>>> = (0..blocks.len()).map(|_| None).collect();
+    for ((index, _), state) in chunks.iter().zip(states) {
+        match &mut merged[*index] {
+            Some(total) => total.merge(&state, dv),
+            slot @ None => *slot = Some(state),
+        }
+    }
+    let out_writer = DisjointWriter::new(output);
+    for (block, state) in blocks.iter().zip(merged) {
+        if let Some(state) = state {
+            // SAFETY: single-threaded here; (head, rows) ranges are disjoint anyway.
+            let out = unsafe { out_writer.rows_mut(block.head, &block.rows, l, dv) };
+            state.finish_into(out, dv);
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! Runtime dispatch: the generic kernels compiled once per element type and instruction set,
+//! each instance inside a `#[target_feature]` function, and the call that picks one by
+//! [`SimdLevel`].
+
+use std::ops::Range;
+
+use crate::element::Element;
+use crate::kernel::{flash_block, weights_block, HeadData, KernelParams, Scratch};
+use crate::simd::SimdLevel;
+
+/// The element types the kernel is compiled for, each at every instruction set.
+pub trait KernelElement: Element {
+    fn flash(
+        level: SimdLevel,
+        params: &KernelParams<Self>,
+        head: &HeadData<'_, Self>,
+        rows: Range<usize>,
+        keys: Range<usize>,
+        scratch: &mut Scratch<Self>,
+    );
+    fn weights(
+        level: SimdLevel,
+        params: &KernelParams<Self>,
+        head: &HeadData<'_, Self>,
+        rows: Range<usize>,
+        weights: &mut [Self],
+        out: &mut [Self],
+        scratch: &mut Scratch<Self>,
+    );
+}
+
+/// Calls `$kernel::<V>(args)` with `V` the vector type of `$level`, each instruction set's
+/// instance compiled inside a `#[target_feature]` function so the generic code inlines into
+/// code that may use those instructions.
+macro_rules! at_level {
+    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $kernel:ident($($arg:ident: $ty:ty),*)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) {
+                $kernel::<$avx512>($($arg),*)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                $kernel::<$avx2>($($arg),*)
+            }
+            // SAFETY: `level` comes from `simd::active_level`, which only returns levels this
+            // CPU supports.
+            match $level {
+                SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                SimdLevel::Portable => {}
+            }
+        }
+        let _ = $level;
+        // SAFETY: portable vectors need no CPU feature.
+        unsafe { $kernel::<$portable>($($arg),*) }
+    }};
+}
+
+/// Compiles the generic kernels for one element type at each instruction set.
+macro_rules! kernel_element {
+    ($t:ty, $portable:ty, $avx2:ty, $avx512:ty) => {
+        impl KernelElement for $t {
+            fn flash(
+                level: SimdLevel,
+                params: &KernelParams<$t>,
+                head: &HeadData<'_, $t>,
+                rows: Range<usize>,
+                keys: Range<usize>,
+                scratch: &mut Scratch<$t>,
+            ) {
+                at_level!(
+                    level,
+                    $portable,
+                    $avx2,
+                    $avx512,
+                    flash_block(
+                        params: &KernelParams<$t>,
+                        head: &HeadData<'_, $t>,
+                        rows: Range<usize>,
+                        keys: Range<usize>,
+                        scratch: &mut Scratch<$t>
+                    )
+                )
+            }
+
+            fn weights(
+                level: SimdLevel,
+                params: &KernelParams<$t>,
+                head: &HeadData<'_, $t>,
+                rows: Range<usize>,
+                weights: &mut [$t],
+                out: &mut [$t],
+                scratch: &mut Scratch<$t>,
+            ) {
+                at_level!(
+                    level,
+                    $portable,
+                    $avx2,
+                    $avx512,
+                    weights_block(
+                        params: &KernelParams<$t>,
+                        head: &HeadData<'_, $t>,
+                        rows: Range<usize>,
+                        weights: &mut [$t],
+                        out: &mut [$t],
+                        scratch: &mut Scratch<$t>
+                    )
+                )
+            }
+        }
+    };
+}
+
+// The x86 vector types are named only inside the macro's x86-only branches, so other
+// architectures never need them.
+#[cfg(target_arch = "x86_64")]
+use crate::simd::avx2::{Avx2F32, Avx2F64};
+#[cfg(target_arch = "x86_64")]
+use crate::simd::avx512::{Avx512F32, Avx512F64};
+use crate::simd::portable::{PortableF32, PortableF64};
+
+kernel_element!(f32, PortableF32, Avx2F32, Avx512F32);
+kernel_element!(f64, PortableF64, Avx2F64, Avx512F64);
