@@ -15,7 +15,7 @@ Rows (medians over alternating rounds, see timing.py):
     python benchmarks/bench_models.py               # a few minutes on 2 cores
     python benchmarks/bench_models.py --quick --no-write
 
-Writes ``results/models.json`` and ``results/models.md``. The OpenBLAS tuning variables
+Writes ``results/models_<threads>t.json`` and ``.md``. The OpenBLAS tuning variables
 (``OPENBLAS_CORETYPE``, ``OPENBLAS_L2_SIZE``), which make NumPy slower on some machines, are
 removed for this command only, both together, and the result file says so.
 """
@@ -368,9 +368,10 @@ def main(argv=None) -> int:
     print(_markdown(results))
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "models.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "models.md").write_text(_markdown(results))
-        log(f"wrote {args.out / 'models.json'} and models.md")
+        stem = args.out / f"models_{args.threads}t"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(_markdown(results))
+        log(f"wrote {stem}.json and {stem}.md")
     return 0
 
 

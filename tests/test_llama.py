@@ -97,6 +97,15 @@ def test_tiny_llama_attributes(tiny, folders):
     np.testing.assert_allclose(trace.attentions.sum(-1), 1.0, atol=1e-5)
 
 
+def test_encode_refuses_maps_beyond_the_weights_limit(tiny, restore_weights_limit):
+    n = tiny.tokenize(TEXT)[1].size
+    attnscope.set_weights_memory_limit(2 * 4 * n * n * 4 - 1)  # layers x heads x n x n float32
+    with pytest.raises(ValueError, match=r"attention maps of \d+ tokens .* shorten the text"):
+        tiny.encode(TEXT)
+    attnscope.set_weights_memory_limit(2 * 4 * n * n * 4)
+    assert tiny.encode(TEXT).attentions.shape == (2, 4, n, n)
+
+
 def test_llama_cpp_row_order_is_undone():
     weight = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
     reordered = llama_cpp_rows(weight, 3)

@@ -290,12 +290,23 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Each row divided by its root mean square, then scaled (no centring, no bias)."""
-    mean_square = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])
-    return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps))) * weight
+    scale = np.einsum("ij,ij->i", x, x)[:, None]
+    scale /= x.shape[-1]
+    scale += x.dtype.type(eps)
+    np.sqrt(scale, out=scale)
+    np.reciprocal(scale, out=scale)
+    out = x * scale
+    out *= weight
+    return out
 
 
 def _swiglu(gate_up: np.ndarray) -> np.ndarray:
-    """silu(gate) ⊙ up, for the fused ``[gate | up]`` product."""
+    """silu(gate) ⊙ up, for the fused ``[gate | up]`` product, in one buffer."""
     inner = gate_up.shape[-1] // 2
     gate, up = gate_up[:, :inner], gate_up[:, inner:]
-    return gate / (np.float32(1.0) + np.exp(-gate)) * up
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    out *= up
+    return out
