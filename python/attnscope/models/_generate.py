@@ -240,7 +240,7 @@ class _TextPieces:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def stream(model, prompt, max_new_tokens=32, *, temperature=0.0, top_k=None, seed=None):
+def stream(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
     """Generate after `prompt`, yielding a :class:`GenerationStep` per new token.
 
     Arguments are checked here, before the first step: a bad one raises at the call.
@@ -249,7 +249,7 @@ def stream(model, prompt, max_new_tokens=32, *, temperature=0.0, top_k=None, see
     return _start(model, prompt, max_new_tokens, temperature, top_k, seed)[1]
 
 
-def generate(model, prompt, max_new_tokens=32, *, temperature=0.0, top_k=None, seed=None):
+def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
     """Every step of :func:`stream`, gathered into a :class:`Generation`."""
     ids, steps = _start(model, prompt, max_new_tokens, temperature, top_k, seed)
     steps = list(steps)

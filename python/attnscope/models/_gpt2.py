@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from ._model import Checkpoint, Model, merge_heads, split_heads
-from ._numerics import activation, layer_norm
+from ._numerics import activation, layer_norm, linear
 
 
 class GPT2Model(Model):
@@ -74,13 +74,17 @@ class GPT2Model(Model):
         attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
         d = self.hidden_size
         for index, layer in enumerate(self._layers):
-            qkv = layer_norm(x, *layer["norm1"], self._eps) @ layer["qkv"] + layer["qkv_bias"]
+            normed = layer_norm(x, *layer["norm1"], self._eps)
+            qkv = linear(normed, layer["qkv"], layer["qkv_bias"])
             q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
             context, attentions[index] = self._attend(q, k, v, scale=self._scales[index])
-            x = x + (merge_heads(context) @ layer["out"] + layer["out_bias"])
-            hidden = self._act(
-                layer_norm(x, *layer["norm2"], self._eps) @ layer["up"] + layer["up_bias"]
-            )
-            x = x + (hidden @ layer["down"] + layer["down_bias"])
+            attended = linear(merge_heads(context), layer["out"], layer["out_bias"])
+            attended += x
+            x = attended
+            normed = layer_norm(x, *layer["norm2"], self._eps)
+            hidden = self._act(linear(normed, layer["up"], layer["up_bias"]))
+            hidden = linear(hidden, layer["down"], layer["down_bias"])
+            hidden += x
+            x = hidden
         final = layer_norm(x, *self._final_norm, self._eps)
         return attentions, final, final @ self._unembed

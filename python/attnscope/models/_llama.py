@@ -23,6 +23,7 @@ import numpy as np
 
 import attnscope
 
+from ._generate import chat_prompt, generate, perplexity, stream
 from ._model import Checkpoint, Model
 
 # attend(layer, q, k, v) -> context: q (Hq, n, Dh), k and v (Hkv, n, Dh) -> (Hq, n, Dh).
@@ -195,13 +196,13 @@ class LlamaModel(Model):
 
     # --- generation, chat and perplexity (see _generate) -----------------------------------
 
-    def stream(self, prompt: str, max_new_tokens: int = 32, **options):
-        """Generate token by token; see :func:`attnscope.models.stream` for the arguments."""
-        from ._generate import stream
+    def stream(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
+        """:meth:`generate` one step at a time: an iterator of
+        :class:`~attnscope.models.GenerationStep`, each yielded as soon as its token is chosen.
+        The arguments are checked at the call, before the first step."""
+        return stream(self, prompt, max_new_tokens, temperature, top_k, seed)
 
-        return stream(self, prompt, max_new_tokens, **options)
-
-    def generate(self, prompt: str, max_new_tokens: int = 32, **options):
+    def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
         """Generate up to `max_new_tokens` tokens after `prompt` with the KV cache.
 
         Args:
@@ -215,21 +216,24 @@ class LlamaModel(Model):
         Returns:
             A :class:`~attnscope.models.Generation` with every step's token, log-probability,
             time and attention row.
-        """
-        from ._generate import generate
 
-        return generate(self, prompt, max_new_tokens, **options)
+        Raises:
+            TypeError: a prompt that is not a str, or arguments of the wrong type.
+            ValueError: an empty prompt, `max_new_tokens` outside ``[1, context_length]``, a
+                prompt whose tokens plus `max_new_tokens` exceed the context, a negative
+                temperature, `top_k` < 1 or a negative seed.
+        """
+        return generate(self, prompt, max_new_tokens, temperature, top_k, seed)
 
     def chat_prompt(self, messages) -> str:
         """`messages` (``[{"role": "user", "content": ...}, ...]``) through the chat template,
         with the assistant's turn opened, ready to :meth:`generate` from."""
-        from ._generate import chat_prompt
-
         return chat_prompt(self, messages)
 
-    def chat(self, messages, max_new_tokens: int = 32, **options):
+    def chat(self, messages, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
         """``generate(chat_prompt(messages), ...)``: the assistant's answer to `messages`."""
-        return self.generate(self.chat_prompt(messages), max_new_tokens, **options)
+        prompt = self.chat_prompt(messages)
+        return self.generate(prompt, max_new_tokens, temperature, top_k, seed)
 
     def perplexity(self, text: str, *, window: int | None = None, sinks: int = 0):
         """How well the model predicts `text`, optionally through a bounded KV cache.
@@ -244,8 +248,6 @@ class LlamaModel(Model):
             A :class:`~attnscope.models.Perplexity`: mean negative log-likelihood (nats) of
             each token given the ones before it, its exponential, and how many tokens count.
         """
-        from ._generate import perplexity
-
         return perplexity(self, text, window=window, sinks=sinks)
 
 
@@ -290,12 +292,23 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Each row divided by its root mean square, then scaled (no centring, no bias)."""
-    mean_square = np.einsum("ij,ij->i", x, x)[:, None] / np.float32(x.shape[-1])
-    return x * (np.float32(1.0) / np.sqrt(mean_square + np.float32(eps))) * weight
+    scale = np.einsum("ij,ij->i", x, x)[:, None]
+    scale /= x.shape[-1]
+    scale += x.dtype.type(eps)
+    np.sqrt(scale, out=scale)
+    np.reciprocal(scale, out=scale)
+    out = x * scale
+    out *= weight
+    return out
 
 
 def _swiglu(gate_up: np.ndarray) -> np.ndarray:
-    """silu(gate) ⊙ up, for the fused ``[gate | up]`` product."""
+    """silu(gate) ⊙ up, for the fused ``[gate | up]`` product, in one buffer."""
     inner = gate_up.shape[-1] // 2
     gate, up = gate_up[:, :inner], gate_up[:, inner:]
-    return gate / (np.float32(1.0) + np.exp(-gate)) * up
+    out = np.negative(gate)
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(gate, out, out=out)
+    out *= up
+    return out

@@ -163,8 +163,22 @@ class Model:
                 f"the input is {token_ids.size} tokens long but {self.name} reads at most "
                 f"{self.max_positions} tokens (its context window); shorten the text"
             )
+        self._check_attention_memory(token_ids.size)
         attentions, hidden_states, logits = self._forward(token_ids)
         return Trace(tokens, token_ids, attentions, hidden_states, logits, self.is_causal)
+
+    def _check_attention_memory(self, n: int) -> None:
+        """Refuses a text whose attention maps (every layer and head) would not fit the
+        engine's weights memory limit, before anything is allocated."""
+        needed = self.num_layers * self.num_heads * n * n * self.dtype.itemsize
+        limit = attnscope.get_weights_memory_limit()
+        if needed > limit:
+            raise ValueError(
+                f"the attention maps of {n} tokens ({self.num_layers} layers x "
+                f"{self.num_heads} heads x {n} x {n}) would take {needed / 2**30:.1f} GiB, "
+                f"more than the weights memory limit of {limit / 2**30:.1f} GiB "
+                "(attnscope.set_weights_memory_limit); shorten the text"
+            )
 
     def _check_ids(self, ids) -> np.ndarray:
         array = np.asarray(ids)
