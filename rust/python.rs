@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
 use pyo3::types::{PyBool, PyTuple};
 
+use crate::element::Element;
 use crate::simd::{active_level, force_level, SimdLevel};
 use crate::threads::{check_thread_count, MAX_THREADS};
 use crate::{AttentionOptions, AttnError, CausalAlignment, Float, Mask, Window};
@@ -414,12 +415,10 @@ enum CacheStore {
 
 /// The element types a cache can hold, and how to find a cache of that type in the store.
 trait CachedFloat: Float + numpy::Element {
-    const NAME: &'static str;
     fn cache_in(store: &mut CacheStore) -> Option<&mut crate::KvCache<Self>>;
 }
 
 impl CachedFloat for f32 {
-    const NAME: &'static str = "float32";
     fn cache_in(store: &mut CacheStore) -> Option<&mut crate::KvCache<f32>> {
         match store {
             CacheStore::F32(cache) => Some(cache),
@@ -429,7 +428,6 @@ impl CachedFloat for f32 {
 }
 
 impl CachedFloat for f64 {
-    const NAME: &'static str = "float64";
     fn cache_in(store: &mut CacheStore) -> Option<&mut crate::KvCache<f64>> {
         match store {
             CacheStore::F64(cache) => Some(cache),
@@ -441,8 +439,8 @@ impl CachedFloat for f64 {
 impl CacheStore {
     fn dtype(&self) -> &'static str {
         match self {
-            CacheStore::F32(_) => f32::NAME,
-            CacheStore::F64(_) => f64::NAME,
+            CacheStore::F32(_) => <f32 as Element>::TYPE_NAME,
+            CacheStore::F64(_) => <f64 as Element>::TYPE_NAME,
         }
     }
 
@@ -452,8 +450,8 @@ impl CacheStore {
             PyTypeError::new_err(format!(
                 "cache holds {dtype} keys and values but {what} is {}; create the KVCache with \
                  dtype=numpy.{}",
-                T::NAME,
-                T::NAME
+                T::TYPE_NAME,
+                T::TYPE_NAME
             ))
         })
     }
@@ -474,7 +472,10 @@ fn borrow_typed<'py, T: CachedFloat, D: ndarray::Dimension>(
 ) -> PyResult<PyReadonlyArray<'py, T, D>> {
     borrow_as(array)?.ok_or_else(|| {
         let dims = D::NDIM.map_or(String::new(), |n| format!("{n}-D "));
-        PyTypeError::new_err(format!("{name} must be a {dims}numpy.{} array", T::NAME))
+        PyTypeError::new_err(format!(
+            "{name} must be a {dims}numpy.{} array",
+            T::TYPE_NAME
+        ))
     })
 }
 

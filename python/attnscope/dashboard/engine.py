@@ -58,12 +58,6 @@ def attention_output(q, k, v, **options) -> np.ndarray:
     return reference.scaled_dot_product_attention(q, k, v, **options)
 
 
-def set_threads(count: int) -> None:
-    """Ask the compiled engine to use `count` threads; the reference has no threads to set."""
-    if compiled_available():
-        attnscope.set_num_threads(count)
-
-
 def get_threads() -> int:
     """The engine's thread count (1 for the single-threaded reference)."""
     return attnscope.get_num_threads() if compiled_available() else 1
