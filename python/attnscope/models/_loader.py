@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._mha import _float_dtype as float_dtype
 from ._bert import BertModel
 from ._gguf import read_gguf
 from ._gpt2 import GPT2Model
@@ -28,7 +29,6 @@ from ._sources import (
 )
 
 FAMILIES: dict[str, type[Model]] = {"bert": BertModel, "gpt2": GPT2Model, "llama": LlamaModel}
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def load(name_or_path, *, dtype=np.float32) -> Model:
@@ -49,12 +49,7 @@ def load(name_or_path, *, dtype=np.float32) -> Model:
             files, damaged files, or a config of an unsupported architecture.
         ModelUnavailableError: a known model whose files cannot be had (offline, package missing).
     """
-    try:
-        dtype = np.dtype(dtype)
-    except TypeError as error:
-        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from error
-    if dtype not in _DTYPES:
-        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype}")
+    dtype = float_dtype(dtype)
     path, name = resolve(name_or_path)
     if path.is_file() and path.suffix.lower() == GGUF_SUFFIX:
         checkpoint = read_gguf(path, name)
