@@ -19,6 +19,16 @@ def keep_choice(key: str, options: range, default: int) -> None:
         st.session_state[key] = default
 
 
+def layer_and_head(prefix: str, num_layers: int, num_heads: int) -> tuple[int, int]:
+    """Layer and head pickers side by side, keyed `{prefix}_layer` and `{prefix}_head`."""
+    keep_choice(f"{prefix}_layer", range(num_layers), 0)
+    keep_choice(f"{prefix}_head", range(num_heads), 0)
+    pickers = st.columns(2)
+    layer = pickers[0].selectbox("Layer", range(num_layers), key=f"{prefix}_layer")
+    head = pickers[1].selectbox("Head", range(num_heads), key=f"{prefix}_head")
+    return layer, head
+
+
 def reset_on_new_tokens(prefix: str, tokens: list[str], defaults: dict[str, int]) -> None:
     """Another model or text: positions mean other tokens now, so the pickers start again."""
     if st.session_state.get(f"{prefix}_tokens") != tokens:
@@ -208,11 +218,7 @@ def grid_section(model, table) -> None:
 
 def one_head_section(model, reading, table) -> None:
     st.subheader("One head")
-    keep_choice("real_model_layer", range(model.num_layers), 0)
-    keep_choice("real_model_head", range(model.num_heads), 0)
-    pickers = st.columns(2)
-    layer = pickers[0].selectbox("Layer", range(model.num_layers), key="real_model_layer")
-    head = pickers[1].selectbox("Head", range(model.num_heads), key="real_model_head")
+    layer, head = layer_and_head("real_model", model.num_layers, model.num_heads)
     head_heatmap(reading, layer, head)
     label, statistics = rm.head_summary(table, layer, head)
     st.metric("Behaviour", label)
@@ -396,11 +402,7 @@ def show_replay(replay: generation.Replay) -> None:
     numbers[3].metric("KV cache at the end", f"{replay.cache_nbytes[-1] / 2**20:.2f} MiB")
 
     st.subheader("Replay: each new token's attention over the cache")
-    keep_choice("real_model_replay_layer", range(replay.num_layers), 0)
-    keep_choice("real_model_replay_head", range(replay.num_heads), 0)
-    pickers = st.columns(2)
-    layer = pickers[0].selectbox("Layer", range(replay.num_layers), key="real_model_replay_layer")
-    head = pickers[1].selectbox("Head", range(replay.num_heads), key="real_model_replay_head")
+    layer, head = layer_and_head("real_model_replay", replay.num_layers, replay.num_heads)
     weights, visible = replay.head_rows(layer, head)
     draw_map(
         weights,
