@@ -68,7 +68,7 @@ pub struct KernelParams<T> {
     pub bounds: Bounds,
     /// `scale · log2(e)`, folded into Q.
     pub score_scale: T,
-    /// Softcapping, as `(cap · log2(e), 2 / cap)` for scores in base 2.
+    /// Softcapping, as `(cap · log2(e), 1 / cap)` for scores in base 2.
     pub softcap: Option<(T, T)>,
     /// `c(i) - i`: where the diagonal of the call's alignment lies (for ALiBi).
     pub diagonal_offset: i64,
@@ -597,8 +597,8 @@ unsafe fn modify_scores<V: SimdVec>(
     let first_diagonal = rows.start as i64 + params.diagonal_offset;
     for line in 0..lines {
         let values = &mut scores[line * line_stride..][..line_len];
-        if let Some((cap, two_over_cap)) = params.softcap {
-            softcap_scores::<V>(values, cap, two_over_cap);
+        if let Some((cap, inverse_cap)) = params.softcap {
+            softcap_scores::<V>(values, cap, inverse_cap);
         }
         if let Some(slope) = head.alibi_slope {
             let first_distance = if descending {

@@ -447,15 +447,16 @@ pub(crate) unsafe fn scale_row<V: SimdVec>(row: &mut [V::Elem], factor: V::Elem)
 
 /// `values[c] = C·tanh(values[c] / C)` in place, for scores in base 2 (`C = cap·log2(e)`):
 /// `tanh(u) = (e^(u-|u|) - e^(-u-|u|)) / (e^(u-|u|) + e^(-u-|u|))`, whose exponents are never
-/// positive, so each is one `exp2` of the kernel's own. `two_over_cap` is `2 / cap`.
+/// positive, so each is one `exp2` of the kernel's own. `inverse_cap` is `1 / cap`
+/// (`e^(u - |u|) = 2^((t - |t|) / cap)`).
 #[inline(always)]
 pub(crate) unsafe fn softcap_scores<V: SimdVec>(
     values: &mut [V::Elem],
     cap_base2: V::Elem,
-    two_over_cap: V::Elem,
+    inverse_cap: V::Elem,
 ) {
     let minus_one = V::splat(V::Elem::from_f64(-1.0));
-    let (cap, factor) = (V::splat(cap_base2), V::splat(two_over_cap));
+    let (cap, factor) = (V::splat(cap_base2), V::splat(inverse_cap));
     let mut chunks = values.chunks_exact_mut(V::LANES);
     for chunk in &mut chunks {
         let t = V::load(chunk.as_ptr());

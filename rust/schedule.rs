@@ -295,7 +295,7 @@ fn kernel_params<T: KernelElement>(
         softcap: mods.softcap.map(|cap| {
             (
                 T::from_f64(cap * std::f64::consts::LOG2_E),
-                T::from_f64(2.0 / cap),
+                T::from_f64(1.0 / cap),
             )
         }),
         diagonal_offset: match options.alignment {
