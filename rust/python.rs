@@ -815,6 +815,7 @@ fn multi_head_attention_forward<'py>(
 fn register_masks(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(mask_to_dense, module)?)?;
     module.add_function(wrap_pyfunction!(mask_layout, module)?)?;
+    module.add_function(wrap_pyfunction!(mask_dense_rows, module)?)?;
     Ok(())
 }
 
@@ -939,6 +940,24 @@ fn mask_to_dense<'py>(
         let dense = py.detach(|| expr.to_dense(mask_shape(num_queries, num_keys)))?;
         let array = ndarray::Array2::from_shape_vec((num_queries, num_keys), dense)
             .expect("to_dense returns L x S values");
+        Ok(array.into_pyarray(py).into_any())
+    })
+}
+
+/// Rows `rows` of the (L, S) bool matrix of a spec: a sample of a mask too long to build.
+#[pyfunction]
+fn mask_dense_rows<'py>(
+    py: Python<'py>,
+    spec: &Bound<'py, PyTuple>,
+    num_queries: usize,
+    num_keys: usize,
+    rows: Vec<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guarded(|| {
+        let expr = mask_expr(spec)?;
+        let dense = py.detach(|| expr.dense_rows(mask_shape(num_queries, num_keys), &rows))?;
+        let array = ndarray::Array2::from_shape_vec((rows.len(), num_keys), dense)
+            .expect("dense_rows returns rows x S values");
         Ok(array.into_pyarray(py).into_any())
     })
 }

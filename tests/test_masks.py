@@ -4,40 +4,39 @@ reference and (when installed) PyTorch."""
 
 from __future__ import annotations
 
+import attnscope as ats
 import numpy as np
 import pytest
-
-import attnscope as ats
 from attnscope import masks as M
 from attnscope import reference
 
 L, S = 37, 41
-I = np.arange(L)[:, None]
-J = np.arange(S)[None, :]
+ROWS = np.arange(L)[:, None]
+COLS = np.arange(S)[None, :]
 IDS_Q = np.repeat(np.arange(5), 8)[:L]
 IDS_K = np.repeat(np.arange(5), 9)[:S]
 
 
 def plain_cases():
     """(mask, the same pattern written with NumPy on the (L, S) grid)."""
-    diagonal_br = I + (S - L)
+    diagonal_br = ROWS + (S - L)
     global_positions = [0, 3, 20, 40]
     is_global = lambda x: np.isin(x, global_positions)  # noqa: E731
     return [
-        (M.causal(), J <= I),
-        (M.causal("bottom_right"), J <= diagonal_br),
-        (M.window(3), (J >= I - 3) & (J <= I + 3)),
-        (M.window(4, 0), (J >= I - 4) & (J <= I)),
-        (M.window(None, 2), J <= I + 2),
-        (M.window(2, None, alignment="bottom_right"), J >= diagonal_br - 2),
-        (M.prefix_lm(6), (J < 6) | (J <= I)),
+        (M.causal(), COLS <= ROWS),
+        (M.causal("bottom_right"), COLS <= diagonal_br),
+        (M.window(3), (COLS >= ROWS - 3) & (COLS <= ROWS + 3)),
+        (M.window(4, 0), (COLS >= ROWS - 4) & (COLS <= ROWS)),
+        (M.window(None, 2), COLS <= ROWS + 2),
+        (M.window(2, None, alignment="bottom_right"), COLS >= diagonal_br - 2),
+        (M.prefix_lm(6), (COLS < 6) | (COLS <= ROWS)),
         (M.document(IDS_Q, kv_ids=IDS_K), IDS_Q[:, None] == IDS_K[None, :]),
-        (M.global_tokens(global_positions), is_global(I) | is_global(J)),
-        (M.sinks(4), np.broadcast_to(J < 4, (L, S))),
-        (M.strided(5), (I - J) % 5 == 0),
-        (M.fixed(8), (I // 8 == J // 8) | (J % 8 >= 7)),
-        (M.fixed(8, summary=3), (I // 8 == J // 8) | (J % 8 >= 5)),
-        (M.dilated(6, 2), (np.abs(I - J) <= 6) & (np.abs(I - J) % 2 == 0)),
+        (M.global_tokens(global_positions), is_global(ROWS) | is_global(COLS)),
+        (M.sinks(4), np.broadcast_to(COLS < 4, (L, S))),
+        (M.strided(5), (ROWS - COLS) % 5 == 0),
+        (M.fixed(8), (ROWS // 8 == COLS // 8) | (COLS % 8 >= 7)),
+        (M.fixed(8, summary=3), (ROWS // 8 == COLS // 8) | (COLS % 8 >= 5)),
+        (M.dilated(6, 2), (np.abs(ROWS - COLS) <= 6) & (np.abs(ROWS - COLS) % 2 == 0)),
     ]
 
 

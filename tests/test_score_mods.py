@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 
+import attnscope as ats
 import numpy as np
 import pytest
-
-import attnscope as ats
 from attnscope import masks as M
 from attnscope import reference
 
@@ -76,9 +75,7 @@ def test_alibi_on_a_2d_call_takes_one_slope():
     rng = np.random.default_rng(2)
     q = rng.standard_normal((40, 8)).astype(np.float32)
     got = ats.scaled_dot_product_attention(q, q, q, alibi_slopes=[0.5], is_causal=True)
-    expected = reference.scaled_dot_product_attention(
-        q, q, q, alibi_slopes=[0.5], is_causal=True
-    )
+    expected = reference.scaled_dot_product_attention(q, q, q, alibi_slopes=[0.5], is_causal=True)
     np.testing.assert_allclose(got, expected, rtol=3e-5, atol=3e-6)
 
 
