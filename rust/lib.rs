@@ -16,7 +16,9 @@ mod bounds;
 mod element;
 mod error;
 mod kernel;
+mod kv_attend;
 mod kv_cache;
+mod kv_storage;
 mod memory;
 mod mha;
 mod microkernel;
@@ -36,7 +38,8 @@ pub use attention::{
 pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;
-pub use kv_cache::{CacheAttendOptions, KvCache};
+pub use kv_cache::{CacheAttendOptions, Eviction, KvCache};
+pub use kv_storage::{Storage, INT8_BLOCK};
 pub use mha::{multi_head_attention, MhaHeads, MhaInputs, MhaWeights};
 pub use shapes::{
     set_weights_memory_limit, weights_memory_limit, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
