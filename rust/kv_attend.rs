@@ -102,7 +102,12 @@ impl RowFormat for Int8Rows<'_> {
     const SCALED: bool = true;
     #[inline(always)]
     unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
-        V::load_i8(self.values.data.as_ptr().add(row * self.values.per_row + col))
+        V::load_i8(
+            self.values
+                .data
+                .as_ptr()
+                .add(row * self.values.per_row + col),
+        )
     }
     fn value(&self, row: usize, col: usize) -> f32 {
         f32::from(self.values.data[row * self.values.per_row + col]) * self.scale(row, col)
@@ -178,52 +183,87 @@ fn state_len(rows: usize, depth: usize) -> usize {
 unsafe fn dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize) -> f32 {
     let depth = query.len();
     let vectors = depth / V::LANES;
-    let mut chains = [V::splat(0.0); 4];
-    for v in 0..vectors {
+    let load = |v: usize| {
         let col = v * V::LANES;
         let mut key = keys.widen::<V>(row, col);
         if F::SCALED {
             key = key.mul(V::splat(keys.scale(row, col)));
         }
-        chains[v % 4] = V::mul_add(V::load(query.as_ptr().add(col)), key, chains[v % 4]);
+        (V::load(query.as_ptr().add(col)), key)
+    };
+    let (mut a, mut b, mut c, mut d) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
+    let mut v = 0;
+    while v + 4 <= vectors {
+        let (q0, k0) = load(v);
+        let (q1, k1) = load(v + 1);
+        let (q2, k2) = load(v + 2);
+        let (q3, k3) = load(v + 3);
+        a = V::mul_add(q0, k0, a);
+        b = V::mul_add(q1, k1, b);
+        c = V::mul_add(q2, k2, c);
+        d = V::mul_add(q3, k3, d);
+        v += 4;
     }
-    let mut sum = chains[0]
-        .add(chains[1])
-        .add(chains[2].add(chains[3]))
-        .reduce_sum();
-    for col in vectors * V::LANES..depth {
-        sum += query[col] * keys.value(row, col);
+    while v < vectors {
+        let (q0, k0) = load(v);
+        a = V::mul_add(q0, k0, a);
+        v += 1;
+    }
+    let mut sum = a.add(b).add(c.add(d)).reduce_sum();
+    for (col, &q) in query.iter().enumerate().skip(vectors * V::LANES) {
+        sum += q * keys.value(row, col);
     }
     sum
 }
 
+/// `acc += Σ_j weights[j] · v_(first + j)` over `N` vectors of `acc` from vector `v`, kept in
+/// registers across the keys.
+#[inline(always)]
+unsafe fn accumulate_vectors<V: Widen, F: RowFormat, const N: usize>(
+    acc: &mut [f32],
+    values: &F,
+    first: usize,
+    weights: &[f32],
+    v: usize,
+) {
+    let at = |k: usize| (v + k) * V::LANES;
+    let mut sums = [V::splat(0.0); N];
+    for (k, sum) in sums.iter_mut().enumerate() {
+        *sum = V::load(acc.as_ptr().add(at(k)));
+    }
+    for (j, &weight) in weights.iter().enumerate() {
+        let splat = V::splat(weight);
+        for (k, sum) in sums.iter_mut().enumerate() {
+            let w = if F::SCALED {
+                V::splat(weight * values.scale(first + j, at(k)))
+            } else {
+                splat
+            };
+            *sum = V::mul_add(w, values.widen::<V>(first + j, at(k)), *sum);
+        }
+    }
+    for (k, sum) in sums.iter().enumerate() {
+        sum.store(acc.as_mut_ptr().add(at(k)));
+    }
+}
+
 /// `acc += Σ_j weights[j] · v_(first + j)`, four vectors of the accumulator at a time.
 #[inline(always)]
-unsafe fn accumulate<V: Widen, F: RowFormat>(acc: &mut [f32], values: &F, first: usize, weights: &[f32]) {
-    let depth = acc.len();
-    let vectors = depth / V::LANES;
+unsafe fn accumulate<V: Widen, F: RowFormat>(
+    acc: &mut [f32],
+    values: &F,
+    first: usize,
+    weights: &[f32],
+) {
+    let vectors = acc.len() / V::LANES;
     let mut v = 0;
+    while v + 4 <= vectors {
+        accumulate_vectors::<V, F, 4>(acc, values, first, weights, v);
+        v += 4;
+    }
     while v < vectors {
-        let count = (vectors - v).min(4);
-        let mut sums = [V::splat(0.0); 4];
-        for (k, sum) in sums.iter_mut().enumerate().take(count) {
-            *sum = V::load(acc.as_ptr().add((v + k) * V::LANES));
-        }
-        for (j, &weight) in weights.iter().enumerate() {
-            for (k, sum) in sums.iter_mut().enumerate().take(count) {
-                let col = (v + k) * V::LANES;
-                let w = if F::SCALED {
-                    weight * values.scale(first + j, col)
-                } else {
-                    weight
-                };
-                *sum = V::mul_add(V::splat(w), values.widen::<V>(first + j, col), *sum);
-            }
-        }
-        for (k, sum) in sums.iter().enumerate().take(count) {
-            sum.store(acc.as_mut_ptr().add((v + k) * V::LANES));
-        }
-        v += count;
+        accumulate_vectors::<V, F, 1>(acc, values, first, weights, v);
+        v += 1;
     }
     for (col, slot) in acc.iter_mut().enumerate().skip(vectors * V::LANES) {
         for (j, &weight) in weights.iter().enumerate() {
@@ -244,7 +284,11 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
     let mut states = vec![0.0f32; state_len(task.rows.len(), depth)];
     let first_row = task.head * call.row_capacity + call.first_row;
     let mut scores = [0.0f32; KEY_BLOCK];
-    let rows: Vec<_> = task.rows.clone().map(|row| call.row(task.head, row)).collect();
+    let rows: Vec<_> = task
+        .rows
+        .clone()
+        .map(|row| call.row(task.head, row))
+        .collect();
     for state in states.chunks_exact_mut(depth + 2) {
         state[0] = f32::NEG_INFINITY;
     }
@@ -344,7 +388,12 @@ macro_rules! task_at_level {
     }};
 }
 
-fn run_task(level: SimdLevel, call: &CachedCall<'_>, formats: &Formats<'_>, task: &Task) -> Vec<f32> {
+fn run_task(
+    level: SimdLevel,
+    call: &CachedCall<'_>,
+    formats: &Formats<'_>,
+    task: &Task,
+) -> Vec<f32> {
     match formats {
         Formats::F32(keys, values) => task_at_level!(level, call, *keys, *values, task),
         Formats::BFloat16(keys, values) => task_at_level!(level, call, *keys, *values, task),
@@ -402,12 +451,12 @@ pub(crate) fn attend_stored<T: crate::Element>(
     let pool = pool_for(call.num_threads)?;
     let work = call.batch * call.query_heads * call.num_queries * call.num_keys * call.depth;
     let run = |task: &Task| run_task(level, call, &formats, task);
-    let partials: Vec<Vec<f32>> = if work <= ATTENTION_INLINE_WORK || pool.current_num_threads() == 1
-    {
-        tasks.iter().map(run).collect()
-    } else {
-        pool.install(|| tasks.par_iter().with_max_len(1).map(run).collect())
-    };
+    let partials: Vec<Vec<f32>> =
+        if work <= ATTENTION_INLINE_WORK || pool.current_num_threads() == 1 {
+            tasks.iter().map(run).collect()
+        } else {
+            pool.install(|| tasks.par_iter().with_max_len(1).map(run).collect())
+        };
     Ok(merge(call, &tasks, &partials))
 }
 

@@ -135,7 +135,10 @@ impl<T: KernelElement> KvCache<T> {
         if storage != Storage::Native && T::TYPE_NAME != "float32" {
             return Err(AttnError::value(
                 "storage",
-                format!("compressed storage needs a float32 cache, not {}", T::TYPE_NAME),
+                format!(
+                    "compressed storage needs a float32 cache, not {}",
+                    T::TYPE_NAME
+                ),
             ));
         }
         let capacity = eviction.map_or(capacity, |bound| capacity.min(bound.row_limit()));
@@ -267,6 +270,14 @@ impl<T: KernelElement> KvCache<T> {
         }
     }
 
+    /// Tokens held after appending `new_tokens`, and whether all of them are kept (a chunk
+    /// longer than a bounded cache's room keeps only its last tokens).
+    pub fn after_append(&self, new_tokens: usize) -> (usize, bool) {
+        let plan = self.plan(new_tokens);
+        let kept = plan.fill.len() + plan.recent.len();
+        (self.len + kept - plan.evict, kept == new_tokens)
+    }
+
     /// Appends `key` and `value`, each `(batch, Hkv, n, D)`, converted to the storage; a
     /// bounded cache then evicts what no longer fits. On error the cache is unchanged.
     pub fn append(
@@ -294,8 +305,10 @@ impl<T: KernelElement> KvCache<T> {
             let sinks = self.eviction.map_or(0, |bound| bound.sinks);
             let heads = self.batch * self.kv_heads;
             let (from, to) = (self.first_row, self.first_row + plan.evict);
-            self.keys.move_rows(heads, self.row_capacity, from, to, sinks);
-            self.values.move_rows(heads, self.row_capacity, from, to, sinks);
+            self.keys
+                .move_rows(heads, self.row_capacity, from, to, sinks);
+            self.values
+                .move_rows(heads, self.row_capacity, from, to, sinks);
             self.first_row = to;
             self.len -= plan.evict;
         }
@@ -313,7 +326,8 @@ impl<T: KernelElement> KvCache<T> {
             let heads = self.batch * self.kv_heads;
             let (from, held) = (self.first_row, self.len);
             self.keys.move_rows(heads, self.row_capacity, from, 0, held);
-            self.values.move_rows(heads, self.row_capacity, from, 0, held);
+            self.values
+                .move_rows(heads, self.row_capacity, from, 0, held);
             self.first_row = 0;
             return Ok(());
         }
@@ -342,7 +356,12 @@ impl<T: KernelElement> KvCache<T> {
     }
 
     /// Writes tokens `tokens` of `key` and `value` after the held rows.
-    fn write(&mut self, key: &ArrayView4<'_, T>, value: &ArrayView4<'_, T>, tokens: std::ops::Range<usize>) {
+    fn write(
+        &mut self,
+        key: &ArrayView4<'_, T>,
+        value: &ArrayView4<'_, T>,
+        tokens: std::ops::Range<usize>,
+    ) {
         let mut staging = Vec::with_capacity(self.head_dim);
         let at = self.first_row + self.len;
         for batch in 0..self.batch {
@@ -450,10 +469,11 @@ impl<T: KernelElement> KvCache<T> {
         }
     }
 
-    /// Whether a float32 cache's call runs the stored-rows kernel: one query row per head,
-    /// the decoding step, which that kernel streams at the memory's pace.
+    /// Whether a float32 cache's call runs the stored-rows kernel: one query row per head and
+    /// no grouping (a decoding step, streamed at the memory's pace). Grouped heads run the
+    /// general kernel's grouped path, whose register tiles reuse each key across the group.
     fn decodes_natively(&self, query_shape: &[usize]) -> bool {
-        T::TYPE_NAME == "float32" && query_shape[2] == 1
+        T::TYPE_NAME == "float32" && query_shape[2] == 1 && query_shape[1] == self.kv_heads
     }
 
     /// The kernel over the stored rows (no mask, no weights).
@@ -495,7 +515,10 @@ impl<T: KernelElement> KvCache<T> {
             Some((keys, values))
         });
         let output = attend_stored(active_level(), &call, &self.keys, &self.values, native_f32)?;
-        let output: Vec<T> = output.into_iter().map(|x| T::from_f64(f64::from(x))).collect();
+        let output: Vec<T> = output
+            .into_iter()
+            .map(|x| T::from_f64(f64::from(x)))
+            .collect();
         Ok(Attention {
             output: ArrayD::from_shape_vec(IxDyn(&shape), output)
                 .expect("the output holds (batch, Hq, L, D) values"),
@@ -530,6 +553,7 @@ impl<T: KernelElement> KvCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_storage::Storage;
     use ndarray::{Array4, ArrayD, Axis, IxDyn};
 
     fn ramp(shape: [usize; 4], offset: f32) -> Array4<f32> {
@@ -675,5 +699,88 @@ mod tests {
         let want = expected.output.index_axis(Axis(0), 0).to_owned();
         let difference = (&got - &want).iter().fold(0.0f64, |m, x| m.max(x.abs()));
         assert!(difference < 1e-12, "{difference}");
+    }
+
+    /// Every storage: the stored-rows kernel (no mask, no weights) equals the general kernel
+    /// over the same decoded values (asking for weights takes that path), for one and several
+    /// queries, grouped heads and a window.
+    #[test]
+    fn stored_kernel_matches_the_general_kernel_on_decoded_values() {
+        let keys = ramp([2, 2, 70, 40], 1.0);
+        let values = ramp([2, 2, 70, 40], 2.0);
+        for storage in [
+            Storage::Native,
+            Storage::BFloat16,
+            Storage::Float16,
+            Storage::Int8,
+        ] {
+            let mut cache = KvCache::<f32>::with_storage(2, 40, 2, 0, storage, None).unwrap();
+            for step in 0..7 {
+                let range = step * 10..(step + 1) * 10;
+                cache
+                    .append(
+                        keys.slice(s![.., .., range.clone(), ..]),
+                        values.slice(s![.., .., range, ..]),
+                    )
+                    .unwrap();
+            }
+            for (queries, window) in [(1, None), (5, None), (3, Some(Window::symmetric(9)))] {
+                let query = ramp([2, 6, queries, 40], 3.0).into_dyn();
+                let mut options = CacheAttendOptions {
+                    window,
+                    enable_gqa: true,
+                    ..Default::default()
+                };
+                let stored = cache.attend(query.view(), Mask::None, &options).unwrap();
+                options.return_weights = true;
+                let general = cache.attend(query.view(), Mask::None, &options).unwrap();
+                let difference = (&stored.output - &general.output)
+                    .iter()
+                    .fold(0.0f32, |m, x| m.max(x.abs()));
+                assert!(
+                    difference < 2e-5,
+                    "{storage:?}, {queries} queries, {window:?}: {difference}"
+                );
+            }
+        }
+    }
+
+    /// A bounded cache holds the first `sinks` tokens and the newest `max_len − sinks`, in
+    /// order, after single tokens and after chunks longer than it.
+    #[test]
+    fn bounded_cache_keeps_sinks_and_the_newest_tokens() {
+        let token = |index: usize| Array4::from_elem([1, 2, 1, 3], index as f32);
+        for (max_len, sinks) in [(8, 2), (8, 0), (5, 5), (1, 0)] {
+            let bound = Eviction::new(max_len, sinks).unwrap();
+            let mut cache =
+                KvCache::<f32>::with_storage(2, 3, 1, 0, Storage::Float16, Some(bound)).unwrap();
+            let mut seen = 0;
+            for step in 0..60 {
+                let chunk = [1, 1, 3, 11][step % 4];
+                let mut block = Array4::<f32>::zeros([1, 2, chunk, 3]);
+                for t in 0..chunk {
+                    block
+                        .slice_mut(s![.., .., t..t + 1, ..])
+                        .assign(&token(seen + t));
+                }
+                cache.append(block.view(), block.view()).unwrap();
+                seen += chunk;
+                let held: Vec<usize> = (0..sinks.min(seen))
+                    .chain(seen.saturating_sub(max_len - sinks).max(sinks)..seen)
+                    .collect();
+                assert_eq!(cache.len(), held.len(), "{max_len}/{sinks} after {seen}");
+                let (decoded_keys, _) = cache.decoded();
+                let got: Vec<usize> = decoded_keys
+                    .chunks(3)
+                    .take(held.len())
+                    .map(|row| row[0] as usize)
+                    .collect();
+                assert_eq!(got, held, "{max_len}/{sinks} after {seen}");
+                assert!(cache.capacity() <= bound.row_limit());
+                assert_eq!(cache.nbytes(), 2 * 2 * held.len() * 3 * 2);
+            }
+        }
+        assert!(Eviction::new(0, 0).is_err());
+        assert!(Eviction::new(4, 5).is_err());
     }
 }

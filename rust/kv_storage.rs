@@ -226,13 +226,24 @@ impl<T: Element> Rows<T> {
     }
 
     /// Moves `count` rows of every head from row `from` to row `to`.
-    pub fn move_rows(&mut self, heads: usize, capacity: usize, from: usize, to: usize, count: usize) {
+    pub fn move_rows(
+        &mut self,
+        heads: usize,
+        capacity: usize,
+        from: usize,
+        to: usize,
+        count: usize,
+    ) {
         each_plane!(self, buffer => buffer.move_rows(heads, capacity, from, to, count));
     }
 
     /// Stores `source` (one row of values, any layout) as global row `row`.
-    pub fn write_row<'a>(&mut self, row: usize, source: impl Iterator<Item = &'a T>, staging: &mut Vec<f32>)
-    where
+    pub fn write_row<'a>(
+        &mut self,
+        row: usize,
+        source: impl Iterator<Item = &'a T>,
+        staging: &mut Vec<f32>,
+    ) where
         T: 'a,
     {
         if let Rows::Native(buffer) = self {
@@ -386,7 +397,10 @@ mod tests {
         assert_eq!(Storage::parse::<f32>("int8").unwrap(), Storage::Int8);
         for (bad, word) in [("float64", "float32"), ("int4", "must be")] {
             let message = Storage::parse::<f32>(bad).unwrap_err().to_string();
-            assert!(message.contains(word) && message.contains("storage"), "{message}");
+            assert!(
+                message.contains(word) && message.contains("storage"),
+                "{message}"
+            );
         }
         let message = Storage::parse::<f64>("bfloat16").unwrap_err().to_string();
         assert!(message.contains("float32 cache"), "{message}");
