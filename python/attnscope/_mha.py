@@ -377,9 +377,7 @@ class MultiHeadAttention:
             f"num_kv_heads={self.num_kv_heads}, bias={self.b_q is not None}, dtype={self.dtype})"
         )
 
-    def new_cache(
-        self, *, batch=1, capacity=None, storage=None, max_len=None, sinks=0
-    ) -> KVCache:
+    def new_cache(self, *, batch=1, capacity=None, storage=None, max_len=None, sinks=0) -> KVCache:
         """An empty :class:`KVCache` that fits this layer (see it for the arguments)."""
         return KVCache(
             self.num_kv_heads,
