@@ -31,7 +31,7 @@ def test_storage_table_numbers():
     table = cost.storage_table(llama).set_index("storage")
     # 2 · 32 layers · 8 kv heads · 128 values · 2 bytes = 128 KiB per token in 16 bits.
     assert table.loc["bfloat16", "bytes per token"] == 131_072
-    assert table.loc["float32", "n = 8,192"] == "4.0 GiB"
+    assert table.loc["float32", "n = 8,192"] == "2.0 GiB"
     assert table.loc["float16", "n = 8,192"] == "1.0 GiB"
     assert table.loc["int8", "bytes per token"] == 2 * 32 * 8 * (128 + 16)
     assert table.loc["int8", "GiB at 200000"] == pytest.approx(2 * 32 * 8 * 144 * 200_000 / 2**30)
