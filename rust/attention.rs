@@ -248,10 +248,15 @@ pub fn attention_over_strided_kv<T: KernelElement>(
     let key_shape = [lead, &[kv.kv_heads, kv.num_keys, kv.depth]].concat();
     let value_shape = [lead, &[kv.kv_heads, kv.num_keys, kv.value_dim]].concat();
     let geometry = Geometry::check(query.shape(), &key_shape, &value_shape, options.enable_gqa)?;
-    let kv_rows = geometry.batch * kv.kv_heads * kv.row_capacity;
+    // The last head's rows in use must be in the buffers; rows after them need not be.
+    let heads = geometry.batch * kv.kv_heads;
+    let kv_rows = match heads {
+        0 => 0,
+        _ => (heads - 1) * kv.row_capacity + kv.num_keys,
+    };
     if kv.num_keys > kv.row_capacity
-        || kv.key.len() != kv_rows * kv.depth
-        || kv.value.len() != kv_rows * kv.value_dim
+        || kv.key.len() < kv_rows * kv.depth
+        || kv.value.len() < kv_rows * kv.value_dim
     {
         return Err(AttnError::value(
             "key",

@@ -4,27 +4,78 @@
 //! them, so appending copies only the new rows and attention reads the cache in place. The
 //! spare room at least doubles whenever it runs out: a long generation copies each key a
 //! bounded number of times in all, not once per step.
+//!
+//! Rows are stored in the cache's [`Storage`]: the compute type, or compressed (bfloat16,
+//! float16, int8 blocks), converted once by `append` and read in place by the kernels.
+//!
+//! A bounded cache ([`Eviction`]) keeps the first `sinks` tokens and the most recent
+//! `max_len − sinks`, as StreamingLLM does. The held rows stay contiguous: when old rows are
+//! evicted the few sink rows move forward over them, and the rows slide back to the buffer's
+//! start only when its end is reached (at most once per `max_len − sinks` tokens).
 
-use ndarray::{s, ArrayView2, ArrayView4, ArrayViewD};
+use std::any::Any;
+
+use ndarray::{s, ArrayD, ArrayView4, ArrayViewD, IxDyn};
 
 use crate::attention::{attention_over_strided_kv, StridedKv};
-use crate::bounds::CausalAlignment;
+use crate::bounds::{Bounds, CausalAlignment};
 use crate::error::shape_str;
-use crate::memory::zeroed;
-use crate::simd::KernelElement;
+use crate::kernel::score_scale;
+use crate::kv_attend::{attend_stored, CachedCall};
+use crate::kv_storage::{RowBuffer, Rows, Storage};
+use crate::shapes::{check_call, Geometry};
+use crate::simd::{active_level, KernelElement};
 use crate::{Attention, AttentionOptions, AttnError, Mask, Window};
 
-/// Keys `(batch, Hkv, len, D)` and values `(batch, Hkv, len, D)` of the tokens seen so far.
+/// What a bounded cache keeps: the first `sinks` tokens and the most recent `max_len − sinks`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Eviction {
+    pub max_len: usize,
+    pub sinks: usize,
+}
+
+impl Eviction {
+    /// Checks `max_len >= 1` and `sinks <= max_len`.
+    pub fn new(max_len: usize, sinks: usize) -> Result<Self, AttnError> {
+        if max_len == 0 {
+            return Err(AttnError::value("max_len", "must be >= 1 (or None), got 0"));
+        }
+        if sinks > max_len {
+            return Err(AttnError::value(
+                "sinks",
+                format!("{sinks} sink tokens do not fit in max_len = {max_len}"),
+            ));
+        }
+        Ok(Eviction { max_len, sinks })
+    }
+
+    /// Tokens kept after the sinks.
+    fn recent(&self) -> usize {
+        self.max_len - self.sinks
+    }
+
+    /// Rows per head a bounded buffer never outgrows: the kept tokens plus room for a chunk
+    /// of new ones, so rows slide back at most once per `recent` appended tokens.
+    fn row_limit(&self) -> usize {
+        self.max_len + self.recent()
+    }
+}
+
+/// Keys `(batch, Hkv, len, D)` and values `(batch, Hkv, len, D)` of the tokens kept.
 #[derive(Debug, Clone)]
 pub struct KvCache<T> {
     batch: usize,
     kv_heads: usize,
     head_dim: usize,
     len: usize,
-    /// Rows allocated per (batch, kv head); `len <= row_capacity`.
+    /// Rows allocated per (batch, kv head); `first_row + len <= row_capacity`.
     row_capacity: usize,
-    keys: Vec<T>,
-    values: Vec<T>,
+    /// Row of every head where the held tokens start (evictions move it forward).
+    first_row: usize,
+    storage: Storage,
+    eviction: Option<Eviction>,
+    keys: Rows<T>,
+    values: Rows<T>,
 }
 
 /// How the queries of [`KvCache::attend`] see the cached keys.
@@ -41,14 +92,36 @@ pub struct CacheAttendOptions {
     pub num_threads: Option<usize>,
 }
 
+/// Which tokens of an appended chunk are written, and how many old ones leave.
+struct AppendPlan {
+    /// Leading tokens of the chunk that fill the sink rows (or, unbounded, every token).
+    fill: std::ops::Range<usize>,
+    /// Trailing tokens of the chunk kept as recent ones.
+    recent: std::ops::Range<usize>,
+    /// Oldest recent rows evicted.
+    evict: usize,
+}
+
 impl<T: KernelElement> KvCache<T> {
-    /// An empty cache for `batch` sequences of `kv_heads` heads of width `head_dim`, with room
-    /// for `capacity` tokens before its first growth.
+    /// An empty unbounded cache in the compute type for `batch` sequences of `kv_heads` heads
+    /// of width `head_dim`, with room for `capacity` tokens before its first growth.
     pub fn new(
         kv_heads: usize,
         head_dim: usize,
         batch: usize,
         capacity: usize,
+    ) -> Result<Self, AttnError> {
+        Self::with_storage(kv_heads, head_dim, batch, capacity, Storage::Native, None)
+    }
+
+    /// An empty cache storing its rows in `storage`, bounded by `eviction` if given.
+    pub fn with_storage(
+        kv_heads: usize,
+        head_dim: usize,
+        batch: usize,
+        capacity: usize,
+        storage: Storage,
+        eviction: Option<Eviction>,
     ) -> Result<Self, AttnError> {
         for (name, value) in [
             ("num_kv_heads", kv_heads),
@@ -59,16 +132,29 @@ impl<T: KernelElement> KvCache<T> {
                 return Err(AttnError::value(name, "must be >= 1, got 0"));
             }
         }
+        if storage != Storage::Native && T::TYPE_NAME != "float32" {
+            return Err(AttnError::value(
+                "storage",
+                format!(
+                    "compressed storage needs a float32 cache, not {}",
+                    T::TYPE_NAME
+                ),
+            ));
+        }
+        let capacity = eviction.map_or(capacity, |bound| capacity.min(bound.row_limit()));
         let mut cache = KvCache {
             batch,
             kv_heads,
             head_dim,
             len: 0,
             row_capacity: 0,
-            keys: Vec::new(),
-            values: Vec::new(),
+            first_row: 0,
+            storage,
+            eviction,
+            keys: Rows::new(storage, 0, head_dim)?,
+            values: Rows::new(storage, 0, head_dim)?,
         };
-        cache.reserve_rows(capacity)?;
+        cache.relocate(capacity)?;
         Ok(cache)
     }
 
@@ -84,6 +170,14 @@ impl<T: KernelElement> KvCache<T> {
         self.head_dim
     }
 
+    pub fn storage(&self) -> Storage {
+        self.storage
+    }
+
+    pub fn eviction(&self) -> Option<Eviction> {
+        self.eviction
+    }
+
     /// Tokens held.
     pub fn len(&self) -> usize {
         self.len
@@ -93,22 +187,24 @@ impl<T: KernelElement> KvCache<T> {
         self.len == 0
     }
 
-    /// Tokens that fit before the buffers grow.
+    /// Rows per head allocated (tokens that fit before the buffers grow or slide back).
     pub fn capacity(&self) -> usize {
         self.row_capacity
     }
 
-    /// Bytes of the keys and values held (`2 · batch · Hkv · len · D` elements).
+    /// Bytes of the keys and values held, in their storage (int8 counts its block scales).
     pub fn nbytes(&self) -> usize {
-        2 * self.batch * self.kv_heads * self.len * self.head_dim * std::mem::size_of::<T>()
+        2 * self.batch * self.kv_heads * self.len * self.storage.row_bytes::<T>(self.head_dim)
     }
 
     /// Forgets every token; the buffers are kept for the next sequence.
     pub fn reset(&mut self) {
         self.len = 0;
+        self.first_row = 0;
     }
 
-    /// Drops the tokens after the first `len` (undoes appends after a failed step).
+    /// Drops the tokens after the first `len` (undoes appends after a failed step; tokens an
+    /// append evicted are not restored).
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
@@ -154,7 +250,36 @@ impl<T: KernelElement> KvCache<T> {
         Ok(())
     }
 
-    /// Appends `key` and `value`, each `(batch, Hkv, n, D)`. On error the cache is unchanged.
+    /// Which of `new_tokens` appended tokens are kept, and how many held ones are evicted.
+    fn plan(&self, new_tokens: usize) -> AppendPlan {
+        let Some(bound) = self.eviction else {
+            return AppendPlan {
+                fill: 0..new_tokens,
+                recent: new_tokens..new_tokens,
+                evict: 0,
+            };
+        };
+        let held_sinks = self.len.min(bound.sinks);
+        let fill = (bound.sinks - held_sinks).min(new_tokens);
+        let kept = (new_tokens - fill).min(bound.recent());
+        let held_recent = self.len - held_sinks;
+        AppendPlan {
+            fill: 0..fill,
+            recent: new_tokens - kept..new_tokens,
+            evict: (held_recent + kept).saturating_sub(bound.recent()),
+        }
+    }
+
+    /// Tokens held after appending `new_tokens`, and whether all of them are kept (a chunk
+    /// longer than a bounded cache's room keeps only its last tokens).
+    pub fn after_append(&self, new_tokens: usize) -> (usize, bool) {
+        let plan = self.plan(new_tokens);
+        let kept = plan.fill.len() + plan.recent.len();
+        (self.len + kept - plan.evict, kept == new_tokens)
+    }
+
+    /// Appends `key` and `value`, each `(batch, Hkv, n, D)`, converted to the storage; a
+    /// bounded cache then evicts what no longer fits. On error the cache is unchanged.
     pub fn append(
         &mut self,
         key: ArrayView4<'_, T>,
@@ -166,73 +291,137 @@ impl<T: KernelElement> KvCache<T> {
             // Nothing to copy, however many (batch, head) pairs there are.
             return Ok(());
         }
-        let total = self.len.checked_add(new_tokens).ok_or_else(|| {
-            AttnError::value("k", format!("{new_tokens} more tokens overflow the cache"))
-        })?;
-        if total > self.row_capacity {
-            self.reserve_rows(total.max(self.row_capacity.saturating_mul(2)))?;
+        let plan = self.plan(new_tokens);
+        let needed = self
+            .len
+            .checked_add(plan.fill.len() + plan.recent.len())
+            .ok_or_else(|| {
+                AttnError::value("k", format!("{new_tokens} more tokens overflow the cache"))
+            })?;
+        self.make_room(needed)?;
+        // Nothing below fails: the cache changes only once the room is there.
+        self.write(&key, &value, plan.fill.clone());
+        if plan.evict > 0 {
+            let sinks = self.eviction.map_or(0, |bound| bound.sinks);
+            let heads = self.batch * self.kv_heads;
+            let (from, to) = (self.first_row, self.first_row + plan.evict);
+            self.keys
+                .move_rows(heads, self.row_capacity, from, to, sinks);
+            self.values
+                .move_rows(heads, self.row_capacity, from, to, sinks);
+            self.first_row = to;
+            self.len -= plan.evict;
         }
-        let (row_capacity, held, depth) = (self.row_capacity, self.len, self.head_dim);
-        let rows = |head: usize| {
-            let first = (head * row_capacity + held) * depth;
-            first..first + new_tokens * depth
-        };
-        for batch in 0..self.batch {
-            for kv_head in 0..self.kv_heads {
-                let head = batch * self.kv_heads + kv_head;
-                copy_rows(
-                    &mut self.keys[rows(head)],
-                    key.slice(s![batch, kv_head, .., ..]),
-                );
-                copy_rows(
-                    &mut self.values[rows(head)],
-                    value.slice(s![batch, kv_head, .., ..]),
-                );
-            }
-        }
-        self.len = total;
+        self.write(&key, &value, plan.recent);
         Ok(())
     }
 
-    /// Grows every head's buffer to `rows` rows, moving the held keys and values once.
-    fn reserve_rows(&mut self, rows: usize) -> Result<(), AttnError> {
-        if rows <= self.row_capacity {
+    /// Ensures `needed` rows fit after `first_row`: slides the held rows back to row 0 when
+    /// that is enough, otherwise grows (geometrically, up to a bounded cache's limit).
+    fn make_room(&mut self, needed: usize) -> Result<(), AttnError> {
+        if self.first_row + needed <= self.row_capacity {
             return Ok(());
         }
+        if needed <= self.row_capacity {
+            let heads = self.batch * self.kv_heads;
+            let (from, held) = (self.first_row, self.len);
+            self.keys.move_rows(heads, self.row_capacity, from, 0, held);
+            self.values
+                .move_rows(heads, self.row_capacity, from, 0, held);
+            self.first_row = 0;
+            return Ok(());
+        }
+        let mut rows = needed.max(self.row_capacity.saturating_mul(2));
+        if let Some(bound) = self.eviction {
+            rows = rows.min(bound.row_limit()).max(needed);
+        }
+        self.relocate(rows)
+    }
+
+    /// Moves the held rows into new buffers of `rows` rows per head, starting at row 0.
+    fn relocate(&mut self, rows: usize) -> Result<(), AttnError> {
         let heads = self.batch * self.kv_heads;
-        let regrow = |old: &[T]| -> Result<Vec<T>, AttnError> {
-            let mut grown = zeroed(&[heads, rows, self.head_dim], "capacity")?;
-            let held = self.len * self.head_dim;
-            for head in 0..heads {
-                let from = head * self.row_capacity * self.head_dim;
-                let to = head * rows * self.head_dim;
-                grown[to..to + held].copy_from_slice(&old[from..from + held]);
-            }
-            Ok(grown)
-        };
-        let keys = regrow(&self.keys)?;
-        let values = regrow(&self.values)?;
+        let held = self.first_row..self.first_row + self.len;
+        let keys = self
+            .keys
+            .relocated(heads, self.row_capacity, rows, held.clone())?;
+        let values = self
+            .values
+            .relocated(heads, self.row_capacity, rows, held)?;
         self.keys = keys;
         self.values = values;
         self.row_capacity = rows;
+        self.first_row = 0;
         Ok(())
     }
 
-    /// The cached keys and values as [`StridedKv`] buffers for the attention kernel.
-    pub fn strided(&self) -> StridedKv<'_, T> {
-        StridedKv {
-            key: &self.keys,
-            value: &self.values,
+    /// Writes tokens `tokens` of `key` and `value` after the held rows.
+    fn write(
+        &mut self,
+        key: &ArrayView4<'_, T>,
+        value: &ArrayView4<'_, T>,
+        tokens: std::ops::Range<usize>,
+    ) {
+        let mut staging = Vec::with_capacity(self.head_dim);
+        let at = self.first_row + self.len;
+        for batch in 0..self.batch {
+            for kv_head in 0..self.kv_heads {
+                let head = batch * self.kv_heads + kv_head;
+                for (offset, token) in tokens.clone().enumerate() {
+                    let row = head * self.row_capacity + at + offset;
+                    let key_row = key.slice(s![batch, kv_head, token, ..]);
+                    let value_row = value.slice(s![batch, kv_head, token, ..]);
+                    self.keys.write_row(row, key_row.iter(), &mut staging);
+                    self.values.write_row(row, value_row.iter(), &mut staging);
+                }
+            }
+        }
+        self.len += tokens.len();
+    }
+
+    /// The native buffers (compute-type storage).
+    fn native(&self) -> Option<(&RowBuffer<T>, &RowBuffer<T>)> {
+        match (&self.keys, &self.values) {
+            (Rows::Native(keys), Rows::Native(values)) => Some((keys, values)),
+            _ => None,
+        }
+    }
+
+    /// The cached keys and values as [`StridedKv`] buffers for the attention kernel (native
+    /// storage only: compressed rows are read by the cache's own kernel).
+    pub fn strided(&self) -> Option<StridedKv<'_, T>> {
+        let (keys, values) = self.native()?;
+        let skip = self.first_row * self.head_dim;
+        Some(StridedKv {
+            key: &keys.data[skip..],
+            value: &values.data[skip..],
             kv_heads: self.kv_heads,
             num_keys: self.len,
             row_capacity: self.row_capacity,
             depth: self.head_dim,
             value_dim: self.head_dim,
+        })
+    }
+
+    /// The held keys and values decoded to float32, `(batch · Hkv, len, D)` each.
+    pub fn decoded(&self) -> (Vec<f32>, Vec<f32>) {
+        let (depth, heads) = (self.head_dim, self.batch * self.kv_heads);
+        let mut keys = vec![0.0f32; heads * self.len * depth];
+        let mut values = keys.clone();
+        for head in 0..heads {
+            for token in 0..self.len {
+                let row = head * self.row_capacity + self.first_row + token;
+                let at = (head * self.len + token) * depth;
+                self.keys.read_row(row, &mut keys[at..at + depth]);
+                self.values.read_row(row, &mut values[at..at + depth]);
+            }
         }
+        (keys, values)
     }
 
     /// Attention of `query` `(batch, Hq, L, D)` over the cache: the `L` queries are the
-    /// newest tokens, so query `i` sees keys up to `len - L + i` (bottom-right causal).
+    /// newest tokens, so query `i` sees keys up to `len - L + i` (bottom-right causal over
+    /// the kept tokens).
     pub fn attend(
         &self,
         query: ArrayViewD<'_, T>,
@@ -270,25 +459,101 @@ impl<T: KernelElement> KvCache<T> {
             return_weights: options.return_weights,
             num_threads: options.num_threads,
         };
-        attention_over_strided_kv(query, &self.strided(), mask, &attention_options)
-    }
-}
-
-/// Copies `source` (any layout) into `target` in row-major order.
-fn copy_rows<T: Copy>(target: &mut [T], source: ArrayView2<'_, T>) {
-    match source.as_slice() {
-        Some(contiguous) => target.copy_from_slice(contiguous),
-        None => {
-            for (slot, &x) in target.iter_mut().zip(source.iter()) {
-                *slot = x;
-            }
+        let plain = matches!(mask, Mask::None) && !options.return_weights;
+        if plain && (self.storage != Storage::Native || self.decodes_natively(shape)) {
+            return self.attend_stored(query, &attention_options);
         }
+        match self.strided() {
+            Some(kv) => attention_over_strided_kv(query, &kv, mask, &attention_options),
+            None => self.attend_decoded(query, mask, &attention_options),
+        }
+    }
+
+    /// Whether a float32 cache's call runs the stored-rows kernel: one query row per head and
+    /// no grouping (a decoding step, streamed at the memory's pace). Grouped heads run the
+    /// general kernel's grouped path, whose register tiles reuse each key across the group.
+    fn decodes_natively(&self, query_shape: &[usize]) -> bool {
+        T::TYPE_NAME == "float32" && query_shape[2] == 1 && query_shape[1] == self.kv_heads
+    }
+
+    /// The kernel over the stored rows (no mask, no weights).
+    fn attend_stored(
+        &self,
+        query: ArrayViewD<'_, T>,
+        options: &AttentionOptions,
+    ) -> Result<Attention<T>, AttnError> {
+        let shape = query.shape().to_vec();
+        let kv_shape = [self.batch, self.kv_heads, self.len, self.head_dim];
+        let geometry = Geometry::check(&shape, &kv_shape, &kv_shape, options.enable_gqa)?;
+        check_call(&geometry, &Mask::<T>::None, options)?;
+        let depth = self.head_dim;
+        let scale = options.scale.unwrap_or(1.0 / (depth as f64).sqrt());
+        let query32: Vec<f32> = query.iter().map(|x| x.to_f64() as f32).collect();
+        let call = CachedCall {
+            query: &query32,
+            batch: self.batch,
+            query_heads: shape[1],
+            kv_heads: self.kv_heads,
+            num_queries: shape[2],
+            num_keys: self.len,
+            depth,
+            row_capacity: self.row_capacity,
+            first_row: self.first_row,
+            score_scale: score_scale::<f32>(scale)?,
+            bounds: Bounds::new(
+                shape[2],
+                self.len,
+                true,
+                CausalAlignment::BottomRight,
+                options.window,
+            ),
+            num_threads: options.num_threads,
+        };
+        let native_f32 = self.native().and_then(|(keys, values)| {
+            let keys = (keys as &dyn Any).downcast_ref::<RowBuffer<f32>>()?;
+            let values = (values as &dyn Any).downcast_ref::<RowBuffer<f32>>()?;
+            Some((keys, values))
+        });
+        let output = attend_stored(active_level(), &call, &self.keys, &self.values, native_f32)?;
+        let output: Vec<T> = output
+            .into_iter()
+            .map(|x| T::from_f64(f64::from(x)))
+            .collect();
+        Ok(Attention {
+            output: ArrayD::from_shape_vec(IxDyn(&shape), output)
+                .expect("the output holds (batch, Hq, L, D) values"),
+            weights: None,
+        })
+    }
+
+    /// A compressed cache with a mask or weights: its held rows decoded to float32 for this
+    /// call, then the general kernel.
+    fn attend_decoded(
+        &self,
+        query: ArrayViewD<'_, T>,
+        mask: Mask<'_, T>,
+        options: &AttentionOptions,
+    ) -> Result<Attention<T>, AttnError> {
+        let (keys, values) = self.decoded();
+        let decoded: Vec<T> = keys.iter().map(|&x| T::from_f64(f64::from(x))).collect();
+        let decoded_values: Vec<T> = values.iter().map(|&x| T::from_f64(f64::from(x))).collect();
+        let kv = StridedKv {
+            key: &decoded,
+            value: &decoded_values,
+            kv_heads: self.kv_heads,
+            num_keys: self.len,
+            row_capacity: self.len,
+            depth: self.head_dim,
+            value_dim: self.head_dim,
+        };
+        attention_over_strided_kv(query, &kv, mask, options)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv_storage::Storage;
     use ndarray::{Array4, ArrayD, Axis, IxDyn};
 
     fn ramp(shape: [usize; 4], offset: f32) -> Array4<f32> {
@@ -308,7 +573,7 @@ mod tests {
         cache.append(second.view(), second.view()).unwrap();
         assert_eq!(cache.len(), 8);
         assert!(cache.capacity() >= 8);
-        let kv = cache.strided();
+        let kv = cache.strided().unwrap();
         for head in 0..4 {
             let (batch, kv_head) = (head / 2, head % 2);
             for token in 0..8 {
@@ -352,6 +617,7 @@ mod tests {
         assert!(cache.append(wide.view(), wide.view()).is_err());
         assert_eq!(cache.len(), before.len());
         assert_eq!(cache.keys, before.keys);
+        assert_eq!(cache.first_row, before.first_row);
         assert_eq!(cache.capacity(), before.capacity());
     }
 
@@ -433,5 +699,88 @@ mod tests {
         let want = expected.output.index_axis(Axis(0), 0).to_owned();
         let difference = (&got - &want).iter().fold(0.0f64, |m, x| m.max(x.abs()));
         assert!(difference < 1e-12, "{difference}");
+    }
+
+    /// Every storage: the stored-rows kernel (no mask, no weights) equals the general kernel
+    /// over the same decoded values (asking for weights takes that path), for one and several
+    /// queries, grouped heads and a window.
+    #[test]
+    fn stored_kernel_matches_the_general_kernel_on_decoded_values() {
+        let keys = ramp([2, 2, 70, 40], 1.0);
+        let values = ramp([2, 2, 70, 40], 2.0);
+        for storage in [
+            Storage::Native,
+            Storage::BFloat16,
+            Storage::Float16,
+            Storage::Int8,
+        ] {
+            let mut cache = KvCache::<f32>::with_storage(2, 40, 2, 0, storage, None).unwrap();
+            for step in 0..7 {
+                let range = step * 10..(step + 1) * 10;
+                cache
+                    .append(
+                        keys.slice(s![.., .., range.clone(), ..]),
+                        values.slice(s![.., .., range, ..]),
+                    )
+                    .unwrap();
+            }
+            for (queries, window) in [(1, None), (5, None), (3, Some(Window::symmetric(9)))] {
+                let query = ramp([2, 6, queries, 40], 3.0).into_dyn();
+                let mut options = CacheAttendOptions {
+                    window,
+                    enable_gqa: true,
+                    ..Default::default()
+                };
+                let stored = cache.attend(query.view(), Mask::None, &options).unwrap();
+                options.return_weights = true;
+                let general = cache.attend(query.view(), Mask::None, &options).unwrap();
+                let difference = (&stored.output - &general.output)
+                    .iter()
+                    .fold(0.0f32, |m, x| m.max(x.abs()));
+                assert!(
+                    difference < 2e-5,
+                    "{storage:?}, {queries} queries, {window:?}: {difference}"
+                );
+            }
+        }
+    }
+
+    /// A bounded cache holds the first `sinks` tokens and the newest `max_len − sinks`, in
+    /// order, after single tokens and after chunks longer than it.
+    #[test]
+    fn bounded_cache_keeps_sinks_and_the_newest_tokens() {
+        let token = |index: usize| Array4::from_elem([1, 2, 1, 3], index as f32);
+        for (max_len, sinks) in [(8, 2), (8, 0), (5, 5), (1, 0)] {
+            let bound = Eviction::new(max_len, sinks).unwrap();
+            let mut cache =
+                KvCache::<f32>::with_storage(2, 3, 1, 0, Storage::Float16, Some(bound)).unwrap();
+            let mut seen = 0;
+            for step in 0..60 {
+                let chunk = [1, 1, 3, 11][step % 4];
+                let mut block = Array4::<f32>::zeros([1, 2, chunk, 3]);
+                for t in 0..chunk {
+                    block
+                        .slice_mut(s![.., .., t..t + 1, ..])
+                        .assign(&token(seen + t));
+                }
+                cache.append(block.view(), block.view()).unwrap();
+                seen += chunk;
+                let held: Vec<usize> = (0..sinks.min(seen))
+                    .chain(seen.saturating_sub(max_len - sinks).max(sinks)..seen)
+                    .collect();
+                assert_eq!(cache.len(), held.len(), "{max_len}/{sinks} after {seen}");
+                let (decoded_keys, _) = cache.decoded();
+                let got: Vec<usize> = decoded_keys
+                    .chunks(3)
+                    .take(held.len())
+                    .map(|row| row[0] as usize)
+                    .collect();
+                assert_eq!(got, held, "{max_len}/{sinks} after {seen}");
+                assert!(cache.capacity() <= bound.row_limit());
+                assert_eq!(cache.nbytes(), 2 * 2 * held.len() * 3 * 2);
+            }
+        }
+        assert!(Eviction::new(0, 0).is_err());
+        assert!(Eviction::new(4, 5).is_err());
     }
 }

@@ -16,7 +16,9 @@ mod bounds;
 mod element;
 mod error;
 mod kernel;
+mod kv_attend;
 mod kv_cache;
+mod kv_storage;
 mod masks;
 mod memory;
 mod mha;
@@ -38,7 +40,8 @@ pub use attention::{
 pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;
-pub use kv_cache::{CacheAttendOptions, KvCache};
+pub use kv_cache::{CacheAttendOptions, Eviction, KvCache};
+pub use kv_storage::{Storage, INT8_BLOCK};
 pub use masks::{MaskExpr, MaskLayout, MaskShape, TileClass};
 pub use mha::{multi_head_attention, MhaHeads, MhaInputs, MhaWeights};
 pub use shapes::{

@@ -368,7 +368,21 @@ pub fn multi_head_attention<T: KernelElement>(
     let cached = match &cache {
         Some(cache) => {
             check_cache(cache, batch, heads, dims.head_dim)?;
-            Some(cache.len())
+            let (held, all_kept) = cache.after_append(new_keys);
+            if !all_kept {
+                return Err(AttnError::shape(
+                    "query",
+                    format!(
+                        "{new_keys} new tokens do not all fit the bounded cache \
+                         (max_len {:?}, sinks {:?}, {} held); feed fewer tokens per call",
+                        cache.eviction().map(|e| e.max_len),
+                        cache.eviction().map(|e| e.sinks),
+                        cache.len()
+                    ),
+                ));
+            }
+            // The masks' S is what the cache holds once the new tokens are in.
+            Some(held - new_keys)
         }
         None => None,
     };

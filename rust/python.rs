@@ -547,28 +547,43 @@ impl KvCacheCore {
 #[pymethods]
 impl KvCacheCore {
     #[new]
-    #[pyo3(signature = (num_kv_heads, head_dim, batch, dtype, capacity))]
+    #[pyo3(signature = (num_kv_heads, head_dim, batch, dtype, capacity, storage, max_len, sinks))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         num_kv_heads: usize,
         head_dim: usize,
         batch: usize,
         dtype: &str,
         capacity: usize,
+        storage: &str,
+        max_len: Option<usize>,
+        sinks: usize,
     ) -> PyResult<Self> {
         guarded(|| {
+            let eviction = match max_len {
+                Some(max_len) => Some(crate::Eviction::new(max_len, sinks)?),
+                None if sinks > 0 => {
+                    return Err(PyValueError::new_err(format!(
+                        "sinks: {sinks} sink tokens need a bounded cache; set max_len too"
+                    )))
+                }
+                None => None,
+            };
+            fn build<T: CachedFloat>(
+                shape: (usize, usize, usize, usize),
+                storage: &str,
+                eviction: Option<crate::Eviction>,
+            ) -> PyResult<crate::KvCache<T>> {
+                let (kv_heads, head_dim, batch, capacity) = shape;
+                let storage = crate::Storage::parse::<T>(storage)?;
+                Ok(crate::KvCache::with_storage(
+                    kv_heads, head_dim, batch, capacity, storage, eviction,
+                )?)
+            }
+            let shape = (num_kv_heads, head_dim, batch, capacity);
             let store = match dtype {
-                "float32" => CacheStore::F32(crate::KvCache::new(
-                    num_kv_heads,
-                    head_dim,
-                    batch,
-                    capacity,
-                )?),
-                "float64" => CacheStore::F64(crate::KvCache::new(
-                    num_kv_heads,
-                    head_dim,
-                    batch,
-                    capacity,
-                )?),
+                "float32" => CacheStore::F32(build(shape, storage, eviction)?),
+                "float64" => CacheStore::F64(build(shape, storage, eviction)?),
                 other => {
                     return Err(PyTypeError::new_err(format!(
                         "dtype must be float32 or float64, got {other}"
@@ -645,6 +660,24 @@ impl KvCacheCore {
     #[getter]
     fn dtype(slf: &Bound<'_, Self>) -> PyResult<&'static str> {
         Ok(Self::borrow(slf)?.store.dtype())
+    }
+
+    #[getter]
+    fn storage(slf: &Bound<'_, Self>) -> PyResult<&'static str> {
+        Ok(match &Self::borrow(slf)?.store {
+            CacheStore::F32(cache) => cache.storage().name::<f32>(),
+            CacheStore::F64(cache) => cache.storage().name::<f64>(),
+        })
+    }
+
+    #[getter]
+    fn max_len(slf: &Bound<'_, Self>) -> PyResult<Option<usize>> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.eviction().map(|e| e.max_len)))
+    }
+
+    #[getter]
+    fn sinks(slf: &Bound<'_, Self>) -> PyResult<usize> {
+        Ok(with_cache!(&Self::borrow(slf)?.store, cache => cache.eviction().map_or(0, |e| e.sinks)))
     }
 
     #[getter]

@@ -233,7 +233,11 @@ PAGE_CHANGES = [
         "inside-unscaled",
         lambda page: page.get_by_text("no scaling", exact=True).first.click(),
     ),
-    ("cost", "cost-8bit", lambda page: page.get_by_text("8-bit", exact=True).click()),
+    (
+        "cost",
+        "cost-decode-step",
+        lambda page: page.get_by_role("button", name="Time one decoding step").click(),
+    ),
 ]
 
 
@@ -346,3 +350,23 @@ def test_real_model_generate(server, page):
     _settle(page)
     _check(page, "real-model-generate-refused")
     assert "from 1 to 128" in page.locator('[data-testid="stAlert"]').first.inner_text()
+
+
+def test_cost_page_kv_cache_memory_side(server, page):
+    """The KV-cache section: bytes per storage for a grouped-query shape, one decoding step
+    timed per storage, and (where the server has SmolLM2) perplexity per storage."""
+    charts = PAGE_CHARTS["cost"]
+    page.goto(f"{server}/cost")
+    _settle(page, min_charts=charts)
+    page.get_by_text("KV cache: the memory a long context keeps").scroll_into_view_if_needed()
+    page.get_by_role("button", name="Time one decoding step").click()
+    _settle(page, min_charts=charts)
+    _check(page, "cost-kv-decode", min_charts=charts)
+    section = page.locator('[data-testid="stDataFrame"]')
+    assert section.count() >= 4  # exponents, projections, storage bytes, decode steps
+    if _smollm2_runs():
+        page.get_by_role("button", name="Compare storages on SmolLM2").click()
+        page.wait_for_selector('[data-testid="stProgress"] >> visible=true')
+        _settle(page, min_charts=charts)
+        _check(page, "cost-kv-quality", min_charts=charts)
+        assert page.get_by_text("agreement counts the positions").count() == 1

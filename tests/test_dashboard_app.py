@@ -277,9 +277,8 @@ def test_cost_sweep_controls_and_tables():
     ):
         app.selectbox(key="cost_shape").select(shape).run()
         assert_clean(app)
-    app.radio(key="cost_precision").set_value("16-bit").run()
-    kv = table_with(app, "size")
-    assert kv.set_index("n").loc[8_192, "size"] == "1.0 GiB"
+    kv = table_with(app, "bytes per token").set_index("storage")
+    assert kv.loc["float16", "n = 8,192"] == "1.0 GiB"
 
 
 def test_cost_sweep_too_large_gets_a_message():

@@ -52,7 +52,15 @@ class KvCacheCore:
     """Keys and values of past tokens (see `attnscope.KVCache`)."""
 
     def __new__(
-        cls, num_kv_heads: int, head_dim: int, batch: int, dtype: str, capacity: int
+        cls,
+        num_kv_heads: int,
+        head_dim: int,
+        batch: int,
+        dtype: str,
+        capacity: int,
+        storage: str,
+        max_len: int | None,
+        sinks: int,
     ) -> KvCacheCore: ...
     def append(
         self, k: npt.NDArray[np.floating[Any]], v: npt.NDArray[np.floating[Any]]
@@ -73,6 +81,12 @@ class KvCacheCore:
     def capacity(self) -> int: ...
     @property
     def dtype(self) -> str: ...
+    @property
+    def storage(self) -> str: ...
+    @property
+    def max_len(self) -> int | None: ...
+    @property
+    def sinks(self) -> int: ...
     @property
     def batch(self) -> int: ...
     @property

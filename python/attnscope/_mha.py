@@ -70,25 +70,72 @@ class KVCache:
         num_kv_heads: key/value heads held.
         head_dim: width of each head.
         batch: sequences decoded side by side.
-        dtype: ``numpy.float32`` or ``numpy.float64``.
+        dtype: ``numpy.float32`` or ``numpy.float64``: the compute dtype of ``append``,
+            ``attend`` and their results.
         capacity: tokens to make room for up front (``None``: grow as needed).
+        storage: how keys and values are kept. ``None`` or the dtype's name: as given.
+            For float32 caches also ``"bfloat16"``, ``"float16"`` (2 bytes a value) or
+            ``"int8"`` (blocks of 32 values sharing one float32 scale, ``max|x|/127``, per
+            token and head: 1.125 bytes a value). ``append`` converts once; attention reads
+            the stored values and accumulates in float32. A float64 cache stores float64.
+        max_len: keep at most this many tokens (``None``: unbounded). Once full, the oldest
+            tokens after the first ``sinks`` are evicted, as StreamingLLM does.
+        sinks: the first tokens a bounded cache never evicts (``0 <= sinks <= max_len``).
+
+    Positions: the cache stores keys exactly as given (rotated by the caller, if the model
+    rotates them), and the queries of ``attend`` see the kept tokens with bottom-right causal
+    alignment: the ``L`` queries are the last ``L`` kept tokens.
 
     Example::
 
-        cache = attnscope.KVCache(8, 64)
+        cache = attnscope.KVCache(8, 64, storage="int8", max_len=4096, sinks=4)
         cache.append(k, v)                 # (1, 8, n, 64) each
         out = cache.attend(q)              # (1, 8, L, 64); query i sees keys <= len - L + i
     """
 
-    def __init__(self, num_kv_heads, head_dim, *, batch=1, dtype=np.float32, capacity=None):
+    def __init__(
+        self,
+        num_kv_heads,
+        head_dim,
+        *,
+        batch=1,
+        dtype=np.float32,
+        capacity=None,
+        storage=None,
+        max_len=None,
+        sinks=0,
+    ):
         self._dtype = _float_dtype(dtype)
+        if storage is None:
+            storage = str(self._dtype)
+        elif not isinstance(storage, str):
+            raise TypeError(f"storage must be a str or None, got {type(storage).__name__}")
         self._core = core().KvCacheCore(
             _positive_int(num_kv_heads, "num_kv_heads"),
             _positive_int(head_dim, "head_dim"),
             _positive_int(batch, "batch"),
             str(self._dtype),
             0 if capacity is None else _positive_int(capacity, "capacity", allow_zero=True),
+            storage,
+            None if max_len is None else _positive_int(max_len, "max_len"),
+            _positive_int(sinks, "sinks", allow_zero=True),
         )
+
+    @property
+    def storage(self) -> str:
+        """How keys and values are kept: ``"float32"``, ``"float64"``, ``"bfloat16"``,
+        ``"float16"`` or ``"int8"``."""
+        return self._core.storage
+
+    @property
+    def max_len(self) -> int | None:
+        """The most tokens kept (``None``: unbounded)."""
+        return self._core.max_len
+
+    @property
+    def sinks(self) -> int:
+        """The first tokens a bounded cache never evicts."""
+        return self._core.sinks
 
     @property
     def num_kv_heads(self) -> int:
@@ -108,13 +155,15 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the keys and values held: ``2 · batch · num_kv_heads · len · head_dim``
-        elements (the spare room is not counted; see :attr:`capacity`)."""
+        """Bytes of the keys and values held, in their storage: ``2 · batch · num_kv_heads ·
+        len`` rows of ``head_dim`` values (int8 rows count their block scales; the spare room
+        is not counted, see :attr:`capacity`)."""
         return self._core.nbytes
 
     @property
     def capacity(self) -> int:
-        """Tokens that fit before the buffers grow."""
+        """Rows allocated per head: tokens that fit before the buffers grow (a bounded cache
+        never grows past ``max_len + (max_len - sinks)`` rows)."""
         return self._core.capacity
 
     def __len__(self) -> int:
@@ -124,11 +173,14 @@ class KVCache:
     def __repr__(self) -> str:
         return (
             f"KVCache(num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"batch={self.batch}, dtype={self.dtype}, len={len(self)})"
+            f"batch={self.batch}, dtype={self.dtype}, storage={self.storage!r}, "
+            f"max_len={self.max_len}, sinks={self.sinks}, len={len(self)})"
         )
 
     def append(self, k, v) -> None:
-        """Appends ``k`` and ``v``, each ``(batch, num_kv_heads, n, head_dim)``.
+        """Appends ``k`` and ``v``, each ``(batch, num_kv_heads, n, head_dim)``, converted to
+        the storage. A bounded cache then keeps its sinks and most recent tokens (of a chunk
+        longer than fits, only its last ones).
 
         Raises:
             TypeError: not arrays of the cache's dtype.
@@ -326,10 +378,17 @@ class MultiHeadAttention:
             f"num_kv_heads={self.num_kv_heads}, bias={self.b_q is not None}, dtype={self.dtype})"
         )
 
-    def new_cache(self, *, batch=1, capacity=None) -> KVCache:
-        """An empty :class:`KVCache` that fits this layer."""
+    def new_cache(self, *, batch=1, capacity=None, storage=None, max_len=None, sinks=0) -> KVCache:
+        """An empty :class:`KVCache` that fits this layer (see it for the arguments)."""
         return KVCache(
-            self.num_kv_heads, self.head_dim, batch=batch, dtype=self.dtype, capacity=capacity
+            self.num_kv_heads,
+            self.head_dim,
+            batch=batch,
+            dtype=self.dtype,
+            capacity=capacity,
+            storage=storage,
+            max_len=max_len,
+            sinks=sinks,
         )
 
     def _parameters(self) -> tuple[list[np.ndarray], list[np.ndarray | None]]:

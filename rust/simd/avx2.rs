@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 use super::{SimdVec, EXP2_COEFFS};
 
 #[derive(Clone, Copy)]
-pub(crate) struct Avx2F32(__m256);
+pub(crate) struct Avx2F32(pub(super) __m256);
 
 impl SimdVec for Avx2F32 {
     type Elem = f32;

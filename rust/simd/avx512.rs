@@ -5,7 +5,7 @@ use std::arch::x86_64::*;
 use super::{SimdVec, EXP2_COEFFS};
 
 #[derive(Clone, Copy)]
-pub(crate) struct Avx512F32(__m512);
+pub(crate) struct Avx512F32(pub(super) __m512);
 
 impl SimdVec for Avx512F32 {
     type Elem = f32;

@@ -14,6 +14,7 @@ pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
 pub(crate) mod portable;
+pub(crate) mod widen;
 
 mod dispatch;
 pub use dispatch::KernelElement;
@@ -102,6 +103,16 @@ impl SimdLevel {
             .find(|level| level.is_supported())
             .unwrap_or(SimdLevel::Portable)
     }
+}
+
+/// Whether this CPU converts float16 in hardware (F16C), which the AVX2 widening loads need.
+pub(crate) fn f16c_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        SimdLevel::Avx2.is_supported() && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 const LEVEL_UNSET: u8 = u8::MAX;

@@ -101,6 +101,24 @@ def _check_sampling(temperature, top_k, seed) -> tuple[float, int | None, int | 
     return float(temperature), top_k, seed
 
 
+KV_STORAGES = ("float32", "bfloat16", "float16", "int8")
+
+
+def _check_kv_storage(model, kv_storage) -> str | None:
+    """`kv_storage` (None: the model's dtype) checked against the model's dtype."""
+    if kv_storage is None:
+        return None
+    if not isinstance(kv_storage, str):
+        raise TypeError(f"kv_storage must be a str or None, got {type(kv_storage).__name__}")
+    if kv_storage not in KV_STORAGES:
+        raise ValueError(f"kv_storage must be one of {', '.join(KV_STORAGES)}, got {kv_storage!r}")
+    if kv_storage != "float32" and np.dtype(model.dtype) != np.float32:
+        raise ValueError(
+            f"kv_storage={kv_storage!r} needs a float32 model; this one computes in {model.dtype}"
+        )
+    return None if kv_storage == str(np.dtype(model.dtype)) else kv_storage
+
+
 def _prompt_ids(model, prompt, max_new_tokens) -> tuple[np.ndarray, int]:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
@@ -126,12 +144,14 @@ def _prompt_ids(model, prompt, max_new_tokens) -> tuple[np.ndarray, int]:
 class _Decoder:
     """One generation's state: a KV cache per layer, plus what the attention rows need."""
 
-    def __init__(self, model, capacity: int):
+    def __init__(self, model, capacity: int, storage: str | None = None):
         self.model = model
         layers, heads = model.num_layers, model.num_heads
         kv_heads, head_dim = model.num_kv_heads, model.head_dim
         self.caches = [
-            attnscope.KVCache(kv_heads, head_dim, dtype=model.dtype, capacity=capacity)
+            attnscope.KVCache(
+                kv_heads, head_dim, dtype=model.dtype, capacity=capacity, storage=storage
+            )
             for _ in range(layers)
         ]
         self.length = 0
@@ -240,18 +260,22 @@ class _TextPieces:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def stream(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
+def stream(
+    model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, kv_storage=None
+):
     """Generate after `prompt`, yielding a :class:`GenerationStep` per new token.
 
     Arguments are checked here, before the first step: a bad one raises at the call.
     See :meth:`LlamaModel.generate` for their meaning.
     """
-    return _start(model, prompt, max_new_tokens, temperature, top_k, seed)[1]
+    return _start(model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)[1]
 
 
-def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
+def generate(
+    model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, kv_storage=None
+):
     """Every step of :func:`stream`, gathered into a :class:`Generation`."""
-    ids, steps = _start(model, prompt, max_new_tokens, temperature, top_k, seed)
+    ids, steps = _start(model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)
     steps = list(steps)
     new_ids = [step.token_id for step in steps]
     return Generation(
@@ -263,15 +287,18 @@ def generate(model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed
     )
 
 
-def _start(model, prompt, max_new_tokens, temperature, top_k, seed):
+def _start(model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage=None):
     ids, max_new_tokens = _prompt_ids(model, prompt, max_new_tokens)
     temperature, top_k, seed = _check_sampling(temperature, top_k, seed)
+    storage = _check_kv_storage(model, kv_storage)
     rng = np.random.default_rng(seed)
-    return ids, _steps(model, ids, max_new_tokens, temperature, top_k, rng)
+    return ids, _steps(model, ids, max_new_tokens, temperature, top_k, rng, storage)
 
 
-def _steps(model, ids, max_new_tokens, temperature, top_k, rng) -> Iterator[GenerationStep]:
-    decoder = _Decoder(model, ids.size + max_new_tokens)
+def _steps(
+    model, ids, max_new_tokens, temperature, top_k, rng, storage=None
+) -> Iterator[GenerationStep]:
+    decoder = _Decoder(model, ids.size + max_new_tokens, storage)
     pieces = _TextPieces(model.tokenizer)
     started = time.perf_counter()
     logits = decoder.prefill(ids)
@@ -366,12 +393,17 @@ def visible_keys(queries: np.ndarray, keys: np.ndarray, window: int | None, sink
     return seen
 
 
-def perplexity(model, text, *, window=None, sinks=0) -> Perplexity:
+def perplexity(model, text, *, window=None, sinks=0, kv_storage=None) -> Perplexity:
     """Perplexity of `text`, reading it in chunks through a KV cache that keeps, when `window`
-    is set, only the first `sinks` tokens and the most recent keys (older ones are evicted)."""
+    is set, only the first `sinks` tokens and the most recent keys (older ones are evicted).
+    With `kv_storage` (and no window) the chunks attend over an :class:`attnscope.KVCache`
+    storing its keys and values that way."""
     if window is not None:
         window = _check_int(window, "window", 1)
     sinks = _check_int(sinks, "sinks", 0)
+    storage = _check_kv_storage(model, kv_storage)
+    if storage is not None and window is not None:
+        raise ValueError("kv_storage works with window=None (the whole text kept)")
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     _, ids = model.tokenize(text)
@@ -382,6 +414,8 @@ def perplexity(model, text, *, window=None, sinks=0) -> Perplexity:
             f"text is {ids.size} tokens long but {model.name} reads at most "
             f"{model.context_length} tokens (its context window); shorten the text"
         )
+    if storage is not None:
+        return _perplexity_through_caches(model, ids, storage)
     chunk = window or _PERPLEXITY_CHUNK
     cache = [None] * model.num_layers  # per layer: (keys, values, positions) kept so far
     total = 0.0
@@ -413,6 +447,41 @@ def perplexity(model, text, *, window=None, sinks=0) -> Perplexity:
     scored = ids.size - 1
     nll = total / scored
     return Perplexity(nll=nll, ppl=math.exp(nll), tokens=scored)
+
+
+def read_through_caches(model, ids: np.ndarray, storage: str | None) -> tuple[float, np.ndarray]:
+    """Reads `ids` in chunks, every chunk attending over per-layer :class:`attnscope.KVCache`
+    objects in `storage` (None: the model's dtype). Returns the summed negative
+    log-likelihood of ``ids[1:]`` and the model's likeliest next token after each of
+    ``ids[:-1]``."""
+    caches = [
+        attnscope.KVCache(
+            model.num_kv_heads,
+            model.head_dim,
+            dtype=model.dtype,
+            capacity=ids.size,
+            storage=storage,
+        )
+        for _ in range(model.num_layers)
+    ]
+
+    def attend(layer, q, k, v):
+        caches[layer].append(k[None], v[None])
+        return caches[layer].attend(q[None], enable_gqa=True)[0]
+
+    total, predictions = 0.0, []
+    for start in range(0, ids.size - 1, _PERPLEXITY_CHUNK):
+        stop = min(start + _PERPLEXITY_CHUNK, ids.size - 1)
+        logits = model.logits(model.blocks(ids[start:stop], start, attend))
+        total += _negative_log_likelihood(logits, ids[start + 1 : stop + 1])
+        predictions.append(logits.argmax(axis=1))
+    return total, np.concatenate(predictions)
+
+
+def _perplexity_through_caches(model, ids: np.ndarray, storage: str) -> Perplexity:
+    """Perplexity with every chunk attending over a per-layer KVCache in `storage`."""
+    nll = read_through_caches(model, ids, storage)[0] / (ids.size - 1)
+    return Perplexity(nll=nll, ppl=math.exp(nll), tokens=ids.size - 1)
 
 
 def _negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> float:

