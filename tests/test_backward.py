@@ -172,6 +172,18 @@ GRAD_CASES = [
     pytest.param((2, 2, 3, 2, 16, 8), (2, 2, 3, 1, 20, 8), (2, 2, 3, 1, 20, 8), None,
                  dict(enable_gqa=True), id="leading-dims"),
     pytest.param((33, 8), (21, 8), (21, 5), None, {}, id="2-D"),
+    # From 8 (batch, kv head) pairs on, a task per kv head computes all three gradients.
+    pytest.param(
+        (2, 4, 150, 16), (2, 4, 90, 16), (2, 4, 90, 8), None, dict(window=(40, 5)), id="per-kv-head"
+    ),
+    pytest.param(
+        (2, 8, 70, 16),
+        (2, 4, 130, 16),
+        (2, 4, 130, 16),
+        (_float_mask, (2, 1, 70, 130)),
+        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
+        id="per-kv-head-gqa",
+    ),
     pytest.param((2, 4, 1, 16), (2, 4, 300, 16), (2, 4, 300, 16), None, {}, id="one-query"),
 ]
 
@@ -236,8 +248,9 @@ def test_backward_matches_finite_differences_of_the_forward(rng):
         assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
 
 
-def test_backward_is_bitwise_identical_for_every_thread_count(rng):
-    q, k, v = random_qkv(rng, (2, 4, 300, 32), (2, 2, 400, 32), (2, 2, 400, 32))
+@pytest.mark.parametrize("kv_heads", [2, 8])  # two passes; a task per kv head
+def test_backward_is_bitwise_identical_for_every_thread_count(rng, kv_heads):
+    q, k, v = random_qkv(rng, (2, 4, 300, 32), (2, kv_heads // 2, 400, 32), (2, kv_heads // 2, 400, 32))
     grad_out = rng.standard_normal((2, 4, 300, 32))
     mask = _bool_mask(rng, (300, 400), empty_row=False)
     results = []
