@@ -23,7 +23,7 @@ use crate::memory::{standard_layout, zeroed};
 use crate::microkernel::{
     accumulate_pv, column_exp2, row_exp2, scale_row, transposed_scores, WeightLayout,
 };
-use crate::schedule::{run_tasks, with_call_data, CallData, DisjointWriter, Task};
+use crate::schedule::{call_scale, run_tasks, with_call_data, CallData, DisjointWriter, Task};
 use crate::shapes::{check_call, Geometry};
 use crate::simd::{active_level, KernelElement, SimdLevel, SimdVec};
 use crate::threads::pool_for;
@@ -499,6 +499,7 @@ pub(crate) fn backward_at_level<T: KernelElement>(
     check_call(&geometry, &mask, &options)?;
     check_forward_results(&geometry, &inputs)?;
     let pool = pool_for(options.num_threads)?;
+    // Non-contiguous inputs are copied once; contiguous ones are read in place.
     let query = standard_layout(inputs.query.view(), "query")?;
     let key = standard_layout(inputs.key.view(), "key")?;
     let value = standard_layout(inputs.value.view(), "value")?;
@@ -548,45 +549,15 @@ pub(crate) fn backward_at_level<T: KernelElement>(
             }
         })?;
     }
-    let shaped = |buffer: Vec<T>, shape: &[usize]| {
-        ArrayD::from_shape_vec(IxDyn(shape), buffer).expect("gradient buffer matches its shape")
+    // Each gradient has its input's shape (and the buffers that input's row-major layout).
+    let shaped = |buffer: Vec<T>, input: &ArrayViewD<'_, T>| {
+        ArrayD::from_shape_vec(IxDyn(input.shape()), buffer)
+            .expect("gradient buffer matches its shape")
     };
     Ok(AttentionGrads {
-        grad_query: shaped(grad_query, inputs_shape(&geometry, Part::Query).as_slice()),
-        grad_key: shaped(grad_key, inputs_shape(&geometry, Part::Key).as_slice()),
-        grad_value: shaped(grad_value, inputs_shape(&geometry, Part::Value).as_slice()),
-    })
-}
-
-/// Which input a shape is asked for.
-enum Part {
-    Query,
-    Key,
-    Value,
-}
-
-/// The shape of query, key or value under `geometry`.
-fn inputs_shape(geometry: &Geometry, part: Part) -> Vec<usize> {
-    let mut shape = geometry.outer_shape.clone();
-    let has_heads = shape.len() > geometry.batch_shape.len();
-    let (heads, rows, width) = match part {
-        Part::Query => (geometry.query_heads, geometry.num_queries, geometry.depth),
-        Part::Key => (geometry.kv_heads, geometry.num_keys, geometry.depth),
-        Part::Value => (geometry.kv_heads, geometry.num_keys, geometry.value_dim),
-    };
-    if has_heads {
-        *shape.last_mut().expect("a head dim") = heads;
-    }
-    shape.extend([rows, width]);
-    shape
-}
-
-/// The scale of `Q·Kᵀ`: the option, else `1 / sqrt(D)`.
-fn call_scale(geometry: &Geometry, options: &AttentionOptions) -> f64 {
-    options.scale.unwrap_or(if geometry.depth == 0 {
-        1.0
-    } else {
-        1.0 / (geometry.depth as f64).sqrt()
+        grad_query: shaped(grad_query, &inputs.query),
+        grad_key: shaped(grad_key, &inputs.key),
+        grad_value: shaped(grad_value, &inputs.value),
     })
 }
 
@@ -705,10 +676,8 @@ impl<T: KernelElement> GradCall<'_, T> {
                 };
                 T::key_block_grads(self.call.level, &self.params, &heads, keys, l, out, scratch);
             }
-            for row in grad_query.chunks_exact_mut(d.max(1)) {
-                for x in row {
-                    *x *= self.params.scale;
-                }
+            for x in grad_query.iter_mut() {
+                *x *= self.params.scale;
             }
         });
     }

@@ -226,17 +226,21 @@ impl<T: KernelElement> CallData<'_, T> {
     }
 }
 
-/// The kernel's parameters for a call of `geometry` with `options`.
-pub(crate) fn kernel_params<T: KernelElement>(
-    geometry: &Geometry,
-    options: &AttentionOptions,
-) -> Result<KernelParams<T>, AttnError> {
-    let default_scale = if geometry.depth == 0 {
+/// The scale of `Q·Kᵀ` in a call: the option, else `1 / sqrt(D)`.
+pub(crate) fn call_scale(geometry: &Geometry, options: &AttentionOptions) -> f64 {
+    options.scale.unwrap_or(if geometry.depth == 0 {
         1.0
     } else {
         1.0 / (geometry.depth as f64).sqrt()
-    };
-    let scale = options.scale.unwrap_or(default_scale);
+    })
+}
+
+/// The kernel's parameters for a call of `geometry` with `options`.
+fn kernel_params<T: KernelElement>(
+    geometry: &Geometry,
+    options: &AttentionOptions,
+) -> Result<KernelParams<T>, AttnError> {
+    let scale = call_scale(geometry, options);
     Ok(KernelParams {
         num_keys: geometry.num_keys,
         depth: geometry.depth,
@@ -322,8 +326,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
             let mut buffer = zeroed(&[heads, l, geometry.num_keys], "return_weights")?;
             with_weights(&pool, call, &mut blocks, &mut output, &mut buffer, lse);
             weights = Some(buffer);
-        } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK)
-        {
+        } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK) {
             by_key_chunks(&pool, call, &blocks, &mut output, lse);
         } else {
             by_query_blocks(&pool, call, &mut blocks, &mut output, lse);
