@@ -7,11 +7,13 @@
 //!
 //! Read top-down: `attention` (entry points) checks a call with `shapes`, hands it to
 //! `schedule` (tasks and strategies), which runs `kernel` (one block of queries, built on
-//! `microkernel`) through `simd::dispatch` (one instance per instruction set). `mha`,
+//! `microkernel`) through `simd::dispatch` (one instance per instruction set); `backward`
+//! computes the gradients with the same tiles and schedule. `mha`,
 //! `projection` and `kv_cache` build the layer on top; `memory`, `threads`, `bounds`, `error`
 //! and `element` are the shared pieces.
 
 mod attention;
+mod backward;
 mod bounds;
 mod element;
 mod error;
@@ -33,10 +35,11 @@ mod threads;
 mod python;
 
 pub use attention::{
-    attention_over_strided_kv, scaled_dot_product_attention,
-    scaled_dot_product_attention_with_mods, Attention, AttentionOptions, Mask, ScoreMods,
-    StridedKv,
+    attention_over_strided_kv, scaled_dot_product_attention, scaled_dot_product_attention_with_lse,
+    scaled_dot_product_attention_with_mods, Attention, AttentionOptions, AttentionWithLse, Mask,
+    ScoreMods, StridedKv,
 };
+pub use backward::{scaled_dot_product_attention_backward, AttentionGrads, BackwardInputs};
 pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;
@@ -52,5 +55,7 @@ pub use threads::{num_threads, set_num_threads, MAX_THREADS, NUM_THREADS_ENV};
 
 #[cfg(test)]
 mod attention_tests;
+#[cfg(test)]
+mod backward_tests;
 #[cfg(test)]
 mod nonfinite_tests;

@@ -109,6 +109,12 @@ def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
         "window_doubling",
         "decode",
         "decode_gqa",
+        "decode_bfloat16",
+        "decode_float16",
+        "decode_int8",
+        "decode_bfloat16_gqa",
+        "decode_float16_gqa",
+        "decode_int8_gqa",
         "tiny",
         "scaling",
         "peak_memory",
@@ -122,6 +128,9 @@ def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
         "score_mod_softcap",
         "score_mod_alibi",
         "sparse_peak_memory",
+        "backward_full",
+        "backward_causal",
+        "backward_peak_memory",
     ]
 
     for row in rows:

@@ -15,6 +15,7 @@ __all__ = [
     "get_weights_memory_limit",
     "multi_head_attention_forward",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "set_num_threads",
     "set_weights_memory_limit",
     "simd_level",
@@ -25,7 +26,7 @@ def scaled_dot_product_attention(
     query: npt.NDArray[np.floating[Any]],
     key: npt.NDArray[np.floating[Any]],
     value: npt.NDArray[np.floating[Any]],
-    attn_mask: npt.NDArray[Any] | None,
+    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
     is_causal: bool | np.bool_,
     scale: float | None,
     enable_gqa: bool | np.bool_,
@@ -33,7 +34,27 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None,
     return_weights: bool | np.bool_,
     num_threads: int | None,
+    softcap: float | None = None,
+    alibi_slopes: npt.NDArray[np.float64] | None = None,
+    return_lse: bool | np.bool_ | None = None,
 ) -> Any: ...
+def scaled_dot_product_attention_backward(
+    grad_out: npt.NDArray[np.floating[Any]],
+    query: npt.NDArray[np.floating[Any]],
+    key: npt.NDArray[np.floating[Any]],
+    value: npt.NDArray[np.floating[Any]],
+    out: npt.NDArray[np.floating[Any]],
+    lse: npt.NDArray[np.floating[Any]],
+    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
+    is_causal: bool | np.bool_,
+    scale: float | None,
+    enable_gqa: bool | np.bool_,
+    causal_alignment: str,
+    window: tuple[int | None, int | None] | None,
+    num_threads: int | None,
+) -> tuple[
+    npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]]
+]: ...
 
 MAX_THREADS: int
 
@@ -108,7 +129,7 @@ def multi_head_attention_forward(
     b_o: npt.NDArray[np.floating[Any]] | None,
     num_heads: int,
     num_kv_heads: int,
-    attn_mask: npt.NDArray[Any] | None,
+    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
     key_padding_mask: npt.NDArray[np.bool_] | None,
     is_causal: bool,
     need_weights: bool,
