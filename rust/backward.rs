@@ -5,9 +5,10 @@
 //! the gradients is one row statistic per query and a few tiles per thread.
 //!
 //! Every gradient element has one owner, so results are bitwise identical for any thread
-//! count: one pass over key blocks owns `dK` and `dV` (a kv head's query heads are visited in
-//! order, so grouped-query gradients sum in a fixed order), and a second pass over query blocks
-//! owns `dQ`. Both recompute the tiles they need.
+//! count. With enough kv heads, a task per (batch, kv head) sweeps its key blocks in order and
+//! computes all three gradients of its heads at once. With few, one pass over key blocks owns
+//! `dK` and `dV` (a kv head's query heads visited in order, so grouped-query gradients sum in a
+//! fixed order), and a second pass over query blocks owns `dQ`, recomputing the tiles it needs.
 
 use std::ops::Range;
 
@@ -74,9 +75,9 @@ pub struct GradHead<'a, T> {
 pub struct GradScratch<T> {
     /// The packed block's `Qᵀ · scale · log2(e)` (query pass) or `Kᵀ · scale · log2(e)` (key
     /// pass), `D x width`.
-    queries: Vec<T>,
+    score_operand: Vec<T>,
     /// The packed block's `dOᵀ` (query pass) or `Vᵀ` (key pass), `Dv x width`.
-    grad_out: Vec<T>,
+    grad_operand: Vec<T>,
     /// Each query column's `lse` in base 2 (`+inf` for a row with no key, and for padding).
     shift: Vec<T>,
     /// Each query column's `D`.
@@ -108,8 +109,8 @@ fn pack_rows<V: SimdVec>(
     let kernel = &params.kernel;
     let (depth, value_dim) = (kernel.depth, kernel.value_dim);
     let width = round_up(rows.len(), V::LANES);
-    refill(&mut scratch.queries, depth * width, V::Elem::ZERO);
-    refill(&mut scratch.grad_out, value_dim * width, V::Elem::ZERO);
+    refill(&mut scratch.score_operand, depth * width, V::Elem::ZERO);
+    refill(&mut scratch.grad_operand, value_dim * width, V::Elem::ZERO);
     let infinity = V::Elem::from_f64(f64::INFINITY);
     refill(&mut scratch.shift, width, infinity);
     refill(&mut scratch.delta, width, V::Elem::ZERO);
@@ -117,11 +118,11 @@ fn pack_rows<V: SimdVec>(
     for (column, row) in rows.clone().enumerate() {
         let query = &head.head.q[row * depth..(row + 1) * depth];
         for (d, &x) in query.iter().enumerate() {
-            scratch.queries[d * width + column] = x * kernel.score_scale;
+            scratch.score_operand[d * width + column] = x * kernel.score_scale;
         }
         let grad = &head.grad_out[row * value_dim..(row + 1) * value_dim];
         for (d, &x) in grad.iter().enumerate() {
-            scratch.grad_out[d * width + column] = x;
+            scratch.grad_operand[d * width + column] = x;
         }
         // A row that saw no key has no probability anywhere: 2^(s - inf) is 0.
         let lse = head.lse[row];
@@ -178,7 +179,7 @@ unsafe fn query_tile<V: SimdVec>(
     transposed_scores::<V>(
         key_rows,
         keys.len(),
-        &scratch.queries,
+        &scratch.score_operand,
         depth,
         width,
         &mut scratch.probs,
@@ -211,7 +212,7 @@ unsafe fn query_tile<V: SimdVec>(
     transposed_scores::<V>(
         value_rows,
         keys.len(),
-        &scratch.grad_out,
+        &scratch.grad_operand,
         value_dim,
         width,
         &mut scratch.grad_scores,
@@ -229,7 +230,7 @@ unsafe fn query_tile<V: SimdVec>(
 }
 
 /// Lays out a key pass task's `keys` for its tiles: `Kᵀ` (scaled to base 2) and `Vᵀ`, padded
-/// to `width` columns, in `scratch.queries` and `scratch.grad_out`. Returns `width`.
+/// to `width` columns, in `scratch.score_operand` and `scratch.grad_operand`. Returns `width`.
 fn pack_keys<V: SimdVec>(
     params: &GradParams<V::Elem>,
     head: &HeadData<'_, V::Elem>,
@@ -239,17 +240,17 @@ fn pack_keys<V: SimdVec>(
     let kernel = &params.kernel;
     let (depth, value_dim) = (kernel.depth, kernel.value_dim);
     let width = round_up(keys.len(), V::LANES);
-    refill(&mut scratch.queries, depth * width, V::Elem::ZERO);
-    refill(&mut scratch.grad_out, value_dim * width, V::Elem::ZERO);
+    refill(&mut scratch.score_operand, depth * width, V::Elem::ZERO);
+    refill(&mut scratch.grad_operand, value_dim * width, V::Elem::ZERO);
     for (column, key) in keys.clone().enumerate() {
         for (d, &x) in head.k[key * depth..(key + 1) * depth].iter().enumerate() {
-            scratch.queries[d * width + column] = x * kernel.score_scale;
+            scratch.score_operand[d * width + column] = x * kernel.score_scale;
         }
         for (d, &x) in head.v[key * value_dim..(key + 1) * value_dim]
             .iter()
             .enumerate()
         {
-            scratch.grad_out[d * width + column] = x;
+            scratch.grad_operand[d * width + column] = x;
         }
     }
     width
@@ -273,7 +274,7 @@ unsafe fn key_tile<V: SimdVec>(
     transposed_scores::<V>(
         &head.head.q[rows.start * depth..rows.end * depth],
         rows.len(),
-        &scratch.queries,
+        &scratch.score_operand,
         depth,
         width,
         &mut scratch.probs,
@@ -309,7 +310,7 @@ unsafe fn key_tile<V: SimdVec>(
     transposed_scores::<V>(
         &head.grad_out[rows.start * value_dim..rows.end * value_dim],
         rows.len(),
-        &scratch.grad_out,
+        &scratch.grad_operand,
         value_dim,
         width,
         &mut scratch.grad_scores,

@@ -360,6 +360,9 @@ pub(crate) fn with_call_data<T: KernelElement, R>(
     Ok(work(&call))
 }
 
+/// A call's result and, when asked for, each query row's log-sum-exp `(..., Hq, L)`.
+pub(crate) type WithLse<T> = (Attention<T>, Option<ArrayD<T>>);
+
 /// Runs a call whose arguments `shapes::check_call` accepted: `kv` holds the keys and values
 /// of every (batch, kv head) `kv.row_capacity` rows apart. With `want_lse`, also returns each
 /// query row's log-sum-exp, `(..., Hq, L)`.
@@ -372,7 +375,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
     options: &AttentionOptions,
     mods: &ScoreMods<'_>,
     want_lse: bool,
-) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
+) -> Result<WithLse<T>, AttnError> {
     let pool = pool_for(options.num_threads)?;
     let query = standard_layout(query, "query")?;
     let query = query.as_slice().expect("standard layout is contiguous");

@@ -21,6 +21,10 @@ pub trait KernelElement: Element {
         keys: Range<usize>,
         scratch: &mut Scratch<Self>,
     );
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the kernel's inputs and its three outputs, one by one"
+    )]
     fn weights(
         level: SimdLevel,
         params: &KernelParams<Self>,
