@@ -25,7 +25,7 @@ def scaled_dot_product_attention(
     query: npt.NDArray[np.floating[Any]],
     key: npt.NDArray[np.floating[Any]],
     value: npt.NDArray[np.floating[Any]],
-    attn_mask: npt.NDArray[Any] | None,
+    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
     is_causal: bool | np.bool_,
     scale: float | None,
     enable_gqa: bool | np.bool_,
@@ -33,7 +33,20 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None,
     return_weights: bool | np.bool_,
     num_threads: int | None,
+    softcap: float | None = None,
+    alibi_slopes: npt.NDArray[np.float64] | None = None,
 ) -> Any: ...
+
+# Mask expressions: `spec` is the nested tuple an `attnscope.masks.Mask` holds.
+def mask_to_dense(
+    spec: tuple[Any, ...], num_queries: int, num_keys: int
+) -> npt.NDArray[np.bool_]: ...
+def mask_layout(
+    spec: tuple[Any, ...], num_queries: int, num_keys: int, block: int
+) -> tuple[npt.NDArray[np.uint8], int]: ...
+def mask_dense_rows(
+    spec: tuple[Any, ...], num_queries: int, num_keys: int, rows: list[int]
+) -> npt.NDArray[np.bool_]: ...
 
 MAX_THREADS: int
 
@@ -64,6 +77,7 @@ class KvCacheCore:
         window: tuple[int | None, int | None] | None,
         enable_gqa: bool,
         num_threads: int | None,
+        attn_mask: tuple[Any, ...] | None = None,
     ) -> npt.NDArray[np.floating[Any]]: ...
     def reset(self) -> None: ...
     def __len__(self) -> int: ...
