@@ -232,17 +232,15 @@ impl MaskExpr {
                     }
                 }
             }
-            MaskExpr::Dense { rows, cols, .. } => {
-                if (*rows, *cols) != (l, s) {
-                    return Err(AttnError::shape(
-                        "attn_mask",
-                        format!(
-                            "from_array mask has shape {} but the call needs (L, S) = {}",
-                            shape_str(&[*rows, *cols]),
-                            shape_str(&[l, s])
-                        ),
-                    ));
-                }
+            MaskExpr::Dense { rows, cols, .. } if (*rows, *cols) != (l, s) => {
+                return Err(AttnError::shape(
+                    "attn_mask",
+                    format!(
+                        "from_array mask has shape {} but the call needs (L, S) = {}",
+                        shape_str(&[*rows, *cols]),
+                        shape_str(&[l, s])
+                    ),
+                ));
             }
             MaskExpr::And(a, b) | MaskExpr::Or(a, b) => {
                 a.check(shape)?;
@@ -315,7 +313,7 @@ impl MaskExpr {
             }
             MaskExpr::Dilated { window, dilation } => {
                 let distance = i.abs_diff(j);
-                distance <= *window && distance % dilation == 0
+                distance <= *window && distance.is_multiple_of(*dilation)
             }
             MaskExpr::RandomBlocks {
                 block,

@@ -600,6 +600,10 @@ impl KvCacheCore {
     /// Bottom-right causal attention of `q` (batch, H, L, head_dim) over the cache, under a
     /// mask expression's spec if one is given.
     #[pyo3(signature = (q, scale, window, enable_gqa, num_threads, attn_mask=None))]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the Python method's arguments, one by one"
+    )]
     fn attend<'py>(
         slf: &Bound<'py, Self>,
         py: Python<'py>,
