@@ -700,7 +700,7 @@ class Benchmark:
         )
 
         sinks = peers.MASK_PATTERNS["sinks_window"](length)
-        label = f"{shape} causal sinks(4) | window(1024)"
+        label = f"{shape} causal, sinks(4) or window(1024)"
         self.log(label)
         row = Row(id="sparse_sinks_window", label=label, target=f"≤ {SINKS_WINDOW_TARGET}× window")
         contenders = {

@@ -232,17 +232,15 @@ impl MaskExpr {
                     }
                 }
             }
-            MaskExpr::Dense { rows, cols, .. } => {
-                if (*rows, *cols) != (l, s) {
-                    return Err(AttnError::shape(
-                        "attn_mask",
-                        format!(
-                            "from_array mask has shape {} but the call needs (L, S) = {}",
-                            shape_str(&[*rows, *cols]),
-                            shape_str(&[l, s])
-                        ),
-                    ));
-                }
+            MaskExpr::Dense { rows, cols, .. } if (*rows, *cols) != (l, s) => {
+                return Err(AttnError::shape(
+                    "attn_mask",
+                    format!(
+                        "from_array mask has shape {} but the call needs (L, S) = {}",
+                        shape_str(&[*rows, *cols]),
+                        shape_str(&[l, s])
+                    ),
+                ));
             }
             MaskExpr::And(a, b) | MaskExpr::Or(a, b) => {
                 a.check(shape)?;
@@ -315,7 +313,7 @@ impl MaskExpr {
             }
             MaskExpr::Dilated { window, dilation } => {
                 let distance = i.abs_diff(j);
-                distance <= *window && distance % dilation == 0
+                distance <= *window && distance.is_multiple_of(*dilation)
             }
             MaskExpr::RandomBlocks {
                 block,
@@ -440,32 +438,7 @@ impl MaskExpr {
                 block,
                 per_row,
                 seed,
-            } => {
-                let key_blocks = keys.start / block..(keys.end - 1) / block + 1;
-                let row_blocks = rows.start / block..(rows.end - 1) / block + 1;
-                let mut seen = None::<Range<usize>>;
-                let mut all_rows_all_keys = true;
-                for row_block in row_blocks {
-                    let picks = self.random_picks(shape, row_block, *block, *per_row, *seed);
-                    let inside: Vec<usize> = picks
-                        .into_iter()
-                        .filter(|b| key_blocks.contains(b))
-                        .collect();
-                    all_rows_all_keys &= inside.len() == key_blocks.len();
-                    if let (Some(&lo), Some(&hi)) = (inside.first(), inside.last()) {
-                        let span = (lo * block).max(keys.start)..((hi + 1) * block).min(keys.end);
-                        seen = Some(match seen {
-                            None => span,
-                            Some(s) => s.start.min(span.start)..s.end.max(span.end),
-                        });
-                    }
-                }
-                match seen {
-                    None => TileClass::Empty,
-                    Some(_) if all_rows_all_keys => TileClass::Full,
-                    Some(span) => TileClass::Partial(span),
-                }
-            }
+            } => self.classify_random_blocks(shape, rows, keys, (*block, *per_row, *seed)),
             MaskExpr::Dense { cols, data, .. } => {
                 let (mut any, mut all) = (false, true);
                 for row in rows.clone() {
@@ -480,6 +453,54 @@ impl MaskExpr {
                     (true, false) => whole,
                 }
             }
+            MaskExpr::And(..) | MaskExpr::Or(..) | MaskExpr::Not(..) => {
+                self.classify_combination(shape, rows, keys)
+            }
+        }
+    }
+
+    /// [`MaskExpr::classify`] of random blocks: the drawn key blocks of each query block.
+    fn classify_random_blocks(
+        &self,
+        shape: MaskShape,
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+        (block, per_row, seed): (usize, usize, u64),
+    ) -> TileClass {
+        let key_blocks = keys.start / block..(keys.end - 1) / block + 1;
+        let row_blocks = rows.start / block..(rows.end - 1) / block + 1;
+        let mut seen = None::<Range<usize>>;
+        let mut all_rows_all_keys = true;
+        for row_block in row_blocks {
+            let picks = self.random_picks(shape, row_block, block, per_row, seed);
+            let inside: Vec<usize> = picks
+                .into_iter()
+                .filter(|b| key_blocks.contains(b))
+                .collect();
+            all_rows_all_keys &= inside.len() == key_blocks.len();
+            if let (Some(&lo), Some(&hi)) = (inside.first(), inside.last()) {
+                let span = (lo * block).max(keys.start)..((hi + 1) * block).min(keys.end);
+                seen = Some(match seen {
+                    None => span,
+                    Some(s) => s.start.min(span.start)..s.end.max(span.end),
+                });
+            }
+        }
+        match seen {
+            None => TileClass::Empty,
+            Some(_) if all_rows_all_keys => TileClass::Full,
+            Some(span) => TileClass::Partial(span),
+        }
+    }
+
+    /// [`MaskExpr::classify`] of `&`, `|` and `~` from their operands' classes.
+    fn classify_combination(
+        &self,
+        shape: MaskShape,
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+    ) -> TileClass {
+        match self {
             MaskExpr::And(a, b) => match a.classify(shape, rows, keys) {
                 TileClass::Empty => TileClass::Empty,
                 TileClass::Full => b.classify(shape, rows, keys),
@@ -511,8 +532,9 @@ impl MaskExpr {
             MaskExpr::Not(a) => match a.classify(shape, rows, keys) {
                 TileClass::Empty => TileClass::Full,
                 TileClass::Full => TileClass::Empty,
-                TileClass::Partial(_) => whole,
+                TileClass::Partial(_) => TileClass::Partial(keys.clone()),
             },
+            _ => unreachable!("only combinations are classified here"),
         }
     }
 

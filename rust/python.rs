@@ -698,11 +698,13 @@ impl KvCacheCore {
         py: Python<'py>,
         q: &Bound<'py, PyAny>,
         options: crate::CacheAttendOptions,
+        expr: Option<&crate::MaskExpr>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let q = borrow_typed::<T, ndarray::IxDyn>(q, "q")?;
         let cache = self.store.typed::<T>("q")?;
         let q_view = q.as_array();
-        let result = py.detach(|| cache.attend(q_view, Mask::None, &options))?;
+        let mask = expr.map_or(Mask::None, Mask::Expr);
+        let result = py.detach(|| cache.attend(q_view, mask, &options))?;
         Ok(result.output.into_pyarray(py).into_any())
     }
 }
@@ -773,8 +775,13 @@ impl KvCacheCore {
         })
     }
 
-    /// Bottom-right causal attention of `q` (batch, H, L, head_dim) over the cache.
-    #[pyo3(signature = (q, scale, window, enable_gqa, num_threads))]
+    /// Bottom-right causal attention of `q` (batch, H, L, head_dim) over the cache, under a
+    /// mask expression's spec if one is given.
+    #[pyo3(signature = (q, scale, window, enable_gqa, num_threads, attn_mask=None))]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the Python method's arguments, one by one"
+    )]
     fn attend<'py>(
         slf: &Bound<'py, Self>,
         py: Python<'py>,
@@ -783,8 +790,10 @@ impl KvCacheCore {
         window: Option<(Option<usize>, Option<usize>)>,
         enable_gqa: &Bound<'py, PyAny>,
         num_threads: Option<usize>,
+        attn_mask: Option<&Bound<'py, PyTuple>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guarded(|| {
+            let expr = attn_mask.map(mask_expr).transpose()?;
             let options = crate::CacheAttendOptions {
                 scale: scale_value(scale)?,
                 window: window.map(|(left, right)| Window { left, right }),
@@ -794,8 +803,8 @@ impl KvCacheCore {
             };
             let mut this = Self::borrow_mut(slf)?;
             match this.store {
-                CacheStore::F32(_) => this.cache_attend_typed::<f32>(py, q, options),
-                CacheStore::F64(_) => this.cache_attend_typed::<f64>(py, q, options),
+                CacheStore::F32(_) => this.cache_attend_typed::<f32>(py, q, options, expr.as_ref()),
+                CacheStore::F64(_) => this.cache_attend_typed::<f64>(py, q, options, expr.as_ref()),
             }
         })
     }

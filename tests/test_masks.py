@@ -315,3 +315,20 @@ def test_sizes_that_do_not_fit_are_refused_at_call_time():
         sdpa(q, k, k, attn_mask=("causal", False, "extra"))
     with pytest.raises(TypeError, match="attn_mask"):
         sdpa(q, k, k, attn_mask=("sinks", -1))
+
+
+def test_cache_attend_takes_an_expression():
+    rng = np.random.default_rng(8)
+    cache = ats.KVCache(2, 16)
+    k = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 300, 16)).astype(np.float32)
+    cache.append(k, v)
+    q = rng.standard_normal((1, 2, 5, 16)).astype(np.float32)
+    streaming = M.sinks(4) | M.window(63, 0, alignment="bottom_right")
+    got = cache.attend(q, attn_mask=streaming)
+    expected = reference.scaled_dot_product_attention(
+        q, k, v, attn_mask=streaming, is_causal=True, causal_alignment="bottom_right"
+    )
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
+    with pytest.raises(TypeError, match="attn_mask"):
+        cache.attend(q, attn_mask=streaming.to_dense(5, 300))

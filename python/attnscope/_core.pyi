@@ -13,6 +13,9 @@ __all__ = [
     "force_simd_level",
     "get_num_threads",
     "get_weights_memory_limit",
+    "mask_dense_rows",
+    "mask_layout",
+    "mask_to_dense",
     "multi_head_attention_forward",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
@@ -56,6 +59,17 @@ def scaled_dot_product_attention_backward(
     npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]]
 ]: ...
 
+# Mask expressions: `spec` is the nested tuple an `attnscope.masks.Mask` holds.
+def mask_to_dense(
+    spec: tuple[Any, ...], num_queries: int, num_keys: int
+) -> npt.NDArray[np.bool_]: ...
+def mask_layout(
+    spec: tuple[Any, ...], num_queries: int, num_keys: int, block: int
+) -> tuple[npt.NDArray[np.uint8], int]: ...
+def mask_dense_rows(
+    spec: tuple[Any, ...], num_queries: int, num_keys: int, rows: list[int]
+) -> npt.NDArray[np.bool_]: ...
+
 MAX_THREADS: int
 
 def set_num_threads(num_threads: int) -> None: ...
@@ -93,6 +107,7 @@ class KvCacheCore:
         window: tuple[int | None, int | None] | None,
         enable_gqa: bool,
         num_threads: int | None,
+        attn_mask: tuple[Any, ...] | None = None,
     ) -> npt.NDArray[np.floating[Any]]: ...
     def reset(self) -> None: ...
     def __len__(self) -> int: ...

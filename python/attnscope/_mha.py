@@ -191,7 +191,7 @@ class KVCache:
         v = _array_of(v, "v", self._dtype, (4,))
         self._core.append(k, v)
 
-    def attend(self, q, *, scale=None, window=None, enable_gqa=False) -> np.ndarray:
+    def attend(self, q, *, scale=None, window=None, enable_gqa=False, attn_mask=None) -> np.ndarray:
         """Attention of the newest ``L`` tokens' queries over the whole cache.
 
         Args:
@@ -202,17 +202,26 @@ class KVCache:
             window: ``w`` keeps each query's ``w`` most recent keys; ``(left, right)`` as in
                 :func:`attnscope.scaled_dot_product_attention`.
             enable_gqa: allow ``num_heads`` to be a multiple of ``num_kv_heads``.
+            attn_mask: an :mod:`attnscope.masks` expression over the ``(L, len)`` queries
+                and keys, intersected with the causal rule (``M.sinks(4) | M.window(1023, 0,
+                alignment="bottom_right")`` keeps StreamingLLM's keys).
 
         Returns:
             ``(batch, num_heads, L, head_dim)`` in the cache's dtype.
         """
         q = _array_of(q, "q", self._dtype, (4,))
+        if attn_mask is not None and not isinstance(attn_mask, Mask):
+            raise TypeError(
+                "attn_mask must be an attnscope.masks expression or None, got "
+                f"{type(attn_mask).__name__}"
+            )
         return self._core.attend(
             q,
             scale,
             None if window is None else check_window(window),
             enable_gqa,
             context_threads(),
+            None if attn_mask is None else attn_mask._spec,
         )
 
     def reset(self) -> None:
