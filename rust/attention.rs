@@ -125,8 +125,17 @@ pub fn scaled_dot_product_attention_with_mods<T: KernelElement>(
     options: &AttentionOptions,
     mods: &ScoreMods<'_>,
 ) -> Result<Attention<T>, AttnError> {
-    attend_arrays(active_level(), query, key, value, mask, options, mods, false)
-        .map(|(attention, _)| attention)
+    attend_arrays(
+        active_level(),
+        query,
+        key,
+        value,
+        mask,
+        options,
+        mods,
+        false,
+    )
+    .map(|(attention, _)| attention)
 }
 
 /// [`scaled_dot_product_attention`] at a given instruction set (tests cover each one).
@@ -145,7 +154,10 @@ pub(crate) fn attention_at_level<T: KernelElement>(
 
 /// Attention over arrays at `level` with the score modifiers `mods`, and the log-sum-exp
 /// when `want_lse`.
-#[expect(clippy::too_many_arguments, reason = "one call's inputs, passed through")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call's inputs, passed through"
+)]
 fn attend_arrays<T: KernelElement>(
     level: SimdLevel,
     query: ArrayViewD<'_, T>,

@@ -540,24 +540,33 @@ pub(crate) fn backward_at_level<T: KernelElement>(
         let lse = lse.as_slice().expect("standard layout is contiguous");
         // No score modifiers: softcapping and ALiBi are refused by the backward's callers.
         let plain = ScoreMods::default();
-        with_call_data(level, &geometry, query, &kv, &mask, &options, &plain, |call| {
-            let grads = GradCall {
-                call,
-                params: GradParams {
-                    kernel: call.params,
-                    scale: T::from_f64(call_scale(&geometry, &options)),
-                },
-                grad_out,
-                lse,
-                delta: &delta,
-            };
-            if geometry.batch * geometry.kv_heads >= KV_HEAD_TASKS_MIN {
-                grads.by_kv_heads(&pool, &mut grad_query, &mut grad_key, &mut grad_value);
-            } else {
-                grads.key_pass(&pool, &mut grad_key, &mut grad_value);
-                grads.query_pass(&pool, &mut grad_query);
-            }
-        })?;
+        with_call_data(
+            level,
+            &geometry,
+            query,
+            &kv,
+            &mask,
+            &options,
+            &plain,
+            |call| {
+                let grads = GradCall {
+                    call,
+                    params: GradParams {
+                        kernel: call.params,
+                        scale: T::from_f64(call_scale(&geometry, &options)),
+                    },
+                    grad_out,
+                    lse,
+                    delta: &delta,
+                };
+                if geometry.batch * geometry.kv_heads >= KV_HEAD_TASKS_MIN {
+                    grads.by_kv_heads(&pool, &mut grad_query, &mut grad_key, &mut grad_value);
+                } else {
+                    grads.key_pass(&pool, &mut grad_key, &mut grad_value);
+                    grads.query_pass(&pool, &mut grad_query);
+                }
+            },
+        )?;
     }
     // Each gradient has its input's shape (and the buffers that input's row-major layout).
     let shaped = |buffer: Vec<T>, input: &ArrayViewD<'_, T>| {

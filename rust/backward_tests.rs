@@ -7,7 +7,7 @@ use crate::attention::{attention_at_level, AttentionOptions};
 use crate::backward::{backward_at_level, BackwardInputs};
 use crate::bounds::CausalAlignment;
 use crate::simd::{KernelElement, SimdLevel};
-use crate::{scaled_dot_product_attention_with_lse, Mask, Window};
+use crate::{scaled_dot_product_attention_with_lse, Mask, ScoreMods, Window};
 
 /// Deterministic numbers in [-2, 2).
 fn filled<T: KernelElement>(shape: &[usize], seed: u64) -> ArrayD<T> {
@@ -84,6 +84,7 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
         v.view(),
         Mask::Bool(mask.view()),
         &options,
+        &ScoreMods::default(),
     )
     .unwrap();
     let as_f64 = |a: &ArrayD<T>| a.mapv(|x| x.to_f64());

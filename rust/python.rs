@@ -252,6 +252,7 @@ fn attention_result<'py, T: numpy::Element>(
 }
 
 /// Runs attention for one element type with the GIL released.
+#[expect(clippy::too_many_arguments, reason = "the Python arguments, parsed")]
 fn sdpa_typed<'py, T: Float + numpy::Element>(
     py: Python<'py>,
     query: &Bound<'py, PyAny>,

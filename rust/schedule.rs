@@ -311,6 +311,10 @@ fn kernel_params<T: KernelElement>(
 /// Runs `work` on the [`CallData`] of a call whose arguments `shapes::check_call` accepted:
 /// `query` is `(heads, L, D)` in row-major order, and `kv` holds the keys and values of every
 /// (batch, kv head) `kv.row_capacity` rows apart.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call's inputs and the work to run on them"
+)]
 pub(crate) fn with_call_data<T: KernelElement, R>(
     level: SimdLevel,
     geometry: &Geometry,
@@ -366,6 +370,10 @@ pub(crate) type WithLse<T> = (Attention<T>, Option<ArrayD<T>>);
 /// Runs a call whose arguments `shapes::check_call` accepted: `kv` holds the keys and values
 /// of every (batch, kv head) `kv.row_capacity` rows apart. With `want_lse`, also returns each
 /// query row's log-sum-exp, `(..., Hq, L)`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call's inputs, checked, one by one"
+)]
 pub(crate) fn attend_checked<T: KernelElement>(
     level: SimdLevel,
     geometry: &Geometry,
