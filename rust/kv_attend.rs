@@ -282,16 +282,20 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
 ) -> Vec<f32> {
     let depth = call.depth;
     let mut states = vec![0.0f32; state_len(task.rows.len(), depth)];
-    let first_row = task.head * call.row_capacity + call.first_row;
-    let mut scores = [0.0f32; KEY_BLOCK];
+    for state in states.chunks_exact_mut(depth + 2) {
+        state[0] = f32::NEG_INFINITY;
+    }
     let rows: Vec<_> = task
         .rows
         .clone()
         .map(|row| call.row(task.head, row))
         .collect();
-    for state in states.chunks_exact_mut(depth + 2) {
-        state[0] = f32::NEG_INFINITY;
+    if call.num_queries == 1 && rows.len() > 1 {
+        attend_shared::<V, F>(call, keys, values, task, &rows, &mut states);
+        return states;
     }
+    let first_row = task.head * call.row_capacity + call.first_row;
+    let mut scores = [0.0f32; KEY_BLOCK];
     for block_start in task.keys.clone().step_by(KEY_BLOCK) {
         let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
         for ((offset, visible), state) in rows.iter().zip(states.chunks_exact_mut(depth + 2)) {
@@ -301,31 +305,174 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
                 continue;
             }
             let query = &call.query[*offset..offset + depth];
-            let count = end - start;
-            let mut block_max = f32::NEG_INFINITY;
-            for (j, score) in scores[..count].iter_mut().enumerate() {
+            let weights = &mut scores[..end - start];
+            for (j, score) in weights.iter_mut().enumerate() {
                 *score = dot::<V, F>(query, keys, first_row + start + j) * call.score_scale;
-                block_max = block_max.max(*score);
             }
-            let (max, rest) = state.split_at_mut(1);
-            let (sum, acc) = rest.split_at_mut(1);
-            let new_max = max[0].max(block_max);
-            if new_max == f32::NEG_INFINITY {
-                continue;
+            if softmax_update::<V>(state, weights) {
+                accumulate::<V, F>(&mut state[2..], values, first_row + start, weights);
             }
-            let correction = exp2_f32(max[0] - new_max);
-            if correction != 1.0 {
-                sum[0] *= correction;
-                acc.iter_mut().for_each(|x| *x *= correction);
-            }
-            max[0] = new_max;
-            let weights = &mut scores[..count];
-            exponentiate::<V>(weights, new_max);
-            sum[0] += weights.iter().sum::<f32>();
-            accumulate::<V, F>(acc, values, first_row + start, weights);
         }
     }
     states
+}
+
+/// Folds a block's scores into a row's state (max, sum, accumulators): rescales what was
+/// accumulated and turns `scores` into the block's weights. False when every score is -inf.
+#[inline(always)]
+unsafe fn softmax_update<V: Widen>(state: &mut [f32], scores: &mut [f32]) -> bool {
+    let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    let new_max = state[0].max(block_max);
+    if new_max == f32::NEG_INFINITY {
+        return false;
+    }
+    let correction = exp2_f32(state[0] - new_max);
+    if correction != 1.0 {
+        state[1..].iter_mut().for_each(|x| *x *= correction);
+    }
+    state[0] = new_max;
+    exponentiate::<V>(scores, new_max);
+    state[1] += scores.iter().sum::<f32>();
+    true
+}
+
+/// Rows that all see the same keys (the query heads of one kv head, decoding one token):
+/// each stored key and value vector is widened once for four rows at a time.
+#[inline(always)]
+unsafe fn attend_shared<V: Widen, F: RowFormat>(
+    call: &CachedCall<'_>,
+    keys: &F,
+    values: &F,
+    task: &Task,
+    rows: &[(usize, Range<usize>)],
+    states: &mut [f32],
+) {
+    let (depth, width) = (call.depth, call.depth + 2);
+    let first_row = task.head * call.row_capacity + call.first_row;
+    let visible = rows[0].1.clone();
+    let mut scores = vec![0.0f32; rows.len() * KEY_BLOCK];
+    for block_start in task.keys.clone().step_by(KEY_BLOCK) {
+        let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
+        let (start, end) = (visible.start.max(block_start), visible.end.min(block_end));
+        if start >= end {
+            continue;
+        }
+        let count = end - start;
+        for first in (0..rows.len()).step_by(4) {
+            // Rows past the last are stand-ins for the last one, computed and dropped.
+            let pick = |i: usize| (first + i).min(rows.len() - 1);
+            let queries = [0, 1, 2, 3].map(|i| &call.query[rows[pick(i)].0..][..depth]);
+            for j in 0..count {
+                let dots = dot_four::<V, F>(queries, keys, first_row + start + j);
+                for (i, dot) in dots.iter().enumerate().take(rows.len() - first) {
+                    scores[(first + i) * KEY_BLOCK + j] = dot * call.score_scale;
+                }
+            }
+        }
+        let mut live = vec![false; rows.len()];
+        for (row, state) in states.chunks_exact_mut(width).enumerate() {
+            let weights = &mut scores[row * KEY_BLOCK..][..count];
+            live[row] = softmax_update::<V>(state, weights);
+        }
+        for (row, _) in live.iter().enumerate().filter(|(_, &alive)| !alive) {
+            // A row whose scores were all -inf adds nothing; zero weights say so.
+            scores[row * KEY_BLOCK..][..count].fill(0.0);
+        }
+        accumulate_four_rows::<V, F>(states, width, values, first_row + start, &scores, count);
+    }
+}
+
+/// `q_i · k` for four query rows against global key row `row`, each key vector widened once.
+#[inline(always)]
+unsafe fn dot_four<V: Widen, F: RowFormat>(queries: [&[f32]; 4], keys: &F, row: usize) -> [f32; 4] {
+    let depth = queries[0].len();
+    let vectors = depth / V::LANES;
+    let mut chains = [V::splat(0.0); 4];
+    for v in 0..vectors {
+        let col = v * V::LANES;
+        let mut key = keys.widen::<V>(row, col);
+        if F::SCALED {
+            key = key.mul(V::splat(keys.scale(row, col)));
+        }
+        for (chain, query) in chains.iter_mut().zip(queries) {
+            *chain = V::mul_add(V::load(query.as_ptr().add(col)), key, *chain);
+        }
+    }
+    let mut dots = chains.map(|chain| chain.reduce_sum());
+    for col in vectors * V::LANES..depth {
+        let key = keys.value(row, col);
+        for (dot, query) in dots.iter_mut().zip(queries) {
+            *dot += query[col] * key;
+        }
+    }
+    dots
+}
+
+/// Every row's `acc += Σ_j w[row][j] · v_(first + j)`: rows four at a time, two vectors of
+/// the accumulators in registers, each value vector widened once for the four rows.
+#[inline(always)]
+unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
+    states: &mut [f32],
+    width: usize,
+    values: &F,
+    first: usize,
+    weights: &[f32],
+    count: usize,
+) {
+    let rows = states.len() / width;
+    let depth = width - 2;
+    let vectors = depth / V::LANES;
+    for first_row in (0..rows).step_by(4) {
+        let pick = |i: usize| (first_row + i).min(rows - 1);
+        let real = (rows - first_row).min(4);
+        let mut v = 0;
+        while v + 2 <= vectors {
+            let cols = [v * V::LANES, (v + 1) * V::LANES];
+            let at = |i: usize, c: usize| pick(i) * width + 2 + cols[c];
+            let mut sums = [[V::splat(0.0); 2]; 4];
+            for (i, pair) in sums.iter_mut().enumerate() {
+                for (c, sum) in pair.iter_mut().enumerate() {
+                    *sum = V::load(states.as_ptr().add(at(i, c)));
+                }
+            }
+            for j in 0..count {
+                let x = [
+                    values.widen::<V>(first + j, cols[0]),
+                    values.widen::<V>(first + j, cols[1]),
+                ];
+                let scale = if F::SCALED {
+                    [
+                        values.scale(first + j, cols[0]),
+                        values.scale(first + j, cols[1]),
+                    ]
+                } else {
+                    [1.0, 1.0]
+                };
+                for (i, pair) in sums.iter_mut().enumerate() {
+                    let weight = *weights.get_unchecked(pick(i) * KEY_BLOCK + j);
+                    for (c, sum) in pair.iter_mut().enumerate() {
+                        let w = if F::SCALED { weight * scale[c] } else { weight };
+                        *sum = V::mul_add(V::splat(w), x[c], *sum);
+                    }
+                }
+            }
+            for (i, pair) in sums.iter().enumerate().take(real) {
+                for (c, sum) in pair.iter().enumerate() {
+                    sum.store(states.as_mut_ptr().add(at(i, c)));
+                }
+            }
+            v += 2;
+        }
+        // The columns left over (an odd vector, a tail narrower than a vector), one by one.
+        for row in first_row..first_row + real {
+            for col in v * V::LANES..depth {
+                let slot = row * width + 2 + col;
+                for j in 0..count {
+                    states[slot] += weights[row * KEY_BLOCK + j] * values.value(first + j, col);
+                }
+            }
+        }
+    }
 }
 
 /// `x ← 2^(x − max)` in place.

@@ -457,8 +457,8 @@ def decode_step_times(
     seed: int = 0,
 ) -> pd.DataFrame:
     """One layer's decoding step (one new query per head against `n` cached tokens), timed
-    for each storage: the median of `repeats` calls, with the cache's bytes, the bytes read
-    per second, and the speed-up over float32 storage."""
+    for each storage: the median of `repeats` rounds that alternate between the storages,
+    with the cache's bytes, the bytes read per second, and the speed-up over float32."""
     import attnscope
 
     rng = np.random.default_rng(seed)
@@ -467,29 +467,36 @@ def decode_step_times(
     values = rng.standard_normal(shape_kv, dtype=np.float32)
     query = rng.standard_normal((1, shape.query_heads, 1, shape.head_dim), dtype=np.float32)
     grouped = shape.query_heads != shape.kv_heads
-    rows = []
+    calls, nbytes = {}, {}
     for index, storage in enumerate(STORAGES):
         if progress is not None:
-            progress(index / len(STORAGES), f"{storage} at n = {n:,}")
+            progress(index / (len(STORAGES) + 1), f"filling a {storage} cache of {n:,} tokens")
         cache = attnscope.KVCache(shape.kv_heads, shape.head_dim, storage=storage)
         cache.append(keys, values)
-        call = partial(cache.attend, query, enable_gqa=grouped)
-        call()
-        times = []
-        for _ in range(repeats):
+        calls[storage] = partial(cache.attend, query, enable_gqa=grouped)
+        nbytes[storage] = cache.nbytes
+        calls[storage]()
+    # Rounds alternate between the storages, so a busy moment slows them all alike.
+    times = {storage: [] for storage in STORAGES}
+    for round_index in range(repeats):
+        if progress is not None:
+            fraction = (len(STORAGES) + round_index / repeats) / (len(STORAGES) + 1)
+            progress(fraction, f"timing round {round_index + 1} of {repeats}")
+        for storage, call in calls.items():
             start = time.perf_counter()
             call()
-            times.append(time.perf_counter() - start)
-        seconds = float(np.median(times))
+            times[storage].append(time.perf_counter() - start)
+    rows = []
+    for storage in STORAGES:
+        seconds = float(np.median(times[storage]))
         rows.append(
             {
                 "storage": storage,
-                "cache bytes": cache.nbytes,
+                "cache bytes": nbytes[storage],
                 "seconds": seconds,
-                "GB/s read": cache.nbytes / seconds / 1e9,
+                "GB/s read": nbytes[storage] / seconds / 1e9,
             }
         )
-        del cache
     if progress is not None:
         progress(1.0, "done")
     frame = pd.DataFrame(rows)
