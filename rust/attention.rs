@@ -7,6 +7,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 
 use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::error::{shape_str, AttnError};
+use crate::masks::MaskExpr;
 use crate::memory::standard_layout;
 use crate::schedule::attend_checked;
 use crate::shapes::{check_call, Geometry};
@@ -34,6 +35,8 @@ pub enum Mask<'a, T> {
     Bool(ArrayViewD<'a, bool>),
     /// Added to the scaled scores; `-inf` hides the key.
     Additive(ArrayViewD<'a, T>),
+    /// A mask expression, the same for every batch and head, evaluated a tile at a time.
+    Expr(&'a MaskExpr),
 }
 
 impl<T> Mask<'_, T> {
@@ -43,13 +46,14 @@ impl<T> Mask<'_, T> {
             Mask::None => Mask::None,
             Mask::Bool(view) => Mask::Bool(view.view()),
             Mask::Additive(view) => Mask::Additive(view.view()),
+            Mask::Expr(expr) => Mask::Expr(expr),
         }
     }
 
-    /// The mask's shape (`None` without a mask).
+    /// The mask's shape (`None` without a mask, or for an expression, which has none).
     pub fn shape(&self) -> Option<&[usize]> {
         match self {
-            Mask::None => None,
+            Mask::None | Mask::Expr(_) => None,
             Mask::Bool(view) => Some(view.shape()),
             Mask::Additive(view) => Some(view.shape()),
         }
@@ -159,7 +163,13 @@ fn decodes_by_group<T>(
     let same_mask_for_every_head = mask
         .shape()
         .is_none_or(|shape| shape.len() < 3 || shape[shape.len() - 3] == 1);
-    geometry.num_queries == 1 && group > 1 && !options.return_weights && same_mask_for_every_head
+    // An expression reads query positions, which regrouping heads into rows would change.
+    let expression = matches!(mask, Mask::Expr(_));
+    geometry.num_queries == 1
+        && group > 1
+        && !options.return_weights
+        && same_mask_for_every_head
+        && !expression
 }
 
 /// [`scaled_dot_product_attention`] with `query` `(..., Hq, L, D)` against keys and values
@@ -258,6 +268,7 @@ fn attend_query_groups<'a, T: KernelElement>(
         } else {
             view.view()
         }),
+        Mask::Expr(expr) => Mask::Expr(expr),
     };
     let grouped_options = AttentionOptions {
         is_causal: false,

@@ -11,6 +11,7 @@ use std::ops::Range;
 use crate::bounds::Bounds;
 use crate::element::Element;
 use crate::error::AttnError;
+use crate::masks::{MaskExpr, MaskShape, TileClass};
 use crate::microkernel::{
     accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, scores_by_dot,
     transposed_scores, WeightLayout,
@@ -39,6 +40,11 @@ pub enum MaskRows<'a, T> {
         base: usize,
         row_stride: usize,
         col_stride: usize,
+    },
+    /// A mask expression, evaluated a tile at a time.
+    Expr {
+        expr: &'a MaskExpr,
+        shape: MaskShape,
     },
 }
 
@@ -169,6 +175,14 @@ pub struct Scratch<T> {
     block_sum: Vec<T>,
     /// The online-softmax state of the task being computed.
     pub state: SoftmaxState<T>,
+    mask_tile: MaskTile,
+}
+
+/// Where a mask expression writes the visibility of one tile's pairs.
+#[derive(Default)]
+struct MaskTile {
+    visible: Vec<bool>,
+    spare: Vec<Vec<bool>>,
 }
 
 /// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
@@ -257,8 +271,25 @@ enum MaskCoverage {
 
 /// Scans the mask over a block. Far cheaper than the block's scores (a byte per pair against
 /// `D + Dv` multiply-adds), and it lets a mostly-false mask (a sliding window given as a dense
-/// mask, say) cost what its visible pairs cost.
+/// mask, say) cost what its visible pairs cost. Returns the keys of the block that need
+/// computing: a mask expression may narrow a partial block to the keys it can show.
 fn mask_coverage<T: Element>(
+    mask: &MaskRows<'_, T>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+) -> (MaskCoverage, Range<usize>) {
+    if let MaskRows::Expr { expr, shape } = *mask {
+        return match expr.classify(shape, rows, keys) {
+            TileClass::Empty => (MaskCoverage::Hidden, keys.clone()),
+            TileClass::Full => (MaskCoverage::Neutral, keys.clone()),
+            TileClass::Partial(hull) => (MaskCoverage::Mixed, hull),
+        };
+    }
+    (scan_coverage(mask, rows, keys), keys.clone())
+}
+
+/// [`mask_coverage`] of an array mask, element by element.
+fn scan_coverage<T: Element>(
     mask: &MaskRows<'_, T>,
     rows: &Range<usize>,
     keys: &Range<usize>,
@@ -287,7 +318,7 @@ fn mask_coverage<T: Element>(
         }
     }
     match *mask {
-        MaskRows::None => MaskCoverage::Neutral,
+        MaskRows::None | MaskRows::Expr { .. } => MaskCoverage::Neutral,
         MaskRows::Bool {
             data,
             base,
@@ -327,10 +358,15 @@ fn apply_visibility<T: Element>(
     keys: &Range<usize>,
     scores: &mut [T],
     layout: WeightLayout,
+    tile: &mut MaskTile,
 ) -> bool {
     let structural = !params.bounds.fully_visible(rows, keys);
     if !structural && matches!(mask, MaskRows::None) {
         return false;
+    }
+    if let MaskRows::Expr { expr, shape } = *mask {
+        refill(&mut tile.visible, rows.len() * keys.len(), false);
+        expr.fill(shape, rows, keys, &mut tile.visible, &mut tile.spare);
     }
     let log2_e = T::from_f64(std::f64::consts::LOG2_E);
     let mut hidden = false;
@@ -338,6 +374,15 @@ fn apply_visibility<T: Element>(
         let cell = |col: usize| offset * layout.row_stride + col * layout.key_stride;
         match *mask {
             MaskRows::None => {}
+            MaskRows::Expr { .. } => {
+                let visible = &tile.visible[offset * keys.len()..(offset + 1) * keys.len()];
+                for (col, &shown) in visible.iter().enumerate() {
+                    if !shown {
+                        scores[cell(col)] = T::NEG_INFINITY;
+                        hidden = true;
+                    }
+                }
+            }
             MaskRows::Bool {
                 data,
                 base,
@@ -416,6 +461,7 @@ fn is_visible<T: Element>(
                 row_stride,
                 col_stride,
             } => data[base + row * row_stride + key * col_stride] != T::NEG_INFINITY,
+            MaskRows::Expr { expr, shape } => expr.visible(shape, row, key),
         }
 }
 
@@ -465,6 +511,7 @@ unsafe fn block_scores<V: SimdVec>(
     scores: &mut [V::Elem],
     layout: WeightLayout,
     coverage: MaskCoverage,
+    tile: &mut MaskTile,
 ) -> bool {
     let depth = params.depth;
     let key_rows = &head.k[keys.start * depth..keys.end * depth];
@@ -496,7 +543,7 @@ unsafe fn block_scores<V: SimdVec>(
     } else {
         &head.mask
     };
-    apply_visibility(params, mask, rows, keys, scores, layout)
+    apply_visibility(params, mask, rows, keys, scores, layout, tile)
 }
 
 /// Folds one block's softmax into query `query`'s running state: `best` is the new running
@@ -542,6 +589,7 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
         shift,
         block_sum,
         state,
+        mask_tile,
     } = scratch;
     let queries = pack_queries::<V>(params, head.q, &rows, queries);
     let width = queries.width;
@@ -556,12 +604,12 @@ pub(crate) unsafe fn flash_block<V: SimdVec>(
     while block_start < span.end {
         let block = block_start..(block_start + KEY_BLOCK).min(span.end);
         block_start = block.end;
-        let coverage = mask_coverage(&head.mask, &rows, &block);
+        let (coverage, block) = mask_coverage(&head.mask, &rows, &block);
         if coverage == MaskCoverage::Hidden {
             continue;
         }
         let hidden = block_scores::<V>(
-            params, head, &rows, &block, &queries, scores, layout, coverage,
+            params, head, &rows, &block, &queries, scores, layout, coverage, mask_tile,
         );
 
         if queries.by_dot {
@@ -644,19 +692,31 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
 
     let mut block_start = span.start;
     while block_start < span.end {
-        let block = block_start..(block_start + KEY_BLOCK).min(span.end);
-        block_start = block.end;
-        let coverage = mask_coverage(&head.mask, &rows, &block);
-        if coverage == MaskCoverage::Hidden {
+        let whole_block = block_start..(block_start + KEY_BLOCK).min(span.end);
+        block_start = whole_block.end;
+        let (coverage, block) = mask_coverage(&head.mask, &rows, &whole_block);
+        if coverage == MaskCoverage::Hidden || block != whole_block {
+            // Keys of the block left out of the computation are hidden.
             hidden = true;
             for query in 0..rows.len() {
                 let start = query * num_keys;
-                weights[start + block.start..start + block.end].fill(V::Elem::NEG_INFINITY);
+                weights[start + whole_block.start..start + whole_block.end]
+                    .fill(V::Elem::NEG_INFINITY);
             }
+        }
+        if coverage == MaskCoverage::Hidden {
             continue;
         }
         hidden |= block_scores::<V>(
-            params, head, &rows, &block, &queries, scores, layout, coverage,
+            params,
+            head,
+            &rows,
+            &block,
+            &queries,
+            scores,
+            layout,
+            coverage,
+            &mut scratch.mask_tile,
         );
         for (col, key) in block.clone().enumerate() {
             for query in 0..rows.len() {

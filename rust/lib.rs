@@ -17,6 +17,7 @@ mod element;
 mod error;
 mod kernel;
 mod kv_cache;
+mod masks;
 mod memory;
 mod mha;
 mod microkernel;
@@ -37,6 +38,7 @@ pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;
 pub use kv_cache::{CacheAttendOptions, KvCache};
+pub use masks::{MaskExpr, MaskLayout, MaskShape, TileClass};
 pub use mha::{multi_head_attention, MhaHeads, MhaInputs, MhaWeights};
 pub use shapes::{
     set_weights_memory_limit, weights_memory_limit, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,

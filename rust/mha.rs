@@ -306,6 +306,13 @@ impl<'a, T: KernelElement> CombinedMask<'a, T> {
             Mask::Additive(mask) => {
                 CombinedMask::Additive(combined(&as_rank4(&mask), &may_attend, T::NEG_INFINITY)?)
             }
+            Mask::Expr(_) => {
+                return Err(AttnError::value(
+                    "key_padding_mask",
+                    "cannot be combined with a mask expression; add the padding to the \
+                     expression instead (a document() id for the padding keys)",
+                ))
+            }
         })
     }
 

@@ -26,6 +26,7 @@ use crate::error::AttnError;
 use crate::kernel::{
     score_scale, HeadData, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
+use crate::masks::{MaskExpr, MaskShape, TileClass};
 use crate::memory::{standard_layout, strided_elements, zeroed, StridedElements};
 use crate::shapes::{Geometry, MaskPlan};
 use crate::simd::{KernelElement, SimdLevel};
@@ -142,12 +143,40 @@ struct CallData<'a, T> {
     query: &'a [T],
     kv: &'a StridedKv<'a, T>,
     mask: Option<(&'a MaskPlan, MaskElements<'a, T>)>,
+    expr: Option<(&'a MaskExpr, MaskShape)>,
 }
 
 /// A mask's elements as the kernel reads them.
 enum MaskElements<'a, T> {
     Bool(&'a [bool]),
     Additive(&'a [T]),
+}
+
+/// The keys of `rows` worth visiting and what they cost: the causal/window span, narrowed to
+/// the tiles a mask expression leaves visible (the same for every head).
+fn visited_keys(
+    bounds: &Bounds,
+    expr: Option<(&MaskExpr, MaskShape)>,
+    rows: &Range<usize>,
+) -> (Range<usize>, usize) {
+    let span = bounds.block_keys(rows);
+    let Some((expr, shape)) = expr else {
+        return (span.clone(), span.len());
+    };
+    let (mut first, mut end, mut cost) = (span.end, span.start, 0);
+    for start in span.clone().step_by(KEY_BLOCK) {
+        let block = start..(start + KEY_BLOCK).min(span.end);
+        let keys = match expr.classify(shape, rows, &block) {
+            TileClass::Empty => continue,
+            TileClass::Full => block,
+            TileClass::Partial(hull) => hull,
+        };
+        (first, end, cost) = (first.min(keys.start), end.max(keys.end), cost + keys.len());
+    }
+    if first >= end {
+        return (span.start..span.start, 0);
+    }
+    (first..end, cost)
 }
 
 impl<T: KernelElement> CallData<'_, T> {
@@ -164,7 +193,10 @@ impl<T: KernelElement> CallData<'_, T> {
         );
         let capacity = self.kv.row_capacity;
         let mask = match &self.mask {
-            None => MaskRows::None,
+            None => match self.expr {
+                Some((expr, shape)) => MaskRows::Expr { expr, shape },
+                None => MaskRows::None,
+            },
             Some((plan, elements)) => {
                 let base = plan.base(geometry, batch, query_head);
                 let (row_stride, col_stride) = (plan.row_stride, plan.col_stride);
@@ -209,17 +241,22 @@ impl<T: KernelElement> CallData<'_, T> {
             geometry.num_queries,
             (geometry.depth + geometry.value_dim).max(1),
         );
-        let mut blocks = Vec::with_capacity(geometry.heads() * l.div_ceil(QUERY_BLOCK));
-        for head in 0..geometry.heads() {
-            for start in (0..l).step_by(QUERY_BLOCK) {
+        let row_blocks: Vec<(Range<usize>, Range<usize>, usize)> = (0..l)
+            .step_by(QUERY_BLOCK)
+            .map(|start| {
                 let rows = start..(start + QUERY_BLOCK).min(l);
-                let keys = self.params.bounds.block_keys(&rows);
-                let cost = rows.len() * keys.len() * width;
+                let (keys, key_cost) = visited_keys(&self.params.bounds, self.expr, &rows);
+                (rows.clone(), keys, rows.len() * key_cost * width)
+            })
+            .collect();
+        let mut blocks = Vec::with_capacity(geometry.heads() * row_blocks.len());
+        for head in 0..geometry.heads() {
+            for (rows, keys, cost) in &row_blocks {
                 blocks.push(Task {
                     head,
-                    rows,
-                    keys,
-                    cost,
+                    rows: rows.clone(),
+                    keys: keys.clone(),
+                    cost: *cost,
                 });
             }
         }
@@ -289,6 +326,16 @@ pub(crate) fn attend_checked<T: KernelElement>(
         query: query.as_slice().expect("standard layout is contiguous"),
         kv,
         mask: plan.as_ref().zip(elements),
+        expr: match mask {
+            Mask::Expr(expr) => Some((
+                *expr,
+                MaskShape {
+                    num_queries: geometry.num_queries,
+                    num_keys: geometry.num_keys,
+                },
+            )),
+            _ => None,
+        },
     };
 
     let (heads, l) = (geometry.heads(), geometry.num_queries);

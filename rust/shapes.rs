@@ -7,6 +7,7 @@ use crate::attention::{AttentionOptions, Mask};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::score_scale;
+use crate::masks::MaskShape;
 
 /// Sizes of one call, with leading dims flattened into `batch` (2-D inputs are one head).
 #[derive(Debug, Clone)]
@@ -292,6 +293,12 @@ pub(crate) fn check_call<T: Element>(
     }
     if let Some(shape) = mask.shape() {
         check_mask_shape(shape, geometry)?;
+    }
+    if let Mask::Expr(expr) = mask {
+        expr.check(MaskShape {
+            num_queries: geometry.num_queries,
+            num_keys: geometry.num_keys,
+        })?;
     }
     if options.return_weights {
         check_weights_fit::<T>(&geometry.weights_shape())?;

@@ -17,6 +17,7 @@ from ._attention import (
     threads,
 )
 from ._engine import core_available
+from . import masks
 from ._mha import KVCache, MultiHeadAttention
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "core_available",
     "get_num_threads",
     "get_weights_memory_limit",
+    "masks",
     "scaled_dot_product_attention",
     "set_num_threads",
     "set_weights_memory_limit",

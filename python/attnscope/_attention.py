@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ._engine import core
+from .masks import Mask
 
 try:  # bound once: tiny calls are dominated by fixed costs
     from ._core import scaled_dot_product_attention as _core_sdpa
@@ -79,7 +80,8 @@ def scaled_dot_product_attention(
         key: ``(..., Hkv, S, D)``; leading dims must equal the query's.
         value: ``(..., Hkv, S, Dv)``.
         attn_mask: bool (True = takes part) or float (added to the scaled scores, ``-inf``
-            hides a key), broadcastable to ``(..., Hq, L, S)``.
+            hides a key), broadcastable to ``(..., Hq, L, S)``; or an :mod:`attnscope.masks`
+            expression, evaluated a tile at a time (the same for every batch and head).
         is_causal: key ``j`` is visible to query ``i`` only if ``j <= c(i)``.
         scale: multiplies ``Q·Kᵀ``; defaults to ``1/sqrt(D)``.
         enable_gqa: allow ``Hq`` to be a multiple of ``Hkv`` (query head ``h`` reads kv head
@@ -104,7 +106,7 @@ def scaled_dot_product_attention(
         query,
         key,
         value,
-        attn_mask,
+        attn_mask._spec if isinstance(attn_mask, Mask) else attn_mask,
         is_causal,
         scale,
         enable_gqa,

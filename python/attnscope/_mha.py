@@ -11,6 +11,7 @@ import numpy as np
 
 from ._attention import check_flag, check_window, context_threads
 from ._engine import core
+from .masks import Mask
 
 __all__ = ["KVCache", "MultiHeadAttention"]
 
@@ -359,7 +360,8 @@ class MultiHeadAttention:
             value: ``(B, S, vdim)``; defaults to ``key``.
             attn_mask: bool (True = may attend, as in :func:`scaled_dot_product_attention`;
                 PyTorch's bool masks mean the opposite) or float (added to the scores),
-                broadcastable to ``(B, Hq, L, S)`` (unbatched: ``(Hq, L, S)``).
+                broadcastable to ``(B, Hq, L, S)`` (unbatched: ``(Hq, L, S)``), or an
+                :mod:`attnscope.masks` expression (not with ``key_padding_mask``).
             key_padding_mask: bool ``(B, S)`` (unbatched ``(S,)``), True = padding: that key
                 is ignored, as in PyTorch.
             is_causal: query ``i`` sees keys ``j <= i`` (top-left, as PyTorch).
@@ -422,7 +424,7 @@ class MultiHeadAttention:
             *biases,
             self.num_heads,
             self.num_kv_heads,
-            attn_mask,
+            attn_mask._spec if isinstance(attn_mask, Mask) else attn_mask,
             padding,
             is_causal,
             need_weights,

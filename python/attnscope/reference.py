@@ -81,11 +81,16 @@ def scaled_dot_product_attention(
     causal_alignment="top_left",
     window=None,
     return_weights=False,
+    softcap=None,
+    alibi_slopes=None,
 ):
     """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine.
 
     Shapes: query (..., Hq, L, D), key (..., Hkv, S, D), value (..., Hkv, S, Dv); 2-D inputs
     are a single head. Returns float64 output (..., Hq, L, Dv) and, if asked, the weights.
+    A score's life: ``s = scale·q·k``, then ``softcap·tanh(s / softcap)``, then
+    ``+ slope[h]·(j - c(i))`` (ALiBi), then the float mask is added / hidden keys dropped. An
+    :mod:`attnscope.masks` expression is used as its dense ``(L, S)`` matrix.
     """
     q = np.asarray(query, dtype=np.float64)
     k = np.asarray(key, dtype=np.float64)
@@ -109,6 +114,16 @@ def scaled_dot_product_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     scores = (q @ np.swapaxes(k, -1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        rows = np.arange(num_queries)[:, None]
+        diagonal = rows if causal_alignment == "top_left" else rows + (num_keys - num_queries)
+        distance = np.arange(num_keys)[None, :] - diagonal
+        slopes = np.asarray(alibi_slopes, dtype=np.float64)
+        scores = scores + slopes[:, None, None] * distance
+    if attn_mask is not None and hasattr(attn_mask, "to_dense"):
+        attn_mask = attn_mask.to_dense(num_queries, num_keys)
 
     visible = visibility(
         num_queries,

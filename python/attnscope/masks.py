@@ -1,0 +1,328 @@
+"""Mask expressions: sparse attention patterns the engine evaluates a tile at a time.
+
+A mask says which key ``j`` each query ``i`` may see. Build one from the patterns below,
+combine them with ``&`` (both), ``|`` (either) and ``~`` (not), and pass it as ``attn_mask=`` to
+:func:`attnscope.scaled_dot_product_attention`. The engine never builds the ``L x S`` matrix:
+it sorts each tile of (query rows, keys) into empty (skipped), full (no per-pair check) or
+partial (checked pair by pair), so the cost follows the visible pairs. ``to_dense`` and
+``layout`` run the same code, for teaching and testing.
+
+Example::
+
+    from attnscope import masks as M
+    longformer = M.causal() & (M.window(511, 0) | M.global_tokens(range(16)))
+    out = ats.scaled_dot_product_attention(q, k, v, attn_mask=longformer)
+
+Positions are indices into the queries (``i``, ``0 <= i < L``) and keys (``j``, ``0 <= j < S``).
+``c(i)`` is the diagonal: ``i`` for ``alignment="top_left"`` and ``i + S - L`` for
+``"bottom_right"``, as in :func:`attnscope.scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._engine import core
+
+__all__ = [
+    "EMPTY",
+    "FULL",
+    "PARTIAL",
+    "Mask",
+    "MaskLayout",
+    "causal",
+    "dilated",
+    "document",
+    "fixed",
+    "from_array",
+    "global_tokens",
+    "prefix_lm",
+    "random_blocks",
+    "sinks",
+    "strided",
+    "window",
+]
+
+#: Tile states of :class:`MaskLayout`.
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+class Mask:
+    """An immutable mask expression. Build it with this module's functions; combine with
+    ``&``, ``|`` and ``~``. Two masks are equal when they are the same expression."""
+
+    __slots__ = ("_spec", "_text")
+
+    def __init__(self, spec: tuple, text: str):
+        object.__setattr__(self, "_spec", spec)
+        object.__setattr__(self, "_text", text)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a mask expression is immutable; combine masks to make a new one")
+
+    def __delattr__(self, name):
+        raise AttributeError("a mask expression is immutable")
+
+    def __repr__(self) -> str:
+        return self._text
+
+    def __and__(self, other: Mask) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return Mask(("and", self._spec, other._spec), f"({self._text} & {other._text})")
+
+    def __or__(self, other: Mask) -> Mask:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return Mask(("or", self._spec, other._spec), f"({self._text} | {other._text})")
+
+    def __invert__(self) -> Mask:
+        return Mask(("not", self._spec), f"~{self._text}")
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Mask):
+            return NotImplemented
+        return _same_spec(self._spec, other._spec)
+
+    def __hash__(self) -> int:
+        return hash(self._text)
+
+    def __bool__(self):
+        raise TypeError("a mask expression has no truth value; use & | ~ to combine masks")
+
+    def to_dense(self, num_queries: int, num_keys: int) -> np.ndarray:
+        """The ``(L, S)`` bool matrix of visible pairs (True = may attend).
+
+        Raises:
+            ValueError: negative sizes, or a pattern that does not fit them (document ids or
+                a ``from_array`` mask of another length).
+        """
+        num_queries = _count(num_queries, "num_queries")
+        num_keys = _count(num_keys, "num_keys")
+        return core().mask_to_dense(self._spec, num_queries, num_keys)
+
+    def layout(self, num_queries: int, num_keys: int, *, block: int = 64) -> MaskLayout:
+        """Which ``block x block`` tiles of the ``(L, S)`` matrix are empty, partial or full,
+        and the fraction of visible pairs (counted exactly).
+
+        The engine's own tiles are 64 queries by 256 keys; any ``block`` shows the same picture
+        at another grain.
+        """
+        num_queries = _count(num_queries, "num_queries")
+        num_keys = _count(num_keys, "num_keys")
+        block = _count(block, "block", minimum=1)
+        states, visible = core().mask_layout(self._spec, num_queries, num_keys, block)
+        states.setflags(write=False)
+        return MaskLayout(states, block, num_queries, num_keys, int(visible))
+
+
+@dataclass(frozen=True)
+class MaskLayout:
+    """The tiles of a mask at sizes ``(L, S)``.
+
+    Attributes:
+        states: ``(ceil(L / block), ceil(S / block))`` uint8 array: :data:`EMPTY` (0, no
+            visible pair: skipped), :data:`PARTIAL` (1, some visible: checked pair by pair) or
+            :data:`FULL` (2, all visible: computed without checks).
+        block: tile side.
+        num_queries, num_keys: ``L`` and ``S``.
+        visible_pairs: the exact number of visible (query, key) pairs.
+    """
+
+    states: np.ndarray
+    block: int
+    num_queries: int
+    num_keys: int
+    visible_pairs: int
+
+    @property
+    def visible_fraction(self) -> float:
+        """Visible pairs over all ``L·S`` pairs (0.0 for an empty matrix)."""
+        total = self.num_queries * self.num_keys
+        return self.visible_pairs / total if total else 0.0
+
+    def counts(self) -> dict[str, int]:
+        """How many tiles are empty, partial and full."""
+        return {
+            name: int((self.states == state).sum())
+            for name, state in (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))
+        }
+
+
+def _same_spec(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.shape == b.shape
+            and bool(np.array_equal(a, b))
+        )
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same_spec(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _count(value, name: str, minimum: int = 0) -> int:
+    """A whole number (not a bool) of at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _alignment(alignment) -> bool:
+    """Whether `alignment` is bottom-right."""
+    if alignment not in ("top_left", "bottom_right") or not isinstance(alignment, str):
+        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
+    return alignment == "bottom_right"
+
+
+def _positions(values, name: str) -> np.ndarray:
+    """A read-only 1-D int64 copy of integer `values` (a list, range or integer array)."""
+    array = np.asarray(list(values) if isinstance(values, range) else values)
+    if array.dtype == np.bool_ or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    copy = np.ascontiguousarray(array, dtype=np.int64).copy()
+    copy.setflags(write=False)
+    return copy
+
+
+def causal(alignment: str = "top_left") -> Mask:
+    """Key ``j`` is visible to query ``i`` iff ``j <= c(i)`` (the past and the present)."""
+    bottom_right = _alignment(alignment)
+    text = "causal()" if not bottom_right else "causal(alignment='bottom_right')"
+    return Mask(("causal", bottom_right), text)
+
+
+def window(left, right=..., *, alignment: str = "top_left") -> Mask:
+    """Keys within a band around the diagonal: visible iff ``c(i) - left <= j <= c(i) + right``.
+
+    ``left`` and ``right`` are distances (ints >= 0), or None for an unbounded side; ``right``
+    left out means the same as ``left``. ``window(w - 1)`` is SDPA's ``window=w``;
+    ``causal() & window(511, 0)`` keeps the 512 most recent keys (Mistral's sliding window).
+    """
+    sides = []
+    for side, label in ((left, "left"), (left if right is ... else right, "right")):
+        if side is None:
+            sides.append(None)
+        elif isinstance(side, bool) or not isinstance(side, numbers.Integral):
+            raise TypeError(f"window {label} must be an int >= 0 or None, got {side!r}")
+        elif side < 0:
+            raise ValueError(f"window {label} must be >= 0 or None, got {side}")
+        else:
+            sides.append(min(int(side), 2**63 - 1))
+    bottom_right = _alignment(alignment)
+    text = f"window({sides[0]}, {sides[1]}"
+    text += ", alignment='bottom_right')" if bottom_right else ")"
+    return Mask(("window", sides[0], sides[1], bottom_right), text)
+
+
+def prefix_lm(prefix_len: int) -> Mask:
+    """Prefix-LM (T5, PaLM): every query sees the first ``prefix_len`` keys (a bidirectional
+    prefix) and the keys up to itself: visible iff ``j < prefix_len or j <= i``."""
+    prefix_len = _count(prefix_len, "prefix_len")
+    return Mask(("prefix_lm", prefix_len), f"prefix_lm({prefix_len})")
+
+
+def document(ids, kv_ids=None) -> Mask:
+    """Packed sequences: visible iff ``ids[i] == kv_ids[j]`` (query and key in the same
+    document). ``kv_ids`` defaults to ``ids`` (then ``L == S``). With :func:`causal` this is
+    training or prefill on packed documents without padding.
+
+    ``ids`` must have ``L`` entries and ``kv_ids`` ``S``; that is checked when the mask is used.
+    Sorted ids (documents one after another) let whole tiles be skipped or taken.
+    """
+    query_ids = _positions(ids, "ids")
+    key_ids = None if kv_ids is None else _positions(kv_ids, "kv_ids")
+    text = f"document({_short(query_ids)}"
+    text += ")" if key_ids is None else f", kv_ids={_short(key_ids)})"
+    return Mask(("document", query_ids, key_ids), text)
+
+
+def global_tokens(positions) -> Mask:
+    """Longformer's global attention: the tokens at ``positions`` see every key and every
+    query sees them: visible iff ``i in positions or j in positions``."""
+    array = _positions(positions, "positions")
+    if (array < 0).any():
+        raise ValueError(f"positions must be >= 0, got {int(array.min())}")
+    unique = np.unique(array)
+    unique.setflags(write=False)
+    return Mask(("global_tokens", unique), f"global_tokens({_short(unique)})")
+
+
+def sinks(n: int) -> Mask:
+    """Attention sinks (StreamingLLM): the first ``n`` keys are visible to every query:
+    visible iff ``j < n``."""
+    n = _count(n, "n")
+    return Mask(("sinks", n), f"sinks({n})")
+
+
+def strided(stride: int) -> Mask:
+    """The Sparse Transformer's strided pattern: visible iff ``(i - j) % stride == 0`` (every
+    ``stride``-th key counting back from the query). Combine with :func:`causal` and a
+    :func:`window` of ``stride`` keys for the paper's strided attention."""
+    stride = _count(stride, "stride", minimum=1)
+    return Mask(("strided", stride), f"strided({stride})")
+
+
+def fixed(block: int, summary: int = 1) -> Mask:
+    """The Sparse Transformer's fixed pattern: queries see their own block of ``block``
+    positions, and the last ``summary`` positions of every block act as summaries anyone may
+    read: visible iff ``i // block == j // block or j % block >= block - summary``."""
+    block = _count(block, "block", minimum=1)
+    summary = _count(summary, "summary")
+    if summary > block:
+        raise ValueError(f"summary must be <= block ({block}), got {summary}")
+    return Mask(("fixed", block, summary), f"fixed({block}, summary={summary})")
+
+
+def dilated(window: int, dilation: int) -> Mask:
+    """A dilated sliding window (Longformer): visible iff ``|i - j| <= window`` and
+    ``|i - j| % dilation == 0``."""
+    window = _count(window, "window")
+    dilation = _count(dilation, "dilation", minimum=1)
+    return Mask(("dilated", window, dilation), f"dilated({window}, {dilation})")
+
+
+def random_blocks(block: int, per_row: int, seed: int = 0) -> Mask:
+    """BigBird's random attention: split queries and keys into blocks of ``block``; each query
+    block sees ``per_row`` distinct key blocks drawn from ``seed`` (all of them when there are
+    fewer). The draw depends only on the seed, the query block and the number of key blocks,
+    so it is the same on every machine and every call."""
+    block = _count(block, "block", minimum=1)
+    per_row = _count(per_row, "per_row")
+    seed = _count(seed, "seed")
+    if seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64, got {seed}")
+    return Mask(
+        ("random_blocks", block, per_row, seed),
+        f"random_blocks({block}, {per_row}, seed={seed})",
+    )
+
+
+def from_array(mask) -> Mask:
+    """Any ``(L, S)`` bool matrix (True = may attend), copied: the escape hatch for patterns
+    the others cannot express. Its shape must be the call's ``(L, S)``."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"mask must be a numpy.ndarray of bools, got {type(mask).__name__}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D (L, S), got shape {mask.shape}")
+    copy = np.ascontiguousarray(mask).copy()
+    copy.setflags(write=False)
+    return Mask(("array", copy), f"from_array(<{copy.shape[0]}x{copy.shape[1]} bool>)")
+
+
+def _short(values: np.ndarray) -> str:
+    """A list for a repr, cut short when long."""
+    if values.size <= 8:
+        return str(values.tolist())
+    head = ", ".join(str(v) for v in values[:4].tolist())
+    return f"[{head}, ... ({values.size} values)]"

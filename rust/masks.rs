@@ -1,0 +1,912 @@
+//! Mask expressions: which key each query may see, as a small tree of patterns the kernel
+//! evaluates a tile at a time, so no `L x S` matrix is ever built.
+//!
+//! Every pattern answers three questions about a tile of (query rows, keys): is it empty, full
+//! or partial ([`MaskExpr::classify`], exact wherever that is cheap, and for a partial tile the
+//! narrowest range of keys that can be visible), which of its pairs are visible
+//! ([`MaskExpr::fill`], a row at a time) and whether one pair is ([`MaskExpr::visible`]).
+//! `to_dense` and `layout` are computed by the same code, so what is taught is what runs.
+
+use std::ops::Range;
+
+use crate::error::{shape_str, AttnError};
+
+/// A mask pattern, or a combination of them. Positions are indices into the queries (`i`) and
+/// keys (`j`); `c(i)` is the diagonal of the pattern's alignment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MaskExpr {
+    /// `j <= c(i)`.
+    Causal {
+        bottom_right: bool,
+    },
+    /// `c(i) - left <= j <= c(i) + right` (`None`: unbounded side).
+    Window {
+        left: Option<usize>,
+        right: Option<usize>,
+        bottom_right: bool,
+    },
+    /// `j < prefix or j <= i`: a bidirectional prefix, causal after it.
+    PrefixLm {
+        prefix: usize,
+    },
+    /// `query_ids[i] == key_ids[j]` (`key_ids` = `query_ids` when `None`).
+    Document {
+        query_ids: Vec<i64>,
+        key_ids: Option<Vec<i64>>,
+    },
+    /// `i in positions or j in positions` (sorted, distinct).
+    GlobalTokens {
+        positions: Vec<usize>,
+    },
+    /// `j < count`.
+    Sinks {
+        count: usize,
+    },
+    /// `(i - j) mod stride == 0`.
+    Strided {
+        stride: usize,
+    },
+    /// `i // block == j // block or j mod block >= block - summary`.
+    Fixed {
+        block: usize,
+        summary: usize,
+    },
+    /// `|i - j| <= window and |i - j| mod dilation == 0`.
+    Dilated {
+        window: usize,
+        dilation: usize,
+    },
+    /// Key block `j // block` is one of `per_row` distinct blocks drawn for query block
+    /// `i // block` from `seed`.
+    RandomBlocks {
+        block: usize,
+        per_row: usize,
+        seed: u64,
+    },
+    /// An explicit `rows x cols` bool matrix, row-major.
+    Dense {
+        rows: usize,
+        cols: usize,
+        data: Vec<bool>,
+    },
+    And(Box<MaskExpr>, Box<MaskExpr>),
+    Or(Box<MaskExpr>, Box<MaskExpr>),
+    Not(Box<MaskExpr>),
+}
+
+/// What a mask does to a tile of (query rows, keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TileClass {
+    /// No pair is visible.
+    Empty,
+    /// Some pairs may be visible, all within these keys (a sub-range of the tile's).
+    Partial(Range<usize>),
+    /// Every pair is visible.
+    Full,
+}
+
+/// The sizes a mask is evaluated at: `L` queries, `S` keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaskShape {
+    pub num_queries: usize,
+    pub num_keys: usize,
+}
+
+impl MaskShape {
+    fn diagonal_offset(self, bottom_right: bool) -> i64 {
+        if bottom_right {
+            self.num_keys as i64 - self.num_queries as i64
+        } else {
+            0
+        }
+    }
+}
+
+/// The tiles of a mask (see [`MaskExpr::layout`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskLayout {
+    /// `(row tiles, key tiles)` states: 0 = empty, 1 = partial, 2 = full; row-major.
+    pub states: Vec<u8>,
+    pub row_tiles: usize,
+    pub key_tiles: usize,
+    /// Visible (query, key) pairs, counted exactly.
+    pub visible_pairs: u64,
+}
+
+/// The visible keys of a row under a rule that keeps one range of keys: clipped to `keys`.
+fn clip(range: Range<i64>, keys: &Range<usize>) -> Range<usize> {
+    let start = range.start.clamp(keys.start as i64, keys.end as i64) as usize;
+    let end = range.end.clamp(start as i64, keys.end as i64) as usize;
+    start..end
+}
+
+/// Keys `c - left ..= c + right` (unbounded sides reach past any sequence).
+fn window_range(diagonal: i64, left: Option<usize>, right: Option<usize>) -> Range<i64> {
+    let side =
+        |side: Option<usize>| side.map_or(i64::MAX / 4, |s| s.min(i64::MAX as usize / 4) as i64);
+    (diagonal - side(left))..(diagonal + side(right) + 1)
+}
+
+/// The class of a tile whose rows each see one range of keys, the ranges growing with the row.
+fn classify_ranges(first: Range<usize>, last: Range<usize>, keys: &Range<usize>) -> TileClass {
+    let hull = first.start..last.end;
+    if hull.start >= hull.end || hull.end <= keys.start || hull.start >= keys.end {
+        return TileClass::Empty;
+    }
+    if keys.start >= last.start && keys.end <= first.end {
+        return TileClass::Full;
+    }
+    TileClass::Partial(hull.start.max(keys.start)..hull.end.min(keys.end))
+}
+
+/// `count` distinct values below `bound` drawn from `seed` (Floyd's algorithm on SplitMix64),
+/// sorted. The same arguments give the same values on every machine.
+fn distinct_draws(bound: usize, count: usize, seed: u64) -> Vec<usize> {
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let count = count.min(bound);
+    let mut chosen: Vec<usize> = Vec::with_capacity(count);
+    for top in bound - count..bound {
+        let candidate = (next() % (top as u64 + 1)) as usize;
+        let pick = if chosen.contains(&candidate) {
+            top
+        } else {
+            candidate
+        };
+        chosen.push(pick);
+    }
+    chosen.sort_unstable();
+    chosen
+}
+
+/// How many of the sorted `positions` lie in `range`, and the range of their indices.
+fn positions_in(positions: &[usize], range: &Range<usize>) -> Range<usize> {
+    let start = positions.partition_point(|&p| p < range.start);
+    let end = positions.partition_point(|&p| p < range.end);
+    start..end
+}
+
+/// The smallest and largest of `values`.
+fn min_max(values: &[i64]) -> (i64, i64) {
+    values
+        .iter()
+        .fold((i64::MAX, i64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+}
+
+/// The first `j >= from` with `j ≡ residue (mod step)`.
+fn first_congruent(from: usize, residue: i64, step: usize) -> usize {
+    let step_i = step as i64;
+    let offset = (residue - from as i64).rem_euclid(step_i);
+    from + offset as usize
+}
+
+impl MaskExpr {
+    /// Refuses a mask that cannot be evaluated for `L` queries and `S` keys (ids or arrays of
+    /// another length, positions past both lengths).
+    pub fn check(&self, shape: MaskShape) -> Result<(), AttnError> {
+        let (l, s) = (shape.num_queries, shape.num_keys);
+        match self {
+            MaskExpr::Document { query_ids, key_ids } => {
+                let key_len = key_ids.as_ref().map_or(query_ids.len(), Vec::len);
+                if query_ids.len() != l {
+                    return Err(AttnError::shape(
+                        "attn_mask",
+                        format!(
+                            "document ids have {} entries but there are {l} queries (L); \
+                             pass one id per query{}",
+                            query_ids.len(),
+                            if key_ids.is_none() && l != s {
+                                " and kv_ids= for the keys"
+                            } else {
+                                ""
+                            }
+                        ),
+                    ));
+                }
+                if key_len != s {
+                    return Err(AttnError::shape(
+                        "attn_mask",
+                        format!(
+                            "document {} have {key_len} entries but there are {s} keys (S)",
+                            if key_ids.is_some() { "kv_ids" } else { "ids" }
+                        ),
+                    ));
+                }
+            }
+            MaskExpr::GlobalTokens { positions } => {
+                if let Some(&last) = positions.last() {
+                    if last >= l.max(s) {
+                        return Err(AttnError::value(
+                            "attn_mask",
+                            format!(
+                                "global token position {last} is past both the {l} queries \
+                                 and the {s} keys"
+                            ),
+                        ));
+                    }
+                }
+            }
+            MaskExpr::Dense { rows, cols, .. } => {
+                if (*rows, *cols) != (l, s) {
+                    return Err(AttnError::shape(
+                        "attn_mask",
+                        format!(
+                            "from_array mask has shape {} but the call needs (L, S) = {}",
+                            shape_str(&[*rows, *cols]),
+                            shape_str(&[l, s])
+                        ),
+                    ));
+                }
+            }
+            MaskExpr::And(a, b) | MaskExpr::Or(a, b) => {
+                a.check(shape)?;
+                b.check(shape)?;
+            }
+            MaskExpr::Not(a) => a.check(shape)?,
+            MaskExpr::Strided { stride: 0 } => {
+                return Err(AttnError::value(
+                    "attn_mask",
+                    "strided: stride must be >= 1, got 0",
+                ))
+            }
+            MaskExpr::Fixed { block, summary } if *block == 0 || summary > block => {
+                return Err(AttnError::value(
+                    "attn_mask",
+                    format!(
+                        "fixed: need block >= 1 and summary <= block, got {block} and {summary}"
+                    ),
+                ))
+            }
+            MaskExpr::Dilated { dilation: 0, .. } => {
+                return Err(AttnError::value(
+                    "attn_mask",
+                    "dilated: dilation must be >= 1, got 0",
+                ))
+            }
+            MaskExpr::RandomBlocks { block: 0, .. } => {
+                return Err(AttnError::value(
+                    "attn_mask",
+                    "random_blocks: block must be >= 1, got 0",
+                ))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Depth of the tree (a leaf is 1): how many scratch rows [`MaskExpr::fill`] needs.
+    pub fn depth(&self) -> usize {
+        match self {
+            MaskExpr::And(a, b) | MaskExpr::Or(a, b) => 1 + a.depth().max(b.depth()),
+            MaskExpr::Not(a) => 1 + a.depth(),
+            _ => 1,
+        }
+    }
+
+    /// Whether query `i` may see key `j`.
+    pub fn visible(&self, shape: MaskShape, i: usize, j: usize) -> bool {
+        let (ii, ji) = (i as i64, j as i64);
+        match self {
+            MaskExpr::Causal { bottom_right } => ji <= ii + shape.diagonal_offset(*bottom_right),
+            MaskExpr::Window {
+                left,
+                right,
+                bottom_right,
+            } => {
+                window_range(ii + shape.diagonal_offset(*bottom_right), *left, *right).contains(&ji)
+            }
+            MaskExpr::PrefixLm { prefix } => j < *prefix || j <= i,
+            MaskExpr::Document { query_ids, key_ids } => {
+                query_ids[i] == key_ids.as_ref().unwrap_or(query_ids)[j]
+            }
+            MaskExpr::GlobalTokens { positions } => {
+                positions.binary_search(&i).is_ok() || positions.binary_search(&j).is_ok()
+            }
+            MaskExpr::Sinks { count } => j < *count,
+            MaskExpr::Strided { stride } => (ii - ji).rem_euclid(*stride as i64) == 0,
+            MaskExpr::Fixed { block, summary } => {
+                i / block == j / block || j % block >= block - summary
+            }
+            MaskExpr::Dilated { window, dilation } => {
+                let distance = i.abs_diff(j);
+                distance <= *window && distance % dilation == 0
+            }
+            MaskExpr::RandomBlocks {
+                block,
+                per_row,
+                seed,
+            } => self
+                .random_picks(shape, i / block, *block, *per_row, *seed)
+                .contains(&(j / block)),
+            MaskExpr::Dense { cols, data, .. } => data[i * cols + j],
+            MaskExpr::And(a, b) => a.visible(shape, i, j) && b.visible(shape, i, j),
+            MaskExpr::Or(a, b) => a.visible(shape, i, j) || b.visible(shape, i, j),
+            MaskExpr::Not(a) => !a.visible(shape, i, j),
+        }
+    }
+
+    /// The key blocks query block `row_block` sees under [`MaskExpr::RandomBlocks`].
+    fn random_picks(
+        &self,
+        shape: MaskShape,
+        row_block: usize,
+        block: usize,
+        per_row: usize,
+        seed: u64,
+    ) -> Vec<usize> {
+        let key_blocks = shape.num_keys.div_ceil(block);
+        let row_seed = seed ^ (row_block as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+        distinct_draws(key_blocks, per_row, row_seed)
+    }
+
+    /// Empty, full or partial for the tile `rows x keys` (both non-empty). Empty and full are
+    /// exact except where noted; partial says only that the tile needs per-pair checks.
+    pub fn classify(
+        &self,
+        shape: MaskShape,
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+    ) -> TileClass {
+        let whole = TileClass::Partial(keys.clone());
+        let (first, last) = (rows.start as i64, rows.end as i64 - 1);
+        match self {
+            MaskExpr::Causal { bottom_right } => {
+                let offset = shape.diagonal_offset(*bottom_right);
+                let range = |row: i64| clip(i64::MIN / 4..row + offset + 1, &(0..usize::MAX / 4));
+                classify_ranges(range(first), range(last), keys)
+            }
+            MaskExpr::Window {
+                left,
+                right,
+                bottom_right,
+            } => {
+                let offset = shape.diagonal_offset(*bottom_right);
+                let range = |row: i64| {
+                    clip(
+                        window_range(row + offset, *left, *right),
+                        &(0..usize::MAX / 4),
+                    )
+                };
+                classify_ranges(range(first), range(last), keys)
+            }
+            MaskExpr::PrefixLm { prefix } => {
+                let range = |row: i64| 0..(*prefix).max(row as usize + 1);
+                classify_ranges(range(first), range(last), keys)
+            }
+            MaskExpr::Sinks { count } => classify_ranges(0..*count, 0..*count, keys),
+            MaskExpr::Document { query_ids, key_ids } => {
+                let key_ids = key_ids.as_ref().unwrap_or(query_ids);
+                let (q_lo, q_hi) = min_max(&query_ids[rows.clone()]);
+                let (k_lo, k_hi) = min_max(&key_ids[keys.clone()]);
+                if q_hi < k_lo || k_hi < q_lo {
+                    TileClass::Empty
+                } else if q_lo == q_hi && k_lo == k_hi {
+                    TileClass::Full
+                } else {
+                    // Unsorted ids may share no value though their ranges overlap: unsure.
+                    whole
+                }
+            }
+            MaskExpr::GlobalTokens { positions } => {
+                let global_rows = positions_in(positions, rows).len();
+                let global_keys = positions_in(positions, keys);
+                if global_rows == rows.len() || global_keys.len() == keys.len() {
+                    TileClass::Full
+                } else if global_rows > 0 {
+                    whole
+                } else if global_keys.is_empty() {
+                    TileClass::Empty
+                } else {
+                    TileClass::Partial(
+                        positions[global_keys.start]..positions[global_keys.end - 1] + 1,
+                    )
+                }
+            }
+            MaskExpr::Strided { stride } => {
+                let stride = *stride as i64;
+                let (lo, hi) = (first - (keys.end as i64 - 1), last - keys.start as i64);
+                let multiple_at_or_below_hi = hi.div_euclid(stride) * stride;
+                if stride == 1 {
+                    TileClass::Full
+                } else if multiple_at_or_below_hi < lo {
+                    TileClass::Empty
+                } else if lo == hi {
+                    TileClass::Full
+                } else {
+                    whole
+                }
+            }
+            MaskExpr::Fixed { block, summary } => self.classify_fixed(rows, keys, *block, *summary),
+            MaskExpr::Dilated { window, dilation } => {
+                let (lo, hi) = (first - (keys.end as i64 - 1), last - keys.start as i64);
+                let (w, d) = (*window as i64, *dilation as i64);
+                let (lo_in, hi_in) = (lo.max(-w), hi.min(w));
+                // Multiples of d in [lo_in, hi_in]: none means no visible pair.
+                if lo_in > hi_in || hi_in.div_euclid(d) * d < lo_in {
+                    TileClass::Empty
+                } else if (d == 1 || lo == hi) && lo >= -w && hi <= w {
+                    TileClass::Full
+                } else {
+                    whole
+                }
+            }
+            MaskExpr::RandomBlocks {
+                block,
+                per_row,
+                seed,
+            } => {
+                let key_blocks = keys.start / block..(keys.end - 1) / block + 1;
+                let row_blocks = rows.start / block..(rows.end - 1) / block + 1;
+                let mut seen = None::<Range<usize>>;
+                let mut all_rows_all_keys = true;
+                for row_block in row_blocks {
+                    let picks = self.random_picks(shape, row_block, *block, *per_row, *seed);
+                    let inside: Vec<usize> = picks
+                        .into_iter()
+                        .filter(|b| key_blocks.contains(b))
+                        .collect();
+                    all_rows_all_keys &= inside.len() == key_blocks.len();
+                    if let (Some(&lo), Some(&hi)) = (inside.first(), inside.last()) {
+                        let span = (lo * block).max(keys.start)..((hi + 1) * block).min(keys.end);
+                        seen = Some(match seen {
+                            None => span,
+                            Some(s) => s.start.min(span.start)..s.end.max(span.end),
+                        });
+                    }
+                }
+                match seen {
+                    None => TileClass::Empty,
+                    Some(_) if all_rows_all_keys => TileClass::Full,
+                    Some(span) => TileClass::Partial(span),
+                }
+            }
+            MaskExpr::Dense { cols, data, .. } => {
+                let (mut any, mut all) = (false, true);
+                for row in rows.clone() {
+                    for &cell in &data[row * cols + keys.start..row * cols + keys.end] {
+                        any |= cell;
+                        all &= cell;
+                    }
+                }
+                match (any, all) {
+                    (false, _) => TileClass::Empty,
+                    (true, true) => TileClass::Full,
+                    (true, false) => whole,
+                }
+            }
+            MaskExpr::And(a, b) => match a.classify(shape, rows, keys) {
+                TileClass::Empty => TileClass::Empty,
+                TileClass::Full => b.classify(shape, rows, keys),
+                TileClass::Partial(hull_a) => match b.classify(shape, rows, keys) {
+                    TileClass::Empty => TileClass::Empty,
+                    TileClass::Full => TileClass::Partial(hull_a),
+                    TileClass::Partial(hull_b) => {
+                        let hull = hull_a.start.max(hull_b.start)..hull_a.end.min(hull_b.end);
+                        if hull.is_empty() {
+                            TileClass::Empty
+                        } else {
+                            TileClass::Partial(hull)
+                        }
+                    }
+                },
+            },
+            MaskExpr::Or(a, b) => match a.classify(shape, rows, keys) {
+                TileClass::Full => TileClass::Full,
+                TileClass::Empty => b.classify(shape, rows, keys),
+                TileClass::Partial(hull_a) => match b.classify(shape, rows, keys) {
+                    TileClass::Full => TileClass::Full,
+                    TileClass::Empty => TileClass::Partial(hull_a),
+                    // Exact pairs of the two may still cover the tile: unsure, so partial.
+                    TileClass::Partial(hull_b) => TileClass::Partial(
+                        hull_a.start.min(hull_b.start)..hull_a.end.max(hull_b.end),
+                    ),
+                },
+            },
+            MaskExpr::Not(a) => match a.classify(shape, rows, keys) {
+                TileClass::Empty => TileClass::Full,
+                TileClass::Full => TileClass::Empty,
+                TileClass::Partial(_) => whole,
+            },
+        }
+    }
+
+    fn classify_fixed(
+        &self,
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+        block: usize,
+        summary: usize,
+    ) -> TileClass {
+        let row_blocks = rows.start / block..=(rows.end - 1) / block;
+        let key_blocks = keys.start / block..=(keys.end - 1) / block;
+        let same_block =
+            row_blocks.start() <= key_blocks.end() && key_blocks.start() <= row_blocks.end();
+        let first_summary = first_congruent(keys.start, (block - summary) as i64, block);
+        let any_summary = summary > 0
+            && (keys.len() >= block || {
+                let offset = keys.start % block;
+                offset >= block - summary || first_summary < keys.end
+            });
+        let one_block = row_blocks.start() == row_blocks.end()
+            && key_blocks.start() == key_blocks.end()
+            && row_blocks.start() == key_blocks.start();
+        let all_summary =
+            keys.start / block == (keys.end - 1) / block && keys.start % block >= block - summary;
+        if one_block || all_summary {
+            TileClass::Full
+        } else if !same_block && !any_summary {
+            TileClass::Empty
+        } else {
+            TileClass::Partial(keys.clone())
+        }
+    }
+
+    /// Writes the visibility of every pair of the tile `rows x keys` into `out` (row-major,
+    /// `rows.len() x keys.len()`). `spare` holds scratch rows for combinations; it grows as
+    /// needed and is kept between calls.
+    pub fn fill(
+        &self,
+        shape: MaskShape,
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+        out: &mut [bool],
+        spare: &mut Vec<Vec<bool>>,
+    ) {
+        let width = keys.len();
+        let out = &mut out[..rows.len() * width];
+        match self {
+            MaskExpr::And(a, b) | MaskExpr::Or(a, b) => {
+                let is_and = matches!(self, MaskExpr::And(..));
+                match (is_and, b.classify(shape, rows, keys)) {
+                    (true, TileClass::Empty) => return out.fill(false),
+                    (false, TileClass::Full) => return out.fill(true),
+                    (true, TileClass::Full) | (false, TileClass::Empty) => {
+                        return a.fill(shape, rows, keys, out, spare)
+                    }
+                    _ => {}
+                }
+                a.fill(shape, rows, keys, out, spare);
+                let mut other = spare.pop().unwrap_or_default();
+                other.clear();
+                other.resize(out.len(), false);
+                b.fill(shape, rows, keys, &mut other, spare);
+                if is_and {
+                    out.iter_mut().zip(&other).for_each(|(o, &x)| *o &= x);
+                } else {
+                    out.iter_mut().zip(&other).for_each(|(o, &x)| *o |= x);
+                }
+                spare.push(other);
+            }
+            MaskExpr::Not(a) => {
+                a.fill(shape, rows, keys, out, spare);
+                out.iter_mut().for_each(|o| *o = !*o);
+            }
+            _ => {
+                for (row, out_row) in rows.clone().zip(out.chunks_exact_mut(width.max(1))) {
+                    self.fill_row(shape, row, keys, out_row);
+                }
+            }
+        }
+    }
+
+    /// One row of a leaf pattern: `out[c]` = whether query `row` sees key `keys.start + c`.
+    fn fill_row(&self, shape: MaskShape, row: usize, keys: &Range<usize>, out: &mut [bool]) {
+        let set_range = |out: &mut [bool], range: Range<usize>| {
+            out.fill(false);
+            out[range.start - keys.start..range.end - keys.start].fill(true);
+        };
+        let set_every = |out: &mut [bool], from: usize, to: usize, step: usize| {
+            let mut j = from;
+            while j < to {
+                out[j - keys.start] = true;
+                j += step;
+            }
+        };
+        let i = row as i64;
+        match self {
+            MaskExpr::Causal { bottom_right } => {
+                let end = i + shape.diagonal_offset(*bottom_right) + 1;
+                set_range(out, clip(0..end, keys));
+            }
+            MaskExpr::Window {
+                left,
+                right,
+                bottom_right,
+            } => {
+                let diagonal = i + shape.diagonal_offset(*bottom_right);
+                set_range(out, clip(window_range(diagonal, *left, *right), keys));
+            }
+            MaskExpr::PrefixLm { prefix } => {
+                set_range(out, clip(0..(*prefix).max(row + 1) as i64, keys));
+            }
+            MaskExpr::Sinks { count } => set_range(out, clip(0..*count as i64, keys)),
+            MaskExpr::Document { query_ids, key_ids } => {
+                let id = query_ids[row];
+                let key_ids = &key_ids.as_ref().unwrap_or(query_ids)[keys.clone()];
+                out.iter_mut().zip(key_ids).for_each(|(o, &k)| *o = k == id);
+            }
+            MaskExpr::GlobalTokens { positions } => {
+                let global_row = positions.binary_search(&row).is_ok();
+                out.fill(global_row);
+                if !global_row {
+                    for &p in &positions[positions_in(positions, keys)] {
+                        out[p - keys.start] = true;
+                    }
+                }
+            }
+            MaskExpr::Strided { stride } => {
+                out.fill(false);
+                let from = first_congruent(keys.start, i, *stride);
+                set_every(out, from, keys.end, *stride);
+            }
+            MaskExpr::Fixed { block, summary } => {
+                let own = row / block * block;
+                set_range(out, clip(own as i64..(own + block) as i64, keys));
+                if *summary > 0 {
+                    for offset in block - summary..*block {
+                        let from = first_congruent(keys.start, offset as i64, *block);
+                        set_every(out, from, keys.end, *block);
+                    }
+                }
+            }
+            MaskExpr::Dilated { window, dilation } => {
+                out.fill(false);
+                let within = clip(window_range(i, Some(*window), Some(*window)), keys);
+                let from = first_congruent(within.start, i, *dilation);
+                set_every(out, from, within.end, *dilation);
+            }
+            MaskExpr::RandomBlocks {
+                block,
+                per_row,
+                seed,
+            } => {
+                out.fill(false);
+                for pick in self.random_picks(shape, row / block, *block, *per_row, *seed) {
+                    let range = clip((pick * block) as i64..((pick + 1) * block) as i64, keys);
+                    out[range.start - keys.start..range.end - keys.start].fill(true);
+                }
+            }
+            MaskExpr::Dense { cols, data, .. } => {
+                out.copy_from_slice(&data[row * cols + keys.start..row * cols + keys.end]);
+            }
+            MaskExpr::And(..) | MaskExpr::Or(..) | MaskExpr::Not(..) => {
+                unreachable!("combinations are filled a tile at a time")
+            }
+        }
+    }
+
+    /// The `L x S` matrix of visible pairs, row-major.
+    pub fn to_dense(&self, shape: MaskShape) -> Result<Vec<bool>, AttnError> {
+        self.check(shape)?;
+        let (l, s) = (shape.num_queries, shape.num_keys);
+        let mut out = crate::memory::filled(&[l, s], false, "to_dense")?;
+        let mut spare = Vec::new();
+        // A band of rows at a time keeps the scratch rows small.
+        const BAND: usize = 64;
+        if s > 0 {
+            for (band, chunk) in out.chunks_mut(BAND * s).enumerate() {
+                let rows = band * BAND..(band * BAND + BAND).min(l);
+                self.fill(shape, &rows, &(0..s), chunk, &mut spare);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tiles of `block x block` pairs classified as empty, partial or full, and the exact count
+    /// of visible pairs (partial tiles are evaluated pair by pair to count them).
+    pub fn layout(&self, shape: MaskShape, block: usize) -> Result<MaskLayout, AttnError> {
+        self.check(shape)?;
+        if block == 0 {
+            return Err(AttnError::value("block", "must be >= 1, got 0"));
+        }
+        let (l, s) = (shape.num_queries, shape.num_keys);
+        let (row_tiles, key_tiles) = (l.div_ceil(block), s.div_ceil(block));
+        let mut states = Vec::with_capacity(row_tiles * key_tiles);
+        let (mut visible_pairs, mut spare, mut scratch) = (0u64, Vec::new(), Vec::new());
+        for row_tile in 0..row_tiles {
+            let rows = row_tile * block..(row_tile * block + block).min(l);
+            for key_tile in 0..key_tiles {
+                let keys = key_tile * block..(key_tile * block + block).min(s);
+                let class = self.classify(shape, &rows, &keys);
+                let area = (rows.len() * keys.len()) as u64;
+                let (state, count) = match class {
+                    TileClass::Empty => (0, 0),
+                    TileClass::Full => (2, area),
+                    TileClass::Partial(_) => {
+                        scratch.clear();
+                        scratch.resize(rows.len() * keys.len(), false);
+                        self.fill(shape, &rows, &keys, &mut scratch, &mut spare);
+                        let count = scratch.iter().filter(|&&v| v).count() as u64;
+                        // An unsure class is made exact here, where every pair is known.
+                        let state = match count {
+                            0 => 0,
+                            c if c == area => 2,
+                            _ => 1,
+                        };
+                        (state, count)
+                    }
+                };
+                states.push(state);
+                visible_pairs += count;
+            }
+        }
+        Ok(MaskLayout {
+            states,
+            row_tiles,
+            key_tiles,
+            visible_pairs,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(l: usize, s: usize) -> MaskShape {
+        MaskShape {
+            num_queries: l,
+            num_keys: s,
+        }
+    }
+
+    fn patterns() -> Vec<MaskExpr> {
+        let ids: Vec<i64> = (0..37).map(|i| i / 9).collect();
+        vec![
+            MaskExpr::Causal {
+                bottom_right: false,
+            },
+            MaskExpr::Causal { bottom_right: true },
+            MaskExpr::Window {
+                left: Some(3),
+                right: Some(1),
+                bottom_right: true,
+            },
+            MaskExpr::Window {
+                left: None,
+                right: Some(0),
+                bottom_right: false,
+            },
+            MaskExpr::PrefixLm { prefix: 5 },
+            MaskExpr::Document {
+                query_ids: ids.clone(),
+                key_ids: Some((0..41).map(|i| i / 10).collect()),
+            },
+            MaskExpr::GlobalTokens {
+                positions: vec![0, 7, 8, 30],
+            },
+            MaskExpr::Sinks { count: 4 },
+            MaskExpr::Strided { stride: 4 },
+            MaskExpr::Fixed {
+                block: 6,
+                summary: 2,
+            },
+            MaskExpr::Dilated {
+                window: 6,
+                dilation: 3,
+            },
+            MaskExpr::RandomBlocks {
+                block: 8,
+                per_row: 2,
+                seed: 11,
+            },
+            MaskExpr::And(
+                Box::new(MaskExpr::Causal {
+                    bottom_right: false,
+                }),
+                Box::new(MaskExpr::Or(
+                    Box::new(MaskExpr::Window {
+                        left: Some(4),
+                        right: Some(4),
+                        bottom_right: false,
+                    }),
+                    Box::new(MaskExpr::Not(Box::new(MaskExpr::Sinks { count: 20 }))),
+                )),
+            ),
+        ]
+    }
+
+    /// Every tile of every size and offset: empty and full tiles agree with the pairs, and a
+    /// partial tile's key range holds all its visible pairs.
+    #[test]
+    fn classify_agrees_with_visible_at_every_tile() {
+        let shape = shape(37, 41);
+        for expr in patterns() {
+            for (rows_len, keys_len) in [(1, 1), (3, 5), (8, 8), (7, 16)] {
+                for r0 in (0..37).step_by(2) {
+                    for k0 in (0..41).step_by(3) {
+                        let rows = r0..(r0 + rows_len).min(37);
+                        let keys = k0..(k0 + keys_len).min(41);
+                        let pairs: Vec<(usize, usize, bool)> = rows
+                            .clone()
+                            .flat_map(|i| keys.clone().map(move |j| (i, j)))
+                            .map(|(i, j)| (i, j, expr.visible(shape, i, j)))
+                            .collect();
+                        match expr.classify(shape, &rows, &keys) {
+                            TileClass::Empty => assert!(pairs.iter().all(|p| !p.2), "{expr:?}"),
+                            TileClass::Full => assert!(pairs.iter().all(|p| p.2), "{expr:?}"),
+                            TileClass::Partial(hull) => {
+                                assert!(hull.start >= keys.start && hull.end <= keys.end);
+                                for &(_, j, v) in &pairs {
+                                    assert!(!v || hull.contains(&j), "{expr:?} {rows:?} {keys:?}");
+                                }
+                            }
+                        }
+                        let mut out = vec![false; rows.len() * keys.len()];
+                        expr.fill(shape, &rows, &keys, &mut out, &mut Vec::new());
+                        let expected: Vec<bool> = pairs.iter().map(|p| p.2).collect();
+                        assert_eq!(out, expected, "{expr:?} {rows:?} {keys:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exact_patterns_are_never_unsure() {
+        // Causal, window, sinks: a partial tile always mixes visible and hidden pairs.
+        let shape = shape(40, 40);
+        let exact = [
+            MaskExpr::Causal {
+                bottom_right: false,
+            },
+            MaskExpr::Window {
+                left: Some(5),
+                right: Some(2),
+                bottom_right: false,
+            },
+            MaskExpr::Sinks { count: 9 },
+        ];
+        for expr in exact {
+            let layout = expr.layout(shape, 8).unwrap();
+            for (index, &state) in layout.states.iter().enumerate() {
+                let rows = index / layout.key_tiles * 8..(index / layout.key_tiles * 8 + 8);
+                let keys = index % layout.key_tiles * 8..(index % layout.key_tiles * 8 + 8);
+                let class = expr.classify(shape, &rows, &keys);
+                let expected = match class {
+                    TileClass::Empty => 0,
+                    TileClass::Partial(_) => 1,
+                    TileClass::Full => 2,
+                };
+                assert_eq!(state, expected, "{expr:?} {rows:?} {keys:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn random_blocks_draw_distinct_blocks_per_row_block() {
+        let expr = MaskExpr::RandomBlocks {
+            block: 4,
+            per_row: 3,
+            seed: 5,
+        };
+        let dense = expr.to_dense(shape(16, 32)).unwrap();
+        for row in 0..16 {
+            let seen = (0..8).filter(|&b| dense[row * 32 + b * 4]).count();
+            assert_eq!(seen, 3);
+        }
+        assert_eq!(distinct_draws(3, 10, 1), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn check_names_the_mismatch() {
+        let doc = MaskExpr::Document {
+            query_ids: vec![0, 0, 1],
+            key_ids: None,
+        };
+        assert!(doc.check(shape(3, 3)).is_ok());
+        let error = doc.check(shape(4, 4)).unwrap_err().to_string();
+        assert!(
+            error.contains("attn_mask") && error.contains("4 queries"),
+            "{error}"
+        );
+        let global = MaskExpr::GlobalTokens { positions: vec![9] };
+        assert!(global.check(shape(5, 5)).is_err());
+    }
+}
