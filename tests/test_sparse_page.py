@@ -81,9 +81,7 @@ def test_visible_runs_redraw_the_mask_exactly(rng):
 
 
 def test_document_ids_keep_their_proportions_at_every_length():
-    np.testing.assert_array_equal(
-        sparse.document_ids((3, 2, 3), 8), [0, 0, 0, 1, 1, 2, 2, 2]
-    )
+    np.testing.assert_array_equal(sparse.document_ids((3, 2, 3), 8), [0, 0, 0, 1, 1, 2, 2, 2])
     scaled = sparse.document_ids((3, 2, 3), 8_192)
     assert scaled.size == 8_192
     assert np.bincount(scaled).tolist() == [3_072, 2_048, 3_072]
@@ -101,9 +99,13 @@ def test_projections_follow_the_cost_pages_fit_and_never_build_a_huge_dense_mask
     sizes = [512, 1_024, 2_048, 4_096]
     rows = []
     for n in sizes:
-        rows.append({"n": n, "method": sparse.EXPRESSION, "seconds": 1e-6 * n, "status": "measured"})
+        rows.append(
+            {"n": n, "method": sparse.EXPRESSION, "seconds": 1e-6 * n, "status": "measured"}
+        )
         rows.append({"n": n, "method": sparse.DENSE, "seconds": 1e-9 * n**2, "status": "measured"})
-        rows.append({"n": n, "method": sparse.CAUSAL, "seconds": 5e-10 * n**2, "status": "measured"})
+        rows.append(
+            {"n": n, "method": sparse.CAUSAL, "seconds": 5e-10 * n**2, "status": "measured"}
+        )
     frame = pd.DataFrame(rows)
     table = sparse.projections(frame)
     assert list(table.index) == list(sparse.TIMED_METHODS)
@@ -160,7 +162,7 @@ def test_each_pattern_is_drawn_from_the_masks_module(kind):
     np.testing.assert_array_equal(dense_from_runs(runs, 128), expected)
     layout = mask.layout(128, 128, block=16)
     tiles = chart_titled(app, "Its tiles of 16×16")[0]
-    states = np.array(sparse.TILE_STATES)[sparse.tile_states(layout)]
+    states = np.array(sparse.TILE_STATES)[layout.states]
     assert tiles.sort_values(["query_block", "key_block"])["tile"].tolist() == list(states.ravel())
     assert app.metric[0].value == f"{layout.visible_fraction:.1%}"
     assert app.code[0].value == repr(mask)
@@ -260,9 +262,7 @@ def test_perplexities_are_the_models_own_and_sinks_help():
     model = rm.cached_model(rm.CAUSAL_MODEL)
     text = sparse.LONG_TEXT
     table = sparse.perplexities(model, text, sparse.cache_settings(32, 4))
-    for row, (window, sinks) in zip(
-        table.itertuples(), [(None, 0), (32, 0), (32, 4)], strict=True
-    ):
+    for row, (window, sinks) in zip(table.itertuples(), [(None, 0), (32, 0), (32, 4)], strict=True):
         direct = model.perplexity(text, window=window, sinks=sinks)
         assert row.perplexity == pytest.approx(direct.ppl, rel=1e-6)
         assert row.tokens == direct.tokens

@@ -60,7 +60,7 @@ class Pattern:
     """
 
     kind: str
-    window: int = 16
+    window: int = 15  # keys back from the query (15: the query and the 15 keys before it)
     global_positions: tuple[int, ...] = (0, 1)
     sinks: int = 4
     stride: int = 8
@@ -79,20 +79,23 @@ def expression(pattern: Pattern, length: int):
     from attnscope import masks as M  # noqa: N812  (the name DESIGN.md gives the module)
 
     kind = pattern.kind
+    # A window reaches `window` keys back; under causal nothing ahead is visible anyway.
+    ahead = 0 if pattern.causal else pattern.window
     if kind == WINDOW:
-        shape = M.window(pattern.window)
+        shape = M.window(pattern.window, ahead)
     elif kind == LONGFORMER:
-        shape = M.window(pattern.window) | M.global_tokens(list(pattern.global_positions))
+        shape = M.window(pattern.window, ahead) | M.global_tokens(list(pattern.global_positions))
     elif kind == STREAMING:
-        shape = M.sinks(pattern.sinks) | M.window(pattern.window)
+        shape = M.sinks(pattern.sinks) | M.window(pattern.window, ahead)
     elif kind == STRIDED:
-        shape = M.window(pattern.stride) | M.strided(pattern.stride)
+        # The Sparse Transformer's strided heads: the last `stride` keys and every stride-th.
+        shape = M.strided(pattern.stride) | M.window(pattern.stride - 1, 0)
     elif kind == BIGBIRD:
         block = pattern.block
         shape = (
-            M.window(block, right=block)
+            M.random_blocks(block, pattern.random_per_row, pattern.seed)
+            | M.window(block)
             | M.global_tokens(list(range(min(pattern.global_blocks * block, length))))
-            | M.random_blocks(block, pattern.random_per_row, pattern.seed)
         )
     elif kind == DOCUMENTS:
         shape = M.document(document_ids(pattern.document_lengths, length))
@@ -140,17 +143,14 @@ class MaskPicture:
     """What the page draws of a pattern at a small length: the mask and its tile map."""
 
     dense: np.ndarray  # (L, L) bool, True = the query sees the key
-    tiles: np.ndarray  # (L / block, L / block) int8: 0 empty, 1 partial, 2 full
+    tiles: np.ndarray  # (L / block, L / block): 0 empty, 1 partial, 2 full
+    tile_counts: dict[str, int]  # how many tiles are empty, partial and full
     block: int
     visible_fraction: float
     expression_text: str
 
-    def tile_counts(self) -> dict[str, int]:
-        """How many tiles are empty, partial and full."""
-        return {name: int((self.tiles == state).sum()) for state, name in enumerate(TILE_STATES)}
 
-
-TILE_STATES = ("empty", "partial", "full")
+TILE_STATES = ("empty", "partial", "full")  # in the order of the masks module's states
 
 
 def picture(pattern: Pattern, length: int, block: int) -> MaskPicture:
@@ -161,16 +161,12 @@ def picture(pattern: Pattern, length: int, block: int) -> MaskPicture:
     layout = mask.layout(length, length, block=block)
     return MaskPicture(
         dense=dense,
-        tiles=tile_states(layout),
+        tiles=np.asarray(layout.states),
+        tile_counts=layout.counts(),
         block=block,
         visible_fraction=float(layout.visible_fraction),
         expression_text=repr(mask),
     )
-
-
-def tile_states(layout) -> np.ndarray:
-    """The layout's tiles as 0 (empty), 1 (partial), 2 (full) in a (rows, cols) int8 array."""
-    return np.asarray(layout.tiles, dtype=np.int8)
 
 
 # --- Timing ---------------------------------------------------------------------------------

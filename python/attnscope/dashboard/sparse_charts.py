@@ -99,15 +99,21 @@ def perplexity_bars(table: pd.DataFrame, *, title: str) -> alt.Chart:
     """Perplexity per cache setting; the window alone, the one that evicts the start, in
     the highlight colour."""
     frame = table.assign(
-        kind=["evicts the first tokens" if s == 0 and w != "all" else "keeps the first tokens"
-              for w, s in zip(table["window"], table["sinks"], strict=True)]
+        kind=[
+            "evicts the first tokens" if s == 0 and w != "all" else "keeps the first tokens"
+            for w, s in zip(table["window"], table["sinks"], strict=True)
+        ]
     )
     return (
         alt.Chart(frame, title=title)
         .mark_bar()
         .encode(
-            x=alt.X("setting:N", sort=list(frame["setting"]), title=None,
-                    axis=alt.Axis(labelAngle=0, labelLimit=220)),
+            x=alt.X(
+                "setting:N",
+                sort=list(frame["setting"]),
+                title=None,
+                axis=alt.Axis(labelAngle=0, labelLimit=220),
+            ),
             y=alt.Y("perplexity:Q", title="perplexity (lower is better)"),
             color=alt.Color(
                 "kind:N",
@@ -117,8 +123,11 @@ def perplexity_bars(table: pd.DataFrame, *, title: str) -> alt.Chart:
                 ),
                 legend=alt.Legend(title=None, orient="top"),
             ),
-            tooltip=["setting:N", alt.Tooltip("perplexity:Q", format=".3f"),
-                     alt.Tooltip("nll:Q", format=".4f", title="nats per token")],
+            tooltip=[
+                "setting:N",
+                alt.Tooltip("perplexity:Q", format=".3f"),
+                alt.Tooltip("nll:Q", format=".4f", title="nats per token"),
+            ],
         )
         .properties(width="container", height=240, autosize=FIT_WIDTH)
     )

@@ -18,12 +18,16 @@ def pattern_controls(length: int) -> sparse.Pattern:
     knobs: dict = {"kind": kind}
     number = {"step": 1, "format": "%d"}
     if kind in (sparse.WINDOW, sparse.LONGFORMER, sparse.STREAMING):
-        knobs["window"] = row[0].number_input("Window (keys)", value=16, key="sparse_window", **number)
+        knobs["window"] = row[0].number_input(
+            "Window: keys back", value=15, key="sparse_window", **number
+        )
     if kind == sparse.LONGFORMER:
         positions = row[1].text_input("Global token positions", "0, 1", key="sparse_globals")
         knobs["global_positions"] = sparse.parse_lengths(positions, "global token positions")
     if kind == sparse.STREAMING:
-        knobs["sinks"] = row[1].number_input("Sinks (first tokens)", value=4, key="sparse_sinks", **number)
+        knobs["sinks"] = row[1].number_input(
+            "Sinks (first tokens)", value=4, key="sparse_sinks", **number
+        )
     if kind == sparse.STRIDED:
         knobs["stride"] = row[0].number_input("Stride", value=8, key="sparse_stride", **number)
     if kind == sparse.BIGBIRD:
@@ -43,12 +47,16 @@ def pattern_controls(length: int) -> sparse.Pattern:
         )
         knobs["document_lengths"] = sparse.parse_lengths(lengths, "document lengths")
     if kind == sparse.PREFIX_LM:
-        knobs["prefix"] = row[0].number_input("Prefix (tokens)", value=16, key="sparse_prefix", **number)
+        knobs["prefix"] = row[0].number_input(
+            "Prefix (tokens)", value=16, key="sparse_prefix", **number
+        )
     else:
         knobs["causal"] = row[3 if kind != sparse.BIGBIRD else 2].checkbox(
             "and causal", value=kind != sparse.BIGBIRD, key="sparse_causal"
         )
-    return sparse.Pattern(**{name: int(v) if isinstance(v, float) else v for name, v in knobs.items()})
+    return sparse.Pattern(
+        **{name: int(v) if isinstance(v, float) else v for name, v in knobs.items()}
+    )
 
 
 st.title("Sparse attention: reaching 200k")
@@ -92,7 +100,7 @@ else:
             sparse_charts.tile_map(shown.tiles, block, title=f"Its tiles of {block}×{block}"),
             key="sparse_tile_chart",
         )
-        counts = shown.tile_counts()
+        counts = shown.tile_counts
         metrics = st.columns(4)
         metrics[0].metric("Visible pairs", f"{shown.visible_fraction:.1%}")
         for column, name in zip(metrics[1:], sparse.TILE_STATES, strict=True):
@@ -156,7 +164,9 @@ else:
                 f"{cost.human_bytes(sparse.DENSE_MASK_BUDGET)} this page does not build it. "
                 "The expression costs a few bytes at any length."
             )
-            for _, item in frame[frame["status"] != "measured"].drop_duplicates("method").iterrows():
+            for _, item in (
+                frame[frame["status"] != "measured"].drop_duplicates("method").iterrows()
+            ):
                 st.caption(f"{item['method']}: from n = {item['n']:,}, {item['status']}.")
     elif pattern is not None:
         st.caption("Press *Time it* to measure this pattern on the machine serving the page.")
@@ -179,7 +189,9 @@ with st.expander("The text (written for this page)"):
     st.write(sparse.LONG_TEXT)
 with st.form("sparse_ppl_form"):
     row = st.columns(2)
-    window = row[0].select_slider("Window (keys)", [16, 32, 64, 128, 256], value=64, key="sparse_ppl_window")
+    window = row[0].select_slider(
+        "Window (keys)", [16, 32, 64, 128, 256], value=64, key="sparse_ppl_window"
+    )
     sinks = row[1].select_slider("Sinks", [1, 2, 4, 8], value=4, key="sparse_ppl_sinks")
     measure = st.form_submit_button("Measure perplexity", key="sparse_ppl_run", type="primary")
 if measure or st.session_state.get("sparse_ppl_done"):
