@@ -40,7 +40,7 @@ CAUSAL = "attnscope, full causal"
 TIMED_METHODS = (EXPRESSION, DENSE, CAUSAL)
 # A dense bool mask is L×S bytes; the page builds none larger than this (64 MiB is 8,192²).
 DENSE_MASK_BUDGET = 64 * 2**20
-SHORTEST_TIMED = 512
+SHORTEST_TIMED = 256
 # A Community Cloud app has about 1 GB and 2 cores: a sweep point predicted to take longer
 # than this is skipped, not run.
 TIME_LIMIT_SECONDS = 2.0
@@ -56,7 +56,7 @@ class Pattern:
     """A pattern picked on the page, with every knob it may use (others are ignored).
 
     Token counts (window, sinks, stride, block, prefix) stay the same at every length;
-    document lengths are given for the drawn length and scale with longer ones.
+    document lengths are given for `drawn_length` tokens and scale with longer sequences.
     """
 
     kind: str
@@ -69,6 +69,7 @@ class Pattern:
     global_blocks: int = 1
     seed: int = 0
     document_lengths: tuple[int, ...] = field(default=(24, 16, 24))
+    drawn_length: int = 64
     prefix: int = 16
     causal: bool = True
 
@@ -98,7 +99,7 @@ def expression(pattern: Pattern, length: int):
             | M.global_tokens(list(range(min(pattern.global_blocks * block, length))))
         )
     elif kind == DOCUMENTS:
-        shape = M.document(document_ids(pattern.document_lengths, length))
+        shape = M.document(document_ids(pattern.document_lengths, pattern.drawn_length, length))
     elif kind == PREFIX_LM:
         # Bidirectional over the prefix and causal after it: the rule already holds causality.
         return M.prefix_lm(pattern.prefix)
@@ -107,15 +108,14 @@ def expression(pattern: Pattern, length: int):
     return M.causal() & shape if pattern.causal else shape
 
 
-def document_ids(lengths: tuple[int, ...], length: int) -> np.ndarray:
+def document_ids(lengths: tuple[int, ...], drawn_length: int, length: int) -> np.ndarray:
     """One document id per position: document 0 for the first `lengths[0]` tokens, and so on.
-    Lengths given for another total are scaled to `length` (rounded; the last takes the rest),
-    so a pattern drawn at 64 tokens keeps its proportions at 8,192. Lengths whose sum is not
-    the drawn length reach the masks module as ids of the wrong length, for it to refuse."""
+    Lengths that add up to `drawn_length` are scaled to `length` (rounded), so a pattern drawn
+    at 64 tokens keeps its proportions at 8,192. Others are used as given: ids of the wrong
+    length, which the masks module refuses."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum()) if lengths.size else 0
-    if lengths.size and total > 0 and total != length and np.all(lengths > 0):
-        edges = np.round(np.cumsum(lengths) * (length / total)).astype(np.int64)
+    if lengths.size and np.all(lengths > 0) and lengths.sum() == drawn_length:
+        edges = np.round(np.cumsum(lengths) * (length / drawn_length)).astype(np.int64)
         lengths = np.diff(edges, prepend=0)
     return np.repeat(np.arange(lengths.size, dtype=np.int64), np.maximum(lengths, 0))
 

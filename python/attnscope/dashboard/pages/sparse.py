@@ -15,7 +15,7 @@ def pattern_controls(length: int) -> sparse.Pattern:
     module, which says what is wrong with a bad value."""
     kind = st.selectbox("Pattern", sparse.PATTERN_NAMES, key="sparse_pattern")
     row = st.columns(4)
-    knobs: dict = {"kind": kind}
+    knobs: dict = {"kind": kind, "drawn_length": length}
     number = {"step": 1, "format": "%d"}
     if kind in (sparse.WINDOW, sparse.LONGFORMER, sparse.STREAMING):
         knobs["window"] = row[0].number_input(
@@ -43,7 +43,8 @@ def pattern_controls(length: int) -> sparse.Pattern:
         lengths = row[0].text_input(
             f"Document lengths (add up to {length})",
             ", ".join(str(n) for n in sparse.document_split(length)),
-            key="sparse_documents",
+            # One field per length: lengths typed for 64 tokens mean nothing at 128.
+            key=f"sparse_documents_{length}",
         )
         knobs["document_lengths"] = sparse.parse_lengths(lengths, "document lengths")
     if kind == sparse.PREFIX_LM:
