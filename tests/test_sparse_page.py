@@ -262,15 +262,26 @@ def test_timing_shows_measured_rows_and_the_projection_table():
 
 
 @needs_smollm2
-def test_perplexities_are_the_models_own_and_sinks_help():
+def test_perplexity_section_shows_the_models_own_numbers(monkeypatch):
+    # The page's text cut short to keep the test quick: still six windows of 16 keys long.
+    short = " ".join(sparse.LONG_TEXT.split()[:80])
+    monkeypatch.setattr(sparse, "LONG_TEXT", short)
+    app = open_page()
+    app.select_slider(key="sparse_ppl_window").set_value(16)
+    app.select_slider(key="sparse_ppl_sinks").set_value(4)
+    app.button(key="sparse_ppl_run").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    table = next(d.value for d in app.dataframe if "perplexity" in d.value.columns)
+    assert table["setting"].tolist() == ["full attention", "window of 16", "4 sinks + window of 16"]
     model = rm.cached_model(rm.CAUSAL_MODEL)
-    # The page's text, cut short to keep the test quick; still six windows long.
-    text = " ".join(sparse.LONG_TEXT.split()[:80])
-    table = sparse.perplexities(model, text, sparse.cache_settings(16, 4))
-    for row, (window, sinks) in zip(table.itertuples(), [(None, 0), (16, 0), (16, 4)], strict=True):
-        direct = model.perplexity(text, window=window, sinks=sinks)
-        assert row.perplexity == pytest.approx(direct.ppl, rel=1e-6)
-        assert row.tokens == direct.tokens
+    # Two of the three settings read again here (each costs a few seconds on two cores).
+    for index, window, sinks in [(0, None, 0), (2, 16, 4)]:
+        direct = model.perplexity(short, window=window, sinks=sinks)
+        assert table["perplexity"][index] == pytest.approx(direct.ppl, rel=1e-6)
+        assert table["tokens"][index] == direct.tokens
     full, windowed, sunk = table["perplexity"]
     # Evicting the first tokens hurts; keeping a few beside the window wins most of it back.
     assert full < sunk < windowed
+    bars = chart_titled(app, "Perplexity of SmolLM2")[0]
+    np.testing.assert_allclose(bars["perplexity"], table["perplexity"])
+    assert any(sparse.streaming_summary(table) == text.value for text in app.markdown)
