@@ -34,9 +34,9 @@ DOCUMENTS = "Document packing"
 PREFIX_LM = "Prefix-LM"
 PATTERN_NAMES = (WINDOW, LONGFORMER, STREAMING, STRIDED, BIGBIRD, DOCUMENTS, PREFIX_LM)
 
-EXPRESSION = "attnscope, mask expression"
-DENSE = "attnscope, dense bool mask"
-CAUSAL = "attnscope, full causal"
+EXPRESSION = "mask expression"
+DENSE = "dense bool mask"
+CAUSAL = "full causal"
 TIMED_METHODS = (EXPRESSION, DENSE, CAUSAL)
 # A dense bool mask is L×S bytes; the page builds none larger than this (64 MiB is 8,192²).
 DENSE_MASK_BUDGET = 64 * 2**20
