@@ -223,7 +223,9 @@ def test_timed_calls_compute_what_the_reference_computes(rng):
     pattern = sparse.Pattern(sparse.LONGFORMER, window=32, global_positions=(0, 5))
     n = 512
     q, k, v = (rng.standard_normal((n, 64), dtype=np.float32) for _ in range(3))
-    calls = sparse.timed_calls(pattern, n, q, k, v)
+    calls = {
+        method: sparse.timed_call(method, pattern, n, q, k, v) for method in sparse.TIMED_METHODS
+    }
     dense = np.asarray(sparse.expression(pattern, n).to_dense(n, n))
     expected = reference.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     np.testing.assert_allclose(calls[sparse.EXPRESSION](), expected, atol=1e-5)
@@ -236,9 +238,13 @@ def test_timed_calls_compute_what_the_reference_computes(rng):
 def test_dense_masks_past_the_budget_are_never_built():
     n = 16_384
     q = k = v = np.zeros((n, 8), dtype=np.float32)
-    calls = sparse.timed_calls(sparse.Pattern(sparse.WINDOW), n, q, k, v)
-    assert calls[sparse.DENSE] == "not built: its 16,384×16,384 bool mask alone needs 256.0 MiB"
-    assert callable(calls[sparse.EXPRESSION])
+    pattern = sparse.Pattern(sparse.WINDOW)
+    assert sparse.timed_call(sparse.DENSE, pattern, n, q, k, v) == (
+        "not built: its 16,384×16,384 bool mask alone needs 256.0 MiB"
+    )
+    assert callable(sparse.timed_call(sparse.EXPRESSION, pattern, n, q, k, v))
+    seconds, status = sparse.time_method(pattern, n, sparse.DENSE, head_dim=8)
+    assert np.isnan(seconds) and status.startswith("not built")
 
 
 @needs_masks
@@ -253,6 +259,10 @@ def test_timing_shows_measured_rows_and_the_projection_table():
     assert set(measured["method"]) == set(sparse.TIMED_METHODS)
     assert sorted(set(measured["n"])) == [256, 512, 1_024]
     assert (measured["seconds"] > 0).all()
+    # A rerun with the same controls takes every point from the cache: the same chart.
+    app.run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    pd.testing.assert_frame_equal(chart_titled(app, "Time per call")[0], times)
     projections = next(d.value for d in app.dataframe if "n = 200,000" in d.value.columns)
     assert projections.loc[sparse.DENSE, "n = 200,000"] == "not built: mask of 37.3 GiB"
     assert projections.loc[sparse.EXPRESSION, "n = 200,000"].endswith(")")

@@ -177,21 +177,31 @@ def dense_mask_bytes(length: int) -> int:
     return length * length
 
 
-def timed_calls(pattern: Pattern, n: int, q, k, v) -> dict[str, Callable[[], object] | str]:
-    """Per method, the call to time at length `n`, or the reason it is not run."""
+def timed_call(method: str, pattern: Pattern, n: int, q, k, v) -> Callable[[], object] | str:
+    """The call that `method` times at length `n`, or the reason it is not run."""
     sdpa = attnscope.scaled_dot_product_attention
+    if method == CAUSAL:
+        return partial(sdpa, q, k, v, is_causal=True)
     mask = expression(pattern, n)
-    calls: dict[str, Callable[[], object] | str] = {
-        EXPRESSION: partial(sdpa, q, k, v, attn_mask=mask),
-    }
+    if method == EXPRESSION:
+        return partial(sdpa, q, k, v, attn_mask=mask)
     if dense_mask_bytes(n) > DENSE_MASK_BUDGET:
-        calls[DENSE] = f"not built: its {n:,}×{n:,} bool mask alone needs " + cost.human_bytes(
-            dense_mask_bytes(n)
-        )
-    else:
-        calls[DENSE] = partial(sdpa, q, k, v, attn_mask=np.asarray(mask.to_dense(n, n)))
-    calls[CAUSAL] = partial(sdpa, q, k, v, is_causal=True)
-    return calls
+        size = cost.human_bytes(dense_mask_bytes(n))
+        return f"not built: its {n:,}×{n:,} bool mask alone needs {size}"
+    return partial(sdpa, q, k, v, attn_mask=np.asarray(mask.to_dense(n, n)))
+
+
+def time_method(
+    pattern: Pattern, n: int, method: str, head_dim: int = 64, seed: int = 0
+) -> tuple[float, str]:
+    """``(seconds, "measured")``: the best of a few runs of `method` at length `n` on one head
+    of random float32 inputs (:func:`cost.time_call`); or ``(nan, why)`` when it is not run."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
+    call = timed_call(method, pattern, n, q, k, v)
+    if isinstance(call, str):
+        return math.nan, call
+    return cost.time_call(call), "measured"
 
 
 def sweep(
@@ -201,31 +211,29 @@ def sweep(
     *,
     time_limit: float = TIME_LIMIT_SECONDS,
     progress: Callable[[float, str], None] | None = None,
-    seed: int = 0,
+    measure: Callable[[Pattern, int, str, int], tuple[float, str]] = time_method,
 ) -> pd.DataFrame:
     """Time the engine on `pattern` (as an expression and as a dense bool mask) and on full
-    causal attention at every length, one head of `head_dim` in float32, each point the best
-    of a few runs (:func:`cost.time_call`). A method stops once its next point is predicted to
-    take over `time_limit` seconds; a dense mask over DENSE_MASK_BUDGET bytes is never built.
-    Columns as :func:`cost.sweep`: n, method, seconds, status."""
-    rng = np.random.default_rng(seed)
+    causal attention at every length with `measure` (:func:`time_method`, or a cached copy of
+    it). A method stops once its next point is predicted to take over `time_limit` seconds;
+    a dense mask over DENSE_MASK_BUDGET bytes is never built. Columns as :func:`cost.sweep`:
+    n, method, seconds, status."""
     rows = []
     last_time: dict[str, float] = {}
     steps, done = len(sizes) * len(TIMED_METHODS), 0
     for n in sizes:
-        q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
-        for method, call in timed_calls(pattern, n, q, k, v).items():
+        for method in TIMED_METHODS:
             done += 1
             if progress is not None:
                 progress(done / steps, f"{method} at n = {n:,}")
-            if not isinstance(call, str) and last_time.get(method, 0.0) * 4.5 > time_limit:
-                call = f"skipped: would take about {cost.human_seconds(last_time[method] * 4)}"
-            if isinstance(call, str):
-                rows.append({"n": n, "method": method, "seconds": np.nan, "status": call})
-                continue
-            seconds = cost.time_call(call)
-            last_time[method] = seconds
-            rows.append({"n": n, "method": method, "seconds": seconds, "status": "measured"})
+            if last_time.get(method, 0.0) * 4.5 > time_limit:
+                seconds = math.nan
+                status = f"skipped: would take about {cost.human_seconds(last_time[method] * 4)}"
+            else:
+                seconds, status = measure(pattern, n, method, head_dim)
+            if status == "measured":
+                last_time[method] = seconds
+            rows.append({"n": n, "method": method, "seconds": seconds, "status": status})
     return pd.DataFrame(rows, columns=["n", "method", "seconds", "status"])
 
 
@@ -339,18 +347,18 @@ def cache_settings(window: int, sinks: int) -> list[CacheSetting]:
 
 
 def perplexities(
-    model,
-    text: str,
+    read: Callable[[int | None, int], object],
     settings: list[CacheSetting],
     progress: Callable[[float, str], None] | None = None,
 ) -> pd.DataFrame:
-    """`model.perplexity` of `text` under each setting. Columns: setting, window, sinks,
+    """The text's perplexity under each setting, from ``read(window, sinks)`` (a model's
+    ``perplexity`` on the text, or a cached copy of it). Columns: setting, window, sinks,
     nll (nats per token), perplexity, tokens."""
     rows = []
     for done, setting in enumerate(settings):
         if progress is not None:
             progress(done / len(settings), f"Reading the text with {setting.name}")
-        result = model.perplexity(text, window=setting.window, sinks=setting.sinks)
+        result = read(setting.window, setting.sinks)
         rows.append(
             {
                 "setting": setting.name,
@@ -361,8 +369,6 @@ def perplexities(
                 "tokens": result.tokens,
             }
         )
-    if progress is not None:
-        progress(1.0, "Done")
     return pd.DataFrame(rows)
 
 
@@ -391,16 +397,16 @@ def cached_picture(pattern: Pattern, length: int, block: int) -> MaskPicture:
     return picture(pattern, length, block)
 
 
-@st.cache_data(show_spinner=False, max_entries=16)
-def cached_sweep(pattern: Pattern, longest: int, threads: int, _progress=None) -> pd.DataFrame:
+# Cached a point at a time, so the page's progress bar lives outside every cached function.
+@st.cache_data(show_spinner=False, max_entries=512)
+def cached_time_method(
+    pattern: Pattern, n: int, method: str, head_dim: int, threads: int
+) -> tuple[float, str]:
     # The thread count holds for this call only, never for other visitors'.
     with attnscope.threads(threads):
-        return sweep(pattern, cost.lengths(SHORTEST_TIMED, longest), progress=_progress)
+        return time_method(pattern, n, method, head_dim)
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def cached_perplexities(
-    model_name: str, text: str, window: int, sinks: int, _progress=None
-) -> pd.DataFrame:
-    model = rm.cached_model(model_name)
-    return perplexities(model, text, cache_settings(window, sinks), _progress)
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_perplexity(model_name: str, text: str, window: int | None, sinks: int):
+    return rm.cached_model(model_name).perplexity(text, window=window, sinks=sinks)

@@ -127,11 +127,11 @@ else:
         st.session_state["sparse_timed"] = True
         bar = st.progress(0.0, text="Timing…")
         try:
-            frame = sparse.cached_sweep(
+            frame = sparse.sweep(
                 pattern,
-                longest,
-                threads,
-                _progress=lambda done, label: bar.progress(done, text=f"Timing {label}"),
+                cost.lengths(sparse.SHORTEST_TIMED, longest),
+                progress=lambda done, label: bar.progress(done, text=f"Timing {label}"),
+                measure=lambda *point: sparse.cached_time_method(*point, threads),
             )
         except (ValueError, TypeError) as problem:
             frame = None
@@ -171,6 +171,8 @@ else:
                 st.caption(f"{item['method']}: from n = {item['n']:,}, {item['status']}.")
     elif pattern is not None:
         st.caption("Press *Time it* to measure this pattern on the machine serving the page.")
+    else:
+        st.caption("Fix the pattern above to time it.")
 
 st.subheader("3. A real model through a window: attention sinks")
 st.markdown(
@@ -199,12 +201,12 @@ if measure or st.session_state.get("sparse_ppl_done"):
     st.session_state["sparse_ppl_done"] = True
     bar = st.progress(0.0, text="Loading SmolLM2…")
     try:
-        table = sparse.cached_perplexities(
-            rm.CAUSAL_MODEL,
-            sparse.LONG_TEXT,
-            window,
-            sinks,
-            _progress=lambda done, label: bar.progress(done, text=label),
+        table = sparse.perplexities(
+            lambda window, sinks: sparse.cached_perplexity(
+                rm.CAUSAL_MODEL, sparse.LONG_TEXT, window, sinks
+            ),
+            sparse.cache_settings(window, sinks),
+            progress=lambda done, label: bar.progress(done, text=label),
         )
     except (ImportError, ValueError, OSError) as problem:
         table = None
