@@ -379,4 +379,7 @@ def test_sparse_page(server, page):
         page.wait_for_selector(IDLE, state="attached", timeout=900_000)
         _settle(page, min_charts=4)
         _check(page, "sparse-perplexity", min_charts=4)
+        # The page scrolls inside its own container: a second picture of the part below.
+        page.locator(CHART).last.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "sparse-perplexity-chart.png"))
         assert page.get_by_text("The window alone raised perplexity").count() == 1

@@ -14,7 +14,7 @@ def pattern_controls(length: int) -> sparse.Pattern:
     """The pattern picker and the knobs of the chosen pattern. Bounds are left to the masks
     module, which says what is wrong with a bad value."""
     kind = st.selectbox("Pattern", sparse.PATTERN_NAMES, key="sparse_pattern")
-    row = st.columns(4)
+    row = st.columns(5)
     knobs: dict = {"kind": kind, "drawn_length": length}
     number = {"step": 1, "format": "%d"}
     if kind in (sparse.WINDOW, sparse.LONGFORMER, sparse.STREAMING):
@@ -52,7 +52,7 @@ def pattern_controls(length: int) -> sparse.Pattern:
             "Prefix (tokens)", value=16, key="sparse_prefix", **number
         )
     else:
-        knobs["causal"] = row[3 if kind != sparse.BIGBIRD else 2].checkbox(
+        knobs["causal"] = row[4].checkbox(
             "and causal", value=kind != sparse.BIGBIRD, key="sparse_causal"
         )
     return sparse.Pattern(
