@@ -129,6 +129,22 @@ def test_projections_follow_the_cost_pages_fit_and_never_build_a_huge_dense_mask
     np.testing.assert_allclose(ratios["× faster than the dense mask"], [0.5, 1.0, 2.0, 4.1])
 
 
+def test_sweep_stops_slow_methods_and_never_asks_for_a_huge_dense_mask():
+    asked = []
+
+    def measure(pattern, n, method, head_dim):
+        asked.append((n, method))
+        return (1.0 if method == sparse.CAUSAL else 0.01), "measured"
+
+    frame = sparse.sweep(sparse.Pattern(sparse.WINDOW), [4_096, 8_192, 16_384], measure=measure)
+    status = frame.set_index(["n", "method"])["status"]
+    # Full causal took 1 s at 4,096: its next point would pass the 2 s limit.
+    assert status[(8_192, sparse.CAUSAL)] == "skipped: would take about 4.0 s"
+    assert status[(16_384, sparse.DENSE)].startswith("not built: its 16,384×16,384 bool mask")
+    assert (16_384, sparse.DENSE) not in asked and (8_192, sparse.CAUSAL) not in asked
+    assert status[(16_384, sparse.EXPRESSION)] == "measured"
+
+
 def test_streaming_summary_reports_the_measured_numbers():
     table = pd.DataFrame({"perplexity": [10.0, 30.0, 12.0]})
     assert sparse.streaming_summary(table) == (

@@ -177,6 +177,14 @@ def dense_mask_bytes(length: int) -> int:
     return length * length
 
 
+def dense_refusal(n: int) -> str | None:
+    """Why the dense path does not run at length `n` (its mask would not fit), or None."""
+    if dense_mask_bytes(n) <= DENSE_MASK_BUDGET:
+        return None
+    size = cost.human_bytes(dense_mask_bytes(n))
+    return f"not built: its {n:,}×{n:,} bool mask alone needs {size}"
+
+
 def timed_call(method: str, pattern: Pattern, n: int, q, k, v) -> Callable[[], object] | str:
     """The call that `method` times at length `n`, or the reason it is not run."""
     sdpa = attnscope.scaled_dot_product_attention
@@ -185,10 +193,7 @@ def timed_call(method: str, pattern: Pattern, n: int, q, k, v) -> Callable[[], o
     mask = expression(pattern, n)
     if method == EXPRESSION:
         return partial(sdpa, q, k, v, attn_mask=mask)
-    if dense_mask_bytes(n) > DENSE_MASK_BUDGET:
-        size = cost.human_bytes(dense_mask_bytes(n))
-        return f"not built: its {n:,}×{n:,} bool mask alone needs {size}"
-    return partial(sdpa, q, k, v, attn_mask=np.asarray(mask.to_dense(n, n)))
+    return dense_refusal(n) or partial(sdpa, q, k, v, attn_mask=np.asarray(mask.to_dense(n, n)))
 
 
 def time_method(
@@ -226,7 +231,10 @@ def sweep(
             done += 1
             if progress is not None:
                 progress(done / steps, f"{method} at n = {n:,}")
-            if last_time.get(method, 0.0) * 4.5 > time_limit:
+            refused = dense_refusal(n) if method == DENSE else None
+            if refused is not None:
+                seconds, status = math.nan, refused
+            elif last_time.get(method, 0.0) * 4.5 > time_limit:
                 seconds = math.nan
                 status = f"skipped: would take about {cost.human_seconds(last_time[method] * 4)}"
             else:
