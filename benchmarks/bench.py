@@ -28,6 +28,7 @@ import numpy as np
 import peak_memory
 import peers
 import report
+from attnscope import reference
 from report import Row
 from timing import Plan, Timing, interleave
 
@@ -45,6 +46,13 @@ TINY_TARGET = 2.0  # x torch, per call
 SCALING_TARGET = 1.8  # speed-up from 1 to 2 threads
 PEAK_MEMORY_TARGET_MIB = 64.0  # beyond inputs and output
 MHA_TARGET = 1.0  # x nn.MultiheadAttention
+# Sparse masks: (x torch with the equivalent dense bool mask) per pattern, and times relative
+# to attnscope's own dense-free equivalents (at most).
+SPARSE_TORCH_TARGETS = {"longformer": 25.0, "documents": 12.0, "bigbird": 10.0}
+LONGFORMER_WINDOW_TARGET = 1.3  # x plain window=512
+SINKS_WINDOW_TARGET = 1.2  # x window alone
+DOCUMENTS_SEPARATE_TARGET = 1.3  # x the documents as separate calls
+SCORE_MOD_TARGET = 1.15  # softcap / ALiBi time over the same call without them
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,10 @@ class Preset:
     sgemm_size: int
     bandwidth_bytes: int
     plan: Plan
+    sparse_length: int = 32768
+    sparse_torch_length: int = 8192
+    sparse_peak_length: int = 65536
+    score_mods: tuple[int, int, int] = (8, 4096, 64)
 
 
 PRESETS = {
@@ -110,6 +122,10 @@ PRESETS = {
         sgemm_size=2048,
         bandwidth_bytes=2**28,
         plan=Plan(budget_s=1.0, min_repeats=3, max_repeats=20, min_sample_s=0.02),
+        sparse_length=4096,
+        sparse_torch_length=2048,
+        sparse_peak_length=8192,
+        score_mods=(8, 1024, 64),
     ),
     # Tiny sizes for the test suite: checks that every row runs and is correct; the times mean
     # nothing.
@@ -127,11 +143,15 @@ PRESETS = {
         sgemm_size=256,
         bandwidth_bytes=2**24,
         plan=Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0, settle_s=0.0),
+        sparse_length=2048,
+        sparse_torch_length=256,
+        sparse_peak_length=512,
+        score_mods=(2, 96, 16),
     ),
 }
 
 # Row groups, in the order they run; --rows picks a subset.
-GROUPS = ("dense", "window", "decode", "tiny", "scaling", "memory", "mha")
+GROUPS = ("dense", "window", "decode", "tiny", "scaling", "memory", "mha", "sparse")
 
 
 def _verdict(row: Row, unmeasured: str) -> str:
@@ -541,6 +561,226 @@ class Benchmark:
             row.notes.append(f"attnscope vs torch output: max rel. difference {gap:.1e}")
         row.verdict = _verdict(row, "no torch")
         return [row]
+
+    # ---- sparse masks and score modifiers ----
+
+    def sparse_rows(self) -> list[Row]:
+        """Mask expressions against attnscope's own equivalents, against torch with the same
+        pattern as a dense bool mask, the score modifiers' cost, and an expression's memory."""
+        return [
+            *self._sparse_self_rows(),
+            *(self._sparse_torch_row(name) for name in SPARSE_TORCH_TARGETS),
+            *self._score_mod_rows(),
+            self._sparse_peak_row(),
+        ]
+
+    def _relative_row(self, row, contenders, mine, theirs, target, inputs, mask) -> Row:
+        """Times `mine` against `theirs` (both attnscope) in the same rounds; met if the
+        ratio of times is at most `target`."""
+        timings = self._time(contenders)
+        self._record_times(row, timings)
+        ratio = timings[mine].median_s / timings[theirs].median_s
+        row.notes.append(f"{theirs}: {report.format_seconds(timings[theirs].median_s)}")
+        row.metrics["time_ratio"] = ratio
+        row.result = f"{ratio:.2f}× {theirs}"
+        row.met = ratio <= target
+        query, key, value = inputs
+        out = ats.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        row.max_rel_error = peers.max_relative_error_masked(out, query, key, value, mask)
+        length = query.shape[-2]
+        pairs = mask.layout(length, length, block=256).visible_pairs
+        row.gflops = 4 * query.shape[1] * query.shape[-1] * pairs / timings[mine].median_s / 1e9
+        row.verdict = _verdict(row, "")
+        return row
+
+    def _sparse_self_rows(self) -> list[Row]:
+        length, heads, head_dim = self.preset.sparse_length, 8, 64
+        shape = f"B1 H{heads} L=S={length} D{head_dim}"
+        inputs = self.inputs((1, heads, length, head_dim))
+        query, key, value = inputs
+        sdpa = ats.scaled_dot_product_attention
+        rows = []
+
+        longformer = peers.MASK_PATTERNS["longformer"](length)
+        label = f"{shape} Longformer: causal window 512 + 16 global tokens"
+        self.log(label)
+        row = Row(
+            id="sparse_longformer", label=label, target=f"≤ {LONGFORMER_WINDOW_TARGET}× window"
+        )
+        contenders = {
+            "attnscope": lambda: sdpa(query, key, value, attn_mask=longformer),
+            "window=512": lambda: sdpa(query, key, value, is_causal=True, window=512),
+        }
+        rows.append(
+            self._relative_row(
+                row,
+                contenders,
+                "attnscope",
+                "window=512",
+                LONGFORMER_WINDOW_TARGET,
+                inputs,
+                longformer,
+            )
+        )
+
+        sinks = peers.MASK_PATTERNS["sinks_window"](length)
+        label = f"{shape} causal sinks(4) | window(1024)"
+        self.log(label)
+        row = Row(id="sparse_sinks_window", label=label, target=f"≤ {SINKS_WINDOW_TARGET}× window")
+        contenders = {
+            "attnscope": lambda: sdpa(query, key, value, attn_mask=sinks),
+            "window=1024": lambda: sdpa(query, key, value, is_causal=True, window=1024),
+        }
+        rows.append(
+            self._relative_row(
+                row, contenders, "attnscope", "window=1024", SINKS_WINDOW_TARGET, inputs, sinks
+            )
+        )
+
+        documents = peers.MASK_PATTERNS["documents"](length)
+        count = -(-length // 2048)
+        label = f"{shape} {count} packed documents of 2048, causal"
+        self.log(label)
+        row = Row(
+            id="sparse_documents",
+            label=label,
+            target=f"≤ {DOCUMENTS_SEPARATE_TARGET}× separate calls",
+        )
+        parts = [slice(start, start + 2048) for start in range(0, length, 2048)]
+
+        def separate():
+            return [
+                sdpa(query[:, :, p], key[:, :, p], value[:, :, p], is_causal=True) for p in parts
+            ]
+
+        contenders = {
+            "attnscope": lambda: sdpa(query, key, value, attn_mask=documents),
+            "separate calls": separate,
+        }
+        rows.append(
+            self._relative_row(
+                row,
+                contenders,
+                "attnscope",
+                "separate calls",
+                DOCUMENTS_SEPARATE_TARGET,
+                inputs,
+                documents,
+            )
+        )
+        return rows
+
+    def _sparse_torch_row(self, name: str) -> Row:
+        """A pattern as an expression against torch SDPA given its dense bool mask."""
+        length, heads, head_dim = self.preset.sparse_torch_length, 8, 64
+        target = SPARSE_TORCH_TARGETS[name]
+        label = f"B1 H{heads} L=S={length} D{head_dim} {name} vs torch (dense bool mask)"
+        self.log(label)
+        row = Row(id=f"sparse_{name}_torch", label=label, target=f"≥ {target:.0f}× torch")
+        inputs = self.inputs((1, heads, length, head_dim))
+        query, key, value = inputs
+        mask = peers.MASK_PATTERNS[name](length)
+        contenders = {
+            "attnscope": lambda: ats.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        }
+        if self.torch is None:
+            row.cells["torch"] = "n/a (no torch)"
+        else:
+            call, backend = peers.torch_sdpa_call(
+                self.torch, query, key, value, attn_mask=mask.to_dense(length, length)
+            )
+            contenders["torch"] = call
+            row.notes.append(f"torch backend: {backend} (bool mask, {length}² bytes)")
+        row.cells["numpy"] = "—"
+        timings = self._time(contenders)
+        self._record_times(row, timings)
+        self._torch_ratio(row, timings, target)
+        pairs = mask.layout(length, length, block=256).visible_pairs
+        row.gflops = 4 * heads * head_dim * pairs / timings["attnscope"].median_s / 1e9
+        row.notes.append(f"visible fraction {pairs / length**2:.4f}")
+        out = contenders["attnscope"]()
+        row.max_rel_error = peers.max_relative_error_masked(out, query, key, value, mask)
+        row.verdict = _verdict(row, "no torch")
+        return row
+
+    def _score_mod_rows(self) -> list[Row]:
+        """Softcap and ALiBi against the same causal call without them, in the same rounds."""
+        heads, length, head_dim = self.preset.score_mods
+        inputs = self.inputs((1, heads, length, head_dim))
+        query, key, value = inputs
+        slopes = 2.0 ** (-8.0 * np.arange(1, heads + 1) / heads)
+        sdpa = ats.scaled_dot_product_attention
+        mods = {"softcap": {"softcap": 30.0}, "alibi": {"alibi_slopes": slopes}}
+        contenders = {"plain": lambda: sdpa(query, key, value, is_causal=True)}
+        for name, extra in mods.items():
+            contenders[name] = lambda extra=extra: sdpa(query, key, value, is_causal=True, **extra)
+        label = f"B1 H{heads} L=S={length} D{head_dim} causal"
+        self.log(f"{label}: softcap and ALiBi")
+        timings = self._time(contenders)
+        rows = []
+        for name, extra in mods.items():
+            row = Row(
+                id=f"score_mod_{name}",
+                label=f"{label} with {name}",
+                target=f"≤ {SCORE_MOD_TARGET:.2f}× without",
+            )
+            ratio = timings[name].median_s / timings["plain"].median_s
+            row.cells = {"attnscope": timings[name].median_s}
+            pairs = peers.visible_pairs(length, length, is_causal=True)
+            row.gflops = 4 * heads * head_dim * pairs / timings[name].median_s / 1e9
+            row.notes.append(f"without: {report.format_seconds(timings['plain'].median_s)}")
+            row.metrics["time_ratio"] = ratio
+            row.result = f"{ratio:.3f}× the time"
+            row.met = ratio <= SCORE_MOD_TARGET
+            out = contenders[name]()
+            row.max_rel_error = _score_mod_error(out, query, key, value, extra)
+            row.verdict = _verdict(row, "")
+            rows.append(row)
+        return rows
+
+    def _sparse_peak_row(self) -> Row:
+        """Peak memory of a Longformer expression, in a fresh process."""
+        length, heads, head_dim = self.preset.sparse_peak_length, 8, 64
+        label = f"peak memory, B1 H{heads} L=S={length} D{head_dim} Longformer expression"
+        self.log(label)
+        row = Row(
+            id="sparse_peak_memory",
+            label=label,
+            target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
+        )
+        measured = peak_memory.run_in_child(length, heads, head_dim, self.threads, "longformer")
+        row.cells = {"attnscope": measured["seconds"]}
+        pairs = peers.MASK_PATTERNS["longformer"](length).layout(length, length, block=256)
+        row.gflops = 4 * heads * head_dim * pairs.visible_pairs / measured["seconds"] / 1e9
+        row.metrics["extra_mib"] = measured["extra_mib"]
+        row.result = f"{measured['extra_mib']:.1f} MiB"
+        row.met = measured["extra_mib"] <= PEAK_MEMORY_TARGET_MIB
+        row.max_rel_error = measured["max_rel_error"]
+        row.notes.append(
+            f"fresh process, one call; inputs {measured['inputs_mib']:.0f} MiB, output "
+            f"{measured['output_mib']:.0f} MiB"
+        )
+        row.verdict = _verdict(row, "")
+        return row
+
+
+def _score_mod_error(out, query, key, value, extra) -> float:
+    """Max error of a causal call with score modifiers on sampled query rows, relative to the
+    largest reference output (rows keep their positions: the keys are sliced to match)."""
+    length = query.shape[-2]
+    errors, scale = [], 0.0
+    for row in peers._spread(length, 16):
+        expected = reference.scaled_dot_product_attention(
+            query[:, :, row : row + 1],
+            key[:, :, : row + 1],
+            value[:, :, : row + 1],
+            is_causal=True,
+            causal_alignment="bottom_right",
+            **extra,
+        )
+        errors.append(np.max(np.abs(out[:, :, row : row + 1] - expected)))
+        scale = max(scale, float(np.max(np.abs(expected))))
+    return float(max(errors) / max(scale, 1e-300))
 
 
 def _numpy_thread_limit(threads: int):

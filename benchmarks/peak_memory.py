@@ -51,14 +51,18 @@ def _peak_kib() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def measure(length: int, heads: int, head_dim: int, threads: int) -> dict:
-    """Run causal attention on ``(1, heads, length, head_dim)`` float32 inputs once.
+def measure(length: int, heads: int, head_dim: int, threads: int, mask: str = "") -> dict:
+    """Run causal attention on ``(1, heads, length, head_dim)`` float32 inputs once, under
+    the mask expression named `mask` (see ``peers.MASK_PATTERNS``) when one is given.
 
     Returns the MiB used beyond inputs and output, the seconds the call took, and the
     sampled float64 error.
     """
     import attnscope as ats
-    from peers import max_relative_error
+    from peers import MASK_PATTERNS, max_relative_error, max_relative_error_masked
+
+    expression = MASK_PATTERNS[mask](length) if mask else None
+    options = {"attn_mask": expression} if mask else {"is_causal": True}
 
     ats.set_num_threads(threads)
     rng = np.random.default_rng(0)
@@ -77,9 +81,13 @@ def measure(length: int, heads: int, head_dim: int, threads: int) -> dict:
         # so the two are close.
         rss_before = _peak_kib()
     start = time.perf_counter()
-    out = ats.scaled_dot_product_attention(query, key, value, is_causal=True)
+    out = ats.scaled_dot_product_attention(query, key, value, **options)
     seconds = time.perf_counter() - start
     peak = _peak_kib()
+    if mask:
+        error = max_relative_error_masked(out, query, key, value, expression)
+    else:
+        error = max_relative_error(out, query, key, value, is_causal=True)
 
     extra_bytes = (peak - rss_before) * 1024 - out.nbytes
     return {
@@ -88,14 +96,15 @@ def measure(length: int, heads: int, head_dim: int, threads: int) -> dict:
         "output_mib": out.nbytes / 2**20,
         "seconds": seconds,
         "peak_counter_reset": resettable,
-        "max_rel_error": max_relative_error(out, query, key, value, is_causal=True),
+        "max_rel_error": error,
     }
 
 
-def run_in_child(length: int, heads: int, head_dim: int, threads: int) -> dict:
+def run_in_child(length: int, heads: int, head_dim: int, threads: int, mask: str = "") -> dict:
     """:func:`measure` in a fresh Python process, so earlier allocations cannot hide a peak."""
+    numbers = [str(length), str(heads), str(head_dim), str(threads)]
     done = subprocess.run(
-        [sys.executable, __file__, str(length), str(heads), str(head_dim), str(threads)],
+        [sys.executable, __file__, *numbers, *(["--mask", mask] if mask else [])],
         capture_output=True,
         text=True,
         check=False,
@@ -110,8 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("length", "heads", "head_dim", "threads"):
         parser.add_argument(name, type=int)
+    parser.add_argument("--mask", default="", help="a mask expression of peers.MASK_PATTERNS")
     args = parser.parse_args()
-    print(json.dumps(measure(args.length, args.heads, args.head_dim, args.threads)))
+    print(json.dumps(measure(args.length, args.heads, args.head_dim, args.threads, args.mask)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from attnscope import reference
+from attnscope import masks, reference
 from attnscope.dashboard.naive import naive_attention
 
 __all__ = [
@@ -200,6 +200,45 @@ def max_relative_error(
     )
     expected = reference.scaled_dot_product_attention(
         query[:, heads][:, :, rows], key[:, kv_heads], value[:, kv_heads], attn_mask=visible
+    )
+    got = np.asarray(out)[:, heads][:, :, rows]
+    return float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def _longformer(length: int):
+    return masks.causal() & (masks.window(511, 0) | masks.global_tokens(range(16)))
+
+
+def _packed_documents(length: int):
+    return masks.document(np.arange(length) // 2048) & masks.causal()
+
+
+def _bigbird(length: int):
+    """Block 64: 3 random blocks, a window of 3 blocks (the query's and one each side),
+    2 global blocks (the first 128 tokens)."""
+    return (
+        masks.random_blocks(64, 3, seed=0) | masks.window(64 + 63) | masks.global_tokens(range(128))
+    )
+
+
+#: Mask expressions of the sparse rows, by name, as functions of L = S.
+MASK_PATTERNS = {
+    "longformer": _longformer,
+    "sinks_window": lambda length: masks.causal() & (masks.sinks(4) | masks.window(1023, 0)),
+    "documents": _packed_documents,
+    "bigbird": _bigbird,
+}
+
+
+def max_relative_error_masked(out, query, key, value, mask, max_rows=64, max_heads=4, **rules):
+    """:func:`max_relative_error` under a mask expression, on sampled heads and query rows
+    (only those rows of its dense matrix are built)."""
+    num_queries, num_keys = query.shape[-2], key.shape[-2]
+    heads = _spread(query.shape[1], max_heads)
+    rows = _spread(num_queries, max_rows)
+    visible = mask.dense_rows(num_queries, num_keys, rows)
+    expected = reference.scaled_dot_product_attention(
+        query[:, heads][:, :, rows], key[:, heads], value[:, heads], attn_mask=visible, **rules
     )
     got = np.asarray(out)[:, heads][:, :, rows]
     return float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-300))

@@ -10,7 +10,7 @@ use crate::error::{shape_str, AttnError};
 use crate::masks::MaskExpr;
 use crate::memory::standard_layout;
 use crate::schedule::attend_checked;
-use crate::shapes::{check_call, Geometry};
+use crate::shapes::{check_call, check_score_mods, Geometry};
 use crate::simd::KernelElement;
 use crate::simd::{active_level, SimdLevel};
 
@@ -26,6 +26,21 @@ pub struct AttentionOptions {
     pub return_weights: bool,
     /// Worker threads for this call; `None` uses the engine-wide count.
     pub num_threads: Option<usize>,
+}
+
+/// What happens to each score `s = scale·q·k` before the mask: softcapping `c·tanh(s/c)`,
+/// then ALiBi's `slope[h]·(j - c(i))` on the call's diagonal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScoreMods<'a> {
+    pub softcap: Option<f64>,
+    /// One slope per query head.
+    pub alibi_slopes: Option<&'a [f64]>,
+}
+
+impl ScoreMods<'_> {
+    fn any(&self) -> bool {
+        self.softcap.is_some() || self.alibi_slopes.is_some()
+    }
 }
 
 /// An attention mask broadcastable to `(..., Hq, L, S)`.
@@ -78,6 +93,18 @@ pub fn scaled_dot_product_attention<T: KernelElement>(
     attention_at_level(active_level(), query, key, value, mask, options)
 }
 
+/// [`scaled_dot_product_attention`] with softcapping and/or ALiBi ([`ScoreMods`]).
+pub fn scaled_dot_product_attention_with_mods<T: KernelElement>(
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
+) -> Result<Attention<T>, AttnError> {
+    attention_with_mods(active_level(), query, key, value, mask, options, mods)
+}
+
 /// [`scaled_dot_product_attention`] at a given instruction set (tests cover each one).
 pub(crate) fn attention_at_level<T: KernelElement>(
     level: SimdLevel,
@@ -87,6 +114,26 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
+    attention_with_mods(
+        level,
+        query,
+        key,
+        value,
+        mask,
+        options,
+        &ScoreMods::default(),
+    )
+}
+
+fn attention_with_mods<T: KernelElement>(
+    level: SimdLevel,
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
+) -> Result<Attention<T>, AttnError> {
     let geometry = Geometry::check(
         query.shape(),
         key.shape(),
@@ -94,6 +141,7 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         options.enable_gqa,
     )?;
     check_call(&geometry, &mask, options)?;
+    check_score_mods(&geometry, mods)?;
     if let Some(empty) = nothing_to_compute(&geometry, options)? {
         return Ok(empty);
     }
@@ -109,10 +157,11 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         depth: geometry.depth,
         value_dim: geometry.value_dim,
     };
-    if decodes_by_group(&geometry, &mask, options) {
+    // Regrouped heads would share one head's slope, so ALiBi keeps the plain path.
+    if decodes_by_group(&geometry, &mask, options) && !mods.any() {
         return attend_query_groups(level, &geometry, query, &kv, &mask, options);
     }
-    attend_checked(level, &geometry, query, &kv, &mask, options)
+    attend_checked(level, &geometry, query, &kv, &mask, options, mods)
 }
 
 /// The result at once when the output and weights hold no element: the work must follow the
@@ -224,7 +273,15 @@ pub fn attention_over_strided_kv<T: KernelElement>(
     if decodes_by_group(&geometry, &mask, options) {
         return attend_query_groups(level, &geometry, query, kv, &mask, options);
     }
-    attend_checked(level, &geometry, query, kv, &mask, options)
+    attend_checked(
+        level,
+        &geometry,
+        query,
+        kv,
+        &mask,
+        options,
+        &ScoreMods::default(),
+    )
 }
 
 /// One query row per head, `group` query heads per kv head: the group's heads become the rows
@@ -298,6 +355,7 @@ fn attend_query_groups<'a, T: KernelElement>(
         &rows,
         &grouped_mask,
         &grouped_options,
+        &ScoreMods::default(),
     )?;
     let output = result
         .output

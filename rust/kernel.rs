@@ -13,8 +13,8 @@ use crate::element::Element;
 use crate::error::AttnError;
 use crate::masks::{MaskExpr, MaskShape, TileClass};
 use crate::microkernel::{
-    accumulate_pv, column_exp2, column_max, row_exp2, row_max, scale_row, scores_by_dot,
-    transposed_scores, WeightLayout,
+    accumulate_pv, add_linear_bias, column_exp2, column_max, row_exp2, row_max, scale_row,
+    scores_by_dot, softcap_scores, transposed_scores, WeightLayout,
 };
 use crate::simd::SimdVec;
 
@@ -55,6 +55,8 @@ pub struct HeadData<'a, T> {
     pub k: &'a [T],
     pub v: &'a [T],
     pub mask: MaskRows<'a, T>,
+    /// This head's ALiBi slope times `log2(e)`, if any.
+    pub alibi_slope: Option<T>,
 }
 
 /// What every task of one call shares.
@@ -66,6 +68,10 @@ pub struct KernelParams<T> {
     pub bounds: Bounds,
     /// `scale · log2(e)`, folded into Q.
     pub score_scale: T,
+    /// Softcapping, as `(cap · log2(e), 1 / cap)` for scores in base 2.
+    pub softcap: Option<(T, T)>,
+    /// `c(i) - i`: where the diagonal of the call's alignment lies (for ALiBi).
+    pub diagonal_offset: i64,
 }
 
 /// `scale · log2(e)` in `T`, the factor folded into Q. A finite scale whose factor overflows `T`
@@ -175,14 +181,25 @@ pub struct Scratch<T> {
     block_sum: Vec<T>,
     /// The online-softmax state of the task being computed.
     pub state: SoftmaxState<T>,
-    mask_tile: MaskTile,
+    mask_tile: TileScratch<T>,
 }
 
-/// Where a mask expression writes the visibility of one tile's pairs.
-#[derive(Default)]
-struct MaskTile {
+/// Where a mask expression writes the visibility of one tile's pairs, and the `0, 1, 2, ...`
+/// ramp the ALiBi bias is built from.
+struct TileScratch<T> {
     visible: Vec<bool>,
     spare: Vec<Vec<bool>>,
+    ramp: Vec<T>,
+}
+
+impl<T> Default for TileScratch<T> {
+    fn default() -> Self {
+        TileScratch {
+            visible: Vec::new(),
+            spare: Vec::new(),
+            ramp: Vec::new(),
+        }
+    }
 }
 
 /// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
@@ -358,7 +375,7 @@ fn apply_visibility<T: Element>(
     keys: &Range<usize>,
     scores: &mut [T],
     layout: WeightLayout,
-    tile: &mut MaskTile,
+    tile: &mut TileScratch<T>,
 ) -> bool {
     let structural = !params.bounds.fully_visible(rows, keys);
     if !structural && matches!(mask, MaskRows::None) {
@@ -511,7 +528,7 @@ unsafe fn block_scores<V: SimdVec>(
     scores: &mut [V::Elem],
     layout: WeightLayout,
     coverage: MaskCoverage,
-    tile: &mut MaskTile,
+    tile: &mut TileScratch<V::Elem>,
 ) -> bool {
     let depth = params.depth;
     let key_rows = &head.k[keys.start * depth..keys.end * depth];
@@ -538,12 +555,60 @@ unsafe fn block_scores<V: SimdVec>(
             scores,
         );
     }
+    modify_scores::<V>(params, head, rows, keys, queries, scores, layout, tile);
     let mask = if coverage == MaskCoverage::Neutral {
         &MaskRows::None
     } else {
         &head.mask
     };
     apply_visibility(params, mask, rows, keys, scores, layout, tile)
+}
+
+/// Softcapping then ALiBi on a block's scores, before any mask (the order of a score's life).
+#[inline(always)]
+#[expect(clippy::too_many_arguments)]
+unsafe fn modify_scores<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    head: &HeadData<'_, V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    queries: &PackedQueries<'_, V::Elem>,
+    scores: &mut [V::Elem],
+    layout: WeightLayout,
+    tile: &mut TileScratch<V::Elem>,
+) {
+    if params.softcap.is_none() && head.alibi_slope.is_none() {
+        return;
+    }
+    // The score lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
+    let (lines, line_len, descending) = if queries.by_dot {
+        (rows.len(), keys.len(), false)
+    } else {
+        (keys.len(), queries.width, true)
+    };
+    let line_stride = if queries.by_dot {
+        layout.row_stride
+    } else {
+        layout.key_stride
+    };
+    if tile.ramp.len() < line_len {
+        tile.ramp = (0..line_len).map(|c| V::Elem::from_f64(c as f64)).collect();
+    }
+    let first_diagonal = rows.start as i64 + params.diagonal_offset;
+    for line in 0..lines {
+        let values = &mut scores[line * line_stride..][..line_len];
+        if let Some((cap, inverse_cap)) = params.softcap {
+            softcap_scores::<V>(values, cap, inverse_cap);
+        }
+        if let Some(slope) = head.alibi_slope {
+            let first_distance = if descending {
+                (keys.start + line) as i64 - first_diagonal
+            } else {
+                keys.start as i64 - (first_diagonal + line as i64)
+            };
+            add_linear_bias(values, slope, first_distance, &tile.ramp, descending);
+        }
+    }
 }
 
 /// Folds one block's softmax into query `query`'s running state: `best` is the new running

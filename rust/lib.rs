@@ -31,7 +31,8 @@ mod threads;
 mod python;
 
 pub use attention::{
-    attention_over_strided_kv, scaled_dot_product_attention, Attention, AttentionOptions, Mask,
+    attention_over_strided_kv, scaled_dot_product_attention,
+    scaled_dot_product_attention_with_mods, Attention, AttentionOptions, Mask, ScoreMods,
     StridedKv,
 };
 pub use bounds::{CausalAlignment, Window};

@@ -698,6 +698,24 @@ impl MaskExpr {
         Ok(out)
     }
 
+    /// Rows `rows` of the `L x S` matrix (each below `L`), row-major: a sample of a long mask.
+    pub fn dense_rows(&self, shape: MaskShape, rows: &[usize]) -> Result<Vec<bool>, AttnError> {
+        self.check(shape)?;
+        if let Some(&bad) = rows.iter().find(|&&row| row >= shape.num_queries) {
+            return Err(AttnError::value(
+                "rows",
+                format!("row {bad} is past the {} queries", shape.num_queries),
+            ));
+        }
+        let s = shape.num_keys;
+        let mut out = crate::memory::filled(&[rows.len(), s], false, "rows")?;
+        let mut spare = Vec::new();
+        for (&row, chunk) in rows.iter().zip(out.chunks_mut(s.max(1))) {
+            self.fill(shape, &(row..row + 1), &(0..s), chunk, &mut spare);
+        }
+        Ok(out)
+    }
+
     /// Tiles of `block x block` pairs classified as empty, partial or full, and the exact count
     /// of visible pairs (partial tiles are evaluated pair by pair to count them).
     pub fn layout(&self, shape: MaskShape, block: usize) -> Result<MaskLayout, AttnError> {

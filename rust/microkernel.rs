@@ -444,3 +444,53 @@ pub(crate) unsafe fn scale_row<V: SimdVec>(row: &mut [V::Elem], factor: V::Elem)
         *value *= factor;
     }
 }
+
+/// `values[c] = C·tanh(values[c] / C)` in place, for scores in base 2 (`C = cap·log2(e)`):
+/// `tanh(u) = (e^(u-|u|) - e^(-u-|u|)) / (e^(u-|u|) + e^(-u-|u|))`, whose exponents are never
+/// positive, so each is one `exp2` of the kernel's own. `inverse_cap` is `1 / cap`
+/// (`e^(u - |u|) = 2^((t - |t|) / cap)`).
+#[inline(always)]
+pub(crate) unsafe fn softcap_scores<V: SimdVec>(
+    values: &mut [V::Elem],
+    cap_base2: V::Elem,
+    inverse_cap: V::Elem,
+) {
+    let minus_one = V::splat(V::Elem::from_f64(-1.0));
+    let (cap, factor) = (V::splat(cap_base2), V::splat(inverse_cap));
+    let mut chunks = values.chunks_exact_mut(V::LANES);
+    for chunk in &mut chunks {
+        let t = V::load(chunk.as_ptr());
+        let minus_abs = t.max(t.mul(minus_one)).mul(minus_one);
+        let up = t.add(minus_abs).mul(factor).exp2();
+        let down = t.mul(minus_one).add(minus_abs).mul(factor).exp2();
+        let capped = up.add(down.mul(minus_one)).div(up.add(down)).mul(cap);
+        capped.store(chunk.as_mut_ptr());
+    }
+    for value in chunks.into_remainder() {
+        let t = value.to_f64();
+        let cap = cap_base2.to_f64();
+        *value = V::Elem::from_f64(cap * (t / cap).tanh());
+    }
+}
+
+/// `row[c] += slope · (first_distance ± ramp[c])` (`ramp[c] = c`): ALiBi's bias along one
+/// row of keys (distances grow), or across one key's queries (`descending`: they fall).
+#[inline(always)]
+pub(crate) fn add_linear_bias<T: Element>(
+    row: &mut [T],
+    slope: T,
+    first_distance: i64,
+    ramp: &[T],
+    descending: bool,
+) {
+    let first = T::from_f64(first_distance as f64);
+    if descending {
+        for (value, &step) in row.iter_mut().zip(ramp) {
+            *value += slope * (first - step);
+        }
+    } else {
+        for (value, &step) in row.iter_mut().zip(ramp) {
+            *value += slope * (first + step);
+        }
+    }
+}

@@ -259,6 +259,7 @@ fn sdpa_typed<'py, T: Float + numpy::Element>(
     value: &Bound<'py, PyAny>,
     attn_mask: Option<&Bound<'py, PyAny>>,
     options: AttentionOptions,
+    mods: &ScoreModArgs,
 ) -> PyResult<Bound<'py, PyAny>> {
     let all = [query, key, value];
     let (q, k, v) = (
@@ -274,16 +275,19 @@ fn sdpa_typed<'py, T: Float + numpy::Element>(
     // caller's race.
     let (q_view, k_view, v_view) = unsafe { (q.as_array(), k.as_array(), v.as_array()) };
     let mask = BorrowedMask::view(&borrowed_mask);
-    let result =
-        py.detach(|| crate::scaled_dot_product_attention(q_view, k_view, v_view, mask, &options))?;
+    let mods = mods.view();
+    let result = py.detach(|| {
+        crate::scaled_dot_product_attention_with_mods(q_view, k_view, v_view, mask, &options, &mods)
+    })?;
     attention_result(py, result.output, result.weights)
 }
 
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-/// causal_alignment, window, return_weights, num_threads) -- every argument is checked here
-/// and in the core; the Python wrapper only turns `window=w` into its two sides.
+/// causal_alignment, window, return_weights, num_threads, softcap=None, alibi_slopes=None) --
+/// every argument is checked here and in the core; the Python wrapper only turns `window=w`
+/// into its two sides, a mask expression into its spec and the slopes into float64.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads))]
+#[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads, softcap=None, alibi_slopes=None))]
 #[expect(
     clippy::too_many_arguments,
     reason = "PyTorch's argument list, one by one"
@@ -301,8 +305,11 @@ fn scaled_dot_product_attention<'py>(
     window: Option<(Option<usize>, Option<usize>)>,
     return_weights: &Bound<'py, PyAny>,
     num_threads: Option<usize>,
+    softcap: Option<&Bound<'py, PyAny>>,
+    alibi_slopes: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     guarded(|| {
+        let mods = ScoreModArgs::parse(softcap, alibi_slopes)?;
         let options = AttentionOptions {
             is_causal: flag(is_causal, "is_causal")?,
             alignment: parse_alignment(causal_alignment)?,
@@ -314,9 +321,9 @@ fn scaled_dot_product_attention<'py>(
         };
         // A type check, not a borrow: the array is borrowed once, in `sdpa_typed`.
         if is_dtype::<f32>(query) {
-            sdpa_typed::<f32>(py, query, key, value, attn_mask, options)
+            sdpa_typed::<f32>(py, query, key, value, attn_mask, options, &mods)
         } else if is_dtype::<f64>(query) {
-            sdpa_typed::<f64>(py, query, key, value, attn_mask, options)
+            sdpa_typed::<f64>(py, query, key, value, attn_mask, options, &mods)
         } else {
             Err(input_error("query", query))
         }
@@ -808,6 +815,7 @@ fn multi_head_attention_forward<'py>(
 fn register_masks(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(mask_to_dense, module)?)?;
     module.add_function(wrap_pyfunction!(mask_layout, module)?)?;
+    module.add_function(wrap_pyfunction!(mask_dense_rows, module)?)?;
     Ok(())
 }
 
@@ -839,6 +847,15 @@ fn mask_expr(spec: &Bound<'_, PyTuple>) -> PyResult<crate::MaskExpr> {
         )?))
     };
     let kind: PyBackedStr = item(0)?.extract().map_err(|_| refuse())?;
+    let arity = match &*kind {
+        "causal" | "prefix_lm" | "global_tokens" | "sinks" | "strided" | "array" | "not" => 2,
+        "document" | "fixed" | "dilated" | "and" | "or" => 3,
+        "window" | "random_blocks" => 4,
+        _ => return Err(refuse()),
+    };
+    if spec.len() != arity {
+        return Err(refuse());
+    }
     let flag_at = |index: usize| item(index)?.extract::<bool>().map_err(|_| refuse());
     let side = |index: usize| {
         item(index)?
@@ -927,6 +944,24 @@ fn mask_to_dense<'py>(
     })
 }
 
+/// Rows `rows` of the (L, S) bool matrix of a spec: a sample of a mask too long to build.
+#[pyfunction]
+fn mask_dense_rows<'py>(
+    py: Python<'py>,
+    spec: &Bound<'py, PyTuple>,
+    num_queries: usize,
+    num_keys: usize,
+    rows: Vec<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guarded(|| {
+        let expr = mask_expr(spec)?;
+        let dense = py.detach(|| expr.dense_rows(mask_shape(num_queries, num_keys), &rows))?;
+        let array = ndarray::Array2::from_shape_vec((rows.len(), num_keys), dense)
+            .expect("dense_rows returns rows x S values");
+        Ok(array.into_pyarray(py).into_any())
+    })
+}
+
 /// `(states, visible_pairs)`: the (row tiles, key tiles) uint8 states of a spec's layout
 /// (0 empty, 1 partial, 2 full) and its exact count of visible pairs.
 #[pyfunction]
@@ -945,4 +980,61 @@ fn mask_layout<'py>(
                 .expect("one state per tile");
         Ok((states.into_pyarray(py).into_any(), layout.visible_pairs))
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Score modifiers: softcapping and ALiBi slopes (the Python wrapper passes float64 slopes).
+
+/// `softcap=` and `alibi_slopes=` of a call, owned while the GIL is released.
+struct ScoreModArgs {
+    softcap: Option<f64>,
+    alibi_slopes: Option<Vec<f64>>,
+}
+
+impl ScoreModArgs {
+    fn parse(
+        softcap: Option<&Bound<'_, PyAny>>,
+        alibi_slopes: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let softcap = match softcap {
+            None => None,
+            Some(cap) if cap.cast::<PyBool>().is_ok() => {
+                return Err(PyTypeError::new_err(
+                    "softcap must be a real number or None, got bool",
+                ))
+            }
+            Some(cap) => Some(cap.extract::<f64>().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "softcap must be a real number or None, got {}",
+                    type_name(cap)
+                ))
+            })?),
+        };
+        let alibi_slopes = match alibi_slopes {
+            None => None,
+            Some(slopes) => Some(
+                slopes
+                    .extract::<numpy::PyReadonlyArray1<'_, f64>>()
+                    .map_err(|_| {
+                        PyTypeError::new_err(format!(
+                            "alibi_slopes must be a 1-D float64 array, got {}",
+                            type_name(slopes)
+                        ))
+                    })?
+                    .as_array()
+                    .to_vec(),
+            ),
+        };
+        Ok(ScoreModArgs {
+            softcap,
+            alibi_slopes,
+        })
+    }
+
+    fn view(&self) -> crate::ScoreMods<'_> {
+        crate::ScoreMods {
+            softcap: self.softcap,
+            alibi_slopes: self.alibi_slopes.as_deref(),
+        }
+    }
 }

@@ -19,8 +19,8 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
-use crate::attention::{Attention, AttentionOptions, Mask, StridedKv};
-use crate::bounds::Bounds;
+use crate::attention::{Attention, AttentionOptions, Mask, ScoreMods, StridedKv};
+use crate::bounds::{Bounds, CausalAlignment};
 use crate::element::Element;
 use crate::error::AttnError;
 use crate::kernel::{
@@ -144,6 +144,7 @@ struct CallData<'a, T> {
     kv: &'a StridedKv<'a, T>,
     mask: Option<(&'a MaskPlan, MaskElements<'a, T>)>,
     expr: Option<(&'a MaskExpr, MaskShape)>,
+    alibi_slopes: Option<&'a [f64]>,
 }
 
 /// A mask's elements as the kernel reads them.
@@ -221,6 +222,9 @@ impl<T: KernelElement> CallData<'_, T> {
             k: &self.kv.key[kv_head * capacity * d..][..s * d],
             v: &self.kv.value[kv_head * capacity * dv..][..s * dv],
             mask,
+            alibi_slope: self
+                .alibi_slopes
+                .map(|slopes| T::from_f64(slopes[query_head] * std::f64::consts::LOG2_E)),
         }
     }
 
@@ -268,6 +272,7 @@ impl<T: KernelElement> CallData<'_, T> {
 fn kernel_params<T: KernelElement>(
     geometry: &Geometry,
     options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
 ) -> Result<KernelParams<T>, AttnError> {
     let default_scale = if geometry.depth == 0 {
         1.0
@@ -287,6 +292,16 @@ fn kernel_params<T: KernelElement>(
             options.window,
         ),
         score_scale: score_scale(scale)?,
+        softcap: mods.softcap.map(|cap| {
+            (
+                T::from_f64(cap * std::f64::consts::LOG2_E),
+                T::from_f64(1.0 / cap),
+            )
+        }),
+        diagonal_offset: match options.alignment {
+            CausalAlignment::TopLeft => 0,
+            CausalAlignment::BottomRight => geometry.num_keys as i64 - geometry.num_queries as i64,
+        },
     })
 }
 
@@ -299,6 +314,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
     kv: &StridedKv<'_, T>,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
 ) -> Result<Attention<T>, AttnError> {
     let pool = pool_for(options.num_threads)?;
     let query = standard_layout(query, "query")?;
@@ -321,7 +337,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
         .map(|shape| MaskPlan::new(shape, strides, geometry));
     let call = CallData {
         level,
-        params: kernel_params(geometry, options)?,
+        params: kernel_params(geometry, options, mods)?,
         geometry,
         query: query.as_slice().expect("standard layout is contiguous"),
         kv,
@@ -336,6 +352,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
             )),
             _ => None,
         },
+        alibi_slopes: mods.alibi_slopes,
     };
 
     let (heads, l) = (geometry.heads(), geometry.num_queries);

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::attention::{AttentionOptions, Mask};
+use crate::attention::{AttentionOptions, Mask, ScoreMods};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::score_scale;
@@ -302,6 +302,38 @@ pub(crate) fn check_call<T: Element>(
     }
     if options.return_weights {
         check_weights_fit::<T>(&geometry.weights_shape())?;
+    }
+    Ok(())
+}
+
+/// Softcapping needs a positive finite cap; ALiBi one finite slope per query head.
+pub(crate) fn check_score_mods(geometry: &Geometry, mods: &ScoreMods<'_>) -> Result<(), AttnError> {
+    if let Some(cap) = mods.softcap {
+        if !(cap.is_finite() && cap > 0.0) {
+            return Err(AttnError::value(
+                "softcap",
+                format!("must be a finite number > 0, got {cap}"),
+            ));
+        }
+    }
+    if let Some(slopes) = mods.alibi_slopes {
+        if slopes.len() != geometry.query_heads {
+            return Err(AttnError::shape(
+                "alibi_slopes",
+                format!(
+                    "needs one slope per query head: shape ({},) for {} heads, got ({},)",
+                    geometry.query_heads,
+                    geometry.query_heads,
+                    slopes.len()
+                ),
+            ));
+        }
+        if let Some(bad) = slopes.iter().find(|slope| !slope.is_finite()) {
+            return Err(AttnError::value(
+                "alibi_slopes",
+                format!("must be finite, got {bad}"),
+            ));
+        }
     }
     Ok(())
 }

@@ -113,6 +113,15 @@ def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
         "scaling",
         "peak_memory",
         "mha",
+        "sparse_longformer",
+        "sparse_sinks_window",
+        "sparse_documents",
+        "sparse_longformer_torch",
+        "sparse_documents_torch",
+        "sparse_bigbird_torch",
+        "score_mod_softcap",
+        "score_mod_alibi",
+        "sparse_peak_memory",
     ]
 
     for row in rows:

@@ -8,6 +8,7 @@ Example::
 
 from __future__ import annotations
 
+from . import masks
 from ._attention import (
     get_num_threads,
     get_weights_memory_limit,
@@ -17,7 +18,6 @@ from ._attention import (
     threads,
 )
 from ._engine import core_available
-from . import masks
 from ._mha import KVCache, MultiHeadAttention
 
 __version__ = "0.1.0"

@@ -72,6 +72,8 @@ def scaled_dot_product_attention(
     causal_alignment="top_left",
     window=None,
     return_weights=False,
+    softcap=None,
+    alibi_slopes=None,
 ):
     """Exact attention ``softmax(Q·Kᵀ·scale + mask)·V`` on the CPU, with PyTorch's arguments.
 
@@ -91,6 +93,11 @@ def scaled_dot_product_attention(
         window: ``w`` keeps keys with ``|j - c(i)| < w``; ``(left, right)`` keeps
             ``c(i) - left <= j <= c(i) + right`` (``None`` = unbounded side).
         return_weights: also return the ``(..., Hq, L, S)`` attention weights.
+        softcap: ``c > 0``: each score ``s = scale·q·k`` becomes ``c·tanh(s / c)`` before
+            anything is added to it (Gemma 2, Grok).
+        alibi_slopes: ``(Hq,)`` finite slopes: query head ``h`` adds
+            ``slope[h]·(j - c(i))`` to its (capped) scores, on ``causal_alignment``'s diagonal
+            (ALiBi as FlashAttention defines it), before the mask.
 
     Returns:
         The output ``(..., Hq, L, Dv)`` in the input dtype, or ``(output, weights)``. A query with
@@ -102,6 +109,22 @@ def scaled_dot_product_attention(
             for the limit set by :func:`set_weights_memory_limit`.
     """
     # Written for speed: tiny calls are dominated by fixed costs, and the core checks the rest.
+    if softcap is not None or alibi_slopes is not None:
+        return (_core_sdpa or core().scaled_dot_product_attention)(
+            query,
+            key,
+            value,
+            attn_mask._spec if isinstance(attn_mask, Mask) else attn_mask,
+            is_causal,
+            scale,
+            enable_gqa,
+            causal_alignment,
+            None if window is None else check_window(window),
+            return_weights,
+            _CONTEXT_THREADS.get(),
+            softcap,
+            None if alibi_slopes is None else _slopes(alibi_slopes),
+        )
     return (_core_sdpa or core().scaled_dot_product_attention)(
         query,
         key,
@@ -115,6 +138,18 @@ def scaled_dot_product_attention(
         return_weights,
         _CONTEXT_THREADS.get(),
     )
+
+
+def _slopes(alibi_slopes) -> np.ndarray:
+    """ALiBi slopes as a 1-D float64 array (the core checks their number and values)."""
+    array = np.asarray(alibi_slopes)
+    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"alibi_slopes must hold real numbers, got dtype {array.dtype}")
+    if np.iscomplexobj(array):
+        raise TypeError("alibi_slopes must hold real numbers, got complex values")
+    if array.ndim != 1:
+        raise ValueError(f"alibi_slopes must have shape (Hq,), got shape {array.shape}")
+    return np.ascontiguousarray(array, dtype=np.float64)
 
 
 def context_threads() -> int | None:

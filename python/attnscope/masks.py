@@ -104,6 +104,16 @@ class Mask:
         num_keys = _count(num_keys, "num_keys")
         return core().mask_to_dense(self._spec, num_queries, num_keys)
 
+    def dense_rows(self, num_queries: int, num_keys: int, rows) -> np.ndarray:
+        """Rows ``rows`` (query indices) of :meth:`to_dense`, without building the rest: a
+        sample of a mask too long to hold, ``(len(rows), S)``."""
+        num_queries = _count(num_queries, "num_queries")
+        num_keys = _count(num_keys, "num_keys")
+        picked = _positions(rows, "rows")
+        if (picked < 0).any():
+            raise ValueError(f"rows must be >= 0, got {int(picked.min())}")
+        return core().mask_dense_rows(self._spec, num_queries, num_keys, picked.tolist())
+
     def layout(self, num_queries: int, num_keys: int, *, block: int = 64) -> MaskLayout:
         """Which ``block x block`` tiles of the ``(L, S)`` matrix are empty, partial or full,
         and the fraction of visible pairs (counted exactly).

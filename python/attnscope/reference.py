@@ -121,7 +121,8 @@ def scaled_dot_product_attention(
         diagonal = rows if causal_alignment == "top_left" else rows + (num_keys - num_queries)
         distance = np.arange(num_keys)[None, :] - diagonal
         slopes = np.asarray(alibi_slopes, dtype=np.float64)
-        scores = scores + slopes[:, None, None] * distance
+        bias = slopes[:, None, None] * distance  # (Hq, L, S); a 2-D call is one head
+        scores = scores + (bias if scores.ndim >= 3 else bias[0])
     if attn_mask is not None and hasattr(attn_mask, "to_dense"):
         attn_mask = attn_mask.to_dense(num_queries, num_keys)
 

@@ -37,6 +37,10 @@ impl SimdVec for Avx2F32 {
         Avx2F32(_mm256_add_ps(self.0, other.0))
     }
     #[inline(always)]
+    unsafe fn div(self, other: Self) -> Self {
+        Avx2F32(_mm256_div_ps(self.0, other.0))
+    }
+    #[inline(always)]
     unsafe fn max(self, other: Self) -> Self {
         Avx2F32(_mm256_max_ps(self.0, other.0))
     }
@@ -108,6 +112,10 @@ impl SimdVec for Avx2F64 {
     #[inline(always)]
     unsafe fn add(self, other: Self) -> Self {
         Avx2F64(_mm256_add_pd(self.0, other.0))
+    }
+    #[inline(always)]
+    unsafe fn div(self, other: Self) -> Self {
+        Avx2F64(_mm256_div_pd(self.0, other.0))
     }
     #[inline(always)]
     unsafe fn max(self, other: Self) -> Self {

@@ -37,6 +37,10 @@ impl SimdVec for Avx512F32 {
         Avx512F32(_mm512_add_ps(self.0, other.0))
     }
     #[inline(always)]
+    unsafe fn div(self, other: Self) -> Self {
+        Avx512F32(_mm512_div_ps(self.0, other.0))
+    }
+    #[inline(always)]
     unsafe fn max(self, other: Self) -> Self {
         Avx512F32(_mm512_max_ps(self.0, other.0))
     }
@@ -96,6 +100,10 @@ impl SimdVec for Avx512F64 {
     #[inline(always)]
     unsafe fn add(self, other: Self) -> Self {
         Avx512F64(_mm512_add_pd(self.0, other.0))
+    }
+    #[inline(always)]
+    unsafe fn div(self, other: Self) -> Self {
+        Avx512F64(_mm512_div_pd(self.0, other.0))
     }
     #[inline(always)]
     unsafe fn max(self, other: Self) -> Self {

@@ -30,6 +30,7 @@ pub(crate) trait SimdVec: Copy {
     unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
     unsafe fn mul(self, other: Self) -> Self;
     unsafe fn add(self, other: Self) -> Self;
+    unsafe fn div(self, other: Self) -> Self;
     unsafe fn max(self, other: Self) -> Self;
     unsafe fn reduce_max(self) -> Self::Elem;
     unsafe fn reduce_sum(self) -> Self::Elem;

@@ -66,6 +66,14 @@ macro_rules! portable_vector {
                 $name(out)
             }
             #[inline(always)]
+            unsafe fn div(self, other: Self) -> Self {
+                let mut out = self.0;
+                for lane in 0..$lanes {
+                    out[lane] /= other.0[lane];
+                }
+                $name(out)
+            }
+            #[inline(always)]
             unsafe fn max(self, other: Self) -> Self {
                 let mut out = self.0;
                 for lane in 0..$lanes {
