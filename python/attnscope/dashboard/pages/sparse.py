@@ -202,15 +202,18 @@ if measure or st.session_state.get("sparse_ppl_done"):
     bar = st.progress(0.0, text="Loading SmolLM2…")
     try:
         table = sparse.perplexities(
-            lambda window, sinks: sparse.cached_perplexity(
-                rm.CAUSAL_MODEL, sparse.LONG_TEXT, window, sinks
+            lambda kept, first: sparse.cached_perplexity(
+                rm.CAUSAL_MODEL, sparse.LONG_TEXT, kept, first
             ),
             sparse.cache_settings(window, sinks),
             progress=lambda done, label: bar.progress(done, text=label),
         )
-    except (ImportError, ValueError, OSError) as problem:
+    except (ImportError, OSError) as problem:  # e.g. the GGUF reader is not installed
         table = None
-        st.error(f"SmolLM2 could not read the text here: {rm.load_error_message(problem)}")
+        st.warning(f"SmolLM2 cannot be loaded here: {rm.load_error_message(problem)}")
+    except ValueError as problem:
+        table = None
+        st.error(f"SmolLM2 could not read the text: {rm.load_error_message(problem)}")
     finally:
         bar.empty()
     if table is not None:
