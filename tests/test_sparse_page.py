@@ -311,3 +311,16 @@ def test_perplexity_section_shows_the_models_own_numbers(monkeypatch):
     bars = chart_titled(app, "Perplexity of SmolLM2")[0]
     np.testing.assert_allclose(bars["perplexity"], table["perplexity"])
     assert any(sparse.streaming_summary(table) == text.value for text in app.markdown)
+
+
+def test_a_model_that_cannot_load_is_a_warning_not_a_traceback(monkeypatch):
+    def no_reader(*_):
+        raise ImportError("reading GGUF files needs the gguf package: pip install gguf")
+
+    monkeypatch.setattr(rm, "missing_package_hint", lambda name: None)
+    monkeypatch.setattr(sparse, "cached_perplexity", no_reader)
+    app = open_page()
+    app.button(key="sparse_ppl_run").click().run()
+    assert not app.exception and not app.error, [e.value for e in app.error]
+    assert any("pip install gguf" in warning.value for warning in app.warning)
+    assert not any(title.startswith("Perplexity") for title in drawn(app))
