@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -68,7 +68,7 @@ class Pattern:
     random_per_row: int = 2
     global_blocks: int = 1
     seed: int = 0
-    document_lengths: tuple[int, ...] = field(default=(24, 16, 24))
+    document_lengths: tuple[int, ...] = (24, 16, 24)
     drawn_length: int = 64
     prefix: int = 16
     causal: bool = True
