@@ -128,13 +128,13 @@ def document_split(length: int) -> tuple[int, int, int]:
 
 def parse_lengths(text: str, what: str) -> tuple[int, ...]:
     """'24, 16, 24' -> (24, 16, 24); anything that is not a list of integers is a ValueError
-    naming `what`."""
+    naming `what` (document lengths, global token positions)."""
     parts = [part.strip() for part in text.replace(";", ",").split(",") if part.strip()]
     try:
         return tuple(int(part) for part in parts)
     except ValueError:
         raise ValueError(
-            f"{what} must be whole numbers separated by commas, e.g. '24, 16, 24'; got {text!r}"
+            f"{what} must be whole numbers separated by commas, e.g. '0, 1, 8'; got {text!r}"
         ) from None
 
 
