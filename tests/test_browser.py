@@ -376,3 +376,40 @@ def test_cost_page_kv_cache_memory_side(server, page):
         note.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "cost-kv-quality-table.png"))
         assert note.count() == 1
+
+
+def test_sparse_page(server, page):
+    """The sparse attention page: a pattern's mask and tiles, another pattern, a bad value
+    (a message, never a traceback), the timing, and SmolLM2's perplexities where it runs."""
+    page.goto(f"{server}/sparse")
+    _settle(page, min_charts=2)
+    _check(page, "sparse", min_charts=2)
+    page.get_by_test_id("stSelectbox").first.click()
+    page.get_by_role("option", name="Document packing").click()
+    _settle(page, min_charts=2)
+    _check(page, "sparse-documents", min_charts=2)
+    field = page.get_by_label("Document lengths (add up to 64)")
+    field.fill("10, 10")
+    field.press("Enter")
+    _settle(page, charts=False)
+    _check(page, "sparse-bad-documents", charts=False)
+    assert "ids" in page.locator('[data-testid="stAlert"]').first.inner_text()
+    field.fill("40, 24")
+    field.press("Enter")
+    _settle(page, min_charts=2)
+    page.get_by_role("button", name="Time it").click()
+    _settle(page, min_charts=3)
+    _check(page, "sparse-timed", min_charts=3)
+    # The table is drawn on a canvas; its caption says why the dense path stops.
+    assert page.get_by_text("this page does not build it", exact=False).count() == 1
+    if _smollm2_runs():
+        page.get_by_role("button", name="Measure perplexity").click()
+        # Three reads of the text take minutes on a busy two-core machine.
+        page.wait_for_selector(IDLE.replace("notRunning", "running"), state="attached")
+        page.wait_for_selector(IDLE, state="attached", timeout=900_000)
+        _settle(page, min_charts=4)
+        _check(page, "sparse-perplexity", min_charts=4)
+        # The page scrolls inside its own container: a second picture of the part below.
+        page.locator(CHART).last.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / "sparse-perplexity-chart.png"))
+        assert page.get_by_text("The window alone raised perplexity").count() == 1
