@@ -32,6 +32,8 @@ __all__ = [
     "Report",
     "TrainConfig",
     "Trainer",
+    "head_scores",
+    "held_out_data",
     "make_batch",
     "repeated_sequences",
     "token_names",
@@ -182,22 +184,31 @@ class Batch:
 
 def repeated_sequences(rng: np.random.Generator, count: int, seq_len: int, vocab_size: int):
     """``count`` sequences of ``seq_len // 2`` distinct random ids, each repeated twice (then
-    one random id if ``seq_len`` is odd): the data that makes induction heads worth having."""
-    period = seq_len // 2
-    blocks = np.argsort(rng.random((count, vocab_size)), axis=1)[:, :period]
-    tail = rng.integers(0, vocab_size, size=(count, seq_len - 2 * period))
-    return np.concatenate([blocks, blocks, tail], axis=1)
+    one random id if ``seq_len`` is odd): the held-out probe that reveals induction heads."""
+    periods = np.full(count, seq_len // 2)
+    return _repeat_blocks(rng, periods, seq_len, vocab_size)[0]
+
+
+def _repeat_blocks(rng: np.random.Generator, periods: np.ndarray, seq_len: int, vocab_size: int):
+    """Per row, ``periods[row]`` distinct random ids, the same ids again, then random ids."""
+    count = len(periods)
+    half = seq_len // 2
+    distinct = np.argsort(rng.random((count, vocab_size)), axis=1)[:, :half]
+    tail = rng.integers(0, vocab_size, size=(count, seq_len - half))
+    fresh = np.concatenate([distinct, tail], axis=1)
+    # Position j of the second copy reads position j - period of the first.
+    positions = np.arange(seq_len)[None, :]
+    period = periods[:, None]
+    in_copy = (positions >= period) & (positions < 2 * period)
+    source = np.where(in_copy, positions - period, positions)
+    return np.take_along_axis(fresh, source, axis=1), in_copy
 
 
 def make_batch(task: str, rng: np.random.Generator, count: int, seq_len: int, vocab_size: int):
     """A :class:`Batch` of `count` sequences of one task, drawn from `rng`."""
     _check_choice(task, "task", TASKS)
     if task == "induction":
-        tokens = repeated_sequences(rng, count, seq_len, vocab_size)
-        targets = np.roll(tokens, -1, axis=1)
-        counted = np.ones(tokens.shape, dtype=bool)
-        counted[:, -1] = False  # the last position has no next token
-        return Batch(tokens, targets, counted)
+        return _induction_batch(rng, count, seq_len, vocab_size)
     if task == "previous_token":
         tokens = rng.integers(0, vocab_size, size=(count, seq_len))
         targets = np.roll(tokens, 1, axis=1)
@@ -205,6 +216,20 @@ def make_batch(task: str, rng: np.random.Generator, count: int, seq_len: int, vo
         counted[:, 0] = False  # the first position has no previous token
         return Batch(tokens, targets, counted)
     return _agreement_batch(rng, count, seq_len, vocab_size)
+
+
+def _induction_batch(rng: np.random.Generator, count: int, seq_len: int, vocab_size: int):
+    """Random ids repeated once, with a period drawn per sequence (between a quarter and a half
+    of the length, so that no fixed offset finds the earlier copy); the loss counts the
+    positions whose next token is a repeat: only context can predict them."""
+    periods = rng.integers(max(seq_len // 4, 2), seq_len // 2 + 1, size=count)
+    tokens, in_copy = _repeat_blocks(rng, periods, seq_len, vocab_size)
+    targets = np.roll(tokens, -1, axis=1)
+    counted = np.roll(in_copy, -1, axis=1)
+    counted[:, -1] = False
+    # The first position of the second copy follows a token that has not repeated yet.
+    counted &= np.arange(seq_len)[None, :] >= periods[:, None]
+    return Batch(tokens, targets, counted)
 
 
 def _agreement_batch(rng: np.random.Generator, count: int, seq_len: int, vocab_size: int):
@@ -376,7 +401,10 @@ def _cross_entropy(logits: np.ndarray, batch: Batch):
     count = max(int(batch.counted.sum()), 1)
     grad = np.exp(log_probs)
     np.put_along_axis(
-        grad, batch.targets[..., None], np.take_along_axis(grad, batch.targets[..., None], -1) - 1, -1
+        grad,
+        batch.targets[..., None],
+        np.take_along_axis(grad, batch.targets[..., None], -1) - 1,
+        -1,
     )
     grad *= (batch.counted / count)[..., None].astype(grad.dtype)
     return float(per_position.sum() / count), grad, per_position
@@ -469,6 +497,21 @@ class Report:
     seconds: float = field(compare=False)
 
 
+def _seeds(config: TrainConfig) -> list[np.random.SeedSequence]:
+    """Independent streams for the initial weights, the training batches and held-out data."""
+    return np.random.SeedSequence(config.seed).spawn(3)
+
+
+def held_out_data(config: TrainConfig) -> tuple[Batch, np.ndarray]:
+    """The held-out task batch and the probe (random ids repeated twice) a run reports on:
+    ``config.eval_size`` sequences each, fixed by the seed."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    rng = np.random.default_rng(_seeds(config)[2])
+    shape = (config.eval_size, config.seq_len, config.vocab_size)
+    return make_batch(config.task, rng, *shape), repeated_sequences(rng, *shape)
+
+
 class Trainer:
     """One model, its Adam state and its held-out data; :meth:`run` trains and reports.
 
@@ -480,13 +523,10 @@ class Trainer:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = config
-        init_seed, data_seed, held_out_seed = np.random.SeedSequence(config.seed).spawn(3)
+        init_seed, data_seed, _ = _seeds(config)
         self.params = _init_params(config, np.random.default_rng(init_seed))
         self._data = np.random.default_rng(data_seed)
-        held_out = np.random.default_rng(held_out_seed)
-        shape = (config.eval_size, config.seq_len, config.vocab_size)
-        self.held_out = make_batch(config.task, held_out, *shape)
-        self.probe = repeated_sequences(held_out, *shape)
+        self.held_out, self.probe = held_out_data(config)
         self.step = 0
         self._first_moment = {name: np.zeros_like(p) for name, p in self.params.items()}
         self._second_moment = {name: np.zeros_like(p) for name, p in self.params.items()}
@@ -524,9 +564,7 @@ class Trainer:
         loss, grads = self.loss_and_gradients(batch)
         self.step += 1
         beta1, beta2 = _ADAM_BETAS
-        step_size = (
-            config.learning_rate * math.sqrt(1 - beta2**self.step) / (1 - beta1**self.step)
-        )
+        step_size = config.learning_rate * math.sqrt(1 - beta2**self.step) / (1 - beta1**self.step)
         for name, grad in grads.items():
             first, second = self._first_moment[name], self._second_moment[name]
             first *= beta1
@@ -546,26 +584,23 @@ class Trainer:
         grads = _backward(self.params, config, self.held_out.tokens, saved, grad_logits)
         right = (logits.argmax(axis=-1) == self.held_out.targets) & self.held_out.counted
         qk_norms = [
-            math.sqrt(float((grads[f"{layer}.w_q"] ** 2).sum() + (grads[f"{layer}.w_k"] ** 2).sum()))
+            math.sqrt(
+                float((grads[f"{layer}.w_q"] ** 2).sum() + (grads[f"{layer}.w_k"] ** 2).sum())
+            )
             for layer in range(config.num_layers)
         ]
         probe_logits, _, probe_maps = _forward(self.params, config, self.probe, True)
         first_copy, second_copy = _copy_losses(probe_logits, self.probe)
-        # Scores are linear in the maps: the score of the mean map is the mean score. Causal
-        # rows of the repeated part see only it, so an odd sequence's last token is cut off.
-        repeated = 2 * (config.seq_len // 2)
-        mean_maps = probe_maps.mean(axis=1, dtype=np.float64)[..., :repeated, :repeated]
-        stats = head_stats(mean_maps, induction=mean_maps)
-        shape = (config.num_layers, config.num_heads)
+        previous, induction, entropy = head_scores(probe_maps)
         return Report(
             step=self.step,
             steps=config.steps,
             loss=loss,
             accuracy=float(right.sum() / max(int(self.held_out.counted.sum()), 1)),
             train_loss=train_loss,
-            previous_token=np.array([s["previous_token"] for s in stats]).reshape(shape),
-            induction=np.array([s["induction"] for s in stats]).reshape(shape),
-            entropy=row_entropy(probe_maps.astype(np.float64)).mean(axis=(1, 3)),
+            previous_token=previous,
+            induction=induction,
+            entropy=entropy,
             first_copy_loss=first_copy,
             second_copy_loss=second_copy,
             qk_grad_norm=np.array(qk_norms),
@@ -586,6 +621,32 @@ class Trainer:
             if self.step % self.config.report_every == 0 or self.step == steps:
                 yield self.report(float(np.mean(losses)), time.perf_counter() - started)
                 losses = []
+
+
+def head_scores(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Previous-token score, induction score and mean row entropy (nats) of every head, each
+    ``(layers, heads)``, from causal attention weights ``(layers, B, heads, T, T)`` on
+    sequences whose first ``2 * (T // 2)`` tokens are a block repeated twice.
+
+    The scores are those of :func:`attnscope.models.stats.head_stats`, averaged over the
+    ``B`` sequences: mean ``A[i, i - 1]`` over rows ``i >= 1``, and mean ``A[i, i - P + 1]``
+    over the second copy (``P = T // 2``).
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 5 or maps.shape[-1] != maps.shape[-2] or maps.shape[-1] < 4:
+        raise ValueError(
+            f"maps must have shape (layers, B, heads, T, T) with T >= 4, got {maps.shape}"
+        )
+    num_layers, _, num_heads, length, _ = maps.shape
+    # Both scores are linear in the maps, so the score of the mean map is the mean score.
+    # Causal rows of the repeated part see only it: an odd sequence's last token is cut off.
+    repeated = 2 * (length // 2)
+    mean_maps = maps.mean(axis=1)[..., :repeated, :repeated]
+    stats = head_stats(mean_maps, induction=mean_maps)
+    shape = (num_layers, num_heads)
+    previous = np.array([s["previous_token"] for s in stats]).reshape(shape)
+    induction = np.array([s["induction"] for s in stats]).reshape(shape)
+    return previous, induction, row_entropy(maps).mean(axis=(1, 3))
 
 
 def _copy_losses(logits: np.ndarray, tokens: np.ndarray) -> tuple[float, float]:
