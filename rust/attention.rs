@@ -62,6 +62,27 @@ pub struct Attention<T> {
     pub weights: Option<ArrayD<T>>,
 }
 
+/// An [`Attention`] result with the log-sum-exp of every query row, `(..., Hq, L)`: the natural
+/// log of `Σ_j exp(s_ij)` over the row's visible scaled, masked scores, `-inf` for a row that
+/// sees no key. It is what the backward pass needs to recompute the weights.
+pub struct AttentionWithLse<T> {
+    pub attention: Attention<T>,
+    pub lse: ArrayD<T>,
+}
+
+/// [`scaled_dot_product_attention`] that also returns each query row's log-sum-exp.
+pub fn scaled_dot_product_attention_with_lse<T: KernelElement>(
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<AttentionWithLse<T>, AttnError> {
+    let (attention, lse) = attend_arrays(active_level(), query, key, value, mask, options, true)?;
+    let lse = lse.expect("the log-sum-exp was asked for");
+    Ok(AttentionWithLse { attention, lse })
+}
+
 /// Exact scaled dot-product attention; see [`AttentionOptions`] for the options and the
 /// Python docs for the full contract.
 pub fn scaled_dot_product_attention<T: KernelElement>(
@@ -83,6 +104,19 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
+    attend_arrays(level, query, key, value, mask, options, false).map(|(attention, _)| attention)
+}
+
+/// Attention over arrays at `level`, with the log-sum-exp when `want_lse`.
+fn attend_arrays<T: KernelElement>(
+    level: SimdLevel,
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+    want_lse: bool,
+) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
     let geometry = Geometry::check(
         query.shape(),
         key.shape(),
@@ -90,7 +124,7 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         options.enable_gqa,
     )?;
     check_call(&geometry, &mask, options)?;
-    if let Some(empty) = nothing_to_compute(&geometry, options)? {
+    if let Some(empty) = nothing_to_compute(&geometry, options, want_lse)? {
         return Ok(empty);
     }
     // Borrow contiguous inputs as they are; copy only strided, transposed or reversed ones.
@@ -106,21 +140,22 @@ pub(crate) fn attention_at_level<T: KernelElement>(
         value_dim: geometry.value_dim,
     };
     if decodes_by_group(&geometry, &mask, options) {
-        return attend_query_groups(level, &geometry, query, &kv, &mask, options);
+        return attend_query_groups(level, &geometry, query, &kv, &mask, options, want_lse);
     }
-    attend_checked(level, &geometry, query, &kv, &mask, options)
+    attend_checked(level, &geometry, query, &kv, &mask, options, want_lse)
 }
 
-/// The result at once when the output and weights hold no element: the work must follow the
-/// data, not leading dims that multiply to billions of empty heads.
+/// The result at once when the output, weights and log-sum-exp hold no element: the work
+/// must follow the data, not leading dims that multiply to billions of empty heads.
 fn nothing_to_compute<T: KernelElement>(
     geometry: &Geometry,
     options: &AttentionOptions,
-) -> Result<Option<Attention<T>>, AttnError> {
+    want_lse: bool,
+) -> Result<Option<(Attention<T>, Option<ArrayD<T>>)>, AttnError> {
     let no_heads = geometry.outer_shape.contains(&0) || geometry.num_queries == 0;
     let output_empty = no_heads || geometry.value_dim == 0;
     let weights_empty = no_heads || geometry.num_keys == 0;
-    if !output_empty || (options.return_weights && !weights_empty) {
+    if !output_empty || (options.return_weights && !weights_empty) || (want_lse && !no_heads) {
         return Ok(None);
     }
     let (output_shape, weights_shape) = (geometry.output_shape(), geometry.weights_shape());
@@ -130,7 +165,11 @@ fn nothing_to_compute<T: KernelElement>(
         ArrayD::from_shape_vec(IxDyn(&weights_shape), Vec::new())
             .expect("an empty shape holds no element")
     });
-    Ok(Some(Attention { output, weights }))
+    let lse = want_lse.then(|| {
+        ArrayD::from_shape_vec(IxDyn(&geometry.lse_shape()), Vec::new())
+            .expect("an empty shape holds no element")
+    });
+    Ok(Some((Attention { output, weights }, lse)))
 }
 
 /// Keys and values kept in buffers with room to grow, as in a KV cache: `key` holds
@@ -208,13 +247,15 @@ pub fn attention_over_strided_kv<T: KernelElement>(
         ));
     }
     check_call(&geometry, &mask, options)?;
-    if let Some(empty) = nothing_to_compute(&geometry, options)? {
+    if let Some((empty, _)) = nothing_to_compute(&geometry, options, false)? {
         return Ok(empty);
     }
     if decodes_by_group(&geometry, &mask, options) {
-        return attend_query_groups(level, &geometry, query, kv, &mask, options);
+        return attend_query_groups(level, &geometry, query, kv, &mask, options, false)
+            .map(|(attention, _)| attention);
     }
-    attend_checked(level, &geometry, query, kv, &mask, options)
+    attend_checked(level, &geometry, query, kv, &mask, options, false)
+        .map(|(attention, _)| attention)
 }
 
 /// One query row per head, `group` query heads per kv head: the group's heads become the rows
@@ -227,7 +268,8 @@ fn attend_query_groups<'a, T: KernelElement>(
     kv: &StridedKv<'a, T>,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
-) -> Result<Attention<T>, AttnError> {
+    want_lse: bool,
+) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
     let group = geometry.group();
     let visible = Bounds::new(
         1,
@@ -280,20 +322,28 @@ fn attend_query_groups<'a, T: KernelElement>(
         num_keys: visible.len(),
         ..*kv
     };
-    let result = attend_checked(
+    let (result, lse) = attend_checked(
         level,
         &grouped,
         grouped_query,
         &rows,
         &grouped_mask,
         &grouped_options,
+        want_lse,
     )?;
     let output = result
         .output
         .into_shape_with_order(IxDyn(&geometry.output_shape()))
         .expect("(..., Hkv, group, Dv) output regroups as (..., Hq, 1, Dv)");
-    Ok(Attention {
-        output,
-        weights: None,
-    })
+    let lse = lse.map(|lse| {
+        lse.into_shape_with_order(IxDyn(&geometry.lse_shape()))
+            .expect("(..., Hkv, group) log-sum-exp regroups as (..., Hq, 1)")
+    });
+    Ok((
+        Attention {
+            output,
+            weights: None,
+        },
+        lse,
+    ))
 }

@@ -125,6 +125,14 @@ impl<T: Element> SoftmaxState<T> {
         }
     }
 
+    /// Writes each row's log-sum-exp of its scaled, masked scores (natural log) into `lse`:
+    /// `-inf` for a row with no weight, NaN for a row that met a NaN.
+    pub(crate) fn lse_into(&self, lse: &mut [T]) {
+        for ((out, &max), &sum) in lse.iter_mut().zip(&self.max).zip(&self.sum) {
+            *out = log_sum_exp2(max, sum);
+        }
+    }
+
     /// Folds `other` (the same rows over a later range of keys) into `self`.
     pub(crate) fn merge(&mut self, other: &SoftmaxState<T>, value_dim: usize) {
         // A side that saw no finite score has sum 0 and an accumulator of zeros (or NaN, kept).
@@ -150,7 +158,16 @@ impl<T: Element> SoftmaxState<T> {
     }
 }
 
-fn round_up(value: usize, multiple: usize) -> usize {
+/// `ln(Σ 2^s)` from a row's base-2 shift and its `sum = Σ 2^(s - shift)`, computed in f64.
+fn log_sum_exp2<T: Element>(shift: T, sum: T) -> T {
+    if sum == T::ZERO {
+        return T::NEG_INFINITY;
+    }
+    let (shift, sum) = (shift.to_f64(), sum.to_f64());
+    T::from_f64((shift + sum.log2()) * std::f64::consts::LN_2)
+}
+
+pub(crate) fn round_up(value: usize, multiple: usize) -> usize {
     value.div_ceil(multiple) * multiple
 }
 
@@ -247,7 +264,7 @@ fn pack_queries<'a, V: SimdVec>(
 
 /// What a mask does to one block of (query rows, keys).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum MaskCoverage {
+pub(crate) enum MaskCoverage {
     /// Hides every pair: the block is skipped without computing a score.
     Hidden,
     /// Changes nothing (all True, or all 0.0): the block is computed as if unmasked.
@@ -258,7 +275,7 @@ enum MaskCoverage {
 /// Scans the mask over a block. Far cheaper than the block's scores (a byte per pair against
 /// `D + Dv` multiply-adds), and it lets a mostly-false mask (a sliding window given as a dense
 /// mask, say) cost what its visible pairs cost.
-fn mask_coverage<T: Element>(
+pub(crate) fn mask_coverage<T: Element>(
     mask: &MaskRows<'_, T>,
     rows: &Range<usize>,
     keys: &Range<usize>,
@@ -320,7 +337,7 @@ fn mask_coverage<T: Element>(
 /// Hides (sets to -inf) the scores the causal/window rules or the mask exclude, and adds an
 /// additive mask. (query `r`, key `c`) of the block is at `layout`. Returns whether any key of
 /// the block was hidden from any query.
-fn apply_visibility<T: Element>(
+pub(crate) fn apply_visibility<T: Element>(
     params: &KernelParams<T>,
     mask: &MaskRows<'_, T>,
     rows: &Range<usize>,
@@ -620,7 +637,8 @@ fn finite_shift<T: Element>(max: T) -> T {
 }
 
 /// Exact softmax of `rows` over all keys, written to `weights` (`rows x S`, zero-filled by the
-/// caller), and `out = weights · V` (`rows x Dv`), so output and weights agree exactly.
+/// caller), and `out = weights · V` (`rows x Dv`), so output and weights agree exactly. Each
+/// row's log-sum-exp goes to `lse` (`rows`).
 #[inline(always)]
 pub(crate) unsafe fn weights_block<V: SimdVec>(
     params: &KernelParams<V::Elem>,
@@ -628,9 +646,11 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
     rows: Range<usize>,
     weights: &mut [V::Elem],
     out: &mut [V::Elem],
+    lse: &mut [V::Elem],
     scratch: &mut Scratch<V::Elem>,
 ) {
     let span = params.bounds.block_keys(&rows);
+    lse.fill(V::Elem::NEG_INFINITY);
     if rows.is_empty() || span.is_empty() {
         return;
     }
@@ -676,6 +696,7 @@ pub(crate) unsafe fn weights_block<V: SimdVec>(
             .fold(V::Elem::ZERO, |total, chunk| {
                 total + row_exp2::<V>(chunk, shift)
             });
+        lse[query] = log_sum_exp2(shift, total);
         if !total.is_finite() {
             // A NaN score (the only way the total is not finite) makes the whole row NaN,
             // hidden keys included, as in PyTorch.

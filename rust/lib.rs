@@ -7,11 +7,13 @@
 //!
 //! Read top-down: `attention` (entry points) checks a call with `shapes`, hands it to
 //! `schedule` (tasks and strategies), which runs `kernel` (one block of queries, built on
-//! `microkernel`) through `simd::dispatch` (one instance per instruction set). `mha`,
+//! `microkernel`) through `simd::dispatch` (one instance per instruction set); `backward`
+//! computes the gradients with the same tiles and schedule. `mha`,
 //! `projection` and `kv_cache` build the layer on top; `memory`, `threads`, `bounds`, `error`
 //! and `element` are the shared pieces.
 
 mod attention;
+mod backward;
 mod bounds;
 mod element;
 mod error;
@@ -30,9 +32,10 @@ mod threads;
 mod python;
 
 pub use attention::{
-    attention_over_strided_kv, scaled_dot_product_attention, Attention, AttentionOptions, Mask,
-    StridedKv,
+    attention_over_strided_kv, scaled_dot_product_attention, scaled_dot_product_attention_with_lse,
+    Attention, AttentionOptions, AttentionWithLse, Mask, StridedKv,
 };
+pub use backward::{scaled_dot_product_attention_backward, AttentionGrads, BackwardInputs};
 pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;

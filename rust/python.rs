@@ -254,6 +254,7 @@ fn sdpa_typed<'py, T: Float + numpy::Element>(
     value: &Bound<'py, PyAny>,
     attn_mask: Option<&Bound<'py, PyAny>>,
     options: AttentionOptions,
+    return_lse: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let all = [query, key, value];
     let (q, k, v) = (
@@ -269,16 +270,19 @@ fn sdpa_typed<'py, T: Float + numpy::Element>(
     // caller's race.
     let (q_view, k_view, v_view) = unsafe { (q.as_array(), k.as_array(), v.as_array()) };
     let mask = BorrowedMask::view(&borrowed_mask);
+    if return_lse {
+        return sdpa_with_lse(py, [q_view, k_view, v_view], mask, &options);
+    }
     let result =
         py.detach(|| crate::scaled_dot_product_attention(q_view, k_view, v_view, mask, &options))?;
     attention_result(py, result.output, result.weights)
 }
 
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
-/// causal_alignment, window, return_weights, num_threads) -- every argument is checked here
-/// and in the core; the Python wrapper only turns `window=w` into its two sides.
+/// causal_alignment, window, return_weights, num_threads, return_lse) -- every argument is
+/// checked here and in the core; the Python wrapper only turns `window=w` into its two sides.
 #[pyfunction]
-#[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads))]
+#[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads, return_lse=None))]
 #[expect(
     clippy::too_many_arguments,
     reason = "PyTorch's argument list, one by one"
@@ -296,6 +300,7 @@ fn scaled_dot_product_attention<'py>(
     window: Option<(Option<usize>, Option<usize>)>,
     return_weights: &Bound<'py, PyAny>,
     num_threads: Option<usize>,
+    return_lse: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     guarded(|| {
         let options = AttentionOptions {
@@ -307,11 +312,15 @@ fn scaled_dot_product_attention<'py>(
             return_weights: flag(return_weights, "return_weights")?,
             num_threads,
         };
+        let return_lse = match return_lse {
+            Some(value) => flag(value, "return_lse")?,
+            None => false,
+        };
         // A type check, not a borrow: the array is borrowed once, in `sdpa_typed`.
         if is_dtype::<f32>(query) {
-            sdpa_typed::<f32>(py, query, key, value, attn_mask, options)
+            sdpa_typed::<f32>(py, query, key, value, attn_mask, options, return_lse)
         } else if is_dtype::<f64>(query) {
-            sdpa_typed::<f64>(py, query, key, value, attn_mask, options)
+            sdpa_typed::<f64>(py, query, key, value, attn_mask, options, return_lse)
         } else {
             Err(input_error("query", query))
         }
@@ -384,6 +393,7 @@ fn simd_level_supported(level: &str) -> PyResult<bool> {
 #[pymodule]
 fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(scaled_dot_product_attention, module)?)?;
+    register_backward(module)?;
     module.add_function(wrap_pyfunction!(set_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(get_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(check_num_threads, module)?)?;
@@ -396,6 +406,154 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(simd_level_supported, module)?)?;
     register_layer(module)?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The log-sum-exp out of the forward, and the backward pass that reads it.
+
+fn register_backward(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(scaled_dot_product_attention_backward, module)?)?;
+    Ok(())
+}
+
+/// The forward with its log-sum-exp: `(output, lse)` or `(output, weights, lse)`.
+fn sdpa_with_lse<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    [query, key, value]: [ndarray::ArrayViewD<'_, T>; 3],
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> PyResult<Bound<'py, PyAny>> {
+    let result = py.detach(|| {
+        crate::scaled_dot_product_attention_with_lse(query, key, value, mask, options)
+    })?;
+    let mut parts = vec![result.attention.output.into_pyarray(py).into_any()];
+    if let Some(weights) = result.attention.weights {
+        parts.push(weights.into_pyarray(py).into_any());
+    }
+    parts.push(result.lse.into_pyarray(py).into_any());
+    Ok(PyTuple::new(py, parts)?.into_any())
+}
+
+/// `array` as an array of the query's element type `T`, or a TypeError naming `name`.
+fn same_dtype_array<'py, T: numpy::Element>(
+    array: &Bound<'py, PyAny>,
+    name: &str,
+    query: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
+    if let Ok(typed) = array.cast::<PyArrayDyn<T>>() {
+        return Ok(typed.clone());
+    }
+    if let Some(native) = native_order_copy(array)? {
+        if let Ok(typed) = native.cast_into::<PyArrayDyn<T>>() {
+            return Ok(typed);
+        }
+    }
+    if is_dtype::<f32>(array) || is_dtype::<f64>(array) {
+        return Err(PyTypeError::new_err(format!(
+            "{name} has dtype {} but query has {}; the backward pass computes in the forward's              dtype: convert {name} with .astype()",
+            dtype_of(array),
+            dtype_of(query)
+        )));
+    }
+    Err(input_error(name, array))
+}
+
+/// The six arrays of a backward call, borrowed from Python.
+struct BackwardArrays<'py> {
+    grad_out: Bound<'py, PyAny>,
+    query: Bound<'py, PyAny>,
+    key: Bound<'py, PyAny>,
+    value: Bound<'py, PyAny>,
+    out: Bound<'py, PyAny>,
+    lse: Bound<'py, PyAny>,
+}
+
+/// Runs the backward pass for one element type with the GIL released.
+fn backward_typed<'py, T: Float + numpy::Element>(
+    py: Python<'py>,
+    arrays: &BackwardArrays<'py>,
+    attn_mask: Option<&Bound<'py, PyAny>>,
+    options: AttentionOptions,
+) -> PyResult<Bound<'py, PyAny>> {
+    let all = [&arrays.query, &arrays.key, &arrays.value];
+    let (q, k, v) = (
+        input_array::<T>(&arrays.query, "query", all)?,
+        input_array::<T>(&arrays.key, "key", all)?,
+        input_array::<T>(&arrays.value, "value", all)?,
+    );
+    let grad_out = same_dtype_array::<T>(&arrays.grad_out, "grad_out", &arrays.query)?;
+    let out = same_dtype_array::<T>(&arrays.out, "out", &arrays.query)?;
+    let lse = same_dtype_array::<T>(&arrays.lse, "lse", &arrays.query)?;
+    let borrowed_mask = BorrowedMask::borrow(attn_mask)?;
+    // SAFETY: as in `sdpa_typed`: nothing in attnscope writes to a NumPy array it is given.
+    let inputs = unsafe {
+        crate::BackwardInputs {
+            grad_out: grad_out.as_array(),
+            query: q.as_array(),
+            key: k.as_array(),
+            value: v.as_array(),
+            out: out.as_array(),
+            lse: lse.as_array(),
+        }
+    };
+    let mask = BorrowedMask::view(&borrowed_mask);
+    let grads =
+        py.detach(|| crate::scaled_dot_product_attention_backward(inputs, mask, &options))?;
+    let parts = [grads.grad_query, grads.grad_key, grads.grad_value]
+        .map(|grad| grad.into_pyarray(py).into_any());
+    Ok(PyTuple::new(py, parts)?.into_any())
+}
+
+/// scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
+/// is_causal, scale, enable_gqa, causal_alignment, window, num_threads) -> (dq, dk, dv).
+#[pyfunction]
+#[pyo3(signature = (grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, num_threads))]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the forward's arguments, one by one, and its results"
+)]
+fn scaled_dot_product_attention_backward<'py>(
+    py: Python<'py>,
+    grad_out: Bound<'py, PyAny>,
+    query: Bound<'py, PyAny>,
+    key: Bound<'py, PyAny>,
+    value: Bound<'py, PyAny>,
+    out: Bound<'py, PyAny>,
+    lse: Bound<'py, PyAny>,
+    attn_mask: Option<&Bound<'py, PyAny>>,
+    is_causal: &Bound<'py, PyAny>,
+    scale: Option<&Bound<'py, PyAny>>,
+    enable_gqa: &Bound<'py, PyAny>,
+    causal_alignment: &Bound<'py, PyAny>,
+    window: Option<(Option<usize>, Option<usize>)>,
+    num_threads: Option<usize>,
+) -> PyResult<Bound<'py, PyAny>> {
+    guarded(|| {
+        let options = AttentionOptions {
+            is_causal: flag(is_causal, "is_causal")?,
+            alignment: parse_alignment(causal_alignment)?,
+            window: window.map(|(left, right)| Window { left, right }),
+            scale: scale_value(scale)?,
+            enable_gqa: flag(enable_gqa, "enable_gqa")?,
+            return_weights: false,
+            num_threads,
+        };
+        let arrays = BackwardArrays {
+            grad_out,
+            query,
+            key,
+            value,
+            out,
+            lse,
+        };
+        if is_dtype::<f32>(&arrays.query) {
+            backward_typed::<f32>(py, &arrays, attn_mask, options)
+        } else if is_dtype::<f64>(&arrays.query) {
+            backward_typed::<f64>(py, &arrays, attn_mask, options)
+        } else {
+            Err(input_error("query", &arrays.query))
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,12 +21,11 @@ use rayon::ThreadPool;
 
 use crate::attention::{Attention, AttentionOptions, Mask, StridedKv};
 use crate::bounds::Bounds;
-use crate::element::Element;
 use crate::error::AttnError;
 use crate::kernel::{
     score_scale, HeadData, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
-use crate::memory::{standard_layout, strided_elements, zeroed, StridedElements};
+use crate::memory::{filled, standard_layout, strided_elements, zeroed, StridedElements};
 use crate::shapes::{Geometry, MaskPlan};
 use crate::simd::{KernelElement, SimdLevel};
 use crate::threads::{pool_for, ATTENTION_INLINE_WORK};
@@ -39,7 +38,7 @@ const SPLIT_MAX_QUERIES: usize = QUERY_BLOCK;
 pub(crate) const KV_CHUNK: usize = 8 * KEY_BLOCK;
 
 /// A mutable slice that parallel tasks write to at disjoint ranges.
-struct DisjointWriter<T> {
+pub(crate) struct DisjointWriter<T> {
     ptr: *mut T,
     len: usize,
 }
@@ -49,7 +48,7 @@ unsafe impl<T: Send> Send for DisjointWriter<T> {}
 unsafe impl<T: Send> Sync for DisjointWriter<T> {}
 
 impl<T> DisjointWriter<T> {
-    fn new(data: &mut [T]) -> Self {
+    pub(crate) fn new(data: &mut [T]) -> Self {
         DisjointWriter {
             ptr: data.as_mut_ptr(),
             len: data.len(),
@@ -65,7 +64,7 @@ impl<T> DisjointWriter<T> {
         clippy::mut_from_ref,
         reason = "disjoint ranges of one buffer, one per task"
     )]
-    unsafe fn rows_mut(
+    pub(crate) unsafe fn rows_mut(
         &self,
         head: usize,
         rows: &Range<usize>,
@@ -80,33 +79,33 @@ impl<T> DisjointWriter<T> {
 }
 
 /// One unit of parallel work: a block of query rows of one (batch, head), over some keys.
-struct Task {
-    head: usize,
-    rows: Range<usize>,
-    keys: Range<usize>,
-    cost: usize,
+pub(crate) struct Task {
+    pub head: usize,
+    pub rows: Range<usize>,
+    pub keys: Range<usize>,
+    pub cost: usize,
 }
 
-/// Runs `work` with this thread's scratch space for `T`, kept between calls so that a small
-/// call does not spend its time allocating buffers an earlier call already had.
-fn with_scratch<T: Element, R>(work: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+/// Runs `work` with this thread's scratch space of type `S`, kept between calls so that a
+/// small call does not spend its time allocating buffers an earlier call already had.
+pub(crate) fn with_scratch<S: Default + 'static, R>(work: impl FnOnce(&mut S) -> R) -> R {
     thread_local! {
         static SCRATCH: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
     }
     SCRATCH.with(|cell| {
         let Ok(mut kept) = cell.try_borrow_mut() else {
             // A call nested in another on this thread gets its own.
-            return work(&mut Scratch::default());
+            return work(&mut S::default());
         };
-        let index = match kept.iter().position(|entry| entry.is::<Scratch<T>>()) {
+        let index = match kept.iter().position(|entry| entry.is::<S>()) {
             Some(index) => index,
             None => {
-                kept.push(Box::new(Scratch::<T>::default()));
+                kept.push(Box::new(S::default()));
                 kept.len() - 1
             }
         };
         let scratch = kept[index]
-            .downcast_mut::<Scratch<T>>()
+            .downcast_mut::<S>()
             .expect("the entry was found by its type");
         work(scratch)
     })
@@ -114,10 +113,10 @@ fn with_scratch<T: Element, R>(work: impl FnOnce(&mut Scratch<T>) -> R) -> R {
 
 /// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline. Each
 /// thread reuses its scratch space across the tasks it runs.
-fn run_tasks<T, F>(pool: &ThreadPool, tasks: &mut [Task], work: F)
+pub(crate) fn run_tasks<S, F>(pool: &ThreadPool, tasks: &mut [Task], work: F)
 where
-    T: Element,
-    F: Fn(&mut Scratch<T>, &Task) + Sync + Send,
+    S: Default + 'static,
+    F: Fn(&mut S, &Task) + Sync + Send,
 {
     tasks.sort_by_key(|task| std::cmp::Reverse(task.cost));
     let total: usize = tasks.iter().map(|task| task.cost).sum();
@@ -135,12 +134,12 @@ where
 
 /// What every task of one call reads: the query rows, the keys and values, the mask and the
 /// kernel's parameters.
-struct CallData<'a, T> {
-    level: SimdLevel,
-    params: KernelParams<T>,
-    geometry: &'a Geometry,
-    query: &'a [T],
-    kv: &'a StridedKv<'a, T>,
+pub(crate) struct CallData<'a, T> {
+    pub level: SimdLevel,
+    pub params: KernelParams<T>,
+    pub geometry: &'a Geometry,
+    pub query: &'a [T],
+    pub kv: &'a StridedKv<'a, T>,
     mask: Option<(&'a MaskPlan, MaskElements<'a, T>)>,
 }
 
@@ -152,7 +151,7 @@ enum MaskElements<'a, T> {
 
 impl<T: KernelElement> CallData<'_, T> {
     /// The inputs of flattened (batch, query head) `head`.
-    fn head(&self, head: usize) -> HeadData<'_, T> {
+    pub(crate) fn head(&self, head: usize) -> HeadData<'_, T> {
         let geometry = self.geometry;
         let (batch, query_head) = (head / geometry.query_heads, head % geometry.query_heads);
         let kv_head = batch * geometry.kv_heads + query_head / geometry.group();
@@ -203,7 +202,7 @@ impl<T: KernelElement> CallData<'_, T> {
     }
 
     /// Every (head, query block) with the keys its rows can see.
-    fn query_blocks(&self) -> Vec<Task> {
+    pub(crate) fn query_blocks(&self) -> Vec<Task> {
         let geometry = self.geometry;
         let (l, width) = (
             geometry.num_queries,
@@ -228,7 +227,7 @@ impl<T: KernelElement> CallData<'_, T> {
 }
 
 /// The kernel's parameters for a call of `geometry` with `options`.
-fn kernel_params<T: KernelElement>(
+pub(crate) fn kernel_params<T: KernelElement>(
     geometry: &Geometry,
     options: &AttentionOptions,
 ) -> Result<KernelParams<T>, AttnError> {
@@ -253,18 +252,18 @@ fn kernel_params<T: KernelElement>(
     })
 }
 
-/// Runs a call whose arguments `shapes::check_call` accepted: `kv` holds the keys and values
-/// of every (batch, kv head) `kv.row_capacity` rows apart.
-pub(crate) fn attend_checked<T: KernelElement>(
+/// Runs `work` on the [`CallData`] of a call whose arguments `shapes::check_call` accepted:
+/// `query` is `(heads, L, D)` in row-major order, and `kv` holds the keys and values of every
+/// (batch, kv head) `kv.row_capacity` rows apart.
+pub(crate) fn with_call_data<T: KernelElement, R>(
     level: SimdLevel,
     geometry: &Geometry,
-    query: ArrayViewD<'_, T>,
+    query: &[T],
     kv: &StridedKv<'_, T>,
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
-) -> Result<Attention<T>, AttnError> {
-    let pool = pool_for(options.num_threads)?;
-    let query = standard_layout(query, "query")?;
+    work: impl FnOnce(&CallData<'_, T>) -> R,
+) -> Result<R, AttnError> {
     // Masks are read through their own strides: a broadcast or transposed view costs nothing.
     let bool_mask: Option<StridedElements<'_, bool>> = match mask {
         Mask::Bool(view) => Some(strided_elements(view.view(), "attn_mask")?),
@@ -286,24 +285,51 @@ pub(crate) fn attend_checked<T: KernelElement>(
         level,
         params: kernel_params(geometry, options)?,
         geometry,
-        query: query.as_slice().expect("standard layout is contiguous"),
+        query,
         kv,
         mask: plan.as_ref().zip(elements),
     };
+    Ok(work(&call))
+}
 
+/// Runs a call whose arguments `shapes::check_call` accepted: `kv` holds the keys and values
+/// of every (batch, kv head) `kv.row_capacity` rows apart. With `want_lse`, also returns each
+/// query row's log-sum-exp, `(..., Hq, L)`.
+pub(crate) fn attend_checked<T: KernelElement>(
+    level: SimdLevel,
+    geometry: &Geometry,
+    query: ArrayViewD<'_, T>,
+    kv: &StridedKv<'_, T>,
+    mask: &Mask<'_, T>,
+    options: &AttentionOptions,
+    want_lse: bool,
+) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
+    let pool = pool_for(options.num_threads)?;
+    let query = standard_layout(query, "query")?;
+    let query = query.as_slice().expect("standard layout is contiguous");
     let (heads, l) = (geometry.heads(), geometry.num_queries);
     let mut output = zeroed(&[heads, l, geometry.value_dim], "output")?;
-    let mut blocks = call.query_blocks();
-    let mut weights = None;
-    if options.return_weights {
-        let mut buffer = zeroed(&[heads, l, geometry.num_keys], "return_weights")?;
-        with_weights(&pool, &call, &mut blocks, &mut output, &mut buffer);
-        weights = Some(buffer);
-    } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK) {
-        by_key_chunks(&pool, &call, &blocks, &mut output);
+    let mut lse = if want_lse {
+        Some(filled(&[heads, l], T::NEG_INFINITY, "return_lse")?)
     } else {
-        by_query_blocks(&pool, &call, &mut blocks, &mut output);
-    }
+        None
+    };
+    let mut weights = None;
+    with_call_data(level, geometry, query, kv, mask, options, |call| {
+        let mut blocks = call.query_blocks();
+        let lse = lse.as_deref_mut();
+        if options.return_weights {
+            let mut buffer = zeroed(&[heads, l, geometry.num_keys], "return_weights")?;
+            with_weights(&pool, call, &mut blocks, &mut output, &mut buffer, lse);
+            weights = Some(buffer);
+        } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK)
+        {
+            by_key_chunks(&pool, call, &blocks, &mut output, lse);
+        } else {
+            by_query_blocks(&pool, call, &mut blocks, &mut output, lse);
+        }
+        Ok::<(), AttnError>(())
+    })??;
 
     let output = ArrayD::from_shape_vec(IxDyn(&geometry.output_shape()), output)
         .expect("output buffer matches its shape");
@@ -311,7 +337,11 @@ pub(crate) fn attend_checked<T: KernelElement>(
         ArrayD::from_shape_vec(IxDyn(&geometry.weights_shape()), w)
             .expect("weights buffer matches its shape")
     });
-    Ok(Attention { output, weights })
+    let lse = lse.map(|lse| {
+        ArrayD::from_shape_vec(IxDyn(&geometry.lse_shape()), lse)
+            .expect("lse buffer matches its shape")
+    });
+    Ok((Attention { output, weights }, lse))
 }
 
 /// Each query block: exact softmax rows into `weights`, and `weights · V` into `output`.
@@ -321,17 +351,28 @@ fn with_weights<T: KernelElement>(
     blocks: &mut [Task],
     output: &mut [T],
     weights: &mut [T],
+    lse: Option<&mut [T]>,
 ) {
     let geometry = call.geometry;
     let (l, s, dv) = (geometry.num_queries, geometry.num_keys, geometry.value_dim);
     let (out_writer, weights_writer) = (DisjointWriter::new(output), DisjointWriter::new(weights));
-    run_tasks(pool, blocks, |scratch, task| {
+    let lse_writer = lse.map(DisjointWriter::new);
+    run_tasks(pool, blocks, |scratch: &mut Scratch<T>, task| {
         // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
         let (w, out) = unsafe {
             (
                 weights_writer.rows_mut(task.head, &task.rows, l, s),
                 out_writer.rows_mut(task.head, &task.rows, l, dv),
             )
+        };
+        let mut unwanted = Vec::new();
+        let lse = match &lse_writer {
+            // SAFETY: as above.
+            Some(writer) => unsafe { writer.rows_mut(task.head, &task.rows, l, 1) },
+            None => {
+                unwanted.resize(task.rows.len(), T::ZERO);
+                &mut unwanted[..]
+            }
         };
         let head = call.head(task.head);
         T::weights(
@@ -341,6 +382,7 @@ fn with_weights<T: KernelElement>(
             task.rows.clone(),
             w,
             out,
+            lse,
             scratch,
         );
     });
@@ -352,14 +394,22 @@ fn by_query_blocks<T: KernelElement>(
     call: &CallData<'_, T>,
     blocks: &mut [Task],
     output: &mut [T],
+    lse: Option<&mut [T]>,
 ) {
     let (l, dv) = (call.geometry.num_queries, call.geometry.value_dim);
     let out_writer = DisjointWriter::new(output);
-    run_tasks(pool, blocks, |scratch, task| {
+    let lse_writer = lse.map(DisjointWriter::new);
+    run_tasks(pool, blocks, |scratch: &mut Scratch<T>, task| {
         call.stream(scratch, task);
         // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
         let out = unsafe { out_writer.rows_mut(task.head, &task.rows, l, dv) };
         scratch.state.finish_into(out, dv);
+        if let Some(writer) = &lse_writer {
+            // SAFETY: as above.
+            scratch
+                .state
+                .lse_into(unsafe { writer.rows_mut(task.head, &task.rows, l, 1) });
+        }
     });
 }
 
@@ -370,6 +420,7 @@ fn by_key_chunks<T: KernelElement>(
     call: &CallData<'_, T>,
     blocks: &[Task],
     output: &mut [T],
+    lse: Option<&mut [T]>,
 ) {
     let (l, dv) = (call.geometry.num_queries, call.geometry.value_dim);
     let mut chunks = Vec::new();
@@ -407,11 +458,16 @@ fn by_key_chunks<T: KernelElement>(
         }
     }
     let out_writer = DisjointWriter::new(output);
+    let lse_writer = lse.map(DisjointWriter::new);
     for (block, state) in blocks.iter().zip(merged) {
         if let Some(state) = state {
             // SAFETY: single-threaded here; (head, rows) ranges are disjoint anyway.
             let out = unsafe { out_writer.rows_mut(block.head, &block.rows, l, dv) };
             state.finish_into(out, dv);
+            if let Some(writer) = &lse_writer {
+                // SAFETY: as above.
+                state.lse_into(unsafe { writer.rows_mut(block.head, &block.rows, l, 1) });
+            }
         }
     }
 }

@@ -197,6 +197,13 @@ impl Geometry {
         shape
     }
 
+    /// The log-sum-exp of every query row: `(..., Hq, L)`.
+    pub(crate) fn lse_shape(&self) -> Vec<usize> {
+        let mut shape = self.outer_shape.clone();
+        shape.push(self.num_queries);
+        shape
+    }
+
     /// (batch, query head) pairs.
     pub(crate) fn heads(&self) -> usize {
         self.batch * self.query_heads

@@ -15,8 +15,10 @@ from ._engine import core
 
 try:  # bound once: tiny calls are dominated by fixed costs
     from ._core import scaled_dot_product_attention as _core_sdpa
+    from ._core import scaled_dot_product_attention_backward as _core_backward
 except ImportError:  # pragma: no cover - the call below then raises core()'s ImportError
     _core_sdpa = None
+    _core_backward = None
 
 # A window side wider than any sequence means "unbounded"; this one still fits the core's usize.
 _WIDEST_SIDE = 2**63 - 1
@@ -71,6 +73,7 @@ def scaled_dot_product_attention(
     causal_alignment="top_left",
     window=None,
     return_weights=False,
+    return_lse=False,
 ):
     """Exact attention ``softmax(Q·Kᵀ·scale + mask)·V`` on the CPU, with PyTorch's arguments.
 
@@ -89,10 +92,15 @@ def scaled_dot_product_attention(
         window: ``w`` keeps keys with ``|j - c(i)| < w``; ``(left, right)`` keeps
             ``c(i) - left <= j <= c(i) + right`` (``None`` = unbounded side).
         return_weights: also return the ``(..., Hq, L, S)`` attention weights.
+        return_lse: also return the log-sum-exp of every query row, ``(..., Hq, L)``: the
+            natural log of ``sum(exp(s))`` over the row's visible scaled, masked scores
+            (``-inf`` for a row that sees no key). It is what
+            :func:`scaled_dot_product_attention_backward` needs.
 
     Returns:
-        The output ``(..., Hq, L, Dv)`` in the input dtype, or ``(output, weights)``. A query with
-        no visible key gets zeros.
+        The output ``(..., Hq, L, Dv)`` in the input dtype; ``(output, weights)`` with
+        ``return_weights``; ``(output, lse)`` with ``return_lse``; ``(output, weights, lse)``
+        with both. A query with no visible key gets zeros.
 
     Raises:
         TypeError: non-array input, unsupported or mixed dtypes.
@@ -111,6 +119,64 @@ def scaled_dot_product_attention(
         causal_alignment,
         None if window is None else check_window(window),
         return_weights,
+        _CONTEXT_THREADS.get(),
+        return_lse,
+    )
+
+
+def scaled_dot_product_attention_backward(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    lse,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+):
+    """The gradients of :func:`scaled_dot_product_attention` with respect to query, key and value.
+
+    FlashAttention-2's backward: the weights are recomputed a tile at a time from ``lse``, so
+    the ``(L, S)`` matrices never exist (memory beyond the gradients grows with ``L + S``).
+    Results are bitwise identical for every thread count.
+
+    Args:
+        grad_out: the gradient of the loss with respect to the output, ``(..., Hq, L, Dv)``.
+        query, key, value: the forward's inputs.
+        out: the forward's output, ``(..., Hq, L, Dv)``.
+        lse: the forward's log-sum-exp, ``(..., Hq, L)``, from ``return_lse=True``.
+        attn_mask, is_causal, scale, enable_gqa, causal_alignment, window: the forward's
+            options, which must be the ones ``out`` and ``lse`` were computed with. A float
+            mask is treated as a constant: it gets no gradient.
+
+    Returns:
+        ``(grad_query, grad_key, grad_value)`` in the shapes and dtype of query, key and value.
+        With grouped-query attention, a kv head's gradients sum those of its query heads. A
+        query row that sees no key contributes nothing (its ``grad_query`` is zero).
+
+    Raises:
+        TypeError: non-array input, unsupported dtypes, or arrays not all in the query's dtype.
+        ValueError: shapes that do not fit together (``grad_out`` and ``out`` must have the
+            output's shape, ``lse`` ``(..., Hq, L)``), bad option values.
+    """
+    return (_core_backward or core().scaled_dot_product_attention_backward)(
+        grad_out,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        causal_alignment,
+        None if window is None else check_window(window),
         _CONTEXT_THREADS.get(),
     )
 

@@ -15,6 +15,7 @@ __all__ = [
     "get_weights_memory_limit",
     "multi_head_attention_forward",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "set_num_threads",
     "set_weights_memory_limit",
     "simd_level",
@@ -33,7 +34,25 @@ def scaled_dot_product_attention(
     window: tuple[int | None, int | None] | None,
     return_weights: bool | np.bool_,
     num_threads: int | None,
+    return_lse: bool | np.bool_ | None = None,
 ) -> Any: ...
+def scaled_dot_product_attention_backward(
+    grad_out: npt.NDArray[np.floating[Any]],
+    query: npt.NDArray[np.floating[Any]],
+    key: npt.NDArray[np.floating[Any]],
+    value: npt.NDArray[np.floating[Any]],
+    out: npt.NDArray[np.floating[Any]],
+    lse: npt.NDArray[np.floating[Any]],
+    attn_mask: npt.NDArray[Any] | None,
+    is_causal: bool | np.bool_,
+    scale: float | None,
+    enable_gqa: bool | np.bool_,
+    causal_alignment: str,
+    window: tuple[int | None, int | None] | None,
+    num_threads: int | None,
+) -> tuple[
+    npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]]
+]: ...
 
 MAX_THREADS: int
 

@@ -12,8 +12,10 @@ import math
 import numpy as np
 
 __all__ = [
+    "log_sum_exp",
     "normalize_window",
     "scaled_dot_product_attention",
+    "scaled_dot_product_attention_backward",
     "softmax",
     "visibility",
 ]
@@ -69,24 +71,18 @@ def softmax(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
         return np.where(empty, 0.0, exps / np.where(empty, 1.0, total))
 
 
-def scaled_dot_product_attention(
-    query,
-    key,
-    value,
-    attn_mask=None,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    *,
-    causal_alignment="top_left",
-    window=None,
-    return_weights=False,
-):
-    """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine.
+def log_sum_exp(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """``log(sum(exp(s)))`` over each row's visible scores; ``-inf`` for a row that sees none."""
+    masked = np.where(visible, scores, -np.inf)
+    row_max = masked.max(axis=-1, initial=-np.inf)
+    shift = np.where(np.isfinite(row_max), row_max, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(np.exp(masked - shift[..., None]).sum(axis=-1)) + shift
 
-    Shapes: query (..., Hq, L, D), key (..., Hkv, S, D), value (..., Hkv, S, Dv); 2-D inputs
-    are a single head. Returns float64 output (..., Hq, L, Dv) and, if asked, the weights.
-    """
+
+def _scores(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window):
+    """The float64 inputs with kv heads repeated for their query heads, the scaled and masked
+    scores, which of them are visible, and the scale."""
     q = np.asarray(query, dtype=np.float64)
     k = np.asarray(key, dtype=np.float64)
     v = np.asarray(value, dtype=np.float64)
@@ -126,7 +122,32 @@ def scaled_dot_product_attention(
             mask = mask.astype(np.float64)
             visible = visible & (mask != -np.inf)
             scores = scores + mask
+    return q, k, v, scores, visible, scale
 
+
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+    return_weights=False,
+    return_lse=False,
+):
+    """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine.
+
+    Shapes: query (..., Hq, L, D), key (..., Hkv, S, D), value (..., Hkv, S, Dv); 2-D inputs
+    are a single head. Returns float64 output (..., Hq, L, Dv) and, if asked, the weights and
+    the log-sum-exp (..., Hq, L), in that order.
+    """
+    _, _, v, scores, visible, _ = _scores(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window
+    )
     weights = softmax(scores, visible)
     # A masked-out value must not reach the output even when it is NaN or inf, and 0 * NaN is
     # NaN, so non-finite values take the exact (slow) road of summing only visible keys.
@@ -136,4 +157,47 @@ def scaled_dot_product_attention(
         with np.errstate(invalid="ignore"):  # 0 * inf at hidden keys, discarded just below
             picked = np.where(visible[..., None], weights[..., None] * v[..., None, :, :], 0.0)
         out = picked.sum(axis=-2)
-    return (out, weights) if return_weights else out
+    results = (out,) + ((weights,) if return_weights else ())
+    results += (log_sum_exp(scores, visible),) if return_lse else ()
+    return results if len(results) > 1 else out
+
+
+def scaled_dot_product_attention_backward(
+    grad_out,
+    query,
+    key,
+    value,
+    out=None,
+    lse=None,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+):
+    """The gradients ``(grad_query, grad_key, grad_value)`` of the attention above, in float64.
+
+    The textbook chain rule through the full weights ``P``: ``dV = Pᵀ·dO``,
+    ``dS = P ∘ (dO·Vᵀ - rowsum(P ∘ dO·Vᵀ))``, ``dQ = scale·dS·K``, ``dK = scale·dSᵀ·Q``. A
+    float mask is a constant. ``out`` and ``lse`` are accepted for the engine's signature and
+    not needed: the weights are computed again here.
+    """
+    q, k, v, scores, visible, scale = _scores(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window
+    )
+    weights = softmax(scores, visible)
+    grad_out = np.asarray(grad_out, dtype=np.float64)
+    grad_value = np.swapaxes(weights, -1, -2) @ grad_out
+    grad_weights = grad_out @ np.swapaxes(v, -1, -2)
+    grad_scores = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
+    grad_query = scale * grad_scores @ k
+    grad_key = scale * np.swapaxes(grad_scores, -1, -2) @ q
+    key_shape = np.shape(key)
+    if grad_key.shape != key_shape:  # grouped heads: sum each kv head's query heads
+        group = grad_key.shape[-3] // key_shape[-3]
+        regroup = (*key_shape[:-2], group, *grad_key.shape[-2:])
+        grad_key = grad_key.reshape(regroup).sum(axis=-3)
+        grad_value = grad_value.reshape((*regroup[:-1], grad_value.shape[-1])).sum(axis=-3)
+    return grad_query, grad_key, grad_value

@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use crate::backward::{key_block_grads, query_block_grads, GradHead, GradParams, GradScratch};
 use crate::element::Element;
 use crate::kernel::{flash_block, weights_block, HeadData, KernelParams, Scratch};
 use crate::simd::SimdLevel;
@@ -25,7 +26,29 @@ pub trait KernelElement: Element {
         rows: Range<usize>,
         weights: &mut [Self],
         out: &mut [Self],
+        lse: &mut [Self],
         scratch: &mut Scratch<Self>,
+    );
+    /// The backward pass's `dK` and `dV` of one kv head's keys (see `backward`).
+    #[expect(clippy::too_many_arguments, reason = "the kernel's arguments, one by one")]
+    fn key_block_grads(
+        level: SimdLevel,
+        params: &GradParams<Self>,
+        heads: &[GradHead<'_, Self>],
+        keys: Range<usize>,
+        num_queries: usize,
+        grad_key: &mut [Self],
+        grad_value: &mut [Self],
+        scratch: &mut GradScratch<Self>,
+    );
+    /// The backward pass's `dQ` of one head's query rows (see `backward`).
+    fn query_block_grads(
+        level: SimdLevel,
+        params: &GradParams<Self>,
+        head: &GradHead<'_, Self>,
+        rows: Range<usize>,
+        grad_query: &mut [Self],
+        scratch: &mut GradScratch<Self>,
     );
 }
 
@@ -92,6 +115,7 @@ macro_rules! kernel_element {
                 rows: Range<usize>,
                 weights: &mut [$t],
                 out: &mut [$t],
+                lse: &mut [$t],
                 scratch: &mut Scratch<$t>,
             ) {
                 at_level!(
@@ -105,7 +129,58 @@ macro_rules! kernel_element {
                         rows: Range<usize>,
                         weights: &mut [$t],
                         out: &mut [$t],
+                        lse: &mut [$t],
                         scratch: &mut Scratch<$t>
+                    )
+                )
+            }
+
+            fn key_block_grads(
+                level: SimdLevel,
+                params: &GradParams<$t>,
+                heads: &[GradHead<'_, $t>],
+                keys: Range<usize>,
+                num_queries: usize,
+                grad_key: &mut [$t],
+                grad_value: &mut [$t],
+                scratch: &mut GradScratch<$t>,
+            ) {
+                at_level!(
+                    level,
+                    $portable,
+                    $avx2,
+                    $avx512,
+                    key_block_grads(
+                        params: &GradParams<$t>,
+                        heads: &[GradHead<'_, $t>],
+                        keys: Range<usize>,
+                        num_queries: usize,
+                        grad_key: &mut [$t],
+                        grad_value: &mut [$t],
+                        scratch: &mut GradScratch<$t>
+                    )
+                )
+            }
+
+            fn query_block_grads(
+                level: SimdLevel,
+                params: &GradParams<$t>,
+                head: &GradHead<'_, $t>,
+                rows: Range<usize>,
+                grad_query: &mut [$t],
+                scratch: &mut GradScratch<$t>,
+            ) {
+                at_level!(
+                    level,
+                    $portable,
+                    $avx2,
+                    $avx512,
+                    query_block_grads(
+                        params: &GradParams<$t>,
+                        head: &GradHead<'_, $t>,
+                        rows: Range<usize>,
+                        grad_query: &mut [$t],
+                        scratch: &mut GradScratch<$t>
                     )
                 )
             }

@@ -1,0 +1,135 @@
+"""attnscope's attention as a differentiable PyTorch operation on CPU tensors.
+
+``attnscope.torch.scaled_dot_product_attention`` takes PyTorch's arguments and returns a
+tensor that autograd differentiates with attnscope's exact backward pass, so a PyTorch model
+can train with the engine's kernels::
+
+    import attnscope.torch as atorch
+    out = atorch.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out.sum().backward()
+
+Only this module imports torch; the rest of attnscope never needs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._attention import (
+    scaled_dot_product_attention as _forward,
+)
+from ._attention import (
+    scaled_dot_product_attention_backward as _backward,
+)
+
+__all__ = ["scaled_dot_product_attention"]
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_tensor(tensor, name: str, dtype=None) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(
+            f"{name} is on {tensor.device}; attnscope computes on the CPU: move it with "
+            f"{name}.cpu()"
+        )
+    if tensor.dtype not in _DTYPES:
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype}; attnscope computes in torch.float32 or "
+            f"torch.float64: convert with {name}.float()"
+        )
+    if dtype is not None and tensor.dtype != dtype:
+        raise TypeError(
+            f"query, key and value must share one dtype, got {dtype} and {tensor.dtype} for "
+            f"{name}"
+        )
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's data (no copy, no autograd history)."""
+    return tensor.detach().numpy()
+
+
+def _mask_array(attn_mask) -> np.ndarray | None:
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device.type != "cpu":
+        raise ValueError(f"attn_mask is on {attn_mask.device}; move it with attn_mask.cpu()")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(
+            f"attn_mask has dtype {attn_mask.dtype}; use a bool mask (True = may attend) or a "
+            "float mask added to the scores"
+        )
+    if attn_mask.dtype in (torch.float16, torch.bfloat16):
+        attn_mask = attn_mask.float()
+    return _array(attn_mask)
+
+
+class _Attention(torch.autograd.Function):
+    """Forward keeps the output and its log-sum-exp; backward runs the engine's backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, options):
+        arrays = [_array(tensor) for tensor in (query, key, value)]
+        out, lse = _forward(*arrays, mask, **options, return_lse=True)
+        out_tensor, lse_tensor = torch.from_numpy(out), torch.from_numpy(lse)
+        ctx.save_for_backward(query, key, value, out_tensor, lse_tensor)
+        ctx.mask, ctx.options = mask, options
+        return out_tensor
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        grad_out = grad_out.to(out.dtype)
+        grads = _backward(
+            _array(grad_out),
+            *(_array(tensor) for tensor in (query, key, value, out, lse)),
+            ctx.mask,
+            **ctx.options,
+        )
+        needed = ctx.needs_input_grad[:3]
+        return (
+            *(torch.from_numpy(grad) if need else None for grad, need in zip(grads, needed)),
+            None,
+            None,
+        )
+
+
+def scaled_dot_product_attention(
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+):
+    """:func:`attnscope.scaled_dot_product_attention` on CPU tensors, differentiable.
+
+    Arguments and shapes are those of :func:`attnscope.scaled_dot_product_attention` (and of
+    ``torch.nn.functional.scaled_dot_product_attention``, without dropout). Gradients flow to
+    query, key and value through attnscope's backward pass; a mask gets no gradient.
+
+    Raises:
+        TypeError: a non-tensor, a dtype other than float32/float64, or mixed dtypes.
+        ValueError: a tensor not on the CPU, and every check of the NumPy function.
+    """
+    _check_tensor(query, "query")
+    _check_tensor(key, "key", query.dtype)
+    _check_tensor(value, "value", query.dtype)
+    options = dict(
+        is_causal=is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+        causal_alignment=causal_alignment,
+        window=window,
+    )
+    return _Attention.apply(query, key, value, _mask_array(attn_mask), options)

@@ -1,0 +1,609 @@
+//! The backward pass of attention, FlashAttention-2's algorithm on the CPU: each tile's
+//! probabilities are recomputed from the forward's log-sum-exp, `P = exp(S - lse)`, with
+//! `D = rowsum(dO ∘ O)` and `dS = P ∘ (dP - D)` where `dP = dO·Vᵀ`; then `dV = Pᵀ·dO`,
+//! `dK = scale · dSᵀ·Q` and `dQ = scale · dS·K`. The L x S matrices never exist: memory beyond
+//! the gradients is one row statistic per query and a few tiles per thread.
+//!
+//! Every gradient element has one owner, so results are bitwise identical for any thread
+//! count: one pass over key blocks owns `dK` and `dV` (a kv head's query heads are visited in
+//! order, so grouped-query gradients sum in a fixed order), and a second pass over query blocks
+//! owns `dQ`. Both recompute the tiles they need.
+
+use std::ops::Range;
+
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
+
+use crate::attention::{AttentionOptions, Mask, StridedKv};
+use crate::element::Element;
+use crate::error::{shape_str, AttnError};
+use crate::kernel::{
+    apply_visibility, mask_coverage, round_up, HeadData, KernelParams, MaskCoverage, MaskRows,
+};
+use crate::memory::{standard_layout, zeroed};
+use crate::microkernel::{accumulate_pv, column_exp2, scale_row, transposed_scores, WeightLayout};
+use crate::schedule::{run_tasks, with_call_data, CallData, DisjointWriter, Task};
+use crate::shapes::{check_call, Geometry};
+use crate::simd::{active_level, KernelElement, SimdLevel, SimdVec};
+use crate::threads::pool_for;
+
+/// Keys per task of the key pass (rows of its `dK`, `dV`).
+const KEY_PASS_KEYS: usize = 64;
+/// Query rows per tile of the key pass, and per task of the query pass.
+const GRAD_QUERY_BLOCK: usize = 64;
+/// Keys per tile of the query pass.
+const QUERY_PASS_KEYS: usize = 128;
+
+/// The gradients of attention with respect to its three inputs, in their shapes.
+pub struct AttentionGrads<T> {
+    pub grad_query: ArrayD<T>,
+    pub grad_key: ArrayD<T>,
+    pub grad_value: ArrayD<T>,
+}
+
+/// What every tile of one backward call shares.
+#[derive(Clone, Copy)]
+pub struct GradParams<T> {
+    pub kernel: KernelParams<T>,
+    /// The scale of `Q·Kᵀ` itself (the kernel's is folded with `log2(e)`).
+    pub scale: T,
+}
+
+/// One (batch, query head)'s inputs to the backward pass.
+#[derive(Clone, Copy)]
+pub struct GradHead<'a, T> {
+    pub head: HeadData<'a, T>,
+    /// `dO`, `L x Dv`.
+    pub grad_out: &'a [T],
+    /// The forward's log-sum-exp, `L`, natural log.
+    pub lse: &'a [T],
+    /// `rowsum(dO ∘ O)`, `L`.
+    pub delta: &'a [T],
+}
+
+/// Buffers a thread reuses from one tile to the next.
+#[derive(Default)]
+pub struct GradScratch<T> {
+    /// `Qᵀ · scale · log2(e)`, `D x width`.
+    queries: Vec<T>,
+    /// `dOᵀ`, `Dv x width`.
+    grad_out: Vec<T>,
+    /// Each query column's `lse` in base 2 (`+inf` for a row with no key, and for padding).
+    shift: Vec<T>,
+    /// Each query column's `D`.
+    delta: Vec<T>,
+    /// `Pᵀ`, keys x width.
+    probs: Vec<T>,
+    /// `dPᵀ`, then `dSᵀ`, keys x width.
+    grad_scores: Vec<T>,
+    /// Unused column sums of the exponentials.
+    sums: Vec<T>,
+    grad_key: Vec<T>,
+    grad_value: Vec<T>,
+}
+
+/// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
+fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
+    buffer.clear();
+    buffer.resize(len, value);
+}
+
+/// Lays out `rows` of one head for its tiles: `Qᵀ` (scaled to base 2) and `dOᵀ`, padded to
+/// `width` columns, with each row's `lse` shift and `D`. Returns `width`.
+fn pack_rows<V: SimdVec>(
+    params: &GradParams<V::Elem>,
+    head: &GradHead<'_, V::Elem>,
+    rows: &Range<usize>,
+    scratch: &mut GradScratch<V::Elem>,
+) -> usize {
+    let kernel = &params.kernel;
+    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
+    let width = round_up(rows.len(), V::LANES);
+    refill(&mut scratch.queries, depth * width, V::Elem::ZERO);
+    refill(&mut scratch.grad_out, value_dim * width, V::Elem::ZERO);
+    let infinity = V::Elem::from_f64(f64::INFINITY);
+    refill(&mut scratch.shift, width, infinity);
+    refill(&mut scratch.delta, width, V::Elem::ZERO);
+    let log2_e = V::Elem::from_f64(std::f64::consts::LOG2_E);
+    for (column, row) in rows.clone().enumerate() {
+        let query = &head.head.q[row * depth..(row + 1) * depth];
+        for (d, &x) in query.iter().enumerate() {
+            scratch.queries[d * width + column] = x * kernel.score_scale;
+        }
+        let grad = &head.grad_out[row * value_dim..(row + 1) * value_dim];
+        for (d, &x) in grad.iter().enumerate() {
+            scratch.grad_out[d * width + column] = x;
+        }
+        // A row that saw no key has no probability anywhere: 2^(s - inf) is 0.
+        let lse = head.lse[row];
+        if lse != V::Elem::NEG_INFINITY {
+            scratch.shift[column] = lse * log2_e;
+        }
+        scratch.delta[column] = head.delta[row];
+    }
+    width
+}
+
+/// Hides the scores of `rows` against `keys` that the rules or the mask exclude (the one door
+/// through which visibility enters the backward pass). Returns false when the mask hides the
+/// whole block, whose scores are then left unset.
+fn hide_invisible<T: Element>(
+    params: &KernelParams<T>,
+    mask: &MaskRows<'_, T>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    scores: &mut [T],
+    layout: WeightLayout,
+) -> bool {
+    let coverage = mask_coverage(mask, rows, keys);
+    if coverage == MaskCoverage::Hidden {
+        return false;
+    }
+    let mask = if coverage == MaskCoverage::Neutral {
+        &MaskRows::None
+    } else {
+        mask
+    };
+    apply_visibility(params, mask, rows, keys, scores, layout);
+    true
+}
+
+/// `Pᵀ` and `dSᵀ` of the packed `rows` against `keys` (keys x `width`, in `scratch.probs` and
+/// `scratch.grad_scores`). Returns false when no pair of the tile is visible.
+#[inline(always)]
+unsafe fn grad_tile<V: SimdVec>(
+    params: &GradParams<V::Elem>,
+    head: &GradHead<'_, V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    width: usize,
+    scratch: &mut GradScratch<V::Elem>,
+) -> bool {
+    let kernel = &params.kernel;
+    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
+    let tile = keys.len() * width;
+    refill(&mut scratch.probs, tile, V::Elem::ZERO);
+    let key_rows = &head.head.k[keys.start * depth..keys.end * depth];
+    transposed_scores::<V>(
+        key_rows,
+        keys.len(),
+        &scratch.queries,
+        depth,
+        width,
+        &mut scratch.probs,
+    );
+    let layout = WeightLayout {
+        row_stride: 1,
+        key_stride: width,
+    };
+    if !hide_invisible(
+        kernel,
+        &head.head.mask,
+        rows,
+        keys,
+        &mut scratch.probs,
+        layout,
+    ) {
+        return false;
+    }
+    refill(&mut scratch.sums, width, V::Elem::ZERO);
+    column_exp2::<V>(
+        &mut scratch.probs,
+        keys.len(),
+        width,
+        &scratch.shift,
+        &mut scratch.sums,
+    );
+    refill(&mut scratch.grad_scores, tile, V::Elem::ZERO);
+    let value_rows = &head.head.v[keys.start * value_dim..keys.end * value_dim];
+    transposed_scores::<V>(
+        value_rows,
+        keys.len(),
+        &scratch.grad_out,
+        value_dim,
+        width,
+        &mut scratch.grad_scores,
+    );
+    for (probs, grads) in scratch
+        .probs
+        .chunks_exact(width)
+        .zip(scratch.grad_scores.chunks_exact_mut(width))
+    {
+        for ((grad, &p), &delta) in grads.iter_mut().zip(probs).zip(&scratch.delta) {
+            *grad = p * (*grad - delta);
+        }
+    }
+    true
+}
+
+/// `dK` (`keys x D`) and `dV` (`keys x Dv`) of one kv head's `keys`, summed over `heads` (the
+/// query heads that read it, in order) and each head's query rows, in order.
+#[inline(always)]
+pub(crate) unsafe fn key_block_grads<V: SimdVec>(
+    params: &GradParams<V::Elem>,
+    heads: &[GradHead<'_, V::Elem>],
+    keys: Range<usize>,
+    num_queries: usize,
+    grad_key: &mut [V::Elem],
+    grad_value: &mut [V::Elem],
+    scratch: &mut GradScratch<V::Elem>,
+) {
+    let kernel = &params.kernel;
+    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
+    let mut key_acc = std::mem::take(&mut scratch.grad_key);
+    let mut value_acc = std::mem::take(&mut scratch.grad_value);
+    refill(&mut key_acc, keys.len() * depth, V::Elem::ZERO);
+    refill(&mut value_acc, keys.len() * value_dim, V::Elem::ZERO);
+    let layout = WeightLayout {
+        row_stride: 0,
+        key_stride: 1,
+    };
+    for head in heads {
+        for start in (0..num_queries).step_by(GRAD_QUERY_BLOCK) {
+            let rows = start..(start + GRAD_QUERY_BLOCK).min(num_queries);
+            let span = kernel.bounds.block_keys(&rows);
+            if span.start >= keys.end || span.end <= keys.start {
+                continue;
+            }
+            let width = pack_rows::<V>(params, head, &rows, scratch);
+            if !grad_tile::<V>(params, head, &rows, &keys, width, scratch) {
+                continue;
+            }
+            let layout = WeightLayout {
+                row_stride: width,
+                ..layout
+            };
+            // dV += Pᵀ·dO and dK += dSᵀ·Q, a key per row, the tile's queries as the sum.
+            let grad_out = &head.grad_out[rows.start * value_dim..rows.end * value_dim];
+            accumulate_pv::<V>(
+                &scratch.probs,
+                layout,
+                keys.len(),
+                rows.len(),
+                grad_out,
+                value_dim,
+                &mut value_acc,
+                None,
+            );
+            let queries = &head.head.q[rows.start * depth..rows.end * depth];
+            accumulate_pv::<V>(
+                &scratch.grad_scores,
+                layout,
+                keys.len(),
+                rows.len(),
+                queries,
+                depth,
+                &mut key_acc,
+                None,
+            );
+        }
+    }
+    scale_row::<V>(&mut key_acc, params.scale);
+    grad_key.copy_from_slice(&key_acc);
+    grad_value.copy_from_slice(&value_acc);
+    scratch.grad_key = key_acc;
+    scratch.grad_value = value_acc;
+}
+
+/// `dQ` (`rows x D`) of one head's `rows`, over the keys they see, in order.
+#[inline(always)]
+pub(crate) unsafe fn query_block_grads<V: SimdVec>(
+    params: &GradParams<V::Elem>,
+    head: &GradHead<'_, V::Elem>,
+    rows: Range<usize>,
+    grad_query: &mut [V::Elem],
+    scratch: &mut GradScratch<V::Elem>,
+) {
+    let kernel = &params.kernel;
+    let depth = kernel.depth;
+    grad_query.fill(V::Elem::ZERO);
+    let span = kernel.bounds.block_keys(&rows);
+    if rows.is_empty() || span.is_empty() {
+        return;
+    }
+    let width = pack_rows::<V>(params, head, &rows, scratch);
+    let mut block_start = span.start;
+    while block_start < span.end {
+        let keys = block_start..(block_start + QUERY_PASS_KEYS).min(span.end);
+        block_start = keys.end;
+        if !grad_tile::<V>(params, head, &rows, &keys, width, scratch) {
+            continue;
+        }
+        // dQ += dS·K: the tile's keys are the sum.
+        let layout = WeightLayout {
+            row_stride: 1,
+            key_stride: width,
+        };
+        let key_rows = &head.head.k[keys.start * depth..keys.end * depth];
+        accumulate_pv::<V>(
+            &scratch.grad_scores,
+            layout,
+            rows.len(),
+            keys.len(),
+            key_rows,
+            depth,
+            grad_query,
+            None,
+        );
+    }
+    scale_row::<V>(grad_query, params.scale);
+}
+
+/// The arrays of one backward call, each as PyTorch shapes it.
+pub struct BackwardInputs<'a, T> {
+    pub grad_out: ArrayViewD<'a, T>,
+    pub query: ArrayViewD<'a, T>,
+    pub key: ArrayViewD<'a, T>,
+    pub value: ArrayViewD<'a, T>,
+    /// The forward's output.
+    pub out: ArrayViewD<'a, T>,
+    /// The forward's log-sum-exp, `(..., Hq, L)`.
+    pub lse: ArrayViewD<'a, T>,
+}
+
+/// The gradients of [`crate::scaled_dot_product_attention`] with respect to query, key and
+/// value, given the gradient of its output, its output and its log-sum-exp (from
+/// [`crate::scaled_dot_product_attention_with_lse`] with the same arguments and options). An
+/// additive mask gets no gradient. Rows that see no key give zero gradients.
+pub fn scaled_dot_product_attention_backward<T: KernelElement>(
+    inputs: BackwardInputs<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<AttentionGrads<T>, AttnError> {
+    backward_at_level(active_level(), inputs, mask, options)
+}
+
+/// [`scaled_dot_product_attention_backward`] at a given instruction set.
+pub(crate) fn backward_at_level<T: KernelElement>(
+    level: SimdLevel,
+    inputs: BackwardInputs<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+) -> Result<AttentionGrads<T>, AttnError> {
+    let options = AttentionOptions {
+        return_weights: false,
+        ..*options
+    };
+    let geometry = Geometry::check(
+        inputs.query.shape(),
+        inputs.key.shape(),
+        inputs.value.shape(),
+        options.enable_gqa,
+    )?;
+    check_call(&geometry, &mask, &options)?;
+    check_forward_results(&geometry, &inputs)?;
+    let pool = pool_for(options.num_threads)?;
+    let query = standard_layout(inputs.query.view(), "query")?;
+    let key = standard_layout(inputs.key.view(), "key")?;
+    let value = standard_layout(inputs.value.view(), "value")?;
+    let grad_out = standard_layout(inputs.grad_out.view(), "grad_out")?;
+    let out = standard_layout(inputs.out.view(), "out")?;
+    let lse = standard_layout(inputs.lse.view(), "lse")?;
+    let (heads, l, s) = (geometry.heads(), geometry.num_queries, geometry.num_keys);
+    let (d, dv) = (geometry.depth, geometry.value_dim);
+    let kv_heads = geometry.batch * geometry.kv_heads;
+    let mut grad_query = zeroed::<T>(&[heads, l, d], "grad_query")?;
+    let mut grad_key = zeroed::<T>(&[kv_heads, s, d], "grad_key")?;
+    let mut grad_value = zeroed::<T>(&[kv_heads, s, dv], "grad_value")?;
+    let nothing_to_do = heads == 0 || l == 0 || s == 0;
+    if !nothing_to_do {
+        let (out, grad_out) = (
+            out.as_slice().expect("standard layout is contiguous"),
+            grad_out.as_slice().expect("standard layout is contiguous"),
+        );
+        let delta = row_deltas(grad_out, out, dv)?;
+        let kv = StridedKv {
+            key: key.as_slice().expect("standard layout is contiguous"),
+            value: value.as_slice().expect("standard layout is contiguous"),
+            kv_heads: geometry.kv_heads,
+            num_keys: s,
+            row_capacity: s,
+            depth: d,
+            value_dim: dv,
+        };
+        let query = query.as_slice().expect("standard layout is contiguous");
+        let lse = lse.as_slice().expect("standard layout is contiguous");
+        with_call_data(level, &geometry, query, &kv, &mask, &options, |call| {
+            let grads = GradCall {
+                call,
+                params: GradParams {
+                    kernel: call.params,
+                    scale: T::from_f64(call_scale(&geometry, &options)),
+                },
+                grad_out,
+                lse,
+                delta: &delta,
+            };
+            grads.key_pass(&pool, &mut grad_key, &mut grad_value);
+            grads.query_pass(&pool, &mut grad_query);
+        })?;
+    }
+    let shaped = |buffer: Vec<T>, shape: &[usize]| {
+        ArrayD::from_shape_vec(IxDyn(shape), buffer).expect("gradient buffer matches its shape")
+    };
+    Ok(AttentionGrads {
+        grad_query: shaped(grad_query, inputs_shape(&geometry, Part::Query).as_slice()),
+        grad_key: shaped(grad_key, inputs_shape(&geometry, Part::Key).as_slice()),
+        grad_value: shaped(grad_value, inputs_shape(&geometry, Part::Value).as_slice()),
+    })
+}
+
+/// Which input a shape is asked for.
+enum Part {
+    Query,
+    Key,
+    Value,
+}
+
+/// The shape of query, key or value under `geometry`.
+fn inputs_shape(geometry: &Geometry, part: Part) -> Vec<usize> {
+    let mut shape = geometry.outer_shape.clone();
+    let has_heads = shape.len() > geometry.batch_shape.len();
+    let (heads, rows, width) = match part {
+        Part::Query => (geometry.query_heads, geometry.num_queries, geometry.depth),
+        Part::Key => (geometry.kv_heads, geometry.num_keys, geometry.depth),
+        Part::Value => (geometry.kv_heads, geometry.num_keys, geometry.value_dim),
+    };
+    if has_heads {
+        *shape.last_mut().expect("a head dim") = heads;
+    }
+    shape.extend([rows, width]);
+    shape
+}
+
+/// The scale of `Q·Kᵀ`: the option, else `1 / sqrt(D)`.
+fn call_scale(geometry: &Geometry, options: &AttentionOptions) -> f64 {
+    options.scale.unwrap_or(if geometry.depth == 0 {
+        1.0
+    } else {
+        1.0 / (geometry.depth as f64).sqrt()
+    })
+}
+
+/// Refuses a `grad_out`, `out` or `lse` whose shape is not the forward's output's or lse's.
+fn check_forward_results<T>(
+    geometry: &Geometry,
+    inputs: &BackwardInputs<'_, T>,
+) -> Result<(), AttnError> {
+    let output = geometry.output_shape();
+    let lse = geometry.lse_shape();
+    for (name, shape, expected, what) in [
+        ("grad_out", inputs.grad_out.shape(), &output, "the output's"),
+        ("out", inputs.out.shape(), &output, "the output's"),
+        ("lse", inputs.lse.shape(), &lse, "(..., Hq, L)"),
+    ] {
+        if shape != expected.as_slice() {
+            return Err(AttnError::shape(
+                name,
+                format!(
+                    "has shape {} but must have {what} shape {} for query {}, key {}, value {}",
+                    shape_str(shape),
+                    shape_str(expected),
+                    shape_str(inputs.query.shape()),
+                    shape_str(inputs.key.shape()),
+                    shape_str(inputs.value.shape()),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `D = rowsum(dO ∘ O)` of every row of every head.
+fn row_deltas<T: Element>(grad_out: &[T], out: &[T], value_dim: usize) -> Result<Vec<T>, AttnError> {
+    let rows = grad_out.len() / value_dim.max(1);
+    let mut delta = zeroed::<T>(&[rows], "lse")?;
+    if value_dim > 0 {
+        for ((delta, grad), out) in delta
+            .iter_mut()
+            .zip(grad_out.chunks_exact(value_dim))
+            .zip(out.chunks_exact(value_dim))
+        {
+            *delta = grad
+                .iter()
+                .zip(out)
+                .fold(T::ZERO, |sum, (&g, &o)| sum + g * o);
+        }
+    }
+    Ok(delta)
+}
+
+/// One backward call's shared inputs.
+struct GradCall<'a, T> {
+    call: &'a CallData<'a, T>,
+    params: GradParams<T>,
+    grad_out: &'a [T],
+    lse: &'a [T],
+    delta: &'a [T],
+}
+
+impl<T: KernelElement> GradCall<'_, T> {
+    /// The backward inputs of flattened (batch, query head) `head`.
+    fn head(&self, head: usize) -> GradHead<'_, T> {
+        let geometry = self.call.geometry;
+        let (l, dv) = (geometry.num_queries, geometry.value_dim);
+        GradHead {
+            head: self.call.head(head),
+            grad_out: &self.grad_out[head * l * dv..(head + 1) * l * dv],
+            lse: &self.lse[head * l..(head + 1) * l],
+            delta: &self.delta[head * l..(head + 1) * l],
+        }
+    }
+
+    /// `dK` and `dV`: a task per (batch, kv head, block of keys).
+    fn key_pass(&self, pool: &rayon::ThreadPool, grad_key: &mut [T], grad_value: &mut [T]) {
+        let geometry = self.call.geometry;
+        let (l, s) = (geometry.num_queries, geometry.num_keys);
+        let (d, dv, group) = (geometry.depth, geometry.value_dim, geometry.group());
+        let mut tasks = Vec::new();
+        for kv_head in 0..geometry.batch * geometry.kv_heads {
+            for start in (0..s).step_by(KEY_PASS_KEYS) {
+                let keys = start..(start + KEY_PASS_KEYS).min(s);
+                let cost = keys.len() * l * group * (d + dv);
+                tasks.push(Task {
+                    head: kv_head,
+                    rows: 0..l,
+                    keys,
+                    cost,
+                });
+            }
+        }
+        let (key_writer, value_writer) =
+            (DisjointWriter::new(grad_key), DisjointWriter::new(grad_value));
+        run_tasks(pool, &mut tasks, |scratch: &mut GradScratch<T>, task| {
+            let (batch, kv_head) = (task.head / geometry.kv_heads, task.head % geometry.kv_heads);
+            let first = batch * geometry.query_heads + kv_head * group;
+            let heads: Vec<GradHead<'_, T>> = (first..first + group).map(|h| self.head(h)).collect();
+            // SAFETY: (kv head, keys) pairs are distinct across tasks, so these ranges are
+            // disjoint.
+            let (grad_key, grad_value) = unsafe {
+                (
+                    key_writer.rows_mut(task.head, &task.keys, s, d),
+                    value_writer.rows_mut(task.head, &task.keys, s, dv),
+                )
+            };
+            T::key_block_grads(
+                self.call.level,
+                &self.params,
+                &heads,
+                task.keys.clone(),
+                l,
+                grad_key,
+                grad_value,
+                scratch,
+            );
+        });
+    }
+
+    /// `dQ`: a task per (batch, query head, block of query rows).
+    fn query_pass(&self, pool: &rayon::ThreadPool, grad_query: &mut [T]) {
+        let geometry = self.call.geometry;
+        let (l, d) = (geometry.num_queries, geometry.depth);
+        let mut tasks = Vec::new();
+        for head in 0..geometry.heads() {
+            for start in (0..l).step_by(GRAD_QUERY_BLOCK) {
+                let rows = start..(start + GRAD_QUERY_BLOCK).min(l);
+                let keys = self.call.params.bounds.block_keys(&rows);
+                let cost = rows.len() * keys.len() * (d + geometry.value_dim);
+                tasks.push(Task {
+                    head,
+                    rows,
+                    keys,
+                    cost,
+                });
+            }
+        }
+        let writer = DisjointWriter::new(grad_query);
+        run_tasks(pool, &mut tasks, |scratch: &mut GradScratch<T>, task| {
+            // SAFETY: (head, rows) pairs are distinct across tasks, so these ranges are disjoint.
+            let grad_query = unsafe { writer.rows_mut(task.head, &task.rows, l, d) };
+            T::query_block_grads(
+                self.call.level,
+                &self.params,
+                &self.head(task.head),
+                task.rows.clone(),
+                grad_query,
+                scratch,
+            );
+        });
+    }
+}

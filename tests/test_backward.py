@@ -1,0 +1,360 @@
+"""The log-sum-exp out of the forward and the backward pass, against the float64 reference
+(`attnscope.reference`) and against finite differences of the engine's own forward."""
+
+from __future__ import annotations
+
+import attnscope
+import numpy as np
+import pytest
+from attnscope import reference
+from attnscope._engine import core
+from conftest import FLOAT_DTYPES, assert_close, random_qkv
+
+# Gradients are sums of many products: float32 keeps them to about 1e-6 of their size.
+GRAD_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+# (query shape, key shape, value shape, options); each exercises one path of the engine.
+LSE_PATHS = [
+    pytest.param((2, 3, 70, 16), (2, 3, 300, 16), (2, 3, 300, 8), {}, id="tiled"),
+    pytest.param((1, 2, 3, 16), (1, 2, 5000, 16), (1, 2, 5000, 16), {}, id="split-kv"),
+    pytest.param((2, 4, 2, 8), (2, 4, 40, 8), (2, 4, 40, 8), {}, id="row-layout"),
+    pytest.param(
+        (2, 8, 1, 16), (2, 2, 600, 16), (2, 2, 600, 16), dict(enable_gqa=True), id="grouped-decode"
+    ),
+    pytest.param(
+        (2, 8, 1, 16),
+        (2, 2, 600, 16),
+        (2, 2, 600, 16),
+        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right", window=100),
+        id="grouped-decode-window",
+    ),
+    pytest.param(
+        (3, 50, 16), (3, 90, 16), (3, 90, 16), dict(is_causal=True, window=(20, 3)), id="causal"
+    ),
+    pytest.param((40, 8), (60, 8), (60, 8), dict(scale=0.3), id="2-D"),
+]
+
+
+def _bool_mask(rng, shape, empty_row=True):
+    mask = rng.random(shape) < 0.5
+    if empty_row:
+        mask[..., 1, :] = False  # a row that sees no key
+    return mask
+
+
+def _float_mask(rng, shape):
+    mask = rng.standard_normal(shape)
+    mask[rng.random(shape) < 0.3] = -np.inf
+    return mask
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("return_weights", [False, True])
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), LSE_PATHS)
+def test_lse_matches_reference_on_every_path(
+    rng, dtype, return_weights, q_shape, k_shape, v_shape, options
+):
+    q, k, v = random_qkv(rng, q_shape, k_shape, v_shape, dtype)
+    results = attnscope.scaled_dot_product_attention(
+        q, k, v, **options, return_weights=return_weights, return_lse=True
+    )
+    expected = reference.scaled_dot_product_attention(
+        q, k, v, **options, return_weights=True, return_lse=True
+    )
+    assert len(results) == (3 if return_weights else 2)
+    assert_close(results[0], expected[0], dtype)
+    if return_weights:  # the documented order: (out, weights, lse)
+        assert_close(results[1], expected[1], dtype)
+    assert_close(results[-1], expected[2], dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("return_weights", [False, True])
+def test_lse_with_masks_is_minus_infinity_for_rows_that_see_no_key(rng, dtype, return_weights):
+    q, k, v = random_qkv(rng, (2, 2, 30, 8), (2, 2, 70, 8), (2, 2, 70, 8), dtype)
+    for mask in (_bool_mask(rng, (2, 1, 30, 70)), _float_mask(rng, (30, 70))):
+        mask[..., 1, :] = False if mask.dtype == bool else -np.inf
+        results = attnscope.scaled_dot_product_attention(
+            q, k, v, mask, return_weights=return_weights, return_lse=True
+        )
+        _, _, lse = reference.scaled_dot_product_attention(
+            q, k, v, mask, return_weights=True, return_lse=True
+        )
+        assert np.all(results[-1][..., 1] == -np.inf)
+        assert_close(results[-1], lse, dtype)
+
+
+def test_lse_is_the_same_at_every_simd_level_and_thread_count(rng):
+    q, k, v = random_qkv(rng, (2, 4, 150, 32), (2, 4, 300, 32), (2, 4, 300, 32))
+    levels = [lvl for lvl in ("avx512", "avx2", "portable") if core().simd_level_supported(lvl)]
+    _, expected = reference.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
+    try:
+        for level in levels:
+            core().force_simd_level(level)
+            results = []
+            for threads in (1, 2, 3):
+                with attnscope.threads(threads):
+                    results.append(
+                        attnscope.scaled_dot_product_attention(
+                            q, k, v, is_causal=True, return_lse=True
+                        )[1]
+                    )
+            assert_close(results[0], expected, np.float32)
+            for other in results[1:]:
+                np.testing.assert_array_equal(other, results[0])
+    finally:
+        core().force_simd_level(None)
+
+
+def _forward_backward(q, k, v, grad_out, mask=None, **options):
+    out, lse = attnscope.scaled_dot_product_attention(q, k, v, mask, **options, return_lse=True)
+    return attnscope.scaled_dot_product_attention_backward(
+        grad_out.astype(q.dtype), q, k, v, out, lse, mask, **options
+    )
+
+
+def _assert_grads_close(grads, expected, dtype):
+    for got, want, name in zip(grads, expected, ("grad_query", "grad_key", "grad_value")):
+        assert np.all(np.isfinite(got)), name
+        assert_close(got, want, dtype, GRAD_TOLERANCE[np.dtype(dtype)])
+
+
+# (query shape, key shape, value shape, mask builder and shape or None, options)
+GRAD_CASES = [
+    pytest.param((2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8), None, {}, id="plain"),
+    pytest.param((1, 2, 130, 32), (1, 2, 130, 32), (1, 2, 130, 32), None, {"is_causal": True}),
+    pytest.param(
+        (2, 2, 40, 8),
+        (2, 2, 100, 8),
+        (2, 2, 100, 8),
+        None,
+        dict(is_causal=True, causal_alignment="bottom_right"),
+        id="causal-bottom-right",
+    ),
+    pytest.param(
+        (2, 2, 100, 8),
+        (2, 2, 40, 8),
+        (2, 2, 40, 8),
+        None,
+        dict(is_causal=True, causal_alignment="bottom_right"),
+        id="bottom-right-empty-rows",
+    ),
+    pytest.param(
+        (1, 2, 150, 16), (1, 2, 150, 16), (1, 2, 150, 16), None, dict(window=17), id="window"
+    ),
+    pytest.param(
+        (1, 2, 90, 16),
+        (1, 2, 90, 16),
+        (1, 2, 90, 16),
+        None,
+        dict(is_causal=True, window=(30, None), scale=0.7),
+        id="causal-window-scale",
+    ),
+    pytest.param(
+        (2, 6, 50, 16),
+        (2, 2, 80, 16),
+        (2, 2, 80, 24),
+        None,
+        dict(enable_gqa=True, is_causal=True),
+        id="gqa",
+    ),
+    pytest.param(
+        (2, 3, 40, 16), (2, 3, 70, 16), (2, 3, 70, 16), (_bool_mask, (2, 1, 40, 70)), {}, id="bool"
+    ),
+    pytest.param(
+        (2, 3, 40, 16),
+        (2, 3, 70, 16),
+        (2, 3, 70, 16),
+        (_float_mask, (40, 70)),
+        dict(is_causal=True),
+        id="float-causal",
+    ),
+    pytest.param((2, 2, 3, 2, 16, 8), (2, 2, 3, 1, 20, 8), (2, 2, 3, 1, 20, 8), None,
+                 dict(enable_gqa=True), id="leading-dims"),
+    pytest.param((33, 8), (21, 8), (21, 5), None, {}, id="2-D"),
+    pytest.param((2, 4, 1, 16), (2, 4, 300, 16), (2, 4, 300, 16), None, {}, id="one-query"),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "mask_spec", "options"), GRAD_CASES)
+def test_backward_matches_reference(rng, dtype, q_shape, k_shape, v_shape, mask_spec, options):
+    q, k, v = random_qkv(rng, q_shape, k_shape, v_shape, dtype)
+    mask = None if mask_spec is None else mask_spec[0](rng, mask_spec[1])
+    grad_out = rng.standard_normal((*q_shape[:-1], v_shape[-1]))
+    grads = _forward_backward(q, k, v, grad_out, mask, **options)
+    expected = reference.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, None, None, mask, **options
+    )
+    _assert_grads_close(grads, expected, dtype)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_backward_on_random_shapes_and_options(seed):
+    rng = np.random.default_rng(1000 + seed)
+    dtype = (np.float32, np.float64)[seed % 2]
+    batch, kv_heads, group = rng.integers(1, 3), rng.integers(1, 3), rng.integers(1, 4)
+    l, s, d, dv = (int(x) for x in rng.integers(1, 140, size=2).tolist() + [8, 12])
+    q_shape, k_shape = (batch, kv_heads * group, l, d), (batch, kv_heads, s, d)
+    q, k, v = random_qkv(rng, q_shape, k_shape, (batch, kv_heads, s, dv), dtype)
+    options = dict(
+        enable_gqa=True,
+        is_causal=bool(rng.integers(2)),
+        causal_alignment=("top_left", "bottom_right")[rng.integers(2)],
+        window=None if rng.integers(2) else int(rng.integers(1, 40)),
+        scale=None if rng.integers(2) else float(rng.uniform(0.05, 1.0)),
+    )
+    mask = _bool_mask(rng, (l, s), empty_row=False) if l > 1 and rng.integers(2) else None
+    grad_out = rng.standard_normal((*q_shape[:-1], dv))
+    grads = _forward_backward(q, k, v, grad_out, mask, **options)
+    expected = reference.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, None, None, mask, **options
+    )
+    _assert_grads_close(grads, expected, dtype)
+
+
+def test_backward_matches_finite_differences_of_the_forward(rng):
+    """d/dε of ⟨dO, attention(x + ε·t)⟩ at ε = 0 is ⟨grad_x, t⟩, for x each of q, k, v."""
+    q, k, v = random_qkv(rng, (1, 4, 23, 8), (1, 2, 31, 8), (1, 2, 31, 6), np.float64)
+    mask = _float_mask(rng, (23, 31))
+    mask[:, 0] = 0.0
+    options = dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right", scale=0.6)
+    grad_out = rng.standard_normal((1, 4, 23, 6))
+    grads = _forward_backward(q, k, v, grad_out, mask, **options)
+    step = 1e-6
+    for index, grad in enumerate(grads):
+        direction = rng.standard_normal(grad.shape)
+
+        def loss(epsilon, index=index, direction=direction):
+            inputs = [q, k, v]
+            inputs[index] = inputs[index] + epsilon * direction
+            out = attnscope.scaled_dot_product_attention(*inputs, mask, **options)
+            return float((grad_out * out).sum())
+
+        numeric = (loss(step) - loss(-step)) / (2 * step)
+        analytic = float((grad * direction).sum())
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
+
+
+def test_backward_is_bitwise_identical_for_every_thread_count(rng):
+    q, k, v = random_qkv(rng, (2, 4, 300, 32), (2, 2, 400, 32), (2, 2, 400, 32))
+    grad_out = rng.standard_normal((2, 4, 300, 32))
+    mask = _bool_mask(rng, (300, 400), empty_row=False)
+    results = []
+    for threads in (1, 2, 3, 5):
+        with attnscope.threads(threads):
+            results.append(_forward_backward(q, k, v, grad_out, mask, enable_gqa=True))
+    for other in results[1:]:
+        for got, want in zip(other, results[0]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_backward_at_every_simd_level(rng):
+    q, k, v = random_qkv(rng, (1, 2, 90, 24), (1, 2, 130, 24), (1, 2, 130, 24))
+    grad_out = rng.standard_normal((1, 2, 90, 24))
+    expected = reference.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, is_causal=True, window=40
+    )
+    levels = [lvl for lvl in ("avx512", "avx2", "portable") if core().simd_level_supported(lvl)]
+    try:
+        for level in levels:
+            core().force_simd_level(level)
+            grads = _forward_backward(q, k, v, grad_out, is_causal=True, window=40)
+            _assert_grads_close(grads, expected, np.float32)
+    finally:
+        core().force_simd_level(None)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_rows_that_see_no_key_get_zero_gradients(rng, dtype):
+    q, k, v = random_qkv(rng, (1, 2, 20, 8), (1, 2, 30, 8), (1, 2, 30, 8), dtype)
+    mask = np.ones((20, 30), dtype=bool)
+    mask[3] = False
+    mask[:, 7] = False  # a key no row sees
+    grad_out = rng.standard_normal((1, 2, 20, 8))
+    grad_q, grad_k, grad_v = _forward_backward(q, k, v, grad_out, mask)
+    for grad in (grad_q, grad_k, grad_v):
+        assert np.all(np.isfinite(grad))
+    assert np.all(grad_q[..., 3, :] == 0)
+    assert np.all(grad_k[..., 7, :] == 0) and np.all(grad_v[..., 7, :] == 0)
+    all_hidden = np.zeros((20, 30), dtype=bool)
+    for grad in _forward_backward(q, k, v, grad_out, all_hidden):
+        assert np.all(grad == 0)
+
+
+def test_backward_reads_non_contiguous_inputs_and_leaves_them_unchanged(rng):
+    q, k, v = random_qkv(rng, (2, 40, 3, 16), (2, 50, 3, 16), (2, 50, 3, 16))
+    q, k, v = (np.swapaxes(x, 1, 2) for x in (q, k, v))  # (2, 3, L, 16), strided
+    grad_out = np.asfortranarray(rng.standard_normal((2, 3, 40, 16)).astype(np.float32))
+    out, lse = attnscope.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
+    copies = [x.copy() for x in (grad_out, q, k, v, out, lse)]
+    grads = attnscope.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, out, lse, is_causal=True
+    )
+    for before, after in zip(copies, (grad_out, q, k, v, out, lse)):
+        np.testing.assert_array_equal(before, after)
+    expected = reference.scaled_dot_product_attention_backward(grad_out, q, k, v, is_causal=True)
+    _assert_grads_close(grads, expected, np.float32)
+
+
+def test_empty_inputs_give_empty_or_zero_gradients(rng):
+    q, k, v = random_qkv(rng, (2, 0, 8), (2, 5, 8), (2, 5, 4))
+    out, lse = attnscope.scaled_dot_product_attention(q, k, v, return_lse=True)
+    assert lse.shape == (2, 0)
+    grad_q, grad_k, grad_v = attnscope.scaled_dot_product_attention_backward(
+        np.zeros_like(out), q, k, v, out, lse
+    )
+    assert grad_q.shape == (2, 0, 8) and grad_k.shape == (2, 5, 8) and grad_v.shape == (2, 5, 4)
+    assert np.all(grad_k == 0) and np.all(grad_v == 0)
+
+
+def _valid_call(rng, dtype=np.float32):
+    q, k, v = random_qkv(rng, (2, 10, 8), (2, 12, 8), (2, 12, 4), dtype)
+    out, lse = attnscope.scaled_dot_product_attention(q, k, v, return_lse=True)
+    return dict(grad_out=np.ones_like(out), query=q, key=k, value=v, out=out, lse=lse)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad", "message"),
+    [
+        ("grad_out", np.ones((2, 10, 5), np.float32), "grad_out"),
+        ("out", np.ones((2, 11, 4), np.float32), "out"),
+        ("lse", np.ones((2, 10, 1), np.float32), "lse"),
+        ("lse", np.ones((2, 12), np.float32), "lse"),
+    ],
+)
+def test_mismatched_shapes_name_the_argument(rng, name, bad, message):
+    call = _valid_call(rng)
+    call[name] = bad
+    with pytest.raises(ValueError, match=message):
+        attnscope.scaled_dot_product_attention_backward(**call)
+
+
+@pytest.mark.parametrize("name", ["grad_out", "out", "lse"])
+def test_wrong_dtypes_are_type_errors_naming_the_argument(rng, name):
+    call = _valid_call(rng)
+    call[name] = call[name].astype(np.float64)
+    with pytest.raises(TypeError, match=f"{name} has dtype float64 but query has float32"):
+        attnscope.scaled_dot_product_attention_backward(**call)
+    call[name] = call[name].astype(np.int32)
+    with pytest.raises(TypeError, match=name):
+        attnscope.scaled_dot_product_attention_backward(**call)
+    call[name] = [1.0]
+    with pytest.raises(TypeError, match=f"{name} must be a numpy.ndarray"):
+        attnscope.scaled_dot_product_attention_backward(**call)
+
+
+def test_bad_options_are_refused(rng):
+    call = _valid_call(rng)
+    with pytest.raises(ValueError, match="causal_alignment"):
+        attnscope.scaled_dot_product_attention_backward(**call, causal_alignment="middle")
+    with pytest.raises(TypeError, match="is_causal"):
+        attnscope.scaled_dot_product_attention_backward(**call, is_causal="yes")
+    with pytest.raises(ValueError, match="scale"):
+        attnscope.scaled_dot_product_attention_backward(**call, scale=float("nan"))
+    with pytest.raises(ValueError, match="attn_mask"):
+        attnscope.scaled_dot_product_attention_backward(**call, attn_mask=np.ones((3, 3), bool))
+    with pytest.raises(TypeError, match="return_lse"):
+        attnscope.scaled_dot_product_attention(
+            call["query"], call["key"], call["value"], return_lse="no"
+        )

@@ -1,0 +1,183 @@
+"""attnscope's backward against torch.autograd through
+`torch.nn.functional.scaled_dot_product_attention` with the equivalent dense mask, and the
+`attnscope.torch` autograd wrapper (skipped when torch is not installed). Every row keeps at
+least one visible key: PyTorch's gradients are NaN for a fully masked row."""
+
+from __future__ import annotations
+
+import attnscope
+import numpy as np
+import pytest
+from attnscope import reference
+from conftest import assert_close
+
+torch = pytest.importorskip("torch", reason="torch is an optional peer; these tests need it")
+functional = pytest.importorskip("torch.nn.functional")
+atorch = pytest.importorskip("attnscope.torch")
+
+GRAD_TOLERANCE = {np.float32: 1e-4, np.float64: 1e-10}
+
+
+def _dense_mask(q_shape, k_shape, mask, options):
+    """The bool or float (L, S)-broadcastable mask PyTorch needs for the same visibility."""
+    visible = reference.visibility(
+        q_shape[-2],
+        k_shape[-2],
+        is_causal=options.get("is_causal", False),
+        causal_alignment=options.get("causal_alignment", "top_left"),
+        window=options.get("window"),
+    )
+    if mask is None:
+        return visible
+    if mask.dtype == bool:
+        return mask & visible
+    return np.where(visible, mask, -np.inf)
+
+
+def _torch_grads(q, k, v, grad_out, dense_mask, options):
+    tensors = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    out = functional.scaled_dot_product_attention(
+        *tensors,
+        attn_mask=torch.tensor(dense_mask),
+        scale=options.get("scale"),
+        enable_gqa=options.get("enable_gqa", False),
+    )
+    out.backward(torch.tensor(grad_out))
+    return [tensor.grad.numpy().astype(np.float64) for tensor in tensors]
+
+
+def _case(seed):
+    """Random shapes and an option mix in which every query row sees at least one key."""
+    rng = np.random.default_rng(seed)
+    dtype = (np.float32, np.float64)[seed % 2]
+    batch, kv_heads, group = (int(x) for x in rng.integers(1, 3, size=3))
+    l, s = (int(x) for x in rng.integers(2, 160, size=2))
+    d, dv = int(rng.choice([8, 16, 32])), int(rng.choice([8, 16, 24]))
+    alignment = ("top_left", "bottom_right")[seed % 3 == 0]
+    options = dict(
+        enable_gqa=group > 1,
+        is_causal=bool(rng.integers(2)),
+        causal_alignment=alignment,
+        scale=None if rng.integers(2) else float(rng.uniform(0.1, 1.0)),
+        window=None if rng.integers(2) else (int(rng.integers(0, 50)), None),
+    )
+    kind = ("none", "bool", "float")[seed % 3]
+    mask = None
+    if kind == "bool":
+        mask = rng.random((l, s)) < 0.7
+    elif kind == "float":
+        mask = rng.standard_normal((batch, 1, l, s))
+        mask[rng.random(mask.shape) < 0.2] = -np.inf
+    dense = _dense_mask((l,), (s,), mask, options)
+    # Keep a visible key in every row (PyTorch gives NaN gradients for an empty row).
+    if mask is not None and mask.dtype == bool:
+        mask = mask.copy()
+    needs_key = ~np.any(dense if dense.dtype == bool else np.isfinite(dense), axis=-1)
+    if needs_key.any():
+        options["is_causal"], options["window"] = False, None
+        options["causal_alignment"] = "top_left"
+        if mask is not None:
+            if mask.dtype == bool:
+                mask[..., 0] = True
+            else:
+                mask[..., 0] = 0.0
+        dense = _dense_mask((l,), (s,), mask, options)
+    rng_data = np.random.default_rng(seed + 1)
+    q = rng_data.standard_normal((batch, kv_heads * group, l, d)).astype(dtype)
+    k = rng_data.standard_normal((batch, kv_heads, s, d)).astype(dtype)
+    v = rng_data.standard_normal((batch, kv_heads, s, dv)).astype(dtype)
+    grad_out = rng_data.standard_normal((batch, kv_heads * group, l, dv)).astype(dtype)
+    if dense.dtype != bool:
+        dense = dense.astype(dtype)
+    return q, k, v, grad_out, mask, dense, options
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_backward_matches_torch_autograd(seed):
+    q, k, v, grad_out, mask, dense, options = _case(seed)
+    out, lse = attnscope.scaled_dot_product_attention(q, k, v, mask, **options, return_lse=True)
+    grads = attnscope.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, out, lse, mask, **options
+    )
+    expected = _torch_grads(q, k, v, grad_out, dense, options)
+    for got, want in zip(grads, expected):
+        assert_close(got, want, q.dtype, GRAD_TOLERANCE[q.dtype.type])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_wrapper_gradients_match_torch_sdpa(seed):
+    q, k, v, grad_out, mask, dense, options = _case(100 + seed)
+    ours = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    out = atorch.scaled_dot_product_attention(
+        *ours, None if mask is None else torch.tensor(mask), **options
+    )
+    out.backward(torch.tensor(grad_out))
+    theirs = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    expected_out = functional.scaled_dot_product_attention(
+        *theirs,
+        attn_mask=torch.tensor(dense),
+        scale=options["scale"],
+        enable_gqa=options["enable_gqa"],
+    )
+    expected_out.backward(torch.tensor(grad_out))
+    tolerance = GRAD_TOLERANCE[q.dtype.type]
+    assert_close(out.detach().numpy(), expected_out.detach().numpy().astype(np.float64), q.dtype)
+    for mine, reference_tensor in zip(ours, theirs):
+        assert_close(
+            mine.grad.numpy(), reference_tensor.grad.numpy().astype(np.float64), q.dtype, tolerance
+        )
+
+
+def test_gradcheck_passes_in_float64():
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    q, k, v = tensor(1, 4, 7, 5), tensor(1, 2, 9, 5), tensor(1, 2, 9, 3)
+    mask = torch.randn(7, 9, dtype=torch.float64, generator=generator)
+
+    def attention(q, k, v):
+        return atorch.scaled_dot_product_attention(
+            q, k, v, mask, is_causal=True, causal_alignment="bottom_right", enable_gqa=True
+        )
+
+    assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: atorch.scaled_dot_product_attention(q, k, v, window=3, scale=0.4),
+        (tensor(2, 6, 4), tensor(2, 8, 4), tensor(2, 8, 4)),
+    )
+
+
+def test_wrapper_trains_a_parameter(rng):
+    """A model that uses the wrapper learns: its loss falls under plain gradient descent."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 16)
+    weight = torch.nn.Parameter(torch.randn(16, 16) * 0.1)
+    target = torch.randn(2, 12, 16)
+    losses = []
+    for _ in range(20):
+        h = x @ weight
+        out = atorch.scaled_dot_product_attention(h, h, x, is_causal=True)
+        loss = ((out - target) ** 2).mean()
+        weight.grad = None
+        loss.backward()
+        with torch.no_grad():
+            weight -= 0.5 * weight.grad
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_wrapper_refuses_other_devices_and_dtypes():
+    q = torch.randn(3, 4)
+    with pytest.raises(TypeError, match="torch.float32 or torch.float64"):
+        atorch.scaled_dot_product_attention(q.half(), q.half(), q.half())
+    with pytest.raises(TypeError, match="share one dtype"):
+        atorch.scaled_dot_product_attention(q, q.double(), q)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        atorch.scaled_dot_product_attention(q.numpy(), q, q)
+    with pytest.raises(ValueError, match="on meta"):
+        meta = torch.empty(3, 4, device="meta")
+        atorch.scaled_dot_product_attention(meta, meta, meta)
+    with pytest.raises(ValueError, match="key"):
+        atorch.scaled_dot_product_attention(q, torch.randn(3, 5), torch.randn(3, 5))
