@@ -346,3 +346,29 @@ def test_real_model_generate(server, page):
     _settle(page)
     _check(page, "real-model-generate-refused")
     assert "from 1 to 128" in page.locator('[data-testid="stAlert"]').first.inner_text()
+
+
+def test_learning_page_trains_live(server, page):
+    # Fewest steps (the slider's Home key), then Train: the progress and the live charts show
+    # while it runs; then the finished view, and the with/without √d_k comparison.
+    page.goto(f"{server}/learning")
+    _settle(page, charts=False)
+    _check(page, "learning", charts=False)
+    page.get_by_test_id("stSlider").get_by_role("slider").first.press("Home")
+    _settle(page, charts=False)
+    page.get_by_role("button", name="Train").click()
+    page.wait_for_selector('[data-testid="stProgress"] >> visible=true')
+    page.wait_for_selector(f"{CHART} canvas, {CHART} svg")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "learning-training.png"), full_page=True)
+    # The loss curve, three score grids, and four heads' maps at the start and at the end.
+    _settle(page, min_charts=12)
+    _check(page, "learning-trained", min_charts=12)
+    assert page.get_by_text("finished 25 steps").count() == 1
+    page.get_by_test_id("stRadio").get_by_text("Compare with and without √d_k").click()
+    _settle(page)
+    page.get_by_role("button", name="Train").click()
+    # Loss, entropy and gradient side by side, then the maps.
+    _settle(page, min_charts=11)
+    _check(page, "learning-compare", min_charts=11)
+    assert page.get_by_text("finished 25 steps").count() == 2

@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import reference
+from ._attention import scaled_dot_product_attention, scaled_dot_product_attention_backward
+from ._engine import core_available
 from .models.stats import head_stats, row_entropy
 
 __all__ = [
@@ -315,40 +318,29 @@ def _merge_heads(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 2, 1, 3).reshape(batch, length, num_heads * head_dim)
 
 
-def _attention_forward(q, k, v, scale):
-    # Temporary NumPy stand-in for scaled_dot_product_attention(..., return_lse=True); causal.
-    scores = np.einsum("bhld,bhsd->bhls", q, k) * scale
-    length = scores.shape[-1]
-    scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
-    top = scores.max(axis=-1, keepdims=True)
-    exps = np.exp(scores - top)
-    total = exps.sum(axis=-1, keepdims=True)
-    out = np.einsum("bhls,bhsd->bhld", exps / total, v).astype(q.dtype)
-    return out, (top + np.log(total))[..., 0].astype(q.dtype)
+def _causal_attention(q, k, v, scale: float, keep_weights: bool):
+    """Causal attention of ``(B, H, T, Dh)`` heads: ``(out, lse, weights or None)``, from the
+    engine, or from the float64 reference when the compiled engine is missing."""
+    sdpa = (
+        scaled_dot_product_attention if core_available() else reference.scaled_dot_product_attention
+    )
+    results = sdpa(
+        q, k, v, is_causal=True, scale=scale, return_weights=keep_weights, return_lse=True
+    )
+    results = tuple(np.asarray(r, dtype=q.dtype) for r in results)
+    out, lse = results[0], results[-1]
+    return out, lse, (results[1] if keep_weights else None)
 
 
-def _attention_backward(grad_out, q, k, v, out, lse, scale):
-    # Temporary NumPy stand-in for scaled_dot_product_attention_backward; causal.
-    scores = np.einsum("bhld,bhsd->bhls", q, k) * scale
-    length = scores.shape[-1]
-    visible = np.tril(np.ones((length, length), bool))
-    probs = np.where(visible, np.exp(scores - lse[..., None]), 0.0)
-    grad_v = np.einsum("bhls,bhld->bhsd", probs, grad_out)
-    grad_probs = np.einsum("bhld,bhsd->bhls", grad_out, v)
-    row_dot = (grad_out * out).sum(axis=-1, keepdims=True)
-    grad_scores = probs * (grad_probs - row_dot) * scale
-    grad_q = np.einsum("bhls,bhsd->bhld", grad_scores, k)
-    grad_k = np.einsum("bhls,bhld->bhsd", grad_scores, q)
-    return tuple(g.astype(q.dtype) for g in (grad_q, grad_k, grad_v))
-
-
-def _attention_weights(q, k, scale):
-    # Temporary: the weights of the stand-in forward, for the reports.
-    scores = np.einsum("bhld,bhsd->bhls", q, k) * scale
-    length = scores.shape[-1]
-    scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
-    exps = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return exps / exps.sum(axis=-1, keepdims=True)
+def _causal_attention_backward(grad_out, q, k, v, out, lse, scale: float):
+    """``(grad_q, grad_k, grad_v)`` of :func:`_causal_attention`, from the same implementation."""
+    backward = (
+        scaled_dot_product_attention_backward
+        if core_available()
+        else reference.scaled_dot_product_attention_backward
+    )
+    grads = backward(grad_out, q, k, v, out, lse, is_causal=True, scale=scale)
+    return tuple(np.asarray(g, dtype=q.dtype) for g in grads)
 
 
 def _normed(x: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None]:
@@ -369,9 +361,8 @@ def _forward(params, config: TrainConfig, tokens: np.ndarray, keep_weights: bool
         p = {name: params[f"{layer}.{name}"] for name in ("w_q", "w_k", "w_v", "w_o")}
         normed, inv_std = _normed(x, config)
         q, k, v = (_split_heads(normed @ p[n], config.num_heads) for n in ("w_q", "w_k", "w_v"))
-        out, lse = _attention_forward(q, k, v, config.attention_scale)
-        if keep_weights:
-            weights.append(_attention_weights(q, k, config.attention_scale))
+        out, lse, layer_weights = _causal_attention(q, k, v, config.attention_scale, keep_weights)
+        weights.append(layer_weights)
         merged = _merge_heads(out)
         x = x + merged @ p["w_o"]
         saved.append(("attention", layer, normed, inv_std, q, k, v, out, lse, merged))
@@ -435,7 +426,7 @@ def _attention_backward_layer(params, entry, grad_x, grads, config: TrainConfig)
     rows = grad_x.reshape(-1, width)
     grads[f"{layer}.w_o"] = merged.reshape(-1, width).T @ rows
     grad_out = _split_heads(grad_x @ params[f"{layer}.w_o"].T, config.num_heads)
-    grad_heads = _attention_backward(grad_out, q, k, v, out, lse, config.attention_scale)
+    grad_heads = _causal_attention_backward(grad_out, q, k, v, out, lse, config.attention_scale)
     flat_normed = normed.reshape(-1, width)
     grad_normed = np.zeros_like(normed)
     for name, grad in zip(("w_q", "w_k", "w_v"), grad_heads, strict=True):
