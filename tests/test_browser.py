@@ -368,7 +368,7 @@ def test_learning_page_trains_live(server, page):
     page.get_by_test_id("stRadio").get_by_text("Compare with and without √d_k").click()
     _settle(page)
     page.get_by_role("button", name="Train").click()
-    # Loss, entropy and gradient side by side, then the maps.
-    _settle(page, min_charts=11)
-    _check(page, "learning-compare", min_charts=11)
+    # Loss, entropy and the two gradients side by side, then the maps.
+    _settle(page, min_charts=12)
+    _check(page, "learning-compare", min_charts=12)
     assert page.get_by_text("finished 25 steps").count() == 2

@@ -5,7 +5,6 @@ the charts (loss curves, the layers Ã— heads grid of scores, the with/without âˆ
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -14,6 +13,8 @@ import numpy as np
 import pandas as pd
 
 from attnscope import learning
+
+from .inside import softmax_gradient_norm
 
 TASK_LABELS = {
     "induction": "Induction: random tokens, repeated",
@@ -87,19 +88,6 @@ def compare_configs(config: learning.TrainConfig) -> dict[str, learning.TrainCon
     }
 
 
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """The trainer's matrices are tiny: BLAS threads would only wait on each other (and on the
-    engine's threads) on a 2-core machine."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - a dashboard install has it
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 def bounded_run(
     label: str, config: learning.TrainConfig, time_budget_s: float = TIME_BUDGET_S
 ) -> Iterator[Run]:
@@ -107,17 +95,16 @@ def bounded_run(
     `time_budget_s` has passed, whichever comes first (``Run.ended`` says which)."""
     reports: list[learning.Report] = []
     started = time.perf_counter()
-    with _single_threaded_blas():
-        for report in learning.training(config):
-            reports.append(report)
-            if report.step >= config.steps:
-                yield Run(label, config, tuple(reports), ended=f"finished {config.steps} steps")
-                return
-            if time.perf_counter() - started > time_budget_s:
-                ended = f"stopped at step {report.step}: the {time_budget_s:.0f} s budget ran out"
-                yield Run(label, config, tuple(reports), ended=ended)
-                return
-            yield Run(label, config, tuple(reports))
+    for report in learning.training(config):
+        reports.append(report)
+        if report.step >= config.steps:
+            yield Run(label, config, tuple(reports), ended=f"finished {config.steps} steps")
+            return
+        if time.perf_counter() - started > time_budget_s:
+            ended = f"stopped at step {report.step}: the {time_budget_s:.0f} s budget ran out"
+            yield Run(label, config, tuple(reports), ended=ended)
+            return
+        yield Run(label, config, tuple(reports))
 
 
 def history_frame(runs: list[Run]) -> pd.DataFrame:
@@ -135,12 +122,20 @@ def history_frame(runs: list[Run]) -> pd.DataFrame:
                     "best previous-token score": float(report.previous_token.max()),
                     "entropy (nats)": float(report.entropy.mean()),
                     "W_Q/W_K gradient norm": float(np.sqrt((report.qk_grad_norm**2).sum())),
+                    "softmax gradient": softmax_gradient(report),
                     "first-copy loss": report.first_copy_loss,
                     "second-copy loss": report.second_copy_loss,
                     "seconds": report.seconds,
                 }
             )
     return pd.DataFrame(rows)
+
+
+def softmax_gradient(report: learning.Report) -> float:
+    """How much the softmax lets a change of the scores through, averaged over the rows of
+    every head's map on the example sequence (the Frobenius norm of its Jacobian; 0 once a
+    row is one-hot)."""
+    return float(softmax_gradient_norm(report.maps).mean())
 
 
 def loss_frame(run: Run) -> pd.DataFrame:
@@ -211,6 +206,8 @@ def compare_table(runs: list[Run]) -> pd.DataFrame:
                 "entropy at the end (nats)": float(last.entropy.mean()),
                 "W_Q/W_K gradient at step 0": float(np.sqrt((first.qk_grad_norm**2).sum())),
                 "W_Q/W_K gradient at the end": float(np.sqrt((last.qk_grad_norm**2).sum())),
+                "softmax gradient at step 0": softmax_gradient(first),
+                "softmax gradient at the end": softmax_gradient(last),
                 "best induction score": float(last.induction.max()),
             }
         )

@@ -177,10 +177,15 @@ if len(runs) == 1:
 else:
     st.markdown(COMPARE_NOTE)
     history = lab.history_frame(runs)
-    columns = st.columns(3)
+    columns = st.columns(4)
     for column, (value, log_y) in zip(
         columns,
-        (("held-out loss", False), ("entropy (nats)", False), ("W_Q/W_K gradient norm", True)),
+        (
+            ("held-out loss", False),
+            ("entropy (nats)", False),
+            ("softmax gradient", False),
+            ("W_Q/W_K gradient norm", True),
+        ),
         strict=True,
     ):
         ui.chart(
