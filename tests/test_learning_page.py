@@ -54,10 +54,14 @@ def trained_page(task: str, layers: int, width: int, steps: int, mode: str = "Tr
     return app
 
 
-def expected_run(config, label: str = "this model") -> lab.Run:
-    """The same training the page ran, from the page's own compute function."""
+def expected_run(config, label: str = "this model", shown: lab.Run | None = None) -> lab.Run:
+    """The same training the page ran, from the page's own compute function; cut at the step
+    the page's run reached when `shown` is given (a busy machine may end it on its time
+    budget)."""
     *_, run = lab.bounded_run(label, config, time_budget_s=float("inf"))
-    return run
+    if shown is None:
+        return run
+    return lab.Run(label, config, run.reports[: len(shown.reports)], shown.ended)
 
 
 def test_page_opens_without_training():
@@ -113,7 +117,11 @@ def test_the_step_slider_redraws_the_grids_at_that_step(previous_token_page):
 def test_compare_mode_shows_both_runs():
     app = trained_page("induction", 2, 64, 50, COMPARE)
     config = lab.make_config("induction", 2, 4, 64, 50, "÷ √d_k", 0)
-    runs = [expected_run(c, label) for label, c in lab.compare_configs(config).items()]
+    shown = app.session_state["learning_runs"]
+    runs = [
+        expected_run(c, label, page_run)
+        for (label, c), page_run in zip(lab.compare_configs(config).items(), shown, strict=True)
+    ]
     table = app.dataframe[0].value
     expected = lab.compare_table(runs)
     assert list(table["run"]) == list(expected["run"])

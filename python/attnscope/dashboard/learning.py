@@ -29,9 +29,11 @@ STEP_RANGE = (25, 1500)
 # A run stops after this long whatever its step count: the page must stay usable on 2 cores.
 TIME_BUDGET_S = 60.0
 REPORTS_PER_RUN = 30
+# Each report costs a few training steps (held-out forward, backward and probe).
+MIN_REPORT_EVERY = 5
 # The comparison's wide heads: at d_k = 64 an unscaled score already spreads by about 8.
-COMPARE_WIDTH = 256
-COMPARE_HEADS = 4
+COMPARE_WIDTH = 128
+COMPARE_HEADS = 2
 SCORES = {
     "induction": "induction score",
     "previous_token": "previous-token score",
@@ -75,7 +77,7 @@ def make_config(
         steps=steps,
         scale=SCALINGS[scaling],
         seed=seed,
-        report_every=max(1, steps // REPORTS_PER_RUN),
+        report_every=max(MIN_REPORT_EVERY, steps // REPORTS_PER_RUN),
     )
 
 

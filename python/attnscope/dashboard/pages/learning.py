@@ -37,10 +37,14 @@ SCORE_NOTE = (
 COMPARE_NOTE = (
     "Both runs start from the same random weights and see the same batches; the heads are "
     "wide (d_k = 64). A score `q·k` adds up 64 products, so without the factor it starts "
-    "about 8 times larger than with it. Softmax then puts nearly all of a row's weight on "
-    "one key (the entropy drops), and a saturated softmax passes almost no gradient back: "
-    "the signal reaching `W_Q` and `W_K` shrinks and learning stalls. Dividing by √d_k keeps "
-    "the scores near unit size whatever the width."
+    "about 8 times larger. Softmax then puts nearly all of a row's weight on one key: the "
+    "entropy falls towards 0, and so does the **softmax gradient**, which measures how much a "
+    "change of the scores can still move the weights. That is the gradient dying inside "
+    "attention: the unscaled run's loss stays nearly flat while the scaled one finds its "
+    "induction head. The gradient arriving at `W_Q` and `W_K` does not shrink with it here: "
+    "without the factor every score, and so every gradient flowing back into `W_Q` and "
+    "`W_K`, is also 8 times larger. Its size is not its usefulness: the loss curves say which "
+    "run learns."
 )
 
 st.title("Learning: heads emerge")
@@ -62,7 +66,7 @@ layers = row[1].number_input("Layers", 1, lab.MAX_LAYERS, 2, key="learning_layer
 heads = row[2].select_slider("Heads per layer", lab.HEAD_CHOICES, value=4, key="learning_heads")
 width = row[3].select_slider("d_model", lab.WIDTH_CHOICES, value=64, key="learning_width")
 row = st.columns([3, 2, 1, 2])
-steps = row[0].slider("Adam steps", *lab.STEP_RANGE, value=600, step=25, key="learning_steps")
+steps = row[0].slider("Adam steps", *lab.STEP_RANGE, value=400, step=25, key="learning_steps")
 scaling = row[1].radio("Scale the scores", list(lab.SCALINGS), key="learning_scaling")
 seed = row[2].number_input("Seed", 0, 10_000, 0, key="learning_seed")
 mode = row[3].radio(
