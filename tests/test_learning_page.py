@@ -115,8 +115,8 @@ def test_the_step_slider_redraws_the_grids_at_that_step(previous_token_page):
 
 
 def test_compare_mode_shows_both_runs():
-    app = trained_page("induction", 2, 64, 50, COMPARE)
-    config = lab.make_config("induction", 2, 4, 64, 50, "÷ √d_k", 0)
+    app = trained_page("induction", 2, 64, 25, COMPARE)
+    config = lab.make_config("induction", 2, 4, 64, 25, "÷ √d_k", 0)
     shown = app.session_state["learning_runs"]
     runs = [
         expected_run(c, label, page_run)

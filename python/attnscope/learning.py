@@ -554,9 +554,18 @@ class Trainer:
             config.task, self._data, config.batch_size, config.seq_len, config.vocab_size
         )
         loss, grads = self.loss_and_gradients(batch)
+        self.apply_gradients(grads)
+        return loss
+
+    def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
+        """One Adam step with `grads` (as :meth:`loss_and_gradients` returns them)."""
+        if set(grads) != set(self.params):
+            raise ValueError("grads must have one array per parameter, named as in params")
         self.step += 1
         beta1, beta2 = _ADAM_BETAS
-        step_size = config.learning_rate * math.sqrt(1 - beta2**self.step) / (1 - beta1**self.step)
+        step_size = (
+            self.config.learning_rate * math.sqrt(1 - beta2**self.step) / (1 - beta1**self.step)
+        )
         for name, grad in grads.items():
             first, second = self._first_moment[name], self._second_moment[name]
             first *= beta1
@@ -566,7 +575,6 @@ class Trainer:
             self.params[name] -= (step_size * first / (np.sqrt(second) + _ADAM_EPS)).astype(
                 first.dtype
             )
-        return loss
 
     def report(self, train_loss: float | None = None, seconds: float = 0.0) -> Report:
         """Measure the model as it is now on the held-out and probe sequences."""
