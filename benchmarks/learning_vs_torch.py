@@ -62,7 +62,7 @@ def torch_step(model, optimizer, batch: learning.Batch) -> float:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main() -> None:
