@@ -1,9 +1,9 @@
 """Page: train a tiny transformer live and watch its heads specialise, with and without √d_k."""
 
 import streamlit as st
-from attnscope.dashboard import charts, ui
 from attnscope.dashboard import learning as lab
 from attnscope.dashboard import learning_charts as lc
+from attnscope.dashboard import ui
 from attnscope.reference import visibility
 
 TASK_NOTES = {
@@ -47,6 +47,9 @@ COMPARE_NOTE = (
     "run learns."
 )
 
+MAPS_PER_ROW = 4
+MAP_ROW_PX = 940  # the width of the page's main column at a desktop window's size
+
 st.title("Learning: heads emerge")
 st.markdown(
     "Every head on the other pages was written by hand or trained by someone else. Here a "
@@ -84,12 +87,13 @@ def show_live(run, slots) -> None:
     """Redraw the loss curve and the score grid of a run in progress."""
     report = run.last
     key = f"{run.label}_{report.step}"
-    slots[0].altair_chart(
+    ui.chart(
+        slots[0],
         lc.training_curves(lab.loss_frame(run), "loss", "curve", title=f"Loss: {run.label}"),
         key=f"learning_live_loss_{key}",
-        width="stretch",
     )
-    slots[1].altair_chart(
+    ui.chart(
+        slots[1],
         lc.score_grid(
             lab.score_frame(report),
             lab.SCORES["induction"],
@@ -181,42 +185,51 @@ if len(runs) == 1:
 else:
     st.markdown(COMPARE_NOTE)
     history = lab.history_frame(runs)
-    columns = st.columns(4)
-    for column, (value, log_y) in zip(
-        columns,
-        (
-            ("held-out loss", False),
-            ("entropy (nats)", False),
-            ("softmax gradient", False),
-            ("W_Q/W_K gradient norm", True),
-        ),
-        strict=True,
-    ):
+    curves = (
+        ("held-out loss", False),
+        ("entropy (nats)", False),
+        ("softmax gradient", False),
+        ("W_Q/W_K gradient norm", True),
+    )
+    columns = [*st.columns(2), *st.columns(2)]
+    for column, (value, log_y) in zip(columns, curves, strict=True):
         ui.chart(
             column,
             lc.training_curves(history, value, "run", title=value, log_y=log_y),
             key=f"learning_compare_{value}",
         )
     st.dataframe(lab.compare_table(runs), hide_index=True, key="learning_compare_table")
-    run = runs[0]
 
-st.subheader("Attention maps at the start and at the end")
+run = runs[0]
+if len(runs) == 1:
+    st.subheader("Attention maps at the start and at the end")
+    shown = [("start", run.reports[0]), ("end", run.last)]
+else:
+    st.subheader("Attention maps at the end of both runs")
+    shown = [(f"end, {r.label}", r.last) for r in runs]
+st.caption(
+    "One held-out sequence; row i is where token i looks, from white (weight 0) to dark blue "
+    "(weight 1). The grey triangle is the causal mask: no token may look ahead."
+)
 tokens = lab.example_tokens(run.config)
 length = len(tokens)
 layer = st.selectbox("Layer", range(run.config.num_layers), key="learning_map_layer")
 visible = visibility(length, length, is_causal=True)
-for when, report in (("start", run.reports[0]), ("end", run.last)):
-    columns = st.columns(run.config.num_heads)
-    for head, column in enumerate(columns):
-        ui.chart(
-            column,
-            charts.heatmap(
-                report.maps[layer, head],
-                tokens,
-                visible=visible,
-                title=f"{when}: layer {layer} head {head}",
-                cell_px=max(3, 240 // (length * run.config.num_heads // 4 or 1)),
-                show_labels=False,
-            ),
-            key=f"learning_map_{when}_{head}",
-        )
+per_row = min(run.config.num_heads, MAPS_PER_ROW)
+# Cells small enough that a map and its axis title fit in a column; the caption gives the
+# colour scale once instead of a legend beside every map.
+cell_px = max(2, min(10, (MAP_ROW_PX // per_row - 60) // length))
+for index, (when, report) in enumerate(shown):
+    for first in range(0, run.config.num_heads, per_row):
+        for head, column in enumerate(st.columns(per_row), start=first):
+            ui.chart(
+                column,
+                lc.small_map(
+                    report.maps[layer, head],
+                    tokens,
+                    visible=visible,
+                    title=f"{when}: layer {layer} head {head}",
+                    cell_px=cell_px,
+                ),
+                key=f"learning_map_{index}_{head}",
+            )
