@@ -217,6 +217,8 @@ def test_removing_the_scale_saturates_wide_heads_at_the_start():
         ({"learning_rate": float("nan")}, ValueError, "learning_rate"),
         ({"mlp": 1}, TypeError, "mlp"),
         ({"dtype": np.int32}, TypeError, "dtype"),
+        ({"dtype": "no such type"}, TypeError, "dtype"),
+        ({"dtype": None}, TypeError, "dtype"),
         ({"vocab_size": 8, "seq_len": 32}, ValueError, "vocab_size"),
         ({"task": "agreement", "vocab_size": 12}, ValueError, "vocab_size"),
         ({"seed": -1}, ValueError, "seed"),
@@ -244,4 +246,11 @@ def test_bad_calls_are_refused():
     before = {name: p.copy() for name, p in trainer.params.items()}
     with pytest.raises(ValueError, match="steps"):
         list(trainer.run(steps=-1))
+    grads = {name: np.zeros_like(p) for name, p in trainer.params.items()}
+    grads["unembedding"] = grads["unembedding"][:, :3]
+    with pytest.raises(ValueError, match="unembedding"):
+        trainer.apply_gradients(grads)
+    with pytest.raises(ValueError, match="one array per parameter"):
+        trainer.apply_gradients({"token_embedding": grads["token_embedding"]})
+    assert trainer.step == 0
     assert all(np.array_equal(before[n], trainer.params[n]) for n in before)

@@ -9,7 +9,7 @@ Example::
 
     from attnscope import learning
 
-    for report in learning.training(learning.TrainConfig(steps=600)):
+    for report in learning.training(learning.TrainConfig()):
         print(report.step, report.loss, report.induction.max())
 """
 
@@ -73,7 +73,8 @@ class TrainConfig:
         scale: ``"sqrt"`` for the usual ``1/√d_k``, or a positive number (``1.0``: no scaling).
         mlp: add a ReLU MLP (4 × d_model wide) after each attention layer.
         layer_norm: normalise each position before attention, the MLP and the unembedding.
-        vocab_size, seq_len, batch_size: the data; induction repeats ``seq_len // 2`` tokens.
+        vocab_size, seq_len, batch_size: the data; induction repeats a block of a quarter to
+            a half of ``seq_len`` tokens (the held-out probe: exactly half).
         steps, learning_rate, seed: the optimisation (Adam); the same seed gives the same run.
         report_every: report after every this many steps (and at step 0 and at the end).
         eval_size: held-out sequences for the reports' loss, accuracy and head scores.
@@ -124,7 +125,12 @@ class TrainConfig:
             if isinstance(self.scale, str):
                 raise ValueError(f"scale must be 'sqrt' or a positive number, got {self.scale!r}")
             _check_positive(self.scale, "scale")
-        if np.dtype(self.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        try:
+            # np.dtype(None) would be float64: None is refused, not taken for a default.
+            name = None if self.dtype is None else np.dtype(self.dtype).name
+        except TypeError:
+            name = None
+        if name not in ("float32", "float64"):
             raise TypeError(f"dtype must be np.float32 or np.float64, got {self.dtype!r}")
         _check_task_fits(self)
 
@@ -559,8 +565,17 @@ class Trainer:
 
     def apply_gradients(self, grads: dict[str, np.ndarray]) -> None:
         """One Adam step with `grads` (as :meth:`loss_and_gradients` returns them)."""
-        if set(grads) != set(self.params):
-            raise ValueError("grads must have one array per parameter, named as in params")
+        if not isinstance(grads, dict) or set(grads) != set(self.params):
+            raise ValueError(
+                "grads must be a dict with one array per parameter, named as in params"
+            )
+        # Checked before anything moves, so a refused call leaves the model as it was.
+        for name, grad in grads.items():
+            if np.shape(grad) != self.params[name].shape:
+                raise ValueError(
+                    f"grads[{name!r}] has shape {np.shape(grad)}, "
+                    f"the parameter {self.params[name].shape}"
+                )
         self.step += 1
         beta1, beta2 = _ADAM_BETAS
         step_size = (
@@ -576,8 +591,11 @@ class Trainer:
                 first.dtype
             )
 
-    def report(self, train_loss: float | None = None, seconds: float = 0.0) -> Report:
-        """Measure the model as it is now on the held-out and probe sequences."""
+    def report(
+        self, train_loss: float | None = None, seconds: float = 0.0, steps: int | None = None
+    ) -> Report:
+        """Measure the model as it is now on the held-out and probe sequences (`steps`: the
+        run's step count in all, the config's by default)."""
         config = self.config
         logits, saved, maps = _forward(self.params, config, self.held_out.tokens, True)
         loss, grad_logits, _ = _cross_entropy(logits, self.held_out)
@@ -594,7 +612,7 @@ class Trainer:
         previous, induction, entropy = head_scores(probe_maps)
         return Report(
             step=self.step,
-            steps=config.steps,
+            steps=config.steps if steps is None else steps,
             loss=loss,
             accuracy=float(right.sum() / max(int(self.held_out.counted.sum()), 1)),
             train_loss=train_loss,
@@ -615,7 +633,7 @@ class Trainer:
         _check_int(steps, "steps", self.step)
         started = time.perf_counter()
         with _one_blas_thread():
-            report = self.report(seconds=0.0)
+            report = self.report(seconds=0.0, steps=steps)
         yield report
         while self.step < steps:
             # Train up to the next report with BLAS on one thread, and give the caller back
@@ -624,7 +642,8 @@ class Trainer:
                 losses = [self.train_step()]
                 while self.step % self.config.report_every and self.step < steps:
                     losses.append(self.train_step())
-                report = self.report(float(np.mean(losses)), time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                report = self.report(float(np.mean(losses)), seconds, steps)
             yield report
 
 
