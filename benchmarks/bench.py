@@ -28,6 +28,7 @@ import numpy as np
 import peak_memory
 import peers
 import report
+from attnscope import reference
 from report import Row
 from timing import Plan, Timing, interleave
 
@@ -45,6 +46,8 @@ TINY_TARGET = 2.0  # x torch, per call
 SCALING_TARGET = 1.8  # speed-up from 1 to 2 threads
 PEAK_MEMORY_TARGET_MIB = 64.0  # beyond inputs and output
 MHA_TARGET = 1.0  # x nn.MultiheadAttention
+BACKWARD_TARGET = 1.5  # forward + backward, x torch SDPA forward + backward (autograd)
+BACKWARD_MEMORY_TARGET_MIB = 64.0  # beyond inputs, outputs and gradients
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class Preset:
         scaling_length: L=S of the 1-vs-2-thread case (8 heads, head_dim 64).
         peak_length: L=S of the causal peak-memory case (8 heads, head_dim 64).
         mha: ``(embed_dim, heads, length)`` of the MultiHeadAttention case.
+        backward: ``(heads, length, head_dim)`` of the forward + backward cases (full, causal).
+        backward_peak_length: L=S of the causal backward peak-memory case (1 head, head_dim
+            64: the extra memory does not grow with heads, the run time does).
         sgemm_size, bandwidth_bytes: sizes of the two limit measurements.
         plan: how long each row is timed.
     """
@@ -75,6 +81,8 @@ class Preset:
     scaling_length: int
     peak_length: int
     mha: tuple[int, int, int]
+    backward: tuple[int, int, int]
+    backward_peak_length: int
     sgemm_size: int
     bandwidth_bytes: int
     plan: Plan
@@ -92,6 +100,8 @@ PRESETS = {
         scaling_length=4096,
         peak_length=65536,
         mha=(512, 8, 2048),
+        backward=(8, 2048, 64),
+        backward_peak_length=65536,
         sgemm_size=4096,
         bandwidth_bytes=2**30,
         plan=Plan(budget_s=6.0, min_repeats=3, max_repeats=30, min_sample_s=0.05),
@@ -107,6 +117,8 @@ PRESETS = {
         scaling_length=1024,
         peak_length=8192,
         mha=(512, 8, 512),
+        backward=(8, 512, 64),
+        backward_peak_length=8192,
         sgemm_size=2048,
         bandwidth_bytes=2**28,
         plan=Plan(budget_s=1.0, min_repeats=3, max_repeats=20, min_sample_s=0.02),
@@ -124,6 +136,8 @@ PRESETS = {
         scaling_length=128,
         peak_length=512,
         mha=(64, 4, 48),
+        backward=(2, 96, 16),
+        backward_peak_length=512,
         sgemm_size=256,
         bandwidth_bytes=2**24,
         plan=Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0, settle_s=0.0),
@@ -131,7 +145,7 @@ PRESETS = {
 }
 
 # Row groups, in the order they run; --rows picks a subset.
-GROUPS = ("dense", "window", "decode", "tiny", "scaling", "memory", "mha")
+GROUPS = ("dense", "window", "decode", "tiny", "scaling", "memory", "mha", "backward")
 
 
 def _verdict(row: Row, unmeasured: str) -> str:
@@ -541,6 +555,79 @@ class Benchmark:
             row.notes.append(f"attnscope vs torch output: max rel. difference {gap:.1e}")
         row.verdict = _verdict(row, "no torch")
         return [row]
+
+    def backward_rows(self) -> list[Row]:
+        """Forward + backward against torch SDPA under autograd; the backward's peak memory."""
+        heads, length, head_dim = self.preset.backward
+        rows = []
+        for causal in (False, True):
+            kind = "causal" if causal else "full"
+            label = f"forward+backward B1 H{heads} L=S={length} D{head_dim} {kind}"
+            self.log(label)
+            row = Row(id=f"backward_{kind}", label=label, target=f"≥ {BACKWARD_TARGET:.2f}× torch")
+            query, key, value, grad_out = self.inputs((1, heads, length, head_dim), count=4)
+
+            def ours(causal=causal, query=query, key=key, value=value, grad_out=grad_out):
+                out, lse = ats.scaled_dot_product_attention(
+                    query, key, value, is_causal=causal, return_lse=True
+                )
+                return ats.scaled_dot_product_attention_backward(
+                    grad_out, query, key, value, out, lse, is_causal=causal
+                )
+
+            contenders = {"attnscope": ours}
+            if self.torch is None:
+                row.cells["torch"] = "n/a (no torch)"
+            else:
+                contenders["torch"] = peers.torch_sdpa_backward_call(
+                    self.torch, query, key, value, grad_out, is_causal=causal
+                )
+                row.notes.append("torch: SDPA forward, then torch.autograd.grad of its output")
+            timings = self._time(contenders)
+            self._record_times(row, timings)
+            pairs = peers.visible_pairs(length, length, is_causal=causal)
+            # Forward 2 products of L·S·D, backward 5 (FlashAttention-2's count).
+            row.gflops = 14 * heads * pairs * head_dim / timings["attnscope"].median_s / 1e9
+            row.notes.append("GFLOP/s counts 7 products (forward 2, backward 5)")
+            self._torch_ratio(row, timings, BACKWARD_TARGET)
+            grads = ours()
+            expected = reference.scaled_dot_product_attention_backward(
+                grad_out[:, :2], query[:, :2], key[:, :2], value[:, :2], is_causal=causal
+            )
+            row.max_rel_error = max(
+                float(np.max(np.abs(got[:, :2] - want)) / np.max(np.abs(want)))
+                for got, want in zip(grads, expected, strict=True)
+            )
+            row.notes.append("error: gradients of the first 2 heads vs the float64 reference")
+            row.verdict = _verdict(row, "no torch")
+            rows.append(row)
+        rows.append(self._backward_memory_row())
+        return rows
+
+    def _backward_memory_row(self) -> Row:
+        length, heads, head_dim = self.preset.backward_peak_length, 1, 64
+        label = f"backward peak memory, B1 H{heads} L=S={length} D{head_dim} causal"
+        self.log(label)
+        row = Row(
+            id="backward_peak_memory",
+            label=label,
+            target=f"≤ {BACKWARD_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+outputs+grads",
+        )
+        measured = peak_memory.run_in_child(length, heads, head_dim, self.threads, backward=True)
+        row.cells = {"attnscope": measured["seconds"]}
+        pairs = peers.visible_pairs(length, length, is_causal=True)
+        row.gflops = 10 * heads * head_dim * pairs / measured["seconds"] / 1e9
+        row.metrics["extra_mib"] = measured["extra_mib"]
+        row.result = f"{measured['extra_mib']:.1f} MiB"
+        row.met = measured["extra_mib"] <= BACKWARD_MEMORY_TARGET_MIB
+        row.max_rel_error = measured["max_rel_error"]
+        row.notes.append(
+            f"fresh process, one backward call; inputs (q, k, v, out, lse, grad_out) "
+            f"{measured['inputs_mib']:.0f} MiB, gradients {measured['output_mib']:.0f} MiB; "
+            f"peak counter reset: {'yes' if measured['peak_counter_reset'] else 'no'}"
+        )
+        row.verdict = _verdict(row, "")
+        return row
 
 
 def _numpy_thread_limit(threads: int):

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-__all__ = ["measure", "run_in_child"]
+__all__ = ["measure", "measure_backward", "run_in_child"]
 
 
 def _status_kib(field: str) -> int | None:
@@ -92,10 +92,71 @@ def measure(length: int, heads: int, head_dim: int, threads: int) -> dict:
     }
 
 
-def run_in_child(length: int, heads: int, head_dim: int, threads: int) -> dict:
-    """:func:`measure` in a fresh Python process, so earlier allocations cannot hide a peak."""
+def measure_backward(length: int, heads: int, head_dim: int, threads: int) -> dict:
+    """Run the causal backward pass on ``(1, heads, length, head_dim)`` float32 inputs once.
+
+    The forward runs first (its output and log-sum-exp are inputs of the backward). Returns
+    the MiB the backward used beyond its inputs and the three gradients it returns, the
+    seconds it took, and the sampled float64 error of ``grad_value``'s last rows.
+    """
+    import attnscope as ats
+
+    ats.set_num_threads(threads)
+    rng = np.random.default_rng(0)
+    shape = (1, heads, length, head_dim)
+    query, key, value, grad_out = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    out, lse = ats.scaled_dot_product_attention(query, key, value, is_causal=True, return_lse=True)
+    warm = slice(0, min(length, 64))
+    ats.scaled_dot_product_attention_backward(
+        *(x[:, :, warm] for x in (grad_out, query, key, value, out)),
+        lse[:, :, warm],
+        is_causal=True,
+    )
+    gc.collect()
+
+    rss_before = _status_kib("VmRSS")
+    resettable = rss_before is not None and _reset_peak()
+    if not resettable:
+        rss_before = _peak_kib()
+    start = time.perf_counter()
+    grads = ats.scaled_dot_product_attention_backward(
+        grad_out, query, key, value, out, lse, is_causal=True
+    )
+    seconds = time.perf_counter() - start
+    peak = _peak_kib()
+
+    grads_bytes = sum(grad.nbytes for grad in grads)
+    extra_bytes = (peak - rss_before) * 1024 - grads_bytes
+    # The last keys are seen only by the last queries: their dV is a small exact sum to check.
+    tail = slice(length - 16, length)
+    weights = ats.scaled_dot_product_attention(
+        query[:, :, tail],
+        key,
+        value,
+        is_causal=True,
+        causal_alignment="bottom_right",
+        return_weights=True,
+    )[1].astype(np.float64)
+    expected = np.swapaxes(weights[..., tail], -1, -2) @ grad_out[:, :, tail].astype(np.float64)
+    error = np.max(np.abs(grads[2][:, :, tail] - expected)) / np.max(np.abs(expected))
+    return {
+        "extra_mib": max(extra_bytes, 0) / 2**20,
+        "inputs_mib": (5 * query.nbytes + lse.nbytes) / 2**20,
+        "output_mib": grads_bytes / 2**20,
+        "seconds": seconds,
+        "peak_counter_reset": resettable,
+        "max_rel_error": float(error),
+    }
+
+
+def run_in_child(
+    length: int, heads: int, head_dim: int, threads: int, *, backward: bool = False
+) -> dict:
+    """:func:`measure` (or :func:`measure_backward`) in a fresh Python process, so earlier
+    allocations cannot hide a peak."""
     done = subprocess.run(
-        [sys.executable, __file__, str(length), str(heads), str(head_dim), str(threads)],
+        [sys.executable, __file__, str(length), str(heads), str(head_dim), str(threads)]
+        + (["--backward"] if backward else []),
         capture_output=True,
         text=True,
         check=False,
@@ -110,8 +171,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name in ("length", "heads", "head_dim", "threads"):
         parser.add_argument(name, type=int)
+    parser.add_argument("--backward", action="store_true", help="measure the backward pass")
     args = parser.parse_args()
-    print(json.dumps(measure(args.length, args.heads, args.head_dim, args.threads)))
+    run = measure_backward if args.backward else measure
+    print(json.dumps(run(args.length, args.heads, args.head_dim, args.threads)))
 
 
 if __name__ == "__main__":

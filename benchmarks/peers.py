@@ -136,6 +136,21 @@ def torch_sdpa_call(torch, query, key, value, *, is_causal=False, attn_mask=None
     return call, _torch_backend(torch, tensors, options)
 
 
+def torch_sdpa_backward_call(torch, query, key, value, grad_out, *, is_causal=False):
+    """A zero-argument call of torch's SDPA forward and its backward through autograd."""
+    tensors = [
+        torch.from_numpy(np.ascontiguousarray(a)).requires_grad_() for a in (query, key, value)
+    ]
+    grad = torch.from_numpy(np.ascontiguousarray(grad_out))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def call():
+        out = sdpa(*tensors, dropout_p=0.0, is_causal=is_causal)
+        return torch.autograd.grad(out, tensors, grad)
+
+    return call
+
+
 def _torch_backend(torch, tensors, options) -> str:
     """Which SDPA kernel torch picks for these inputs ("flash_attention", "math", ...)."""
     try:

@@ -8,7 +8,7 @@ use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::error::{shape_str, AttnError};
 use crate::memory::standard_layout;
-use crate::schedule::attend_checked;
+use crate::schedule::{attend_checked, WithLse};
 use crate::shapes::{check_call, Geometry};
 use crate::simd::KernelElement;
 use crate::simd::{active_level, SimdLevel};
@@ -116,7 +116,7 @@ fn attend_arrays<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
     want_lse: bool,
-) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
+) -> Result<WithLse<T>, AttnError> {
     let geometry = Geometry::check(
         query.shape(),
         key.shape(),
@@ -151,7 +151,7 @@ fn nothing_to_compute<T: KernelElement>(
     geometry: &Geometry,
     options: &AttentionOptions,
     want_lse: bool,
-) -> Result<Option<(Attention<T>, Option<ArrayD<T>>)>, AttnError> {
+) -> Result<Option<WithLse<T>>, AttnError> {
     let no_heads = geometry.outer_shape.contains(&0) || geometry.num_queries == 0;
     let output_empty = no_heads || geometry.value_dim == 0;
     let weights_empty = no_heads || geometry.num_keys == 0;
@@ -269,7 +269,7 @@ fn attend_query_groups<'a, T: KernelElement>(
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
     want_lse: bool,
-) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
+) -> Result<WithLse<T>, AttnError> {
     let group = geometry.group();
     let visible = Bounds::new(
         1,

@@ -20,18 +20,26 @@ use crate::kernel::{
     apply_visibility, mask_coverage, round_up, HeadData, KernelParams, MaskCoverage, MaskRows,
 };
 use crate::memory::{standard_layout, zeroed};
-use crate::microkernel::{accumulate_pv, column_exp2, scale_row, transposed_scores, WeightLayout};
-use crate::schedule::{run_tasks, with_call_data, CallData, DisjointWriter, Task};
+use crate::microkernel::{
+    accumulate_pv, column_exp2, row_exp2, scale_row, transposed_scores, WeightLayout,
+};
+use crate::schedule::{call_scale, run_tasks, with_call_data, CallData, DisjointWriter, Task};
 use crate::shapes::{check_call, Geometry};
 use crate::simd::{active_level, KernelElement, SimdLevel, SimdVec};
 use crate::threads::pool_for;
 
 /// Keys per task of the key pass (rows of its `dK`, `dV`).
 const KEY_PASS_KEYS: usize = 64;
-/// Query rows per tile of the key pass, and per task of the query pass.
+/// Query rows per tile of the key pass.
+const KEY_PASS_QUERIES: usize = 128;
+/// Query rows per task of the query pass.
 const GRAD_QUERY_BLOCK: usize = 64;
 /// Keys per tile of the query pass.
 const QUERY_PASS_KEYS: usize = 128;
+/// From this many (batch, kv head) pairs on, a task per kv head computes all three gradients
+/// in one sweep (five products per tile instead of the two passes' seven). The choice depends
+/// on the shape alone, never on the thread count, so results stay the same for every count.
+const KV_HEAD_TASKS_MIN: usize = 8;
 
 /// The gradients of attention with respect to its three inputs, in their shapes.
 pub struct AttentionGrads<T> {
@@ -63,22 +71,21 @@ pub struct GradHead<'a, T> {
 /// Buffers a thread reuses from one tile to the next.
 #[derive(Default)]
 pub struct GradScratch<T> {
-    /// `Qᵀ · scale · log2(e)`, `D x width`.
+    /// The packed block's `Qᵀ · scale · log2(e)` (query pass) or `Kᵀ · scale · log2(e)` (key
+    /// pass), `D x width`.
     queries: Vec<T>,
-    /// `dOᵀ`, `Dv x width`.
+    /// The packed block's `dOᵀ` (query pass) or `Vᵀ` (key pass), `Dv x width`.
     grad_out: Vec<T>,
     /// Each query column's `lse` in base 2 (`+inf` for a row with no key, and for padding).
     shift: Vec<T>,
     /// Each query column's `D`.
     delta: Vec<T>,
-    /// `Pᵀ`, keys x width.
+    /// The tile's probabilities (`Pᵀ` in the query pass, `P` in the key pass).
     probs: Vec<T>,
-    /// `dPᵀ`, then `dSᵀ`, keys x width.
+    /// The tile's `dP`, then `dS`, laid out as `probs`.
     grad_scores: Vec<T>,
     /// Unused column sums of the exponentials.
     sums: Vec<T>,
-    grad_key: Vec<T>,
-    grad_value: Vec<T>,
 }
 
 /// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
@@ -150,7 +157,7 @@ fn hide_invisible<T: Element>(
 /// `Pᵀ` and `dSᵀ` of the packed `rows` against `keys` (keys x `width`, in `scratch.probs` and
 /// `scratch.grad_scores`). Returns false when no pair of the tile is visible.
 #[inline(always)]
-unsafe fn grad_tile<V: SimdVec>(
+unsafe fn query_tile<V: SimdVec>(
     params: &GradParams<V::Elem>,
     head: &GradHead<'_, V::Elem>,
     rows: &Range<usize>,
@@ -215,73 +222,193 @@ unsafe fn grad_tile<V: SimdVec>(
     true
 }
 
-/// `dK` (`keys x D`) and `dV` (`keys x Dv`) of one kv head's `keys`, summed over `heads` (the
-/// query heads that read it, in order) and each head's query rows, in order.
+/// Lays out a key pass task's `keys` for its tiles: `Kᵀ` (scaled to base 2) and `Vᵀ`, padded
+/// to `width` columns, in `scratch.queries` and `scratch.grad_out`. Returns `width`.
+fn pack_keys<V: SimdVec>(
+    params: &GradParams<V::Elem>,
+    head: &HeadData<'_, V::Elem>,
+    keys: &Range<usize>,
+    scratch: &mut GradScratch<V::Elem>,
+) -> usize {
+    let kernel = &params.kernel;
+    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
+    let width = round_up(keys.len(), V::LANES);
+    refill(&mut scratch.queries, depth * width, V::Elem::ZERO);
+    refill(&mut scratch.grad_out, value_dim * width, V::Elem::ZERO);
+    for (column, key) in keys.clone().enumerate() {
+        for (d, &x) in head.k[key * depth..(key + 1) * depth].iter().enumerate() {
+            scratch.queries[d * width + column] = x * kernel.score_scale;
+        }
+        for (d, &x) in head.v[key * value_dim..(key + 1) * value_dim]
+            .iter()
+            .enumerate()
+        {
+            scratch.grad_out[d * width + column] = x;
+        }
+    }
+    width
+}
+
+/// `P` and `dS` of query `rows` (read in place) against the packed `keys` (`rows x width`, in
+/// `scratch.probs` and `scratch.grad_scores`). Returns false when no pair is visible.
+#[inline(always)]
+unsafe fn key_tile<V: SimdVec>(
+    params: &GradParams<V::Elem>,
+    head: &GradHead<'_, V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    width: usize,
+    scratch: &mut GradScratch<V::Elem>,
+) -> bool {
+    let kernel = &params.kernel;
+    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
+    let tile = rows.len() * width;
+    refill(&mut scratch.probs, tile, V::Elem::ZERO);
+    transposed_scores::<V>(
+        &head.head.q[rows.start * depth..rows.end * depth],
+        rows.len(),
+        &scratch.queries,
+        depth,
+        width,
+        &mut scratch.probs,
+    );
+    let layout = WeightLayout {
+        row_stride: width,
+        key_stride: 1,
+    };
+    if !hide_invisible(
+        kernel,
+        &head.head.mask,
+        rows,
+        keys,
+        &mut scratch.probs,
+        layout,
+    ) {
+        return false;
+    }
+    let log2_e = V::Elem::from_f64(std::f64::consts::LOG2_E);
+    let infinity = V::Elem::from_f64(f64::INFINITY);
+    for (probs, row) in scratch.probs.chunks_exact_mut(width).zip(rows.clone()) {
+        // A row that saw no key has no probability anywhere: 2^(s - inf) is 0.
+        let lse = head.lse[row];
+        let shift = if lse == V::Elem::NEG_INFINITY {
+            infinity
+        } else {
+            lse * log2_e
+        };
+        row_exp2::<V>(&mut probs[..keys.len()], shift);
+    }
+    refill(&mut scratch.grad_scores, tile, V::Elem::ZERO);
+    transposed_scores::<V>(
+        &head.grad_out[rows.start * value_dim..rows.end * value_dim],
+        rows.len(),
+        &scratch.grad_out,
+        value_dim,
+        width,
+        &mut scratch.grad_scores,
+    );
+    for ((probs, grads), row) in scratch
+        .probs
+        .chunks_exact(width)
+        .zip(scratch.grad_scores.chunks_exact_mut(width))
+        .zip(rows.clone())
+    {
+        let delta = head.delta[row];
+        for (grad, &p) in grads[..keys.len()].iter_mut().zip(probs) {
+            *grad = p * (*grad - delta);
+        }
+    }
+    true
+}
+
+/// Where a key block's gradients go: its own `dK` (`keys x D`) and `dV` (`keys x Dv`), and,
+/// when one task owns a whole kv head, the `dQ` (`heads x L x D`, unscaled) its query heads
+/// accumulate over the key blocks, in order.
+pub struct KeyBlockGrads<'a, T> {
+    pub grad_key: &'a mut [T],
+    pub grad_value: &'a mut [T],
+    pub grad_query: Option<&'a mut [T]>,
+}
+
+/// `dK` and `dV` of one kv head's `keys`, summed over `heads` (the query heads that read it,
+/// in order) and each head's query rows, in order; and their share of `dQ` when asked.
 #[inline(always)]
 pub(crate) unsafe fn key_block_grads<V: SimdVec>(
     params: &GradParams<V::Elem>,
     heads: &[GradHead<'_, V::Elem>],
     keys: Range<usize>,
     num_queries: usize,
-    grad_key: &mut [V::Elem],
-    grad_value: &mut [V::Elem],
+    out: KeyBlockGrads<'_, V::Elem>,
     scratch: &mut GradScratch<V::Elem>,
 ) {
     let kernel = &params.kernel;
     let (depth, value_dim) = (kernel.depth, kernel.value_dim);
-    let mut key_acc = std::mem::take(&mut scratch.grad_key);
-    let mut value_acc = std::mem::take(&mut scratch.grad_value);
-    refill(&mut key_acc, keys.len() * depth, V::Elem::ZERO);
-    refill(&mut value_acc, keys.len() * value_dim, V::Elem::ZERO);
-    let layout = WeightLayout {
-        row_stride: 0,
-        key_stride: 1,
+    let KeyBlockGrads {
+        grad_key,
+        grad_value,
+        mut grad_query,
+    } = out;
+    grad_key.fill(V::Elem::ZERO);
+    grad_value.fill(V::Elem::ZERO);
+    let Some(first) = heads.first() else {
+        return;
     };
-    for head in heads {
-        for start in (0..num_queries).step_by(GRAD_QUERY_BLOCK) {
-            let rows = start..(start + GRAD_QUERY_BLOCK).min(num_queries);
+    let width = pack_keys::<V>(params, &first.head, &keys, scratch);
+    // dV += Pᵀ·dO and dK += dSᵀ·Q: a key per row, the tile's query rows as the sum.
+    let layout = WeightLayout {
+        row_stride: 1,
+        key_stride: width,
+    };
+    for (index, head) in heads.iter().enumerate() {
+        for start in (0..num_queries).step_by(KEY_PASS_QUERIES) {
+            let rows = start..(start + KEY_PASS_QUERIES).min(num_queries);
             let span = kernel.bounds.block_keys(&rows);
             if span.start >= keys.end || span.end <= keys.start {
                 continue;
             }
-            let width = pack_rows::<V>(params, head, &rows, scratch);
-            if !grad_tile::<V>(params, head, &rows, &keys, width, scratch) {
+            if !key_tile::<V>(params, head, &rows, &keys, width, scratch) {
                 continue;
             }
-            let layout = WeightLayout {
-                row_stride: width,
-                ..layout
-            };
-            // dV += Pᵀ·dO and dK += dSᵀ·Q, a key per row, the tile's queries as the sum.
-            let grad_out = &head.grad_out[rows.start * value_dim..rows.end * value_dim];
             accumulate_pv::<V>(
                 &scratch.probs,
                 layout,
                 keys.len(),
                 rows.len(),
-                grad_out,
+                &head.grad_out[rows.start * value_dim..rows.end * value_dim],
                 value_dim,
-                &mut value_acc,
+                grad_value,
                 None,
             );
-            let queries = &head.head.q[rows.start * depth..rows.end * depth];
             accumulate_pv::<V>(
                 &scratch.grad_scores,
                 layout,
                 keys.len(),
                 rows.len(),
-                queries,
+                &head.head.q[rows.start * depth..rows.end * depth],
                 depth,
-                &mut key_acc,
+                grad_key,
                 None,
             );
+            if let Some(grad_query) = grad_query.as_deref_mut() {
+                // dQ += dS·K: a query per row, the block's keys as the sum.
+                let first = index * num_queries + rows.start;
+                accumulate_pv::<V>(
+                    &scratch.grad_scores,
+                    WeightLayout {
+                        row_stride: width,
+                        key_stride: 1,
+                    },
+                    rows.len(),
+                    keys.len(),
+                    &head.head.k[keys.start * depth..keys.end * depth],
+                    depth,
+                    &mut grad_query[first * depth..(first + rows.len()) * depth],
+                    None,
+                );
+            }
         }
     }
-    scale_row::<V>(&mut key_acc, params.scale);
-    grad_key.copy_from_slice(&key_acc);
-    grad_value.copy_from_slice(&value_acc);
-    scratch.grad_key = key_acc;
-    scratch.grad_value = value_acc;
+    scale_row::<V>(grad_key, params.scale);
 }
 
 /// `dQ` (`rows x D`) of one head's `rows`, over the keys they see, in order.
@@ -305,7 +432,7 @@ pub(crate) unsafe fn query_block_grads<V: SimdVec>(
     while block_start < span.end {
         let keys = block_start..(block_start + QUERY_PASS_KEYS).min(span.end);
         block_start = keys.end;
-        if !grad_tile::<V>(params, head, &rows, &keys, width, scratch) {
+        if !query_tile::<V>(params, head, &rows, &keys, width, scratch) {
             continue;
         }
         // dQ += dS·K: the tile's keys are the sum.
@@ -372,6 +499,7 @@ pub(crate) fn backward_at_level<T: KernelElement>(
     check_call(&geometry, &mask, &options)?;
     check_forward_results(&geometry, &inputs)?;
     let pool = pool_for(options.num_threads)?;
+    // Non-contiguous inputs are copied once; contiguous ones are read in place.
     let query = standard_layout(inputs.query.view(), "query")?;
     let key = standard_layout(inputs.key.view(), "key")?;
     let value = standard_layout(inputs.value.view(), "value")?;
@@ -413,49 +541,23 @@ pub(crate) fn backward_at_level<T: KernelElement>(
                 lse,
                 delta: &delta,
             };
-            grads.key_pass(&pool, &mut grad_key, &mut grad_value);
-            grads.query_pass(&pool, &mut grad_query);
+            if geometry.batch * geometry.kv_heads >= KV_HEAD_TASKS_MIN {
+                grads.by_kv_heads(&pool, &mut grad_query, &mut grad_key, &mut grad_value);
+            } else {
+                grads.key_pass(&pool, &mut grad_key, &mut grad_value);
+                grads.query_pass(&pool, &mut grad_query);
+            }
         })?;
     }
-    let shaped = |buffer: Vec<T>, shape: &[usize]| {
-        ArrayD::from_shape_vec(IxDyn(shape), buffer).expect("gradient buffer matches its shape")
+    // Each gradient has its input's shape (and the buffers that input's row-major layout).
+    let shaped = |buffer: Vec<T>, input: &ArrayViewD<'_, T>| {
+        ArrayD::from_shape_vec(IxDyn(input.shape()), buffer)
+            .expect("gradient buffer matches its shape")
     };
     Ok(AttentionGrads {
-        grad_query: shaped(grad_query, inputs_shape(&geometry, Part::Query).as_slice()),
-        grad_key: shaped(grad_key, inputs_shape(&geometry, Part::Key).as_slice()),
-        grad_value: shaped(grad_value, inputs_shape(&geometry, Part::Value).as_slice()),
-    })
-}
-
-/// Which input a shape is asked for.
-enum Part {
-    Query,
-    Key,
-    Value,
-}
-
-/// The shape of query, key or value under `geometry`.
-fn inputs_shape(geometry: &Geometry, part: Part) -> Vec<usize> {
-    let mut shape = geometry.outer_shape.clone();
-    let has_heads = shape.len() > geometry.batch_shape.len();
-    let (heads, rows, width) = match part {
-        Part::Query => (geometry.query_heads, geometry.num_queries, geometry.depth),
-        Part::Key => (geometry.kv_heads, geometry.num_keys, geometry.depth),
-        Part::Value => (geometry.kv_heads, geometry.num_keys, geometry.value_dim),
-    };
-    if has_heads {
-        *shape.last_mut().expect("a head dim") = heads;
-    }
-    shape.extend([rows, width]);
-    shape
-}
-
-/// The scale of `Q·Kᵀ`: the option, else `1 / sqrt(D)`.
-fn call_scale(geometry: &Geometry, options: &AttentionOptions) -> f64 {
-    options.scale.unwrap_or(if geometry.depth == 0 {
-        1.0
-    } else {
-        1.0 / (geometry.depth as f64).sqrt()
+        grad_query: shaped(grad_query, &inputs.query),
+        grad_key: shaped(grad_key, &inputs.key),
+        grad_value: shaped(grad_value, &inputs.value),
     })
 }
 
@@ -489,7 +591,11 @@ fn check_forward_results<T>(
 }
 
 /// `D = rowsum(dO ∘ O)` of every row of every head.
-fn row_deltas<T: Element>(grad_out: &[T], out: &[T], value_dim: usize) -> Result<Vec<T>, AttnError> {
+fn row_deltas<T: Element>(
+    grad_out: &[T],
+    out: &[T],
+    value_dim: usize,
+) -> Result<Vec<T>, AttnError> {
     let rows = grad_out.len() / value_dim.max(1);
     let mut delta = zeroed::<T>(&[rows], "lse")?;
     if value_dim > 0 {
@@ -529,6 +635,62 @@ impl<T: KernelElement> GradCall<'_, T> {
         }
     }
 
+    /// All three gradients, a task per (batch, kv head): each sweeps its key blocks in order,
+    /// accumulating its query heads' `dQ` as it goes (no tile is computed twice).
+    fn by_kv_heads(
+        &self,
+        pool: &rayon::ThreadPool,
+        grad_query: &mut [T],
+        grad_key: &mut [T],
+        grad_value: &mut [T],
+    ) {
+        let geometry = self.call.geometry;
+        let (l, s) = (geometry.num_queries, geometry.num_keys);
+        let (d, dv, group) = (geometry.depth, geometry.value_dim, geometry.group());
+        let mut tasks: Vec<Task> = (0..geometry.batch * geometry.kv_heads)
+            .map(|kv_head| Task {
+                head: kv_head,
+                rows: 0..l,
+                keys: 0..s,
+                cost: 1,
+            })
+            .collect();
+        let writers = [grad_query, grad_key, grad_value].map(DisjointWriter::new);
+        run_tasks(pool, &mut tasks, |scratch: &mut GradScratch<T>, task| {
+            let heads = self.group_heads(task.head);
+            // SAFETY: each task owns one kv head: its rows of dK and dV, and the rows of dQ of
+            // the query heads that read it, which no other task touches.
+            let (grad_query, grad_key, grad_value) = unsafe {
+                (
+                    writers[0].rows_mut(task.head, &(0..group * l), group * l, d),
+                    writers[1].rows_mut(task.head, &(0..s), s, d),
+                    writers[2].rows_mut(task.head, &(0..s), s, dv),
+                )
+            };
+            for start in (0..s).step_by(KEY_PASS_KEYS) {
+                let keys = start..(start + KEY_PASS_KEYS).min(s);
+                let out = KeyBlockGrads {
+                    grad_key: &mut grad_key[keys.start * d..keys.end * d],
+                    grad_value: &mut grad_value[keys.start * dv..keys.end * dv],
+                    grad_query: Some(&mut *grad_query),
+                };
+                T::key_block_grads(self.call.level, &self.params, &heads, keys, l, out, scratch);
+            }
+            for x in grad_query.iter_mut() {
+                *x *= self.params.scale;
+            }
+        });
+    }
+
+    /// The query heads that read flattened (batch, kv head) `kv_head`, in order.
+    fn group_heads(&self, kv_head: usize) -> Vec<GradHead<'_, T>> {
+        let geometry = self.call.geometry;
+        let group = geometry.group();
+        let (batch, kv_head) = (kv_head / geometry.kv_heads, kv_head % geometry.kv_heads);
+        let first = batch * geometry.query_heads + kv_head * group;
+        (first..first + group).map(|h| self.head(h)).collect()
+    }
+
     /// `dK` and `dV`: a task per (batch, kv head, block of keys).
     fn key_pass(&self, pool: &rayon::ThreadPool, grad_key: &mut [T], grad_value: &mut [T]) {
         let geometry = self.call.geometry;
@@ -547,19 +709,20 @@ impl<T: KernelElement> GradCall<'_, T> {
                 });
             }
         }
-        let (key_writer, value_writer) =
-            (DisjointWriter::new(grad_key), DisjointWriter::new(grad_value));
+        let (key_writer, value_writer) = (
+            DisjointWriter::new(grad_key),
+            DisjointWriter::new(grad_value),
+        );
         run_tasks(pool, &mut tasks, |scratch: &mut GradScratch<T>, task| {
-            let (batch, kv_head) = (task.head / geometry.kv_heads, task.head % geometry.kv_heads);
-            let first = batch * geometry.query_heads + kv_head * group;
-            let heads: Vec<GradHead<'_, T>> = (first..first + group).map(|h| self.head(h)).collect();
+            let heads = self.group_heads(task.head);
             // SAFETY: (kv head, keys) pairs are distinct across tasks, so these ranges are
             // disjoint.
-            let (grad_key, grad_value) = unsafe {
-                (
-                    key_writer.rows_mut(task.head, &task.keys, s, d),
-                    value_writer.rows_mut(task.head, &task.keys, s, dv),
-                )
+            let out = unsafe {
+                KeyBlockGrads {
+                    grad_key: key_writer.rows_mut(task.head, &task.keys, s, d),
+                    grad_value: value_writer.rows_mut(task.head, &task.keys, s, dv),
+                    grad_query: None,
+                }
             };
             T::key_block_grads(
                 self.call.level,
@@ -567,8 +730,7 @@ impl<T: KernelElement> GradCall<'_, T> {
                 &heads,
                 task.keys.clone(),
                 l,
-                grad_key,
-                grad_value,
+                out,
                 scratch,
             );
         });

@@ -50,4 +50,6 @@ pub use threads::{num_threads, set_num_threads, MAX_THREADS, NUM_THREADS_ENV};
 #[cfg(test)]
 mod attention_tests;
 #[cfg(test)]
+mod backward_tests;
+#[cfg(test)]
 mod nonfinite_tests;

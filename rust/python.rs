@@ -412,7 +412,10 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
 // The log-sum-exp out of the forward, and the backward pass that reads it.
 
 fn register_backward(module: &Bound<'_, PyModule>) -> PyResult<()> {
-    module.add_function(wrap_pyfunction!(scaled_dot_product_attention_backward, module)?)?;
+    module.add_function(wrap_pyfunction!(
+        scaled_dot_product_attention_backward,
+        module
+    )?)?;
     Ok(())
 }
 

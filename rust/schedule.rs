@@ -226,17 +226,21 @@ impl<T: KernelElement> CallData<'_, T> {
     }
 }
 
-/// The kernel's parameters for a call of `geometry` with `options`.
-pub(crate) fn kernel_params<T: KernelElement>(
-    geometry: &Geometry,
-    options: &AttentionOptions,
-) -> Result<KernelParams<T>, AttnError> {
-    let default_scale = if geometry.depth == 0 {
+/// The scale of `Q·Kᵀ` in a call: the option, else `1 / sqrt(D)`.
+pub(crate) fn call_scale(geometry: &Geometry, options: &AttentionOptions) -> f64 {
+    options.scale.unwrap_or(if geometry.depth == 0 {
         1.0
     } else {
         1.0 / (geometry.depth as f64).sqrt()
-    };
-    let scale = options.scale.unwrap_or(default_scale);
+    })
+}
+
+/// The kernel's parameters for a call of `geometry` with `options`.
+fn kernel_params<T: KernelElement>(
+    geometry: &Geometry,
+    options: &AttentionOptions,
+) -> Result<KernelParams<T>, AttnError> {
+    let scale = call_scale(geometry, options);
     Ok(KernelParams {
         num_keys: geometry.num_keys,
         depth: geometry.depth,
@@ -292,6 +296,9 @@ pub(crate) fn with_call_data<T: KernelElement, R>(
     Ok(work(&call))
 }
 
+/// A call's result and, when asked for, each query row's log-sum-exp `(..., Hq, L)`.
+pub(crate) type WithLse<T> = (Attention<T>, Option<ArrayD<T>>);
+
 /// Runs a call whose arguments `shapes::check_call` accepted: `kv` holds the keys and values
 /// of every (batch, kv head) `kv.row_capacity` rows apart. With `want_lse`, also returns each
 /// query row's log-sum-exp, `(..., Hq, L)`.
@@ -303,7 +310,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
     mask: &Mask<'_, T>,
     options: &AttentionOptions,
     want_lse: bool,
-) -> Result<(Attention<T>, Option<ArrayD<T>>), AttnError> {
+) -> Result<WithLse<T>, AttnError> {
     let pool = pool_for(options.num_threads)?;
     let query = standard_layout(query, "query")?;
     let query = query.as_slice().expect("standard layout is contiguous");
@@ -322,8 +329,7 @@ pub(crate) fn attend_checked<T: KernelElement>(
             let mut buffer = zeroed(&[heads, l, geometry.num_keys], "return_weights")?;
             with_weights(&pool, call, &mut blocks, &mut output, &mut buffer, lse);
             weights = Some(buffer);
-        } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK)
-        {
+        } else if l <= SPLIT_MAX_QUERIES && blocks.iter().any(|task| task.keys.len() > KV_CHUNK) {
             by_key_chunks(&pool, call, &blocks, &mut output, lse);
         } else {
             by_query_blocks(&pool, call, &mut blocks, &mut output, lse);

@@ -114,7 +114,9 @@ def _forward_backward(q, k, v, grad_out, mask=None, **options):
 
 
 def _assert_grads_close(grads, expected, dtype):
-    for got, want, name in zip(grads, expected, ("grad_query", "grad_key", "grad_value")):
+    for got, want, name in zip(
+        grads, expected, ("grad_query", "grad_key", "grad_value"), strict=True
+    ):
         assert np.all(np.isfinite(got)), name
         assert_close(got, want, dtype, GRAD_TOLERANCE[np.dtype(dtype)])
 
@@ -169,9 +171,27 @@ GRAD_CASES = [
         dict(is_causal=True),
         id="float-causal",
     ),
-    pytest.param((2, 2, 3, 2, 16, 8), (2, 2, 3, 1, 20, 8), (2, 2, 3, 1, 20, 8), None,
-                 dict(enable_gqa=True), id="leading-dims"),
+    pytest.param(
+        (2, 2, 3, 2, 16, 8),
+        (2, 2, 3, 1, 20, 8),
+        (2, 2, 3, 1, 20, 8),
+        None,
+        dict(enable_gqa=True),
+        id="leading-dims",
+    ),
     pytest.param((33, 8), (21, 8), (21, 5), None, {}, id="2-D"),
+    # From 8 (batch, kv head) pairs on, a task per kv head computes all three gradients.
+    pytest.param(
+        (2, 4, 150, 16), (2, 4, 90, 16), (2, 4, 90, 8), None, dict(window=(40, 5)), id="per-kv-head"
+    ),
+    pytest.param(
+        (2, 8, 70, 16),
+        (2, 4, 130, 16),
+        (2, 4, 130, 16),
+        (_float_mask, (2, 1, 70, 130)),
+        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
+        id="per-kv-head-gqa",
+    ),
     pytest.param((2, 4, 1, 16), (2, 4, 300, 16), (2, 4, 300, 16), None, {}, id="one-query"),
 ]
 
@@ -194,8 +214,8 @@ def test_backward_on_random_shapes_and_options(seed):
     rng = np.random.default_rng(1000 + seed)
     dtype = (np.float32, np.float64)[seed % 2]
     batch, kv_heads, group = rng.integers(1, 3), rng.integers(1, 3), rng.integers(1, 4)
-    l, s, d, dv = (int(x) for x in rng.integers(1, 140, size=2).tolist() + [8, 12])
-    q_shape, k_shape = (batch, kv_heads * group, l, d), (batch, kv_heads, s, d)
+    length, s, d, dv = (int(x) for x in rng.integers(1, 140, size=2).tolist() + [8, 12])
+    q_shape, k_shape = (batch, kv_heads * group, length, d), (batch, kv_heads, s, d)
     q, k, v = random_qkv(rng, q_shape, k_shape, (batch, kv_heads, s, dv), dtype)
     options = dict(
         enable_gqa=True,
@@ -204,7 +224,7 @@ def test_backward_on_random_shapes_and_options(seed):
         window=None if rng.integers(2) else int(rng.integers(1, 40)),
         scale=None if rng.integers(2) else float(rng.uniform(0.05, 1.0)),
     )
-    mask = _bool_mask(rng, (l, s), empty_row=False) if l > 1 and rng.integers(2) else None
+    mask = _bool_mask(rng, (length, s), empty_row=False) if length > 1 and rng.integers(2) else None
     grad_out = rng.standard_normal((*q_shape[:-1], dv))
     grads = _forward_backward(q, k, v, grad_out, mask, **options)
     expected = reference.scaled_dot_product_attention_backward(
@@ -236,8 +256,11 @@ def test_backward_matches_finite_differences_of_the_forward(rng):
         assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
 
 
-def test_backward_is_bitwise_identical_for_every_thread_count(rng):
-    q, k, v = random_qkv(rng, (2, 4, 300, 32), (2, 2, 400, 32), (2, 2, 400, 32))
+@pytest.mark.parametrize("kv_heads", [2, 8])  # two passes; a task per kv head
+def test_backward_is_bitwise_identical_for_every_thread_count(rng, kv_heads):
+    q, k, v = random_qkv(
+        rng, (2, 4, 300, 32), (2, kv_heads // 2, 400, 32), (2, kv_heads // 2, 400, 32)
+    )
     grad_out = rng.standard_normal((2, 4, 300, 32))
     mask = _bool_mask(rng, (300, 400), empty_row=False)
     results = []
@@ -245,7 +268,7 @@ def test_backward_is_bitwise_identical_for_every_thread_count(rng):
         with attnscope.threads(threads):
             results.append(_forward_backward(q, k, v, grad_out, mask, enable_gqa=True))
     for other in results[1:]:
-        for got, want in zip(other, results[0]):
+        for got, want in zip(other, results[0], strict=True):
             np.testing.assert_array_equal(got, want)
 
 
@@ -291,7 +314,7 @@ def test_backward_reads_non_contiguous_inputs_and_leaves_them_unchanged(rng):
     grads = attnscope.scaled_dot_product_attention_backward(
         grad_out, q, k, v, out, lse, is_causal=True
     )
-    for before, after in zip(copies, (grad_out, q, k, v, out, lse)):
+    for before, after in zip(copies, (grad_out, q, k, v, out, lse), strict=True):
         np.testing.assert_array_equal(before, after)
     expected = reference.scaled_dot_product_attention_backward(grad_out, q, k, v, is_causal=True)
     _assert_grads_close(grads, expected, np.float32)

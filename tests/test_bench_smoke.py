@@ -113,6 +113,9 @@ def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
         "scaling",
         "peak_memory",
         "mha",
+        "backward_full",
+        "backward_causal",
+        "backward_peak_memory",
     ]
 
     for row in rows:

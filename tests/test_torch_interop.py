@@ -18,11 +18,11 @@ atorch = pytest.importorskip("attnscope.torch")
 GRAD_TOLERANCE = {np.float32: 1e-4, np.float64: 1e-10}
 
 
-def _dense_mask(q_shape, k_shape, mask, options):
+def _dense_mask(num_queries, num_keys, mask, options):
     """The bool or float (L, S)-broadcastable mask PyTorch needs for the same visibility."""
     visible = reference.visibility(
-        q_shape[-2],
-        k_shape[-2],
+        num_queries,
+        num_keys,
         is_causal=options.get("is_causal", False),
         causal_alignment=options.get("causal_alignment", "top_left"),
         window=options.get("window"),
@@ -51,7 +51,7 @@ def _case(seed):
     rng = np.random.default_rng(seed)
     dtype = (np.float32, np.float64)[seed % 2]
     batch, kv_heads, group = (int(x) for x in rng.integers(1, 3, size=3))
-    l, s = (int(x) for x in rng.integers(2, 160, size=2))
+    length, s = (int(x) for x in rng.integers(2, 160, size=2))
     d, dv = int(rng.choice([8, 16, 32])), int(rng.choice([8, 16, 24]))
     alignment = ("top_left", "bottom_right")[seed % 3 == 0]
     options = dict(
@@ -64,14 +64,12 @@ def _case(seed):
     kind = ("none", "bool", "float")[seed % 3]
     mask = None
     if kind == "bool":
-        mask = rng.random((l, s)) < 0.7
+        mask = rng.random((length, s)) < 0.7
     elif kind == "float":
-        mask = rng.standard_normal((batch, 1, l, s))
+        mask = rng.standard_normal((batch, 1, length, s))
         mask[rng.random(mask.shape) < 0.2] = -np.inf
-    dense = _dense_mask((l,), (s,), mask, options)
+    dense = _dense_mask(length, s, mask, options)
     # Keep a visible key in every row (PyTorch gives NaN gradients for an empty row).
-    if mask is not None and mask.dtype == bool:
-        mask = mask.copy()
     needs_key = ~np.any(dense if dense.dtype == bool else np.isfinite(dense), axis=-1)
     if needs_key.any():
         options["is_causal"], options["window"] = False, None
@@ -81,12 +79,12 @@ def _case(seed):
                 mask[..., 0] = True
             else:
                 mask[..., 0] = 0.0
-        dense = _dense_mask((l,), (s,), mask, options)
+        dense = _dense_mask(length, s, mask, options)
     rng_data = np.random.default_rng(seed + 1)
-    q = rng_data.standard_normal((batch, kv_heads * group, l, d)).astype(dtype)
+    q = rng_data.standard_normal((batch, kv_heads * group, length, d)).astype(dtype)
     k = rng_data.standard_normal((batch, kv_heads, s, d)).astype(dtype)
     v = rng_data.standard_normal((batch, kv_heads, s, dv)).astype(dtype)
-    grad_out = rng_data.standard_normal((batch, kv_heads * group, l, dv)).astype(dtype)
+    grad_out = rng_data.standard_normal((batch, kv_heads * group, length, dv)).astype(dtype)
     if dense.dtype != bool:
         dense = dense.astype(dtype)
     return q, k, v, grad_out, mask, dense, options
@@ -100,7 +98,7 @@ def test_backward_matches_torch_autograd(seed):
         grad_out, q, k, v, out, lse, mask, **options
     )
     expected = _torch_grads(q, k, v, grad_out, dense, options)
-    for got, want in zip(grads, expected):
+    for got, want in zip(grads, expected, strict=True):
         assert_close(got, want, q.dtype, GRAD_TOLERANCE[q.dtype.type])
 
 
@@ -122,7 +120,7 @@ def test_wrapper_gradients_match_torch_sdpa(seed):
     expected_out.backward(torch.tensor(grad_out))
     tolerance = GRAD_TOLERANCE[q.dtype.type]
     assert_close(out.detach().numpy(), expected_out.detach().numpy().astype(np.float64), q.dtype)
-    for mine, reference_tensor in zip(ours, theirs):
+    for mine, reference_tensor in zip(ours, theirs, strict=True):
         assert_close(
             mine.grad.numpy(), reference_tensor.grad.numpy().astype(np.float64), q.dtype, tolerance
         )

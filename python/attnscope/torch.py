@@ -43,8 +43,7 @@ def _check_tensor(tensor, name: str, dtype=None) -> None:
         )
     if dtype is not None and tensor.dtype != dtype:
         raise TypeError(
-            f"query, key and value must share one dtype, got {dtype} and {tensor.dtype} for "
-            f"{name}"
+            f"query, key and value must share one dtype, got {dtype} and {tensor.dtype} for {name}"
         )
 
 
@@ -94,7 +93,10 @@ class _Attention(torch.autograd.Function):
         )
         needed = ctx.needs_input_grad[:3]
         return (
-            *(torch.from_numpy(grad) if need else None for grad, need in zip(grads, needed)),
+            *(
+                torch.from_numpy(grad) if need else None
+                for grad, need in zip(grads, needed, strict=True)
+            ),
             None,
             None,
         )

@@ -4,7 +4,9 @@
 
 use std::ops::Range;
 
-use crate::backward::{key_block_grads, query_block_grads, GradHead, GradParams, GradScratch};
+use crate::backward::{
+    key_block_grads, query_block_grads, GradHead, GradParams, GradScratch, KeyBlockGrads,
+};
 use crate::element::Element;
 use crate::kernel::{flash_block, weights_block, HeadData, KernelParams, Scratch};
 use crate::simd::SimdLevel;
@@ -19,6 +21,10 @@ pub trait KernelElement: Element {
         keys: Range<usize>,
         scratch: &mut Scratch<Self>,
     );
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the kernel's inputs and its three outputs, one by one"
+    )]
     fn weights(
         level: SimdLevel,
         params: &KernelParams<Self>,
@@ -30,15 +36,13 @@ pub trait KernelElement: Element {
         scratch: &mut Scratch<Self>,
     );
     /// The backward pass's `dK` and `dV` of one kv head's keys (see `backward`).
-    #[expect(clippy::too_many_arguments, reason = "the kernel's arguments, one by one")]
     fn key_block_grads(
         level: SimdLevel,
         params: &GradParams<Self>,
         heads: &[GradHead<'_, Self>],
         keys: Range<usize>,
         num_queries: usize,
-        grad_key: &mut [Self],
-        grad_value: &mut [Self],
+        out: KeyBlockGrads<'_, Self>,
         scratch: &mut GradScratch<Self>,
     );
     /// The backward pass's `dQ` of one head's query rows (see `backward`).
@@ -141,8 +145,7 @@ macro_rules! kernel_element {
                 heads: &[GradHead<'_, $t>],
                 keys: Range<usize>,
                 num_queries: usize,
-                grad_key: &mut [$t],
-                grad_value: &mut [$t],
+                out: KeyBlockGrads<'_, $t>,
                 scratch: &mut GradScratch<$t>,
             ) {
                 at_level!(
@@ -155,8 +158,7 @@ macro_rules! kernel_element {
                         heads: &[GradHead<'_, $t>],
                         keys: Range<usize>,
                         num_queries: usize,
-                        grad_key: &mut [$t],
-                        grad_value: &mut [$t],
+                        out: KeyBlockGrads<'_, $t>,
                         scratch: &mut GradScratch<$t>
                     )
                 )
