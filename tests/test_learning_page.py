@@ -134,6 +134,22 @@ def test_compare_mode_shows_both_runs():
     assert unscaled.reports[0].entropy.mean() < 0.5 * scaled.reports[0].entropy.mean()
 
 
+def test_a_new_run_resets_choices_it_does_not_offer(previous_token_page):
+    # The first run reported steps 0..100 and had one layer; this one reports 0..25 with two.
+    app = previous_token_page
+    app.select_slider(key="learning_step").set_value(100).run()
+    app.number_input(key="learning_layers").set_value(2)
+    app.slider(key="learning_steps").set_value(25)
+    app.button(key="learning_train").click().run()
+    assert_clean(app)
+    assert app.select_slider(key="learning_step").value == 25
+    app.selectbox(key="learning_map_layer").set_value(1).run()
+    app.number_input(key="learning_layers").set_value(1)
+    app.button(key="learning_train").click().run()
+    assert_clean(app)
+    assert app.selectbox(key="learning_map_layer").value == 0
+
+
 def test_agreement_maps_are_labelled_with_words():
     app = trained_page("agreement", 1, 32, 25)
     frame = chart_data(app)["end: layer 0 head 0"]
