@@ -84,9 +84,9 @@ buttons[1].button("Stop", key="learning_stop")
 
 
 def keep_choice(key: str, options: list, default) -> None:
-    """A remembered choice that a new run no longer offers (a step it did not report, a layer
-    it does not have) goes back to `default` before its widget is drawn."""
-    if st.session_state.get(key, default) not in options:
+    """The widget's choice lives in session state: `default` at first, and again when a new
+    run no longer offers the remembered one (a step it did not report, a layer it lacks)."""
+    if st.session_state.get(key) not in options:
         st.session_state[key] = default
 
 
@@ -121,6 +121,7 @@ if train:
     if mode != "Train one model":
         configs = lab.compare_configs(config)
     st.session_state["learning_runs"] = []
+    st.session_state.pop("learning_step", None)  # a new run is shown at its last step
     progress = st.progress(0.0, text="Starting…")
     slots = st.columns([3, 2])
     slots = [slots[0].empty(), slots[1].empty()]
