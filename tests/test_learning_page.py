@@ -14,7 +14,8 @@ from attnscope.dashboard import learning as lab
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
-PAGE = Path(__file__).resolve().parent.parent / "python/attnscope/dashboard/pages/learning.py"
+ROOT = Path(__file__).resolve().parent.parent
+PAGE = ROOT / "python/attnscope/dashboard/pages/learning.py"
 COMPARE = "Compare with and without √d_k"
 
 
@@ -70,6 +71,14 @@ def test_page_opens_without_training():
     assert_clean(app)
     assert "press **Train**" in app.info[0].value
     assert not app.get("vega_lite_chart")
+
+
+def test_the_app_serves_the_page():
+    app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    app.run()
+    app.switch_page("python/attnscope/dashboard/pages/learning.py").run()
+    assert_clean(app)
+    assert app.title[0].value == "Learning: heads emerge"
 
 
 @pytest.fixture(scope="module")

@@ -164,7 +164,7 @@ if len(runs) == 1:
     )
     cells[1].metric("Accuracy", f"{numbers['accuracy after']:.1%}")
     cells[2].metric(
-        "Loss on the 2nd copy vs the 1st",
+        "Loss on repeats: 2nd copy vs 1st",
         f"{numbers['second-copy loss']:.2f} vs {numbers['first-copy loss']:.2f}",
     )
     layer, head, value = lab.best_head(run.last)
