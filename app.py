@@ -33,6 +33,7 @@ pages = [
     st.Page(f"{PAGES}/inside.py", title="Inside one head", icon=":material/calculate:"),
     st.Page(f"{PAGES}/cost.py", title="Cost of context", icon=":material/speed:"),
     st.Page(f"{PAGES}/sparse.py", title="Sparse attention", icon=":material/grid_on:"),
+    st.Page(f"{PAGES}/learning.py", title="Learning: heads emerge", icon=":material/school:"),
 ]
 if (ROOT / PAGES / "real_model.py").exists():
     pages.append(st.Page(f"{PAGES}/real_model.py", title="Real model", icon=":material/smart_toy:"))

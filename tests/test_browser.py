@@ -413,3 +413,30 @@ def test_sparse_page(server, page):
         page.locator(CHART).last.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / "sparse-perplexity-chart.png"))
         assert page.get_by_text("The window alone raised perplexity").count() == 1
+
+
+def test_learning_page_trains_live(server, page):
+    # Fewest steps (the slider's Home key), then Train: the progress and the live charts show
+    # while it runs; then the finished view, and the with/without √d_k comparison.
+    page.goto(f"{server}/learning")
+    _settle(page, charts=False)
+    _check(page, "learning", charts=False)
+    steps = page.get_by_test_id("stSlider").filter(has_text="Adam steps")
+    steps.get_by_role("slider").press("Home")
+    _settle(page, charts=False)
+    page.get_by_role("button", name="Train").click()
+    page.wait_for_selector('[data-testid="stProgress"] >> visible=true')
+    page.wait_for_selector(f"{CHART} canvas, {CHART} svg")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "learning-training.png"), full_page=True)
+    # The loss curve, three score grids, and four heads' maps at the start and at the end.
+    _settle(page, min_charts=12)
+    _check(page, "learning-trained", min_charts=12)
+    assert page.get_by_text("finished 25 steps").count() == 1
+    page.get_by_test_id("stRadio").get_by_text("Compare with and without √d_k").click()
+    _settle(page)
+    page.get_by_role("button", name="Train").click()
+    # Loss, entropy and the two gradients, then the maps of the comparison's 2 heads per run.
+    _settle(page, min_charts=8)
+    _check(page, "learning-compare", min_charts=8)
+    assert page.get_by_text("finished 25 steps").count() == 2

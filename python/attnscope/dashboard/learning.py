@@ -1,0 +1,216 @@
+"""The computing behind the "Learning: heads emerge" page: the page's choices turned into a
+training config, training bounded in steps and time, and the reports turned into frames for
+the charts (loss curves, the layers × heads grid of scores, the with/without √d_k comparison).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pandas as pd
+
+from attnscope import learning
+
+from .inside import softmax_gradient_norm
+
+TASK_LABELS = {
+    "induction": "Induction: random tokens, repeated",
+    "previous_token": "Copy the previous token",
+    "agreement": "Agreement: pronoun → its noun",
+}
+SCALINGS = {"÷ √d_k": "sqrt", "no scaling (× 1)": 1.0}
+MAX_LAYERS = 3
+HEAD_CHOICES = (1, 2, 4, 8)
+WIDTH_CHOICES = (32, 64, 128, 256)
+STEP_RANGE = (25, 1500)
+# A run stops after this long whatever its step count: the page must stay usable on 2 cores.
+TIME_BUDGET_S = 60.0
+REPORTS_PER_RUN = 30
+# Each report costs a few training steps (held-out forward, backward and probe).
+MIN_REPORT_EVERY = 5
+# The comparison's wide heads: at d_k = 64 an unscaled score already spreads by about 8.
+COMPARE_WIDTH = 128
+COMPARE_HEADS = 2
+SCORES = {
+    "induction": "induction score",
+    "previous_token": "previous-token score",
+    "entropy": "entropy (nats)",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """The reports of one training run so far, and why it ended (None while it goes on)."""
+
+    label: str
+    config: learning.TrainConfig
+    reports: tuple[learning.Report, ...]
+    ended: str | None = None
+
+    @property
+    def last(self) -> learning.Report:
+        return self.reports[-1]
+
+
+def make_config(
+    task: str, layers: int, heads: int, d_model: int, steps: int, scaling: str, seed: int
+) -> learning.TrainConfig:
+    """The training config for the page's choices; ValueError/TypeError for bad ones."""
+    if task not in TASK_LABELS:
+        raise ValueError(f"unknown task {task!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+    if not 1 <= layers <= MAX_LAYERS:
+        raise ValueError(f"layers must be from 1 to {MAX_LAYERS}, got {layers}")
+    if heads not in HEAD_CHOICES or d_model not in WIDTH_CHOICES:
+        raise ValueError(f"heads must be one of {HEAD_CHOICES} and width one of {WIDTH_CHOICES}")
+    if not STEP_RANGE[0] <= steps <= STEP_RANGE[1]:
+        raise ValueError(f"steps must be from {STEP_RANGE[0]} to {STEP_RANGE[1]}, got {steps}")
+    return learning.TrainConfig(
+        task=task,
+        num_layers=layers,
+        num_heads=heads,
+        d_model=d_model,
+        steps=steps,
+        scale=SCALINGS[scaling],
+        seed=seed,
+        report_every=max(MIN_REPORT_EVERY, steps // REPORTS_PER_RUN),
+    )
+
+
+def compare_configs(config: learning.TrainConfig) -> dict[str, learning.TrainConfig]:
+    """The same seed and task with and without √d_k, at wide heads where the factor matters."""
+    wide = replace(config, d_model=COMPARE_WIDTH, num_heads=COMPARE_HEADS)
+    return {
+        f"÷ √d_k (d_k = {wide.head_dim})": replace(wide, scale="sqrt"),
+        f"no scaling (d_k = {wide.head_dim})": replace(wide, scale=1.0),
+    }
+
+
+def bounded_run(
+    label: str, config: learning.TrainConfig, time_budget_s: float = TIME_BUDGET_S
+) -> Iterator[Run]:
+    """Train `config`, yielding the run after every report; it ends at its last step or when
+    `time_budget_s` has passed, whichever comes first (``Run.ended`` says which)."""
+    reports: list[learning.Report] = []
+    started = time.perf_counter()
+    for report in learning.training(config):
+        reports.append(report)
+        if report.step >= config.steps:
+            yield Run(label, config, tuple(reports), ended=f"finished {config.steps} steps")
+            return
+        if time.perf_counter() - started > time_budget_s:
+            ended = f"stopped at step {report.step}: the {time_budget_s:.0f} s budget ran out"
+            yield Run(label, config, tuple(reports), ended=ended)
+            return
+        yield Run(label, config, tuple(reports))
+
+
+def history_frame(runs: list[Run]) -> pd.DataFrame:
+    """One row per (run, report): the step and every number a curve can show."""
+    rows = []
+    for run in runs:
+        for report in run.reports:
+            rows.append(
+                {
+                    "run": run.label,
+                    "step": report.step,
+                    "held-out loss": report.loss,
+                    "accuracy": report.accuracy,
+                    "best induction score": float(report.induction.max()),
+                    "best previous-token score": float(report.previous_token.max()),
+                    "entropy (nats)": float(report.entropy.mean()),
+                    "W_Q/W_K gradient norm": float(np.sqrt((report.qk_grad_norm**2).sum())),
+                    "softmax gradient": softmax_gradient(report),
+                    "first-copy loss": report.first_copy_loss,
+                    "second-copy loss": report.second_copy_loss,
+                    "seconds": report.seconds,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def softmax_gradient(report: learning.Report) -> float:
+    """How much the softmax lets a change of the scores through, averaged over the rows of
+    every head's map on the example sequence (the Frobenius norm of its Jacobian; 0 once a
+    row is one-hot)."""
+    return float(softmax_gradient_norm(report.maps).mean())
+
+
+def loss_frame(run: Run) -> pd.DataFrame:
+    """Long form for the loss chart: held-out loss, and for repeated sequences the loss on
+    their first and their second copy."""
+    history = history_frame([run])
+    curves = ["held-out loss", "first-copy loss", "second-copy loss"]
+    return history.melt(id_vars="step", value_vars=curves, var_name="curve", value_name="loss")
+
+
+def score_frame(report: learning.Report) -> pd.DataFrame:
+    """One row per (layer, head) with its induction, previous-token and entropy scores."""
+    layers, heads = report.induction.shape
+    return pd.DataFrame(
+        {
+            "layer": np.repeat(np.arange(layers), heads),
+            "head": np.tile(np.arange(heads), layers),
+            SCORES["induction"]: report.induction.ravel(),
+            SCORES["previous_token"]: report.previous_token.ravel(),
+            SCORES["entropy"]: report.entropy.ravel(),
+        }
+    )
+
+
+def best_head(report: learning.Report, score: str = "induction") -> tuple[int, int, float]:
+    """``(layer, head, value)`` of the head with the highest `score` ("induction" or
+    "previous_token")."""
+    values = getattr(report, score)
+    layer, head = np.unravel_index(int(values.argmax()), values.shape)
+    return int(layer), int(head), float(values[layer, head])
+
+
+def example_tokens(config: learning.TrainConfig) -> list[str]:
+    """The words of the held-out sequence whose attention maps the reports carry."""
+    sequence = learning.held_out_data(config)[0].tokens[0]
+    names = learning.token_names(config.task, config.vocab_size)
+    return [names[int(i)] for i in sequence]
+
+
+def summary(run: Run) -> dict[str, float]:
+    """The numbers the page states under the charts: first and last report."""
+    first, last = run.reports[0], run.last
+    return {
+        "steps": last.step,
+        "seconds": last.seconds,
+        "loss before": first.loss,
+        "loss after": last.loss,
+        "accuracy after": last.accuracy,
+        "best induction score": float(last.induction.max()),
+        "best previous-token score": float(last.previous_token.max()),
+        "first-copy loss": last.first_copy_loss,
+        "second-copy loss": last.second_copy_loss,
+    }
+
+
+def compare_table(runs: list[Run]) -> pd.DataFrame:
+    """Per run, its numbers at the first and the last report: the comparison's evidence."""
+    rows = []
+    for run in runs:
+        first, last = run.reports[0], run.last
+        rows.append(
+            {
+                "run": run.label,
+                "steps": last.step,
+                "loss at step 0": first.loss,
+                "loss at the end": last.loss,
+                "entropy at step 0 (nats)": float(first.entropy.mean()),
+                "entropy at the end (nats)": float(last.entropy.mean()),
+                "W_Q/W_K gradient at step 0": float(np.sqrt((first.qk_grad_norm**2).sum())),
+                "W_Q/W_K gradient at the end": float(np.sqrt((last.qk_grad_norm**2).sum())),
+                "softmax gradient at step 0": softmax_gradient(first),
+                "softmax gradient at the end": softmax_gradient(last),
+                "best induction score": float(last.induction.max()),
+            }
+        )
+    return pd.DataFrame(rows)
