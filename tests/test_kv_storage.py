@@ -26,30 +26,6 @@ BYTES_PER_VALUE = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "int8": 1.0 
 ACCURACY = {"bfloat16": 1e-2, "float16": 2e-3, "int8": 2e-2}
 
 
-def as_stored(x: np.ndarray, storage: str) -> np.ndarray:
-    """`x` (float32, last axis = head_dim) rounded as `storage` keeps it, back in float32."""
-    x = np.asarray(x, dtype=np.float32)
-    if storage == "float32":
-        return x
-    if storage == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    if storage == "bfloat16":
-        bits = x.view(np.uint32).astype(np.uint64)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # nearest, ties to even
-        return rounded.astype(np.uint32).view(np.float32)
-    # int8: blocks of 32 along the last axis, scale = max|x| / 127, round half away from 0.
-    depth = x.shape[-1]
-    padded = np.zeros(x.shape[:-1] + (-(-depth // 32) * 32,), dtype=np.float32)
-    padded[..., :depth] = x
-    blocks = padded.reshape(x.shape[:-1] + (-1, 32))
-    largest = np.abs(blocks).max(axis=-1, keepdims=True)
-    scale = largest / np.float32(127)
-    inverse = np.where(largest > 0, np.float32(127) / np.where(largest > 0, largest, 1), 0)
-    scaled = blocks * inverse.astype(np.float32)
-    q = np.clip(np.sign(scaled) * np.floor(np.abs(scaled) + 0.5), -127, 127)
-    return (q.astype(np.float32) * scale).reshape(padded.shape)[..., :depth]
-
-
 def filled(storage, rng, *, kv_heads=2, head_dim=40, batch=2, parts=(30, 1, 50), **kwargs):
     """A cache of `storage` filled in `parts` chunks; with the keys and values given."""
     cache = attnscope.KVCache(kv_heads, head_dim, batch=batch, storage=storage, **kwargs)
@@ -80,7 +56,10 @@ def test_attend_equals_the_reference_on_the_stored_values(rng, storage, num_head
     q = rng.standard_normal((2, num_heads, queries, 40)).astype(np.float32)
     out = cache.attend(q, window=window, enable_gqa=num_heads != 2)
     expected = cache_reference(
-        q, as_stored(keys, storage), as_stored(values, storage), window=window
+        q,
+        reference.stored_values(keys, storage),
+        reference.stored_values(values, storage),
+        window=window,
     )
     assert_close(out, expected, np.float32)
 
@@ -115,9 +94,11 @@ def test_round_trip_error_bounds(rng, storage):
         cache.append(np.zeros_like(values[:, :, : token + 1]), values[:, :, : token + 1])
         q = np.zeros((1, 1, 1, 64), dtype=np.float32)
         back = cache.attend(q, window=(0, 0))  # the newest key only: weight exactly 1
-        np.testing.assert_array_equal(back[0, 0, 0], as_stored(values[0, 0, token], storage))
+        np.testing.assert_array_equal(
+            back[0, 0, 0], reference.stored_values(values[0, 0, token], storage)
+        )
     largest = np.abs(values).max(axis=-1, keepdims=True)
-    error = np.abs(as_stored(values, storage) - values)
+    error = np.abs(reference.stored_values(values, storage) - values)
     bound = {
         "float32": 0.0,
         "bfloat16": 2.0**-8 * np.abs(values),
@@ -145,7 +126,9 @@ def test_len_nbytes_growth_and_reset(rng, storage):
     q = rng.standard_normal((2, 3, 1, 64)).astype(np.float32)
     assert_close(
         cache.attend(q),
-        cache_reference(q, as_stored(k, storage), as_stored(v, storage)),
+        cache_reference(
+            q, reference.stored_values(k, storage), reference.stored_values(v, storage)
+        ),
         np.float32,
     )
 
@@ -208,7 +191,9 @@ def test_bounded_cache_attends_over_exactly_what_it_keeps(rng, storage, max_len,
         assert len(cache) == kept.size
         q = rng.standard_normal((1, 4, 1, 32)).astype(np.float32)
         expected = cache_reference(
-            q, as_stored(keys[:, :, kept], storage), as_stored(values[:, :, kept], storage)
+            q,
+            reference.stored_values(keys[:, :, kept], storage),
+            reference.stored_values(values[:, :, kept], storage),
         )
         assert_close(cache.attend(q, enable_gqa=True), expected, np.float32)
         if seen >= 2 * max_len:

@@ -258,3 +258,28 @@ def scaled_dot_product_attention_backward(
         grad_key = grad_key.reshape(regroup).sum(axis=-3)
         grad_value = grad_value.reshape((*regroup[:-1], grad_value.shape[-1])).sum(axis=-3)
     return grad_query, grad_key, grad_value
+
+
+def stored_values(x: np.ndarray, storage: str) -> np.ndarray:
+    """`x` (float32, last axis = head_dim) rounded as a ``KVCache(storage=...)`` keeps it,
+    back in float32: what attention over a compressed cache must equal."""
+    x = np.asarray(x, dtype=np.float32)
+    if storage == "float32":
+        return x
+    if storage == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if storage == "bfloat16":
+        bits = x.view(np.uint32).astype(np.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16  # nearest, ties to even
+        return rounded.astype(np.uint32).view(np.float32)
+    # int8: blocks of 32 along the last axis, scale = max|x| / 127, round half away from 0.
+    depth = x.shape[-1]
+    padded = np.zeros(x.shape[:-1] + (-(-depth // 32) * 32,), dtype=np.float32)
+    padded[..., :depth] = x
+    blocks = padded.reshape(x.shape[:-1] + (-1, 32))
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = largest / np.float32(127)
+    inverse = np.where(largest > 0, np.float32(127) / np.where(largest > 0, largest, 1), 0)
+    scaled = blocks * inverse.astype(np.float32)
+    q = np.clip(np.sign(scaled) * np.floor(np.abs(scaled) + 0.5), -127, 127)
+    return (q.astype(np.float32) * scale).reshape(padded.shape)[..., :depth]
