@@ -346,9 +346,7 @@ SCORE_MOD_CASES = [
         dict(is_causal=True, causal_alignment="bottom_right", window=(30, 4)),
         id="bottom-right-window",
     ),
-    pytest.param(
-        (2, 6, 50, 16), (2, 2, 80, 16), (2, 2, 80, 24), dict(enable_gqa=True), id="gqa"
-    ),
+    pytest.param((2, 6, 50, 16), (2, 2, 80, 16), (2, 2, 80, 24), dict(enable_gqa=True), id="gqa"),
     pytest.param(
         (2, 8, 70, 16),
         (2, 4, 130, 16),

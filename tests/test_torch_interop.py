@@ -211,9 +211,7 @@ def test_score_modifier_gradients_match_torch_autograd(seed):
     wrapper_options = dict(options)
     if wrapper_options["alibi_slopes"] is not None:  # the wrapper also takes a tensor
         wrapper_options["alibi_slopes"] = torch.tensor(wrapper_options["alibi_slopes"])
-    atorch.scaled_dot_product_attention(*ours, **wrapper_options).backward(
-        torch.tensor(grad_out)
-    )
+    atorch.scaled_dot_product_attention(*ours, **wrapper_options).backward(torch.tensor(grad_out))
     for mine, want in zip(ours, expected, strict=True):
         assert_close(mine.grad.numpy(), want, dtype, tolerance)
 
