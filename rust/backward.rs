@@ -2,7 +2,9 @@
 //! probabilities are recomputed from the forward's log-sum-exp, `P = exp(S - lse)`, with
 //! `D = rowsum(dO ∘ O)` and `dS = P ∘ (dP - D)` where `dP = dO·Vᵀ`; then `dV = Pᵀ·dO`,
 //! `dK = scale · dSᵀ·Q` and `dQ = scale · dS·K`. The L x S matrices never exist: memory beyond
-//! the gradients is one row statistic per query and a few tiles per thread.
+//! the gradients is one row statistic per query and a few tiles per thread. Softcapping and
+//! ALiBi modify each tile's scores through the forward's own code; ALiBi's bias is a constant,
+//! and the cap's derivative at each raw score multiplies `dS`.
 //!
 //! Every gradient element has one owner, so results are bitwise identical for any thread
 //! count. With enough kv heads, a task per (batch, kv head) sweeps its key blocks in order and
