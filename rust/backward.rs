@@ -2,7 +2,9 @@
 //! probabilities are recomputed from the forward's log-sum-exp, `P = exp(S - lse)`, with
 //! `D = rowsum(dO ∘ O)` and `dS = P ∘ (dP - D)` where `dP = dO·Vᵀ`; then `dV = Pᵀ·dO`,
 //! `dK = scale · dSᵀ·Q` and `dQ = scale · dS·K`. The L x S matrices never exist: memory beyond
-//! the gradients is one row statistic per query and a few tiles per thread.
+//! the gradients is one row statistic per query and a few tiles per thread. Softcapping and
+//! ALiBi modify each tile's scores through the forward's own code; ALiBi's bias is a constant,
+//! and the cap's derivative at each raw score multiplies `dS`.
 //!
 //! Every gradient element has one owner, so results are bitwise identical for any thread
 //! count. With enough kv heads, a task per (batch, kv head) sweeps its key blocks in order and
@@ -18,15 +20,15 @@ use crate::attention::{AttentionOptions, Mask, ScoreMods, StridedKv};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::{
-    apply_visibility, mask_coverage, round_up, HeadData, KernelParams, MaskCoverage, MaskRows,
-    TileScratch,
+    apply_visibility, mask_coverage, modify_score_lines, round_up, HeadData, KernelParams,
+    MaskCoverage, MaskRows, ScoreLines, TileScratch,
 };
 use crate::memory::{standard_layout, zeroed};
 use crate::microkernel::{
     accumulate_pv, column_exp2, row_exp2, scale_row, transposed_scores, WeightLayout,
 };
 use crate::schedule::{call_scale, run_tasks, with_call_data, CallData, DisjointWriter, Task};
-use crate::shapes::{check_call, Geometry};
+use crate::shapes::{check_call, check_score_mods, Geometry};
 use crate::simd::{active_level, KernelElement, SimdLevel, SimdVec};
 use crate::threads::pool_for;
 
@@ -86,6 +88,8 @@ pub struct GradScratch<T> {
     probs: Vec<T>,
     /// The tile's `dP`, then `dS`, laid out as `probs`.
     grad_scores: Vec<T>,
+    /// With softcapping, the cap's derivative at each score of the tile, laid out as `probs`.
+    cap_slopes: Vec<T>,
     /// Unused column sums of the exponentials.
     sums: Vec<T>,
     /// A mask expression's visibility of the tile.
@@ -96,6 +100,70 @@ pub struct GradScratch<T> {
 fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
     buffer.clear();
     buffer.resize(len, value);
+}
+
+/// Softcapping and ALiBi on the tile in `scratch.probs` (laid out as `lines`), through the
+/// forward's own code so that `P = exp(S - lse)` matches the forward; with softcapping, first
+/// keeps the cap's derivative at each raw score in `scratch.cap_slopes`.
+#[inline(always)]
+unsafe fn modify_tile<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    alibi_slope: Option<V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    lines: ScoreLines,
+    scratch: &mut GradScratch<V::Elem>,
+) {
+    if let Some((_, inverse_cap)) = params.softcap {
+        scratch.cap_slopes.clear();
+        scratch.cap_slopes.extend_from_slice(&scratch.probs);
+        softcap_slopes::<V>(&mut scratch.cap_slopes, inverse_cap);
+    }
+    let tile = &mut scratch.tile;
+    modify_score_lines::<V>(
+        params,
+        alibi_slope,
+        rows,
+        keys,
+        lines,
+        &mut scratch.probs,
+        tile,
+    );
+}
+
+/// `values[c] = 1 - tanh²(u)`, the derivative of `c·tanh(s / c)`, at raw scores in base 2
+/// (`t = s·log2(e)`, `u = s / c`; `inverse_cap` is `1 / c`). Written as `4m / (1 + m)²` with
+/// `m = e^(-2|u|) = 2^(-2|t| / c)`, which keeps its relative precision where tanh saturates
+/// (`1 - tanh²` would cancel to rounding noise there).
+#[inline(always)]
+unsafe fn softcap_slopes<V: SimdVec>(values: &mut [V::Elem], inverse_cap: V::Elem) {
+    let minus_one = V::splat(V::Elem::from_f64(-1.0));
+    let (one, four) = (
+        V::splat(V::Elem::from_f64(1.0)),
+        V::splat(V::Elem::from_f64(4.0)),
+    );
+    let factor = V::splat(V::Elem::from_f64(-2.0) * inverse_cap);
+    let mut chunks = values.chunks_exact_mut(V::LANES);
+    for chunk in &mut chunks {
+        let t = V::load(chunk.as_ptr());
+        let m = t.max(t.mul(minus_one)).mul(factor).exp2();
+        let denominator = one.add(m);
+        let slope = four.mul(m).div(denominator.mul(denominator));
+        slope.store(chunk.as_mut_ptr());
+    }
+    for value in chunks.into_remainder() {
+        let m = (-2.0 * value.to_f64().abs() * inverse_cap.to_f64()).exp2();
+        *value = V::Elem::from_f64(4.0 * m / ((1.0 + m) * (1.0 + m)));
+    }
+}
+
+/// `dS ∘= ` the cap's derivative, when the scores were softcapped.
+fn chain_through_cap<T: Element>(params: &KernelParams<T>, scratch: &mut GradScratch<T>) {
+    if params.softcap.is_some() {
+        for (grad, &slope) in scratch.grad_scores.iter_mut().zip(&scratch.cap_slopes) {
+            *grad *= slope;
+        }
+    }
 }
 
 /// Lays out `rows` of one head for its tiles: `Qᵀ` (scaled to base 2) and `dOᵀ`, padded to
@@ -184,6 +252,13 @@ unsafe fn query_tile<V: SimdVec>(
         width,
         &mut scratch.probs,
     );
+    let lines = ScoreLines {
+        count: keys.len(),
+        len: width,
+        stride: width,
+        along_queries: true,
+    };
+    modify_tile::<V>(kernel, head.head.alibi_slope, rows, keys, lines, scratch);
     let layout = WeightLayout {
         row_stride: 1,
         key_stride: width,
@@ -226,6 +301,7 @@ unsafe fn query_tile<V: SimdVec>(
             *grad = p * (*grad - delta);
         }
     }
+    chain_through_cap(kernel, scratch);
     true
 }
 
@@ -279,6 +355,13 @@ unsafe fn key_tile<V: SimdVec>(
         width,
         &mut scratch.probs,
     );
+    let lines = ScoreLines {
+        count: rows.len(),
+        len: width,
+        stride: width,
+        along_queries: false,
+    };
+    modify_tile::<V>(kernel, head.head.alibi_slope, rows, keys, lines, scratch);
     let layout = WeightLayout {
         row_stride: width,
         key_stride: 1,
@@ -326,6 +409,7 @@ unsafe fn key_tile<V: SimdVec>(
             *grad = p * (*grad - delta);
         }
     }
+    chain_through_cap(kernel, scratch);
     true
 }
 
@@ -484,7 +568,19 @@ pub fn scaled_dot_product_attention_backward<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<AttentionGrads<T>, AttnError> {
-    backward_at_level(active_level(), inputs, mask, options)
+    backward_at_level(active_level(), inputs, mask, options, &ScoreMods::default())
+}
+
+/// [`scaled_dot_product_attention_backward`] of a forward with softcapping and/or ALiBi
+/// ([`ScoreMods`], the ones the forward was given). The slopes are constants: they get no
+/// gradient.
+pub fn scaled_dot_product_attention_backward_with_mods<T: KernelElement>(
+    inputs: BackwardInputs<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
+) -> Result<AttentionGrads<T>, AttnError> {
+    backward_at_level(active_level(), inputs, mask, options, mods)
 }
 
 /// [`scaled_dot_product_attention_backward`] at a given instruction set.
@@ -493,6 +589,7 @@ pub(crate) fn backward_at_level<T: KernelElement>(
     inputs: BackwardInputs<'_, T>,
     mask: Mask<'_, T>,
     options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
 ) -> Result<AttentionGrads<T>, AttnError> {
     let options = AttentionOptions {
         return_weights: false,
@@ -505,6 +602,7 @@ pub(crate) fn backward_at_level<T: KernelElement>(
         options.enable_gqa,
     )?;
     check_call(&geometry, &mask, &options)?;
+    check_score_mods(&geometry, mods)?;
     check_forward_results(&geometry, &inputs)?;
     let pool = pool_for(options.num_threads)?;
     // Non-contiguous inputs are copied once; contiguous ones are read in place.
@@ -538,8 +636,6 @@ pub(crate) fn backward_at_level<T: KernelElement>(
         };
         let query = query.as_slice().expect("standard layout is contiguous");
         let lse = lse.as_slice().expect("standard layout is contiguous");
-        // No score modifiers: softcapping and ALiBi are refused by the backward's callers.
-        let plain = ScoreMods::default();
         with_call_data(
             level,
             &geometry,
@@ -547,7 +643,7 @@ pub(crate) fn backward_at_level<T: KernelElement>(
             &kv,
             &mask,
             &options,
-            &plain,
+            mods,
             |call| {
                 let grads = GradCall {
                     call,

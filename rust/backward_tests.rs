@@ -3,11 +3,14 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::attention::{attention_at_level, AttentionOptions};
+use crate::attention::AttentionOptions;
 use crate::backward::{backward_at_level, BackwardInputs};
 use crate::bounds::CausalAlignment;
 use crate::simd::{KernelElement, SimdLevel};
-use crate::{scaled_dot_product_attention_with_lse, Mask, ScoreMods, Window};
+use crate::{
+    scaled_dot_product_attention_with_lse, scaled_dot_product_attention_with_mods, Mask, ScoreMods,
+    Window,
+};
 
 /// Deterministic numbers in [-2, 2).
 fn filled<T: KernelElement>(shape: &[usize], seed: u64) -> ArrayD<T> {
@@ -22,12 +25,14 @@ fn filled<T: KernelElement>(shape: &[usize], seed: u64) -> ArrayD<T> {
 
 /// `(dq, dk, dv)` in f64 from the forward's exact weights: `dV = Pᵀ·dO`,
 /// `dS = P ∘ (dO·Vᵀ − rowsum(P ∘ dO·Vᵀ))`, `dQ = scale·dS·K`, `dK = scale·dSᵀ·Q`, each kv
-/// head summing its query heads. Inputs are `(H, L, D)`-shaped, flattened.
+/// head summing its query heads; with a softcap `c`, `dS` also takes the cap's derivative
+/// `1 - tanh²(scale·q·k / c)`. Inputs are `(H, L, D)`-shaped, flattened.
 fn chain_rule(
     arrays: [&ArrayD<f64>; 5],
     weights: &ArrayD<f64>,
     group: usize,
     scale: f64,
+    softcap: Option<f64>,
 ) -> [Vec<f64>; 3] {
     let [q, k, v, grad_out, _] = arrays;
     let (heads, l, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
@@ -46,7 +51,11 @@ fn chain_rule(
                 .collect();
             let row: f64 = (0..s).map(|j| p(j) * dp[j]).sum();
             for j in 0..s {
-                let ds = p(j) * (dp[j] - row);
+                let cap_slope = softcap.map_or(1.0, |cap| {
+                    let score: f64 = (0..d).map(|c| q[[h, i, c]] * k[[kv, j, c]]).sum();
+                    1.0 - (scale * score / cap).tanh().powi(2)
+                });
+                let ds = p(j) * (dp[j] - row) * cap_slope;
                 for c in 0..d {
                     dq[(h * l + i) * d + c] += scale * ds * k[[kv, j, c]];
                     dk[(kv * s + j) * d + c] += scale * ds * q[[h, i, c]];
@@ -60,7 +69,7 @@ fn chain_rule(
     [dq, dk, dvv]
 }
 
-fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
+fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64, mods: &ScoreMods<'_>) {
     let (l, s, d, dv) = (70, 90, 12, 10);
     let q = filled::<T>(&[heads, l, d], 1);
     let k = filled::<T>(&[kv_heads, s, d], 2);
@@ -84,12 +93,11 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
         v.view(),
         Mask::Bool(mask.view()),
         &options,
-        &ScoreMods::default(),
+        mods,
     )
     .unwrap();
     let as_f64 = |a: &ArrayD<T>| a.mapv(|x| x.to_f64());
-    let weights = attention_at_level(
-        SimdLevel::Portable,
+    let weights = scaled_dot_product_attention_with_mods(
         as_f64(&q).view(),
         as_f64(&k).view(),
         as_f64(&v).view(),
@@ -98,6 +106,7 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
             return_weights: true,
             ..options
         },
+        mods,
     )
     .unwrap()
     .weights
@@ -109,6 +118,7 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
         &weights,
         heads / kv_heads,
         0.4,
+        mods.softcap,
     );
     let levels = [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Portable];
     for level in levels.into_iter().filter(|level| level.is_supported()) {
@@ -127,7 +137,7 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
                 ..options
             };
             let grads =
-                backward_at_level(level, inputs, Mask::Bool(mask.view()), &options).unwrap();
+                backward_at_level(level, inputs, Mask::Bool(mask.view()), &options, mods).unwrap();
             let grads = vec![grads.grad_query, grads.grad_key, grads.grad_value];
             for (got, want) in grads.iter().zip(&expected) {
                 let largest = want.iter().fold(1.0f64, |m, x| m.max(x.abs()));
@@ -146,12 +156,51 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64) {
 
 #[test]
 fn two_passes_match_the_chain_rule_at_every_level() {
-    check::<f32>(4, 2, 1e-4);
-    check::<f64>(4, 2, 1e-10);
+    let plain = ScoreMods::default();
+    check::<f32>(4, 2, 1e-4, &plain);
+    check::<f64>(4, 2, 1e-10, &plain);
 }
 
 #[test]
 fn a_task_per_kv_head_matches_the_chain_rule_at_every_level() {
-    check::<f32>(16, 8, 1e-4);
-    check::<f64>(8, 8, 1e-10);
+    let plain = ScoreMods::default();
+    check::<f32>(16, 8, 1e-4, &plain);
+    check::<f64>(8, 8, 1e-10, &plain);
+}
+
+/// One slope per query head, of both signs.
+fn slopes(heads: usize) -> Vec<f64> {
+    (0..heads).map(|h| 0.3 - 0.1 * h as f64).collect()
+}
+
+#[test]
+fn softcapped_scores_chain_through_the_cap_at_every_level() {
+    // A cap of 1 with scores up to about 2 saturates tanh, where its derivative is smallest.
+    let capped = ScoreMods {
+        softcap: Some(1.0),
+        alibi_slopes: None,
+    };
+    check::<f32>(4, 2, 1e-4, &capped);
+    check::<f64>(4, 2, 1e-10, &capped);
+    check::<f32>(16, 8, 1e-4, &capped);
+    check::<f64>(8, 8, 1e-10, &capped);
+}
+
+#[test]
+fn alibi_and_a_softcap_together_match_the_chain_rule_at_every_level() {
+    for heads in [4, 16] {
+        let slopes = slopes(heads);
+        let both = ScoreMods {
+            softcap: Some(2.5),
+            alibi_slopes: Some(&slopes),
+        };
+        let alibi = ScoreMods {
+            softcap: None,
+            alibi_slopes: Some(&slopes),
+        };
+        for mods in [both, alibi] {
+            check::<f32>(heads, heads / 2, 1e-4, &mods);
+            check::<f64>(heads, heads / 2, 1e-10, &mods);
+        }
+    }
 }

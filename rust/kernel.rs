@@ -594,36 +594,75 @@ unsafe fn modify_scores<V: SimdVec>(
     layout: WeightLayout,
     tile: &mut TileScratch<V::Elem>,
 ) {
-    if params.softcap.is_none() && head.alibi_slope.is_none() {
+    // The score lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
+    let lines = if queries.by_dot {
+        ScoreLines {
+            count: rows.len(),
+            len: keys.len(),
+            stride: layout.row_stride,
+            along_queries: false,
+        }
+    } else {
+        ScoreLines {
+            count: keys.len(),
+            len: queries.width,
+            stride: layout.key_stride,
+            along_queries: true,
+        }
+    };
+    modify_score_lines::<V>(params, head.alibi_slope, rows, keys, lines, scores, tile);
+}
+
+/// How a block's scores lie: `count` lines of `len` values, `stride` apart, each one key's
+/// queries (`along_queries`) or one query's keys.
+#[derive(Clone, Copy)]
+pub(crate) struct ScoreLines {
+    pub count: usize,
+    pub len: usize,
+    pub stride: usize,
+    pub along_queries: bool,
+}
+
+/// Softcapping then ALiBi (`alibi_slope` in base 2) on the scores of `rows` against `keys`,
+/// laid out as `lines`: the one place scores are modified, shared by the forward and the
+/// backward so both see the same scores.
+#[inline(always)]
+pub(crate) unsafe fn modify_score_lines<V: SimdVec>(
+    params: &KernelParams<V::Elem>,
+    alibi_slope: Option<V::Elem>,
+    rows: &Range<usize>,
+    keys: &Range<usize>,
+    lines: ScoreLines,
+    scores: &mut [V::Elem],
+    tile: &mut TileScratch<V::Elem>,
+) {
+    if params.softcap.is_none() && alibi_slope.is_none() {
         return;
     }
-    // The score lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
-    let (lines, line_len, descending) = if queries.by_dot {
-        (rows.len(), keys.len(), false)
-    } else {
-        (keys.len(), queries.width, true)
-    };
-    let line_stride = if queries.by_dot {
-        layout.row_stride
-    } else {
-        layout.key_stride
-    };
-    if tile.ramp.len() < line_len {
-        tile.ramp = (0..line_len).map(|c| V::Elem::from_f64(c as f64)).collect();
+    if tile.ramp.len() < lines.len {
+        tile.ramp = (0..lines.len)
+            .map(|c| V::Elem::from_f64(c as f64))
+            .collect();
     }
     let first_diagonal = rows.start as i64 + params.diagonal_offset;
-    for line in 0..lines {
-        let values = &mut scores[line * line_stride..][..line_len];
+    for line in 0..lines.count {
+        let values = &mut scores[line * lines.stride..][..lines.len];
         if let Some((cap, inverse_cap)) = params.softcap {
             softcap_scores::<V>(values, cap, inverse_cap);
         }
-        if let Some(slope) = head.alibi_slope {
-            let first_distance = if descending {
+        if let Some(slope) = alibi_slope {
+            let first_distance = if lines.along_queries {
                 (keys.start + line) as i64 - first_diagonal
             } else {
                 keys.start as i64 - (first_diagonal + line as i64)
             };
-            add_linear_bias(values, slope, first_distance, &tile.ramp, descending);
+            add_linear_bias(
+                values,
+                slope,
+                first_distance,
+                &tile.ramp,
+                lines.along_queries,
+            );
         }
     }
 }

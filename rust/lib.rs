@@ -39,7 +39,10 @@ pub use attention::{
     scaled_dot_product_attention_with_mods, Attention, AttentionOptions, AttentionWithLse, Mask,
     ScoreMods, StridedKv,
 };
-pub use backward::{scaled_dot_product_attention_backward, AttentionGrads, BackwardInputs};
+pub use backward::{
+    scaled_dot_product_attention_backward, scaled_dot_product_attention_backward_with_mods,
+    AttentionGrads, BackwardInputs,
+};
 pub use bounds::{CausalAlignment, Window};
 pub use element::Element;
 pub use error::AttnError;

@@ -493,6 +493,7 @@ fn backward_typed<'py, T: Float + numpy::Element>(
     arrays: &BackwardArrays<'py>,
     attn_mask: Option<&Bound<'py, PyAny>>,
     options: AttentionOptions,
+    mods: &ScoreModArgs,
 ) -> PyResult<Bound<'py, PyAny>> {
     let all = [&arrays.query, &arrays.key, &arrays.value];
     let (q, k, v) = (
@@ -516,17 +517,20 @@ fn backward_typed<'py, T: Float + numpy::Element>(
         }
     };
     let mask = BorrowedMask::view(&borrowed_mask);
-    let grads =
-        py.detach(|| crate::scaled_dot_product_attention_backward(inputs, mask, &options))?;
+    let mods = mods.view();
+    let grads = py.detach(|| {
+        crate::scaled_dot_product_attention_backward_with_mods(inputs, mask, &options, &mods)
+    })?;
     let parts = [grads.grad_query, grads.grad_key, grads.grad_value]
         .map(|grad| grad.into_pyarray(py).into_any());
     Ok(PyTuple::new(py, parts)?.into_any())
 }
 
 /// scaled_dot_product_attention_backward(grad_out, query, key, value, out, lse, attn_mask,
-/// is_causal, scale, enable_gqa, causal_alignment, window, num_threads) -> (dq, dk, dv).
+/// is_causal, scale, enable_gqa, causal_alignment, window, num_threads, softcap=None,
+/// alibi_slopes=None) -> (dq, dk, dv).
 #[pyfunction]
-#[pyo3(signature = (grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, num_threads))]
+#[pyo3(signature = (grad_out, query, key, value, out, lse, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, num_threads, softcap=None, alibi_slopes=None))]
 #[expect(
     clippy::too_many_arguments,
     reason = "the forward's arguments, one by one, and its results"
@@ -546,8 +550,11 @@ fn scaled_dot_product_attention_backward<'py>(
     causal_alignment: &Bound<'py, PyAny>,
     window: Option<(Option<usize>, Option<usize>)>,
     num_threads: Option<usize>,
+    softcap: Option<&Bound<'py, PyAny>>,
+    alibi_slopes: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     guarded(|| {
+        let mods = ScoreModArgs::parse(softcap, alibi_slopes)?;
         let options = AttentionOptions {
             is_causal: flag(is_causal, "is_causal")?,
             alignment: parse_alignment(causal_alignment)?,
@@ -566,9 +573,9 @@ fn scaled_dot_product_attention_backward<'py>(
             lse,
         };
         if is_dtype::<f32>(&arrays.query) {
-            backward_typed::<f32>(py, &arrays, attn_mask, options)
+            backward_typed::<f32>(py, &arrays, attn_mask, options, &mods)
         } else if is_dtype::<f64>(&arrays.query) {
-            backward_typed::<f64>(py, &arrays, attn_mask, options)
+            backward_typed::<f64>(py, &arrays, attn_mask, options, &mods)
         } else {
             Err(input_error("query", &arrays.query))
         }

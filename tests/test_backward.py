@@ -6,6 +6,7 @@ from __future__ import annotations
 import attnscope
 import numpy as np
 import pytest
+from attnscope import masks as M
 from attnscope import reference
 from attnscope._engine import core
 from conftest import FLOAT_DTYPES, assert_close, random_qkv
@@ -329,6 +330,190 @@ def test_empty_inputs_give_empty_or_zero_gradients(rng):
     )
     assert grad_q.shape == (2, 0, 8) and grad_k.shape == (2, 5, 8) and grad_v.shape == (2, 5, 4)
     assert np.all(grad_k == 0) and np.all(grad_v == 0)
+
+
+# (query shape, key shape, value shape, options): softcapping and ALiBi on each path of the
+# backward (two passes; a task per kv head), with the rules and masks they meet.
+SCORE_MOD_CASES = [
+    pytest.param((2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8), {}, id="plain"),
+    pytest.param(
+        (1, 2, 130, 32), (1, 2, 130, 32), (1, 2, 130, 32), dict(is_causal=True), id="causal"
+    ),
+    pytest.param(
+        (2, 2, 40, 8),
+        (2, 2, 100, 8),
+        (2, 2, 100, 8),
+        dict(is_causal=True, causal_alignment="bottom_right", window=(30, 4)),
+        id="bottom-right-window",
+    ),
+    pytest.param((2, 6, 50, 16), (2, 2, 80, 16), (2, 2, 80, 24), dict(enable_gqa=True), id="gqa"),
+    pytest.param(
+        (2, 8, 70, 16),
+        (2, 4, 130, 16),
+        (2, 4, 130, 16),
+        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
+        id="per-kv-head-gqa",
+    ),
+    pytest.param((33, 8), (21, 8), (21, 5), dict(scale=0.9), id="2-D"),
+    pytest.param((1, 2, 3, 16), (1, 2, 5000, 16), (1, 2, 5000, 16), {}, id="split-kv"),
+    pytest.param(
+        (2, 8, 1, 16),
+        (2, 2, 600, 16),
+        (2, 2, 600, 16),
+        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
+        id="decode-gqa",
+    ),
+]
+
+# (softcap, whether to pass ALiBi slopes)
+SCORE_MODS = [
+    pytest.param(1.5, False, id="softcap"),
+    pytest.param(None, True, id="alibi"),
+    pytest.param(4.0, True, id="softcap-alibi"),
+]
+
+
+def _alibi_slopes(num_heads):
+    """Slopes of both signs (the forward accepts any finite slope)."""
+    return np.linspace(0.4, -0.2, num_heads)
+
+
+def _mods(q_shape, k_shape, softcap, alibi):
+    heads = q_shape[-3] if len(q_shape) > 2 else 1
+    # Slopes shrink with many keys: a bias of slope·(j − c(i)) in the thousands leaves float32
+    # scores only ~1e-4 absolute precision, in the forward as much as in the backward.
+    slopes = _alibi_slopes(heads) * min(1.0, 200 / k_shape[-2])
+    return dict(softcap=softcap, alibi_slopes=slopes if alibi else None)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("softcap", "alibi"), SCORE_MODS)
+@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), SCORE_MOD_CASES)
+def test_score_modifiers_match_reference(
+    rng, dtype, softcap, alibi, q_shape, k_shape, v_shape, options
+):
+    # Scores of size ~3 against caps of 1.5 and 4: tanh is well into its bend.
+    q, k, v = random_qkv(rng, q_shape, k_shape, v_shape, dtype)
+    q = (q * 2).astype(dtype)
+    options = {**options, **_mods(q_shape, k_shape, softcap, alibi)}
+    grad_out = rng.standard_normal((*q_shape[:-1], v_shape[-1]))
+    grads = _forward_backward(q, k, v, grad_out, **options)
+    expected = reference.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, None, None, **options
+    )
+    _assert_grads_close(grads, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_score_modifiers_with_masks_and_mask_expressions(rng, dtype):
+    q, k, v = random_qkv(rng, (2, 4, 60, 16), (2, 2, 90, 16), (2, 2, 90, 16), dtype)
+    grad_out = rng.standard_normal((2, 4, 60, 16))
+    mods = dict(enable_gqa=True, softcap=2.0, alibi_slopes=_alibi_slopes(4))
+    masks = [
+        _bool_mask(rng, (2, 1, 60, 90)),
+        _float_mask(rng, (60, 90)),
+        M.causal("bottom_right")
+        & M.document(np.repeat(np.arange(6), 10), kv_ids=np.repeat(np.arange(6), 15)),
+        M.sinks(2) | M.window(10, alignment="bottom_right"),
+    ]
+    for mask in masks:
+        dense = mask.to_dense(60, 90) if isinstance(mask, M.Mask) else mask
+        grads = _forward_backward(q, k, v, grad_out, mask, **mods)
+        expected = reference.scaled_dot_product_attention_backward(
+            grad_out, q, k, v, None, None, dense, **mods
+        )
+        _assert_grads_close(grads, expected, dtype)
+
+
+def test_score_modifiers_match_finite_differences_of_the_forward(rng):
+    """d/dε of ⟨dO, attention(x + ε·t)⟩ at ε = 0 is ⟨grad_x, t⟩, through the cap and ALiBi."""
+    q, k, v = random_qkv(rng, (1, 4, 23, 8), (1, 2, 31, 8), (1, 2, 31, 6), np.float64)
+    q = q * 3  # scores well past the cap, where tanh bends most
+    options = dict(
+        enable_gqa=True,
+        is_causal=True,
+        causal_alignment="bottom_right",
+        scale=0.6,
+        softcap=1.2,
+        alibi_slopes=_alibi_slopes(4),
+    )
+    grad_out = rng.standard_normal((1, 4, 23, 6))
+    grads = _forward_backward(q, k, v, grad_out, **options)
+    step = 1e-6
+    for index, grad in enumerate(grads):
+        direction = rng.standard_normal(grad.shape)
+
+        def loss(epsilon, index=index, direction=direction):
+            inputs = [q, k, v]
+            inputs[index] = inputs[index] + epsilon * direction
+            out = attnscope.scaled_dot_product_attention(*inputs, **options)
+            return float((grad_out * out).sum())
+
+        numeric = (loss(step) - loss(-step)) / (2 * step)
+        analytic = float((grad * direction).sum())
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 8])  # two passes; a task per kv head
+def test_score_modifiers_are_bitwise_identical_for_every_thread_count(rng, kv_heads):
+    q, k, v = random_qkv(
+        rng, (2, 4, 300, 32), (2, kv_heads // 2, 400, 32), (2, kv_heads // 2, 400, 32)
+    )
+    grad_out = rng.standard_normal((2, 4, 300, 32))
+    mods = dict(enable_gqa=True, is_causal=True, softcap=3.0, alibi_slopes=_alibi_slopes(4))
+    results = []
+    for threads in (1, 2, 3, 5):
+        with attnscope.threads(threads):
+            results.append(_forward_backward(q, k, v, grad_out, **mods))
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_score_modifiers_at_every_simd_level(rng):
+    q, k, v = random_qkv(rng, (1, 2, 90, 24), (1, 2, 130, 24), (1, 2, 130, 24))
+    q = q * 2
+    grad_out = rng.standard_normal((1, 2, 90, 24))
+    options = dict(is_causal=True, window=40, softcap=1.5, alibi_slopes=[0.25, -0.1])
+    expected = reference.scaled_dot_product_attention_backward(grad_out, q, k, v, **options)
+    levels = [lvl for lvl in ("avx512", "avx2", "portable") if core().simd_level_supported(lvl)]
+    try:
+        for level in levels:
+            core().force_simd_level(level)
+            grads = _forward_backward(q, k, v, grad_out, **options)
+            _assert_grads_close(grads, expected, np.float32)
+    finally:
+        core().force_simd_level(None)
+
+
+def test_score_modifiers_give_zero_gradients_for_rows_that_see_no_key(rng):
+    q, k, v = random_qkv(rng, (1, 2, 20, 8), (1, 2, 30, 8), (1, 2, 30, 8), np.float64)
+    mask = np.ones((20, 30), dtype=bool)
+    mask[3] = False
+    grad_out = rng.standard_normal((1, 2, 20, 8))
+    mods = dict(softcap=1.0, alibi_slopes=[0.5, 0.1])
+    grad_q, grad_k, grad_v = _forward_backward(q, k, v, grad_out, mask, **mods)
+    for grad in (grad_q, grad_k, grad_v):
+        assert np.all(np.isfinite(grad))
+    assert np.all(grad_q[..., 3, :] == 0)
+
+
+def test_bad_score_modifiers_are_refused(rng):
+    call = _valid_call(rng)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            attnscope.scaled_dot_product_attention_backward(**call, softcap=bad)
+    for bad in (True, "2", [1.0]):
+        with pytest.raises(TypeError, match="softcap"):
+            attnscope.scaled_dot_product_attention_backward(**call, softcap=bad)
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        attnscope.scaled_dot_product_attention_backward(**call, alibi_slopes=[0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        attnscope.scaled_dot_product_attention_backward(**call, alibi_slopes=[0.1, np.inf])
+    with pytest.raises(ValueError, match="alibi_slopes"):
+        attnscope.scaled_dot_product_attention_backward(**call, alibi_slopes=[[0.1, 0.2]])
+    with pytest.raises(TypeError, match="alibi_slopes"):
+        attnscope.scaled_dot_product_attention_backward(**call, alibi_slopes=["a", "b"])
 
 
 def _valid_call(rng, dtype=np.float32):

@@ -5,6 +5,8 @@ least one visible key: PyTorch's gradients are NaN for a fully masked row."""
 
 from __future__ import annotations
 
+import math
+
 import attnscope
 import numpy as np
 import pytest
@@ -145,6 +147,96 @@ def test_gradcheck_passes_in_float64():
         lambda q, k, v: atorch.scaled_dot_product_attention(q, k, v, window=3, scale=0.4),
         (tensor(2, 6, 4), tensor(2, 8, 4), tensor(2, 8, 4)),
     )
+
+
+def _explicit_modded_attention(q, k, v, visible, options):
+    """Softcapping and ALiBi written out in PyTorch, in the order of a score's life:
+    ``s = scale·q·k``, then ``c·tanh(s / c)``, then ``+ slope[h]·(j − c(i))``, then the mask."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = (x.repeat_interleave(group, dim=-3) for x in (k, v))
+    num_queries, num_keys = q.shape[-2], k.shape[-2]
+    scale = options.get("scale") or 1 / math.sqrt(q.shape[-1])
+    scores = scale * q @ k.transpose(-1, -2)
+    if options.get("softcap") is not None:
+        scores = options["softcap"] * torch.tanh(scores / options["softcap"])
+    if options.get("alibi_slopes") is not None:
+        offset = num_keys - num_queries if options["causal_alignment"] == "bottom_right" else 0
+        diagonal = torch.arange(num_queries, dtype=q.dtype)[:, None] + offset
+        distance = torch.arange(num_keys, dtype=q.dtype)[None, :] - diagonal
+        slopes = torch.tensor(options["alibi_slopes"], dtype=q.dtype)[:, None, None]
+        scores = scores + slopes * distance
+    scores = scores.masked_fill(~torch.tensor(visible), -math.inf)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_score_modifier_gradients_match_torch_autograd(seed):
+    """The engine's backward and the wrapper against autograd through explicit PyTorch."""
+    rng = np.random.default_rng(500 + seed)
+    dtype = (np.float32, np.float64)[seed % 2]
+    kv_heads, group = int(rng.integers(1, 3)), int(rng.integers(1, 4))
+    length, s = (int(x) for x in rng.integers(2, 120, size=2))
+    heads = kv_heads * group
+    options = dict(
+        enable_gqa=group > 1,
+        is_causal=seed % 4 == 1,
+        causal_alignment=("top_left", "bottom_right")[seed % 2],
+        scale=None if seed % 3 else 0.5,
+        softcap=None if seed % 4 == 3 else float(rng.uniform(0.5, 5.0)),
+        alibi_slopes=None if seed % 4 == 2 else rng.uniform(-0.3, 0.3, heads),
+    )
+    q = (2 * rng.standard_normal((2, heads, length, 16))).astype(dtype)
+    k = rng.standard_normal((2, kv_heads, s, 16)).astype(dtype)
+    v = rng.standard_normal((2, kv_heads, s, 8)).astype(dtype)
+    grad_out = rng.standard_normal((2, heads, length, 8)).astype(dtype)
+    if options["is_causal"] and length > s:  # bottom-right would leave rows with no key
+        options["causal_alignment"] = "top_left"
+    visible = reference.visibility(
+        length, s, is_causal=options["is_causal"], causal_alignment=options["causal_alignment"]
+    )
+
+    theirs = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    expected_out = _explicit_modded_attention(*theirs, visible, options)
+    expected_out.backward(torch.tensor(grad_out))
+    expected = [x.grad.numpy().astype(np.float64) for x in theirs]
+    tolerance = GRAD_TOLERANCE[dtype]
+
+    out, lse = attnscope.scaled_dot_product_attention(q, k, v, **options, return_lse=True)
+    assert_close(out, expected_out.detach().numpy().astype(np.float64), dtype)
+    grads = attnscope.scaled_dot_product_attention_backward(grad_out, q, k, v, out, lse, **options)
+    for got, want in zip(grads, expected, strict=True):
+        assert_close(got, want, dtype, tolerance)
+
+    ours = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
+    wrapper_options = dict(options)
+    if wrapper_options["alibi_slopes"] is not None:  # the wrapper also takes a tensor
+        wrapper_options["alibi_slopes"] = torch.tensor(wrapper_options["alibi_slopes"])
+    atorch.scaled_dot_product_attention(*ours, **wrapper_options).backward(torch.tensor(grad_out))
+    for mine, want in zip(ours, expected, strict=True):
+        assert_close(mine.grad.numpy(), want, dtype, tolerance)
+
+
+def test_gradcheck_passes_with_softcap_and_alibi_in_float64():
+    generator = torch.Generator().manual_seed(1)
+
+    def tensor(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    def attention(q, k, v):
+        return atorch.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=True,
+            causal_alignment="bottom_right",
+            enable_gqa=True,
+            softcap=0.8,
+            alibi_slopes=[0.5, 0.25, -0.125, 0.0625],
+        )
+
+    inputs = (tensor(1, 4, 7, 5) * 3, tensor(1, 2, 9, 5), tensor(1, 2, 9, 3))
+    inputs = tuple(x.detach().requires_grad_() for x in inputs)
+    assert torch.autograd.gradcheck(attention, inputs, eps=1e-6, atol=1e-7)
 
 
 def test_wrapper_trains_a_parameter(rng):

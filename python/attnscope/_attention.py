@@ -149,6 +149,8 @@ def scaled_dot_product_attention_backward(
     *,
     causal_alignment="top_left",
     window=None,
+    softcap=None,
+    alibi_slopes=None,
 ):
     """The gradients of :func:`scaled_dot_product_attention` with respect to query, key and value.
 
@@ -161,9 +163,11 @@ def scaled_dot_product_attention_backward(
         query, key, value: the forward's inputs.
         out: the forward's output, ``(..., Hq, L, Dv)``.
         lse: the forward's log-sum-exp, ``(..., Hq, L)``, from ``return_lse=True``.
-        attn_mask, is_causal, scale, enable_gqa, causal_alignment, window: the forward's
-            options, which must be the ones ``out`` and ``lse`` were computed with. A float
-            mask is treated as a constant: it gets no gradient.
+        attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, softcap,
+            alibi_slopes: the forward's options, which must be the ones ``out`` and ``lse``
+            were computed with. A float mask and ALiBi's slopes are constants: they get no
+            gradient. With a softcap, each score's gradient passes through the cap's
+            derivative ``1 - tanh²(s / softcap)``.
 
     Returns:
         ``(grad_query, grad_key, grad_value)`` in the shapes and dtype of query, key and value.
@@ -189,6 +193,8 @@ def scaled_dot_product_attention_backward(
         causal_alignment,
         None if window is None else check_window(window),
         _CONTEXT_THREADS.get(),
+        softcap,
+        None if alibi_slopes is None else _slopes(alibi_slopes),
     )
 
 

@@ -55,6 +55,8 @@ def scaled_dot_product_attention_backward(
     causal_alignment: str,
     window: tuple[int | None, int | None] | None,
     num_threads: int | None,
+    softcap: float | None = None,
+    alibi_slopes: npt.NDArray[np.float64] | None = None,
 ) -> tuple[
     npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]]
 ]: ...

@@ -69,6 +69,13 @@ def _mask_array(attn_mask) -> np.ndarray | None:
     return _array(attn_mask)
 
 
+def _slopes_array(alibi_slopes):
+    """ALiBi slopes as NumPy reads them (a tensor is detached and brought to the CPU)."""
+    if isinstance(alibi_slopes, torch.Tensor):
+        return alibi_slopes.detach().cpu().numpy()
+    return alibi_slopes
+
+
 class _Attention(torch.autograd.Function):
     """Forward keeps the output and its log-sum-exp; backward runs the engine's backward."""
 
@@ -114,12 +121,15 @@ def scaled_dot_product_attention(
     *,
     causal_alignment="top_left",
     window=None,
+    softcap=None,
+    alibi_slopes=None,
 ):
     """:func:`attnscope.scaled_dot_product_attention` on CPU tensors, differentiable.
 
     Arguments and shapes are those of :func:`attnscope.scaled_dot_product_attention` (and of
     ``torch.nn.functional.scaled_dot_product_attention``, without dropout). Gradients flow to
-    query, key and value through attnscope's backward pass; a mask gets no gradient.
+    query, key and value through attnscope's backward pass; a mask and ALiBi's slopes (a
+    sequence, array or tensor of ``Hq`` numbers) are constants and get no gradient.
 
     Raises:
         TypeError: a non-tensor, a dtype other than float32/float64, or mixed dtypes.
@@ -134,5 +144,7 @@ def scaled_dot_product_attention(
         enable_gqa=enable_gqa,
         causal_alignment=causal_alignment,
         window=window,
+        softcap=softcap,
+        alibi_slopes=_slopes_array(alibi_slopes),
     )
     return _Attention.apply(query, key, value, _mask_array(attn_mask), options)
