@@ -362,6 +362,9 @@ impl<T: KernelElement> KvCache<T> {
         value: &ArrayView4<'_, T>,
         tokens: std::ops::Range<usize>,
     ) {
+        if tokens.is_empty() {
+            return;
+        }
         let mut staging = Vec::with_capacity(self.head_dim);
         let at = self.first_row + self.len;
         for batch in 0..self.batch {

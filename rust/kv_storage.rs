@@ -127,6 +127,10 @@ impl<U: Copy + Default> RowBuffer<U> {
     ) -> Result<Self, AttnError> {
         let mut grown = Self::new(heads * new_capacity, self.per_row)?;
         let width = self.per_row;
+        // Nothing held, nothing to copy: the work must not follow a huge but empty head count.
+        if held.is_empty() {
+            return Ok(grown);
+        }
         for head in 0..heads {
             let from = (head * capacity + held.start) * width;
             let to = head * new_capacity * width;
@@ -138,6 +142,9 @@ impl<U: Copy + Default> RowBuffer<U> {
 
     /// Moves `count` rows of every head from row `from` to row `to` (ranges may overlap).
     fn move_rows(&mut self, heads: usize, capacity: usize, from: usize, to: usize, count: usize) {
+        if count == 0 {
+            return;
+        }
         let width = self.per_row;
         for head in 0..heads {
             let base = head * capacity * width;
