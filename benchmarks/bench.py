@@ -436,6 +436,7 @@ class Benchmark:
             )
             seconds = timings[storage].median_s
             row.cells["attnscope"] = seconds
+            row.gflops = 4 * query_heads * num_keys * head_dim / seconds / 1e9
             ratio = timings["float32"].median_s / seconds
             row.metrics.update(
                 {
