@@ -89,7 +89,8 @@ pub struct AttentionWithLse<T> {
     pub lse: ArrayD<T>,
 }
 
-/// [`scaled_dot_product_attention`] that also returns each query row's log-sum-exp.
+/// [`scaled_dot_product_attention_with_mods`] that also returns each query row's log-sum-exp
+/// (of the modified, masked scores: what the backward pass recomputes its weights from).
 pub fn scaled_dot_product_attention_with_lse<T: KernelElement>(
     query: ArrayViewD<'_, T>,
     key: ArrayViewD<'_, T>,
