@@ -20,7 +20,7 @@ use crate::attention::{AttentionOptions, Mask, ScoreMods, StridedKv};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::{
-    apply_visibility, mask_coverage, modify_score_lines, round_up, HeadData, KernelParams,
+    apply_visibility, mask_coverage, modify_score_lines, refill, round_up, HeadData, KernelParams,
     MaskCoverage, MaskRows, ScoreLines, TileScratch,
 };
 use crate::memory::{standard_layout, zeroed};
@@ -94,12 +94,6 @@ pub struct GradScratch<T> {
     sums: Vec<T>,
     /// A mask expression's visibility of the tile.
     tile: TileScratch<T>,
-}
-
-/// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
-fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
-    buffer.clear();
-    buffer.resize(len, value);
 }
 
 /// Softcapping and ALiBi on the tile in `scratch.probs` (laid out as `lines`), through the

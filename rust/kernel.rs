@@ -220,7 +220,7 @@ impl<T> Default for TileScratch<T> {
 }
 
 /// Clears `buffer` and fills it with `len` copies of `value`, keeping its allocation.
-fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
+pub(crate) fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
     buffer.clear();
     buffer.resize(len, value);
 }
