@@ -761,7 +761,8 @@ impl<T: KernelElement> GradCall<'_, T> {
                 head: kv_head,
                 rows: 0..l,
                 keys: 0..s,
-                cost: 1,
+                // The work itself, so that a large call is never run inline on one thread.
+                cost: l * s * group * (d + dv),
             })
             .collect();
         let writers = [grad_query, grad_key, grad_value].map(DisjointWriter::new);
