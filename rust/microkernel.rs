@@ -14,9 +14,6 @@
 use crate::element::Element;
 use crate::simd::SimdVec;
 
-/// Keys (rows of `Sᵀ`) and query rows (of `P·V`) per register tile.
-pub(crate) const TILE_ROWS: usize = 4;
-
 /// `out[r][c] = Σ_k a[r][k] · b[k][c]` for `ROWS` rows of `a` (broadcast) and `COLS` vectors of
 /// `b` columns: reads `a[r * a_stride + k]`, `b[k * b_stride + c]` for `k < depth`.
 #[inline(always)]
@@ -98,27 +95,39 @@ unsafe fn scores_columns<V: SimdVec>(
     );
     let mut key = 0;
     while key < num_keys {
-        let rows = if key + TILE_ROWS <= num_keys {
-            TILE_ROWS
-        } else {
-            1
-        };
+        let rows = (num_keys - key).min(V::TILE_ROWS);
         let (a, out) = (k.add(key * depth), s.add(key * width));
-        match (rows, vectors) {
-            (TILE_ROWS, 4) => {
-                product_tile::<V, TILE_ROWS, 4>(a, depth, q, width, depth, out, width)
-            }
-            (TILE_ROWS, 2) => {
-                product_tile::<V, TILE_ROWS, 2>(a, depth, q, width, depth, out, width)
-            }
-            (TILE_ROWS, _) => {
-                product_tile::<V, TILE_ROWS, 1>(a, depth, q, width, depth, out, width)
-            }
-            (_, 4) => product_tile::<V, 1, 4>(a, depth, q, width, depth, out, width),
-            (_, 2) => product_tile::<V, 1, 2>(a, depth, q, width, depth, out, width),
-            _ => product_tile::<V, 1, 1>(a, depth, q, width, depth, out, width),
+        match vectors {
+            4 => product_rows::<V, 4>(rows, a, depth, q, width, depth, out, width),
+            2 => product_rows::<V, 2>(rows, a, depth, q, width, depth, out, width),
+            _ => product_rows::<V, 1>(rows, a, depth, q, width, depth, out, width),
         }
         key += rows;
+    }
+}
+
+/// [`product_tile`] for `rows` rows (1 to 6), so that a remainder of rows still gets one tile
+/// rather than a tile per row.
+#[inline(always)]
+#[expect(clippy::too_many_arguments)]
+unsafe fn product_rows<V: SimdVec, const COLS: usize>(
+    rows: usize,
+    a: *const V::Elem,
+    a_stride: usize,
+    b: *const V::Elem,
+    b_stride: usize,
+    depth: usize,
+    out: *mut V::Elem,
+    out_stride: usize,
+) {
+    debug_assert!((1..=6).contains(&rows));
+    match rows {
+        1 => product_tile::<V, 1, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
+        2 => product_tile::<V, 2, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
+        3 => product_tile::<V, 3, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
+        4 => product_tile::<V, 4, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
+        5 => product_tile::<V, 5, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
+        _ => product_tile::<V, 6, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
     }
 }
 
@@ -339,21 +348,22 @@ pub(crate) unsafe fn accumulate_pv<V: SimdVec>(
         return;
     }
     let mut row = 0;
-    while row + TILE_ROWS <= rows {
-        let (p_rows, acc_rows) = (
-            p.as_ptr().add(row * layout.row_stride),
-            acc.as_mut_ptr().add(row * dv),
-        );
-        pv_rows::<V, TILE_ROWS>(p_rows, layout, num_keys, v.as_ptr(), dv, acc_rows);
-        row += TILE_ROWS;
-    }
     while row < rows {
-        let (p_rows, acc_rows) = (
+        let block = (rows - row).min(V::TILE_ROWS);
+        let (p, v, acc) = (
             p.as_ptr().add(row * layout.row_stride),
+            v.as_ptr(),
             acc.as_mut_ptr().add(row * dv),
         );
-        pv_rows::<V, 1>(p_rows, layout, num_keys, v.as_ptr(), dv, acc_rows);
-        row += 1;
+        match block {
+            1 => pv_rows::<V, 1>(p, layout, num_keys, v, dv, acc),
+            2 => pv_rows::<V, 2>(p, layout, num_keys, v, dv, acc),
+            3 => pv_rows::<V, 3>(p, layout, num_keys, v, dv, acc),
+            4 => pv_rows::<V, 4>(p, layout, num_keys, v, dv, acc),
+            5 => pv_rows::<V, 5>(p, layout, num_keys, v, dv, acc),
+            _ => pv_rows::<V, 6>(p, layout, num_keys, v, dv, acc),
+        }
+        row += block;
     }
 }
 

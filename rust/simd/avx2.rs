@@ -11,6 +11,8 @@ impl SimdVec for Avx2F32 {
     type Elem = f32;
     const LANES: usize = 8;
     const TILE_VECS: usize = 2;
+    // 12 accumulators: enough independent FMA chains to cover the FMA latency on two ports.
+    const TILE_ROWS: usize = 6;
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
@@ -88,6 +90,8 @@ impl SimdVec for Avx2F64 {
     type Elem = f64;
     const LANES: usize = 4;
     const TILE_VECS: usize = 2;
+    // 12 accumulators: enough independent FMA chains to cover the FMA latency on two ports.
+    const TILE_ROWS: usize = 6;
 
     #[inline(always)]
     unsafe fn splat(x: f64) -> Self {

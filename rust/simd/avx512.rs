@@ -11,6 +11,7 @@ impl SimdVec for Avx512F32 {
     type Elem = f32;
     const LANES: usize = 16;
     const TILE_VECS: usize = 4;
+    const TILE_ROWS: usize = 4;
 
     #[inline(always)]
     unsafe fn splat(x: f32) -> Self {
@@ -76,6 +77,7 @@ impl SimdVec for Avx512F64 {
     type Elem = f64;
     const LANES: usize = 8;
     const TILE_VECS: usize = 4;
+    const TILE_ROWS: usize = 4;
 
     #[inline(always)]
     unsafe fn splat(x: f64) -> Self {

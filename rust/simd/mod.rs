@@ -40,6 +40,9 @@ pub(crate) trait SimdVec: Copy {
     unsafe fn exp2(self) -> Self;
     /// Vectors of columns in the register tile of the `Q·Kᵀ` and `P·V` micro-kernels.
     const TILE_VECS: usize;
+    /// Broadcast rows in that register tile: `TILE_ROWS x TILE_VECS` accumulators, plus the
+    /// `TILE_VECS` loaded vectors and one broadcast, fill the register file without spilling.
+    const TILE_ROWS: usize;
 }
 
 /// Coefficients of `2^f = exp(f·ln 2)` on `[-0.5, 0.5]` (Taylor to degree 7: below 1e-8

@@ -28,6 +28,7 @@ macro_rules! portable_vector {
             type Elem = $t;
             const LANES: usize = $lanes;
             const TILE_VECS: usize = 2;
+            const TILE_ROWS: usize = 4;
 
             #[inline(always)]
             unsafe fn splat(x: $t) -> Self {
