@@ -20,8 +20,8 @@ use crate::attention::{AttentionOptions, Mask, ScoreMods, StridedKv};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::{
-    apply_visibility, mask_coverage, modify_score_lines, refill, round_up, HeadData, KernelParams,
-    MaskCoverage, MaskRows, ScoreLines, TileScratch,
+    apply_visibility, mask_coverage, modify_score_lines, refill, resize_for_overwrite, round_up,
+    HeadData, KernelParams, MaskCoverage, MaskRows, ScoreLines, TileScratch,
 };
 use crate::memory::{standard_layout, zeroed};
 use crate::microkernel::{
@@ -236,7 +236,8 @@ unsafe fn query_tile<V: SimdVec>(
     let kernel = &params.kernel;
     let (depth, value_dim) = (kernel.depth, kernel.value_dim);
     let tile = keys.len() * width;
-    refill(&mut scratch.probs, tile, V::Elem::ZERO);
+    // Every element of the tile is a product's output.
+    resize_for_overwrite(&mut scratch.probs, tile);
     let key_rows = &head.head.k[keys.start * depth..keys.end * depth];
     transposed_scores::<V>(
         key_rows,
@@ -276,7 +277,8 @@ unsafe fn query_tile<V: SimdVec>(
         &scratch.shift,
         &mut scratch.sums,
     );
-    refill(&mut scratch.grad_scores, tile, V::Elem::ZERO);
+    // Every element of the tile is a product's output.
+    resize_for_overwrite(&mut scratch.grad_scores, tile);
     let value_rows = &head.head.v[keys.start * value_dim..keys.end * value_dim];
     transposed_scores::<V>(
         value_rows,
@@ -340,7 +342,8 @@ unsafe fn key_tile<V: SimdVec>(
     let kernel = &params.kernel;
     let (depth, value_dim) = (kernel.depth, kernel.value_dim);
     let tile = rows.len() * width;
-    refill(&mut scratch.probs, tile, V::Elem::ZERO);
+    // Every element of the tile is a product's output.
+    resize_for_overwrite(&mut scratch.probs, tile);
     transposed_scores::<V>(
         &head.head.q[rows.start * depth..rows.end * depth],
         rows.len(),
@@ -383,7 +386,8 @@ unsafe fn key_tile<V: SimdVec>(
         };
         row_exp2::<V>(&mut probs[..keys.len()], shift);
     }
-    refill(&mut scratch.grad_scores, tile, V::Elem::ZERO);
+    // Every element of the tile is a product's output.
+    resize_for_overwrite(&mut scratch.grad_scores, tile);
     transposed_scores::<V>(
         &head.grad_out[rows.start * value_dim..rows.end * value_dim],
         rows.len(),

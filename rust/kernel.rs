@@ -225,6 +225,12 @@ pub(crate) fn refill<T: Copy>(buffer: &mut Vec<T>, len: usize, value: T) {
     buffer.resize(len, value);
 }
 
+/// Gives `buffer` length `len` without clearing the elements it keeps: for a tile that is
+/// written whole before it is read, where zeroing it first would cost a pass over memory.
+pub(crate) fn resize_for_overwrite<T: Copy + Default>(buffer: &mut Vec<T>, len: usize) {
+    buffer.resize(len, T::default());
+}
+
 /// A block's queries, multiplied by `score_scale` and laid out for the score kernel: `Qᵀ`
 /// (`depth x width`) for the tiled kernel, or the rows themselves for the dot-product one.
 /// `width` is the number of query columns of the `Sᵀ` tile (the queries, padded).
