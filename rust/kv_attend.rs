@@ -57,10 +57,39 @@ trait RowFormat: Sync {
     fn scale(&self, _row: usize, _col: usize) -> f32 {
         1.0
     }
+    /// Hints the rows a little past global row `row` into the cache, ahead of their use.
+    fn prefetch(&self, row: usize);
+}
+
+/// How far ahead of the row being read decoding requests rows, in bytes of one buffer.
+const PREFETCH_AHEAD_BYTES: usize = 8192;
+
+/// Hints every cache line of the row [`PREFETCH_AHEAD_BYTES`] past row `row` of `buffer`:
+/// decoding reads each row once, so rows are requested while earlier ones compute. A hint
+/// never faults, so the row may lie past the buffer's end.
+#[inline(always)]
+fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        const LINE_BYTES: usize = 64;
+        let bytes = buffer.per_row * std::mem::size_of::<U>();
+        let ahead = PREFETCH_AHEAD_BYTES.div_ceil(bytes.max(1));
+        let start = (buffer.data.as_ptr() as *const i8).wrapping_add((row + ahead) * bytes);
+        for offset in (0..bytes).step_by(LINE_BYTES) {
+            // SAFETY: prefetching is a hint with no effect on memory; any address is allowed.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (buffer, row);
 }
 
 impl RowFormat for RowBuffer<f32> {
     const SCALED: bool = false;
+    fn prefetch(&self, row: usize) {
+        prefetch_row(self, row);
+    }
     #[inline(always)]
     unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
         V::load(self.data.as_ptr().add(row * self.per_row + col))
@@ -72,6 +101,9 @@ impl RowFormat for RowBuffer<f32> {
 
 impl RowFormat for RowBuffer<bf16> {
     const SCALED: bool = false;
+    fn prefetch(&self, row: usize) {
+        prefetch_row(self, row);
+    }
     #[inline(always)]
     unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
         V::load_bf16(self.data.as_ptr().add(row * self.per_row + col))
@@ -83,6 +115,9 @@ impl RowFormat for RowBuffer<bf16> {
 
 impl RowFormat for RowBuffer<f16> {
     const SCALED: bool = false;
+    fn prefetch(&self, row: usize) {
+        prefetch_row(self, row);
+    }
     #[inline(always)]
     unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
         V::load_f16(self.data.as_ptr().add(row * self.per_row + col))
@@ -100,6 +135,10 @@ struct Int8Rows<'a> {
 
 impl RowFormat for Int8Rows<'_> {
     const SCALED: bool = true;
+    fn prefetch(&self, row: usize) {
+        // The scales (a few bytes per row) stream in order and need no hint.
+        prefetch_row(self.values, row);
+    }
     #[inline(always)]
     unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
         V::load_i8(
@@ -298,7 +337,11 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
     let mut scores = [0.0f32; KEY_BLOCK];
     for block_start in task.keys.clone().step_by(KEY_BLOCK) {
         let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
-        for ((offset, visible), state) in rows.iter().zip(states.chunks_exact_mut(depth + 2)) {
+        for (index, ((offset, visible), state)) in rows
+            .iter()
+            .zip(states.chunks_exact_mut(depth + 2))
+            .enumerate()
+        {
             let start = visible.start.max(block_start);
             let end = visible.end.min(block_end);
             if start >= end {
@@ -307,7 +350,12 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
             let query = &call.query[*offset..offset + depth];
             let weights = &mut scores[..end - start];
             for (j, score) in weights.iter_mut().enumerate() {
-                *score = dot::<V, F>(query, keys, first_row + start + j) * call.score_scale;
+                let row = first_row + start + j;
+                if index == 0 {
+                    keys.prefetch(row);
+                    values.prefetch(row);
+                }
+                *score = dot::<V, F>(query, keys, row) * call.score_scale;
             }
             if softmax_update::<V>(state, weights) {
                 accumulate::<V, F>(&mut state[2..], values, first_row + start, weights);
@@ -363,7 +411,12 @@ unsafe fn attend_shared<V: Widen, F: RowFormat>(
             let pick = |i: usize| (first + i).min(rows.len() - 1);
             let queries = [0, 1, 2, 3].map(|i| &call.query[rows[pick(i)].0..][..depth]);
             for j in 0..count {
-                let dots = dot_four::<V, F>(queries, keys, first_row + start + j);
+                let row = first_row + start + j;
+                if first == 0 {
+                    keys.prefetch(row);
+                    values.prefetch(row);
+                }
+                let dots = dot_four::<V, F>(queries, keys, row);
                 for (i, dot) in dots.iter().enumerate().take(rows.len() - first) {
                     scores[(first + i) * KEY_BLOCK + j] = dot * call.score_scale;
                 }

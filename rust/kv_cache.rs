@@ -472,11 +472,11 @@ impl<T: KernelElement> KvCache<T> {
         }
     }
 
-    /// Whether a float32 cache's call runs the stored-rows kernel: one query row per head and
-    /// no grouping (a decoding step, streamed at the memory's pace). Grouped heads run the
-    /// general kernel's grouped path, whose register tiles reuse each key across the group.
+    /// Whether a float32 cache's call runs the stored-rows kernel: one query row per head (a
+    /// decoding step, streamed at the memory's pace, with the query heads of a group sharing
+    /// each read of a key).
     fn decodes_natively(&self, query_shape: &[usize]) -> bool {
-        T::TYPE_NAME == "float32" && query_shape[2] == 1 && query_shape[1] == self.kv_heads
+        T::TYPE_NAME == "float32" && query_shape[2] == 1
     }
 
     /// The kernel over the stored rows (no mask, no weights).
