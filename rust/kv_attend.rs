@@ -370,7 +370,13 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
 #[inline(always)]
 unsafe fn softmax_update<V: Widen>(state: &mut [f32], scores: &mut [f32]) -> bool {
     let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    let new_max = state[0].max(block_max);
+    // `max` skips NaN, so a row whose scores are all NaN (or NaN and -inf) would pass for a row
+    // that sees nothing; a NaN score must reach the output instead.
+    let new_max = if block_max == f32::NEG_INFINITY && scores.iter().any(|x| x.is_nan()) {
+        f32::NAN
+    } else {
+        state[0].max(block_max)
+    };
     if new_max == f32::NEG_INFINITY {
         return false;
     }
@@ -422,14 +428,12 @@ unsafe fn attend_shared<V: Widen, F: RowFormat>(
                 }
             }
         }
-        let mut live = vec![false; rows.len()];
         for (row, state) in states.chunks_exact_mut(width).enumerate() {
             let weights = &mut scores[row * KEY_BLOCK..][..count];
-            live[row] = softmax_update::<V>(state, weights);
-        }
-        for (row, _) in live.iter().enumerate().filter(|(_, &alive)| !alive) {
-            // A row whose scores were all -inf adds nothing; zero weights say so.
-            scores[row * KEY_BLOCK..][..count].fill(0.0);
+            if !softmax_update::<V>(state, weights) {
+                // A row whose scores were all -inf adds nothing; zero weights say so.
+                weights.fill(0.0);
+            }
         }
         accumulate_four_rows::<V, F>(states, width, values, first_row + start, &scores, count);
     }

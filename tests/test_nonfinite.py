@@ -150,6 +150,30 @@ def test_kv_cache_follows_the_rule(simd_level, rng, dtype, poison, num_queries):
         check_rule(got, None, sees, poison)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("poison", ["query-nan", "key-nan", "value-nan"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["one-head-per-kv-head", "grouped"])
+def test_a_decoding_step_over_any_storage_follows_the_rule(
+    simd_level, rng, storage, poison, kv_heads
+):
+    """One query row per head over a stored cache (the stored-rows kernel, every format): a NaN
+    the row sees reaches it, even a query whose every score is NaN."""
+    q, k, v, _, sees = poisoned_case(rng, 1, 3000, np.float32, poison)
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    cache = attnscope.KVCache(kv_heads, 8, batch=2, storage=storage)
+    cache.append(k, v)
+    got = cache.attend(q, enable_gqa=kv_heads == 1)
+    want = reference.scaled_dot_product_attention(
+        q,
+        reference.stored_values(k, storage),
+        reference.stored_values(v, storage),
+        **CAUSAL,
+        enable_gqa=kv_heads == 1,
+    )
+    assert_close(got, want, np.float32)
+    check_rule(got, None, sees, poison)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("cell", [np.nan, np.inf])
 def test_a_poisoned_mask_cell_at_a_key_hidden_otherwise_stays_hidden(simd_level, rng, dtype, cell):
