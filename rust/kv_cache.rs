@@ -625,7 +625,7 @@ mod tests {
     }
 
     /// Attention over the cache equals attention over the same keys as plain arrays, with
-    /// grouped heads decoding one token (the grouped path) and several.
+    /// grouped heads decoding one token (the stored-rows kernel) and several (the general one).
     #[test]
     fn attend_matches_contiguous_attention() {
         for (queries, window) in [(1, None), (1, Some(Window::symmetric(5))), (3, None)] {
