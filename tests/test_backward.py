@@ -122,6 +122,46 @@ def _assert_grads_close(grads, expected, dtype):
         assert_close(got, want, dtype, GRAD_TOLERANCE[np.dtype(dtype)])
 
 
+def _assert_matches_finite_differences(rng, q, k, v, grad_out, mask=None, **options):
+    """d/dε of ⟨dO, attention(x + ε·t)⟩ at ε = 0 is ⟨grad_x, t⟩, for x each of q, k, v."""
+    grads = _forward_backward(q, k, v, grad_out, mask, **options)
+    step = 1e-6
+    for index, grad in enumerate(grads):
+        direction = rng.standard_normal(grad.shape)
+
+        def loss(epsilon, index=index, direction=direction):
+            inputs = [q, k, v]
+            inputs[index] = inputs[index] + epsilon * direction
+            out = attnscope.scaled_dot_product_attention(*inputs, mask, **options)
+            return float((grad_out * out).sum())
+
+        numeric = (loss(step) - loss(-step)) / (2 * step)
+        analytic = float((grad * direction).sum())
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
+
+
+def _assert_same_for_every_thread_count(q, k, v, grad_out, mask=None, **options):
+    results = []
+    for threads in (1, 2, 3, 5):
+        with attnscope.threads(threads):
+            results.append(_forward_backward(q, k, v, grad_out, mask, **options))
+    for other in results[1:]:
+        for got, want in zip(other, results[0], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+def _assert_close_at_every_simd_level(q, k, v, grad_out, **options):
+    expected = reference.scaled_dot_product_attention_backward(grad_out, q, k, v, **options)
+    levels = [lvl for lvl in ("avx512", "avx2", "portable") if core().simd_level_supported(lvl)]
+    try:
+        for level in levels:
+            core().force_simd_level(level)
+            grads = _forward_backward(q, k, v, grad_out, **options)
+            _assert_grads_close(grads, expected, np.float32)
+    finally:
+        core().force_simd_level(None)
+
+
 # (query shape, key shape, value shape, mask builder and shape or None, options)
 GRAD_CASES = [
     pytest.param((2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8), None, {}, id="plain"),
@@ -241,20 +281,7 @@ def test_backward_matches_finite_differences_of_the_forward(rng):
     mask[:, 0] = 0.0
     options = dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right", scale=0.6)
     grad_out = rng.standard_normal((1, 4, 23, 6))
-    grads = _forward_backward(q, k, v, grad_out, mask, **options)
-    step = 1e-6
-    for index, grad in enumerate(grads):
-        direction = rng.standard_normal(grad.shape)
-
-        def loss(epsilon, index=index, direction=direction):
-            inputs = [q, k, v]
-            inputs[index] = inputs[index] + epsilon * direction
-            out = attnscope.scaled_dot_product_attention(*inputs, mask, **options)
-            return float((grad_out * out).sum())
-
-        numeric = (loss(step) - loss(-step)) / (2 * step)
-        analytic = float((grad * direction).sum())
-        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
+    _assert_matches_finite_differences(rng, q, k, v, grad_out, mask, **options)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])  # two passes; a task per kv head
@@ -264,29 +291,13 @@ def test_backward_is_bitwise_identical_for_every_thread_count(rng, kv_heads):
     )
     grad_out = rng.standard_normal((2, 4, 300, 32))
     mask = _bool_mask(rng, (300, 400), empty_row=False)
-    results = []
-    for threads in (1, 2, 3, 5):
-        with attnscope.threads(threads):
-            results.append(_forward_backward(q, k, v, grad_out, mask, enable_gqa=True))
-    for other in results[1:]:
-        for got, want in zip(other, results[0], strict=True):
-            np.testing.assert_array_equal(got, want)
+    _assert_same_for_every_thread_count(q, k, v, grad_out, mask, enable_gqa=True)
 
 
 def test_backward_at_every_simd_level(rng):
     q, k, v = random_qkv(rng, (1, 2, 90, 24), (1, 2, 130, 24), (1, 2, 130, 24))
     grad_out = rng.standard_normal((1, 2, 90, 24))
-    expected = reference.scaled_dot_product_attention_backward(
-        grad_out, q, k, v, is_causal=True, window=40
-    )
-    levels = [lvl for lvl in ("avx512", "avx2", "portable") if core().simd_level_supported(lvl)]
-    try:
-        for level in levels:
-            core().force_simd_level(level)
-            grads = _forward_backward(q, k, v, grad_out, is_causal=True, window=40)
-            _assert_grads_close(grads, expected, np.float32)
-    finally:
-        core().force_simd_level(None)
+    _assert_close_at_every_simd_level(q, k, v, grad_out, is_causal=True, window=40)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -438,20 +449,7 @@ def test_score_modifiers_match_finite_differences_of_the_forward(rng):
         alibi_slopes=_alibi_slopes(4),
     )
     grad_out = rng.standard_normal((1, 4, 23, 6))
-    grads = _forward_backward(q, k, v, grad_out, **options)
-    step = 1e-6
-    for index, grad in enumerate(grads):
-        direction = rng.standard_normal(grad.shape)
-
-        def loss(epsilon, index=index, direction=direction):
-            inputs = [q, k, v]
-            inputs[index] = inputs[index] + epsilon * direction
-            out = attnscope.scaled_dot_product_attention(*inputs, **options)
-            return float((grad_out * out).sum())
-
-        numeric = (loss(step) - loss(-step)) / (2 * step)
-        analytic = float((grad * direction).sum())
-        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (index, numeric, analytic)
+    _assert_matches_finite_differences(rng, q, k, v, grad_out, **options)
 
 
 @pytest.mark.parametrize("kv_heads", [2, 8])  # two passes; a task per kv head
@@ -461,13 +459,7 @@ def test_score_modifiers_are_bitwise_identical_for_every_thread_count(rng, kv_he
     )
     grad_out = rng.standard_normal((2, 4, 300, 32))
     mods = dict(enable_gqa=True, is_causal=True, softcap=3.0, alibi_slopes=_alibi_slopes(4))
-    results = []
-    for threads in (1, 2, 3, 5):
-        with attnscope.threads(threads):
-            results.append(_forward_backward(q, k, v, grad_out, **mods))
-    for other in results[1:]:
-        for got, want in zip(other, results[0], strict=True):
-            np.testing.assert_array_equal(got, want)
+    _assert_same_for_every_thread_count(q, k, v, grad_out, **mods)
 
 
 def test_score_modifiers_at_every_simd_level(rng):
@@ -475,15 +467,7 @@ def test_score_modifiers_at_every_simd_level(rng):
     q = q * 2
     grad_out = rng.standard_normal((1, 2, 90, 24))
     options = dict(is_causal=True, window=40, softcap=1.5, alibi_slopes=[0.25, -0.1])
-    expected = reference.scaled_dot_product_attention_backward(grad_out, q, k, v, **options)
-    levels = [lvl for lvl in ("avx512", "avx2", "portable") if core().simd_level_supported(lvl)]
-    try:
-        for level in levels:
-            core().force_simd_level(level)
-            grads = _forward_backward(q, k, v, grad_out, **options)
-            _assert_grads_close(grads, expected, np.float32)
-    finally:
-        core().force_simd_level(None)
+    _assert_close_at_every_simd_level(q, k, v, grad_out, **options)
 
 
 def test_score_modifiers_give_zero_gradients_for_rows_that_see_no_key(rng):
