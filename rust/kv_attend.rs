@@ -64,9 +64,9 @@ trait RowFormat: Sync {
 /// How far ahead of the row being read decoding requests rows, in bytes of one buffer.
 const PREFETCH_AHEAD_BYTES: usize = 8192;
 
-/// Hints every cache line of the row [`PREFETCH_AHEAD_BYTES`] past row `row` of `buffer`:
-/// decoding reads each row once, so rows are requested while earlier ones compute. A hint
-/// never faults, so the row may lie past the buffer's end.
+/// Hints one row's worth of cache lines [`PREFETCH_AHEAD_BYTES`] past the start of row `row`
+/// of `buffer`: decoding reads its rows once and in order, so later rows are requested while
+/// earlier ones compute. A hint never faults, so it may point past the buffer's end.
 #[inline(always)]
 fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -74,8 +74,9 @@ fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         const LINE_BYTES: usize = 64;
         let bytes = buffer.per_row * std::mem::size_of::<U>();
-        let ahead = PREFETCH_AHEAD_BYTES.div_ceil(bytes.max(1));
-        let start = (buffer.data.as_ptr() as *const i8).wrapping_add((row + ahead) * bytes);
+        let start = (buffer.data.as_ptr() as *const i8)
+            .wrapping_add(row * bytes)
+            .wrapping_add(PREFETCH_AHEAD_BYTES);
         for offset in (0..bytes).step_by(LINE_BYTES) {
             // SAFETY: prefetching is a hint with no effect on memory; any address is allowed.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
