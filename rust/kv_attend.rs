@@ -26,6 +26,9 @@ const KEY_BLOCK: usize = 32;
 const KEY_CHUNK: usize = 1024;
 /// Query rows per task (and the most rows for which keys are split into chunks).
 const ROW_BLOCK: usize = 16;
+/// Keys scored before each softmax update of a task with one row: all their scores fit in L1,
+/// so the keys and then the values stream through once, whole rows at a time.
+const STREAM_BLOCK: usize = KEY_CHUNK;
 
 /// One call: queries `(batch, Hq, L, D)` (contiguous float32) over `num_keys` stored rows per
 /// (batch, kv head), starting at row `first_row` of each head's `row_capacity`.
@@ -334,6 +337,10 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
         attend_shared::<V, F>(call, keys, values, task, &rows, &mut states);
         return states;
     }
+    if let [row] = rows.as_slice() {
+        attend_one_row::<V, F>(call, keys, values, task, row, &mut states);
+        return states;
+    }
     let first_row = task.head * call.row_capacity + call.first_row;
     let mut scores = [0.0f32; KEY_BLOCK];
     for block_start in task.keys.clone().step_by(KEY_BLOCK) {
@@ -364,6 +371,92 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
         }
     }
     states
+}
+
+/// A task with a single row (one head decoding one token): the scores of up to
+/// [`STREAM_BLOCK`] keys, one softmax update, then the values of those keys row after row.
+#[inline(always)]
+unsafe fn attend_one_row<V: Widen, F: RowFormat>(
+    call: &CachedCall<'_>,
+    keys: &F,
+    values: &F,
+    task: &Task,
+    (offset, visible): &(usize, Range<usize>),
+    state: &mut [f32],
+) {
+    let query = &call.query[*offset..offset + call.depth];
+    let first_row = task.head * call.row_capacity + call.first_row;
+    let (start, end) = (
+        visible.start.max(task.keys.start),
+        visible.end.min(task.keys.end),
+    );
+    let mut scores = vec![0.0f32; STREAM_BLOCK.min(end.saturating_sub(start))];
+    for block_start in (start..end).step_by(STREAM_BLOCK) {
+        let weights = &mut scores[..(end - block_start).min(STREAM_BLOCK)];
+        for (j, score) in weights.iter_mut().enumerate() {
+            let row = first_row + block_start + j;
+            keys.prefetch(row);
+            *score = dot::<V, F>(query, keys, row) * call.score_scale;
+        }
+        if softmax_update::<V>(state, weights) {
+            accumulate_rows::<V, F>(&mut state[2..], values, first_row + block_start, weights);
+        }
+    }
+}
+
+/// `acc += Σ_j weights[j] · v_(first + j)`, reading each value row whole and in order, four
+/// rows per pass over the accumulator.
+#[inline(always)]
+unsafe fn accumulate_rows<V: Widen, F: RowFormat>(
+    acc: &mut [f32],
+    values: &F,
+    first: usize,
+    weights: &[f32],
+) {
+    let mut groups = weights.chunks_exact(4);
+    for (chunk, group) in groups.by_ref().enumerate() {
+        let group: &[f32; 4] = group.try_into().unwrap_unchecked();
+        accumulate_row_group::<V, F, 4>(acc, values, first + 4 * chunk, group);
+    }
+    let done = weights.len() - groups.remainder().len();
+    for (j, &weight) in groups.remainder().iter().enumerate() {
+        accumulate_row_group::<V, F, 1>(acc, values, first + done + j, &[weight]);
+    }
+}
+
+/// `acc += Σ_i weights[i] · v_(first + i)` for `N` consecutive value rows.
+#[inline(always)]
+unsafe fn accumulate_row_group<V: Widen, F: RowFormat, const N: usize>(
+    acc: &mut [f32],
+    values: &F,
+    first: usize,
+    weights: &[f32; N],
+) {
+    for i in 0..N {
+        values.prefetch(first + i);
+    }
+    let vectors = acc.len() / V::LANES;
+    let mut splats = weights.map(|w| V::splat(w));
+    for v in 0..vectors {
+        let col = v * V::LANES;
+        // A scaled format's weights change at each block of values; every vector width
+        // divides the block, so blocks start at vector boundaries.
+        if F::SCALED && col % INT8_BLOCK == 0 {
+            for (i, splat) in splats.iter_mut().enumerate() {
+                *splat = V::splat(weights[i] * values.scale(first + i, col));
+            }
+        }
+        let mut sum = V::load(acc.as_ptr().add(col));
+        for (i, &splat) in splats.iter().enumerate() {
+            sum = V::mul_add(splat, values.widen::<V>(first + i, col), sum);
+        }
+        sum.store(acc.as_mut_ptr().add(col));
+    }
+    for (col, slot) in acc.iter_mut().enumerate().skip(vectors * V::LANES) {
+        for (i, &weight) in weights.iter().enumerate() {
+            *slot += weight * values.value(first + i, col);
+        }
+    }
 }
 
 /// Folds a block's scores into a row's state (max, sum, accumulators): rescales what was

@@ -11,7 +11,7 @@ use half::{bf16, f16};
 
 use crate::element::Element;
 use crate::error::AttnError;
-use crate::memory::zeroed;
+use crate::memory::{advise_huge_pages, zeroed};
 
 /// Values that share one scale in int8 storage.
 pub const INT8_BLOCK: usize = 32;
@@ -104,6 +104,7 @@ impl<U: Copy + Default> RowBuffer<U> {
         data.try_reserve_exact(len).map_err(|_| {
             AttnError::value("capacity", format!("cannot allocate {len} cached values"))
         })?;
+        advise_huge_pages(&mut data);
         data.resize(len, U::default());
         Ok(RowBuffer { data, per_row })
     }

@@ -45,6 +45,34 @@ pub(crate) fn filled<T: Clone>(
     Ok(buffer)
 }
 
+/// Asks the kernel to back `buffer`'s spare capacity with huge pages, before anything is
+/// written to it. Large buffers read end to end (a KV cache at every decoding step) then take
+/// one TLB entry per 2 MiB instead of per 4 KiB; NumPy does the same for its large arrays.
+pub(crate) fn advise_huge_pages<T>(buffer: &mut Vec<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        const PAGE: usize = 4096;
+        const HUGE_PAGE: usize = 2 << 20;
+        let start = buffer.as_mut_ptr() as usize;
+        let end = start + buffer.capacity() * std::mem::size_of::<T>();
+        let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        if last >= first + HUGE_PAGE {
+            // SAFETY: the range lies inside the buffer's allocation, and the advice changes
+            // only how its pages are backed, never their contents. A refusal (a kernel without
+            // transparent huge pages) leaves ordinary pages, so the result is ignored.
+            unsafe {
+                libc::madvise(
+                    first as *mut libc::c_void,
+                    last - first,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buffer;
+}
+
 /// `view` itself when it is already C-contiguous, else a C-contiguous copy. Broadcast inputs
 /// can describe far more elements than they store, so the copy's size is checked first.
 pub(crate) fn standard_layout<'a, T: Clone, D: Dimension>(

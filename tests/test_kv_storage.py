@@ -158,10 +158,24 @@ def test_bad_arguments(kwargs, error, match):
         attnscope.KVCache(2, 8, **kwargs)
 
 
-@pytest.mark.parametrize("storage", COMPRESSED)
-def test_results_do_not_depend_on_thread_count(rng, storage, restore_num_threads):
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("num_heads", [2, 8])
+def test_a_long_decoding_step_equals_the_reference(rng, storage, num_heads):
+    # 2,503 keys span several of the kernel's key chunks and score blocks; head_dim 36 leaves
+    # columns past the last full vector and, for int8, a short last block.
+    cache, keys, values = filled(storage, rng, head_dim=36, batch=1, parts=(2000, 503))
+    q = rng.standard_normal((1, num_heads, 1, 36)).astype(np.float32)
+    expected = cache_reference(
+        q, reference.stored_values(keys, storage), reference.stored_values(values, storage)
+    )
+    assert_close(cache.attend(q, enable_gqa=num_heads != 2), expected, np.float32)
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("num_heads", [2, 8])
+def test_results_do_not_depend_on_thread_count(rng, storage, num_heads, restore_num_threads):
     cache, _, _ = filled(storage, rng, kv_heads=2, head_dim=64, batch=1, parts=(9000,))
-    q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
+    q = rng.standard_normal((1, num_heads, 1, 64)).astype(np.float32)
     attnscope.set_num_threads(1)
     one = cache.attend(q, enable_gqa=True)
     attnscope.set_num_threads(3)
