@@ -51,11 +51,15 @@ pub(crate) fn filled<T: Clone>(
 pub(crate) fn advise_huge_pages<T>(buffer: &mut Vec<T>) {
     #[cfg(target_os = "linux")]
     {
-        const PAGE: usize = 4096;
         const HUGE_PAGE: usize = 2 << 20;
+        // SAFETY: sysconf only reads a system setting.
+        let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+            size if size > 0 => size as usize,
+            _ => return,
+        };
         let start = buffer.as_mut_ptr() as usize;
         let end = start + buffer.capacity() * std::mem::size_of::<T>();
-        let (first, last) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+        let (first, last) = (start.next_multiple_of(page), end / page * page);
         if last >= first + HUGE_PAGE {
             // SAFETY: the range lies inside the buffer's allocation, and the advice changes
             // only how its pages are backed, never their contents. A refusal (a kernel without
