@@ -374,8 +374,8 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
 }
 
 /// A task with a single row (one head decoding one token, or a head's last row left alone):
-/// the scores of up to
-/// [`STREAM_BLOCK`] keys, one softmax update, then the values of those keys row after row.
+/// the scores of up to [`STREAM_BLOCK`] keys, one softmax update, then the values of those keys
+/// row after row.
 #[inline(always)]
 unsafe fn attend_one_row<V: Widen, F: RowFormat>(
     call: &CachedCall<'_>,
