@@ -206,6 +206,11 @@ impl CachedCall<'_> {
         tasks
     }
 
+    /// The global stored row of kv head `head`'s first key (key 0 of the call).
+    fn first_stored_row(&self, head: usize) -> usize {
+        head * self.row_capacity + self.first_row
+    }
+
     /// Row `row` of kv head `head`: its query's offset in `query` and the keys it sees.
     fn row(&self, head: usize, row: usize) -> (usize, Range<usize>) {
         let (batch, kv_head) = (head / self.kv_heads, head % self.kv_heads);
@@ -341,7 +346,7 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
         attend_one_row::<V, F>(call, keys, values, task, row, &mut states);
         return states;
     }
-    let first_row = task.head * call.row_capacity + call.first_row;
+    let first_row = call.first_stored_row(task.head);
     let mut scores = [0.0f32; KEY_BLOCK];
     for block_start in task.keys.clone().step_by(KEY_BLOCK) {
         let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
@@ -386,7 +391,7 @@ unsafe fn attend_one_row<V: Widen, F: RowFormat>(
     state: &mut [f32],
 ) {
     let query = &call.query[*offset..offset + call.depth];
-    let first_row = task.head * call.row_capacity + call.first_row;
+    let first_row = call.first_stored_row(task.head);
     let (start, end) = (
         visible.start.max(task.keys.start),
         visible.end.min(task.keys.end),
@@ -497,7 +502,7 @@ unsafe fn attend_shared<V: Widen, F: RowFormat>(
     states: &mut [f32],
 ) {
     let (depth, width) = (call.depth, call.depth + 2);
-    let first_row = task.head * call.row_capacity + call.first_row;
+    let first_row = call.first_stored_row(task.head);
     let visible = rows[0].1.clone();
     let mut scores = vec![0.0f32; rows.len() * KEY_BLOCK];
     for block_start in task.keys.clone().step_by(KEY_BLOCK) {
