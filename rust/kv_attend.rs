@@ -229,15 +229,14 @@ fn state_len(rows: usize, depth: usize) -> usize {
 /// `q · k` for global key row `row`, four accumulators deep.
 #[inline(always)]
 unsafe fn dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize) -> f32 {
+    if F::SCALED {
+        return scaled_dot::<V, F>(query, keys, row);
+    }
     let depth = query.len();
     let vectors = depth / V::LANES;
     let load = |v: usize| {
         let col = v * V::LANES;
-        let mut key = keys.widen::<V>(row, col);
-        if F::SCALED {
-            key = key.mul(V::splat(keys.scale(row, col)));
-        }
-        (V::load(query.as_ptr().add(col)), key)
+        (V::load(query.as_ptr().add(col)), keys.widen::<V>(row, col))
     };
     let (mut a, mut b, mut c, mut d) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
     let mut v = 0;
@@ -258,6 +257,51 @@ unsafe fn dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize) -> f3
         v += 1;
     }
     let mut sum = a.add(b).add(c.add(d)).reduce_sum();
+    for (col, &q) in query.iter().enumerate().skip(vectors * V::LANES) {
+        sum += q * keys.value(row, col);
+    }
+    sum
+}
+
+/// [`dot`] for a row stored in scaled blocks: each block's products are summed as stored and
+/// multiplied by the block's scale once, rather than scaling every widened vector (decoding an
+/// int8 cache is bound by these instructions, not by reading the cache).
+#[inline(always)]
+unsafe fn scaled_dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize) -> f32 {
+    let depth = query.len();
+    let vectors = depth / V::LANES;
+    let per_block = INT8_BLOCK / V::LANES;
+    let product = |v: usize, sum: V| {
+        let col = v * V::LANES;
+        V::mul_add(
+            V::load(query.as_ptr().add(col)),
+            keys.widen::<V>(row, col),
+            sum,
+        )
+    };
+    // Two chains within a block (its length is a constant, so the loop unrolls) and two across
+    // blocks, so that the sums overlap.
+    let (mut total, mut other_total) = (V::splat(0.0), V::splat(0.0));
+    let mut v = 0;
+    while v < vectors {
+        let (mut even, mut odd) = (V::splat(0.0), V::splat(0.0));
+        if v + per_block <= vectors {
+            for u in (0..per_block).step_by(2) {
+                even = product(v + u, even);
+                if u + 1 < per_block {
+                    odd = product(v + u + 1, odd);
+                }
+            }
+        } else {
+            for u in v..vectors {
+                even = product(u, even);
+            }
+        }
+        let scale = V::splat(keys.scale(row, v * V::LANES));
+        (total, other_total) = (other_total, V::mul_add(scale, even.add(odd), total));
+        v += per_block;
+    }
+    let mut sum = total.add(other_total).reduce_sum();
     for (col, &q) in query.iter().enumerate().skip(vectors * V::LANES) {
         sum += q * keys.value(row, col);
     }

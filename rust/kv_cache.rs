@@ -374,8 +374,8 @@ impl<T: KernelElement> KvCache<T> {
                     let row = head * self.row_capacity + at + offset;
                     let key_row = key.slice(s![batch, kv_head, token, ..]);
                     let value_row = value.slice(s![batch, kv_head, token, ..]);
-                    self.keys.write_row(row, key_row.iter(), &mut staging);
-                    self.values.write_row(row, value_row.iter(), &mut staging);
+                    self.keys.write_row(row, key_row, &mut staging);
+                    self.values.write_row(row, value_row, &mut staging);
                 }
             }
         }

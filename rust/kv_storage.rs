@@ -8,6 +8,7 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use ndarray::ArrayView1;
 
 use crate::element::Element;
 use crate::error::AttnError;
@@ -246,22 +247,24 @@ impl<T: Element> Rows<T> {
     }
 
     /// Stores `source` (one row of values, any layout) as global row `row`.
-    pub fn write_row<'a>(
-        &mut self,
-        row: usize,
-        source: impl Iterator<Item = &'a T>,
-        staging: &mut Vec<f32>,
-    ) where
-        T: 'a,
-    {
+    pub fn write_row(&mut self, row: usize, source: ArrayView1<'_, T>, staging: &mut Vec<f32>) {
+        // A contiguous row (the usual case) is read as a slice, so the copy vectorises.
         if let Rows::Native(buffer) = self {
-            for (slot, &x) in buffer.row_mut(row).iter_mut().zip(source) {
-                *slot = x;
+            let target = buffer.row_mut(row);
+            match source.as_slice() {
+                Some(slice) => target.copy_from_slice(slice),
+                None => target
+                    .iter_mut()
+                    .zip(source.iter())
+                    .for_each(|(slot, &x)| *slot = x),
             }
             return;
         }
         staging.clear();
-        staging.extend(source.map(|&x| x.to_f64() as f32));
+        match source.as_slice() {
+            Some(slice) => staging.extend(slice.iter().map(|&x| x.to_f64() as f32)),
+            None => staging.extend(source.iter().map(|&x| x.to_f64() as f32)),
+        }
         match self {
             Rows::Native(_) => unreachable!("handled above"),
             Rows::BFloat16(buffer) => buffer.row_mut(row).convert_from_f32_slice(staging),
@@ -298,18 +301,38 @@ pub(crate) fn quantize_row(row: &[f32], values: &mut [i8], scales: &mut [f32]) {
         .zip(values.chunks_mut(INT8_BLOCK))
         .zip(scales.iter_mut())
     {
-        if !block.iter().all(|x| x.is_finite()) {
+        // Without the sign bit, the bits of non-negative floats order as the floats do, and
+        // every inf or NaN lies above every finite value: one integer max (which vectorises,
+        // unlike `f32::max`) gives both the largest magnitude and whether the block is finite.
+        let largest_bits = block
+            .iter()
+            .map(|x| x.to_bits() & !SIGN_BIT)
+            .max()
+            .unwrap_or(0);
+        if largest_bits >= f32::INFINITY.to_bits() {
             *scale = f32::NAN;
             quantized.fill(0);
             continue;
         }
-        let largest = block.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let largest = f32::from_bits(largest_bits);
         *scale = largest / 127.0;
         let inverse = if largest > 0.0 { 127.0 / largest } else { 0.0 };
         for (q, &x) in quantized.iter_mut().zip(block) {
-            *q = (x * inverse).round().clamp(-127.0, 127.0) as i8;
+            *q = round_half_away(x * inverse).clamp(-127, 127) as i8;
         }
     }
+}
+
+/// The sign bit of an f32.
+const SIGN_BIT: u32 = 1 << 31;
+
+/// `x` rounded to the nearest integer, halves away from zero, as `f32::round` does. In f64,
+/// `|x| + 0.5` is exact for any float32 in the quantised range, so truncating it rounds; this
+/// keeps the hot loop free of a `roundf` library call per value (x86 has no such instruction).
+#[inline]
+fn round_half_away(x: f32) -> i32 {
+    let x = f64::from(x);
+    (x + 0.5f64.copysign(x)) as i32
 }
 
 /// The float32 values of one quantised row.
@@ -333,6 +356,17 @@ mod tests {
         (0..len)
             .map(|i| amplitude * ((i as f32) * 0.77).sin() + 0.01 * i as f32)
             .collect()
+    }
+
+    #[test]
+    fn rounding_halves_away_from_zero_matches_f32_round() {
+        let mut cases = vec![0.5f32, -0.5, 1.5, -2.5, 126.5, -126.5, 0.0, -0.0];
+        // The largest float below one half, whose `+ 0.5` in float32 would round up to 1.
+        cases.extend([0.5f32.next_down(), -0.5f32.next_down(), 127.0, -127.0]);
+        cases.extend((0..20_000).map(|i| (i as f32 - 10_000.0) * 0.012_7));
+        for x in cases {
+            assert_eq!(round_half_away(x), x.round() as i32, "{x}");
+        }
     }
 
     #[test]
@@ -384,7 +418,7 @@ mod tests {
         ] {
             let mut rows = Rows::<f32>::new(storage, 2, 70).unwrap();
             let mut staging = Vec::new();
-            rows.write_row(1, row.iter(), &mut staging);
+            rows.write_row(1, ArrayView1::from(&row), &mut staging);
             let mut back = vec![0f32; 70];
             rows.read_row(1, &mut back);
             let largest = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));

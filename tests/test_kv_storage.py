@@ -182,6 +182,24 @@ def test_results_do_not_depend_on_thread_count(rng, storage, num_heads, restore_
     np.testing.assert_array_equal(cache.attend(q, enable_gqa=True), one)
 
 
+@pytest.mark.parametrize("storage", STORAGES)
+def test_appending_strided_arrays_stores_what_contiguous_ones_do(rng, storage):
+    # Rows read as slices when contiguous and element by element otherwise: both must store
+    # the same values. A Fortran-ordered array and a view with a stride on head_dim.
+    shape = (1, 2, 9, 40)
+    k = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
+    wide = np.repeat(v, 2, axis=-1)
+    contiguous = attnscope.KVCache(2, 40, storage=storage)
+    contiguous.append(k, v)
+    strided = attnscope.KVCache(2, 40, storage=storage)
+    strided.append(np.asfortranarray(k), wide[..., ::2])
+    q = rng.standard_normal((1, 2, 3, 40)).astype(np.float32)
+    np.testing.assert_array_equal(strided.attend(q), contiguous.attend(q))
+    stored_k, stored_v = (reference.stored_values(x, storage) for x in (k, v))
+    assert_close(contiguous.attend(q), cache_reference(q, stored_k, stored_v), np.float32)
+
+
 def kept_positions(seen: int, max_len: int, sinks: int) -> np.ndarray:
     recent = np.arange(max(seen - (max_len - sinks), sinks), seen)
     return np.concatenate([np.arange(min(seen, sinks)), recent]).astype(int)
