@@ -52,14 +52,20 @@ pub(crate) struct CachedCall<'a> {
 trait RowFormat: Sync {
     /// Whether values carry a per-block scale.
     const SCALED: bool;
-    /// `LANES` values of global row `row` from column `col`, as f32.
-    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V;
-    /// One value, with its scale applied.
-    fn value(&self, row: usize, col: usize) -> f32;
-    /// The scale of the block holding column `col`.
-    fn scale(&self, _row: usize, _col: usize) -> f32 {
+    /// Where one row lies: raw pointers, found once per row and kept in registers while its
+    /// vectors are read (found per vector through the buffers, they would be reloaded after
+    /// every store to an accumulator, which the compiler cannot prove does not alias them).
+    type Row: Copy;
+    /// Global row `row`. Only [`RowFormat::widen`] and [`RowFormat::scale`] read through it.
+    fn row(&self, row: usize) -> Self::Row;
+    /// `LANES` values of `row` from column `col`, as f32.
+    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V;
+    /// The scale of `row`'s block holding column `col`.
+    unsafe fn scale(_row: Self::Row, _col: usize) -> f32 {
         1.0
     }
+    /// One value, with its scale applied.
+    fn value(&self, row: usize, col: usize) -> f32;
     /// Hints the rows a little past global row `row` into the cache, ahead of their use.
     fn prefetch(&self, row: usize);
 }
@@ -91,12 +97,17 @@ fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
 
 impl RowFormat for RowBuffer<f32> {
     const SCALED: bool = false;
+    type Row = *const f32;
     fn prefetch(&self, row: usize) {
         prefetch_row(self, row);
     }
     #[inline(always)]
-    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
-        V::load(self.data.as_ptr().add(row * self.per_row + col))
+    fn row(&self, row: usize) -> Self::Row {
+        self.data.as_ptr().wrapping_add(row * self.per_row)
+    }
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
+        V::load(row.add(col))
     }
     fn value(&self, row: usize, col: usize) -> f32 {
         self.data[row * self.per_row + col]
@@ -105,12 +116,17 @@ impl RowFormat for RowBuffer<f32> {
 
 impl RowFormat for RowBuffer<bf16> {
     const SCALED: bool = false;
+    type Row = *const bf16;
     fn prefetch(&self, row: usize) {
         prefetch_row(self, row);
     }
     #[inline(always)]
-    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
-        V::load_bf16(self.data.as_ptr().add(row * self.per_row + col))
+    fn row(&self, row: usize) -> Self::Row {
+        self.data.as_ptr().wrapping_add(row * self.per_row)
+    }
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
+        V::load_bf16(row.add(col))
     }
     fn value(&self, row: usize, col: usize) -> f32 {
         self.data[row * self.per_row + col].to_f32()
@@ -119,12 +135,17 @@ impl RowFormat for RowBuffer<bf16> {
 
 impl RowFormat for RowBuffer<f16> {
     const SCALED: bool = false;
+    type Row = *const f16;
     fn prefetch(&self, row: usize) {
         prefetch_row(self, row);
     }
     #[inline(always)]
-    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
-        V::load_f16(self.data.as_ptr().add(row * self.per_row + col))
+    fn row(&self, row: usize) -> Self::Row {
+        self.data.as_ptr().wrapping_add(row * self.per_row)
+    }
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
+        V::load_f16(row.add(col))
     }
     fn value(&self, row: usize, col: usize) -> f32 {
         self.data[row * self.per_row + col].to_f32()
@@ -139,31 +160,36 @@ struct Int8Rows<'a> {
 
 impl RowFormat for Int8Rows<'_> {
     const SCALED: bool = true;
+    /// The row's values and its block scales.
+    type Row = (*const i8, *const f32);
     fn prefetch(&self, row: usize) {
         // The scales (a few bytes per row) stream in order and need no hint.
         prefetch_row(self.values, row);
     }
     #[inline(always)]
-    unsafe fn widen<V: Widen>(&self, row: usize, col: usize) -> V {
-        V::load_i8(
+    fn row(&self, row: usize) -> Self::Row {
+        (
             self.values
                 .data
                 .as_ptr()
-                .add(row * self.values.per_row + col),
+                .wrapping_add(row * self.values.per_row),
+            self.scales
+                .data
+                .as_ptr()
+                .wrapping_add(row * self.scales.per_row),
         )
     }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        f32::from(self.values.data[row * self.values.per_row + col]) * self.scale(row, col)
+    #[inline(always)]
+    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
+        V::load_i8(row.0.add(col))
     }
     #[inline(always)]
-    fn scale(&self, row: usize, col: usize) -> f32 {
-        // SAFETY: callers pass a row and column inside the buffer.
-        unsafe {
-            *self
-                .scales
-                .data
-                .get_unchecked(row * self.scales.per_row + col / INT8_BLOCK)
-        }
+    unsafe fn scale(row: Self::Row, col: usize) -> f32 {
+        *row.1.add(col / INT8_BLOCK)
+    }
+    fn value(&self, row: usize, col: usize) -> f32 {
+        let scale = self.scales.data[row * self.scales.per_row + col / INT8_BLOCK];
+        f32::from(self.values.data[row * self.values.per_row + col]) * scale
     }
 }
 
@@ -234,9 +260,10 @@ unsafe fn dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize) -> f3
     }
     let depth = query.len();
     let vectors = depth / V::LANES;
+    let key = keys.row(row);
     let load = |v: usize| {
         let col = v * V::LANES;
-        (V::load(query.as_ptr().add(col)), keys.widen::<V>(row, col))
+        (V::load(query.as_ptr().add(col)), F::widen::<V>(key, col))
     };
     let (mut a, mut b, mut c, mut d) = (V::splat(0.0), V::splat(0.0), V::splat(0.0), V::splat(0.0));
     let mut v = 0;
@@ -271,11 +298,12 @@ unsafe fn scaled_dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize
     let depth = query.len();
     let vectors = depth / V::LANES;
     let per_block = INT8_BLOCK / V::LANES;
+    let key = keys.row(row);
     let product = |v: usize, sum: V| {
         let col = v * V::LANES;
         V::mul_add(
             V::load(query.as_ptr().add(col)),
-            keys.widen::<V>(row, col),
+            F::widen::<V>(key, col),
             sum,
         )
     };
@@ -297,7 +325,7 @@ unsafe fn scaled_dot<V: Widen, F: RowFormat>(query: &[f32], keys: &F, row: usize
                 even = product(u, even);
             }
         }
-        let scale = V::splat(keys.scale(row, v * V::LANES));
+        let scale = V::splat(F::scale(key, v * V::LANES));
         (total, other_total) = (other_total, V::mul_add(scale, even.add(odd), total));
         v += per_block;
     }
@@ -324,14 +352,14 @@ unsafe fn accumulate_vectors<V: Widen, F: RowFormat, const N: usize>(
         *sum = V::load(acc.as_ptr().add(at(k)));
     }
     for (j, &weight) in weights.iter().enumerate() {
-        let splat = V::splat(weight);
+        let (splat, row) = (V::splat(weight), values.row(first + j));
         for (k, sum) in sums.iter_mut().enumerate() {
             let w = if F::SCALED {
-                V::splat(weight * values.scale(first + j, at(k)))
+                V::splat(weight * F::scale(row, at(k)))
             } else {
                 splat
             };
-            *sum = V::mul_add(w, values.widen::<V>(first + j, at(k)), *sum);
+            *sum = V::mul_add(w, F::widen::<V>(row, at(k)), *sum);
         }
     }
     for (k, sum) in sums.iter().enumerate() {
@@ -485,6 +513,7 @@ unsafe fn accumulate_row_group<V: Widen, F: RowFormat, const N: usize>(
     for i in 0..N {
         values.prefetch(first + i);
     }
+    let rows: [F::Row; N] = std::array::from_fn(|i| values.row(first + i));
     let vectors = acc.len() / V::LANES;
     let mut splats = weights.map(|w| V::splat(w));
     for v in 0..vectors {
@@ -493,12 +522,12 @@ unsafe fn accumulate_row_group<V: Widen, F: RowFormat, const N: usize>(
         // divides the block, so blocks start at vector boundaries.
         if F::SCALED && col % INT8_BLOCK == 0 {
             for (i, splat) in splats.iter_mut().enumerate() {
-                *splat = V::splat(weights[i] * values.scale(first + i, col));
+                *splat = V::splat(weights[i] * F::scale(rows[i], col));
             }
         }
         let mut sum = V::load(acc.as_ptr().add(col));
         for (i, &splat) in splats.iter().enumerate() {
-            sum = V::mul_add(splat, values.widen::<V>(first + i, col), sum);
+            sum = V::mul_add(splat, F::widen::<V>(rows[i], col), sum);
         }
         sum.store(acc.as_mut_ptr().add(col));
     }
@@ -589,11 +618,12 @@ unsafe fn dot_four<V: Widen, F: RowFormat>(queries: [&[f32]; 4], keys: &F, row: 
     let depth = queries[0].len();
     let vectors = depth / V::LANES;
     let mut chains = [V::splat(0.0); 4];
+    let stored = keys.row(row);
     for v in 0..vectors {
         let col = v * V::LANES;
-        let mut key = keys.widen::<V>(row, col);
+        let mut key = F::widen::<V>(stored, col);
         if F::SCALED {
-            key = key.mul(V::splat(keys.scale(row, col)));
+            key = key.mul(V::splat(F::scale(stored, col)));
         }
         for (chain, query) in chains.iter_mut().zip(queries) {
             *chain = V::mul_add(V::load(query.as_ptr().add(col)), key, *chain);
@@ -637,15 +667,10 @@ unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
                 }
             }
             for j in 0..count {
-                let x = [
-                    values.widen::<V>(first + j, cols[0]),
-                    values.widen::<V>(first + j, cols[1]),
-                ];
+                let row = values.row(first + j);
+                let x = [F::widen::<V>(row, cols[0]), F::widen::<V>(row, cols[1])];
                 let scale = if F::SCALED {
-                    [
-                        values.scale(first + j, cols[0]),
-                        values.scale(first + j, cols[1]),
-                    ]
+                    [F::scale(row, cols[0]), F::scale(row, cols[1])]
                 } else {
                     [1.0, 1.0]
                 };
