@@ -668,17 +668,17 @@ unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
             }
             for j in 0..count {
                 let row = values.row(first + j);
-                let x = [F::widen::<V>(row, cols[0]), F::widen::<V>(row, cols[1])];
-                let scale = if F::SCALED {
-                    [F::scale(row, cols[0]), F::scale(row, cols[1])]
-                } else {
-                    [1.0, 1.0]
-                };
+                let mut x = [F::widen::<V>(row, cols[0]), F::widen::<V>(row, cols[1])];
+                if F::SCALED {
+                    // Scaled once here for the four rows, not folded into each row's weight.
+                    for (vector, &col) in x.iter_mut().zip(&cols) {
+                        *vector = vector.mul(V::splat(F::scale(row, col)));
+                    }
+                }
                 for (i, pair) in sums.iter_mut().enumerate() {
-                    let weight = *weights.get_unchecked(pick(i) * KEY_BLOCK + j);
+                    let weight = V::splat(*weights.get_unchecked(pick(i) * KEY_BLOCK + j));
                     for (c, sum) in pair.iter_mut().enumerate() {
-                        let w = if F::SCALED { weight * scale[c] } else { weight };
-                        *sum = V::mul_add(V::splat(w), x[c], *sum);
+                        *sum = V::mul_add(weight, x[c], *sum);
                     }
                 }
             }

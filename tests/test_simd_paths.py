@@ -91,13 +91,13 @@ def test_grouped_decode_with_a_shared_mask(simd_level):
 @pytest.mark.parametrize(("num_heads", "queries"), [(2, 1), (8, 1), (8, 5)])
 def test_each_level_reads_every_cache_storage_exactly(simd_level, storage, num_heads, queries):
     # The cache's own kernel widens stored rows per level. 2,503 keys span key chunks and a
-    # remainder of value rows; head_dim 40 leaves columns past the last vector on every level
-    # and, for int8, a short last block of scaled values.
+    # remainder of value rows; head_dim 76 is three int8 blocks (the last one short), spans
+    # several blocks in every vector loop, and leaves columns past the last vector.
     rng = np.random.default_rng(5)
-    k, v = (rng.standard_normal((1, 2, 2503, 40)).astype(np.float32) for _ in range(2))
-    cache = attnscope.KVCache(2, 40, storage=storage)
+    k, v = (rng.standard_normal((1, 2, 2503, 76)).astype(np.float32) for _ in range(2))
+    cache = attnscope.KVCache(2, 76, storage=storage)
     cache.append(k, v)
-    q = rng.standard_normal((1, num_heads, queries, 40)).astype(np.float32)
+    q = rng.standard_normal((1, num_heads, queries, 76)).astype(np.float32)
     assert _core.simd_level() == simd_level
     want = reference.scaled_dot_product_attention(
         q,
