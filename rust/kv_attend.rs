@@ -77,15 +77,13 @@ const PREFETCH_AHEAD_BYTES: usize = 8192;
 /// of `buffer`: decoding reads its rows once and in order, so later rows are requested while
 /// earlier ones compute. A hint never faults, so it may point past the buffer's end.
 #[inline(always)]
-fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
+fn prefetch_row<U: Copy + Default>(buffer: &RowBuffer<U>, row: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         const LINE_BYTES: usize = 64;
         let bytes = buffer.per_row * std::mem::size_of::<U>();
-        let start = (buffer.data.as_ptr() as *const i8)
-            .wrapping_add(row * bytes)
-            .wrapping_add(PREFETCH_AHEAD_BYTES);
+        let start = (buffer.row_ptr(row) as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
         for offset in (0..bytes).step_by(LINE_BYTES) {
             // SAFETY: prefetching is a hint with no effect on memory; any address is allowed.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
@@ -103,7 +101,7 @@ impl RowFormat for RowBuffer<f32> {
     }
     #[inline(always)]
     fn row(&self, row: usize) -> Self::Row {
-        self.data.as_ptr().wrapping_add(row * self.per_row)
+        self.row_ptr(row)
     }
     #[inline(always)]
     unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
@@ -122,7 +120,7 @@ impl RowFormat for RowBuffer<bf16> {
     }
     #[inline(always)]
     fn row(&self, row: usize) -> Self::Row {
-        self.data.as_ptr().wrapping_add(row * self.per_row)
+        self.row_ptr(row)
     }
     #[inline(always)]
     unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
@@ -141,7 +139,7 @@ impl RowFormat for RowBuffer<f16> {
     }
     #[inline(always)]
     fn row(&self, row: usize) -> Self::Row {
-        self.data.as_ptr().wrapping_add(row * self.per_row)
+        self.row_ptr(row)
     }
     #[inline(always)]
     unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
@@ -168,16 +166,7 @@ impl RowFormat for Int8Rows<'_> {
     }
     #[inline(always)]
     fn row(&self, row: usize) -> Self::Row {
-        (
-            self.values
-                .data
-                .as_ptr()
-                .wrapping_add(row * self.values.per_row),
-            self.scales
-                .data
-                .as_ptr()
-                .wrapping_add(row * self.scales.per_row),
-        )
+        (self.values.row_ptr(row), self.scales.row_ptr(row))
     }
     #[inline(always)]
     unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {

@@ -8,7 +8,7 @@
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use ndarray::ArrayView1;
+use ndarray::{ArrayView1, ArrayViewMut1};
 
 use crate::element::Element;
 use crate::error::AttnError;
@@ -117,6 +117,14 @@ impl<U: Copy + Default> RowBuffer<U> {
 
     pub fn row_mut(&mut self, row: usize) -> &mut [U] {
         &mut self.data[row * self.per_row..(row + 1) * self.per_row]
+    }
+
+    /// Where global row `row` starts, unchecked: for kernels that compute a row's address
+    /// once and then read it through `unsafe` loads. Computing it never faults; reading through
+    /// it is sound only for a row inside the buffer.
+    #[inline(always)]
+    pub fn row_ptr(&self, row: usize) -> *const U {
+        self.data.as_ptr().wrapping_add(row * self.per_row)
     }
 
     /// A copy with `new_capacity` rows per head, holding rows `held` of each head at its start.
@@ -250,14 +258,7 @@ impl<T: Element> Rows<T> {
     pub fn write_row(&mut self, row: usize, source: ArrayView1<'_, T>, staging: &mut Vec<f32>) {
         // A contiguous row (the usual case) is read as a slice, so the copy vectorises.
         if let Rows::Native(buffer) = self {
-            let target = buffer.row_mut(row);
-            match source.as_slice() {
-                Some(slice) => target.copy_from_slice(slice),
-                None => target
-                    .iter_mut()
-                    .zip(source.iter())
-                    .for_each(|(slot, &x)| *slot = x),
-            }
+            ArrayViewMut1::from(buffer.row_mut(row)).assign(&source);
             return;
         }
         staging.clear();
