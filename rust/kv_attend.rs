@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use crate::bounds::Bounds;
 use crate::error::AttnError;
 use crate::kv_storage::{RowBuffer, Rows, INT8_BLOCK};
+use crate::microkernel::{row_exp2, row_max, scale_row};
 use crate::simd::portable::{exp2_f32, PortableF32};
 use crate::simd::widen::Widen;
 use crate::simd::{f16c_supported, SimdLevel};
@@ -531,10 +532,13 @@ unsafe fn accumulate_row_group<V: Widen, F: RowFormat, const N: usize>(
 /// accumulated and turns `scores` into the block's weights. False when every score is -inf.
 #[inline(always)]
 unsafe fn softmax_update<V: Widen>(state: &mut [f32], scores: &mut [f32]) -> bool {
-    let block_max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-    // `max` skips NaN, so a row whose scores are all NaN (or NaN and -inf) would pass for a row
-    // that sees nothing; a NaN score must reach the output instead.
-    let new_max = if block_max == f32::NEG_INFINITY && scores.iter().any(|x| x.is_nan()) {
+    let block_max = row_max::<V>(scores);
+    // A NaN score must reach the output. The vector max may return it or skip it, and where it
+    // is skipped among scores that are otherwise all -inf, the row would pass for one that
+    // sees nothing.
+    let new_max = if block_max.is_nan()
+        || (block_max == f32::NEG_INFINITY && scores.iter().any(|x| x.is_nan()))
+    {
         f32::NAN
     } else {
         state[0].max(block_max)
@@ -544,11 +548,10 @@ unsafe fn softmax_update<V: Widen>(state: &mut [f32], scores: &mut [f32]) -> boo
     }
     let correction = exp2_f32(state[0] - new_max);
     if correction != 1.0 {
-        state[1..].iter_mut().for_each(|x| *x *= correction);
+        scale_row::<V>(&mut state[1..], correction);
     }
     state[0] = new_max;
-    exponentiate::<V>(scores, new_max);
-    state[1] += scores.iter().sum::<f32>();
+    state[1] += row_exp2::<V>(scores, new_max);
     true
 }
 
@@ -687,21 +690,6 @@ unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
                 }
             }
         }
-    }
-}
-
-/// `x ← 2^(x − max)` in place.
-#[inline(always)]
-unsafe fn exponentiate<V: Widen>(scores: &mut [f32], max: f32) {
-    // x − max as x + (−max): negation is exact, and the vector trait has no subtraction.
-    let shift = V::splat(-max);
-    let vectors = scores.len() / V::LANES;
-    for v in 0..vectors {
-        let at = scores.as_mut_ptr().add(v * V::LANES);
-        V::load(at).add(shift).exp2().store(at);
-    }
-    for x in scores.iter_mut().skip(vectors * V::LANES) {
-        *x = exp2_f32(*x - max);
     }
 }
 
