@@ -99,7 +99,9 @@ fn decode(criterion: &mut Criterion) {
     let mut cache = KvCache::<f32>::new(kv_heads, depth, 1, tokens).expect("a cache");
     let keys = filled::<f32>([1, kv_heads, tokens, depth], 4);
     let keys = keys.into_dimensionality().expect("rank 4");
-    cache.append(keys.view(), keys.view()).expect("appends");
+    cache
+        .append(keys.view(), keys.view(), None)
+        .expect("appends");
     let query = filled::<f32>([1, heads, 1, depth], 5);
     let options = attnscope::CacheAttendOptions {
         enable_gqa: true,

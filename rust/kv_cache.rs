@@ -16,16 +16,26 @@
 use std::any::Any;
 
 use ndarray::{s, ArrayD, ArrayView4, ArrayViewD, IxDyn};
+use rayon::prelude::*;
+use rayon::ThreadPool;
 
 use crate::attention::{attention_over_strided_kv, StridedKv};
 use crate::bounds::{Bounds, CausalAlignment};
 use crate::error::shape_str;
 use crate::kernel::score_scale;
 use crate::kv_attend::{attend_stored, CachedCall};
-use crate::kv_storage::{RowBuffer, Rows, Storage};
+use crate::kv_storage::{HeadRowsMut, RowBuffer, Rows, Storage};
 use crate::shapes::{check_call, Geometry};
 use crate::simd::{active_level, KernelElement};
+use crate::threads::pool_for;
 use crate::{Attention, AttentionOptions, AttnError, Mask, Window};
+
+/// Values (keys and values together) an `append` converts inline; past this it spreads the
+/// heads over the engine's workers (a worker's start costs about as much as converting these).
+const APPEND_INLINE_VALUES: usize = 1 << 16;
+
+/// One head's key rows and value rows, borrowed for writing.
+type KeyValueHead<'a, T> = (HeadRowsMut<'a, T>, HeadRowsMut<'a, T>);
 
 /// What a bounded cache keeps: the first `sinks` tokens and the most recent `max_len − sinks`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,14 +288,17 @@ impl<T: KernelElement> KvCache<T> {
         (self.len + kept - plan.evict, kept == new_tokens)
     }
 
-    /// Appends `key` and `value`, each `(batch, Hkv, n, D)`, converted to the storage; a
-    /// bounded cache then evicts what no longer fits. On error the cache is unchanged.
+    /// Appends `key` and `value`, each `(batch, Hkv, n, D)`, converted to the storage (a long
+    /// chunk on `num_threads` workers, or the engine-wide count when `None`); a bounded cache
+    /// then evicts what no longer fits. On error the cache is unchanged.
     pub fn append(
         &mut self,
         key: ArrayView4<'_, T>,
         value: ArrayView4<'_, T>,
+        num_threads: Option<usize>,
     ) -> Result<(), AttnError> {
         self.check_append(key.shape(), value.shape())?;
+        let pool = pool_for(num_threads)?;
         let new_tokens = key.shape()[2];
         if new_tokens == 0 {
             // Nothing to copy, however many (batch, head) pairs there are.
@@ -298,9 +311,12 @@ impl<T: KernelElement> KvCache<T> {
             .ok_or_else(|| {
                 AttnError::value("k", format!("{new_tokens} more tokens overflow the cache"))
             })?;
+        // A long chunk is converted on the engine's workers, a decoding step's few rows inline.
+        let values = 2 * self.batch * self.kv_heads * new_tokens * self.head_dim;
+        let pool = (values > APPEND_INLINE_VALUES).then_some(&*pool);
         self.make_room(needed)?;
         // Nothing below fails: the cache changes only once the room is there.
-        self.write(&key, &value, plan.fill.clone());
+        self.write(&key, &value, plan.fill.clone(), pool);
         if plan.evict > 0 {
             let sinks = self.eviction.map_or(0, |bound| bound.sinks);
             let heads = self.batch * self.kv_heads;
@@ -312,7 +328,7 @@ impl<T: KernelElement> KvCache<T> {
             self.first_row = to;
             self.len -= plan.evict;
         }
-        self.write(&key, &value, plan.recent);
+        self.write(&key, &value, plan.recent, pool);
         Ok(())
     }
 
@@ -355,29 +371,42 @@ impl<T: KernelElement> KvCache<T> {
         Ok(())
     }
 
-    /// Writes tokens `tokens` of `key` and `value` after the held rows.
+    /// Writes tokens `tokens` of `key` and `value` after the held rows, on `pool` when it is
+    /// given (each head's rows are converted by one worker).
     fn write(
         &mut self,
         key: &ArrayView4<'_, T>,
         value: &ArrayView4<'_, T>,
         tokens: std::ops::Range<usize>,
+        pool: Option<&ThreadPool>,
     ) {
         if tokens.is_empty() {
             return;
         }
-        let mut staging = Vec::with_capacity(self.head_dim);
-        let at = self.first_row + self.len;
-        for batch in 0..self.batch {
-            for kv_head in 0..self.kv_heads {
-                let head = batch * self.kv_heads + kv_head;
-                for (offset, token) in tokens.clone().enumerate() {
-                    let row = head * self.row_capacity + at + offset;
-                    let key_row = key.slice(s![batch, kv_head, token, ..]);
-                    let value_row = value.slice(s![batch, kv_head, token, ..]);
-                    self.keys.write_row(row, key_row, &mut staging);
-                    self.values.write_row(row, value_row, &mut staging);
-                }
+        let (at, kv_heads, depth) = (self.first_row + self.len, self.kv_heads, self.head_dim);
+        let write_head = |(head, (mut keys, mut values)): (usize, KeyValueHead<'_, T>)| {
+            let (batch, kv_head) = (head / kv_heads, head % kv_heads);
+            let mut staging = Vec::with_capacity(depth);
+            for (offset, token) in tokens.clone().enumerate() {
+                let (key_row, value_row) = (
+                    key.slice(s![batch, kv_head, token, ..]),
+                    value.slice(s![batch, kv_head, token, ..]),
+                );
+                keys.write_row(at + offset, key_row, &mut staging);
+                values.write_row(at + offset, value_row, &mut staging);
             }
+        };
+        let heads: Vec<KeyValueHead<'_, T>> = (self.keys)
+            .heads_mut(self.row_capacity)
+            .into_iter()
+            .zip(self.values.heads_mut(self.row_capacity))
+            .collect();
+        match pool {
+            Some(pool) => pool.install(|| {
+                let heads = heads.into_par_iter().enumerate();
+                heads.with_max_len(1).for_each(write_head)
+            }),
+            None => heads.into_iter().enumerate().for_each(write_head),
         }
         self.len += tokens.len();
     }
@@ -572,8 +601,8 @@ mod tests {
         let mut cache = KvCache::<f32>::new(2, 3, 2, 1).unwrap();
         let first = ramp([2, 2, 3, 3], 0.0);
         let second = ramp([2, 2, 5, 3], 7.0);
-        cache.append(first.view(), first.view()).unwrap();
-        cache.append(second.view(), second.view()).unwrap();
+        cache.append(first.view(), first.view(), None).unwrap();
+        cache.append(second.view(), second.view(), None).unwrap();
         assert_eq!(cache.len(), 8);
         assert!(cache.capacity() >= 8);
         let kv = cache.strided().unwrap();
@@ -599,7 +628,7 @@ mod tests {
         let mut growths = 0;
         let mut capacity = cache.capacity();
         for _ in 0..1000 {
-            cache.append(token.view(), token.view()).unwrap();
+            cache.append(token.view(), token.view(), None).unwrap();
             if cache.capacity() != capacity {
                 growths += 1;
                 capacity = cache.capacity();
@@ -612,12 +641,12 @@ mod tests {
     fn failed_append_changes_nothing() {
         let mut cache = KvCache::<f64>::new(2, 4, 1, 2).unwrap();
         let good = Array4::<f64>::ones([1, 2, 2, 4]);
-        cache.append(good.view(), good.view()).unwrap();
+        cache.append(good.view(), good.view(), None).unwrap();
         let before = cache.clone();
         let short = Array4::<f64>::ones([1, 2, 1, 4]);
         let wide = Array4::<f64>::ones([1, 2, 2, 5]);
-        assert!(cache.append(good.view(), short.view()).is_err());
-        assert!(cache.append(wide.view(), wide.view()).is_err());
+        assert!(cache.append(good.view(), short.view(), None).is_err());
+        assert!(cache.append(wide.view(), wide.view(), None).is_err());
         assert_eq!(cache.len(), before.len());
         assert_eq!(cache.keys, before.keys);
         assert_eq!(cache.first_row, before.first_row);
@@ -638,6 +667,7 @@ mod tests {
                     .append(
                         keys.slice(s![.., .., range.clone(), ..]),
                         values.slice(s![.., .., range, ..]),
+                        None,
                     )
                     .unwrap();
             }
@@ -676,7 +706,7 @@ mod tests {
     fn grouped_decode_honours_a_padding_mask() {
         let mut cache = KvCache::<f64>::new(1, 4, 2, 0).unwrap();
         let keys = ramp([2, 1, 9, 4], 0.5).mapv(f64::from);
-        cache.append(keys.view(), keys.view()).unwrap();
+        cache.append(keys.view(), keys.view(), None).unwrap();
         let query = ramp([2, 3, 1, 4], 4.0).mapv(f64::from).into_dyn();
         let mut padding = ArrayD::from_elem(IxDyn(&[2, 1, 1, 9]), true);
         padding.slice_mut(s![1, .., .., ..4]).fill(false);
@@ -690,7 +720,7 @@ mod tests {
         // The second sequence must equal attention over its last 5 keys alone.
         let tail = keys.slice(s![1..2, .., 4.., ..]).to_owned();
         let mut alone = KvCache::<f64>::new(1, 4, 1, 0).unwrap();
-        alone.append(tail.view(), tail.view()).unwrap();
+        alone.append(tail.view(), tail.view(), None).unwrap();
         let expected = alone
             .attend(
                 query.slice(s![1..2, .., .., ..]).into_dyn(),
@@ -724,6 +754,7 @@ mod tests {
                     .append(
                         keys.slice(s![.., .., range.clone(), ..]),
                         values.slice(s![.., .., range, ..]),
+                        None,
                     )
                     .unwrap();
             }
@@ -766,7 +797,7 @@ mod tests {
                         .slice_mut(s![.., .., t..t + 1, ..])
                         .assign(&token(seen + t));
                 }
-                cache.append(block.view(), block.view()).unwrap();
+                cache.append(block.view(), block.view(), None).unwrap();
                 seen += chunk;
                 let held: Vec<usize> = (0..sinks.min(seen))
                     .chain(seen.saturating_sub(max_len - sinks).max(sinks)..seen)

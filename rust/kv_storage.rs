@@ -115,10 +115,6 @@ impl<U: Copy + Default> RowBuffer<U> {
         &self.data[row * self.per_row..(row + 1) * self.per_row]
     }
 
-    pub fn row_mut(&mut self, row: usize) -> &mut [U] {
-        &mut self.data[row * self.per_row..(row + 1) * self.per_row]
-    }
-
     /// Where global row `row` starts, unchecked: for kernels that compute a row's address
     /// once and then read it through `unsafe` loads. Computing it never faults; reading through
     /// it is sound only for a row inside the buffer.
@@ -200,6 +196,49 @@ macro_rules! each_plane {
     };
 }
 
+/// One head's rows of one buffer ([`Rows::heads_mut`]), borrowed for writing.
+pub(crate) enum HeadRowsMut<'a, T> {
+    Native(&'a mut [T]),
+    BFloat16(&'a mut [bf16]),
+    Float16(&'a mut [f16]),
+    Int8 {
+        values: &'a mut [i8],
+        scales: &'a mut [f32],
+    },
+}
+
+impl<T: Element> HeadRowsMut<'_, T> {
+    /// Stores `source` (one row of values, any layout) as this head's row `row`, converted to
+    /// the storage through `staging`.
+    pub fn write_row(&mut self, row: usize, source: ArrayView1<'_, T>, staging: &mut Vec<f32>) {
+        let width = source.len();
+        let span = row * width..(row + 1) * width;
+        // A contiguous row (the usual case) is read as a slice, so the copy vectorises.
+        if let HeadRowsMut::Native(rows) = self {
+            ArrayViewMut1::from(&mut rows[span]).assign(&source);
+            return;
+        }
+        staging.clear();
+        match source.as_slice() {
+            Some(slice) => staging.extend(slice.iter().map(|&x| x.to_f64() as f32)),
+            None => staging.extend(source.iter().map(|&x| x.to_f64() as f32)),
+        }
+        match self {
+            HeadRowsMut::Native(_) => unreachable!("handled above"),
+            HeadRowsMut::BFloat16(rows) => rows[span].convert_from_f32_slice(staging),
+            HeadRowsMut::Float16(rows) => rows[span].convert_from_f32_slice(staging),
+            HeadRowsMut::Int8 { values, scales } => {
+                let blocks = width.div_ceil(INT8_BLOCK);
+                quantize_row(
+                    staging,
+                    &mut values[span],
+                    &mut scales[row * blocks..(row + 1) * blocks],
+                )
+            }
+        }
+    }
+}
+
 impl<T: Element> Rows<T> {
     /// `rows` zeroed rows of `width` values.
     pub fn new(storage: Storage, rows: usize, width: usize) -> Result<Self, AttnError> {
@@ -254,25 +293,22 @@ impl<T: Element> Rows<T> {
         each_plane!(self, buffer => buffer.move_rows(heads, capacity, from, to, count));
     }
 
-    /// Stores `source` (one row of values, any layout) as global row `row`.
-    pub fn write_row(&mut self, row: usize, source: ArrayView1<'_, T>, staging: &mut Vec<f32>) {
-        // A contiguous row (the usual case) is read as a slice, so the copy vectorises.
-        if let Rows::Native(buffer) = self {
-            ArrayViewMut1::from(buffer.row_mut(row)).assign(&source);
-            return;
-        }
-        staging.clear();
-        match source.as_slice() {
-            Some(slice) => staging.extend(slice.iter().map(|&x| x.to_f64() as f32)),
-            None => staging.extend(source.iter().map(|&x| x.to_f64() as f32)),
+    /// Every head's `capacity` rows, borrowed for writing: heads are disjoint, so they can be
+    /// written in parallel.
+    pub fn heads_mut(&mut self, capacity: usize) -> Vec<HeadRowsMut<'_, T>> {
+        // A zero-length chunk would panic; a buffer that holds nothing has no heads to write.
+        fn heads<U>(buffer: &mut RowBuffer<U>, capacity: usize) -> std::slice::ChunksMut<'_, U> {
+            let per_head = (capacity * buffer.per_row).max(1);
+            buffer.data.chunks_mut(per_head)
         }
         match self {
-            Rows::Native(_) => unreachable!("handled above"),
-            Rows::BFloat16(buffer) => buffer.row_mut(row).convert_from_f32_slice(staging),
-            Rows::Float16(buffer) => buffer.row_mut(row).convert_from_f32_slice(staging),
-            Rows::Int8 { values, scales } => {
-                quantize_row(staging, values.row_mut(row), scales.row_mut(row))
-            }
+            Rows::Native(buffer) => heads(buffer, capacity).map(HeadRowsMut::Native).collect(),
+            Rows::BFloat16(buffer) => heads(buffer, capacity).map(HeadRowsMut::BFloat16).collect(),
+            Rows::Float16(buffer) => heads(buffer, capacity).map(HeadRowsMut::Float16).collect(),
+            Rows::Int8 { values, scales } => heads(values, capacity)
+                .zip(heads(scales, capacity))
+                .map(|(values, scales)| HeadRowsMut::Int8 { values, scales })
+                .collect(),
         }
     }
 
@@ -419,7 +455,7 @@ mod tests {
         ] {
             let mut rows = Rows::<f32>::new(storage, 2, 70).unwrap();
             let mut staging = Vec::new();
-            rows.write_row(1, ArrayView1::from(&row), &mut staging);
+            rows.heads_mut(2)[0].write_row(1, ArrayView1::from(&row), &mut staging);
             let mut back = vec![0f32; 70];
             rows.read_row(1, &mut back);
             let largest = row.iter().fold(0.0f32, |m, x| m.max(x.abs()));

@@ -481,7 +481,7 @@ fn attend_heads<T: KernelElement>(
         );
     };
     let held = cache.len();
-    cache.append(key, value)?;
+    cache.append(key, value, inputs.num_threads)?;
     let options = CacheAttendOptions {
         enable_gqa: true,
         return_weights: inputs.need_weights,

@@ -691,6 +691,7 @@ impl KvCacheCore {
         py: Python<'_>,
         k: &Bound<'_, PyAny>,
         v: &Bound<'_, PyAny>,
+        num_threads: Option<usize>,
     ) -> PyResult<()> {
         let (k, v) = (
             borrow_typed::<T, ndarray::Ix4>(k, "k")?,
@@ -698,7 +699,7 @@ impl KvCacheCore {
         );
         let cache = self.store.typed::<T>("k")?;
         let (k_view, v_view) = (k.as_array(), v.as_array());
-        Ok(py.detach(|| cache.append(k_view, v_view))?)
+        Ok(py.detach(|| cache.append(k_view, v_view, num_threads))?)
     }
 
     fn cache_attend_typed<'py, T: CachedFloat>(
@@ -767,18 +768,21 @@ impl KvCacheCore {
         })
     }
 
-    /// Appends `k` and `v`, each (batch, num_kv_heads, n, head_dim); unchanged on error.
+    /// Appends `k` and `v`, each (batch, num_kv_heads, n, head_dim), converting a long chunk
+    /// on `num_threads` workers; unchanged on error.
+    #[pyo3(signature = (k, v, num_threads=None))]
     fn append(
         slf: &Bound<'_, Self>,
         py: Python<'_>,
         k: &Bound<'_, PyAny>,
         v: &Bound<'_, PyAny>,
+        num_threads: Option<usize>,
     ) -> PyResult<()> {
         guarded(|| {
             let mut this = Self::borrow_mut(slf)?;
             match this.store {
-                CacheStore::F32(_) => this.cache_append_typed::<f32>(py, k, v),
-                CacheStore::F64(_) => this.cache_append_typed::<f64>(py, k, v),
+                CacheStore::F32(_) => this.cache_append_typed::<f32>(py, k, v, num_threads),
+                CacheStore::F64(_) => this.cache_append_typed::<f64>(py, k, v, num_threads),
             }
         })
     }

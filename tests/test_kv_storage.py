@@ -200,6 +200,35 @@ def test_appending_strided_arrays_stores_what_contiguous_ones_do(rng, storage):
     assert_close(contiguous.attend(q), cache_reference(q, stored_k, stored_v), np.float32)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize(("max_len", "sinks"), [(None, 0), (300, 4)])
+def test_a_long_chunk_appended_on_the_workers_stores_what_single_tokens_do(
+    rng, storage, max_len, sinks
+):
+    # 2 · 2 · 3 · 700 · 40 values: the heads are converted in parallel (a decoding step's few
+    # rows are converted inline). Batch 2, so each worker must find its (batch, kv head).
+    shape = (2, 3, 700, 40)
+    k = rng.standard_normal(shape).astype(np.float32)
+    v = rng.standard_normal(shape).astype(np.float32)
+    q = rng.standard_normal((2, 3, 2, 40)).astype(np.float32)
+    outputs = []
+    options = {"batch": 2, "storage": storage, "max_len": max_len, "sinks": sinks}
+    for threads in (1, 2):
+        with attnscope.threads(threads):
+            chunked = attnscope.KVCache(3, 40, **options)
+            chunked.append(k, v)
+            outputs.append(chunked.attend(q))
+    token_by_token = attnscope.KVCache(3, 40, **options)
+    for t in range(shape[2]):
+        token_by_token.append(k[:, :, t : t + 1], v[:, :, t : t + 1])
+    assert len(chunked) == len(token_by_token)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[0], token_by_token.attend(q))
+    kept = kept_positions(shape[2], max_len, sinks) if max_len else np.arange(shape[2])
+    stored_k, stored_v = (reference.stored_values(x[:, :, kept], storage) for x in (k, v))
+    assert_close(outputs[0], cache_reference(q, stored_k, stored_v), np.float32)
+
+
 def kept_positions(seen: int, max_len: int, sinks: int) -> np.ndarray:
     recent = np.arange(max(seen - (max_len - sinks), sinks), seen)
     return np.concatenate([np.arange(min(seen, sinks)), recent]).astype(int)

@@ -100,7 +100,10 @@ class KvCacheCore:
         sinks: int,
     ) -> KvCacheCore: ...
     def append(
-        self, k: npt.NDArray[np.floating[Any]], v: npt.NDArray[np.floating[Any]]
+        self,
+        k: npt.NDArray[np.floating[Any]],
+        v: npt.NDArray[np.floating[Any]],
+        num_threads: int | None = None,
     ) -> None: ...
     def attend(
         self,

@@ -189,7 +189,7 @@ class KVCache:
         """
         k = _array_of(k, "k", self._dtype, (4,))
         v = _array_of(v, "v", self._dtype, (4,))
-        self._core.append(k, v)
+        self._core.append(k, v, context_threads())
 
     def attend(self, q, *, scale=None, window=None, enable_gqa=False, attn_mask=None) -> np.ndarray:
         """Attention of the newest ``L`` tokens' queries over the whole cache.
