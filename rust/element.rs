@@ -4,6 +4,7 @@ use std::fmt::Debug;
 
 pub trait Element:
     Copy
+    + bytemuck::Zeroable
     + Debug
     + Default
     + PartialOrd

@@ -6,13 +6,14 @@
 //! (9 bits). Every buffer holds `(heads, row_capacity, width)` rows; the cache moves whole rows
 //! (growing, evicting) without ever decoding them.
 
+use bytemuck::Zeroable;
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use ndarray::{ArrayView1, ArrayViewMut1};
 
 use crate::element::Element;
 use crate::error::AttnError;
-use crate::memory::{advise_huge_pages, zeroed};
+use crate::memory::{advise_huge_pages, lazily_zeroed};
 
 /// Values that share one scale in int8 storage.
 pub const INT8_BLOCK: usize = 32;
@@ -95,18 +96,14 @@ pub(crate) struct RowBuffer<U> {
     pub per_row: usize,
 }
 
-impl<U: Copy + Default> RowBuffer<U> {
-    /// `rows` zeroed rows of `per_row` units.
+impl<U: Copy + Zeroable> RowBuffer<U> {
+    /// `rows` zeroed rows of `per_row` units, left untouched until rows are written into them.
     fn new(rows: usize, per_row: usize) -> Result<Self, AttnError> {
         let len = rows
             .checked_mul(per_row)
             .ok_or_else(|| AttnError::value("capacity", "too many rows to hold"))?;
-        let mut data = Vec::new();
-        data.try_reserve_exact(len).map_err(|_| {
-            AttnError::value("capacity", format!("cannot allocate {len} cached values"))
-        })?;
+        let mut data = lazily_zeroed(len, "capacity")?;
         advise_huge_pages(&mut data);
-        data.resize(len, U::default());
         Ok(RowBuffer { data, per_row })
     }
 
@@ -243,10 +240,7 @@ impl<T: Element> Rows<T> {
     /// `rows` zeroed rows of `width` values.
     pub fn new(storage: Storage, rows: usize, width: usize) -> Result<Self, AttnError> {
         Ok(match storage {
-            Storage::Native => Rows::Native(RowBuffer {
-                data: zeroed(&[rows, width], "capacity")?,
-                per_row: width,
-            }),
+            Storage::Native => Rows::Native(RowBuffer::new(rows, width)?),
             Storage::BFloat16 => Rows::BFloat16(RowBuffer::new(rows, width)?),
             Storage::Float16 => Rows::Float16(RowBuffer::new(rows, width)?),
             Storage::Int8 => Rows::Int8 {

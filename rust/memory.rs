@@ -45,7 +45,18 @@ pub(crate) fn filled<T: Clone>(
     Ok(buffer)
 }
 
-/// Asks the kernel to back `buffer`'s spare capacity with huge pages, before anything is
+/// `len` zeros straight from the allocator, for a buffer written later: a large request comes
+/// as fresh pages that read zero until first written, so nothing fills them here, one thread
+/// at a time, and the threads that write them (a KV cache's workers) fault them in.
+pub(crate) fn lazily_zeroed<U: bytemuck::Zeroable>(
+    len: usize,
+    argument: &'static str,
+) -> Result<Vec<U>, AttnError> {
+    bytemuck::allocation::try_zeroed_vec(len)
+        .map_err(|()| too_large(argument, len as u128 * std::mem::size_of::<U>() as u128))
+}
+
+/// Asks the kernel to back `buffer`'s allocation with huge pages, before anything is
 /// written to it. Large buffers read end to end (a KV cache at every decoding step) then take
 /// one TLB entry per 2 MiB instead of per 4 KiB; NumPy does the same for its large arrays.
 pub(crate) fn advise_huge_pages<T>(buffer: &mut Vec<T>) {
