@@ -128,7 +128,13 @@ impl<U: Copy + Zeroable> RowBuffer<U> {
         new_capacity: usize,
         held: std::ops::Range<usize>,
     ) -> Result<Self, AttnError> {
-        let mut grown = Self::new(heads * new_capacity, self.per_row)?;
+        let rows = heads.checked_mul(new_capacity).ok_or_else(|| {
+            AttnError::value(
+                "capacity",
+                format!("{new_capacity} tokens per head are too many to hold"),
+            )
+        })?;
+        let mut grown = Self::new(rows, self.per_row)?;
         let width = self.per_row;
         // Nothing held, nothing to copy: the work must not follow a huge but empty head count.
         if held.is_empty() {

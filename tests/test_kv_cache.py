@@ -277,6 +277,11 @@ def test_attend_errors(rng):
         ((2.0, 8), {}, TypeError, "num_kv_heads must be an int"),
         ((2, 8), {"dtype": np.int32}, TypeError, "dtype must be numpy.float32"),
         ((2, 8), {"capacity": -1}, ValueError, "capacity must be >= 0"),
+        # Rows past what memory could hold, and a row count (heads x capacity) past the
+        # address space: both must be refused, not wrap around to an empty buffer.
+        ((32, 128), {"capacity": 2**40}, ValueError, "capacity"),
+        ((32, 128), {"capacity": 2**60}, ValueError, "capacity: .* too many to hold"),
+        ((32, 128), {"capacity": 2**60, "storage": "int8"}, ValueError, "too many to hold"),
     ],
 )
 def test_constructor_errors(args, kwargs, error, match):
