@@ -67,7 +67,8 @@ impl Eviction {
     /// Rows per head a bounded buffer never outgrows: the kept tokens plus room for a chunk
     /// of new ones, so rows slide back at most once per `recent` appended tokens.
     fn row_limit(&self) -> usize {
-        self.max_len + self.recent()
+        // Saturating: a `max_len` near the address space's size is no limit at all.
+        self.max_len.saturating_add(self.recent())
     }
 }
 
