@@ -179,8 +179,9 @@ class KVCache:
 
     def append(self, k, v) -> None:
         """Appends ``k`` and ``v``, each ``(batch, num_kv_heads, n, head_dim)``, converted to
-        the storage. A bounded cache then keeps its sinks and most recent tokens (of a chunk
-        longer than fits, only its last ones).
+        the storage (a long chunk's heads on the worker threads of :func:`threads` or
+        :func:`set_num_threads`). A bounded cache then keeps its sinks and most recent tokens
+        (of a chunk longer than fits, only its last ones).
 
         Raises:
             TypeError: not arrays of the cache's dtype.
