@@ -30,8 +30,9 @@ use crate::simd::{active_level, KernelElement};
 use crate::threads::pool_for;
 use crate::{Attention, AttentionOptions, AttnError, Mask, Window};
 
-/// Values (keys and values together) an `append` converts inline; past this it spreads the
-/// heads over the engine's workers (a worker's start costs about as much as converting these).
+/// Values (keys and values together) an `append` converts inline, as a decoding step's few
+/// rows are: waking workers would cost more than it saves. A longer chunk spreads its heads
+/// over the engine's workers.
 const APPEND_INLINE_VALUES: usize = 1 << 16;
 
 /// One head's key rows and value rows, borrowed for writing.
