@@ -78,7 +78,7 @@ const PREFETCH_AHEAD_BYTES: usize = 8192;
 /// of `buffer`: decoding reads its rows once and in order, so later rows are requested while
 /// earlier ones compute. A hint never faults, so it may point past the buffer's end.
 #[inline(always)]
-fn prefetch_row<U: Copy + bytemuck::Zeroable>(buffer: &RowBuffer<U>, row: usize) {
+fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};

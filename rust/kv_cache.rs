@@ -27,13 +27,8 @@ use crate::kv_attend::{attend_stored, CachedCall};
 use crate::kv_storage::{HeadRowsMut, RowBuffer, Rows, Storage};
 use crate::shapes::{check_call, Geometry};
 use crate::simd::{active_level, KernelElement};
-use crate::threads::pool_for;
+use crate::threads::{pool_for, APPEND_INLINE_VALUES};
 use crate::{Attention, AttentionOptions, AttnError, Mask, Window};
-
-/// Values (keys and values together) an `append` converts inline, as a decoding step's few
-/// rows are: waking workers would cost more than it saves. A longer chunk spreads its heads
-/// over the engine's workers.
-const APPEND_INLINE_VALUES: usize = 1 << 16;
 
 /// One head's key rows and value rows, borrowed for writing.
 type KeyValueHead<'a, T> = (HeadRowsMut<'a, T>, HeadRowsMut<'a, T>);
@@ -315,7 +310,8 @@ impl<T: KernelElement> KvCache<T> {
             })?;
         // A long chunk is converted on the engine's workers, a decoding step's few rows inline.
         let values = 2 * self.batch * self.kv_heads * new_tokens * self.head_dim;
-        let pool = (values > APPEND_INLINE_VALUES).then_some(&*pool);
+        let pool =
+            (values > APPEND_INLINE_VALUES && pool.current_num_threads() > 1).then_some(&*pool);
         self.make_room(needed)?;
         // Nothing below fails: the cache changes only once the room is there.
         self.write(&key, &value, plan.fill.clone(), pool);

@@ -96,17 +96,7 @@ pub(crate) struct RowBuffer<U> {
     pub per_row: usize,
 }
 
-impl<U: Copy + Zeroable> RowBuffer<U> {
-    /// `rows` zeroed rows of `per_row` units, left untouched until rows are written into them.
-    fn new(rows: usize, per_row: usize) -> Result<Self, AttnError> {
-        let len = rows
-            .checked_mul(per_row)
-            .ok_or_else(|| AttnError::value("capacity", "too many rows to hold"))?;
-        let mut data = lazily_zeroed(len, "capacity")?;
-        advise_huge_pages(&mut data);
-        Ok(RowBuffer { data, per_row })
-    }
-
+impl<U> RowBuffer<U> {
     /// Units of global row `row`.
     pub fn row(&self, row: usize) -> &[U] {
         &self.data[row * self.per_row..(row + 1) * self.per_row]
@@ -118,6 +108,18 @@ impl<U: Copy + Zeroable> RowBuffer<U> {
     #[inline(always)]
     pub fn row_ptr(&self, row: usize) -> *const U {
         self.data.as_ptr().wrapping_add(row * self.per_row)
+    }
+}
+
+impl<U: Copy + Zeroable> RowBuffer<U> {
+    /// `rows` zeroed rows of `per_row` units, left untouched until rows are written into them.
+    fn new(rows: usize, per_row: usize) -> Result<Self, AttnError> {
+        let len = rows
+            .checked_mul(per_row)
+            .ok_or_else(|| AttnError::value("capacity", "too many rows to hold"))?;
+        let mut data = lazily_zeroed(len, "capacity")?;
+        advise_huge_pages(&mut data);
+        Ok(RowBuffer { data, per_row })
     }
 
     /// A copy with `new_capacity` rows per head, holding rows `held` of each head at its start.

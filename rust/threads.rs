@@ -21,6 +21,10 @@ pub(crate) const ATTENTION_INLINE_WORK: usize = 1 << 18;
 /// Below this many multiply-adds a projection (`linear`) runs on the calling thread; gemm's
 /// parallel split pays off sooner than attention's tasks.
 pub(crate) const PROJECTION_INLINE_WORK: usize = 1 << 16;
+/// Up to this many values (keys and values together) an `append` converts on the calling
+/// thread, as it does a decoding step's few rows; a longer chunk spreads its heads over the
+/// pool.
+pub(crate) const APPEND_INLINE_VALUES: usize = 1 << 16;
 /// Pools kept for counts other than the engine-wide one; older ones are dropped (a call still
 /// running on one keeps it alive until it returns).
 const SPARE_POOLS: usize = 4;
