@@ -112,14 +112,18 @@ pub(crate) fn with_scratch<S: Default + 'static, R>(work: impl FnOnce(&mut S) ->
     })
 }
 
-/// Runs `work` over `tasks` heaviest first, on the pool or, for small problems, inline. Each
-/// thread reuses its scratch space across the tasks it runs.
+/// Runs `work` over `tasks` head by head, each head's heaviest first, on the pool or, for small
+/// problems, inline. Each thread reuses its scratch space across the tasks it runs.
 pub(crate) fn run_tasks<S, F>(pool: &ThreadPool, tasks: &mut [Task], work: F)
 where
     S: Default + 'static,
     F: Fn(&mut S, &Task) + Sync + Send,
 {
-    tasks.sort_by_key(|task| std::cmp::Reverse(task.cost));
+    // A head's tasks read the same keys and values, so running them together keeps those in
+    // cache (ordering all heads' tasks by cost alone interleaves the heads, and the causal
+    // forward took 20-30% longer on one thread). Within a head the heaviest go first, so that
+    // the tasks left for the end, when threads run out of work, are light.
+    tasks.sort_by_key(|task| (task.head, std::cmp::Reverse(task.cost)));
     let total: usize = tasks.iter().map(|task| task.cost).sum();
     if total <= ATTENTION_INLINE_WORK || tasks.len() == 1 || pool.current_num_threads() == 1 {
         with_scratch(|scratch| tasks.iter().for_each(|task| work(scratch, task)));
