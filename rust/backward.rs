@@ -449,13 +449,12 @@ pub(crate) unsafe fn key_block_grads<V: SimdVec>(
         row_stride: 1,
         key_stride: width,
     };
+    // Tiles start at the first row that sees a key of the block, so that a causal or window
+    // block does not compute the hidden rows above it.
+    let seeing = kernel.bounds.key_rows(&keys, num_queries);
     for (index, head) in heads.iter().enumerate() {
-        for start in (0..num_queries).step_by(KEY_PASS_QUERIES) {
-            let rows = start..(start + KEY_PASS_QUERIES).min(num_queries);
-            let span = kernel.bounds.block_keys(&rows);
-            if span.start >= keys.end || span.end <= keys.start {
-                continue;
-            }
+        for start in seeing.clone().step_by(KEY_PASS_QUERIES) {
+            let rows = start..(start + KEY_PASS_QUERIES).min(seeing.end);
             if !key_tile::<V>(params, head, &rows, &keys, width, scratch) {
                 continue;
             }

@@ -93,12 +93,36 @@ impl Bounds {
         first.start..last.end.max(first.start)
     }
 
+    /// Query rows (of `num_queries`) that see at least one of `keys`. A row's first and last
+    /// visible keys never decrease from one row to the next, so these rows are one range: those
+    /// whose keys end after `keys.start` and start before `keys.end`.
+    pub(crate) fn key_rows(&self, keys: &Range<usize>, num_queries: usize) -> Range<usize> {
+        let first = partition_point(num_queries, |row| self.row_keys(row).end <= keys.start);
+        let end = partition_point(num_queries, |row| self.row_keys(row).start < keys.end);
+        first..end.max(first)
+    }
+
     /// Whether keys `keys` are visible to every row of `rows`.
     pub(crate) fn fully_visible(&self, rows: &Range<usize>, keys: &Range<usize>) -> bool {
         let first = self.row_keys(rows.start);
         let last = self.row_keys(rows.end - 1);
         keys.start >= last.start && keys.end <= first.end
     }
+}
+
+/// The first of `0..count` where `before` fails, given that it holds on a prefix (a slice's
+/// `partition_point`, over indices).
+fn partition_point(count: usize, before: impl Fn(usize) -> bool) -> usize {
+    let (mut low, mut high) = (0, count);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if before(middle) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    low
 }
 
 #[cfg(test)]
@@ -188,6 +212,51 @@ mod tests {
                     .clone()
                     .all(|row| keys.clone().all(|key| bounds.row_keys(row).contains(&key)));
                 assert_eq!(bounds.fully_visible(&rows, &keys), expected, "{keys:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn key_rows_are_the_rows_that_see_a_key() {
+        let windows = [
+            None,
+            Some(Window::symmetric(3)),
+            Some(Window {
+                left: Some(4),
+                right: None,
+            }),
+            Some(Window {
+                left: None,
+                right: Some(2),
+            }),
+            Some(Window {
+                left: Some(0),
+                right: Some(0),
+            }),
+        ];
+        for (num_queries, num_keys) in [(12, 12), (5, 17), (17, 5), (1, 9), (9, 1)] {
+            for causal in [false, true] {
+                for alignment in [CausalAlignment::TopLeft, CausalAlignment::BottomRight] {
+                    for window in windows {
+                        let bounds = Bounds::new(num_queries, num_keys, causal, alignment, window);
+                        for start in 0..num_keys {
+                            for end in start + 1..=num_keys {
+                                let keys = start..end;
+                                let seeing: Vec<usize> = (0..num_queries)
+                                    .filter(|&row| {
+                                        keys.clone().any(|key| bounds.row_keys(row).contains(&key))
+                                    })
+                                    .collect();
+                                let rows = bounds.key_rows(&keys, num_queries);
+                                assert_eq!(
+                                    rows.collect::<Vec<_>>(),
+                                    seeing,
+                                    "{bounds:?} keys {keys:?}"
+                                );
+                            }
+                        }
+                    }
+                }
             }
         }
     }
