@@ -121,7 +121,7 @@ where
 {
     // A head's tasks read the same keys and values, so running them together keeps those in
     // cache (ordering all heads' tasks by cost alone interleaves the heads, and the causal
-    // forward took 20-30% longer on one thread). Within a head the heaviest go first, so that
+    // forward took 17-30% longer on one thread). Within a head the heaviest go first, so that
     // the tasks left for the end, when threads run out of work, are light.
     tasks.sort_by_key(|task| (task.head, std::cmp::Reverse(task.cost)));
     let total: usize = tasks.iter().map(|task| task.cost).sum();
