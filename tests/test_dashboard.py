@@ -3,6 +3,7 @@ number they show agrees with attnscope.reference."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -350,11 +351,14 @@ def test_fit_exponent_recovers_a_power_law():
     exponent, constant = cost.fit_exponent(frame, "m")
     assert exponent == pytest.approx(2.0)
     table = cost.projections_table(frame, targets=(1024, 2048))
-    assert list(table["how"]) == ["measured", "extrapolated (n^2.00)"]
+    assert list(table["how"]) == [
+        "measured",
+        f"estimated: time per pair at n = 1,024 × {2048**2:,} pairs",
+    ]
     assert table["seconds"].iloc[1] == pytest.approx(3e-9 * 2048**2)
 
 
-def test_timeline_and_tables_extrapolate_from_the_fit():
+def test_timeline_and_tables_extrapolate():
     sizes = [128, 256, 512, 1024]
     frame = cost.pd.DataFrame(
         {
@@ -364,7 +368,7 @@ def test_timeline_and_tables_extrapolate_from_the_fit():
             "status": ["measured"] * 6 + ["skipped: needs 2 MiB for n² matrices"] * 2,
         }
     )
-    fitted = cost.fits(frame)
+    fitted = {method: cost.fit_exponent(frame, method) for method in ("m", "naive")}
     assert fitted["naive"] is None  # two points are too few to fit
     assert fitted["m"][0] == pytest.approx(2.0)
     line = cost.timeline(frame, fitted)
@@ -372,8 +376,9 @@ def test_timeline_and_tables_extrapolate_from_the_fit():
     assert list(guessed["n"]) == [1024, *cost.TARGET_LENGTHS]
     np.testing.assert_allclose(guessed["seconds"], [3e-9 * n**2 for n in guessed["n"]])
     assert len(line[line["kind"] == "measured"]) == 6
-    exponents = cost.exponents_table(fitted).set_index("method").iloc[:, 0]
-    assert exponents["m"] == 2.0 and exponents.isna()["naive"]
+    growth = cost.growth_table(frame).set_index("method")
+    assert growth.loc["m", "fitted p"] == pytest.approx(2.0)
+    assert growth.isna().loc["naive", "fitted p"] and not growth.loc["naive", "within"]
     stopped = cost.stopped_methods(frame)
     assert list(zip(stopped["method"], stopped["n"], strict=True)) == [("naive", 512)]
 
@@ -468,7 +473,7 @@ def test_sweep_measures_and_respects_the_memory_budget():
         cost.sweep([1 << 20], 64, memory_budget=2**20, include_torch=False)
 
 
-def test_results_csv_marks_extrapolations():
+def test_results_csv_marks_estimates():
     frame = cost.pd.DataFrame(
         {
             "n": [128, 256, 512],
@@ -481,6 +486,7 @@ def test_results_csv_marks_extrapolations():
     projections = cost.projections_table(frame, targets=(512, 200_000), memory_budget=2**30)
     assert "would need" in projections["how"].iloc[1]  # 2·200000²·4 bytes is far over 1 GiB
     csv = cost.results_csv(frame, projections, threads=2)
-    lines = csv.strip().splitlines()
-    assert len(lines) == 1 + 3 + 1
-    assert lines[-1].split(",")[lines[0].split(",").index("extrapolated")] == "True"
+    rows = cost.pd.read_csv(io.StringIO(csv))
+    assert len(rows) == 3 + 1
+    assert list(rows["estimated"]) == [False, False, False, True]
+    assert (rows["threads"] == 2).all()

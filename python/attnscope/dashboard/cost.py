@@ -25,6 +25,15 @@ NAIVE = "NumPy naive full"
 # Below this length a call's fixed costs (Python, waking threads) weigh as much as its
 # arithmetic, so the growth exponent is fitted on longer contexts only.
 FIT_MIN_N = 512
+# The cost page fits each method on its longest lengths only (two doublings), where the
+# arithmetic dominates the fixed costs, and warns about a fit this far from what the exact
+# counts of visible pairs predict over the same lengths.
+FIT_POINTS = 3
+EXPONENT_TOLERANCE = 0.2
+# The default sweep's time on the machine serving the page: it stops lengthening the context
+# once the next length would not fit, so a fast machine reaches long contexts and a slow one
+# stops early instead of hanging.
+SWEEP_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -113,16 +122,22 @@ def methods(include_torch: bool = True) -> dict[str, tuple[Callable, bool]]:
     return table
 
 
+POINT_SECONDS = 0.04  # the least time one point of a sweep spends repeating its call
+
+
 def time_call(
     function: Callable[[], object],
-    budget_seconds: float = 0.04,
+    budget_seconds: float = POINT_SECONDS,
     min_repeats: int = 3,
     max_repeats: int = 50,
+    give_up_seconds: float | None = None,
 ) -> float:
     """Best wall time of `function` over repeated calls: fast calls repeat until
     `budget_seconds` have passed (at most `max_repeats` times), slower ones at least
-    `min_repeats` times unless that would take over four budgets. The best run is the one
-    that other work on the machine disturbed least; the first also pays for warming caches."""
+    `min_repeats` times unless that would take over `give_up_seconds` (default: four budgets).
+    The best run is the one that other work on the machine disturbed least; the first also
+    pays for warming caches."""
+    give_up = 4 * budget_seconds if give_up_seconds is None else give_up_seconds
     start = time.perf_counter()
     best = math.inf
     for calls in range(1, max_repeats + 1):
@@ -130,7 +145,7 @@ def time_call(
         function()
         best = min(best, time.perf_counter() - t0)
         spent = time.perf_counter() - start
-        if spent >= budget_seconds and (calls >= min_repeats or spent >= 4 * budget_seconds):
+        if spent >= budget_seconds and (calls >= min_repeats or spent >= give_up):
             break
     return best
 
@@ -138,7 +153,9 @@ def time_call(
 _BLAS = ThreadpoolController()
 
 
-def time_naive(function: Callable[[], object], max_threads: int) -> float:
+def time_naive(
+    function: Callable[[], object], max_threads: int, give_up_seconds: float | None = None
+) -> float:
     """Best time of the NumPy path with its BLAS on one thread and on `max_threads`, never
     more threads than the engine gets. NumPy's BLAS splits a product evenly between its
     threads and waits for the slowest, so on a busy machine more threads can be far slower."""
@@ -147,7 +164,7 @@ def time_naive(function: Callable[[], object], max_threads: int) -> float:
     # run gives them time to settle before the next method is timed.
     for threads in sorted({1, max(1, max_threads)}, reverse=True):
         with _BLAS.limit(limits=threads, user_api="blas"):
-            best = min(best, time_call(function))
+            best = min(best, time_call(function, give_up_seconds=give_up_seconds))
     return best
 
 
@@ -161,11 +178,15 @@ def sweep(
     progress: Callable[[float, str], None] | None = None,
     seed: int = 0,
     threads: int | None = None,
+    total_seconds: float | None = None,
 ) -> pd.DataFrame:
-    """Time every method at every length, each point the best of a few runs. A method stops
-    once its next point would need more than `memory_budget` bytes of n² matrices or (judging
-    by growth so far) more than `time_limit` seconds; those points are recorded with a status
-    saying why. The NumPy path's BLAS gets at most `threads` threads (default: the engine's).
+    """Time every method at every length, each point the best of a few runs (at least three
+    unless one run takes over a second). A method stops once its next point would need more
+    than `memory_budget` bytes of n² matrices or (judging by growth so far) more than
+    `time_limit` seconds; with `total_seconds`, the whole sweep stops before a length whose
+    points (judged the same way) would end it past that time. Points not run are recorded
+    with a status saying why. The NumPy path's BLAS gets at most `threads` threads (default:
+    the engine's).
 
     Returns columns: n, method, seconds, gflops, status.
     """
@@ -183,7 +204,23 @@ def sweep(
     last_time: dict[str, float] = {}
     steps = len(sizes) * len(table)
     done = 0
+    started = time.perf_counter()
+    previous_n = None
     for n in sizes:
+        if total_seconds is not None and previous_n is not None:
+            # Each method still going runs three times, grown as n² since the last length,
+            # or for time_call's budget if that is longer.
+            ahead = sum(
+                max(POINT_SECONDS, 3 * seconds * (n / previous_n) ** 2)
+                for name, seconds in last_time.items()
+                if name not in stopped and not (table[name][1] and naive_bytes(n) > memory_budget)
+            )
+            if time.perf_counter() - started + ahead > total_seconds:
+                for name in table:
+                    stopped.setdefault(
+                        name, f"skipped: the sweep's {total_seconds:g} s would run out"
+                    )
+        previous_n = n
         q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
         for name, (function, materialises) in table.items():
             done += 1
@@ -199,7 +236,11 @@ def sweep(
                 rows.append({"n": n, "method": name, "seconds": np.nan, "status": status})
                 continue
             call = partial(function, q, k, v)
-            seconds = time_naive(call, threads) if name == NAIVE else time_call(call)
+            seconds = (
+                time_naive(call, threads, give_up_seconds=1.0)
+                if name == NAIVE
+                else time_call(call, give_up_seconds=1.0)
+            )
             last_time[name] = seconds
             rows.append({"n": n, "method": name, "seconds": seconds, "status": "measured"})
     frame = pd.DataFrame(rows, columns=["n", "method", "seconds", "status"])
@@ -212,13 +253,35 @@ def sweep(
 
 def _flops(n: int, head_dim: int, method: str) -> float:
     """4·L·S·D for full attention; only the visible pairs for causal and windowed runs."""
+    return 4.0 * visible_pairs(n, mask_kind(method)) * head_dim
+
+
+MASK_KINDS = ("full", "causal", "window")
+
+
+def mask_kind(method: str) -> str:
+    """Which mask a sweep method runs, from its name: "window", "causal" or "full"."""
     if "window" in method:
-        pairs = sum(min(i + 1, SWEEP_WINDOW) for i in range(n))
-    elif "causal" in method:
-        pairs = n * (n + 1) / 2
-    else:
-        pairs = n * n
-    return 4.0 * pairs * head_dim
+        return "window"
+    return "causal" if "causal" in method else "full"
+
+
+def visible_pairs(n: int, kind: str, window: int = SWEEP_WINDOW) -> int:
+    """The exact number of (query, key) pairs that take part in self-attention over n
+    tokens: n² for full attention, n(n+1)/2 for causal, and for a causal window of `window`
+    keys each query i sees min(i + 1, window) of them."""
+    if n < 0 or int(n) != n:
+        raise ValueError(f"n must be a whole number >= 0, got {n}")
+    if kind == "full":
+        return n * n
+    if kind == "causal":
+        return n * (n + 1) // 2
+    if kind == "window":
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        ramp = min(window, n)  # the first queries see every key before them
+        return ramp * (ramp + 1) // 2 + (n - ramp) * window
+    raise ValueError(f"kind must be one of {', '.join(MASK_KINDS)}, got {kind!r}")
 
 
 def fit_exponent(frame: pd.DataFrame, method: str, min_points: int = 3, min_n: int = FIT_MIN_N):
@@ -235,45 +298,135 @@ def fit_exponent(frame: pd.DataFrame, method: str, min_points: int = 3, min_n: i
     return float(slope), float(math.exp(intercept))
 
 
+def _measured(frame: pd.DataFrame, method: str) -> pd.DataFrame:
+    """The measured points of `method` with a positive time, shortest first."""
+    rows = frame[(frame["method"] == method) & (frame["status"] == "measured")]
+    return rows[rows["seconds"] > 0].sort_values("n")
+
+
+def seconds_per_pair(frame: pd.DataFrame, method: str) -> tuple[int, float] | None:
+    """``(n, seconds per visible query–key pair)`` at the longest length `method` was
+    measured, where fixed costs weigh least; None when it was never measured."""
+    measured = _measured(frame, method)
+    if measured.empty:
+        return None
+    longest = measured.iloc[-1]
+    n = int(longest["n"])
+    return n, float(longest["seconds"]) / visible_pairs(n, mask_kind(method))
+
+
+def growth_table(frame: pd.DataFrame, points: int = FIT_POINTS) -> pd.DataFrame:
+    """Per method: the exponent p of ``time ≈ c·nᵖ`` fitted on its `points` longest measured
+    lengths, the exponent the exact counts of visible pairs give over the same lengths, the
+    measured time ratio when n doubles at the longest length and the ratio the pair counts
+    give, and whether the fit lies within :data:`EXPONENT_TOLERANCE` of the expected one.
+    A method with fewer than `points` measured lengths has no fit (NaN, ``within`` False)."""
+    rows = []
+    for method in dict.fromkeys(frame["method"]):
+        kind = mask_kind(method)
+        measured = _measured(frame, method)
+        row = {
+            "method": method,
+            "fitted on": "too few lengths",
+            "fitted p": math.nan,
+            "expected p": math.nan,
+            "time when n doubles": math.nan,
+            "expected ×": math.nan,
+            "within": False,
+        }
+        if len(measured) >= points:
+            top = measured.iloc[-points:]
+            first, last = int(top["n"].iloc[0]), int(top["n"].iloc[-1])
+            fitted, _ = fit_exponent(frame, method, min_points=points, min_n=math.inf)
+            expected = math.log(visible_pairs(last, kind) / visible_pairs(first, kind)) / math.log(
+                last / first
+            )
+            row.update(
+                {
+                    "fitted on": f"n = {first:,}–{last:,}",
+                    "fitted p": fitted,
+                    "expected p": expected,
+                    "within": abs(fitted - expected) <= EXPONENT_TOLERANCE,
+                }
+            )
+            half = measured[measured["n"] == last // 2]
+            if len(half):
+                row["time when n doubles"] = float(top["seconds"].iloc[-1]) / float(
+                    half["seconds"].iloc[0]
+                )
+                row["expected ×"] = visible_pairs(last, kind) / visible_pairs(last // 2, kind)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def growth_shown(growth: pd.DataFrame) -> pd.DataFrame:
+    """:func:`growth_table` as the page shows it: rounded numbers and a verdict per fit."""
+    verdicts = [
+        "too few lengths to fit"
+        if fitted != fitted
+        else "as expected"
+        if within
+        else "⚠ outside the expected range: not used"
+        for fitted, within in zip(growth["fitted p"], growth["within"], strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "method": growth["method"],
+            "fitted on": growth["fitted on"],
+            "fitted p (time ∝ nᵖ)": growth["fitted p"].round(2),
+            "expected p": growth["expected p"].round(2),
+            "time when n doubles": [_times(r) for r in growth["time when n doubles"]],
+            "expected": [_times(r) for r in growth["expected ×"]],
+            "fit": verdicts,
+        }
+    )
+
+
+def _times(ratio: float) -> str:
+    return "—" if ratio != ratio else f"×{ratio:.1f}"
+
+
 def projections_table(
     frame: pd.DataFrame, targets=TARGET_LENGTHS, memory_budget: int | None = None
 ) -> pd.DataFrame:
     """Seconds at each target length per method: measured when the sweep reached it, else
-    extrapolated from the fit (and labelled so, with a warning when the method's n² matrices
-    would not fit `memory_budget`)."""
+    estimated as the measured time per visible query–key pair at the method's longest length
+    times the exact number of visible pairs at the target (labelled so, with a warning when
+    the method's n² matrices would not fit `memory_budget`). No fitted exponent is
+    extrapolated: a noisy exponent raised to a 100× longer context would swamp the estimate."""
     materialising = {name for name, (_, needs_n2) in methods(False).items() if needs_n2}
     rows = []
     for method in dict.fromkeys(frame["method"]):
-        fit = fit_exponent(frame, method)
+        per_pair = seconds_per_pair(frame, method)
         for n in targets:
-            hit = frame[(frame["method"] == method) & (frame["n"] == n)]
-            if len(hit) and hit["status"].iloc[0] == "measured":
+            hit = _measured(frame, method)
+            hit = hit[hit["n"] == n]
+            if len(hit):
                 rows.append(
                     {"method": method, "n": n, "seconds": hit["seconds"].iloc[0], "how": "measured"}
                 )
-            elif fit is not None:
-                exponent, constant = fit
+            elif per_pair is not None:
+                longest, seconds = per_pair
+                pairs = visible_pairs(n, mask_kind(method))
+                too_big = (
+                    method in materialising
+                    and memory_budget is not None
+                    and naive_bytes(n) > memory_budget
+                )
                 rows.append(
                     {
                         "method": method,
                         "n": n,
-                        "seconds": constant * n**exponent,
-                        "how": f"extrapolated (n^{exponent:.2f})"
+                        "seconds": seconds * pairs,
+                        "how": f"estimated: time per pair at n = {longest:,} × {pairs:,} pairs"
                         + (
                             f"; would need {human_bytes(naive_bytes(n))} for its n² matrices"
-                            if method in materialising
-                            and memory_budget is not None
-                            and naive_bytes(n) > memory_budget
+                            if too_big
                             else ""
                         ),
                     }
                 )
     return pd.DataFrame(rows, columns=["method", "n", "seconds", "how"])
-
-
-def fits(frame: pd.DataFrame) -> dict[str, tuple[float, float] | None]:
-    """:func:`fit_exponent` of every method in the sweep, in the sweep's order."""
-    return {method: fit_exponent(frame, method) for method in dict.fromkeys(frame["method"])}
 
 
 def timeline(frame: pd.DataFrame, fitted: dict[str, tuple[float, float] | None]) -> pd.DataFrame:
@@ -302,13 +455,30 @@ def timeline(frame: pd.DataFrame, fitted: dict[str, tuple[float, float] | None])
     )
 
 
-def exponents_table(fitted: dict[str, tuple[float, float] | None]) -> pd.DataFrame:
-    """One row per method with its fitted exponent p (time ∝ nᵖ), rounded; None if unfitted."""
-    return pd.DataFrame(
-        [
-            {"method": m, "fitted exponent p (time ∝ nᵖ)": None if f is None else round(f[0], 2)}
-            for m, f in fitted.items()
-        ]
+def estimate_timeline(frame: pd.DataFrame, targets=TARGET_LENGTHS) -> pd.DataFrame:
+    """The measured times, then each method's estimate (:func:`projections_table`'s time per
+    visible pair) from its longest measured length to every longer target length. Columns:
+    n, method, seconds, kind ("measured" or "estimated")."""
+    measured = frame[frame["status"] == "measured"]
+    rows = []
+    for method in dict.fromkeys(frame["method"]):
+        per_pair = seconds_per_pair(frame, method)
+        if per_pair is None:
+            continue
+        longest, seconds = per_pair
+        kind = mask_kind(method)
+        for n in [longest, *[t for t in targets if t > longest]]:
+            rows.append(
+                {
+                    "n": n,
+                    "method": method,
+                    "seconds": seconds * visible_pairs(n, kind),
+                    "kind": "estimated",
+                }
+            )
+    columns = ["n", "method", "seconds", "kind"]
+    return pd.concat(
+        [measured.assign(kind="measured")[columns], pd.DataFrame(rows, columns=columns)]
     )
 
 
@@ -320,7 +490,7 @@ def stopped_methods(frame: pd.DataFrame) -> pd.DataFrame:
 
 def projections_shown(projections: pd.DataFrame) -> pd.DataFrame:
     """:func:`projections_table` as readable times, methods × target lengths: ``*`` marks an
-    extrapolation, ``†`` one whose n² matrices would not fit the memory budget."""
+    estimate, ``†`` one whose n² matrices would not fit the memory budget."""
     times = [
         human_seconds(seconds)
         + ("" if how == "measured" else " *")
@@ -335,11 +505,11 @@ def projections_shown(projections: pd.DataFrame) -> pd.DataFrame:
 
 
 def results_csv(frame: pd.DataFrame, projections: pd.DataFrame, **context) -> str:
-    """The sweep's rows, then the extrapolated projections, as CSV; `context` (threads,
+    """The sweep's rows, then the estimated projections, as CSV; `context` (threads,
     head_dim, engine, ...) becomes constant columns so a file says how it was made."""
-    extrapolated = projections[projections["how"] != "measured"].rename(columns={"how": "status"})
+    estimated = projections[projections["how"] != "measured"].rename(columns={"how": "status"})
     rows = pd.concat(
-        [frame.assign(extrapolated=False), extrapolated.assign(extrapolated=True)],
+        [frame.assign(estimated=False), estimated.assign(estimated=True)],
         ignore_index=True,
     )
     return rows.assign(**context).to_csv(index=False)
@@ -505,6 +675,32 @@ def decode_step_times(
     frame["cache"] = [human_bytes(b) for b in frame["cache bytes"]]
     frame.attrs["threads"] = threads
     return frame
+
+
+# Relative speeds within this band of float32's read as "about the same" to the page.
+SAME_SPEED = (0.87, 1.15)
+
+
+def storage_speed_note(steps: pd.DataFrame) -> str:
+    """One sentence saying what :func:`decode_step_times`' numbers show about speed: the
+    range of the smaller storages' speed relative to float32, and what it means."""
+    others = steps[steps["storage"] != "float32"]["speed-up vs float32"]
+    low, high = float(others.min()), float(others.max())
+    measured = f"the smaller storages ran at {low:.2f}–{high:.2f}× float32's speed"
+    if low >= SAME_SPEED[0] and high <= SAME_SPEED[1]:
+        return (
+            f"Here {measured}: about the same, so what they save at this size is memory (the "
+            "cache column), not time."
+        )
+    if low >= SAME_SPEED[0]:
+        return (
+            f"Here {measured}: a step reads every cached byte once, so fewer bytes can make "
+            "it faster."
+        )
+    return (
+        f"Here {measured}: the slower ones spend more on turning stored values back into "
+        "float32 than they save by reading fewer bytes."
+    )
 
 
 def storage_quality(

@@ -9,6 +9,7 @@ from attnscope.dashboard import charts, cost, engine, ui
 
 LONGEST_CHOICES = [512, 1_024, 2_048, 4_096, 8_192, 16_384, 65_536, 262_144]
 BUDGET_CHOICES = [64, 128, 256, 512, 1_024]
+SECONDS_CHOICES = [5, 10, 20, 40, 80]
 
 st.title("The cost of context")
 st.markdown(
@@ -23,21 +24,37 @@ ui.engine_banner()
 
 cpu_count = os.cpu_count() or 1
 with st.form("cost_form"):
-    row = st.columns(4)
+    row = st.columns(5)
     longest = row[0].select_slider(
-        "Longest context n", LONGEST_CHOICES, value=2_048, key="cost_longest"
+        "Longest context n",
+        LONGEST_CHOICES,
+        value=16_384,
+        key="cost_longest",
+        bind="query-params",
+        help="The sweep doubles n up to this length, or until its time budget would run out.",
     )
-    head_dim = row[1].select_slider("Head dimension", [32, 64, 128], value=64, key="cost_dim")
-    threads = row[2].slider(
+    seconds = row[1].select_slider(
+        "Time budget (s)",
+        SECONDS_CHOICES,
+        value=int(cost.SWEEP_SECONDS),
+        key="cost_seconds",
+        bind="query-params",
+        help="The sweep stops lengthening n before a length that would end it past this time.",
+    )
+    head_dim = row[2].select_slider(
+        "Head dimension", [32, 64, 128], value=64, key="cost_dim", bind="query-params"
+    )
+    threads = row[3].slider(
         "Engine threads",
         1,
         cpu_count,
         min(engine.get_threads(), cpu_count),
         key="cost_threads",
         disabled=not engine.compiled_available(),
+        bind="query-params",
     )
-    budget_mib = row[3].select_slider(
-        "Memory budget (MiB)", BUDGET_CHOICES, value=256, key="cost_budget"
+    budget_mib = row[4].select_slider(
+        "Memory budget (MiB)", BUDGET_CHOICES, value=256, key="cost_budget", bind="query-params"
     )
     with_torch = st.checkbox(
         "Include PyTorch's scaled_dot_product_attention (importing it takes a few seconds)",
@@ -48,7 +65,7 @@ with st.form("cost_form"):
     )
     st.form_submit_button("Run sweep", key="cost_run", type="primary")
 
-config = (longest, head_dim, threads, budget_mib, with_torch)
+config = (longest, seconds, head_dim, threads, budget_mib, with_torch)
 results = st.session_state.setdefault("cost_results", {})
 if config not in results:
     progress = st.progress(0.0, text="Starting the sweep…")
@@ -64,6 +81,7 @@ if config not in results:
                 memory_budget=budget_mib * 2**20,
                 include_torch=with_torch,
                 threads=threads,
+                total_seconds=seconds,
                 progress=lambda fraction, label: progress.progress(
                     fraction, text=f"Timing {label}"
                 ),
@@ -85,32 +103,42 @@ if frame is None:
     st.error(st.session_state.get("cost_problem", "That sweep could not run."))
     st.stop()
 
-fitted = cost.fits(frame)
 ui.chart(
     st,
     charts.lines(
-        cost.timeline(frame, fitted),
+        cost.estimate_timeline(frame),
         "n",
         "seconds",
         "method",
         log_y=True,
-        title="Time per call (one head, float32): measured, then extrapolated (dashed)",
+        title="Time per call (one head, float32): measured, then estimated (dashed)",
         x_title="context length n (log)",
         y_title="seconds (log)",
         dashed="kind",
     ),
     key="cost_time_chart",
 )
-left, right = st.columns([2, 3])
-left.dataframe(cost.exponents_table(fitted), hide_index=True, key="cost_exponents")
-right.markdown(
-    "Full attention should fit an exponent near 2; causal a little less at these lengths, "
-    "as the blocks on its diagonal weigh more in a short context; a fixed window near 1, "
-    f"because each token sees at most {cost.SWEEP_WINDOW} keys. The fit uses only n ≥ "
-    f"{cost.FIT_MIN_N}: shorter calls mostly time fixed costs (Python, waking threads), not "
-    "arithmetic. Each point is the fastest of a few runs, and NumPy's BLAS may use at most "
-    f"the engine's {threads} thread(s). A busy machine still adds noise: run the sweep again "
-    "if an exponent looks off."
+st.markdown(
+    "**Does the time grow as the chapter says?** Each method is fitted on its "
+    f"{cost.FIT_POINTS} longest lengths only: short calls mostly time fixed costs (Python, "
+    "waking threads), not arithmetic. The expected values come from counting the visible "
+    "query–key pairs exactly: when n doubles, full and causal attention have four times the "
+    f"pairs, a window of {cost.SWEEP_WINDOW} keys about twice as many."
+)
+growth = cost.growth_table(frame)
+st.dataframe(cost.growth_shown(growth), hide_index=True, key="cost_growth")
+off = growth[(growth["fitted p"] == growth["fitted p"]) & ~growth["within"]]
+if len(off):
+    st.warning(
+        f"{', '.join(off['method'])}: the fitted exponent is more than "
+        f"{cost.EXPONENT_TOLERANCE} away from what the pair counts predict. Other work on this "
+        "machine disturbed those timings; the fit is not used for anything below. Run the "
+        "sweep again, or give it a longer time budget.",
+        icon=":material/warning:",
+    )
+st.caption(
+    f"Each point is the fastest of at least three runs (one, for a run over a second), and "
+    f"NumPy's BLAS may use at most the engine's {threads} thread(s)."
 )
 for _, item in cost.stopped_methods(frame).iterrows():
     st.caption(f"{item['method']}: stopped at n = {item['n']:,} ({item['status']}).")
@@ -119,9 +147,12 @@ st.subheader("What 2,048 / 8,192 / 200,000 tokens would cost here")
 projections = cost.projections_table(frame, memory_budget=budget_mib * 2**20)
 st.dataframe(cost.projections_shown(projections), key="cost_projection_table")
 st.caption(
-    "\\* extrapolated from the fitted exponent, not measured: an estimate for this machine, one "
-    "head, float32. † the naive path could not even hold its n×n matrices in the memory "
-    "budget at that length. The CSV marks every extrapolated row."
+    "\\* estimated, not measured: the time per visible query–key pair at the method's longest "
+    "measured length, times the exact number of visible pairs at that length (200,000² for "
+    "full attention, about half that for causal, 200,000 × the window for a window). It "
+    "assumes the work per pair stays what it was, which holds once arithmetic dominates. "
+    "† the naive path could not even hold its n×n matrices in the memory budget at that "
+    "length. The CSV marks every estimated row."
 )
 
 st.subheader("Memory: the n×n matrix vs a tiled kernel")
@@ -217,8 +248,9 @@ if decode_key in decodes:
     st.caption(
         f"One layer, one new token: {shape.query_heads} query heads against {decode_n:,} "
         f"cached tokens of {shape.kv_heads} kv heads, median of a few calls on {threads} "
-        "thread(s). The step reads every cached byte once, so it speeds up about as much as "
-        "the cache shrinks, until converting the stored values costs more than reading them."
+        f"thread(s). {cost.storage_speed_note(steps)} Every row uses a cache, so the table "
+        "compares ways of storing one; it does not show the cache's own gain, which is not "
+        f"recomputing the keys and values of all {decode_n:,} earlier tokens at every step."
     )
 
 st.markdown("**What the rounding costs: SmolLM2 reading a real text**")

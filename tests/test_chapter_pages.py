@@ -1,0 +1,108 @@
+"""The pages that tell the chapter, under streamlit's AppTest: the cost page's fits and
+estimates follow from its own measurements, pages open in the state their URL names, and the
+path through the chapter links every step to a page."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from attnscope.dashboard import cost
+from streamlit.testing.v1 import AppTest
+from test_dashboard_app import APP, PAGES, assert_clean, charts
+
+
+def open_with_url(page: str | None, **params: str) -> AppTest:
+    """The app opened on `page` with `params` in its URL's query string, after one run."""
+    app = AppTest.from_file(APP, default_timeout=180)
+    for name, value in params.items():
+        app.query_params[name] = value
+    if page is None:
+        app.run()
+    else:
+        app.switch_page(f"{PAGES}/{page}").run()
+    assert_clean(app)
+    return app
+
+
+def bound_keys(app: AppTest) -> set[str]:
+    """Keys of the widgets on the page that write their value into the URL."""
+    found = set()
+    for kind in (
+        "select_slider",
+        "slider",
+        "selectbox",
+        "radio",
+        "checkbox",
+        "toggle",
+        "text_input",
+        "number_input",
+    ):
+        for widget in app.get(kind):
+            if getattr(widget.proto, "query_param_key", ""):
+                found.add(widget.proto.query_param_key)
+    return found
+
+
+# --- Cost of context ------------------------------------------------------------------------
+
+
+def test_cost_page_estimates_follow_its_own_measurements():
+    app = open_with_url("cost.py", cost_longest="1024", cost_seconds="5", cost_dim="32")
+    assert app.select_slider(key="cost_longest").value == 1024
+    assert app.select_slider(key="cost_dim").value == 32
+    timing = next(f for t, f in charts(app).items() if t.startswith("Time per call"))
+    measured = timing[timing["kind"] == "measured"]
+    assert set(measured["n"]) == {128, 256, 512, 1024}
+    growth = next(d.value for d in app.dataframe if "time when n doubles" in d.value.columns)
+    growth = growth.set_index("method")
+    assert list(growth.loc[growth.index[0], ["expected"]]) == ["×4.0"]
+    estimated = timing[timing["kind"] == "estimated"]
+    for method, rows in measured.groupby("method"):
+        longest = rows.loc[rows["n"].idxmax()]
+        kind = cost.mask_kind(method)
+        per_pair = longest["seconds"] / cost.visible_pairs(int(longest["n"]), kind)
+        at_200k = estimated[(estimated["method"] == method) & (estimated["n"] == 200_000)]
+        np.testing.assert_allclose(
+            at_200k["seconds"], per_pair * cost.visible_pairs(200_000, kind), rtol=1e-9
+        )
+        fitted = growth.loc[method, "fitted p (time ∝ nᵖ)"]
+        verdict = growth.loc[method, "fit"]
+        expected = growth.loc[method, "expected p"]
+        assert (abs(fitted - expected) <= cost.EXPONENT_TOLERANCE) == (verdict == "as expected")
+        if verdict != "as expected":
+            assert any(method in w.value for w in app.warning)
+    assert {"cost_longest", "cost_seconds", "cost_dim", "cost_threads", "cost_budget"} <= (
+        bound_keys(app)
+    )
+
+
+def test_cost_page_ignores_a_url_value_it_does_not_offer():
+    app = open_with_url("cost.py", cost_longest="1000", cost_seconds="5")
+    assert app.select_slider(key="cost_longest").value == 16_384  # the default, not 1000
+
+
+@pytest.mark.parametrize("speed_ups", [(0.96, 1.03, 0.99), (1.9, 1.8, 3.0)])
+def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
+    def fake_times(shape, n, **_):
+        frame = cost.pd.DataFrame(
+            {
+                "storage": cost.STORAGES,
+                "cache bytes": [4, 2, 2, 1],
+                "seconds": [1e-3 / s for s in (1.0, *speed_ups)],
+                "GB/s read": 1.0,
+            }
+        )
+        frame["speed-up vs float32"] = frame["seconds"].iloc[0] / frame["seconds"]
+        frame["step"] = [cost.human_seconds(t) for t in frame["seconds"]]
+        frame["cache"] = [cost.human_bytes(b) for b in frame["cache bytes"]]
+        return frame
+
+    monkeypatch.setattr(cost, "decode_step_times", fake_times)
+    app = open_with_url("cost.py", cost_longest="512", cost_seconds="5")
+    app.button(key="cost_decode_run").click().run()
+    assert_clean(app)
+    caption = next(c.value for c in app.caption if "One layer, one new token" in c.value)
+    low, high = min(speed_ups), max(speed_ups)
+    assert f"{low:.2f}–{high:.2f}×" in caption
+    assert "does not show the cache's own gain" in caption
+    assert ("not time" in caption) == (high < cost.SAME_SPEED[1])
