@@ -1,25 +1,56 @@
-"""Benchmark rows and how they are shown: the markdown table, and the JSON/markdown result files."""
+"""Benchmark rows and how they are shown: the markdown tables, the result files, and the docs.
+
+The performance tables in README.md and docs/ are generated from the result files, never edited
+by hand. Each sits between two markers:
+
+    <!-- generated: KIND [rows=ID,ID,...] [file=NAME.json] -->
+    ...
+    <!-- end: generated -->
+
+KIND is ``run`` (the machine, versions, date and limits of the run), ``brief`` (its date,
+machine and threads in one line), ``table`` (every column), ``rows`` (a compact table),
+``checks`` (how many targets were met, the largest float64 error) or ``models`` (a
+``bench_models.py`` result file: its run and table). ``rows=`` picks and orders rows by id;
+``file=`` names a file in benchmarks/results (default ``latest.json``).
+
+    python benchmarks/report.py --docs            # rewrite the blocks from the result files
+    python benchmarks/report.py --docs --check    # exit 1 if any block differs from them
+"""
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import os
+import re
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DOC_FILES",
     "PEERS",
+    "RESULTS_DIR",
     "Row",
     "describe_limits",
     "format_seconds",
+    "generated_block",
     "markdown_report",
     "markdown_table",
+    "render_docs",
     "rows_to_json",
+    "update_docs",
     "write_results",
 ]
 
 # Table columns for the contenders, in order: result key -> column title.
 PEERS = {"attnscope": "attnscope", "torch": "torch", "numpy": "NumPy naive"}
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# The files whose generated blocks `--docs` rewrites.
+DOC_FILES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
 
 @dataclass
@@ -163,3 +194,203 @@ def write_results(results: dict, directory: Path) -> list[Path]:
 def rows_to_json(rows: list[Row]) -> list[dict]:
     """The rows as plain dicts (the ``rows`` entry of the result file)."""
     return [asdict(row) for row in rows]
+
+
+# --- Generated blocks in README.md and docs/ ---
+
+_BLOCK = re.compile(
+    r"(?P<start><!-- generated: (?P<spec>[^>]*?) -->\n).*?(?P<end><!-- end: generated -->)",
+    re.DOTALL,
+)
+_KINDS = ("run", "brief", "table", "rows", "checks", "models")
+
+
+def _format_date(text: str) -> str:
+    """``2026-12-02 03:48 UTC`` from an ISO timestamp (``2026-12-01 09:24`` if it has no zone)."""
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        return moment.strftime("%Y-%m-%d %H:%M")
+    return moment.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _simple_table(header: list[str], lines: list[list[str]]) -> str:
+    rule = "|" + "---|" * len(header)
+    return "\n".join(
+        [
+            "| " + " | ".join(header) + " |",
+            rule,
+            *("| " + " | ".join(cells) + " |" for cells in lines),
+        ]
+    )
+
+
+def _pick_rows(rows: list[dict], ids: list[str] | None, source: str) -> list[dict]:
+    """The rows named by `ids`, in that order (all of them when `ids` is None)."""
+    if ids is None:
+        return rows
+    by_id = {row["id"]: row for row in rows}
+    unknown = [row_id for row_id in ids if row_id not in by_id]
+    if unknown:
+        raise ValueError(f"rows: {', '.join(unknown)} not in {source} (it has {', '.join(by_id)})")
+    return [by_id[row_id] for row_id in ids]
+
+
+def _run_paragraph(results: dict) -> str:
+    meta, machine = results["meta"], results["meta"]["machine"]
+    simd = f", engine kernels: {meta['simd_level']}" if meta.get("simd_level") else ""
+    load = meta["load_average"]
+    return (
+        f"Run of {_format_date(meta['date'])}, `{meta['command']}` ({meta['preset']} sizes), on "
+        f"{machine['cpu']} with {machine['usable_cpus']} usable of {machine['logical_cpus']} "
+        f"logical CPUs and {machine['memory_gib']} GiB RAM{simd}; {machine['os']}. "
+        f"{meta['threads']} threads for every contender (NumPy's BLAS: {meta['numpy_threads']}). "
+        f"Versions: attnscope {meta['attnscope']}, torch {meta['torch']}, NumPy {meta['numpy']}, "
+        f"Python {machine['python']}. The 1-minute load average was {load['start']} before the "
+        f"run and {load['end']} after it (other work on the machine). Measured in the same run: "
+        f"{describe_limits(results['limits'])}."
+    )
+
+
+def _brief_line(results: dict) -> str:
+    meta, machine = results["meta"], results["meta"]["machine"]
+    return (
+        f"Run of {_format_date(meta['date'])} ({meta['preset']} sizes) on {machine['cpu']}, "
+        f"{machine['usable_cpus']} CPUs, {meta['threads']} threads for every contender, "
+        f"torch {meta['torch']}."
+    )
+
+
+def _compact_table(rows: list[Row]) -> str:
+    header = ["Row", "attnscope", "torch", "Result", "Target", "Max rel. err", "Verdict"]
+    return _simple_table(
+        header,
+        [
+            [
+                row.label,
+                format_seconds(row.cells.get("attnscope")),
+                format_seconds(row.cells.get("torch")),
+                row.result or "—",
+                row.target,
+                _format_error(row.max_rel_error),
+                f"**{row.verdict}**" if row.verdict.startswith("FAIL") else row.verdict,
+            ]
+            for row in rows
+        ],
+    )
+
+
+def _checks_sentence(results: dict) -> str:
+    rows = [Row(**row) for row in results["rows"]]
+    judged = [row for row in rows if row.met is not None]
+    missed = [row.label for row in judged if not row.met]
+    tolerance = results["meta"]["error_tolerance"]
+    errors = [row.max_rel_error for row in rows if row.max_rel_error is not None]
+    over = [row.label for row in rows if row.verdict == "FAIL (error)"]
+    text = f"{len(judged) - len(missed)} of {len(judged)} rows meet their target"
+    text += f"; {len(missed)} do not (marked **FAIL**). " if missed else ". "
+    if over:
+        return text + f"Over the float64 error limit of {tolerance:.0e}: {'; '.join(over)}."
+    return text + (
+        f"Every row passes the float64 check: the largest error is {max(errors):.1e} of the "
+        f"largest output, the limit {tolerance:.0e}."
+    )
+
+
+def _models_block(results: dict, ids: list[str] | None, source: str) -> str:
+    meta, machine = results["meta"], results["meta"]["machine"]
+    paragraph = (
+        f"Run of {_format_date(meta['date'])}, `{meta['command']}`, on {machine['cpu']} with "
+        f"{machine['usable_cpus']} usable CPUs and {machine['memory_gib']} GiB RAM; "
+        f"{meta['threads']} threads for attnscope, torch and NumPy's BLAS ({meta['env_note']}); "
+        f"transformers {meta['transformers']}, torch {meta['torch']}, NumPy {meta['numpy']}; "
+        f"load average {meta['load_average']} at the start."
+    )
+    met = {True: " (met)", False: " (**missed**)", None: ""}
+    lines = [
+        [
+            row["label"],
+            format_seconds(row["times"].get("attnscope")),
+            format_seconds(row["times"].get("transformers")),
+            row.get("result", "—"),
+            f"{row['target']}{met[row.get('met')]}" if "target" in row else "—",
+        ]
+        for row in _pick_rows(results["rows"], ids, source)
+    ]
+    table = _simple_table(["Row", "attnscope", "transformers", "Result", "Target"], lines)
+    sizes = results["memory"]
+    memory = "; ".join(f"{name} {size / 2**20:.0f} MiB" for name, size in sizes.items())
+    return f"{paragraph}\n\n{table}\n\nResident memory of each loaded model: {memory}."
+
+
+def generated_block(spec: str, results_dir: Path = RESULTS_DIR) -> str:
+    """The text of one generated block, from its marker's spec (``"rows rows=decode,tiny"``)."""
+    kind, *options = spec.split()
+    if kind not in _KINDS:
+        raise ValueError(f"generated block {spec!r}: kind must be one of {', '.join(_KINDS)}")
+    settings = dict(option.partition("=")[::2] for option in options)
+    unknown = set(settings) - {"rows", "file"}
+    if unknown:
+        raise ValueError(f"generated block {spec!r}: unknown option {', '.join(sorted(unknown))}")
+    source = settings.get("file", "latest.json")
+    results = json.loads((results_dir / source).read_text(encoding="utf-8"))
+    ids = settings["rows"].split(",") if "rows" in settings else None
+    if kind == "models":
+        return _models_block(results, ids, source)
+    if kind == "run":
+        return _run_paragraph(results)
+    if kind == "brief":
+        return _brief_line(results)
+    if kind == "checks":
+        return _checks_sentence(results)
+    rows = [Row(**row) for row in _pick_rows(results["rows"], ids, source)]
+    if kind == "rows":
+        return _compact_table(rows)
+    return markdown_table(rows, results["limits"]["sgemm"]["gflops"])
+
+
+def render_docs(text: str, results_dir: Path = RESULTS_DIR) -> str:
+    """`text` with every generated block rewritten from the result files in `results_dir`."""
+
+    def rewrite(block: re.Match) -> str:
+        body = generated_block(block["spec"], results_dir)
+        return f"{block['start']}{body}\n{block['end']}"
+
+    return _BLOCK.sub(rewrite, text)
+
+
+def update_docs(
+    paths: tuple[Path, ...] = DOC_FILES, results_dir: Path = RESULTS_DIR, check: bool = False
+) -> list[Path]:
+    """Rewrite the generated blocks of `paths`; returns the files that were (with `check`:
+    that would be) changed. With `check`, nothing is written."""
+    changed = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        rendered = render_docs(text, results_dir)
+        if rendered != text:
+            changed.append(path)
+            if not check:
+                _write_atomically(path, rendered)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--docs", action="store_true", help="rewrite the generated tables in README.md and docs/"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="with --docs: write nothing, exit 1 if out of date"
+    )
+    args = parser.parse_args(argv)
+    if not args.docs:
+        parser.error("nothing to do: pass --docs")
+    changed = update_docs(check=args.check)
+    for path in changed:
+        verb = "out of date" if args.check else "rewritten"
+        print(f"{path.relative_to(ROOT)}: {verb}", file=sys.stderr if args.check else sys.stdout)
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
