@@ -106,3 +106,40 @@ def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
     assert f"{low:.2f}–{high:.2f}×" in caption
     assert "does not show the cache's own gain" in caption
     assert ("not time" in caption) == (high < cost.SAME_SPEED[1])
+
+
+# --- Inside one head: the FlashAttention stepper --------------------------------------------
+
+
+def test_inside_flash_stepper_walks_to_the_engine_row():
+    app = open_with_url("inside.py", inside_flash_block="2")
+    words = app.text_input(key="inside_sentence").value.split()
+    assert app.select_slider(key="inside_flash_block").value == 2
+    assert app.selectbox(key="inside_flash_row").value == len(words) - 1
+    walked = app.slider(key="inside_flash_walked")
+    assert walked.value == 1 and walked.max == -(-len(words) // 2)
+    table = next(d.value for d in app.dataframe if "running sum l" in d.value.columns)
+    assert len(table) == 1
+    walked.set_value(walked.max).run()
+    assert_clean(app)
+    table = next(d.value for d in app.dataframe if "running sum l" in d.value.columns)
+    assert len(table) == walked.max
+    assert app.success and "within" in app.success[0].value
+    rows = next(
+        d.value
+        for d in app.dataframe
+        if "engine weight" in d.value.columns
+        and "key" in d.value.columns
+        and len(d.value.columns) == 3
+    )
+    np.testing.assert_allclose(
+        rows["blockwise weight exp(score − m − log l)"], rows["engine weight"], atol=1e-6
+    )
+    # An earlier row: the blocks after it are hidden by the causal mask, and skipped.
+    app.selectbox(key="inside_flash_row").select(0).run()
+    assert_clean(app)
+    app.slider(key="inside_flash_walked").set_value(app.slider(key="inside_flash_walked").max)
+    app.run()
+    table = next(d.value for d in app.dataframe if "running sum l" in d.value.columns)
+    assert list(table["block max"])[1:] == ["skipped"] * (len(table) - 1)
+    assert app.success

@@ -51,6 +51,18 @@ def attention(q, k, v, **options) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out), np.asarray(weights)
 
 
+def attention_with_lse(q, k, v, **options) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`attention`, plus each query row's log-sum-exp of its scaled scores
+    (natural log, ``-inf`` for a row that sees no key): ``(output, weights, lse)``."""
+    sdpa = (
+        attnscope.scaled_dot_product_attention
+        if compiled_available()
+        else reference.scaled_dot_product_attention
+    )
+    out, weights, lse = sdpa(q, k, v, return_weights=True, return_lse=True, **options)
+    return np.asarray(out), np.asarray(weights), np.asarray(lse)
+
+
 def attention_output(q, k, v, **options) -> np.ndarray:
     """Scaled dot-product attention without the weights (what the cost page times)."""
     if compiled_available():

@@ -130,3 +130,159 @@ def saturation_at(curves: pd.DataFrame, d_k: int) -> pd.DataFrame:
     """The rows of :func:`saturation` at width `d_k`, indexed by scaling ("÷ √d_k", "no
     scaling")."""
     return curves[curves["d_k"] == d_k].set_index("scaling")
+
+
+# --- FlashAttention's online softmax, one block of keys at a time ----------------------------
+
+
+@dataclass(frozen=True)
+class BlockStep:
+    """The online softmax's state after one block of keys, for one query row."""
+
+    start: int  # the block holds keys start .. stop - 1
+    stop: int
+    scores: np.ndarray  # (stop - start,) the block's scaled scores, -inf where the mask hides a key
+    skipped: bool  # every key of the block is hidden: a tiled kernel never reads it
+    block_max: float  # the largest visible score of the block (-inf if none)
+    running_max: float  # m: the largest score seen so far
+    rescale: float  # exp(m before − m after): what the earlier sum and output are multiplied by
+    running_sum: float  # l: Σ exp(score − m) over the keys seen so far
+    accumulator: np.ndarray  # (d_v,) Σ exp(score − m)·v over the keys seen so far
+
+    @property
+    def partial_output(self) -> np.ndarray:
+        """The output if the row ended here: the accumulator over the running sum."""
+        if self.running_sum == 0:
+            return np.zeros_like(self.accumulator)
+        return self.accumulator / self.running_sum
+
+
+@dataclass(frozen=True)
+class FlashRow:
+    """One query row computed block by block, and what the blocks add up to."""
+
+    steps: list[BlockStep]
+    output: np.ndarray  # (d_v,) accumulator / sum after the last block
+    lse: float  # log-sum-exp of the row's visible scores: m + log(l), -inf if none
+
+    def weights(self) -> np.ndarray:
+        """The full softmax row rebuilt from the final m and l: exp(score − lse) per key."""
+        scores = np.concatenate([step.scores for step in self.steps])
+        if self.lse == -np.inf:
+            return np.zeros_like(scores)
+        return np.exp(scores - self.lse)
+
+
+def flash_row(
+    query: np.ndarray,
+    keys: np.ndarray,
+    values: np.ndarray,
+    *,
+    scale: float,
+    visible: np.ndarray,
+    block: int,
+) -> FlashRow:
+    """Attention for one query row the way FlashAttention computes it: walk the keys in
+    blocks of `block`, keep a running maximum ``m`` and sum ``l`` of ``exp(score − m)``, and
+    when a block raises ``m``, multiply the sum and the partial output by
+    ``exp(m_old − m_new)`` before adding the block. No step holds more than one block of
+    scores; the result equals the softmax over the whole row.
+
+    query: (d_k,); keys: (n, d_k); values: (n, d_v); visible: (n,) bool, True where the query
+    may see the key. Raises ValueError for shapes that do not fit or a block below 1.
+    """
+    query, keys, values = (np.asarray(a, dtype=np.float64) for a in (query, keys, values))
+    visible = np.asarray(visible, dtype=bool)
+    if query.ndim != 1 or keys.ndim != 2 or values.ndim != 2:
+        raise ValueError(
+            f"query must be (d_k,), keys (n, d_k) and values (n, d_v); got {query.shape}, "
+            f"{keys.shape} and {values.shape}"
+        )
+    n = keys.shape[0]
+    if keys.shape[1] != query.shape[0] or values.shape[0] != n or visible.shape != (n,):
+        raise ValueError(
+            f"keys {keys.shape} must have the query's width {query.shape[0]}, and values "
+            f"{values.shape} and visible {visible.shape} one row per key ({n})"
+        )
+    if isinstance(block, bool) or not isinstance(block, int | np.integer) or block < 1:
+        raise ValueError(f"block must be a whole number >= 1, got {block!r}")
+    running_max, running_sum = -np.inf, 0.0
+    accumulator = np.zeros(values.shape[1])
+    steps = []
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        seen = visible[start:stop]
+        scores = np.where(seen, keys[start:stop] @ query * scale, -np.inf)
+        block_max = float(scores.max())
+        skipped = not seen.any()
+        rescale = 1.0
+        if not skipped:
+            new_max = max(running_max, block_max)
+            rescale = float(np.exp(running_max - new_max))  # 0 for the first visible block
+            weights = np.exp(scores - new_max)  # 0 at hidden keys
+            running_sum = running_sum * rescale + float(weights.sum())
+            accumulator = accumulator * rescale + weights @ values[start:stop]
+            running_max = new_max
+        state = (running_max, rescale, running_sum, accumulator.copy())
+        steps.append(BlockStep(start, stop, scores, skipped, block_max, *state))
+    if running_sum == 0:
+        return FlashRow(steps, np.zeros(values.shape[1]), -np.inf)
+    return FlashRow(steps, accumulator / running_sum, running_max + float(np.log(running_sum)))
+
+
+def flash_table(row: FlashRow, key_labels: list[str], upto: int) -> pd.DataFrame:
+    """The first `upto` blocks of `row`, one line each: its keys, scores and the state after."""
+    lines = []
+    for index, step in enumerate(row.steps[:upto]):
+        shown = ", ".join("hidden" if s == -np.inf else f"{s:.3f}" for s in step.scores)
+        lines.append(
+            {
+                "block": index + 1,
+                "keys": ", ".join(key_labels[step.start : step.stop]),
+                "scaled scores": shown,
+                "block max": "skipped" if step.skipped else f"{step.block_max:.3f}",
+                "running max m": step.running_max,
+                "rescale exp(m_old − m)": step.rescale,
+                "running sum l": step.running_sum,
+            }
+        )
+    return pd.DataFrame(lines)
+
+
+def flash_memory(n: int, block: int, d_v: int, long_n: int = 200_000) -> pd.DataFrame:
+    """Numbers one query row keeps while its softmax is computed each way, and what one head
+    needs at `long_n` tokens (float32): every score and weight of the n×n matrix, against
+    q, k, v and the output alone (the running m and l add two numbers per row)."""
+    from .cost import human_bytes, naive_bytes, tiled_bytes
+
+    return pd.DataFrame(
+        [
+            {
+                "way": "whole row: every score first, then softmax",
+                "numbers held for one query row": f"{n} scores",
+                f"one head at n = {long_n:,}": human_bytes(naive_bytes(long_n)),
+            },
+            {
+                "way": "blockwise (FlashAttention)",
+                "numbers held for one query row": f"{block} scores + m + l + {d_v} outputs",
+                f"one head at n = {long_n:,}": human_bytes(
+                    tiled_bytes(long_n, d_v) + 2 * 4 * long_n
+                ),
+            },
+        ]
+    )
+
+
+def flash_check(row: FlashRow, steps: Steps, query: int) -> dict[str, float]:
+    """How far `row` (query `query` of `steps`, walked block by block) lies from the engine's
+    own answer for that row: the largest difference of its weights, log-sum-exp and output
+    from the engine's ``return_weights`` and ``return_lse``."""
+    output, weights, lse = engine.attention_with_lse(
+        steps.q, steps.k, steps.v, is_causal=True, scale=steps.scale
+    )
+    same_lse = row.lse == lse[query] == -np.inf
+    return {
+        "weights": float(np.abs(row.weights() - weights[query]).max()),
+        "log-sum-exp": 0.0 if same_lse else abs(row.lse - float(lse[query])),
+        "output": float(np.abs(row.output - output[query]).max()),
+    }

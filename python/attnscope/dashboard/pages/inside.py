@@ -1,5 +1,6 @@
 """Page: one head step by step, and what happens without the √d_k factor."""
 
+import pandas as pd
 import streamlit as st
 from attnscope.dashboard import charts, inside, ui
 
@@ -124,4 +125,80 @@ cols[2].metric(
     f"{at_d.loc['no scaling', 'softmax gradient']:.3f} unscaled",
     f"{at_d.loc['÷ √d_k', 'softmax gradient']:.3f} scaled",
     delta_color="off",
+)
+
+st.subheader("4 · FlashAttention: the same softmax, one block of keys at a time")
+st.markdown(
+    "Softmax seems to need the whole row of scores before it can divide by their sum, and at "
+    "200,000 tokens a head's rows weigh hundreds of GiB. FlashAttention never holds a whole "
+    "row: it walks the keys in blocks and keeps three things per query, the largest score so "
+    "far `m`, the sum `l` of `exp(score − m)`, and the output so far. When a block brings a "
+    "larger score, the old sum and output are multiplied by `exp(m_old − m_new)`, which puts "
+    "them on the new scale, and the block is added. Blocks the causal mask hides entirely are "
+    "skipped. Step through one query row:"
+)
+flash_controls = st.columns([2, 2, 3])
+st.session_state.setdefault("inside_flash_row", len(words) - 1)
+query_row = ui.position_select(flash_controls[0], "Query row", words, key="inside_flash_row")
+block = flash_controls[1].select_slider(
+    "Keys per block", [1, 2, 3, 4], value=2, key="inside_flash_block", bind="query-params"
+)
+flash = inside.flash_row(
+    steps.q[query_row],
+    steps.k,
+    steps.v,
+    scale=steps.scale,
+    visible=steps.visible[query_row],
+    block=block,
+)
+walked = ui.bounded_slider(
+    flash_controls[2], "Blocks walked", 1, len(flash.steps), 1, key="inside_flash_walked"
+)
+st.dataframe(
+    inside.flash_table(flash, labels, walked),
+    hide_index=True,
+    key="inside_flash_table",
+    column_config={
+        name: st.column_config.NumberColumn(format="%.4g")
+        for name in ("running max m", "rescale exp(m_old − m)", "running sum l")
+    },
+)
+current = flash.steps[walked - 1]
+st.dataframe(
+    pd.DataFrame(
+        [current.partial_output[:shown], flash.output[:shown]],
+        index=[f"accumulator / l after block {walked}", "final output"],
+        columns=dims,
+    ),
+    key="inside_flash_output",
+    column_config={d: st.column_config.NumberColumn(format="%.4f") for d in dims},
+)
+if walked < len(flash.steps):
+    st.caption("Move the slider to the last block to compare the result with the engine.")
+else:
+    gaps = inside.flash_check(flash, steps, query_row)
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "key": labels,
+                "blockwise weight exp(score − m − log l)": flash.weights(),
+                "engine weight": steps.weights[query_row],
+            }
+        ),
+        hide_index=True,
+        key="inside_flash_weights",
+        column_config={
+            "blockwise weight exp(score − m − log l)": st.column_config.NumberColumn(format="%.6f"),
+            "engine weight": st.column_config.NumberColumn(format="%.6f"),
+        },
+    )
+    largest = max(gaps.values())
+    message = (
+        f"After the last block: weights within {gaps['weights']:.1e}, log-sum-exp "
+        f"m + log l within {gaps['log-sum-exp']:.1e} and output within {gaps['output']:.1e} "
+        "of the engine's (return_weights, return_lse)."
+    )
+    (st.success if largest <= 1e-6 else st.error)(message)
+st.dataframe(
+    inside.flash_memory(len(words), block, d_k), hide_index=True, key="inside_flash_memory"
 )
