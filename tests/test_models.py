@@ -132,7 +132,7 @@ def test_minilm_matches_transformers_live(minilm):
 
 @needs_minilm
 def test_minilm_has_a_head_that_links_she_to_nurse(pronoun):
-    # The README's claim, measured: in MiniLM, layer 5 head 11 sends 62% of "she"'s attention
+    # docs/models.md's claim, measured: in MiniLM, layer 5 head 11 sends 62% of "she"'s attention
     # to "nurse" (a tenth of that to "doctor"), far above an even spread over 11 tokens (9%).
     she, nurse, doctor = (pronoun.tokens.index(w) for w in ("she", "nurse", "doctor"))
     best = am.rank_heads(pronoun.attentions, she, nurse)[0]
