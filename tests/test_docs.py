@@ -182,3 +182,14 @@ def test_readme_is_a_front_page_that_indexes_the_docs():
 def test_examples_run(path):
     assert _python_blocks(path), f"{path.name} has no Python example"
     _run_blocks(path)
+
+
+def test_the_layout_names_every_folder_of_the_crate():
+    # The README and docs/engine.md describe rust/ folder by folder, not file by file: a new
+    # folder that neither names has left them behind.
+    folders = sorted(path.name for path in (ROOT / "rust").iterdir() if path.is_dir())
+    assert folders
+    for doc in (README, ROOT / "docs" / "engine.md"):
+        text = doc.read_text(encoding="utf-8")
+        missing = [name for name in folders if f"`{name}/`" not in text]
+        assert not missing, f"{doc.name} does not describe rust/{', rust/'.join(missing)}"
