@@ -332,3 +332,130 @@ def test_cache_attend_takes_an_expression():
     np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6)
     with pytest.raises(TypeError, match="attn_mask"):
         cache.attend(q, attn_mask=streaming.to_dense(5, 300))
+
+
+def deep_chain(depth: int):
+    """A left-deep chain `depth` levels deep mixing ~, & and |, with the same chain evaluated
+    by NumPy on the (L, S) grid from the patterns' definitions."""
+    patterns = [
+        (M.window(5), np.abs(ROWS - COLS) <= 5),
+        (M.sinks(1), np.broadcast_to(COLS < 1, (L, S))),
+        (M.strided(3), (ROWS - COLS) % 3 == 0),
+    ]
+    mask, dense = M.causal(), COLS <= ROWS
+    for level in range(depth - 1):
+        pattern, pattern_dense = patterns[level % len(patterns)]
+        step = level % 3
+        if step == 0:
+            mask, dense = ~mask, ~dense
+        elif step == 1:
+            mask, dense = mask & pattern, dense & pattern_dense
+        else:
+            mask, dense = mask | pattern, dense | pattern_dense
+    return mask, dense
+
+
+def test_expression_at_the_depth_limit_matches_numpy_and_the_reference():
+    mask, expected = deep_chain(M.MAX_DEPTH)
+    np.testing.assert_array_equal(mask.to_dense(L, S), expected)
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((1, 2, L, 8)).astype(np.float32)
+    k = rng.standard_normal((1, 2, S, 8)).astype(np.float32)
+    v = rng.standard_normal((1, 2, S, 8)).astype(np.float32)
+    got = ats.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want = reference.scaled_dot_product_attention(q, k, v, attn_mask=expected)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert mask.layout(L, S, block=8).visible_pairs == expected.sum()
+
+
+def test_one_level_past_the_depth_limit_is_refused_when_built():
+    mask, _ = deep_chain(M.MAX_DEPTH)
+    for build in (lambda: ~mask, lambda: mask & M.causal(), lambda: M.sinks(2) | mask):
+        with pytest.raises(ValueError, match=f"{M.MAX_DEPTH + 1} levels.*MAX_DEPTH = 1024"):
+            build()
+
+
+def test_a_long_chain_is_refused_at_the_limit_not_built_to_the_end():
+    mask, built = M.causal(), 1
+    with pytest.raises(ValueError, match="MAX_DEPTH"):
+        for _ in range(20_000):
+            mask = mask | M.sinks(1)
+            built += 1
+    assert built == M.MAX_DEPTH
+    assert repr(mask).count("sinks(1)") == M.MAX_DEPTH - 1
+
+
+def test_a_self_doubling_expression_is_refused_by_its_size():
+    mask = M.causal()
+    with pytest.raises(ValueError, match="MAX_NODES"):
+        for _ in range(40):
+            mask = mask & mask
+    assert 2 * mask._nodes + 1 > M.MAX_NODES
+    np.testing.assert_array_equal(mask.to_dense(5, 5), np.tri(5, dtype=bool))
+
+
+def test_deep_equality_hash_and_repr_need_no_recursion():
+    first, _ = deep_chain(M.MAX_DEPTH - 1)
+    second, _ = deep_chain(M.MAX_DEPTH - 1)
+    assert first is not second and first == second and hash(first) == hash(second)
+    other = ~second
+    assert other != first and ~first == other
+    nots = M.causal()
+    for _ in range(M.MAX_DEPTH - 1):
+        nots = ~nots
+    assert repr(nots) == "~" * (M.MAX_DEPTH - 1) + "causal()"
+    last_leaf_differs = M.causal("bottom_right")
+    for _ in range(M.MAX_DEPTH - 1):
+        last_leaf_differs = ~last_leaf_differs
+    assert nots != last_leaf_differs
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: M.sinks(2**64), "n must be <= 2\\*\\*63 - 1"),
+        (lambda: M.prefix_lm(2**63), "prefix_len"),
+        (lambda: M.strided(2**64), "stride"),
+        (lambda: M.fixed(2**64), "block"),
+        (lambda: M.dilated(2**64, 1), "window"),
+        (lambda: M.dilated(3, 2**70), "dilation"),
+        (lambda: M.random_blocks(2**63, 1), "block"),
+        (lambda: M.random_blocks(8, 2**64), "per_row"),
+        (lambda: M.window(2**64), "window left"),
+        (lambda: M.window(1, 2**63), "window right"),
+        (lambda: M.global_tokens([2**63]), "positions"),
+        (lambda: M.global_tokens(np.array([2**63], dtype=np.uint64)), "positions"),
+        (lambda: M.global_tokens([0, 2**64]), "positions"),
+        (lambda: M.document([-1, 2**63]), "ids"),
+        (lambda: M.document([0], kv_ids=np.array([2**64 - 1], dtype=np.uint64)), "kv_ids"),
+        (lambda: M.causal().to_dense(2**64, 1), "num_queries"),
+        (lambda: M.causal().layout(3, 3, block=2**64), "block"),
+        (lambda: M.causal().dense_rows(3, 3, [2**64]), "rows"),
+    ],
+)
+def test_integers_past_int64_are_refused_with_the_argument_named(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_the_largest_sizes_still_work():
+    largest = 2**63 - 1
+    full = np.ones((3, 8), dtype=bool)
+    np.testing.assert_array_equal(M.sinks(largest).to_dense(3, 8), full)
+    np.testing.assert_array_equal(M.window(largest).to_dense(3, 8), full)
+    np.testing.assert_array_equal(M.prefix_lm(largest).to_dense(3, 8), full)
+    np.testing.assert_array_equal(M.strided(largest).to_dense(3, 8), np.eye(3, 8, dtype=bool))
+    ids = [largest, 0, -largest - 1]
+    np.testing.assert_array_equal(M.document(ids).to_dense(3, 3), np.eye(3, dtype=bool))
+
+
+def test_global_positions_must_be_a_query_or_a_key():
+    q = np.zeros((1, 2, 6, 4), dtype=np.float32)
+    k = np.ones((1, 2, 8, 4), dtype=np.float32)
+    key_only = M.global_tokens([7])  # a key, not a query: allowed
+    expected = (COLS[:, :8] == 7) | (ROWS[:6] == 7)
+    np.testing.assert_array_equal(key_only.to_dense(6, 8), expected)
+    got = ats.scaled_dot_product_attention(q, k, k, attn_mask=key_only)
+    np.testing.assert_allclose(got, reference.scaled_dot_product_attention(q, k, k, expected))
+    with pytest.raises(ValueError, match="position 8"):
+        M.global_tokens([8]).to_dense(6, 8)

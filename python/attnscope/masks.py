@@ -16,6 +16,22 @@ Example::
 Positions are indices into the queries (``i``, ``0 <= i < L``) and keys (``j``, ``0 <= j < S``).
 ``c(i)`` is the diagonal: ``i`` for ``alignment="top_left"`` and ``i + S - L`` for
 ``"bottom_right"``, as in :func:`attnscope.scaled_dot_product_attention`.
+
+Limits, each refused with a ``ValueError`` that names what was too large:
+
+- Every size and distance is an int from 0 to ``2**63 - 1`` (the engine's index range), and so
+  is every position and document id; a larger value is refused when the pattern is built, the
+  window's sides included (``None`` is the unbounded side). ``random_blocks``' seed takes any
+  value below ``2**64``.
+- An expression may nest ``&``, ``|`` and ``~`` at most :data:`MAX_DEPTH` (1024) levels deep,
+  a single pattern being one level, and hold at most :data:`MAX_NODES` patterns and operators
+  in all. Both are checked when the expression is built, so the engine's evaluation never goes
+  deeper. A long chain such as ``functools.reduce(operator.or_, patterns)`` is one level per
+  pattern; combining pairwise (a balanced tree) keeps thousands of patterns a few levels deep.
+- ``global_tokens`` positions must be queries or keys of the call: a position past both ``L``
+  and ``S`` is refused when the mask is used, since it names no token. (``sinks(n)`` and
+  ``window`` larger than the sequence mean "all of it" instead, as their sizes are counts and
+  distances, not tokens.)
 """
 
 from __future__ import annotations
@@ -30,6 +46,8 @@ from ._engine import core
 __all__ = [
     "EMPTY",
     "FULL",
+    "MAX_DEPTH",
+    "MAX_NODES",
     "PARTIAL",
     "Mask",
     "MaskLayout",
@@ -49,16 +67,65 @@ __all__ = [
 #: Tile states of :class:`MaskLayout`.
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
+#: The deepest expression allowed: levels of ``&``, ``|`` and ``~`` nesting, a pattern being
+#: one level. The engine refuses deeper specs too.
+MAX_DEPTH = 1024
+#: The most patterns and operators one expression may hold (``m = m & m`` doubles it).
+MAX_NODES = 1 << 16
+# The largest size, distance or position: the engine indexes with 64-bit integers.
+_LARGEST = 2**63 - 1
+
 
 class Mask:
     """An immutable mask expression. Build it with this module's functions; combine with
-    ``&``, ``|`` and ``~``. Two masks are equal when they are the same expression."""
+    ``&``, ``|`` and ``~``. Two masks are equal when they are the same expression.
 
-    __slots__ = ("_spec", "_text")
+    Combining is constant time: the text of :func:`repr` is written only when asked for, and
+    equality and the text are computed without recursion, so no depth allowed here reaches
+    Python's recursion limit. An expression deeper than :data:`MAX_DEPTH` or with more than
+    :data:`MAX_NODES` patterns and operators is refused when it is built."""
+
+    __slots__ = ("_spec", "_text", "_children", "_depth", "_nodes", "_hash")
 
     def __init__(self, spec: tuple, text: str):
-        object.__setattr__(self, "_spec", spec)
-        object.__setattr__(self, "_text", text)
+        # A pattern: its spec for the engine and its text, both small.
+        for name, value in (
+            ("_spec", spec),
+            ("_text", text),
+            ("_children", ()),
+            ("_depth", 1),
+            ("_nodes", 1),
+            ("_hash", hash(text)),
+        ):
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def _combine(cls, operator: str, *children: Mask) -> Mask:
+        """``operator`` ("and", "or" or "not") over ``children``, checked against the limits."""
+        depth = 1 + max(child._depth for child in children)
+        if depth > MAX_DEPTH:
+            raise ValueError(
+                f"mask expression would be {depth} levels deep; at most MAX_DEPTH = {MAX_DEPTH} "
+                "levels of & | ~ nesting are allowed (combine patterns as a balanced tree, "
+                "e.g. pairwise, instead of a long chain)"
+            )
+        nodes = 1 + sum(child._nodes for child in children)
+        if nodes > MAX_NODES:
+            raise ValueError(
+                f"mask expression would hold {nodes} patterns and operators; at most "
+                f"MAX_NODES = {MAX_NODES} are allowed"
+            )
+        mask = object.__new__(cls)
+        for name, value in (
+            ("_spec", (operator, *(child._spec for child in children))),
+            ("_text", None),  # written by __repr__ when first asked for
+            ("_children", children),
+            ("_depth", depth),
+            ("_nodes", nodes),
+            ("_hash", hash((operator, *(child._hash for child in children)))),
+        ):
+            object.__setattr__(mask, name, value)
+        return mask
 
     def __setattr__(self, name, value):
         raise AttributeError("a mask expression is immutable; combine masks to make a new one")
@@ -67,28 +134,30 @@ class Mask:
         raise AttributeError("a mask expression is immutable")
 
     def __repr__(self) -> str:
+        if self._text is None:
+            object.__setattr__(self, "_text", _expression_text(self))
         return self._text
 
     def __and__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
-        return Mask(("and", self._spec, other._spec), f"({self._text} & {other._text})")
+        return Mask._combine("and", self, other)
 
     def __or__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
-        return Mask(("or", self._spec, other._spec), f"({self._text} | {other._text})")
+        return Mask._combine("or", self, other)
 
     def __invert__(self) -> Mask:
-        return Mask(("not", self._spec), f"~{self._text}")
+        return Mask._combine("not", self)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Mask):
             return NotImplemented
-        return _same_spec(self._spec, other._spec)
+        return self._hash == other._hash and _same_spec(self._spec, other._spec)
 
     def __hash__(self) -> int:
-        return hash(self._text)
+        return self._hash
 
     def __bool__(self):
         raise TypeError("a mask expression has no truth value; use & | ~ to combine masks")
@@ -162,25 +231,61 @@ class MaskLayout:
         }
 
 
+_OPERATOR_SYMBOLS = {"and": " & ", "or": " | "}
+
+
+def _expression_text(mask: Mask) -> str:
+    """The text of an expression, written with an explicit stack (no recursion): each pattern
+    as its constructor call, ``&`` and ``|`` in parentheses, ``~`` as a prefix."""
+    pieces: list[str] = []
+    pending: list[Mask | str] = [mask]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            pieces.append(item)
+        elif item._text is not None:
+            pieces.append(item._text)
+        elif item._spec[0] == "not":
+            pending += [item._children[0], "~"]
+        else:
+            left, right = item._children
+            pending += [")", right, _OPERATOR_SYMBOLS[item._spec[0]], left, "("]
+    return "".join(pieces)
+
+
 def _same_spec(a, b) -> bool:
-    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (
-            isinstance(a, np.ndarray)
-            and isinstance(b, np.ndarray)
-            and a.shape == b.shape
-            and bool(np.array_equal(a, b))
-        )
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_same_spec(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
+    """Whether two specs are the same expression, compared with an explicit stack."""
+    pending = [(a, b)]
+    while pending:
+        a, b = pending.pop()
+        if a is b:
+            continue
+        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+            if not (
+                isinstance(a, np.ndarray)
+                and isinstance(b, np.ndarray)
+                and a.shape == b.shape
+                and bool(np.array_equal(a, b))
+            ):
+                return False
+        elif isinstance(a, tuple) and isinstance(b, tuple):
+            if len(a) != len(b):
+                return False
+            pending.extend(zip(a, b, strict=True))
+        elif type(a) is not type(b) or a != b:
+            return False
+    return True
 
 
-def _count(value, name: str, minimum: int = 0) -> int:
-    """A whole number (not a bool) of at least `minimum`."""
+def _count(value, name: str, minimum: int = 0, maximum: int = _LARGEST) -> int:
+    """A whole number (not a bool) from `minimum` to `maximum`."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        limit = "2**63 - 1" if maximum == _LARGEST else str(maximum)
+        raise ValueError(f"{name} must be <= {limit}, got {value}")
     return int(value)
 
 
@@ -192,12 +297,25 @@ def _alignment(alignment) -> bool:
 
 
 def _positions(values, name: str) -> np.ndarray:
-    """A read-only 1-D int64 copy of integer `values` (a list, range or integer array)."""
-    array = np.asarray(list(values) if isinstance(values, range) else values)
-    if array.dtype == np.bool_ or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    """A read-only 1-D int64 copy of integer `values` (a list, range or integer array); values
+    outside int64 are refused rather than wrapped."""
+    if isinstance(values, np.ndarray):
+        array = values
+        if array.dtype == np.bool_ or not (
+            array.size == 0 or np.issubdtype(array.dtype, np.integer)
+        ):
+            raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
+    else:
+        # Python ints as they are: NumPy would turn one past int64 into uint64, float or object.
+        array = np.asarray(list(values) if isinstance(values, range) else values, dtype=object)
+        for value in array.flat:
+            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must hold integers, got {type(value).__name__}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size and (int(array.max()) > _LARGEST or int(array.min()) < -_LARGEST - 1):
+        outside = int(array.max()) if int(array.max()) > _LARGEST else int(array.min())
+        raise ValueError(f"{name} must hold values within int64 (<= 2**63 - 1), got {outside}")
     copy = np.ascontiguousarray(array, dtype=np.int64).copy()
     copy.setflags(write=False)
     return copy
@@ -225,8 +343,12 @@ def window(left, right=..., *, alignment: str = "top_left") -> Mask:
             raise TypeError(f"window {label} must be an int >= 0 or None, got {side!r}")
         elif side < 0:
             raise ValueError(f"window {label} must be >= 0 or None, got {side}")
+        elif side > _LARGEST:
+            raise ValueError(
+                f"window {label} must be <= 2**63 - 1, got {side}; use None for no bound"
+            )
         else:
-            sides.append(min(int(side), 2**63 - 1))
+            sides.append(int(side))
     bottom_right = _alignment(alignment)
     text = f"window({sides[0]}, {sides[1]}"
     text += ", alignment='bottom_right')" if bottom_right else ")"
@@ -257,7 +379,10 @@ def document(ids, kv_ids=None) -> Mask:
 
 def global_tokens(positions) -> Mask:
     """Longformer's global attention: the tokens at ``positions`` see every key and every
-    query sees them: visible iff ``i in positions or j in positions``."""
+    query sees them: visible iff ``i in positions or j in positions``.
+
+    Each position must be a query or a key of the call (``< max(L, S)``); one past both is
+    refused when the mask is used."""
     array = _positions(positions, "positions")
     if (array < 0).any():
         raise ValueError(f"positions must be >= 0, got {int(array.min())}")
@@ -307,9 +432,7 @@ def random_blocks(block: int, per_row: int, seed: int = 0) -> Mask:
     so it is the same on every machine and every call."""
     block = _count(block, "block", minimum=1)
     per_row = _count(per_row, "per_row")
-    seed = _count(seed, "seed")
-    if seed >= 2**64:
-        raise ValueError(f"seed must be < 2**64, got {seed}")
+    seed = _count(seed, "seed", maximum=2**64 - 1)
     return Mask(
         ("random_blocks", block, per_row, seed),
         f"random_blocks({block}, {per_row}, seed={seed})",
