@@ -19,14 +19,15 @@ except ImportError:
     # engine the pages say so and compute with attnscope.reference.
     sys.path.insert(0, str(ROOT / "python"))
 
-from attnscope.dashboard.ui import PAGE_ICON  # noqa: E402  (after the path fallback above)
+from attnscope.dashboard.ui import PAGE_ICON, glossary  # noqa: E402  (after the path fallback)
 
 st.set_page_config(
     page_title="attnscope: attention you can see", page_icon=PAGE_ICON, layout="wide"
 )
 
 pages = [
-    st.Page(f"{PAGES}/heads.py", title="Heads", icon=":material/hub:", default=True),
+    st.Page(f"{PAGES}/start.py", title="Start here", icon=":material/flag:", default=True),
+    st.Page(f"{PAGES}/heads.py", title="Heads", icon=":material/hub:"),
     st.Page(
         f"{PAGES}/regimes.py", title="Causal vs bidirectional", icon=":material/compare_arrows:"
     ),
@@ -38,4 +39,6 @@ pages = [
 if (ROOT / PAGES / "real_model.py").exists():
     pages.append(st.Page(f"{PAGES}/real_model.py", title="Real model", icon=":material/smart_toy:"))
 
-st.navigation(pages).run()
+page = st.navigation(pages)
+glossary()  # in the sidebar of every page
+page.run()

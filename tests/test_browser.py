@@ -27,7 +27,7 @@ CHART = '[data-testid="stVegaLiteChart"]'
 SERVER_PYTHON = os.environ.get("ATTNSCOPE_SERVER_PYTHON", sys.executable)
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Charts each page draws with its default controls; _settle waits until they are all drawn.
-PAGE_CHARTS = {"heads": 10, "regimes": 10, "inside": 12, "cost": 2}
+PAGE_CHARTS = {"start": 3, "heads": 10, "regimes": 10, "inside": 12, "cost": 2}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 # Every request the browser sent to a host other than the dashboard's server.
 OUTSIDE_REQUESTS: list[str] = []
@@ -195,7 +195,7 @@ def _check(page, name: str, charts: bool = True, min_charts: int = 1) -> None:
 def test_heads_page(server, page):
     charts = PAGE_CHARTS["heads"]
     started = time.monotonic()
-    page.goto(server)
+    page.goto(f"{server}/heads")
     _settle(page, min_charts=charts)
     print(f"heads page ready in {time.monotonic() - started:.2f} s")
     _check(page, "heads", min_charts=charts)
@@ -208,7 +208,7 @@ def test_heads_page_survives_two_edits(server, page):
     # The row chooser's labels come from the sentence: after two edits the browser sends back
     # a label of a sentence the page no longer shows.
     charts = PAGE_CHARTS["heads"]
-    page.goto(server)
+    page.goto(f"{server}/heads")
     _settle(page, min_charts=charts)
     for number, sentence in enumerate(("The cat sat", "a b c d e"), start=1):
         field = page.get_by_label("Sentence (edit it)")
@@ -223,6 +223,16 @@ def _type_a_replacement(page) -> None:
     field = page.get_by_label("Replacement word")
     field.fill("teacher")
     field.press("Enter")
+
+
+def test_start_page_opens_first_with_its_glossary(server, page):
+    charts = PAGE_CHARTS["start"]
+    page.goto(server)
+    _settle(page, min_charts=charts)
+    _check(page, "start", min_charts=charts)
+    page.get_by_test_id("stSidebar").get_by_text("Glossary").click()
+    _settle(page, min_charts=charts)
+    assert page.get_by_text("bottom_right lines the last query up").count() >= 1
 
 
 # Per page: its path, the name of the screenshot after one control changed, and that change.

@@ -4,9 +4,12 @@ path through the chapter links every step to a page."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.parse import unquote_plus
+
 import numpy as np
 import pytest
-from attnscope.dashboard import cost
+from attnscope.dashboard import cost, engine, heads, story, text
 from streamlit.testing.v1 import AppTest
 from test_dashboard_app import APP, PAGES, assert_clean, charts
 
@@ -143,3 +146,57 @@ def test_inside_flash_stepper_walks_to_the_engine_row():
     table = next(d.value for d in app.dataframe if "running sum l" in d.value.columns)
     assert list(table["block max"])[1:] == ["skipped"] * (len(table) - 1)
     assert app.success
+
+
+# --- Start here and the glossary ------------------------------------------------------------
+
+
+def test_start_here_is_the_first_page_and_links_every_step():
+    app = open_with_url(None)
+    assert app.title[0].value.startswith("Start here")
+    headings = [h.value for h in app.subheader]
+    assert len(headings) == 8 and headings[0].startswith("1 ·") and "KV cache" in headings[-1]
+    links = app.get("page_link")
+    pages = {link.proto.page for link in links}
+    assert len(links) >= 8
+    assert pages == {"heads", "inside", "learning", "regimes", "cost", "sparse", "real_model"}
+    for page in pages:
+        assert (Path(APP).parent / PAGES / f"{page}.py").exists(), page
+    # The live results agree with what the pages they link to compute.
+    tokens, _ = text.tokenize(story.PRONOUN_SENTENCE)
+    weights = heads.head_weights(tokens)[heads.HEAD_NAMES.index("Coreference")]
+    words = [t.text for t in tokens]
+    drawn = charts(app)["Where 'she' looks"]
+    np.testing.assert_allclose(drawn["weight"], weights[words.index("she")], atol=1e-12)
+    metrics = {m.label: m.value for m in app.metric}
+    assert metrics["causal rows moved"] == "0"
+    if engine.compiled_available():
+        assert float(metrics["8 tokens through the cache vs recomputed"]) < 1e-5
+
+
+def test_a_start_link_opens_its_page_in_the_state_it_names():
+    app = open_with_url(None)
+    link = next(link for link in app.get("page_link") if "unscaled" in link.proto.label)
+    params = dict(pair.split("=") for pair in link.proto.query_string.split("&"))
+    opened = open_with_url("inside.py", **{k: unquote_plus(v) for k, v in params.items()})
+    assert opened.select_slider(key="inside_d_k").value == story.WIDE_HEAD
+    assert opened.radio(key="inside_scaling").value == "no scaling"
+
+
+@pytest.mark.parametrize("page", [None, "heads.py", "cost.py", "learning.py"])
+def test_the_glossary_is_in_every_page_sidebar(page):
+    app = open_with_url(page, cost_longest="512", cost_seconds="5")
+    glossary = [e for e in app.sidebar.children.values() if getattr(e, "label", "") == "Glossary"]
+    assert len(glossary) == 1
+    shown = " ".join(m.value for m in glossary[0].markdown)
+    for term in (
+        "top_left / bottom_right",
+        "grouped-query",
+        "perplexity",
+        "nats",
+        "sink",
+        "softcap",
+        "ALiBi",
+        "KV cache",
+    ):
+        assert term in shown, term

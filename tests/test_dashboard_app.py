@@ -17,8 +17,9 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 PAGES = "python/attnscope/dashboard/pages"
 
 
-def open_page(page: str | None = None) -> AppTest:
-    """The app, on `page` (a file name in the pages folder), after one clean run."""
+def open_page(page: str | None = "heads.py") -> AppTest:
+    """The app, on `page` (a file name in the pages folder; None: the page it opens on),
+    after one clean run."""
     app = AppTest.from_file(APP, default_timeout=180)
     app.run()
     if page is not None:
@@ -131,7 +132,7 @@ def test_heads_row_follows_edits_of_the_sentence(remembered, sentence, expected)
     app = AppTest.from_file(APP, default_timeout=180)
     app.session_state["heads_sentence"] = sentence
     app.session_state["heads_row"] = remembered
-    app.run()
+    app.switch_page(f"{PAGES}/heads.py").run()
     assert_clean(app)
     words = text.split_words(sentence)
     assert app.selectbox(key="heads_row").value == expected

@@ -174,3 +174,53 @@ def tokenize(sentence: str) -> tuple[list[Token], str | None]:
     be shortened. Raises InputError for a sentence with no word in it."""
     words, note = HEADS_SENTENCE.words(sentence)
     return tag(words), note
+
+
+# The words the pages use without stopping to explain them, in the order a reader meets them.
+GLOSSARY = {
+    "query, key, value (Q, K, V)": "Three vectors made from every token's embedding x by "
+    "learned matrices: Q = x·W_Q is what the token looks for, K = x·W_K is how it presents "
+    "itself to others, V = x·W_V is what it hands over when another token picks it.",
+    "softmax": "Turns a row of scores into weights that are positive and sum to 1: "
+    "exp(score) over the row's sum of exp. A large gap between scores puts nearly all the "
+    "weight on one key.",
+    "d_k and √d_k": "d_k is the width of the query and key vectors. A score adds up d_k "
+    "products, so it grows like √d_k; dividing by √d_k keeps softmax from saturating.",
+    "head, multi-head": "One Q/K/V system is a head. A layer runs several in parallel on "
+    "the same tokens, each with its own matrices, so each can follow a different relation.",
+    "causal mask": "A token may look only at itself and earlier tokens. Every text generator "
+    "uses it; it is the grey triangle on the heatmaps.",
+    "bidirectional": "Every token sees every other, before and after it (BERT, encoders).",
+    "top_left / bottom_right": "Where the causal diagonal sits when there are fewer queries "
+    "than keys. top_left (PyTorch's is_causal) lines query 0 up with key 0; bottom_right "
+    "lines the last query up with the last key, which is what decoding with a KV cache needs.",
+    "sliding window": "Each token sees only the w most recent keys, so the cost grows like "
+    "n·w instead of n².",
+    "grouped-query attention (GQA)": "Several query heads share one key/value head. The "
+    "model keeps fewer keys and values, so its KV cache shrinks by the group size.",
+    "KV cache": "While a model generates, it stores every past token's keys and values so "
+    "that each new token only computes its own and reads the stored ones, instead of "
+    "recomputing the whole sequence at every step.",
+    "FlashAttention": "Computes attention in tiles of queries and keys, keeping a running "
+    "maximum and sum per query, so the n×n matrix of scores is never stored.",
+    "log-sum-exp (lse)": "log Σ exp(score) over a row's visible keys: with it, any weight is "
+    "exp(score − lse). FlashAttention keeps it so the backward pass can rebuild weights.",
+    "entropy (nats)": "How spread out a row of weights is: −Σ p·log p with the natural log, "
+    "whose unit is the nat. 0 means all weight on one key; log(n) means even over n keys.",
+    "perplexity": "exp of the average negative log-probability a model gives each next "
+    "token of a text: the number of equally likely choices it was, on average, torn between. "
+    "Lower is better.",
+    "attention sink, sinks": "Trained models park much of their attention on the first "
+    "tokens, whatever they say. StreamingLLM keeps those few 'sink' tokens beside a "
+    "sliding window; without them a windowed model's perplexity climbs.",
+    "softcap": "Scores squeezed as c·tanh(score/c) before softmax, so none can pass ±c "
+    "(Gemma 2 uses it).",
+    "ALiBi": "A bias added to every score, slope × distance, per head: far keys lose score "
+    "in a straight line, with no position embedding at all.",
+    "induction head": "A head that finds where the current token appeared before and looks "
+    "at the token that came next, so the model can continue a repeated pattern. It needs "
+    "a previous-token head in an earlier layer.",
+    "previous-token head": "A head whose every token looks at the token just before it.",
+    "int8 / bfloat16 / float16 storage": "Ways to keep a KV cache in fewer bytes: 16-bit "
+    "floats halve it; int8 keeps one byte per value plus a scale per block of 32.",
+}

@@ -41,6 +41,13 @@ def engine_banner() -> None:
         )
 
 
+def glossary() -> None:
+    """The glossary of the chapter's terms, folded in the sidebar of every page."""
+    with st.sidebar.expander("Glossary", icon=":material/menu_book:"):
+        for term, meaning in text.GLOSSARY.items():
+            st.markdown(f"**{term}**: {meaning}")
+
+
 def chart(container, spec, key: str) -> None:
     """Draw an Altair chart: heatmaps at their natural size, lines and bars across the column."""
     stretch = getattr(spec, "width", None) == "container"
@@ -141,3 +148,20 @@ def one_head(words: tuple[str, ...], d_k: int, scaled: bool):
 @st.cache_data(show_spinner=False, max_entries=16)
 def saturation(d_values: tuple[int, ...]):
     return inside.saturation(d_values)
+
+
+@st.cache_data(show_spinner=False, max_entries=1)
+def story_results() -> dict[str, object]:
+    """Every small live result of the "Start here" page, computed once per server."""
+    from . import story
+
+    return {
+        "pronoun": story.pronoun_link(),
+        "qkv": story.qkv_weights(),
+        "saturation": story.saturation_at_width(),
+        "subject": story.subject_of_sleeps(),
+        "edit": story.later_edit(),
+        "pairs": story.pair_growth(),
+        "memory": story.long_context_memory(),
+        "cache": story.cached_decoding(),
+    }

@@ -17,11 +17,21 @@ ui.engine_banner()
 
 controls = st.columns([3, 2, 2])
 sentence = controls[0].text_input(
-    "A short sentence", "The cat sleeps", key="inside_sentence", max_chars=20_000
+    "A short sentence",
+    "The cat sleeps",
+    key="inside_sentence",
+    max_chars=20_000,
+    bind="query-params",
 )
-d_k = controls[1].select_slider("d_k (width of Q and K)", D_VALUES, value=4, key="inside_d_k")
+d_k = controls[1].select_slider(
+    "d_k (width of Q and K)", D_VALUES, value=4, key="inside_d_k", bind="query-params"
+)
 scaling = controls[2].radio(
-    "Scale the scores", ["÷ √d_k", "no scaling"], key="inside_scaling", horizontal=True
+    "Scale the scores",
+    ["÷ √d_k", "no scaling"],
+    key="inside_scaling",
+    horizontal=True,
+    bind="query-params",
 )
 
 words = ui.read_sentence(inside.SENTENCE.words, sentence)
@@ -100,6 +110,7 @@ metric = st.radio(
     ["max weight", "entropy (nats)", "softmax gradient", "score std"],
     key="inside_metric",
     horizontal=True,
+    bind="query-params",
 )
 ui.chart(
     st,
