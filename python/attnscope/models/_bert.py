@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._model import Checkpoint, Model, merge_heads, split_heads
+from ._model import Checkpoint, Model, split_heads
 from ._numerics import activation, layer_norm, linear
 
 
@@ -81,20 +81,23 @@ class BertModel(Model):
             )
         self._scale = 1.0 / math.sqrt(d // self.num_heads)
 
-    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
-        n = ids.size
-        x = layer_norm(self._word[ids] + self._position[:n], *self._embed_norm, self._eps)
-        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+    def _embeddings(self, ids: np.ndarray) -> np.ndarray:
+        return layer_norm(
+            self._word[ids] + self._position[: ids.size], *self._embed_norm, self._eps
+        )
+
+    def _layer_attention(self, index, x, n, *, return_weights):
+        qkv = linear(x, self._layers[index]["qkv"], self._layers[index]["qkv_bias"])
         d = self.hidden_size
-        for index, layer in enumerate(self._layers):
-            qkv = linear(x, layer["qkv"], layer["qkv_bias"])
-            q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
-            context, attentions[index] = self._attend(q, k, v, scale=self._scale)
-            attended = linear(merge_heads(context), layer["out"], layer["out_bias"])
-            attended += x
-            x = layer_norm(attended, *layer["norm1"], self._eps)
-            hidden = self._act(linear(x, layer["up"], layer["up_bias"]))
-            hidden = linear(hidden, layer["down"], layer["down_bias"])
-            hidden += x
-            x = layer_norm(hidden, *layer["norm2"], self._eps)
-        return attentions, x, None
+        q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads, n) for i in range(3))
+        return self._attend(q, k, v, scale=self._scale, return_weights=return_weights)
+
+    def _layer_rest(self, index, x, merged):
+        layer = self._layers[index]
+        attended = linear(merged, layer["out"], layer["out_bias"])
+        attended += x
+        x = layer_norm(attended, *layer["norm1"], self._eps)
+        hidden = self._act(linear(x, layer["up"], layer["up_bias"]))
+        hidden = linear(hidden, layer["down"], layer["down_bias"])
+        hidden += x
+        return layer_norm(hidden, *layer["norm2"], self._eps)

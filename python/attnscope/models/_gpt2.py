@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ._model import Checkpoint, Model, merge_heads, split_heads
+from ._model import Checkpoint, Model, split_heads
 from ._numerics import activation, layer_norm, linear
 
 
@@ -68,23 +68,29 @@ class GPT2Model(Model):
             base / (index + 1) if by_layer else base for index in range(self.num_layers)
         ]
 
-    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = ids.size
-        x = self._token[ids] + self._position[:n]
-        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+    def _embeddings(self, ids: np.ndarray) -> np.ndarray:
+        return self._token[ids] + self._position[: ids.size]
+
+    def _layer_attention(self, index, x, n, *, return_weights):
+        layer = self._layers[index]
+        normed = layer_norm(x, *layer["norm1"], self._eps)
+        qkv = linear(normed, layer["qkv"], layer["qkv_bias"])
         d = self.hidden_size
-        for index, layer in enumerate(self._layers):
-            normed = layer_norm(x, *layer["norm1"], self._eps)
-            qkv = linear(normed, layer["qkv"], layer["qkv_bias"])
-            q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads) for i in range(3))
-            context, attentions[index] = self._attend(q, k, v, scale=self._scales[index])
-            attended = linear(merge_heads(context), layer["out"], layer["out_bias"])
-            attended += x
-            x = attended
-            normed = layer_norm(x, *layer["norm2"], self._eps)
-            hidden = self._act(linear(normed, layer["up"], layer["up_bias"]))
-            hidden = linear(hidden, layer["down"], layer["down_bias"])
-            hidden += x
-            x = hidden
-        final = layer_norm(x, *self._final_norm, self._eps)
-        return attentions, final, final @ self._unembed
+        q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads, n) for i in range(3))
+        return self._attend(q, k, v, scale=self._scales[index], return_weights=return_weights)
+
+    def _layer_rest(self, index, x, merged):
+        layer = self._layers[index]
+        attended = linear(merged, layer["out"], layer["out_bias"])
+        attended += x
+        normed = layer_norm(attended, *layer["norm2"], self._eps)
+        hidden = self._act(linear(normed, layer["up"], layer["up_bias"]))
+        hidden = linear(hidden, layer["down"], layer["down_bias"])
+        hidden += attended
+        return hidden
+
+    def _final_hidden(self, x: np.ndarray) -> np.ndarray:
+        return layer_norm(x, *self._final_norm, self._eps)
+
+    def _readout(self, hidden: np.ndarray) -> np.ndarray:
+        return hidden @ self._unembed

@@ -148,18 +148,48 @@ class LlamaModel(Model):
 
     # --- the forward pass ------------------------------------------------------------------
 
-    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = ids.size
-        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+    def _embeddings(self, ids: np.ndarray) -> np.ndarray:
+        return self._embed[ids]
 
-        def attend(layer, q, k, v):
-            context, attentions[layer] = attnscope.scaled_dot_product_attention(
-                q, k, v, is_causal=True, enable_gqa=True, return_weights=True
-            )
-            return context
+    def _layer_attention(self, index, x, n, *, return_weights):
+        q, k, v = self._queries_keys_values(
+            self._layers[index], x, self._cos[:n, None, :], self._sin[:n, None, :]
+        )
+        if not return_weights:
+            out = attnscope.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return out, None
+        return attnscope.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=True, return_weights=True
+        )
 
-        final = self.blocks(ids, 0, attend)
-        return attentions, final, self.logits(final)
+    def _layer_rest(self, index, x, merged):
+        layer = self._layers[index]
+        x = x + _project(merged, layer.out)
+        gate_up = _project(_rms_norm(x, layer.norm2, self._eps), layer.gate_up)
+        return x + _project(_swiglu(gate_up), layer.down)
+
+    def _final_hidden(self, x: np.ndarray) -> np.ndarray:
+        return _rms_norm(x, self._final_norm, self._eps)
+
+    def _readout(self, hidden: np.ndarray) -> np.ndarray:
+        return self.logits(hidden)
+
+    def _queries_keys_values(self, layer: _Layer, x, cos, sin):
+        """Rotated queries ``(batch, Hq, n, Dh)``, keys and values ``(batch, Hkv, n, Dh)`` for
+        the stream `x` ``(batch·n, d)``, with `cos` and `sin` ``(n, 1, Dh/2)``."""
+        n = cos.shape[0]
+        batch = x.shape[0] // n
+        heads, kv_heads, dh = self.num_heads, self._num_kv_heads, self._head_dim
+        qkv = _project(_rms_norm(x, layer.norm1, self._eps), layer.qkv)
+        rotated = _rotate(qkv[:, : (heads + kv_heads) * dh].reshape(batch, n, -1, dh), cos, sin)
+        v = qkv[:, (heads + kv_heads) * dh :].reshape(batch, n, kv_heads, dh)
+        if n == 1:  # (1, H, Dh) and (H, 1, Dh) are the same bytes: no copies needed
+            q = rotated[:, 0, :heads, None, :]
+            k = rotated[:, 0, heads:, None, :]
+            return q, k, v.reshape(batch, kv_heads, 1, dh)
+        q = np.ascontiguousarray(rotated[:, :, :heads].transpose(0, 2, 1, 3))
+        k = np.ascontiguousarray(rotated[:, :, heads:].transpose(0, 2, 1, 3))
+        return q, k, np.ascontiguousarray(v.transpose(0, 2, 1, 3))
 
     def blocks(self, ids: np.ndarray, start: int, attend: Attend) -> np.ndarray:
         """Every block over tokens `ids` at positions ``start, start + 1, ...``.
@@ -168,27 +198,14 @@ class LlamaModel(Model):
         layer's attention, so the same blocks serve a whole text, a KV-cache step, or a mask.
         """
         n = ids.size
-        heads, kv_heads, dh = self.num_heads, self._num_kv_heads, self._head_dim
         cos = self._cos[start : start + n, None, :]
         sin = self._sin[start : start + n, None, :]
         x = self._embed[ids]
         for index, layer in enumerate(self._layers):
-            qkv = _project(_rms_norm(x, layer.norm1, self._eps), layer.qkv)
-            rotated = _rotate(qkv[:, : (heads + kv_heads) * dh].reshape(n, -1, dh), cos, sin)
-            v = qkv[:, (heads + kv_heads) * dh :].reshape(n, kv_heads, dh)
-            if n == 1:  # (1, H, Dh) and (H, 1, Dh) are the same bytes: no copies needed
-                q = rotated[0, :heads, None, :]
-                k = rotated[0, heads:, None, :]
-                v = v.reshape(kv_heads, 1, dh)
-            else:
-                q = np.ascontiguousarray(rotated[:, :heads].transpose(1, 0, 2))
-                k = np.ascontiguousarray(rotated[:, heads:].transpose(1, 0, 2))
-                v = np.ascontiguousarray(v.transpose(1, 0, 2))
-            context = attend(index, q, k, v)
-            x = x + _project(context.transpose(1, 0, 2).reshape(n, heads * dh), layer.out)
-            gate_up = _project(_rms_norm(x, layer.norm2, self._eps), layer.gate_up)
-            x = x + _project(_swiglu(gate_up), layer.down)
-        return _rms_norm(x, self._final_norm, self._eps)
+            q, k, v = self._queries_keys_values(layer, x, cos, sin)
+            context = attend(index, q[0], k[0], v[0])
+            x = self._layer_rest(index, x, context.transpose(1, 0, 2).reshape(n, -1))
+        return self._final_hidden(x)
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Next-token scores ``(n, vocab)`` for final hidden states ``(n, d)``."""

@@ -9,7 +9,7 @@ and a forward pass in NumPy whose attention goes through
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,10 @@ class Trace:
         hidden_states: ``(n, d)`` output of the final layer (after the final norm in decoders).
         logits: ``(n, vocab)`` next-token scores for causal language models, None for encoders.
         is_causal: whether token ``i`` could only attend to tokens ``<= i``.
+        head_outputs: ``(layers, heads, n, head_dim)``: each head's output (its weights times
+            the values) before the output projection mixes the heads, as it entered that
+            projection in this pass (ablated or patched heads as replaced). A trace with head
+            outputs can be the source of ``encode(patch=...)``.
     """
 
     tokens: list[str]
@@ -65,6 +69,7 @@ class Trace:
     hidden_states: np.ndarray
     logits: np.ndarray | None
     is_causal: bool
+    head_outputs: np.ndarray | None = None
 
 
 class Model:
@@ -117,8 +122,55 @@ class Model:
     def _setup(self, checkpoint: Checkpoint) -> None:
         raise NotImplementedError
 
-    def _forward(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    # --- one forward pass, in pieces each family implements ----------------------------------
+    # The residual stream is a (rows, d) array: one sequence of n tokens, or a batch of them
+    # stacked (rows = batch·n), so that interventions can run many variants in one product.
+
+    def _embeddings(self, ids: np.ndarray) -> np.ndarray:
+        """The residual stream entering the first layer, ``(n, d)``."""
         raise NotImplementedError
+
+    def _layer_attention(
+        self, index: int, x: np.ndarray, n: int, *, return_weights: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Layer `index`'s heads on the stream `x` of sequences of `n` tokens: each head's
+        output ``(batch, heads, n, head_dim)`` and, if asked, the weights
+        ``(batch, heads, n, n)``."""
+        raise NotImplementedError
+
+    def _layer_rest(self, index: int, x: np.ndarray, merged: np.ndarray) -> np.ndarray:
+        """The rest of layer `index`: the output projection of the concatenated head outputs
+        `merged` ``(rows, heads·head_dim)``, the residual, norms and MLP. Row by row, so any
+        subset of rows may be passed."""
+        raise NotImplementedError
+
+    def _final_hidden(self, x: np.ndarray) -> np.ndarray:
+        """The final hidden states for the stream leaving the last layer (final norm applied)."""
+        return x
+
+    def _readout(self, hidden: np.ndarray) -> np.ndarray | None:
+        """Next-token logits for final hidden states; None for encoders."""
+        return None
+
+    def _forward(
+        self, ids: np.ndarray, edit: Edit | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Attentions, head outputs, final hidden states and logits of one sequence; `edit`
+        (layer, head outputs) -> head outputs replaces heads before the output projection."""
+        n = ids.size
+        attentions = np.empty((self.num_layers, self.num_heads, n, n), dtype=self.dtype)
+        head_outputs = np.empty(
+            (self.num_layers, self.num_heads, n, self.head_dim), dtype=self.dtype
+        )
+        x = self._embeddings(ids)
+        for index in range(self.num_layers):
+            context, attentions[index] = self._layer_attention(index, x, n, return_weights=True)
+            if edit is not None:
+                context = edit(index, context)
+            head_outputs[index] = context[0]
+            x = self._layer_rest(index, x, merge_heads(context))
+        final = self._final_hidden(x)
+        return attentions, head_outputs, final, self._readout(final)
 
     def __repr__(self) -> str:
         return (
@@ -137,18 +189,50 @@ class Model:
         encoding = self.tokenizer.encode(text)
         return list(encoding.tokens), np.asarray(encoding.ids, dtype=np.int64)
 
-    def encode(self, text: str | None = None, *, ids=None) -> Trace:
+    def encode(
+        self,
+        text: str | None = None,
+        *,
+        ids=None,
+        ablate=None,
+        ablation: str = "zero",
+        patch=None,
+    ) -> Trace:
         """Run the model on `text` (tokenized here) or on token `ids`, and trace its attention.
+
+        Interventions act on a head's output before the output projection mixes the heads
+        (its slice of the concatenated head outputs, as in TransformerLens); everything after
+        it is computed again from the replaced values.
 
         Args:
             text: the text to read; special tokens (BERT's ``[CLS]``/``[SEP]``) are added.
             ids: token ids to read as they are (a 1-D sequence of ints), instead of text.
+            ablate: ``[(layer, head), ...]``: heads whose outputs are replaced as `ablation`
+                says. None or ``[]``: the plain forward pass, bit for bit.
+            ablation: ``"zero"`` (the head's output becomes 0) or ``"mean"`` (its output at
+                every position becomes its mean over this sequence's positions).
+            patch: ``{(layer, head): trace}``: activation patching. Each listed head's output is
+                taken from ``trace.head_outputs``, a trace of this model that read as many
+                tokens (typically the clean input, while this call reads the corrupted one).
 
         Raises:
             ValueError: both or neither of text and ids, no tokens, ids outside the vocabulary,
-                or more tokens than the model's context window.
-            TypeError: text that is not a str, ids that are not integers.
+                more tokens than the model's context window, a layer or head out of range, an
+                unknown ablation, a head both ablated and patched, or a patch source of another
+                model or length.
+            TypeError: text that is not a str, ids that are not integers, heads that are not
+                pairs of integers, or patch sources that are not traces with head outputs.
         """
+        tokens, token_ids = self._read_input(text, ids)
+        edit = self._interventions(ablate, ablation, patch, token_ids.size)
+        self._check_attention_memory(token_ids.size)
+        attentions, head_outputs, hidden_states, logits = self._forward(token_ids, edit)
+        return Trace(
+            tokens, token_ids, attentions, hidden_states, logits, self.is_causal, head_outputs
+        )
+
+    def _read_input(self, text: str | None, ids) -> tuple[list[str], np.ndarray]:
+        """The tokens and ids of `text` or of `ids` (exactly one given), checked to fit."""
         if (text is None) == (ids is None):
             raise ValueError("pass exactly one of text or ids")
         if text is not None:
@@ -163,9 +247,95 @@ class Model:
                 f"the input is {token_ids.size} tokens long but {self.name} reads at most "
                 f"{self.max_positions} tokens (its context window); shorten the text"
             )
-        self._check_attention_memory(token_ids.size)
-        attentions, hidden_states, logits = self._forward(token_ids)
-        return Trace(tokens, token_ids, attentions, hidden_states, logits, self.is_causal)
+        return tokens, token_ids
+
+    def _interventions(self, ablate, ablation, patch, n: int) -> Edit | None:
+        """The checked `ablate` / `ablation` / `patch` of :meth:`encode` as an edit of the head
+        outputs, or None when there is nothing to change."""
+        check_ablation(ablation)
+        replaced: dict[int, dict[int, object]] = {}
+        for layer, head in self._check_heads(ablate, "ablate"):
+            replaced.setdefault(layer, {})[head] = ablation
+        if patch is not None:
+            if not isinstance(patch, Mapping):
+                raise TypeError(
+                    "patch must be a dict {(layer, head): trace}, got " + type(patch).__name__
+                )
+            for (layer, head), source in zip(
+                self._check_heads(list(patch), "patch"), patch.values(), strict=True
+            ):
+                if head in replaced.get(layer, {}):
+                    raise ValueError(
+                        f"head ({layer}, {head}) is both in ablate and in patch; pick one"
+                    )
+                replaced.setdefault(layer, {})[head] = self._patch_source(source, layer, head, n)
+        if not replaced:
+            return None
+
+        def edit(layer: int, context: np.ndarray) -> np.ndarray:
+            heads = replaced.get(layer)
+            if not heads:
+                return context
+            context = context.copy()
+            for head, how in heads.items():
+                context[:, head] = replacement(context[:, head], how)
+            return context
+
+        return edit
+
+    def _check_heads(self, heads, name: str) -> list[tuple[int, int]]:
+        """`heads` as a list of (layer, head) pairs of this model, or a TypeError/ValueError
+        naming the argument `name`."""
+        if heads is None:
+            return []
+        if isinstance(heads, str | bytes | Mapping) or not isinstance(heads, Iterable):
+            raise TypeError(
+                f"{name} must be a list of (layer, head) pairs, got {type(heads).__name__}"
+            )
+        checked = []
+        for pair in heads:
+            if isinstance(pair, str | bytes) or not isinstance(pair, Iterable):
+                raise TypeError(f"{name} must hold (layer, head) pairs, got {pair!r}")
+            pair = tuple(pair)
+            if len(pair) != 2:
+                raise TypeError(f"{name} must hold (layer, head) pairs, got {pair!r}")
+            for value in pair:
+                if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+                    raise TypeError(f"{name}: layers and heads must be integers, got {pair!r}")
+            layer, head = int(pair[0]), int(pair[1])
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(
+                    f"{name}: layer {layer} is out of range; {self.name} has layers 0 to "
+                    f"{self.num_layers - 1}"
+                )
+            if not 0 <= head < self.num_heads:
+                raise ValueError(
+                    f"{name}: head {head} is out of range; {self.name} has heads 0 to "
+                    f"{self.num_heads - 1} in each layer"
+                )
+            checked.append((layer, head))
+        return checked
+
+    def _patch_source(self, source, layer: int, head: int, n: int) -> np.ndarray:
+        """Head `head` of layer `layer` in the patch source `source`, checked."""
+        where = f"patch[({layer}, {head})]"
+        if not isinstance(source, Trace):
+            raise TypeError(f"{where} must be a Trace (from encode), got {type(source).__name__}")
+        outputs = source.head_outputs
+        if outputs is None:
+            raise TypeError(f"{where} is a Trace without head_outputs; make it with encode")
+        expected = (self.num_layers, self.num_heads, outputs.shape[2], self.head_dim)
+        if outputs.ndim != 4 or outputs.shape != expected:
+            raise ValueError(
+                f"{where}: its head outputs have shape {outputs.shape}, not those of "
+                f"{self.name} ({self.num_layers}, {self.num_heads}, n, {self.head_dim})"
+            )
+        if outputs.shape[2] != n:
+            raise ValueError(
+                f"{where} read {outputs.shape[2]} tokens but this input has {n}; a patch "
+                "source must read as many tokens"
+            )
+        return outputs[layer, head]
 
     def _check_attention_memory(self, n: int) -> None:
         """Refuses a text whose attention maps (every layer and head) would not fit the
@@ -204,8 +374,16 @@ class Model:
             return [str(int(i)) for i in ids]
         return [self.tokenizer.id_to_token(int(i)) or str(int(i)) for i in ids]
 
-    def _attend(self, q, k, v, *, scale: float) -> tuple[np.ndarray, np.ndarray]:
-        """Multi-head attention on the engine: (heads, n, d_head) in, (output, weights) out."""
+    def _attend(
+        self, q, k, v, *, scale: float, return_weights: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Multi-head attention on the engine: (batch, heads, n, d_head) in, (output, weights
+        or None) out."""
+        if not return_weights:
+            out = attnscope.scaled_dot_product_attention(
+                q, k, v, is_causal=self.is_causal, scale=scale
+            )
+            return out, None
         return attnscope.scaled_dot_product_attention(
             q, k, v, is_causal=self.is_causal, scale=scale, return_weights=True
         )
@@ -264,13 +442,36 @@ class Model:
         return width // heads
 
 
-def split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
-    """(n, heads·d_head) -> (heads, n, d_head), contiguous."""
-    n, width = x.shape
-    return np.ascontiguousarray(x.reshape(n, num_heads, width // num_heads).transpose(1, 0, 2))
+Edit = Callable[[int, np.ndarray], np.ndarray]
+ABLATIONS = ("zero", "mean")
+
+
+def check_ablation(ablation) -> None:
+    """Refuses an ablation kind other than "zero" or "mean"."""
+    if not isinstance(ablation, str):
+        raise TypeError(f"ablation must be 'zero' or 'mean', got {type(ablation).__name__}")
+    if ablation not in ABLATIONS:
+        raise ValueError(f"ablation must be 'zero' or 'mean', got {ablation!r}")
+
+
+def replacement(outputs: np.ndarray, how) -> np.ndarray:
+    """What replaces one head's outputs ``(..., n, head_dim)``: zeros, their mean over the
+    positions (for ``"zero"``/``"mean"``), or the given array (a patch)."""
+    if isinstance(how, np.ndarray):
+        return how
+    if how == "zero":
+        return np.zeros_like(outputs)
+    return np.broadcast_to(outputs.mean(axis=-2, keepdims=True), outputs.shape)
+
+
+def split_heads(x: np.ndarray, num_heads: int, n: int) -> np.ndarray:
+    """(batch·n, heads·d_head) -> (batch, heads, n, d_head), contiguous."""
+    rows, width = x.shape
+    shape = (rows // n, n, num_heads, width // num_heads)
+    return np.ascontiguousarray(x.reshape(shape).transpose(0, 2, 1, 3))
 
 
 def merge_heads(x: np.ndarray) -> np.ndarray:
-    """(heads, n, d_head) -> (n, heads·d_head)."""
-    heads, n, d_head = x.shape
-    return x.transpose(1, 0, 2).reshape(n, heads * d_head)
+    """(batch, heads, n, d_head) -> (batch·n, heads·d_head)."""
+    batch, heads, n, d_head = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(batch * n, heads * d_head)
