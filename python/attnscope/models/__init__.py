@@ -8,6 +8,8 @@
 
     llm = am.load("SmolLM2-135M-Instruct")     # a causal LLM, from its GGUF file
     llm.generate("The doctor fired the nurse because", max_new_tokens=20).text
+    llm.encode("The doctor fired the nurse because she", ablate=[(13, 8)])  # one head removed
+    am.head_effects(llm, "The doctor fired the nurse because she")  # each head's effect
 
 Weights come from safetensors or GGUF files, tokens from the `tokenizers` library, and
 everything around attention (embeddings, norms, MLPs) is NumPy: no torch or transformers at
@@ -20,6 +22,7 @@ from ._generate import Generation, GenerationStep, Perplexity
 from ._loader import load
 from ._model import Model, Trace
 from ._sources import KNOWN_MODELS, ModelUnavailableError
+from .interventions import attention_rollout, head_effects, patching_effects
 from .stats import (
     DELIMITERS,
     LABELS,
@@ -41,9 +44,12 @@ __all__ = [
     "ModelUnavailableError",
     "Perplexity",
     "Trace",
+    "attention_rollout",
+    "head_effects",
     "head_stats",
     "induction_scores",
     "load",
+    "patching_effects",
     "rank_heads",
     "repeated_random_ids",
 ]
