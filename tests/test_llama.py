@@ -225,6 +225,26 @@ def test_greedy_decoding_through_the_cache_equals_full_recomputation(tiny):
         np.testing.assert_allclose(step.attention, full.attentions[:, :, -1, :], atol=1e-5)
 
 
+def test_without_the_cache_every_step_is_a_full_pass(tiny):
+    """use_cache=False reads the whole sequence at every step: its logits are a full pass's
+    (encode), so greedy and seeded sampling give the cached run's tokens."""
+    cached = tiny.generate("the sun", max_new_tokens=10)
+    recomputed = tiny.generate("the sun", max_new_tokens=10, use_cache=False)
+    assert recomputed.ids == cached.ids and recomputed.text == cached.text
+    for step, cached_step in zip(recomputed.steps, cached.steps, strict=True):
+        seen = cached.prompt_ids + cached.ids[: step.index]
+        full = tiny.encode(ids=seen)
+        logits = full.logits[-1].astype(np.float64)
+        log_z = logits.max() + np.log(np.exp(logits - logits.max()).sum())
+        assert step.logprob == pytest.approx(logits[step.token_id] - log_z, abs=1e-5)
+        np.testing.assert_allclose(step.attention, full.attentions[:, :, -1, :], atol=1e-5)
+        assert step.cache_len == cached_step.cache_len == len(seen) and step.cache_nbytes == 0
+    sampled = dict(max_new_tokens=8, temperature=1.5, seed=7)
+    assert (
+        tiny.generate("the", **sampled, use_cache=False).ids == tiny.generate("the", **sampled).ids
+    )
+
+
 def test_steps_report_the_cache_and_the_text(tiny):
     steps = list(tiny.stream("the sun", max_new_tokens=6))
     n = len(tiny.tokenize("the sun")[1])
@@ -291,6 +311,8 @@ def test_sampling_keeps_to_the_top_k(tiny, monkeypatch):
         ({"top_k": 0}, ValueError, "top_k must be >= 1"),
         ({"top_k": 2.5}, TypeError, "top_k must be an int"),
         ({"seed": -1}, ValueError, "seed must be >= 0"),
+        ({"use_cache": 0}, TypeError, "use_cache must be True or False"),
+        ({"use_cache": False, "kv_storage": "int8"}, ValueError, "needs use_cache=True"),
     ],
 )
 def test_generation_rejects_bad_arguments_at_the_call(tiny, kwargs, error, words):

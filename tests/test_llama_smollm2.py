@@ -107,6 +107,13 @@ def test_greedy_continuation_matches_the_stored_one(greedy):
     assert greedy.text.startswith(" and didn't have time")
 
 
+def test_greedy_without_the_cache_gives_the_same_tokens(smollm2):
+    """Reading the whole sequence at every step picks transformers' stored greedy tokens, as
+    decoding through the cache does (a few steps: each one is a full pass)."""
+    recomputed = smollm2.generate(PRONOUN, max_new_tokens=6, use_cache=False)
+    assert recomputed.ids == REFERENCE["greedy_ids"].tolist()[:6]
+
+
 def test_trace_matches_transformers_live(smollm2, pronoun, hf_model):
     import torch
 

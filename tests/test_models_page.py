@@ -571,6 +571,66 @@ def test_generate_streams_the_greedy_text_and_replays_its_cache(smollm2):
 
 
 @needs_smollm2
+def test_generate_again_without_the_cache_gives_the_same_tokens_and_times_both(smollm2):
+    expected = smollm2.generate(PRONOUN, max_new_tokens=4)
+    app = generate_on_page(run_page(), PRONOUN, tokens=4)
+    assert_clean(app)
+    prompt = len(expected.prompt_ids)
+    assert any(f"all {prompt} prompt tokens go through each layer" in c.value for c in app.caption)
+    app.button(key="real_model_recompute").click().run()
+    assert_clean(app)
+    cached, recomputed = app.session_state["real_model_recomputed"]
+    # Greedy decoding: the full passes pick the very tokens the cached run picked.
+    assert recomputed.token_ids == cached.token_ids == expected.ids
+    assert recomputed.cache_lens == [prompt + k for k in range(4)]
+    assert metric(app, "Same tokens").value == "yes"
+    table = next(d.value for d in app.dataframe if "ms without" in d.value.columns)
+    assert list(table["tokens fed without"]) == [prompt + k for k in range(4)]
+    assert list(table["tokens fed with the cache"]) == [prompt, 1, 1, 1]
+    np.testing.assert_allclose(table["ms with the cache"], np.array(cached.seconds) * 1e3)
+    np.testing.assert_allclose(table["ms without"], np.array(recomputed.seconds) * 1e3)
+    drawn = chart_data(app)
+    assert len(drawn["Time per step, both ways"]) == 2 * 4
+    assert len(drawn["How many times longer without the cache"]) == 3
+    ratio = sum(recomputed.seconds[1:]) / sum(cached.seconds[1:])
+    assert metric(app, "Times longer without").value == f"{ratio:.1f}×"
+    # A new reply drops the comparison of the old one.
+    app.button(key="real_model_generate").click().run()
+    assert_clean(app)
+    assert not [m for m in app.metric if m.label == "Same tokens"]
+
+
+def test_cache_comparison_lines_up_the_two_runs():
+    def replay(ids, seconds):
+        run = generation.Replay(["a", "b"])
+        for k, (token, spent) in enumerate(zip(ids, seconds, strict=True)):
+            run.add(
+                SimpleNamespace(
+                    text=f" t{token}",
+                    token_id=token,
+                    logprob=-1.0,
+                    seconds=spent,
+                    cache_len=2 + k,
+                    cache_nbytes=0,
+                    attention=np.zeros((1, 1, 2 + k)),
+                )
+            )
+        return run
+
+    cached = replay([5, 6, 7], [0.2, 0.01, 0.01])
+    recomputed = replay([5, 6, 7], [0.2, 0.03, 0.05])
+    table = generation.cache_comparison(cached, recomputed)
+    np.testing.assert_allclose(table["times longer without"], [1.0, 3.0, 5.0])
+    assert list(table["tokens fed without"]) == [2, 3, 4]
+    assert generation.decoding_ratio(table) == pytest.approx(4.0)
+    assert generation.first_difference(cached, recomputed) is None
+    assert generation.first_difference(cached, replay([5, 9, 7], [1, 1, 1])) == 1
+    assert generation.first_difference(cached, replay([5, 6], [1, 1])) == 2
+    assert generation.decoding_ratio(table.iloc[:1]) is None
+    assert cached.prompt_cost() == pytest.approx((100.0, 10.0))
+
+
+@needs_smollm2
 def test_generate_in_chat_mode_is_the_models_answer(smollm2):
     question = "What is attention in one sentence?"
     expected = smollm2.chat([{"role": "user", "content": question}], max_new_tokens=6)

@@ -166,14 +166,28 @@ class Replay:
             }
         )
 
+    def prompt_cost(self) -> tuple[float, float | None]:
+        """Milliseconds per prompt token of step 0 (reading the prompt), and the median
+        milliseconds of a decoding step after it (None for a one-step reply)."""
+        per_prompt_token = self.seconds[0] * 1e3 / len(self.prompt_tokens)
+        step = float(np.median(self.seconds[1:])) * 1e3 if self.steps > 1 else None
+        return per_prompt_token, step
+
     def decode_rate(self) -> float | None:
         """New tokens per second after the prompt was read (steps 1 onwards), None for one step."""
         decode_seconds = sum(self.seconds[1:])
         return (self.steps - 1) / decode_seconds if self.steps > 1 and decode_seconds > 0 else None
 
 
-def run(model, request: Request, on_step: Callable[[Replay], None] | None = None) -> Replay:
-    """Generate with `model`'s token stream, calling `on_step` after each new token."""
+def run(
+    model,
+    request: Request,
+    on_step: Callable[[Replay], None] | None = None,
+    *,
+    use_cache: bool = True,
+) -> Replay:
+    """Generate with `model`'s token stream, calling `on_step` after each new token; without
+    the cache (`use_cache` False) each step reads the whole sequence again."""
     replay = Replay(request.prompt_tokens)
     seed = SEED if request.temperature > 0 else None
     for step in model.stream(
@@ -181,8 +195,47 @@ def run(model, request: Request, on_step: Callable[[Replay], None] | None = None
         max_new_tokens=request.max_new_tokens,
         temperature=request.temperature,
         seed=seed,
+        use_cache=use_cache,
     ):
         replay.add(step)
         if on_step is not None:
             on_step(replay)
     return replay
+
+
+def first_difference(cached: Replay, recomputed: Replay) -> int | None:
+    """The first step at which the two runs wrote different tokens, None if they agree."""
+    for step, (one, other) in enumerate(zip(cached.token_ids, recomputed.token_ids, strict=False)):
+        if one != other:
+            return step
+    return None if cached.steps == recomputed.steps else min(cached.steps, recomputed.steps)
+
+
+def cache_comparison(cached: Replay, recomputed: Replay) -> pd.DataFrame:
+    """One row per step of the same reply written both ways: the tokens each step fed through
+    the layers (with the cache: the prompt, then one; without: everything so far), both times
+    and how many times longer the step took without the cache."""
+    steps = min(cached.steps, recomputed.steps)
+    prompt = len(cached.prompt_tokens)
+    with_cache = np.asarray(cached.seconds[:steps]) * 1e3
+    without = np.asarray(recomputed.seconds[:steps]) * 1e3
+    return pd.DataFrame(
+        {
+            "step": np.arange(steps),
+            "token": [piece_label(p) for p in cached.pieces[:steps]],
+            "tokens fed with the cache": [prompt] + [1] * (steps - 1),
+            "tokens fed without": recomputed.cache_lens[:steps],
+            "ms with the cache": with_cache,
+            "ms without": without,
+            "times longer without": without / with_cache,
+        }
+    )
+
+
+def decoding_ratio(comparison: pd.DataFrame) -> float | None:
+    """Total time of the steps after the prompt, without the cache over with it (None for a
+    one-step reply: both runs only read the prompt)."""
+    decoding = comparison.iloc[1:]
+    if decoding.empty:
+        return None
+    return float(decoding["ms without"].sum() / decoding["ms with the cache"].sum())

@@ -127,3 +127,42 @@ def step_lines(frame: pd.DataFrame, y: str, *, title: str, y_title: str, log_y: 
         x_title="step (0 = reading the prompt)",
         y_title=y_title,
     )
+
+
+def cache_lines(comparison: pd.DataFrame) -> alt.Chart:
+    """Each step's time with the cache and without it, over the length of the sequence."""
+    long = comparison.melt(
+        id_vars=["tokens fed without"],
+        value_vars=["ms with the cache", "ms without"],
+        var_name="run",
+        value_name="ms",
+    )
+    long["run"] = long["run"].map(
+        {"ms with the cache": "with the cache", "ms without": "without: everything again"}
+    )
+    return lines(
+        long,
+        "tokens fed without",
+        "ms",
+        "run",
+        title="Time per step, both ways",
+        log_x=False,
+        log_y=True,
+        x_title="tokens in the sequence",
+        y_title="ms",
+    )
+
+
+def ratio_line(comparison: pd.DataFrame) -> alt.Chart:
+    """How many times longer each decoding step took without the cache, over the length."""
+    decoding = comparison.iloc[1:].assign(series="without ÷ with")
+    return lines(
+        decoding,
+        "tokens fed without",
+        "times longer without",
+        "series",
+        title="How many times longer without the cache",
+        log_x=False,
+        x_title="tokens in the sequence",
+        y_title="times longer",
+    )

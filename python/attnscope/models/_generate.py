@@ -4,6 +4,10 @@ Generation reads the prompt once (one causal attention call per layer) and then 
 token per step: each layer appends the new token's key and value to its
 :class:`attnscope.KVCache` and attends over it, so no past token is ever recomputed.
 
+Without the cache (``use_cache=False``, as in transformers) every step feeds the whole sequence
+so far through every layer again, one causal pass, and keeps only the last token's logits: the
+same tokens, at a cost that grows with the length, which is what the cache saves.
+
 Every step also reports the new query's attention row over the whole cache, for every layer
 and head. ``KVCache.attend`` returns no weights, so the decoder keeps a copy of the rotated
 keys and, once per step, computes all layers' rows in a single engine call (the queries of
@@ -40,8 +44,9 @@ class GenerationStep:
         seconds: wall time of the step (for step 0: reading the prompt).
         attention: ``(layers, heads, cache_len)`` float32, the attention row of the query that
             produced this token over every cached key (step 0: the prompt's last token).
-        cache_len: tokens in the KV cache after the step.
-        cache_nbytes: bytes of keys and values over all layers after the step.
+        cache_len: tokens in the KV cache after the step (without the cache: tokens read).
+        cache_nbytes: bytes of keys and values over all layers after the step (0 without
+            the cache).
         done: whether this is the last step (end of text or ``max_new_tokens`` reached).
     """
 
@@ -206,18 +211,58 @@ class _Decoder:
 
     def attention_row(self) -> np.ndarray:
         """The newest query's weights over the cache, ``(layers, heads, length)``."""
-        keys = self.keys
-        visible = np.arange(keys.shape[2]) < self.length
-        no_values = np.empty(keys.shape[:3] + (0,), dtype=keys.dtype)
-        _, weights = attnscope.scaled_dot_product_attention(
-            self.queries,
-            keys,
-            no_values,
-            attn_mask=visible[None, :],
-            enable_gqa=True,
-            return_weights=True,
-        )
-        return np.ascontiguousarray(weights[:, :, 0, : self.length], dtype=np.float32)
+        return _newest_row(self.queries, self.keys, self.length)
+
+
+class _Recomputer:
+    """Decoding without a cache: every step reads the whole sequence so far again, one causal
+    pass through every layer, as a model that keeps nothing between steps must."""
+
+    cache_nbytes = 0
+
+    def __init__(self, model, capacity: int):
+        self.model = model
+        self.ids = np.zeros(capacity, dtype=np.int64)
+        self.length = 0
+        shape = (model.num_layers, model.num_kv_heads, capacity, model.head_dim)
+        self.keys = np.zeros(shape, dtype=model.dtype)
+        self.queries = np.zeros((model.num_layers, model.num_heads, 1, model.head_dim), model.dtype)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        self.ids[: ids.size] = ids
+        self.length = ids.size
+        return self._read()
+
+    def decode(self, token: int) -> np.ndarray:
+        self.ids[self.length] = token
+        self.length += 1
+        return self._read()
+
+    def _read(self) -> np.ndarray:
+        """The next-token logits after one pass over every token so far."""
+        n = self.length
+
+        def attend(layer, q, k, v):
+            self.keys[layer, :, :n] = k
+            self.queries[layer, :, 0] = q[:, -1]
+            return attnscope.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        hidden = self.model.blocks(self.ids[:n], 0, attend)
+        return self.model.logits(hidden[-1:])[0]
+
+    def attention_row(self) -> np.ndarray:
+        return _newest_row(self.queries, self.keys, self.length)
+
+
+def _newest_row(queries: np.ndarray, keys: np.ndarray, length: int) -> np.ndarray:
+    """The newest query's weights over the first `length` keys, ``(layers, heads, length)``,
+    every layer in one engine call (an empty value matrix; unused key rows masked)."""
+    visible = np.arange(keys.shape[2]) < length
+    no_values = np.empty(keys.shape[:3] + (0,), dtype=keys.dtype)
+    _, weights = attnscope.scaled_dot_product_attention(
+        queries, keys, no_values, attn_mask=visible[None, :], enable_gqa=True, return_weights=True
+    )
+    return np.ascontiguousarray(weights[:, :, 0, :length], dtype=np.float32)
 
 
 def _log_softmax_at(logits: np.ndarray, token: int) -> float:
@@ -261,21 +306,37 @@ class _TextPieces:
 
 
 def stream(
-    model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, kv_storage=None
+    model,
+    prompt,
+    max_new_tokens=32,
+    temperature=0.0,
+    top_k=None,
+    seed=None,
+    kv_storage=None,
+    use_cache=True,
 ):
     """Generate after `prompt`, yielding a :class:`GenerationStep` per new token.
 
     Arguments are checked here, before the first step: a bad one raises at the call.
     See :meth:`LlamaModel.generate` for their meaning.
     """
-    return _start(model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)[1]
+    arguments = (max_new_tokens, temperature, top_k, seed, kv_storage, use_cache)
+    return _start(model, prompt, *arguments)[1]
 
 
 def generate(
-    model, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, kv_storage=None
+    model,
+    prompt,
+    max_new_tokens=32,
+    temperature=0.0,
+    top_k=None,
+    seed=None,
+    kv_storage=None,
+    use_cache=True,
 ):
     """Every step of :func:`stream`, gathered into a :class:`Generation`."""
-    ids, steps = _start(model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)
+    arguments = (max_new_tokens, temperature, top_k, seed, kv_storage, use_cache)
+    ids, steps = _start(model, prompt, *arguments)
     steps = list(steps)
     new_ids = [step.token_id for step in steps]
     return Generation(
@@ -287,18 +348,25 @@ def generate(
     )
 
 
-def _start(model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage=None):
+def _start(
+    model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage=None, use_cache=True
+):
     ids, max_new_tokens = _prompt_ids(model, prompt, max_new_tokens)
     temperature, top_k, seed = _check_sampling(temperature, top_k, seed)
     storage = _check_kv_storage(model, kv_storage)
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be True or False, got {type(use_cache).__name__}")
+    if not use_cache and kv_storage is not None:
+        raise ValueError("kv_storage sets how the cache stores rows: it needs use_cache=True")
+    capacity = ids.size + max_new_tokens
+    decoder = _Decoder(model, capacity, storage) if use_cache else _Recomputer(model, capacity)
     rng = np.random.default_rng(seed)
-    return ids, _steps(model, ids, max_new_tokens, temperature, top_k, rng, storage)
+    return ids, _steps(model, ids, max_new_tokens, temperature, top_k, rng, decoder)
 
 
 def _steps(
-    model, ids, max_new_tokens, temperature, top_k, rng, storage=None
+    model, ids, max_new_tokens, temperature, top_k, rng, decoder
 ) -> Iterator[GenerationStep]:
-    decoder = _Decoder(model, ids.size + max_new_tokens, storage)
     pieces = _TextPieces(model.tokenizer)
     started = time.perf_counter()
     logits = decoder.prefill(ids)

@@ -214,17 +214,34 @@ class LlamaModel(Model):
     # --- generation, chat and perplexity (see _generate) -----------------------------------
 
     def stream(
-        self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, *, kv_storage=None
+        self,
+        prompt,
+        max_new_tokens=32,
+        temperature=0.0,
+        top_k=None,
+        seed=None,
+        *,
+        kv_storage=None,
+        use_cache=True,
     ):
         """:meth:`generate` one step at a time: an iterator of
         :class:`~attnscope.models.GenerationStep`, each yielded as soon as its token is chosen.
         The arguments are checked at the call, before the first step."""
-        return stream(self, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)
+        options = dict(kv_storage=kv_storage, use_cache=use_cache)
+        return stream(self, prompt, max_new_tokens, temperature, top_k, seed, **options)
 
     def generate(
-        self, prompt, max_new_tokens=32, temperature=0.0, top_k=None, seed=None, *, kv_storage=None
+        self,
+        prompt,
+        max_new_tokens=32,
+        temperature=0.0,
+        top_k=None,
+        seed=None,
+        *,
+        kv_storage=None,
+        use_cache=True,
     ):
-        """Generate up to `max_new_tokens` tokens after `prompt` with the KV cache.
+        """Generate up to `max_new_tokens` tokens after `prompt`, through the KV cache.
 
         Args:
             prompt: the text to continue (use :meth:`chat_prompt` for a conversation).
@@ -236,6 +253,8 @@ class LlamaModel(Model):
             kv_storage: how the KV cache keeps keys and values while decoding: None (the
                 model's dtype), ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"int8"``
                 (see :class:`attnscope.KVCache`). The prompt itself is read at full precision.
+            use_cache: False reads the whole sequence again at every step, with no cache (as
+                transformers' ``use_cache=False``): the same tokens, slower as the text grows.
 
         Returns:
             A :class:`~attnscope.models.Generation` with every step's token, log-probability,
@@ -245,9 +264,11 @@ class LlamaModel(Model):
             TypeError: a prompt that is not a str, or arguments of the wrong type.
             ValueError: an empty prompt, `max_new_tokens` outside ``[1, context_length]``, a
                 prompt whose tokens plus `max_new_tokens` exceed the context, a negative
-                temperature, `top_k` < 1, a negative seed or an unknown `kv_storage`.
+                temperature, `top_k` < 1, a negative seed, an unknown `kv_storage`, or a
+                `kv_storage` with ``use_cache=False``.
         """
-        return generate(self, prompt, max_new_tokens, temperature, top_k, seed, kv_storage)
+        options = dict(kv_storage=kv_storage, use_cache=use_cache)
+        return generate(self, prompt, max_new_tokens, temperature, top_k, seed, **options)
 
     def chat_prompt(self, messages) -> str:
         """`messages` (``[{"role": "user", "content": ...}, ...]``) through the chat template,

@@ -368,6 +368,7 @@ def generate_view() -> None:
         return
     answer.code(replay.text, language=None, wrap_lines=True)
     show_replay(replay)
+    cache_section(model, replay)
 
 
 def stream(model, prompt: str, mode: str, max_new_tokens, temperature: float, answer) -> None:
@@ -387,9 +388,105 @@ def stream(model, prompt: str, mode: str, max_new_tokens, temperature: float, an
 
     try:
         st.session_state["real_model_replay"] = generation.run(model, request, on_step=show)
+        st.session_state["real_model_request"] = request
+        st.session_state.pop("real_model_recomputed", None)
     except ValueError as problem:
         st.error(rm.plain(str(problem)))
     progress.empty()
+
+
+def prompt_reading_note(replay: generation.Replay) -> str:
+    """What reading the prompt is, and its cost per token beside a decoding step's."""
+    n = len(replay.prompt_tokens)
+    per_token, step = replay.prompt_cost()
+    note = (
+        f"Reading the prompt is one causal pass: all {n} prompt tokens go through each layer "
+        "together, each attending to itself and the tokens before it, and the last one's "
+        f"output picks the first new token. It took {per_token:.1f} ms per prompt token"
+    )
+    if step is None:
+        return note + "."
+    note += (
+        f"; a decoding step took {step:.1f} ms (median). The pass multiplies every weight "
+        f"matrix by all {n} tokens at once, reading each weight once for all of them, while a "
+        "step reads every weight for a single token"
+    )
+    if step >= 2 * per_token:
+        return note + f": here a prompt token cost {step / per_token:.0f}× less than a new one."
+    return note + (
+        ", so per token the pass should cost less. Here it did not: that happens when the "
+        "prompt is only a few tokens, or when the pass's matrix products, which split across "
+        "threads, wait for cores busy with other work."
+    )
+
+
+def cache_section(model, replay: generation.Replay) -> None:
+    """The same reply written again with no cache, timed beside the cached run."""
+    st.subheader("With and without the cache")
+    st.markdown(
+        "Without a cache, each step must feed the whole sequence so far through every layer "
+        "again, one causal pass, just to get the next token from its last position. The button "
+        "writes this reply that way and times every step beside the cached run."
+    )
+    request = st.session_state.get("real_model_request")
+    if request is not None and st.button(
+        "Write it again without the cache", key="real_model_recompute"
+    ):
+        progress = st.progress(0.0, text="Reading the prompt again…")
+
+        def show(recomputed: generation.Replay) -> None:
+            progress.progress(
+                recomputed.steps / replay.steps,
+                text=f"Without the cache: {recomputed.steps} of {replay.steps} tokens",
+            )
+
+        recomputed = shielded(lambda: generation.run(model, request, on_step=show, use_cache=False))
+        progress.empty()
+        if recomputed is not None:
+            st.session_state["real_model_recomputed"] = (replay, recomputed)
+    kept = st.session_state.get("real_model_recomputed")
+    if kept is None or kept[0] is not replay:
+        return
+    show_cache_comparison(replay, kept[1])
+
+
+def show_cache_comparison(replay: generation.Replay, recomputed: generation.Replay) -> None:
+    differs = generation.first_difference(replay, recomputed)
+    if differs is not None:
+        st.warning(
+            f"The two runs part at step {differs}: rounding in a different order changed "
+            "which token came out on top."
+        )
+    comparison = generation.cache_comparison(replay, recomputed)
+    ratio = generation.decoding_ratio(comparison)
+    numbers = st.columns(3)
+    numbers[0].metric("Same tokens", "yes" if differs is None else "no")
+    decoding = comparison.iloc[1:]
+    numbers[1].metric(
+        "Writing without the cache",
+        f"{decoding['ms without'].sum():,.0f} ms" if ratio else "one token",
+        f"with it: {decoding['ms with the cache'].sum():,.0f} ms" if ratio else None,
+        delta_color="off",
+    )
+    numbers[2].metric("Times longer without", f"{ratio:.1f}×" if ratio else "—")
+    charts_row = st.columns(2)
+    ui.chart(charts_row[0], model_charts.cache_lines(comparison), key="real_model_cache_time")
+    if ratio:
+        ui.chart(charts_row[1], model_charts.ratio_line(comparison), key="real_model_cache_ratio")
+    st.caption(
+        "Step 0 is the same work both ways (reading the prompt). After it, a cached step feeds "
+        "one token, whatever the length; a step without the cache feeds every token so far, "
+        "so its time, and the ratio, grow with the sequence."
+    )
+    st.dataframe(
+        comparison,
+        hide_index=True,
+        key="real_model_cache_table",
+        column_config={
+            name: st.column_config.NumberColumn(format="%.1f")
+            for name in ("ms with the cache", "ms without", "times longer without")
+        },
+    )
 
 
 def show_replay(replay: generation.Replay) -> None:
@@ -400,6 +497,7 @@ def show_replay(replay: generation.Replay) -> None:
     numbers[1].metric("Reading the prompt", f"{timing['milliseconds'].iloc[0]:.0f} ms")
     numbers[2].metric("Writing", f"{rate:.1f} tokens/s" if rate else "one token")
     numbers[3].metric("KV cache at the end", f"{replay.cache_nbytes[-1] / 2**20:.2f} MiB")
+    st.caption(prompt_reading_note(replay))
 
     st.subheader("Replay: each new token's attention over the cache")
     layer, head = layer_and_head("real_model_replay", replay.num_layers, replay.num_heads)
