@@ -4,7 +4,7 @@
 use ndarray::{Array, ArrayView, ArrayViewD, CowArray, Dimension};
 
 use crate::element::Element;
-use crate::AttnError;
+use crate::error::AttnError;
 
 fn too_large(argument: &'static str, bytes: u128) -> AttnError {
     AttnError::value(

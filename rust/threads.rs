@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
-use crate::AttnError;
+use crate::error::AttnError;
 
 /// The environment variable read at first use for the engine-wide thread count.
 pub const NUM_THREADS_ENV: &str = "ATTNSCOPE_NUM_THREADS";

@@ -3,15 +3,21 @@
 //! its grouped-heads decoding path. They check the call (`shapes`), return empty results at
 //! once, and hand the work to `schedule`.
 
+pub(crate) mod backward;
+pub(crate) mod schedule;
+pub(crate) mod shapes;
+#[cfg(test)]
+mod tests;
+
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 
+use crate::attention::schedule::{attend_checked, WithLse};
+use crate::attention::shapes::{check_call, check_score_mods, Geometry};
 use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::error::{shape_str, AttnError};
+use crate::kernel::KernelElement;
 use crate::masks::MaskExpr;
 use crate::memory::standard_layout;
-use crate::schedule::{attend_checked, WithLse};
-use crate::shapes::{check_call, check_score_mods, Geometry};
-use crate::simd::KernelElement;
 use crate::simd::{active_level, SimdLevel};
 
 /// Options of one attention call; the defaults are PyTorch's.

@@ -19,16 +19,17 @@ use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
+use crate::attention::shapes::{Geometry, MaskPlan};
 use crate::attention::{Attention, AttentionOptions, Mask, ScoreMods, StridedKv};
 use crate::bounds::{Bounds, CausalAlignment};
 use crate::error::AttnError;
+use crate::kernel::KernelElement;
 use crate::kernel::{
     score_scale, HeadData, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
 use crate::masks::{MaskExpr, MaskShape, TileClass};
 use crate::memory::{filled, standard_layout, strided_elements, zeroed, StridedElements};
-use crate::shapes::{Geometry, MaskPlan};
-use crate::simd::{KernelElement, SimdLevel};
+use crate::simd::SimdLevel;
 use crate::threads::{pool_for, ATTENTION_INLINE_WORK};
 
 /// Queries at or below this count split their keys into fixed chunks handled by different

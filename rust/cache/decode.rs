@@ -13,9 +13,9 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::bounds::Bounds;
+use crate::cache::storage::{RowBuffer, Rows, INT8_BLOCK};
 use crate::error::AttnError;
-use crate::kv_storage::{RowBuffer, Rows, INT8_BLOCK};
-use crate::microkernel::{row_exp2, row_max, scale_row};
+use crate::kernel::microkernel::{row_exp2, row_max, scale_row};
 use crate::simd::portable::{exp2_f32, PortableF32};
 use crate::simd::widen::Widen;
 use crate::simd::{f16c_supported, SimdLevel};
@@ -763,7 +763,7 @@ fn cached_level(level: SimdLevel) -> SimdLevel {
 
 /// Attention of `call`'s queries over stored `keys` and `values` (float32 rows or a compressed
 /// storage): the output `(batch, Hq, L, D)` as float32.
-pub(crate) fn attend_stored<T: crate::Element>(
+pub(crate) fn attend_stored<T: crate::element::Element>(
     level: SimdLevel,
     call: &CachedCall<'_>,
     keys: &Rows<T>,

@@ -13,22 +13,28 @@
 //! evicted the few sink rows move forward over them, and the rows slide back to the buffer's
 //! start only when its end is reached (at most once per `max_len − sinks` tokens).
 
+pub(crate) mod decode;
+pub(crate) mod storage;
+
 use std::any::Any;
 
 use ndarray::{s, ArrayD, ArrayView4, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
+use crate::attention::shapes::{check_call, Geometry};
 use crate::attention::{attention_over_strided_kv, StridedKv};
+use crate::attention::{Attention, AttentionOptions, Mask};
+use crate::bounds::Window;
 use crate::bounds::{Bounds, CausalAlignment};
+use crate::cache::decode::{attend_stored, CachedCall};
+use crate::cache::storage::{HeadRowsMut, RowBuffer, Rows, Storage};
 use crate::error::shape_str;
+use crate::error::AttnError;
 use crate::kernel::score_scale;
-use crate::kv_attend::{attend_stored, CachedCall};
-use crate::kv_storage::{HeadRowsMut, RowBuffer, Rows, Storage};
-use crate::shapes::{check_call, Geometry};
-use crate::simd::{active_level, KernelElement};
+use crate::kernel::KernelElement;
+use crate::simd::active_level;
 use crate::threads::{pool_for, APPEND_INLINE_VALUES};
-use crate::{Attention, AttentionOptions, AttnError, Mask, Window};
 
 /// One head's key rows and value rows, borrowed for writing.
 type KeyValueHead<'a, T> = (HeadRowsMut<'a, T>, HeadRowsMut<'a, T>);
@@ -583,7 +589,7 @@ impl<T: KernelElement> KvCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv_storage::Storage;
+    use crate::cache::storage::Storage;
     use ndarray::{Array4, ArrayD, Axis, IxDyn};
 
     fn ramp(shape: [usize; 4], offset: f32) -> Array4<f32> {
@@ -676,7 +682,7 @@ mod tests {
                 ..Default::default()
             };
             let cached = cache.attend(query.view(), Mask::None, &options).unwrap();
-            let plain = crate::scaled_dot_product_attention(
+            let plain = crate::attention::scaled_dot_product_attention(
                 query.view(),
                 keys.view().into_dyn(),
                 values.view().into_dyn(),

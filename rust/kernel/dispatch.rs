@@ -4,10 +4,10 @@
 
 use std::ops::Range;
 
-use crate::backward::{
+use crate::element::Element;
+use crate::kernel::backward::{
     key_block_grads, query_block_grads, GradHead, GradParams, GradScratch, KeyBlockGrads,
 };
-use crate::element::Element;
 use crate::kernel::{flash_block, weights_block, HeadData, KernelParams, Scratch};
 use crate::simd::SimdLevel;
 

@@ -6,16 +6,22 @@
 //! `log2(e)`), so each probability is one `exp2`. Key blocks that the causal/window rules hide
 //! are never visited; blocks they leave fully visible skip the per-element rule check.
 
+pub(crate) mod backward;
+mod dispatch;
+pub(crate) mod microkernel;
+
+pub use dispatch::KernelElement;
+
 use std::ops::Range;
 
+use self::microkernel::{
+    accumulate_pv, add_linear_bias, column_exp2, column_max, row_exp2, row_max, scale_row,
+    scores_by_dot, softcap_scores, transposed_scores, WeightLayout,
+};
 use crate::bounds::Bounds;
 use crate::element::Element;
 use crate::error::AttnError;
 use crate::masks::{MaskExpr, MaskShape, TileClass};
-use crate::microkernel::{
-    accumulate_pv, add_linear_bias, column_exp2, column_max, row_exp2, row_max, scale_row,
-    scores_by_dot, softcap_scores, transposed_scores, WeightLayout,
-};
 use crate::simd::SimdVec;
 
 /// Query rows per task.

@@ -3,19 +3,22 @@
 //! back (`·W_O`). Optionally appends the new keys and values to a [`KvCache`] and attends over
 //! all of it, for generating one token at a time.
 
+pub(crate) mod projection;
+
 use ndarray::{
     Array2, Array4, ArrayD, ArrayView1, ArrayView2, ArrayView3, ArrayView4, ArrayViewD, Axis,
     CowArray, Ix3, Ix4, IxDyn, Slice, Zip,
 };
 
+use crate::attention::shapes::{broadcasts, check_weights_fit};
+use crate::attention::{scaled_dot_product_attention, Attention, AttentionOptions, Mask};
+use crate::cache::{CacheAttendOptions, KvCache};
 use crate::error::shape_str;
-use crate::kv_cache::{CacheAttendOptions, KvCache};
+use crate::error::AttnError;
+use crate::kernel::KernelElement;
+use crate::layer::projection::linear;
 use crate::memory::{self, standard_layout, zeroed};
-use crate::projection::linear;
-use crate::shapes::{broadcasts, check_weights_fit};
-use crate::simd::KernelElement;
 use crate::threads::pool_for;
-use crate::{scaled_dot_product_attention, Attention, AttentionOptions, AttnError, Mask};
 
 /// The learned matrices in the chapter's orientation (`x·W`): `w_q` is `(E, Hq·Dh)`, `w_k`
 /// `(Ek, Hkv·Dh)`, `w_v` `(Ev, Hkv·Dh)`, `w_o` `(Hq·Dh, E_out)`; biases one per column.

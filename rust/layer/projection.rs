@@ -3,10 +3,10 @@
 use ndarray::{Array2, ArrayView1, ArrayView2};
 use rayon::ThreadPool;
 
+use crate::error::AttnError;
+use crate::kernel::KernelElement;
 use crate::memory::zeroed;
-use crate::simd::KernelElement;
 use crate::threads::PROJECTION_INLINE_WORK;
-use crate::AttnError;
 
 /// `input · weight + bias`: `input` is `(rows, in)`, `weight` `(in, out)`, `bias` `(out,)`;
 /// any strides; the product runs on `pool`. The caller has checked that the shapes fit.

@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::element::Element;
+use crate::error::AttnError;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
@@ -15,9 +16,6 @@ pub(crate) mod avx2;
 pub(crate) mod avx512;
 pub(crate) mod portable;
 pub(crate) mod widen;
-
-mod dispatch;
-pub use dispatch::KernelElement;
 
 /// A register of `LANES` elements. Methods are `unsafe` because a vector type may only be used
 /// inside code compiled for its instruction set, and loads/stores read `LANES` elements.
@@ -137,12 +135,12 @@ pub fn active_level() -> SimdLevel {
 }
 
 /// Forces a level (`None` returns to automatic choice). Refuses a level this CPU lacks.
-pub fn force_level(level: Option<SimdLevel>) -> Result<(), crate::AttnError> {
+pub fn force_level(level: Option<SimdLevel>) -> Result<(), AttnError> {
     match level {
         None => FORCED_LEVEL.store(LEVEL_UNSET, Ordering::Relaxed),
         Some(level) if level.is_supported() => FORCED_LEVEL.store(encode(level), Ordering::Relaxed),
         Some(level) => {
-            return Err(crate::AttnError::value(
+            return Err(AttnError::value(
                 "level",
                 format!("this CPU does not support {}", level.name()),
             ))

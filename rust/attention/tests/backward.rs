@@ -3,14 +3,15 @@
 
 use ndarray::{ArrayD, IxDyn};
 
+use crate::attention::backward::{backward_at_level, BackwardInputs};
 use crate::attention::AttentionOptions;
-use crate::backward::{backward_at_level, BackwardInputs};
-use crate::bounds::CausalAlignment;
-use crate::simd::{KernelElement, SimdLevel};
-use crate::{
+use crate::attention::{
     scaled_dot_product_attention_with_lse, scaled_dot_product_attention_with_mods, Mask, ScoreMods,
-    Window,
 };
+use crate::bounds::CausalAlignment;
+use crate::bounds::Window;
+use crate::kernel::KernelElement;
+use crate::simd::SimdLevel;
 
 /// Deterministic numbers in [-2, 2).
 fn filled<T: KernelElement>(shape: &[usize], seed: u64) -> ArrayD<T> {

@@ -4,12 +4,13 @@
 use ndarray::{ArrayD, IxDyn};
 
 use crate::attention::attention_at_level;
+use crate::attention::schedule::KV_CHUNK;
+use crate::attention::{AttentionOptions, Mask};
 use crate::bounds::{Bounds, CausalAlignment, Window};
+use crate::error::AttnError;
+use crate::kernel::KernelElement;
 use crate::kernel::{KEY_BLOCK, QUERY_BLOCK};
-use crate::schedule::KV_CHUNK;
-use crate::simd::KernelElement;
 use crate::simd::SimdLevel;
-use crate::{AttentionOptions, AttnError, Mask};
 
 /// Deterministic pseudo-random numbers in [-2, 2) (no dependency needed for tests).
 struct Lcg(u64);
@@ -262,8 +263,8 @@ fn results_do_not_depend_on_thread_count() {
         ..Default::default()
     };
     let run = |threads: usize| {
-        crate::set_num_threads(threads).unwrap();
-        crate::scaled_dot_product_attention(q.view(), k.view(), v.view(), Mask::None, &options)
+        crate::threads::set_num_threads(threads).unwrap();
+        crate::attention::scaled_dot_product_attention(q.view(), k.view(), v.view(), Mask::None, &options)
             .unwrap()
             .output
     };
@@ -283,7 +284,7 @@ fn empty_sequences_give_empty_or_zero_output() {
             ..Default::default()
         };
         let result =
-            crate::scaled_dot_product_attention(q.view(), k.view(), v.view(), Mask::None, &options)
+            crate::attention::scaled_dot_product_attention(q.view(), k.view(), v.view(), Mask::None, &options)
                 .unwrap();
         assert_eq!(result.output.shape(), &[2, l, 4]);
         assert!(result.output.iter().all(|&x| x == 0.0));
@@ -296,7 +297,7 @@ fn shape_errors_name_the_argument() {
     let q = ArrayD::<f32>::zeros(IxDyn(&[2, 4, 8]));
     let bad_depth = ArrayD::<f32>::zeros(IxDyn(&[2, 4, 7]));
     let fewer_heads = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 8]));
-    let error = crate::scaled_dot_product_attention(
+    let error = crate::attention::scaled_dot_product_attention(
         q.view(),
         bad_depth.view(),
         q.view(),
@@ -316,7 +317,7 @@ fn shape_errors_name_the_argument() {
         "{error}"
     );
     assert!(error.to_string().contains("(2, 4, 7)"));
-    let error = crate::scaled_dot_product_attention(
+    let error = crate::attention::scaled_dot_product_attention(
         q.view(),
         fewer_heads.view(),
         fewer_heads.view(),
@@ -327,7 +328,7 @@ fn shape_errors_name_the_argument() {
     .unwrap();
     assert!(error.to_string().contains("enable_gqa"), "{error}");
     let mask = ArrayD::from_elem(IxDyn(&[3, 4, 4]), true);
-    let error = crate::scaled_dot_product_attention(
+    let error = crate::attention::scaled_dot_product_attention(
         q.view(),
         q.view(),
         q.view(),

@@ -5,11 +5,12 @@
 use ndarray::{s, ArrayD, IxDyn};
 
 use crate::attention::attention_at_level;
+use crate::attention::schedule::KV_CHUNK;
+use crate::attention::{AttentionOptions, Mask};
 use crate::bounds::CausalAlignment;
-use crate::schedule::KV_CHUNK;
-use crate::simd::KernelElement;
+use crate::error::AttnError;
+use crate::kernel::KernelElement;
 use crate::simd::SimdLevel;
-use crate::{AttentionOptions, AttnError, Mask};
 
 /// (L, S): one row by dot products, a few rows over split keys, tiled, tiled over split keys.
 const SHAPES: [(usize, usize); 4] = [
