@@ -35,6 +35,7 @@ test-rust:
 
 lint: venv
 	cargo fmt --check
+	$(PY) tools/check_layers.py
 	cargo clippy --all-targets --features python -- -D warnings
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
