@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from attnscope import reference
-from attnscope.dashboard import cost, sparse, sparse_charts
+from attnscope.dashboard import budget, cost, sparse, sparse_charts
 from attnscope.dashboard import real_model as rm
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
@@ -90,10 +90,34 @@ def test_document_ids_keep_their_proportions_at_every_length():
     assert sum(sparse.document_split(100)) == 100
 
 
-def test_parse_lengths_names_what_was_wrong():
-    assert sparse.parse_lengths(" 24, 16 ,24 ", "document lengths") == (24, 16, 24)
-    with pytest.raises(ValueError, match="document lengths must be whole numbers"):
-        sparse.parse_lengths("24, sixteen", "document lengths")
+def test_parse_pattern_reads_every_field_and_names_what_was_wrong():
+    pattern = sparse.parse_pattern(
+        sparse.DOCUMENTS, 64, document_lengths=" 24, 16 ,24 ", window=3.0, causal=True
+    )
+    assert pattern == sparse.Pattern(
+        sparse.DOCUMENTS, drawn_length=64, document_lengths=(24, 16, 24), window=3
+    )
+    bad = [
+        ({"document_lengths": "24, sixteen"}, "document lengths must be whole numbers"),
+        # An overflowing length and a negative one are named, not a traceback or a count of ids.
+        ({"document_lengths": str(10**30)}, "document lengths must be a whole number"),
+        (
+            {"document_lengths": "24, 16, 25, -1"},
+            "document lengths must be a whole number from 1 to 2\\*\\*63 - 1, got -1",
+        ),
+        ({"document_lengths": "24, 16"}, "document lengths must add up to 64.*add up to 40"),
+        ({"global_positions": "0, 99999999999999999999"}, "global token positions"),
+        (
+            {"window": -1},
+            "window \\(keys back\\) must be a whole number from 0 to 2\\*\\*63 - 1, got -1",
+        ),
+        ({"stride": 0.5}, "stride must be a whole number"),
+        ({"seed": 2**64}, "seed must be a whole number from 0"),
+        ({"sinks": float("inf")}, "sinks must be a whole number"),
+    ]
+    for inputs, message in bad:
+        with pytest.raises(ValueError, match=message):
+            sparse.parse_pattern(sparse.DOCUMENTS, 64, **inputs)
 
 
 def test_projections_follow_the_cost_pages_fit_and_never_build_a_huge_dense_mask():
@@ -205,10 +229,10 @@ def pattern_on_page(app: AppTest, kind: str) -> sparse.Pattern:
             value = app.session_state[key]
             values[name] = value if isinstance(value, bool) else int(value)
     if "sparse_globals" in app.session_state:
-        values["global_positions"] = sparse.parse_lengths(app.session_state["sparse_globals"], "")
+        values["global_positions"] = budget.whole_numbers(app.session_state["sparse_globals"], "")
     documents = f"sparse_documents_{values['drawn_length']}"
     if documents in app.session_state:
-        values["document_lengths"] = sparse.parse_lengths(app.session_state[documents], "")
+        values["document_lengths"] = budget.whole_numbers(app.session_state[documents], "")
     return sparse.Pattern(**values)
 
 
@@ -218,7 +242,9 @@ def pattern_on_page(app: AppTest, kind: str) -> sparse.Pattern:
     [
         (sparse.WINDOW, "sparse_window", -1, "window"),
         (sparse.STRIDED, "sparse_stride", 0, "stride"),
-        (sparse.DOCUMENTS, "sparse_documents_64", "10, 10", "ids"),
+        (sparse.DOCUMENTS, "sparse_documents_64", "10, 10", "add up to 64"),
+        (sparse.DOCUMENTS, "sparse_documents_64", "24, 16, 25, -1", "document lengths"),
+        (sparse.DOCUMENTS, "sparse_documents_64", "64, 1" + "0" * 30, "document lengths"),
         (sparse.DOCUMENTS, "sparse_documents_64", "ten, 10", "document lengths"),
         (sparse.LONGFORMER, "sparse_globals", "0, -3", "position"),
     ],

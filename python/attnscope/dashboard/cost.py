@@ -15,7 +15,8 @@ import pandas as pd
 import streamlit as st
 from threadpoolctl import ThreadpoolController
 
-from . import engine
+from . import budget, engine
+from .budget import human_bytes
 from .naive import naive_attention
 
 BYTES_F32 = 4
@@ -555,14 +556,6 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def human_bytes(num_bytes: float) -> str:
-    """'512 KiB', '3.0 MiB', '1.5 GiB'."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= size:
-            return f"{num_bytes / size:,.1f} {unit}"
-    return f"{num_bytes:,.0f} B"
-
-
 # --- the KV cache's storage: bytes, decode speed, and what the rounding costs ----------------
 
 STORAGES = ("float32", "bfloat16", "float16", "int8")
@@ -628,9 +621,26 @@ def decode_step_times(
 ) -> pd.DataFrame:
     """One layer's decoding step (one new query per head against `n` cached tokens), timed
     for each storage: the median of `repeats` rounds that alternate between the storages,
-    with the cache's bytes, the bytes read per second, and the speed-up over float32."""
+    with the cache's bytes, the bytes read per second, and the speed-up over float32.
+
+    Raises:
+        budget.OverBudget: the inputs and a cache per storage would not fit the dashboard's
+            memory budget (checked before anything is allocated).
+    """
     import attnscope
 
+    budget.check(
+        budget.estimate_decode_step(
+            shape.query_heads,
+            shape.kv_heads,
+            shape.head_dim,
+            n,
+            [storage_row_bytes(shape.head_dim, storage) for storage in STORAGES],
+        ),
+        f"A decoding step over {n:,} cached tokens of {shape.kv_heads} kv heads of "
+        f"{shape.head_dim}",
+        lower="the kv heads, the head dim or the cached tokens",
+    )
     rng = np.random.default_rng(seed)
     shape_kv = (1, shape.kv_heads, n, shape.head_dim)
     keys = rng.standard_normal(shape_kv, dtype=np.float32)

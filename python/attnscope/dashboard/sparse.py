@@ -22,7 +22,7 @@ import streamlit as st
 
 import attnscope
 
-from . import cost, engine
+from . import budget, cost, engine
 from . import real_model as rm
 
 WINDOW = "Sliding window"
@@ -38,7 +38,8 @@ EXPRESSION = "mask expression"
 DENSE = "dense bool mask"
 CAUSAL = "full causal"
 TIMED_METHODS = (EXPRESSION, DENSE, CAUSAL)
-# A dense bool mask is L×S bytes; the page builds none larger than this (64 MiB is 8,192²).
+# A dense bool mask is L×S bytes; the page builds none larger than this (64 MiB is 8,192²), nor
+# one past the dashboard's memory budget.
 DENSE_MASK_BUDGET = 64 * 2**20
 SHORTEST_TIMED = 256
 # A Community Cloud app has about 1 GB and 2 cores: a sweep point predicted to take longer
@@ -126,16 +127,53 @@ def document_split(length: int) -> tuple[int, int, int]:
     return first, second, length - first - second
 
 
-def parse_lengths(text: str, what: str) -> tuple[int, ...]:
-    """'24, 16, 24' -> (24, 16, 24); anything that is not a list of integers is a ValueError
-    naming `what` (document lengths, global token positions)."""
-    parts = [part.strip() for part in text.replace(";", ",").split(",") if part.strip()]
-    try:
-        return tuple(int(part) for part in parts)
-    except ValueError:
-        raise ValueError(
-            f"{what} must be whole numbers separated by commas, e.g. '0, 1, 8'; got {text!r}"
-        ) from None
+# Each knob of a Pattern as the page labels it, and its smallest value. Every value is also at
+# most 2**63 - 1 (the masks module's largest size); a seed may reach 2**64 - 1.
+KNOBS = {
+    "window": ("window (keys back)", 0),
+    "sinks": ("sinks", 0),
+    "stride": ("stride", 1),
+    "block": ("block", 1),
+    "random_per_row": ("random blocks per row", 0),
+    "global_blocks": ("global blocks", 0),
+    "seed": ("seed", 0),
+    "prefix": ("prefix", 0),
+}
+LARGEST = 2**63 - 1
+
+
+def parse_pattern(kind: str, drawn_length: int, **inputs) -> Pattern:
+    """The page's raw inputs as a Pattern: number boxes through :func:`budget.whole_number`,
+    the text fields (``global_positions``, ``document_lengths``) through
+    :func:`budget.whole_numbers`, and ``causal`` as it is.
+
+    Raises:
+        ValueError: a value that is not a whole number in range, or document lengths that do
+            not add up to `drawn_length`; the message names the field.
+    """
+    knobs: dict = {"kind": kind, "drawn_length": drawn_length}
+    for name, value in inputs.items():
+        if name in KNOBS:
+            label, minimum = KNOBS[name]
+            largest = 2**64 - 1 if name == "seed" else LARGEST
+            knobs[name] = budget.whole_number(value, label, minimum=minimum, maximum=largest)
+        elif name == "global_positions":
+            knobs[name] = budget.whole_numbers(
+                value, "global token positions", minimum=0, maximum=LARGEST
+            )
+        elif name == "document_lengths":
+            lengths = budget.whole_numbers(value, "document lengths", minimum=1, maximum=LARGEST)
+            if sum(lengths) != drawn_length:
+                raise ValueError(
+                    f"document lengths must add up to {drawn_length}, the drawn length; "
+                    f"{', '.join(map(str, lengths)) or 'none'} add up to {sum(lengths):,}"
+                )
+            knobs[name] = lengths
+        elif name == "causal":
+            knobs[name] = bool(value)
+        else:
+            raise ValueError(f"a pattern has no knob {name!r}")
+    return Pattern(**knobs)
 
 
 @dataclass(frozen=True)
@@ -156,6 +194,11 @@ TILE_STATES = ("empty", "partial", "full")  # in the order of the masks module's
 def picture(pattern: Pattern, length: int, block: int) -> MaskPicture:
     """`pattern` at `length` tokens: its dense mask and its tile layout, both from the masks
     module (the page never recomputes a rule)."""
+    budget.check(
+        budget.estimate_dense_mask(length, length, layout_block=block),
+        f"Drawing the mask at L = {length:,}",
+        lower="the drawn length or raise the tile size",
+    )
     mask = expression(pattern, length)
     dense = np.asarray(mask.to_dense(length, length), dtype=bool)
     layout = mask.layout(length, length, block=block)
@@ -177,9 +220,15 @@ def dense_mask_bytes(length: int) -> int:
     return length * length
 
 
+def dense_mask_limit() -> int:
+    """The most bytes a dense mask built here may take: the page's own cap or the dashboard's
+    memory budget, whichever is smaller."""
+    return min(DENSE_MASK_BUDGET, budget.budget_bytes())
+
+
 def dense_refusal(n: int) -> str | None:
     """Why the dense path does not run at length `n` (its mask would not fit), or None."""
-    if dense_mask_bytes(n) <= DENSE_MASK_BUDGET:
+    if dense_mask_bytes(n) <= dense_mask_limit():
         return None
     size = cost.human_bytes(dense_mask_bytes(n))
     return f"not built: its {n:,}×{n:,} bool mask alone needs {size}"
@@ -200,7 +249,11 @@ def time_method(
     pattern: Pattern, n: int, method: str, head_dim: int = 64, seed: int = 0
 ) -> tuple[float, str]:
     """``(seconds, "measured")``: the best of a few runs of `method` at length `n` on one head
-    of random float32 inputs (:func:`cost.time_call`); or ``(nan, why)`` when it is not run."""
+    of random float32 inputs (:func:`cost.time_call`); or ``(nan, why)`` when it is not run
+    (its mask or its inputs would not fit the memory budget)."""
+    needed = budget.estimate_attention(n, n, head_dim)
+    if needed > budget.budget_bytes():
+        return math.nan, f"not run: its inputs need {cost.human_bytes(needed)}"
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
     call = timed_call(method, pattern, n, q, k, v)
@@ -221,7 +274,7 @@ def sweep(
     """Time the engine on `pattern` (as an expression and as a dense bool mask) and on full
     causal attention at every length with `measure` (:func:`time_method`, or a cached copy of
     it). A method stops once its next point is predicted to take over `time_limit` seconds;
-    a dense mask over DENSE_MASK_BUDGET bytes is never built. Columns as :func:`cost.sweep`:
+    a dense mask over :func:`dense_mask_limit` bytes is never built. Columns as :func:`cost.sweep`:
     n, method, seconds, status."""
     rows = []
     last_time: dict[str, float] = {}
@@ -273,7 +326,7 @@ def projections(frame: pd.DataFrame, targets=cost.TARGET_LENGTHS) -> pd.DataFram
             hit = frame[(frame["method"] == method) & (frame["n"] == n)]
             if len(hit) and hit["status"].iloc[0] == "measured":
                 shown = cost.human_seconds(float(hit["seconds"].iloc[0]))
-            elif method == DENSE and dense_mask_bytes(n) > DENSE_MASK_BUDGET:
+            elif method == DENSE and dense_mask_bytes(n) > dense_mask_limit():
                 shown = f"not built: mask of {cost.human_bytes(dense_mask_bytes(n))}"
             elif fit is not None:
                 exponent, constant = fit

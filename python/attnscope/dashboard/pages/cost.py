@@ -5,7 +5,7 @@ import os
 
 import attnscope
 import streamlit as st
-from attnscope.dashboard import charts, cost, engine, ui
+from attnscope.dashboard import budget, charts, cost, engine, ui
 
 LONGEST_CHOICES = [512, 1_024, 2_048, 4_096, 8_192, 16_384, 65_536, 262_144]
 BUDGET_CHOICES = [64, 128, 256, 512, 1_024]
@@ -66,6 +66,8 @@ with st.form("cost_form"):
     st.form_submit_button("Run sweep", key="cost_run", type="primary")
 
 config = (longest, seconds, head_dim, threads, budget_mib, with_torch)
+# The slider's budget never exceeds the one the server allows any action.
+sweep_budget = min(budget_mib * 2**20, budget.budget_bytes())
 results = st.session_state.setdefault("cost_results", {})
 if config not in results:
     progress = st.progress(0.0, text="Starting the sweep…")
@@ -78,7 +80,7 @@ if config not in results:
             results[config] = cost.sweep(
                 cost.lengths(128, longest),
                 head_dim,
-                memory_budget=budget_mib * 2**20,
+                memory_budget=sweep_budget,
                 include_torch=with_torch,
                 threads=threads,
                 total_seconds=seconds,
@@ -144,7 +146,7 @@ for _, item in cost.stopped_methods(frame).iterrows():
     st.caption(f"{item['method']}: stopped at n = {item['n']:,} ({item['status']}).")
 
 st.subheader("What 2,048 / 8,192 / 200,000 tokens would cost here")
-projections = cost.projections_table(frame, memory_budget=budget_mib * 2**20)
+projections = cost.projections_table(frame, memory_budget=sweep_budget)
 st.dataframe(cost.projections_shown(projections), key="cost_projection_table")
 st.caption(
     "\\* estimated, not measured: the time per visible query–key pair at the method's longest "
@@ -230,6 +232,8 @@ if st.session_state.get("cost_decode_run") and decode_key not in decodes:
                 threads=threads,
                 progress=lambda fraction, label: progress.progress(fraction, text=label),
             )
+    except ValueError as problem:  # budget.OverBudget: refused before allocating
+        st.error(str(problem))
     except MemoryError:
         st.error("This machine ran out of memory for that cache; choose fewer tokens.")
     finally:

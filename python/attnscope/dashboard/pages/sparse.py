@@ -11,19 +11,20 @@ LONGEST_TIMED = [1_024, 2_048, 4_096, 8_192, 16_384, 32_768]
 
 
 def pattern_controls(length: int) -> sparse.Pattern:
-    """The pattern picker and the knobs of the chosen pattern. Bounds are left to the masks
-    module, which says what is wrong with a bad value."""
+    """The pattern picker and the knobs of the chosen pattern, read through
+    :func:`sparse.parse_pattern`, which names the field of a bad value."""
     kind = st.selectbox("Pattern", sparse.PATTERN_NAMES, key="sparse_pattern")
     row = st.columns(5)
-    knobs: dict = {"kind": kind, "drawn_length": length}
+    knobs: dict = {}
     number = {"step": 1, "format": "%d"}
     if kind in (sparse.WINDOW, sparse.LONGFORMER, sparse.STREAMING):
         knobs["window"] = row[0].number_input(
             "Window: keys back", value=15, key="sparse_window", **number
         )
     if kind == sparse.LONGFORMER:
-        positions = row[1].text_input("Global token positions", "0, 1", key="sparse_globals")
-        knobs["global_positions"] = sparse.parse_lengths(positions, "global token positions")
+        knobs["global_positions"] = row[1].text_input(
+            "Global token positions", "0, 1", key="sparse_globals"
+        )
     if kind == sparse.STREAMING:
         knobs["sinks"] = row[1].number_input(
             "Sinks (first tokens)", value=4, key="sparse_sinks", **number
@@ -40,13 +41,12 @@ def pattern_controls(length: int) -> sparse.Pattern:
         )
         knobs["seed"] = row[3].number_input("Seed", value=0, key="sparse_seed", **number)
     if kind == sparse.DOCUMENTS:
-        lengths = row[0].text_input(
+        knobs["document_lengths"] = row[0].text_input(
             f"Document lengths (add up to {length})",
             ", ".join(str(n) for n in sparse.document_split(length)),
             # One field per length: lengths typed for 64 tokens mean nothing at 128.
             key=f"sparse_documents_{length}",
         )
-        knobs["document_lengths"] = sparse.parse_lengths(lengths, "document lengths")
     if kind == sparse.PREFIX_LM:
         knobs["prefix"] = row[0].number_input(
             "Prefix (tokens)", value=16, key="sparse_prefix", **number
@@ -55,9 +55,7 @@ def pattern_controls(length: int) -> sparse.Pattern:
         knobs["causal"] = row[4].checkbox(
             "and causal", value=kind != sparse.BIGBIRD, key="sparse_causal"
         )
-    return sparse.Pattern(
-        **{name: int(v) if isinstance(v, float) else v for name, v in knobs.items()}
-    )
+    return sparse.parse_pattern(kind, length, **knobs)
 
 
 st.title("Sparse attention: reaching 200k")
@@ -162,7 +160,7 @@ else:
                 "\\* extrapolated from the exponent fitted to the measured points, not measured. "
                 "The dense path needs the whole L×L bool mask in memory before it starts: one "
                 "byte per pair, 37 GiB at 200,000 tokens, so beyond "
-                f"{cost.human_bytes(sparse.DENSE_MASK_BUDGET)} this page does not build it. "
+                f"{cost.human_bytes(sparse.dense_mask_limit())} this page does not build it. "
                 "The expression costs a few bytes at any length."
             )
             for _, item in (
