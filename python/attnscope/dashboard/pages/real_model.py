@@ -19,10 +19,13 @@ def keep_choice(key: str, options: range, default: int) -> None:
         st.session_state[key] = default
 
 
-def layer_and_head(prefix: str, num_layers: int, num_heads: int) -> tuple[int, int]:
-    """Layer and head pickers side by side, keyed `{prefix}_layer` and `{prefix}_head`."""
-    keep_choice(f"{prefix}_layer", range(num_layers), 0)
-    keep_choice(f"{prefix}_head", range(num_heads), 0)
+def layer_and_head(
+    prefix: str, num_layers: int, num_heads: int, default: tuple[int, int] = (0, 0)
+) -> tuple[int, int]:
+    """Layer and head pickers side by side, keyed `{prefix}_layer` and `{prefix}_head`,
+    opening on `default`."""
+    keep_choice(f"{prefix}_layer", range(num_layers), default[0])
+    keep_choice(f"{prefix}_head", range(num_heads), default[1])
     pickers = st.columns(2)
     layer = pickers[0].selectbox("Layer", range(num_layers), key=f"{prefix}_layer")
     head = pickers[1].selectbox("Head", range(num_heads), key=f"{prefix}_head")
@@ -81,7 +84,7 @@ def refuse(problem: Exception, any_error: bool, prefix: str = ""):
 
 
 def head_search(prefix: str, reading) -> rm.HeadSearch:
-    """Source and target pickers and the strongest head between them."""
+    """Source and target pickers and the most specific head between them."""
     reset_on_new_tokens(
         prefix,
         reading.tokens,
@@ -99,12 +102,32 @@ def head_search(prefix: str, reading) -> rm.HeadSearch:
         )
     layer, head, weight = search.best
     st.metric(
-        f"Strongest head for {source_word} → {target_word}",
+        f"Most specific head for {source_word} → {target_word}",
         f"layer {layer}, head {head}",
-        f"weight {weight:.3f} (spread evenly it would be {search.uniform:.3f})",
+        f"{source_word} gives it {weight:.3f}, the other tokens {search.best_others:.3f} on "
+        f"average (spread evenly: {search.uniform:.3f})",
         delta_color="off",
     )
     return search
+
+
+def counterfactual_buttons(container, text_key: str) -> None:
+    """One button per word pair of rm.COUNTERFACTUALS, exchanging the pair in the text."""
+
+    def swap(first: str, second: str) -> None:
+        st.session_state[text_key] = rm.swap_words(st.session_state[text_key], first, second)
+
+    buttons = container.columns(len(rm.COUNTERFACTUALS))
+    for button, (first, second) in zip(buttons, rm.COUNTERFACTUALS, strict=True):
+        button.button(
+            f"{first} ↔ {second}",
+            key=f"{text_key}_swap_{first}_{second}",
+            on_click=swap,
+            args=(first, second),
+            help=f"The counterfactual: the same text with every '{first}' and '{second}' "
+            "exchanged. A head that tracks who the pronoun means should move its weight; one "
+            "that looks at a position or a word whatever the sentence says should not.",
+        )
 
 
 def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, **options):
@@ -162,9 +185,9 @@ def every_head_view() -> None:
         if not source.strip():
             st.info("Type the path of a folder holding a BERT or GPT-2 checkpoint.")
             return
-    text = controls[1].text_area(
-        "Text", value=rm.PRONOUN_SENTENCE, key="real_model_text", height=80, max_chars=50_000
-    )
+    st.session_state.setdefault("real_model_text", rm.PRONOUN_SENTENCE)
+    text = controls[1].text_area("Text", key="real_model_text", height=80, max_chars=50_000)
+    counterfactual_buttons(controls[1], "real_model_text")
     local = choice == LOCAL_FOLDER
     model = load(source, any_error=local)
     reading = model and shielded(lambda: rm.cached_reading(source, text), any_error=local)
@@ -183,14 +206,28 @@ def every_head_view() -> None:
     st.subheader("Find the head")
     st.markdown(
         "Pick the token that is looking (the source, say *she*) and the token it should find "
-        "(the target, say *nurse*): every head is ranked by the weight the source puts on the "
-        "target."
+        "(the target, say *nurse*). A head can give the target a large weight from every token "
+        "(it looks at *nurse* whatever is asking), so weight alone proves little. Every head "
+        "is ranked by **specificity**: the source's weight on the target minus the mean weight "
+        "the other tokens give it. Then press a swap button above the text: in the "
+        "counterfactual sentence, does the winner still point the pronoun at the same noun?"
     )
     search = head_search("real_model", reading)
+    source_word = rm.plain(reading.tokens[search.source])
+    target_word = rm.plain(reading.tokens[search.target])
     st.dataframe(
-        search.ranking.head(10)[["rank", "layer", "head", "weight"]],
+        search.ranking.head(10)[["rank", "layer", "head", "specificity", "weight", "others"]],
         hide_index=True,
         key="real_model_ranking",
+        column_config={
+            "specificity": st.column_config.NumberColumn(format="%.3f"),
+            "weight": st.column_config.NumberColumn(
+                f"{source_word} → {target_word}", format="%.3f"
+            ),
+            "others": st.column_config.NumberColumn(
+                f"other tokens → {target_word} (mean)", format="%.3f"
+            ),
+        },
     )
 
 
@@ -282,12 +319,12 @@ def regimes_view() -> None:
         "The same sentence, read by two trained models. MiniLM is an encoder: every token sees "
         "the whole sentence. SmolLM2 is a causal language model: a token sees only itself and "
         "what came before, so the upper-right triangle of its maps is grey. Each side ranks "
-        "its own heads by how strongly the source token looks at the target; the map shows "
-        "the winner."
+        "its own heads by how much more the source token looks at the target than the other "
+        "tokens do (specificity); the map shows the winner."
     )
-    sentence = st.text_input(
-        "Sentence", rm.PRONOUN_SENTENCE, key="real_model_regimes_text", max_chars=2_000
-    )
+    st.session_state.setdefault("real_model_regimes_text", rm.PRONOUN_SENTENCE)
+    sentence = st.text_input("Sentence", key="real_model_regimes_text", max_chars=2_000)
+    counterfactual_buttons(st, "real_model_regimes_text")
     columns = st.columns(2)
     for column, name, regime in zip(
         columns, (rm.BIDIRECTIONAL_MODEL, rm.CAUSAL_MODEL), ("bidirectional", "causal"), strict=True
@@ -319,7 +356,7 @@ def regime_column(name: str, regime: str, sentence: str) -> None:
         " (every head gives 0: the mask hides the later token)" if reverse.target_hidden else ""
     )
     st.caption(
-        f"The other way round, {words[0]} → {words[1]}: the strongest head gives "
+        f"The other way round, {words[0]} → {words[1]}: the most specific head gives "
         f"{reverse.best[2]:.3f}{hidden}."
     )
 
@@ -500,7 +537,10 @@ def show_replay(replay: generation.Replay) -> None:
     st.caption(prompt_reading_note(replay))
 
     st.subheader("Replay: each new token's attention over the cache")
-    layer, head = layer_and_head("real_model_replay", replay.num_layers, replay.num_heads)
+    opening = shielded(lambda: rm.chapter_head(rm.CAUSAL_MODEL))
+    layer, head = layer_and_head(
+        "real_model_replay", replay.num_layers, replay.num_heads, default=opening or (0, 0)
+    )
     weights, visible = replay.head_rows(layer, head)
     draw_map(
         weights,
@@ -513,9 +553,16 @@ def show_replay(replay: generation.Replay) -> None:
         row_title="step (the token it wrote)",
         col_title="cached token",
     )
+    opens_on = (
+        f" The replay opens on layer {opening[0]}, head {opening[1]}: in the chapter's "
+        "sentence, the head where *she* looks at *nurse* most specifically (the Every head "
+        "view's finder)."
+        if opening
+        else ""
+    )
     st.caption(
         "Row 0 is the prompt's last token choosing the first new token; each row below has one "
-        "more cached token to look at. Grey cells were not in the cache yet."
+        f"more cached token to look at. Grey cells were not in the cache yet.{opens_on}"
     )
     step = ui.bounded_slider(
         st, "Step", 0, replay.steps - 1, replay.steps - 1, "real_model_replay_step"
