@@ -271,3 +271,70 @@ def test_wrapper_refuses_other_devices_and_dtypes():
         atorch.scaled_dot_product_attention(meta, meta, meta)
     with pytest.raises(ValueError, match="key"):
         atorch.scaled_dot_product_attention(q, torch.randn(3, 5), torch.randn(3, 5))
+
+
+def _wrapper_grads(q, k, v, grad_out, **options):
+    tensors = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = atorch.scaled_dot_product_attention(*tensors, **options)
+    out.backward(grad_out)
+    return [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.float64])
+def test_editing_the_mask_before_backward_raises_torchs_in_place_error(mask_dtype):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 6, 8, generator=generator, requires_grad=True) for _ in range(3))
+    visible = torch.rand(6, 6, generator=generator) < 0.7
+    visible[:, 0] = True
+    mask = visible if mask_dtype == torch.bool else torch.where(visible, 0.0, -1e4)
+    mask = mask.to(mask_dtype)
+    edited = mask.clone()
+    out = atorch.scaled_dot_product_attention(q, k, v, attn_mask=edited)
+    if mask_dtype == torch.bool:
+        edited.logical_not_()
+    else:
+        edited.mul_(0.5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    # Untouched, the gradient is torch's.
+    grad_out = torch.randn(2, 6, 8, generator=generator)
+    ours = _wrapper_grads(q, k, v, grad_out, attn_mask=mask)
+    tensors = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    torch_mask = mask if mask_dtype == torch.bool else mask.float()  # torch wants q's dtype
+    functional.scaled_dot_product_attention(*tensors, attn_mask=torch_mask).backward(grad_out)
+    for mine, theirs in zip(ours, (t.grad for t in tensors), strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("container", ["tensor", "array"])
+def test_editing_the_alibi_slopes_before_backward_changes_nothing(container):
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 7, 8, generator=generator) for _ in range(3))
+    grad_out = torch.randn(1, 4, 7, 8, generator=generator)
+    original = [0.5, 0.25, 0.125, 0.0625]
+    untouched = _wrapper_grads(q, k, v, grad_out, alibi_slopes=original, is_causal=True)
+    slopes = torch.tensor(original) if container == "tensor" else np.array(original)
+    tensors = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    out = atorch.scaled_dot_product_attention(*tensors, alibi_slopes=slopes, is_causal=True)
+    slopes[:] = 8.0  # the caller reuses its buffer before backward
+    out.backward(grad_out)
+    for mine, expected in zip((t.grad for t in tensors), untouched, strict=True):
+        torch.testing.assert_close(mine, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_out_needs_grad", [False, True])
+def test_double_backward_raises_in_every_case(grad_out_needs_grad):
+    q, k, v = (torch.randn(5, 8, requires_grad=True) for _ in range(3))
+    out = atorch.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # sum(): the first gradient's output does not require grad; squares: it does.
+    loss = (out**2).sum() if grad_out_needs_grad else out.sum()
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(loss, q, create_graph=True)
+    # A gradient penalty, as torch computes it: refused, never silently zero.
+    out = atorch.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(out.sum(), (q, k), create_graph=True)
+    # Without create_graph the same gradient is torch's.
+    (dq,) = torch.autograd.grad(atorch.scaled_dot_product_attention(q, k, v).sum(), q)
+    (expected,) = torch.autograd.grad(functional.scaled_dot_product_attention(q, k, v).sum(), q)
+    torch.testing.assert_close(dq, expected, rtol=1e-4, atol=1e-5)

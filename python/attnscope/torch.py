@@ -52,7 +52,9 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().numpy()
 
 
-def _mask_array(attn_mask) -> np.ndarray | None:
+def _mask_tensor(attn_mask) -> torch.Tensor | None:
+    """The mask as the engine reads it: the caller's tensor (saved for backward, so editing it
+    in place before backward raises torch's in-place error), or a float32 copy of a 16-bit one."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, torch.Tensor):
@@ -66,37 +68,55 @@ def _mask_array(attn_mask) -> np.ndarray | None:
         )
     if attn_mask.dtype in (torch.float16, torch.bfloat16):
         attn_mask = attn_mask.float()
-    return _array(attn_mask)
+    return attn_mask.detach()
 
 
 def _slopes_array(alibi_slopes):
-    """ALiBi slopes as NumPy reads them (a tensor is detached and brought to the CPU)."""
+    """ALiBi slopes as NumPy reads them, copied (a tensor is detached and brought to the CPU):
+    editing the caller's slopes between forward and backward cannot change the gradient."""
     if isinstance(alibi_slopes, torch.Tensor):
-        return alibi_slopes.detach().cpu().numpy()
+        return alibi_slopes.detach().cpu().numpy().copy()
+    if isinstance(alibi_slopes, np.ndarray):
+        return alibi_slopes.copy()
     return alibi_slopes
 
 
 class _Attention(torch.autograd.Function):
-    """Forward keeps the output and its log-sum-exp; backward runs the engine's backward."""
+    """Forward keeps the output and its log-sum-exp; backward runs the engine's backward.
+
+    Every tensor backward reads (query, key, value and the mask) is saved with
+    ``save_for_backward``, so torch raises its in-place-modification error if one is edited
+    between forward and backward instead of the gradient changing silently."""
 
     @staticmethod
     def forward(ctx, query, key, value, mask, options):
         arrays = [_array(tensor) for tensor in (query, key, value)]
-        out, lse = _forward(*arrays, mask, **options, return_lse=True)
+        mask_array = None if mask is None else _array(mask)
+        out, lse = _forward(*arrays, mask_array, **options, return_lse=True)
         out_tensor, lse_tensor = torch.from_numpy(out), torch.from_numpy(lse)
-        ctx.save_for_backward(query, key, value, out_tensor, lse_tensor)
-        ctx.mask, ctx.options = mask, options
+        ctx.has_mask = mask is not None
+        saved = (query, key, value, out_tensor, lse_tensor)
+        ctx.save_for_backward(*saved, *((mask,) if ctx.has_mask else ()))
+        ctx.options = options
         return out_tensor
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # no second derivatives: say so, not zeros
     def backward(ctx, grad_out):
-        query, key, value, out, lse = ctx.saved_tensors
+        # Autograd runs backward with grad mode on exactly when a graph of the gradient is
+        # wanted (create_graph=True). There is no second derivative: refuse it every time,
+        # rather than hand back a gradient whose own gradient would be silently zero.
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "attnscope.torch.scaled_dot_product_attention has no second derivative: "
+                "backward with create_graph=True (double backward, gradient penalties) is "
+                "not supported; use torch.nn.functional.scaled_dot_product_attention for it"
+            )
+        query, key, value, out, lse, *mask = ctx.saved_tensors
         grad_out = grad_out.to(out.dtype)
         grads = _backward(
             _array(grad_out),
             *(_array(tensor) for tensor in (query, key, value, out, lse)),
-            ctx.mask,
+            _array(mask[0]) if ctx.has_mask else None,
             **ctx.options,
         )
         needed = ctx.needs_input_grad[:3]
@@ -129,7 +149,10 @@ def scaled_dot_product_attention(
     Arguments and shapes are those of :func:`attnscope.scaled_dot_product_attention` (and of
     ``torch.nn.functional.scaled_dot_product_attention``, without dropout). Gradients flow to
     query, key and value through attnscope's backward pass; a mask and ALiBi's slopes (a
-    sequence, array or tensor of ``Hq`` numbers) are constants and get no gradient.
+    sequence, array or tensor of ``Hq`` numbers) are constants and get no gradient. The slopes
+    are copied; the mask is kept, so editing it in place before ``backward`` raises torch's
+    in-place-modification error, as torch's own attention does. There is no second
+    derivative: a backward with ``create_graph=True`` raises ``RuntimeError``.
 
     Raises:
         TypeError: a non-tensor, a dtype other than float32/float64, or mixed dtypes.
@@ -147,4 +170,4 @@ def scaled_dot_product_attention(
         softcap=softcap,
         alibi_slopes=_slopes_array(alibi_slopes),
     )
-    return _Attention.apply(query, key, value, _mask_array(attn_mask), options)
+    return _Attention.apply(query, key, value, _mask_tensor(attn_mask), options)
