@@ -4,14 +4,17 @@ path through the chapter links every step to a page."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 from urllib.parse import unquote_plus
 
 import numpy as np
 import pytest
-from attnscope.dashboard import cost, engine, heads, story, text
+from attnscope.dashboard import cost, engine, heads, story, text, ui
+from attnscope.dashboard import learning as learning_lab
 from streamlit.testing.v1 import AppTest
-from test_dashboard_app import APP, PAGES, assert_clean, charts
+from test_dashboard_app import APP, PAGES, _title, assert_clean, charts
 
 
 def open_with_url(page: str | None, **params: str) -> AppTest:
@@ -200,3 +203,115 @@ def test_the_glossary_is_in_every_page_sidebar(page):
         "KV cache",
     ):
         assert term in shown, term
+
+
+# --- Learning: what the page opens on and what compare mode sets ---------------------------
+
+LEARNING = Path(APP).parent / PAGES / "learning.py"
+
+
+@pytest.fixture(scope="module")
+def induction_run():
+    config = learning_lab.make_config("induction", 2, 4, 32, 50, "÷ √d_k", 0)
+    *_, run = learning_lab.bounded_run("this model", config)
+    return run
+
+
+def test_learning_maps_open_on_the_best_heads_layer(induction_run):
+    # Make layer 1 head 3 the best induction head, as training usually does.
+    induction = np.zeros_like(induction_run.last.induction)
+    induction[1, 3] = 0.9
+    last = dataclasses.replace(induction_run.last, induction=induction)
+    run = dataclasses.replace(induction_run, reports=(*induction_run.reports[:-1], last))
+    app = AppTest.from_file(str(LEARNING), default_timeout=120)
+    app.session_state["learning_runs"] = [run]
+    app.run()
+    assert_clean(app)
+    assert app.selectbox(key="learning_map_layer").value == 1
+    assert any("end: layer 1 head 3" in title for title in charts(app))
+    note = next(c.value for c in app.caption if "fresh random draws" in c.value)
+    assert f"log {run.config.vocab_size} = {np.log(run.config.vocab_size):.2f}" in note
+    best = next(m for m in app.metric if m.label == "Best induction score")
+    assert best.proto.direction == best.proto.NONE  # a note, not a change: no arrow
+
+
+def test_learning_compare_mode_greys_out_what_it_sets(induction_run):
+    app = AppTest.from_file(str(LEARNING), default_timeout=120)
+    app.query_params["learning_mode"] = "Compare with and without √d_k"
+    app.session_state["learning_runs"] = [
+        dataclasses.replace(induction_run, label=label) for label in ("scaled", "unscaled")
+    ]
+    app.run()
+    assert_clean(app)
+    assert app.radio(key="learning_mode").value.startswith("Compare")
+    for widget in (
+        app.select_slider(key="learning_heads"),
+        app.select_slider(key="learning_width"),
+        app.radio(key="learning_scaling"),
+    ):
+        assert widget.disabled
+    assert f"d_model = {learning_lab.COMPARE_WIDTH}" in app.info[0].value
+    table = app.dataframe[0].value
+    assert list(table.columns) == ["scaled", "unscaled"]  # two columns: nothing cut off
+    app.radio(key="learning_mode").set_value("Train one model").run()
+    assert not app.select_slider(key="learning_width").disabled
+    assert {"learning_task", "learning_steps", "learning_mode", "learning_width"} <= bound_keys(app)
+
+
+# --- Rough edges: sizes, numbers and labels that a reader saw go wrong ----------------------
+
+
+def chart_widths(app: AppTest) -> dict[str, int]:
+    """Title -> the drawn width of the cells of every Altair chart on the page."""
+    widths = {}
+    for element in app.get("vega_lite_chart"):
+        spec = json.loads(element.proto.spec)
+        width = spec.get("width") or next(
+            (layer.get("width") for layer in spec.get("layer", []) if layer.get("width")), None
+        )
+        widths[_title(spec)] = width
+    return widths
+
+
+def test_inside_matrices_fit_their_columns_and_numbers_read_well():
+    app = open_with_url("inside.py", inside_d_k="1024", inside_scaling="no scaling")
+    widths = chart_widths(app)
+    room = ui.MAIN_COLUMN_PX
+    for title, share in (("W_Q", 1 / 4), ("W_V", 1 / 4), ("Q = x·W_Q", 1 / 3)):
+        assert widths[title] + inside_page_chrome() <= room * share, title
+    table = next(d for d in app.dataframe if "engine weight" in d.value.columns)
+    formats = json.loads(table.proto.columns)
+    for column in ("weight = exp / sum", "engine weight", "exp(score − max)"):
+        assert formats[column]["type_config"]["format"] == "%.4g"
+    gradient = next(m for m in app.metric if m.label == "softmax gradient")
+    assert gradient.proto.direction == gradient.proto.NONE  # no arrow on a smaller value
+    assert "e-" in gradient.value or float(gradient.value.split()[0]) > 0  # never '0.000'
+
+
+def inside_page_chrome() -> int:
+    """The page's MATRIX_CHROME_PX (a page is a script, so its constant is read from it)."""
+    source = (Path(APP).parent / PAGES / "inside.py").read_text()
+    return int(source.split("MATRIX_CHROME_PX = ")[1].split()[0])
+
+
+def test_heads_long_sentence_fits_and_the_row_follows_edits():
+    sentence = " ".join(["The boy read the book because she was bored and"] * 2) + " slept"
+    words = text.split_words(sentence)
+    assert len(words) == 21
+    app = open_with_url("heads.py", heads_sentence=sentence, heads_head="Coreference")
+    assert app.text_input(key="heads_sentence").value == sentence
+    widths = chart_widths(app)
+    assert widths["Coreference"] + ui.HEATMAP_CHROME_PX <= ui.MAIN_COLUMN_PX * 3 / 5
+    assert widths["Previous token"] + 90 <= ui.MAIN_COLUMN_PX / 3  # the side-by-side panels
+    # The toy head's word lists know no feminine noun here: the page says so.
+    assert any("'book'" in w.value and "guess by distance" in w.value for w in app.warning)
+    app.selectbox(key="heads_row").select(6).run()  # '6 she'
+    app.text_input(key="heads_sentence").input("The king thanked the queen because he was proud.")
+    app.run()
+    assert_clean(app)
+    chooser = app.selectbox(key="heads_row")
+    assert chooser.proto.set_value  # the browser is sent the new sentence's label
+    assert chooser.value == 6
+    assert chooser.options[6] == "6 he" and "Where 'he' looks" in charts(app)
+    assert not any("guess by distance" in w.value for w in app.warning)  # 'king' is known
+    assert {"heads_sentence", "heads_head", "heads_causal"} <= bound_keys(app)

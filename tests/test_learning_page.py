@@ -131,11 +131,13 @@ def test_compare_mode_shows_both_runs():
         expected_run(c, label, page_run)
         for (label, c), page_run in zip(lab.compare_configs(config).items(), shown, strict=True)
     ]
-    table = app.dataframe[0].value
+    table = app.dataframe[0].value  # one column per run, one row per number
     expected = lab.compare_table(runs)
-    assert list(table["run"]) == list(expected["run"])
+    assert list(table.columns) == list(expected["run"])
     numeric = expected.columns.drop("run")
-    np.testing.assert_allclose(table[numeric].to_numpy(float), expected[numeric].to_numpy(float))
+    np.testing.assert_allclose(
+        table.loc[numeric].to_numpy(float).T, expected[numeric].to_numpy(float)
+    )
     history = chart_data(app)["W_Q/W_K gradient norm"]
     assert set(history["run"]) == {run.label for run in runs}
     # The comparison's point, measured: the unscaled wide heads start far more peaked.

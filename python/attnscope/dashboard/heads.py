@@ -19,7 +19,7 @@ import numpy as np
 from attnscope.reference import visibility
 
 from . import engine
-from .text import ROLES, Token
+from .text import ROLES, Token, gendered_nouns
 
 HEAD_DIM = 96  # d_k of every designed head; the engine's default scale is 1/sqrt(HEAD_DIM)
 # Radians per token: ω_f = π(f + ½)/16. The sum of cos(ω_f·Δ) over these 16 frequencies is 16
@@ -273,3 +273,25 @@ def rule_table(head: HeadSpec) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def coreference_gaps(tokens: list[Token], weights: np.ndarray) -> list[str]:
+    """Notes for the reader wherever the coreference head's word lists do not cover the
+    sentence: a gendered pronoun with no earlier noun of a gender the tagger knows can only
+    fall back to the nearest noun. `weights` is the head's ``(n, n)`` weights, to name the
+    noun it chose."""
+    notes = []
+    for position, token in enumerate(tokens):
+        if token.role != "pronoun" or token.gender is None:
+            continue
+        nouns = [t for t in tokens[:position] if t.role == "noun"]
+        if not nouns or any(t.gender == token.gender for t in nouns):
+            continue
+        chosen = tokens[int(np.asarray(weights)[position].argmax())].text
+        known = ", ".join(gendered_nouns(token.gender)[:6])
+        notes.append(
+            f"No noun before '{token.text}' is on this toy head's short {token.gender} word "
+            f"list ({known}, …), so it takes the nearest noun, '{chosen}': a guess by "
+            "distance, not by meaning. A trained model uses what it learned about the words."
+        )
+    return notes

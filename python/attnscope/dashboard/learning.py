@@ -5,6 +5,7 @@ the charts (loss curves, the layers × heads grid of scores, the with/without �
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -214,3 +215,45 @@ def compare_table(runs: list[Run]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def compare_shown(runs: list[Run]) -> pd.DataFrame:
+    """:func:`compare_table` turned so that each run is a column and each number a row: two
+    narrow columns fit the page, where eleven wide ones were cut off."""
+    return compare_table(runs).set_index("run").T.rename_axis(index="measure", columns=None)
+
+
+def first_copy_note(config: learning.TrainConfig, first_copy_loss: float) -> str:
+    """Why the loss on a repeated sequence's first copy can climb far above chance."""
+    chance = math.log(config.vocab_size)
+    return (
+        f"The first copy's tokens are fresh random draws: no model can predict them, and "
+        f"spreading its bet evenly over the {config.vocab_size} tokens would score "
+        f"log {config.vocab_size} = {chance:.2f}. Training counts only the positions whose "
+        "answer is a repeat, so nothing teaches the model to hedge on the first copy: there "
+        "it copies as confidently as on the second, and each confident copy is wrong"
+        + (
+            f", which is why its loss ({first_copy_loss:.2f}) is above chance."
+            if first_copy_loss > chance
+            else "."
+        )
+    )
+
+
+def compare_overrides() -> str:
+    """What compare mode sets itself, whatever the controls say."""
+    return (
+        f"Compare mode trains twice at d_model = {COMPARE_WIDTH} with {COMPARE_HEADS} heads "
+        f"(d_k = {COMPARE_WIDTH // COMPARE_HEADS}), once with and once without √d_k: the "
+        "heads, d_model and scaling controls are set by it."
+    )
+
+
+def map_layer(run: Run) -> int:
+    """The layer the attention maps open on: that of the head doing the task best (an
+    induction head sits above the previous-token head it needs); the last layer for a task
+    with no head score."""
+    score = {"induction": "induction", "previous_token": "previous_token"}.get(run.config.task)
+    if score is None:
+        return run.config.num_layers - 1
+    return best_head(run.last, score)[0]

@@ -169,6 +169,14 @@ def tag(words: list[str]) -> list[Token]:
     return tokens
 
 
+def gendered_nouns(gender: str) -> list[str]:
+    """The nouns whose gender ("masculine" or "feminine") the tagger knows, sorted."""
+    words = {"masculine": _MASCULINE, "feminine": _FEMININE}.get(gender)
+    if words is None:
+        raise ValueError(f"gender must be 'masculine' or 'feminine', got {gender!r}")
+    return sorted(words - _PRONOUNS - _DETERMINERS)
+
+
 def tokenize(sentence: str) -> tuple[list[Token], str | None]:
     """The Heads page's tagged tokens of `sentence`, and a note for the reader when it had to
     be shortened. Raises InputError for a sentence with no word in it."""

@@ -54,6 +54,27 @@ def chart(container, spec, key: str) -> None:
     container.altair_chart(spec, key=key, width="stretch" if stretch else "content")
 
 
+# The main column's width at a desktop window (1,400 px, wide layout, sidebar open): charts
+# laid side by side in columns share it.
+MAIN_COLUMN_PX = 940
+# What a heatmap needs beside its cells: row labels, axis title and colour legend.
+HEATMAP_CHROME_PX = 170
+
+
+def cell_px(
+    count: int, share: float, largest: int = 22, smallest: int = 5, chrome: int = HEATMAP_CHROME_PX
+) -> int:
+    """The size of a heatmap's cells so that `count` of them across, with labels and legend,
+    fit a column holding `share` of the main column (never below `smallest`)."""
+    room = MAIN_COLUMN_PX * share - chrome
+    return int(max(smallest, min(largest, room // max(count, 1))))
+
+
+def note_metric(container, label: str, value, note: str) -> None:
+    """A metric whose small line is a note beside the value, not a change: grey, no arrow."""
+    container.metric(label, value, note, delta_color="off", delta_arrow="off")
+
+
 def bounded_slider(container, label: str, low: int, high: int, value: int, key: str) -> int:
     """An integer slider whose range follows the sentence: a remembered value outside the new
     range is pulled back into it, and a range of one value shows a note instead."""
@@ -97,6 +118,12 @@ def position_select(container, label: str, tokens: Sequence[str], key: str) -> i
         found = _LEADING_POSITION.match(str(remembered))
         position = int(found.group(1)) if found else 0
         st.session_state[key] = min(position, len(tokens) - 1)
+    # New tokens: the position is written again, so the browser redraws the chooser with the
+    # new sentence's label instead of keeping the old one ('6 he' over a chart of 'she').
+    tokens_key = f"{key}__tokens"
+    if key in st.session_state and st.session_state.get(tokens_key) != list(tokens):
+        st.session_state[key] = st.session_state[key]
+    st.session_state[tokens_key] = list(tokens)
     labels = charts.token_labels(tokens)
     return container.selectbox(label, range(len(tokens)), format_func=labels.__getitem__, key=key)
 

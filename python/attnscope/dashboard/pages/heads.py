@@ -41,15 +41,17 @@ st.session_state.setdefault("heads_row", 2)
 
 controls = st.columns([2, 3])
 controls[0].selectbox("Example", list(text.EXAMPLES), key="heads_example", on_change=_load_example)
-sentence = controls[1].text_input("Sentence (edit it)", key="heads_sentence", max_chars=20_000)
+sentence = controls[1].text_input(
+    "Sentence (edit it)", key="heads_sentence", max_chars=20_000, bind="query-params"
+)
 
 tokens = ui.read_sentence(text.tokenize, sentence)
 words = [token.text for token in tokens]
 
 options = st.columns([2, 2, 1])
-head_name = options[0].selectbox("Head", heads.HEAD_NAMES, key="heads_head")
+head_name = options[0].selectbox("Head", heads.HEAD_NAMES, key="heads_head", bind="query-params")
 row = ui.position_select(options[1], "Token to inspect (a row)", words, key="heads_row")
-causal = options[2].toggle("Causal mask", value=True, key="heads_causal")
+causal = options[2].toggle("Causal mask", value=True, key="heads_causal", bind="query-params")
 
 head_index = heads.HEAD_NAMES.index(head_name)
 weights = ui.head_weights(sentence, causal)
@@ -61,7 +63,13 @@ left, right = st.columns([3, 2])
 with left:
     ui.chart(
         st,
-        charts.heatmap(weights[head_index], words, visible=visible, title=head_name),
+        charts.heatmap(
+            weights[head_index],
+            words,
+            visible=visible,
+            title=head_name,
+            cell_px=ui.cell_px(n, 3 / 5, largest=charts.CELL_PX),
+        ),
         key="heads_heatmap",
     )
 with right:
@@ -76,13 +84,16 @@ with right:
         ),
         key="heads_row_bars",
     )
-    st.metric(
+    ui.note_metric(
+        st,
         f"Strongest key for '{words[row]}'",
         f"{strongest} {words[strongest]}",
         f"weight {weights[head_index, row, strongest]:.3f}",
-        delta_color="off",
     )
     st.markdown(spec.summary)
+    if head_name == "Coreference":
+        for note in heads.coreference_gaps(tokens, weights[head_index]):
+            st.warning(note, icon=":material/warning:")
     if causal:
         st.caption(
             "Grey cells are the causal mask: a token may not look at anything after it, "
@@ -148,12 +159,19 @@ st.markdown(
     "with `Q, K, V` of shape (heads, tokens, d_k). Each head asks its own question."
 )
 columns = st.columns(3)
+labelled = n <= 12
+panel_px = ui.cell_px(n, 1 / 3, largest=11, chrome=ui.HEATMAP_CHROME_PX if labelled else 90)
 for index, name in enumerate(heads.HEAD_NAMES):
     with columns[index % 3]:
         ui.chart(
             st,
             charts.heatmap(
-                weights[index], words, visible=visible, title=name, cell_px=11, show_labels=n <= 12
+                weights[index],
+                words,
+                visible=visible,
+                title=name,
+                cell_px=panel_px,
+                show_labels=labelled,
             ),
             key=f"heads_panel_{index}",
         )

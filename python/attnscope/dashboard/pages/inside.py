@@ -38,15 +38,18 @@ words = ui.read_sentence(inside.SENTENCE.words, sentence)
 steps = ui.one_head(tuple(words), d_k, scaling == "÷ √d_k")
 labels = charts.token_labels(words)
 SHOWN = 16  # wider matrices are cut to their first columns on screen (not in the maths)
+MATRIX_CHROME_PX = 130  # a matrix's row labels and legend beside its cells
 shown = min(d_k, SHOWN)
 dims = [f"d{i}" for i in range(shown)]
 model_dims = [f"e{i}" for i in range(inside.MODEL_DIM)]
 
 
-def show(matrix, rows, cols, title, key, diverging=True):
+def show(matrix, rows, cols, title, key, share, diverging=True):
+    """Draw `matrix` with cells small enough for its row of charts (`share` of the page)."""
+    size = ui.cell_px(len(cols), share, chrome=MATRIX_CHROME_PX)
     ui.chart(
         st,
-        charts.matrix(matrix, rows, cols, title=title, diverging=diverging, cell_px=22),
+        charts.matrix(matrix, rows, cols, title=title, diverging=diverging, cell_px=size),
         key=key,
     )
 
@@ -54,28 +57,28 @@ def show(matrix, rows, cols, title, key, diverging=True):
 st.subheader("1 · Project each token")
 columns = st.columns(4)
 with columns[0]:
-    show(steps.x, labels, model_dims, "x (embeddings)", "inside_x")
+    show(steps.x, labels, model_dims, "x (embeddings)", "inside_x", 1 / 4)
 for column, (name, w) in zip(
     columns[1:], (("W_Q", steps.w_q), ("W_K", steps.w_k), ("W_V", steps.w_v)), strict=True
 ):
     with column:
-        show(w[:, :shown], model_dims, dims, name, f"inside_{name}")
+        show(w[:, :shown], model_dims, dims, name, f"inside_{name}", 1 / 4)
 columns = st.columns(3)
 for column, (name, m) in zip(
     columns, (("Q = x·W_Q", steps.q), ("K = x·W_K", steps.k), ("V = x·W_V", steps.v)), strict=True
 ):
     with column:
-        show(m[:, :shown], labels, dims, name, f"inside_{name[0]}")
+        show(m[:, :shown], labels, dims, name, f"inside_{name[0]}", 1 / 3)
 if d_k > SHOWN:
     st.caption(f"Only the first {SHOWN} of the {d_k} columns are drawn; all are used.")
 
 st.subheader("2 · Score, scale, softmax, mix")
 columns = st.columns(3)
 with columns[0]:
-    show(steps.hide_future(steps.scores), labels, labels, "scores Q·Kᵀ", "inside_scores")
+    show(steps.hide_future(steps.scores), labels, labels, "scores Q·Kᵀ", "inside_scores", 1 / 3)
 with columns[1]:
     title = f"× {steps.scale:.3f} (= 1/√{d_k})" if scaling == "÷ √d_k" else "× 1 (no scaling)"
-    show(steps.hide_future(steps.scaled), labels, labels, title, "inside_scaled")
+    show(steps.hide_future(steps.scaled), labels, labels, title, "inside_scaled", 1 / 3)
 with columns[2]:
     ui.chart(
         st,
@@ -91,10 +94,17 @@ st.markdown(
 )
 row = len(words) - 1
 st.dataframe(
-    inside.softmax_by_hand(steps, row, labels), hide_index=True, key="inside_softmax_table"
+    inside.softmax_by_hand(steps, row, labels),
+    hide_index=True,
+    key="inside_softmax_table",
+    # Four significant digits: a weight of 3e-9 reads as 3e-09, not as a row of zeros.
+    column_config={
+        name: st.column_config.NumberColumn(format="%.4g")
+        for name in ("scaled score", "exp(score − max)", "weight = exp / sum", "engine weight")
+    },
 )
 st.caption(f"The softmax of the last row ('{words[row]}'), by hand and from the engine.")
-show(steps.output[:, :shown], labels, dims, "output = weights · V", "inside_output")
+show(steps.output[:, :shown], labels, dims, "output = weights · V", "inside_output", 1)
 
 st.subheader("3 · Why divide by √d_k")
 st.markdown(
@@ -119,24 +129,22 @@ ui.chart(
 )
 at_d = inside.saturation_at(curves, d_k)
 cols = st.columns(3)
-cols[0].metric(
-    f"max weight at d_k = {d_k}",
-    f"{at_d.loc['no scaling', 'max weight']:.2f} unscaled",
-    f"{at_d.loc['÷ √d_k', 'max weight']:.2f} scaled",
-    delta_color="off",
-)
-cols[1].metric(
-    "entropy (nats)",
-    f"{at_d.loc['no scaling', 'entropy (nats)']:.2f} unscaled",
-    f"{at_d.loc['÷ √d_k', 'entropy (nats)']:.2f} scaled",
-    delta_color="off",
-)
-cols[2].metric(
-    "softmax gradient",
-    f"{at_d.loc['no scaling', 'softmax gradient']:.3f} unscaled",
-    f"{at_d.loc['÷ √d_k', 'softmax gradient']:.3f} scaled",
-    delta_color="off",
-)
+for column, (name, label) in zip(
+    cols,
+    (
+        ("max weight", f"max weight at d_k = {d_k}"),
+        ("entropy (nats)", "entropy (nats)"),
+        ("softmax gradient", "softmax gradient"),
+    ),
+    strict=True,
+):
+    # Three significant digits: a gradient of 2e-7 should not read as 0.000.
+    ui.note_metric(
+        column,
+        label,
+        f"{at_d.loc['no scaling', name]:.3g} unscaled",
+        f"{at_d.loc['÷ √d_k', name]:.3g} scaled",
+    )
 
 st.subheader("4 · FlashAttention: the same softmax, one block of keys at a time")
 st.markdown(

@@ -61,21 +61,37 @@ st.markdown(
 )
 ui.engine_banner()
 
+MODES = ["Train one model", "Compare with and without √d_k"]
+URL = {"bind": "query-params"}  # every control below lives in the page's address
+# Compare mode sets the width, the heads and the scaling itself: those controls are greyed
+# out while it is chosen (read before they are drawn, from this run's state or the URL).
+comparing = (
+    st.session_state.get("learning_mode", st.query_params.get("learning_mode")) == (MODES[1])
+)
+overridden = {"disabled": comparing, "help": "Set by compare mode." if comparing else None}
 row = st.columns([3, 1, 2, 2])
 task = row[0].selectbox(
-    "Task", list(lab.TASK_LABELS), format_func=lab.TASK_LABELS.get, key="learning_task"
+    "Task", list(lab.TASK_LABELS), format_func=lab.TASK_LABELS.get, key="learning_task", **URL
 )
-layers = row[1].number_input("Layers", 1, lab.MAX_LAYERS, 2, key="learning_layers")
-heads = row[2].select_slider("Heads per layer", lab.HEAD_CHOICES, value=4, key="learning_heads")
-width = row[3].select_slider("d_model", lab.WIDTH_CHOICES, value=64, key="learning_width")
+layers = row[1].number_input("Layers", 1, lab.MAX_LAYERS, 2, key="learning_layers", **URL)
+heads = row[2].select_slider(
+    "Heads per layer", lab.HEAD_CHOICES, value=4, key="learning_heads", **URL, **overridden
+)
+width = row[3].select_slider(
+    "d_model", lab.WIDTH_CHOICES, value=64, key="learning_width", **URL, **overridden
+)
 row = st.columns([3, 2, 1, 2])
-steps = row[0].slider("Adam steps", *lab.STEP_RANGE, value=400, step=25, key="learning_steps")
-scaling = row[1].radio("Scale the scores", list(lab.SCALINGS), key="learning_scaling")
-seed = row[2].number_input("Seed", 0, 10_000, 0, key="learning_seed")
-mode = row[3].radio(
-    "Mode", ["Train one model", "Compare with and without √d_k"], key="learning_mode"
+steps = row[0].slider(
+    "Adam steps", *lab.STEP_RANGE, value=400, step=25, key="learning_steps", **URL
 )
+scaling = row[1].radio(
+    "Scale the scores", list(lab.SCALINGS), key="learning_scaling", **URL, **overridden
+)
+seed = row[2].number_input("Seed", 0, 10_000, 0, key="learning_seed", **URL)
+mode = row[3].radio("Mode", MODES, key="learning_mode", **URL)
 st.caption(TASK_NOTES[task])
+if mode == MODES[1]:
+    st.info(lab.compare_overrides())
 
 buttons = st.columns([1, 1, 6])
 train = buttons[0].button("Train", type="primary", key="learning_train")
@@ -122,6 +138,7 @@ if train:
         configs = lab.compare_configs(config)
     st.session_state["learning_runs"] = []
     st.session_state.pop("learning_step", None)  # a new run is shown at its last step
+    st.session_state.pop("learning_map_layer", None)  # ... and on its best head's layer
     progress = st.progress(0.0, text="Starting…")
     slots = st.columns([3, 2])
     slots = [slots[0].empty(), slots[1].empty()]
@@ -168,9 +185,9 @@ if len(runs) == 1:
         f"{numbers['second-copy loss']:.2f} vs {numbers['first-copy loss']:.2f}",
     )
     layer, head, value = lab.best_head(run.last)
-    cells[3].metric(
-        "Best induction score", f"{value:.2f}", f"layer {layer}, head {head}", delta_color="off"
-    )
+    ui.note_metric(cells[3], "Best induction score", f"{value:.2f}", f"layer {layer}, head {head}")
+    if run.config.task == "induction":
+        st.caption(lab.first_copy_note(run.config, numbers["first-copy loss"]))
     ui.chart(
         st,
         lc.training_curves(lab.loss_frame(run), "loss", "curve", title="Loss during training"),
@@ -209,7 +226,15 @@ else:
             lc.training_curves(history, value, "run", title=value, log_y=log_y),
             key=f"learning_compare_{value}",
         )
-    st.dataframe(lab.compare_table(runs), hide_index=True, key="learning_compare_table")
+    st.dataframe(
+        lab.compare_shown(runs),
+        key="learning_compare_table",
+        width="stretch",
+        column_config={
+            label: st.column_config.NumberColumn(format="%.4g")
+            for label in (run.label for run in runs)
+        },
+    )
 
 run = runs[0]
 if len(runs) == 1:
@@ -224,7 +249,7 @@ st.caption(
 )
 tokens = lab.example_tokens(run.config)
 length = len(tokens)
-keep_choice("learning_map_layer", list(range(run.config.num_layers)), 0)
+keep_choice("learning_map_layer", list(range(run.config.num_layers)), lab.map_layer(run))
 layer = st.selectbox("Layer", range(run.config.num_layers), key="learning_map_layer")
 visible = visibility(length, length, is_causal=True)
 per_row = min(run.config.num_heads, MAPS_PER_ROW)

@@ -39,7 +39,9 @@ words_column.markdown(
     f"{pronoun['distance']} updates here, and thousands in a long document, while the "
     "model cannot work on word 100 before word 99. Attention drops the recurrence: every "
     "token looks directly at every other, all at once. In the chapter's sentence, a "
-    f"coreference head sends 'she' straight to 'nurse' with weight {pronoun['weight']:.2f}."
+    f"hand-built coreference head sends 'she' straight to 'nurse' with weight "
+    f"{pronoun['weight']:.2f} (it goes by word class and distance; a trained head learns "
+    "meaning)."
 )
 link(words_column, "heads.py", "Heads: who looks at whom", heads_head="Coreference")
 ui.chart(
@@ -80,17 +82,17 @@ link(
     inside_scaling="no scaling",
 )
 link(words_column, "learning.py", "Learning: train with and without √d_k")
-result_column.metric(
+ui.note_metric(
+    result_column,
     "Largest weight of a row, unscaled",
     f"{saturation['unscaled']:.2f}",
     f"{saturation['scaled']:.2f} with ÷ √d_k",
-    delta_color="off",
 )
-result_column.metric(
+ui.note_metric(
+    result_column,
     "Softmax gradient, unscaled",
     f"{saturation['unscaled gradient']:.3f}",
     f"{saturation['scaled gradient']:.3f} with ÷ √d_k",
-    delta_color="off",
 )
 
 # 4 · Heads
@@ -104,8 +106,8 @@ words_column.markdown(
 )
 link(words_column, "heads.py", "Heads: the subject ↔ verb head", heads_head="Subject ↔ verb")
 link(words_column, "learning.py", "Learning: heads emerge")
-result_column.metric(
-    "'sleeps' looks at (subject ↔ verb head)", subject, f"weight {weight:.2f}", delta_color="off"
+ui.note_metric(
+    result_column, "'sleeps' looks at (subject ↔ verb head)", subject, f"weight {weight:.2f}"
 )
 
 # 5 · Causal vs bidirectional
@@ -187,9 +189,9 @@ link(words_column, "real_model.py", "Real model: generate through the cache")
 if cache_gap is None:
     result_column.info("The KV cache needs the compiled engine.")
 else:
-    result_column.metric(
+    ui.note_metric(
+        result_column,
         "8 tokens through the cache vs recomputed",
         f"{cache_gap:.1e}",
         "largest difference (float32)",
-        delta_color="off",
     )
