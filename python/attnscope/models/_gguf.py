@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._llama import MAX_POSITIONS
 from ._model import Checkpoint
 
 # Supported architectures (``general.architecture``): the Llama block and its relatives that
@@ -29,6 +30,8 @@ ARCHITECTURES = ("llama",)
 _DIGITS_THEN_GPT2 = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell"})
 _GPT2_SPLIT = frozenset({"gpt2", "default", "mpt", "olmo", "jais"})
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+# Sizes and counts past this are no real model's: they are refused at load, by field name.
+_LARGEST_SIZE = 2**31 - 1
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -141,7 +144,17 @@ class _Fields:
             raise ValueError(f"{self._path}: {key} must be a string, got {value!r}")
         return value
 
-    def integer(self, key: str, *, default: int | None = None, minimum: int = 1) -> int:
+    def integer(
+        self,
+        key: str,
+        *,
+        default: int | None = None,
+        minimum: int = 1,
+        maximum: int = _LARGEST_SIZE,
+        why: str = "",
+    ) -> int:
+        """Field `key` as an int from `minimum` to `maximum` (`why` says where the maximum
+        comes from)."""
         value = self.optional(key)
         if value is None:
             if default is None:
@@ -151,6 +164,8 @@ class _Fields:
             raise ValueError(f"{self._path}: {key} must be an integer, got {value!r}")
         if value < minimum:
             raise ValueError(f"{self._path}: {key} must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise ValueError(f"{self._path}: {key} must be <= {maximum:,}{why}, got {value:,}")
         return int(value)
 
     def number(self, key: str, *, default: float | None = None) -> float:
@@ -200,12 +215,20 @@ def _config(fields: _Fields, arch: str, tensors: dict) -> dict:
     vocab_default = len(tokens) if isinstance(tokens, list) and tokens else None
     config = {
         "model_type": "llama",
-        "num_hidden_layers": fields.integer(f"{arch}.block_count"),
+        "num_hidden_layers": fields.integer(
+            f"{arch}.block_count",
+            maximum=max(1, len(tensors)),
+            why=f" (the file holds {len(tensors):,} tensors)",
+        ),
         "hidden_size": hidden,
         "intermediate_size": fields.integer(f"{arch}.feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
-        "max_position_embeddings": fields.integer(f"{arch}.context_length"),
+        "max_position_embeddings": fields.integer(
+            f"{arch}.context_length",
+            maximum=MAX_POSITIONS,
+            why=" (float32 rotary angles tell positions apart only up to 2**24)",
+        ),
         "rms_norm_eps": fields.number(f"{arch}.attention.layer_norm_rms_epsilon"),
         "rope_theta": fields.number(f"{arch}.rope.freq_base", default=10000.0),
         "vocab_size": fields.integer(f"{arch}.vocab_size", default=vocab_default),

@@ -28,6 +28,9 @@ from ._model import Checkpoint, Model
 
 # attend(layer, q, k, v) -> context: q (Hq, n, Dh), k and v (Hkv, n, Dh) -> (Hq, n, Dh).
 Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+# The longest context a model may declare: rotary angles are computed in float32, as in
+# transformers, and float32 tells whole positions apart only up to 2**24.
+MAX_POSITIONS = 2**24
 
 
 @dataclass
@@ -74,7 +77,9 @@ class LlamaModel(Model):
                 f"{self._config_file}: head_dim {dh} must be even for rotary positions"
             )
         self.vocab_size = self._config_int(config, "vocab_size")
-        self.max_positions = self._config_int(config, "max_position_embeddings")
+        self.max_positions = self._config_int(
+            config, "max_position_embeddings", maximum=MAX_POSITIONS
+        )
         inner = self._config_int(config, "intermediate_size")
         self._eps = self._config_float(config, "rms_norm_eps", 1e-6)
         self.eos_token_id = config.get("eos_token_id")
@@ -92,9 +97,7 @@ class LlamaModel(Model):
             self._unembed = w("lm_head.weight", self.vocab_size, d)
         self._final_norm = w("model.norm.weight", d)
         self._layers = [self._read_layer(w, index, inner) for index in range(self.num_layers)]
-        self._cos, self._sin = _rotary_tables(
-            self.max_positions, dh, self._config_float(config, "rope_theta", 10000.0)
-        )
+        self._inv_freq = _inverse_frequencies(dh, self._config_float(config, "rope_theta", 10000.0))
 
     def _check_supported(self, config: dict) -> None:
         scaling = config.get("rope_scaling") or {}
@@ -152,9 +155,8 @@ class LlamaModel(Model):
         return self._embed[ids]
 
     def _layer_attention(self, index, x, n, *, return_weights):
-        q, k, v = self._queries_keys_values(
-            self._layers[index], x, self._cos[:n, None, :], self._sin[:n, None, :]
-        )
+        cos, sin = self._rotary(0, n)
+        q, k, v = self._queries_keys_values(self._layers[index], x, cos, sin)
         if not return_weights:
             out = attnscope.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             return out, None
@@ -198,14 +200,20 @@ class LlamaModel(Model):
         layer's attention, so the same blocks serve a whole text, a KV-cache step, or a mask.
         """
         n = ids.size
-        cos = self._cos[start : start + n, None, :]
-        sin = self._sin[start : start + n, None, :]
+        cos, sin = self._rotary(start, n)
         x = self._embed[ids]
         for index, layer in enumerate(self._layers):
             q, k, v = self._queries_keys_values(layer, x, cos, sin)
             context = attend(index, q[0], k[0], v[0])
             x = self._layer_rest(index, x, context.transpose(1, 0, 2).reshape(n, -1))
         return self._final_hidden(x)
+
+    def _rotary(self, start: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin ``(n, 1, Dh/2)`` of positions ``start .. start + n - 1``, computed when
+        asked: a table of the whole context would cost memory in proportion to it."""
+        positions = np.arange(start, start + n, dtype=np.int64).astype(np.float32)
+        angles = positions[:, None] * self._inv_freq[None, :]
+        return np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Next-token scores ``(n, vocab)`` for final hidden states ``(n, d)``."""
@@ -316,16 +324,14 @@ def _project(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return x @ weight.T
 
 
-def _rotary_tables(positions: int, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of every position's angles, ``(positions, head_dim // 2)`` float32.
+def _inverse_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """The rotary frequencies ``(head_dim // 2,)`` float32.
 
-    Computed in float32 in transformers' order (inverse frequencies, then position × frequency),
-    so the angles round the same way as in the reference implementation.
+    Computed in float32 in transformers' order (inverse frequencies, then position × frequency
+    in :meth:`LlamaModel._rotary`), so the angles round the same way as in the reference.
     """
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
-    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-    return np.cos(angles), np.sin(angles)
+    return (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
 
 
 def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

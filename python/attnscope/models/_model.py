@@ -407,12 +407,25 @@ class Model:
                 f"{self._weights_file}: tensor {label!r} has shape {tuple(array.shape)} but "
                 f"{self._config_file} implies {tuple(shape)}"
             )
-        return np.ascontiguousarray(array, dtype=self.dtype)
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if not np.isfinite(array).all():
+            # A damaged or zeroed file can decode to NaN or inf: every output would be NaN.
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise ValueError(
+                f"{self._weights_file}: tensor {label!r} holds {bad:,} non-finite values "
+                "(NaN or inf); the file is damaged"
+            )
+        return array
 
     def _config_int(
-        self, config: dict, *keys: str, minimum: int = 1, default: int | None = None
+        self,
+        config: dict,
+        *keys: str,
+        minimum: int = 1,
+        maximum: int | None = None,
+        default: int | None = None,
     ) -> int:
-        """The first of `keys` present in the config, as an int of at least `minimum`."""
+        """The first of `keys` present in the config, as an int from `minimum` to `maximum`."""
         for key in keys:
             value = config.get(key)
             if value is None:
@@ -421,6 +434,10 @@ class Model:
                 raise ValueError(f"{self._config_file}: {key} must be an integer, got {value!r}")
             if value < minimum:
                 raise ValueError(f"{self._config_file}: {key} must be >= {minimum}, got {value}")
+            if maximum is not None and value > maximum:
+                raise ValueError(
+                    f"{self._config_file}: {key} must be <= {maximum:,}, got {value:,}"
+                )
             return int(value)
         if default is not None:
             return default
