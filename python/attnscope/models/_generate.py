@@ -26,6 +26,8 @@ import numpy as np
 
 import attnscope
 
+from ._model import check_encodable
+
 _PERPLEXITY_CHUNK = 256  # tokens read per step when no window bounds the cache
 _CHAT_ROLES = ("system", "user", "assistant")
 
@@ -129,6 +131,7 @@ def _prompt_ids(model, prompt, max_new_tokens) -> tuple[np.ndarray, int]:
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     if not prompt.strip():
         raise ValueError("prompt is empty: give some text to continue")
+    check_encodable(prompt, "prompt")
     context = model.context_length
     max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1, context)
     _, ids = model.tokenize(prompt)
@@ -274,11 +277,15 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 def _choose(logits: np.ndarray, temperature: float, top_k, rng) -> int:
     if temperature == 0.0:
         return int(np.argmax(logits))
-    scores = logits.astype(np.float64) / temperature
+    scores = logits.astype(np.float64)
     if top_k is not None and top_k < scores.size:
         kth = np.partition(scores, -top_k)[-top_k]
         scores = np.where(scores >= kth, scores, -np.inf)
-    probabilities = np.exp(scores - scores.max())
+    # The largest score is taken away before dividing: every value is then <= 0, so a tiny
+    # temperature sends the others to -inf (their probability 0) instead of overflowing to
+    # inf - inf = NaN. As the temperature falls this becomes greedy choice, as it should.
+    with np.errstate(over="ignore"):  # -x / tiny overflows to -inf: the intended limit
+        probabilities = np.exp((scores - scores.max()) / temperature)
     probabilities /= probabilities.sum()
     return int(rng.choice(scores.size, p=probabilities))
 
@@ -420,6 +427,7 @@ def _check_messages(messages) -> list[dict]:
             raise TypeError(
                 f"messages[{index}]['content'] must be a str, got {type(content).__name__}"
             )
+        check_encodable(content, f"messages[{index}]['content']")
         checked.append({"role": role, "content": content})
     if checked[-1]["role"] == "assistant":
         raise ValueError("the last message is the assistant's: end with a user message")
@@ -482,6 +490,11 @@ def perplexity(model, text, *, window=None, sinks=0, kv_storage=None) -> Perplex
             f"text is {ids.size} tokens long but {model.name} reads at most "
             f"{model.context_length} tokens (its context window); shorten the text"
         )
+    # A window as long as the text hides nothing (any larger one, 10**30 included, is the
+    # same), and sinks past the text's end are all of it.
+    if window is not None and window >= ids.size:
+        window = None
+    sinks = min(sinks, ids.size)
     if storage is not None:
         return _perplexity_through_caches(model, ids, storage)
     chunk = window or _PERPLEXITY_CHUNK

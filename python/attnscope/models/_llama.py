@@ -255,7 +255,8 @@ class LlamaModel(Model):
             prompt: the text to continue (use :meth:`chat_prompt` for a conversation).
             max_new_tokens: at most this many new tokens (fewer if the model ends its text).
             temperature: 0 (default) always takes the likeliest token; above 0 samples from
-                ``softmax(logits / temperature)``.
+                ``softmax(logits / temperature)``. A temperature too small to divide by (such
+                as 5e-324) is that softmax's limit: the likeliest token, ties shared.
             top_k: sample only among the `top_k` likeliest tokens (None: all).
             seed: seed of the sampling, for a repeatable draw.
             kv_storage: how the KV cache keeps keys and values while decoding: None (the
@@ -270,10 +271,11 @@ class LlamaModel(Model):
 
         Raises:
             TypeError: a prompt that is not a str, or arguments of the wrong type.
-            ValueError: an empty prompt, `max_new_tokens` outside ``[1, context_length]``, a
-                prompt whose tokens plus `max_new_tokens` exceed the context, a negative
-                temperature, `top_k` < 1, a negative seed, an unknown `kv_storage`, or a
-                `kv_storage` with ``use_cache=False``.
+            ValueError: an empty prompt or one holding a lone surrogate (not Unicode text),
+                `max_new_tokens` outside ``[1, context_length]``, a prompt whose tokens plus
+                `max_new_tokens` exceed the context, a negative temperature, `top_k` < 1, a
+                negative seed, an unknown `kv_storage`, or a `kv_storage` with
+                ``use_cache=False``.
         """
         options = dict(kv_storage=kv_storage, use_cache=use_cache)
         return generate(self, prompt, max_new_tokens, temperature, top_k, seed, **options)
@@ -293,9 +295,11 @@ class LlamaModel(Model):
 
         Args:
             text: at least two tokens of text.
-            window: keep only the `window` most recent keys for every query (None: all).
+            window: keep only the `window` most recent keys for every query (None: all). A
+                window at least as long as the text keeps it all, exactly as None does.
             sinks: also keep the first `sinks` tokens for every query (StreamingLLM's
-                attention sinks); only meaningful with a window.
+                attention sinks); only meaningful with a window. Sinks past the text's end
+                keep all of it.
             kv_storage: read the text through per-layer :class:`attnscope.KVCache` objects
                 storing keys and values this way (``"float32"``, ``"bfloat16"``,
                 ``"float16"``, ``"int8"``); only without a window.

@@ -182,6 +182,7 @@ class Model:
         """The tokens and ids the model reads for `text` (special tokens included)."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
+        check_encodable(text, "text")
         if self.tokenizer is None:
             raise ValueError(
                 f"{self.name} has no tokenizer in {self.path}: pass ids= instead of text"
@@ -492,3 +493,20 @@ def merge_heads(x: np.ndarray) -> np.ndarray:
     """(batch, heads, n, d_head) -> (batch·n, heads·d_head)."""
     batch, heads, n, d_head = x.shape
     return x.transpose(0, 2, 1, 3).reshape(batch * n, heads * d_head)
+
+
+def check_encodable(text: str, name: str) -> None:
+    """Refuse a str that is not Unicode text: a lone surrogate (``"\\ud800"``, what a broken
+    decode or a JSON escape can leave) has no UTF-8 form, so no tokenizer can read it.
+
+    Raises:
+        ValueError: naming `name` and where the surrogate is.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{name} holds a lone surrogate {text[error.start]!r} at index {error.start}, "
+            "which is not text a tokenizer can read; remove it or decode the text with "
+            "errors='replace'"
+        ) from None
