@@ -102,6 +102,32 @@ def metric(app: AppTest, starts: str):
     return next(m for m in app.metric if m.label.startswith(starts))
 
 
+def unreadable_labels(app: AppTest) -> list[str]:
+    """Every heatmap axis whose token labels could not be read: a font under 8 px or taller
+    than its cell, no limit on a long token, nothing to keep neighbours apart, or columns'
+    labels not turned upright. Axes drawn without labels pass."""
+    problems = []
+    for element in app.get("vega_lite_chart"):
+        spec = json.loads(element.proto.spec)
+        for layer in spec.get("layer", []):
+            encoding = layer.get("encoding", {})
+            if encoding.get("x", {}).get("field") != "key":
+                continue
+            cell = spec["width"] / len(encoding["x"]["sort"])
+            for name in ("x", "y"):
+                axis = encoding[name].get("axis", {})
+                if axis.get("labels") is False:
+                    continue
+                font = axis.get("labelFontSize", 10)  # Vega-Lite's default size
+                if not 8 <= font <= cell - 1:
+                    problems.append(f"{name}: {font} px labels on {cell:.0f} px cells")
+                if axis.get("labelLimit", 200) > 100 or not axis.get("labelOverlap"):
+                    problems.append(f"{name}: long or touching labels drawn in full")
+                if name == "x" and axis.get("labelAngle") != -90:
+                    problems.append("x: labels not upright")
+    return problems
+
+
 def specificity_ranking(attentions, source: int, target: int, causal: bool) -> list[tuple]:
     """Plain loops: (specificity, layer, head, weight, others) for every head, most specific
     first, where others is the mean weight on `target` of every other query that sees it."""
@@ -149,6 +175,7 @@ def test_default_page_finds_the_she_to_nurse_head(default_page, minilm_trace):
         assert row.specificity == pytest.approx(expected[0], abs=1e-6)
     best = metric(app, "Most specific head for she → nurse")
     assert best.value == f"layer {ranked[0][1]}, head {ranked[0][2]}"
+    assert unreadable_labels(app) == []
     # The head with the largest weight she -> nurse gives nurse much the same weight from
     # every token: the control ranks it below a head that singles out she.
     by_weight = am.rank_heads(minilm_trace.attentions, 7, 5)[0]
@@ -363,6 +390,22 @@ def test_a_long_text_is_drawn_in_blocks_and_one_row_in_full():
     np.testing.assert_allclose(row["weight"], trace.attentions[0, 0, she], atol=1e-6)
     # The 502-token map once sent 14 MB of chart data per rerun; blocks keep it small.
     assert all_chart_bytes(app) < 1_000_000
+    assert unreadable_labels(app) == []
+    block_map = drawn[f"Layer 0, head 0 (blocks of {size} tokens)"]
+    second = block_map[block_map["key_index"] == 1]["key"].iloc[0]
+    tokens = rm.display_tokens(trace.tokens)
+    assert second == f"{size}–{2 * size - 1} " + " ".join(tokens[size : 2 * size])
+
+
+@needs_minilm
+@needs_smollm2
+def test_regimes_maps_of_a_long_sentence_keep_their_labels_readable():
+    sentence = " ".join([PRONOUN, "and the baby cried all night"] * 3)  # 45-47 tokens: 48 fit
+    app = run_page()
+    app.radio(key="real_model_view").set_value("Regimes on trained heads").run()
+    app.text_input(key="real_model_regimes_text").input(sentence).run()
+    assert_clean(app)
+    assert unreadable_labels(app) == []
 
 
 def damage(folder: Path, how: str) -> None:
@@ -430,6 +473,12 @@ def test_regimes_view_reads_the_sentence_both_ways(minilm_trace):
         f"nurse → she: the most specific head gives {back:.3f}." in unescaped(c.value)
         for c in app.caption
     )
+
+
+def test_block_labels_name_the_tokens_of_each_block():
+    tokens = ["a", "b", "c", "d", "e"]
+    assert rm.block_labels(tokens, [0, 2, 4], 2) == ["0–1 a b", "2–3 c d", "4–4 e"]
+    assert rm.block_labels(tokens, [1, 3], 1) == ["1 b", "3 d"]
 
 
 def test_swap_words_exchanges_whole_words_and_keeps_capitals():
@@ -620,6 +669,13 @@ def test_generate_streams_the_greedy_text_and_replays_its_cache(smollm2):
         assert visible[k].sum() == step.cache_len
     last = next(frame for title, frame in drawn.items() if title.startswith("Step 11 wrote"))
     np.testing.assert_allclose(last["weight"], steps[-1].attention[4, 7], atol=1e-6)
+    assert unreadable_labels(app) == []
+    # The first token's large share is measured and named where the bars show it.
+    share = np.mean([step.attention[:, :, 0] for step in steps], axis=0)
+    note = next(unescaped(c.value) for c in app.caption if "attention sink" in c.value)
+    assert f"gets {steps[-1].attention[4, 7, 0]:.2f} of this step's weight" in note
+    assert f"{share[4, 7]:.2f} in this head averaged over the steps" in note
+    assert f"{share.mean():.2f} averaged over all 270 heads" in note
     cache = drawn["KV cache after each step"]
     np.testing.assert_allclose(cache["cache KiB"], [s.cache_nbytes / 1024 for s in steps])
 

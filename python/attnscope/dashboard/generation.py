@@ -148,6 +148,11 @@ class Replay:
             visible[k, : rows.shape[-1]] = True
         return weights, visible
 
+    def first_token_share(self) -> np.ndarray:
+        """``(layers, heads)``: the weight each head gives the first cached token, averaged
+        over the steps (how much of it the attention sink takes)."""
+        return np.mean([rows[:, :, 0] for rows in self.attention], axis=0)
+
     def key_groups(self) -> list[str]:
         width = self.attention[-1].shape[-1]
         prompt = len(self.prompt_tokens)

@@ -35,6 +35,26 @@ def head_grid(table: pd.DataFrame, statistic: str) -> alt.Chart:
     )
 
 
+# Longest drawn label, in pixels: a longer token ends in an ellipsis (the tooltip has it all).
+LABEL_LIMIT_PX = 90
+# Labels are drawn on cells at least this many pixels tall, in a font that fits the cell.
+MIN_LABELLED_CELL_PX = 9
+
+
+def token_axis(cell_px: int, angle: int) -> alt.Axis | None:
+    """An axis of token labels that stays readable: a font no taller than a cell (columns'
+    labels turned upright), long tokens cut short, and any label that would still touch its
+    neighbour left out; no labels at all on cells too small to read."""
+    if cell_px < MIN_LABELLED_CELL_PX:
+        return alt.Axis(labels=False, ticks=False)
+    return alt.Axis(
+        labelAngle=angle,
+        labelFontSize=min(11, cell_px - 1),
+        labelLimit=LABEL_LIMIT_PX,
+        labelOverlap="greedy",
+    )
+
+
 def labelled_heatmap(
     weights: np.ndarray,
     row_labels: Sequence[str],
@@ -43,12 +63,12 @@ def labelled_heatmap(
     visible: np.ndarray,
     title: str = "",
     cell_px: int = 12,
-    show_labels: bool = True,
     row_title: str = "query (looking)",
     col_title: str = "key (looked at)",
 ) -> alt.LayerChart:
     """Rows x columns coloured by weight, hidden cells grey; the labels are drawn as given
-    (single tokens or blocks of them), so the same chart serves short and long texts."""
+    (single tokens or blocks of them), so the same chart serves short and long texts, and
+    only where a cell of `cell_px` is large enough to read them (see token_axis)."""
     weights = np.asarray(weights, dtype=float)
     rows, cols = weights.shape
     frame = pd.DataFrame(
@@ -61,10 +81,9 @@ def labelled_heatmap(
             "visible": np.asarray(visible, dtype=bool).ravel(),
         }
     )
-    axis = alt.Axis(labelLimit=110, labels=show_labels, ticks=show_labels)
     base = alt.Chart(frame, title=title).encode(
-        x=alt.X("key:N", sort=list(col_labels), title=col_title, axis=axis),
-        y=alt.Y("query:N", sort=list(row_labels), title=row_title, axis=axis),
+        x=alt.X("key:N", sort=list(col_labels), title=col_title, axis=token_axis(cell_px, -90)),
+        y=alt.Y("query:N", sort=list(row_labels), title=row_title, axis=token_axis(cell_px, 0)),
         tooltip=[
             alt.Tooltip("query:N", title=row_title.split(" (")[0]),
             alt.Tooltip("key:N", title=col_title.split(" (")[0]),

@@ -319,10 +319,12 @@ def block_sum(weights: np.ndarray, visible: np.ndarray, max_drawn: int = MAX_DRA
 
 
 def block_labels(tokens: list[str], starts: np.ndarray, size: int) -> list[str]:
-    """Axis labels: 'i token' for single tokens, 'first–last token…' for blocks."""
+    """Axis labels: 'i token' for single tokens, 'first–last its tokens' for blocks (the chart
+    cuts a long label short)."""
     if size == 1:
         return [f"{i} {tokens[i]}" for i in starts]
-    return [f"{i}–{min(i + size, len(tokens)) - 1} {tokens[i]}…" for i in starts]
+    ends = [min(i + size, len(tokens)) for i in starts]
+    return [f"{i}–{end - 1} {' '.join(tokens[i:end])}" for i, end in zip(starts, ends, strict=True)]
 
 
 # Cached for the page: one copy of each model per server, and the latest readings. A reading

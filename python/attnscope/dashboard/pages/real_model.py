@@ -143,7 +143,6 @@ def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, 
             visible=blocks.visible,
             title=title if blocks.exact else f"{title} (blocks of {block_size(blocks)} tokens)",
             cell_px=max(6, min(24, options.pop("width_px", 480) // largest)),
-            show_labels=largest <= 48,
             **options,
         ),
         key=key,
@@ -526,6 +525,23 @@ def show_cache_comparison(replay: generation.Replay, recomputed: generation.Repl
     )
 
 
+def sink_note(replay: generation.Replay, layer: int, head: int, step: int) -> str:
+    """The first token's share of the weight, measured, and why it is so large."""
+    share = replay.first_token_share()
+    top_layer, top_head = np.unravel_index(int(share.argmax()), share.shape)
+    first = rm.plain(replay.cache_tokens()[0])
+    return (
+        f"The first cached token ({first}) gets {replay.attention[step][layer, head, 0]:.2f} "
+        f"of this step's weight here, {share[layer, head]:.2f} in this head averaged over the "
+        f"steps, {share.mean():.2f} averaged over all {share.size} heads and "
+        f"{share.max():.2f} in the heaviest (layer {top_layer}, head {top_head}). It is an "
+        "**attention sink**: softmax must hand out a total weight of 1 in every row, and a "
+        "head with nothing useful to read at this step parks the rest on a token every query "
+        "can see, whatever it says. A cache that drops these first tokens breaks the model "
+        "(StreamingLLM's finding); the Sparse page's perplexity test keeps them as sinks."
+    )
+
+
 def show_replay(replay: generation.Replay) -> None:
     timing = replay.timing()
     rate = replay.decode_rate()
@@ -579,6 +595,7 @@ def show_replay(replay: generation.Replay) -> None:
         ),
         key="real_model_replay_bars",
     )
+    st.caption(sink_note(replay, layer, head, step))
     charts_row = st.columns(2)
     ui.chart(
         charts_row[0],
