@@ -3,12 +3,19 @@
     python benchmarks/bench.py                 # full sizes: a few minutes on 2 cores
     python benchmarks/bench.py --quick         # smaller sizes: well under a minute
     python benchmarks/bench.py --threads 1 --rows dense,decode --no-write
+    python benchmarks/bench.py --isa avx2 --rows dense,backward   # every contender at AVX2
 
 It first prints the machine's measured limits (SGEMM rate, memory read bandwidth). Then it
-prints one table row per case with the case's target and verdict, and writes
-``benchmarks/results/latest.json`` and ``latest.md`` (unless ``--no-write``). Every row also
-checks attnscope's output against the float64 reference. A row whose error exceeds
-``ERROR_TOLERANCE`` fails, however fast it is.
+prints one table row per case with the case's target and verdict, and writes the result files
+(unless ``--no-write``): ``benchmarks/results/latest.json`` and ``latest.md`` for a full run of
+every row, which then regenerates the docs' tables; ``latest-LEVEL`` for a run held to one
+instruction set; ``quick``, ``smoke`` or ``partial`` otherwise (see
+:func:`report.results_stem`). Every row also checks attnscope's output against the float64
+reference. A row whose error exceeds ``ERROR_TOLERANCE`` fails, however fast it is.
+
+``--isa LEVEL`` holds the engine's kernels to LEVEL and torch to the matching limits, which
+are environment variables torch reads when it is imported (see :mod:`instruction_sets`); the
+SGEMM roof is then measured at LEVEL too. A level this CPU cannot run is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import attnscope as ats
+import instruction_sets
 import limits
 import numpy as np
 import peak_memory
@@ -187,6 +195,8 @@ class Benchmark:
         naive_budget_bytes: the NumPy naive peer runs only where its score matrix fits this.
         torch: the torch module, or None to leave torch out.
         log: called with one progress line per row.
+        simd_level: the instruction set the engine is held to (None: its own choice); the
+            SGEMM roof and the peak-memory processes run at it too.
     """
 
     def __init__(
@@ -196,8 +206,10 @@ class Benchmark:
         naive_budget_bytes: int,
         torch=None,
         log: Callable[[str], None] = print,
+        simd_level: str | None = None,
     ):
         self.preset = preset
+        self.simd_level = simd_level
         self.threads = threads
         self.naive_budget_bytes = naive_budget_bytes
         self.torch = torch
@@ -219,7 +231,15 @@ class Benchmark:
     def measure_limits(self) -> dict:
         """SGEMM rate and memory read bandwidth at this benchmark's thread count."""
         self.log("measuring limits: SGEMM and memory read bandwidth")
-        sgemm = limits.measure_sgemm(self.threads, self.preset.sgemm_size, self.torch)
+        level = self.simd_level
+        coretype = instruction_sets.openblas_coretype(level) if level else None
+        sgemm = limits.measure_sgemm(
+            self.threads,
+            self.preset.sgemm_size,
+            self.torch,
+            level=level,
+            openblas_coretype=coretype,
+        )
         bandwidth = limits.measure_read_bandwidth(
             self.threads, self.preset.bandwidth_bytes, self.torch
         )
@@ -584,7 +604,9 @@ class Benchmark:
             label=label,
             target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
         )
-        measured = peak_memory.run_in_child(length, heads, head_dim, self.threads)
+        measured = peak_memory.run_in_child(
+            length, heads, head_dim, self.threads, simd_level=self.simd_level
+        )
         row.cells = {"attnscope": measured["seconds"]}
         flops = 4 * heads * head_dim * peers.visible_pairs(length, length, is_causal=True)
         row.gflops = flops / measured["seconds"] / 1e9
@@ -830,7 +852,9 @@ class Benchmark:
             label=label,
             target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
         )
-        measured = peak_memory.run_in_child(length, heads, head_dim, self.threads, "longformer")
+        measured = peak_memory.run_in_child(
+            length, heads, head_dim, self.threads, "longformer", simd_level=self.simd_level
+        )
         row.cells = {"attnscope": measured["seconds"]}
         pairs = peers.MASK_PATTERNS["longformer"](length).layout(length, length, block=256)
         row.gflops = 4 * heads * head_dim * pairs.visible_pairs / measured["seconds"] / 1e9
@@ -902,7 +926,9 @@ class Benchmark:
             label=label,
             target=f"≤ {BACKWARD_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+outputs+grads",
         )
-        measured = peak_memory.run_in_child(length, heads, head_dim, self.threads, backward=True)
+        measured = peak_memory.run_in_child(
+            length, heads, head_dim, self.threads, backward=True, simd_level=self.simd_level
+        )
         row.cells = {"attnscope": measured["seconds"]}
         pairs = peers.visible_pairs(length, length, is_causal=True)
         row.gflops = 10 * heads * head_dim * pairs / measured["seconds"] / 1e9
@@ -955,21 +981,43 @@ def run(
     use_torch: bool = True,
     log: Callable[[str], None] = print,
     command: str = "",
+    isa: str | None = None,
 ) -> dict:
-    """Measure the limits and the rows; returns the result dict that is written as JSON."""
+    """Measure the limits and the rows; returns the result dict that is written as JSON.
+
+    With `isa`, the engine runs held to that instruction set, and the SGEMM roof is measured
+    at it. torch is held to it only if :func:`instruction_sets.apply_torch_limits` ran before
+    torch was imported (:func:`main` does that); the result's ``meta`` says what torch ran at.
+
+    Raises:
+        ValueError: `isa` is not a level this CPU and engine can run.
+    """
+    if isa is not None:
+        reason = instruction_sets.unsupported_reason(isa)
+        if reason:
+            raise ValueError(f"isa: {reason}")
     threads = threads or limits.usable_cpus()
     torch = peers.load_torch() if use_torch else None
     limit, numpy_threads = _numpy_thread_limit(threads)
     load_before = limits.load_average()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with limit:
-        bench = Benchmark(PRESETS[preset], threads, int(naive_budget_gib * 2**30), torch, log)
-        at_start = bench.measure_limits()
-        log(f"limits at {threads} threads: {report.describe_limits(at_start)}")
-        rows = bench.run(groups)
-        # Other work on a shared machine only ever lowers a measured limit, so the limits are
-        # measured again at the end and the better of the two counts.
-        measured_limits = limits.best_limits([at_start, bench.measure_limits()])
+    if isa is not None:
+        instruction_sets.force(isa)
+    try:
+        with limit:
+            bench = Benchmark(
+                PRESETS[preset], threads, int(naive_budget_gib * 2**30), torch, log, isa
+            )
+            simd_level = instruction_sets.active_level()
+            at_start = bench.measure_limits()
+            log(f"limits at {threads} threads: {report.describe_limits(at_start)}")
+            rows = bench.run(groups)
+            # Other work on a shared machine only ever lowers a measured limit, so the limits
+            # are measured again at the end and the better of the two counts.
+            measured_limits = limits.best_limits([at_start, bench.measure_limits()])
+    finally:
+        if isa is not None:
+            instruction_sets.force(None)
     bench.read_bandwidth_gbs = measured_limits["read_bandwidth"]["gbs"]
     for row in rows:
         if "speedup_vs_float32" in row.metrics:  # a compressed-storage decode row
@@ -991,10 +1039,27 @@ def run(
             "load_average": {"start": load_before, "end": limits.load_average()},
             "error_tolerance": peers.ERROR_TOLERANCE,
             "naive_budget_gib": naive_budget_gib,
+            "simd_level": simd_level,
+            "isa": isa,
+            **_torch_level(torch, isa),
+            "roof_source": measured_limits["sgemm"]["how"],
         },
         "limits": measured_limits,
         "rows": report.rows_to_json(rows),
     }
+
+
+def _torch_level(torch, isa: str | None) -> dict:
+    """What torch ran at: its ATen capability, the limit variables set, and whether it was
+    held to `isa` (it was not if it had been imported before the limits were set)."""
+    if torch is None:
+        return {"torch_cpu_capability": None, "torch_limits": {}}
+    in_effect = instruction_sets.torch_limits_in_effect()
+    level = {"torch_cpu_capability": instruction_sets.torch_capability(torch)}
+    level["torch_limits"] = in_effect
+    if isa is not None and in_effect != instruction_sets.torch_limits(isa):
+        level["torch_note"] = f"torch was not held to {isa}: it was imported before its limits"
+    return level
 
 
 def _parse_args(argv):
@@ -1017,8 +1082,13 @@ def _parse_args(argv):
         help="run the NumPy naive peer only where its score matrix fits this (default 2)",
     )
     parser.add_argument(
-        "--out", type=Path, default=RESULTS_DIR, help="folder for latest.json and latest.md"
+        "--isa",
+        choices=instruction_sets.LEVELS,
+        default=None,
+        help="hold the engine, torch and the SGEMM roof to one instruction set; the results "
+        "go to latest-LEVEL.json",
     )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the result files")
     args = parser.parse_args(argv)
     groups = [group.strip() for group in args.rows.split(",") if group.strip()]
     unknown = sorted(set(groups) - set(GROUPS))
@@ -1028,6 +1098,7 @@ def _parse_args(argv):
         parser.error("--threads must be >= 1")
     args.groups = groups
     args.preset = "quick" if args.quick else "smoke" if args.smoke else "full"
+    args.stem = report.results_stem(args.preset, args.isa, set(groups) == set(GROUPS))
     return args
 
 
@@ -1042,6 +1113,16 @@ def main(argv=None) -> int:
     def log(line):
         print(f"[bench] {line}", file=sys.stderr, flush=True)
 
+    if args.isa is not None:
+        reason = instruction_sets.unsupported_reason(args.isa)
+        if reason:
+            print(f"bench.py: --isa {args.isa} refused: {reason}", file=sys.stderr)
+            return 2
+        if not args.no_torch:
+            # torch reads these once, when it is imported: set them before run() imports it.
+            held = instruction_sets.apply_torch_limits(args.isa)
+            log(f"torch held to {args.isa}: {held or 'its own default on this CPU'}")
+
     results = run(
         preset=args.preset,
         threads=args.threads,
@@ -1050,12 +1131,27 @@ def main(argv=None) -> int:
         use_torch=not args.no_torch,
         log=log,
         command=shlex.join(["python", "benchmarks/bench.py", *argv]),
+        isa=args.isa,
     )
     print(report.markdown_report(results))
     if not args.no_write:
-        for path in report.write_results(results, args.out):
+        for path in report.write_results(results, args.out, args.stem):
             log(f"wrote {path}")
+        if args.stem.startswith("latest") and args.out.resolve() == RESULTS_DIR:
+            _update_docs(log)
     return 0
+
+
+def _update_docs(log: Callable[[str], None]) -> None:
+    """Regenerate the docs' tables from the result files a full run has just written."""
+    try:
+        changed = report.update_docs()
+    except (ValueError, KeyError, OSError) as error:  # a block asks for a row this run lacks
+        log(
+            f"docs not regenerated ({error}); fix it, then run `python benchmarks/report.py --docs`"
+        )
+        return
+    log("docs regenerated: " + (", ".join(p.name for p in changed) or "already up to date"))
 
 
 if __name__ == "__main__":

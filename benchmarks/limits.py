@@ -42,7 +42,12 @@ for _ in range(repeats):
     start = time.perf_counter()
     a @ a
     times.append(time.perf_counter() - start)
-print(sorted(times)[len(times) // 2])
+try:  # the OpenBLAS core the matmul ran on, to confirm an OPENBLAS_CORETYPE hold
+    from threadpoolctl import threadpool_info
+    cores = {i.get("architecture") for i in threadpool_info() if i["internal_api"] == "openblas"}
+except ImportError:
+    cores = set()
+print(sorted(times)[len(times) // 2], ",".join(sorted(map(str, cores))) or "unknown")
 """
 
 
@@ -73,6 +78,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU flags that name the vector instruction sets the engine and its peers choose between.
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "asimd", "sve")
+
+
+def _simd_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    present = set(line.split(":", 1)[1].split())
+                    return [flag for flag in _SIMD_FLAGS if flag in present]
+    except OSError:
+        pass
+    return []
+
+
 def machine_info() -> dict:
     """CPU model, core counts, memory, OS and Python: enough to tell two result files apart."""
     memory_gib = None
@@ -85,22 +106,38 @@ def machine_info() -> dict:
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(),
         "memory_gib": None if memory_gib is None else round(memory_gib, 1),
+        "simd_flags": _simd_flags(),
         "os": platform.platform(),
         "python": platform.python_version(),
     }
 
 
-def measure_sgemm(threads: int, size: int, torch=None, repeats: int = 3) -> dict:
+def measure_sgemm(
+    threads: int,
+    size: int,
+    torch=None,
+    repeats: int = 3,
+    level: str | None = None,
+    openblas_coretype: str | None = None,
+) -> dict:
     """Median float32 ``size x size`` matmul rate at `threads` threads, in GFLOP/s.
 
     NumPy's matmul runs in a child process with `threads` BLAS threads and without the
     OpenBLAS tuning variables. ``torch.mm`` is measured too when torch is given. The faster
     of the two counts, since either library may miss the CPU's widest vector units
     (MKL, for one, does not use AVX-512 on AMD CPUs). Both rates are reported.
+
+    With `level` (an instruction set the benchmark holds every contender to), the roof must
+    be measured at that level too: torch is then expected to run under that level's limits
+    (set before it was imported), and NumPy's OpenBLAS is held with ``OPENBLAS_CORETYPE =
+    openblas_coretype``. NumPy's rate counts only if OpenBLAS reports that core, or when
+    there is no torch; then the description says it was not held.
     """
     flops = 2.0 * size**3
     env = {k: v for k, v in os.environ.items() if k not in _OPENBLAS_TUNING_VARS}
     env.update(OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
+    if level is not None and openblas_coretype:
+        env["OPENBLAS_CORETYPE"] = openblas_coretype
     done = subprocess.run(
         [sys.executable, "-c", _NUMPY_SGEMM_CHILD, str(size), str(repeats)],
         env=env,
@@ -108,7 +145,21 @@ def measure_sgemm(threads: int, size: int, torch=None, repeats: int = 3) -> dict
         text=True,
         check=True,
     )
-    rates = {"numpy": flops / float(done.stdout.strip()) / 1e9}
+    seconds, openblas_core = done.stdout.split()
+    rates = {"numpy": flops / float(seconds) / 1e9}
+    names = {"numpy": "numpy matmul, OpenBLAS tuning vars unset", "torch": "torch.mm"}
+    counted = {"numpy", "torch"}
+    if level is not None:
+        names["torch"] = f"torch.mm under the {level} limits"
+        if openblas_coretype and openblas_core == openblas_coretype:
+            names["numpy"] = f"numpy matmul, OpenBLAS held to its {openblas_coretype} kernels"
+        else:
+            names["numpy"] = (
+                f"numpy matmul, OpenBLAS at its own choice ({openblas_core} kernels), "
+                f"not held to {level}"
+            )
+            if torch is not None:
+                counted.discard("numpy")
     if torch is not None:
         torch.set_num_threads(threads)
         a = torch.randn(size, size, dtype=torch.float32)
@@ -119,13 +170,16 @@ def measure_sgemm(threads: int, size: int, torch=None, repeats: int = 3) -> dict
             torch.mm(a, a)
             times.append(time.perf_counter() - start)
         rates["torch"] = flops / statistics.median(times) / 1e9
-    best = max(rates, key=rates.get)
-    names = {"numpy": "numpy matmul, OpenBLAS tuning vars unset", "torch": "torch.mm"}
-    return {
+    best = max(counted & set(rates), key=rates.get)
+    measured = {
         "gflops": rates[best],
         "rates_gflops": rates,
         "how": f"{size}x{size} float32, {names[best]}",
     }
+    if level is not None:
+        measured["level"] = level
+        measured["not_counted"] = {name: names[name] for name in sorted(set(rates) - counted)}
+    return measured
 
 
 def _numpy_threaded_sum(chunks, pool) -> float:

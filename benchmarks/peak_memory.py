@@ -165,13 +165,15 @@ def run_in_child(
     mask: str = "",
     *,
     backward: bool = False,
+    simd_level: str | None = None,
 ) -> dict:
     """:func:`measure` (or :func:`measure_backward`) in a fresh Python process, so earlier
-    allocations cannot hide a peak."""
+    allocations cannot hide a peak; `simd_level` holds the child's engine to that level."""
     numbers = [str(length), str(heads), str(head_dim), str(threads)]
     done = subprocess.run(
         [sys.executable, __file__, *numbers, *(["--mask", mask] if mask else [])]
-        + (["--backward"] if backward else []),
+        + (["--backward"] if backward else [])
+        + (["--simd-level", simd_level] if simd_level else []),
         capture_output=True,
         text=True,
         check=False,
@@ -188,7 +190,12 @@ def main() -> None:
         parser.add_argument(name, type=int)
     parser.add_argument("--mask", default="", help="a mask expression of peers.MASK_PATTERNS")
     parser.add_argument("--backward", action="store_true", help="measure the backward pass")
+    parser.add_argument("--simd-level", default=None, help="hold the engine to this level")
     args = parser.parse_args()
+    if args.simd_level:
+        from attnscope import _core
+
+        _core.force_simd_level(args.simd_level)
     if args.backward:
         result = measure_backward(args.length, args.heads, args.head_dim, args.threads)
     else:

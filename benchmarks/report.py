@@ -9,8 +9,10 @@ by hand. Each sits between two markers:
 
 KIND is ``run`` (the machine, versions, date and limits of the run), ``brief`` (its date,
 machine and threads in one line), ``table`` (every column), ``rows`` (a compact table),
-``checks`` (how many targets were met, the largest float64 error) or ``models`` (a
-``bench_models.py`` result file: its run and table). ``rows=`` picks and orders rows by id;
+``checks`` (how many targets were met, the largest float64 error), ``models`` (a
+``bench_models.py`` result file: its run and table) or ``levels`` (the rows of every
+``latest-LEVEL.json`` that ``bench.py --isa LEVEL`` wrote, side by side, each with its CPU and
+the SGEMM roof measured at the same instruction set). ``rows=`` picks and orders rows by id;
 ``file=`` names a file in benchmarks/results (default ``latest.json``).
 
     python benchmarks/report.py --docs            # rewrite the blocks from the result files
@@ -28,6 +30,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import instruction_sets
+
 __all__ = [
     "DOC_FILES",
     "PEERS",
@@ -39,6 +43,7 @@ __all__ = [
     "markdown_report",
     "markdown_table",
     "render_docs",
+    "results_stem",
     "rows_to_json",
     "update_docs",
     "write_results",
@@ -110,12 +115,16 @@ def _format_gflops(gflops: float | None, sgemm_gflops: float | None) -> str:
     return f"{gflops:.1f} ({gflops / sgemm_gflops:.0%})"
 
 
-def markdown_table(rows: list[Row], sgemm_gflops: float | None = None) -> str:
+def markdown_table(
+    rows: list[Row], sgemm_gflops: float | None = None, level: str | None = None
+) -> str:
     """The result rows as a GitHub markdown table (times are medians per call).
 
-    With `sgemm_gflops`, each GFLOP/s cell also shows its fraction of that SGEMM rate.
+    With `sgemm_gflops`, each GFLOP/s cell also shows its fraction of that SGEMM rate;
+    `level` names the instruction set every contender and the SGEMM were held to.
     """
-    rate = "attnscope GFLOP/s" + (" (% of SGEMM)" if sgemm_gflops else "")
+    roof = f"{level} SGEMM" if level else "SGEMM"
+    rate = "attnscope GFLOP/s" + (f" (% of {roof})" if sgemm_gflops else "")
     header = ["Row", *PEERS.values(), rate, "Result", "Target", "Max rel. err"]
     lines = [
         "| " + " | ".join([*header, "Verdict"]) + " |",
@@ -152,13 +161,16 @@ def markdown_report(results: dict) -> str:
         f"- Limits at {meta['threads']} threads: {describe_limits(limits)}",
         "",
     ]
+    if meta.get("simd_level"):
+        lines[-1:-1] = [f"- Instruction set: {_isa_words(meta)}"]
     if meta["preset"] != "full":
         lines += [
             "Targets are set for the full sizes: at these sizes, verdicts are indicative.",
             "",
         ]
     rows = [Row(**row) for row in results["rows"]]
-    lines += [markdown_table(rows, limits["sgemm"]["gflops"]), "", "Notes:", ""]
+    table = markdown_table(rows, limits["sgemm"]["gflops"], meta.get("isa"))
+    lines += [table, "", "Notes:", ""]
     lines += [f"- {row.label}: {'; '.join(row.notes)}" for row in rows if row.notes]
     return "\n".join(lines) + "\n"
 
@@ -166,7 +178,11 @@ def markdown_report(results: dict) -> str:
 def describe_limits(limits: dict) -> str:
     """One line: the SGEMM and read-bandwidth limits, how each was measured, every rate seen."""
     sgemm, bandwidth = limits["sgemm"], limits["read_bandwidth"]
-    sgemm_rates = ", ".join(f"{k} {v:.1f}" for k, v in sgemm["rates_gflops"].items())
+    not_counted = sgemm.get("not_counted", {})
+    sgemm_rates = ", ".join(
+        f"{k} {v:.1f}" + (f" (not counted: {not_counted[k]})" if k in not_counted else "")
+        for k, v in sgemm["rates_gflops"].items()
+    )
     read_rates = ", ".join(f"{k} {v:.1f}" for k, v in bandwidth["rates_gbs"].items())
     count = len(limits.get("measurements", [])) or 1
     return (
@@ -182,10 +198,25 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_results(results: dict, directory: Path) -> list[Path]:
-    """Write ``latest.json`` and ``latest.md`` into `directory`; returns their paths."""
+def results_stem(preset: str, level: str | None = None, every_row: bool = True) -> str:
+    """The name (without suffix) of a run's result files.
+
+    Only a full-size run of every row is ``latest``, the file the docs are generated from;
+    a run held to one instruction set is ``latest-LEVEL`` (read by the ``levels`` block), so
+    it never replaces the default run. Quick and smoke runs, and a default-level run of some
+    rows only, get names of their own (``quick``, ``smoke``, ``partial``).
+    """
+    if preset == "full":
+        stem = "latest" if every_row or level else "partial"
+    else:
+        stem = preset
+    return f"{stem}-{level}" if level else stem
+
+
+def write_results(results: dict, directory: Path, stem: str = "latest") -> list[Path]:
+    """Write ``STEM.json`` and ``STEM.md`` into `directory`; returns their paths."""
     directory.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = directory / "latest.json", directory / "latest.md"
+    json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
     _write_atomically(json_path, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     _write_atomically(md_path, markdown_report(results))
     return [json_path, md_path]
@@ -202,7 +233,7 @@ _BLOCK = re.compile(
     r"(?P<start><!-- generated: (?P<spec>[^>]*?) -->\n).*?(?P<end><!-- end: generated -->)",
     re.DOTALL,
 )
-_KINDS = ("run", "brief", "table", "rows", "checks", "models")
+_KINDS = ("run", "brief", "table", "rows", "checks", "models", "levels")
 
 
 def _format_date(text: str) -> str:
@@ -235,9 +266,23 @@ def _pick_rows(rows: list[dict], ids: list[str] | None, source: str) -> list[dic
     return [by_id[row_id] for row_id in ids]
 
 
+def _isa_words(meta: dict) -> str:
+    """The instruction set the engine ran at and the one torch dispatched to, in words."""
+    level = meta["simd_level"]
+    if meta.get("isa"):
+        words = f"engine kernels held to {level} (`--isa {level}`)"
+    else:
+        words = f"engine kernels: {level} (the widest this CPU runs)"
+    capability = meta.get("torch_cpu_capability")
+    if capability:
+        held = ", ".join(f"{name}={value}" for name, value in meta.get("torch_limits", {}).items())
+        words += f", torch's ATen capability {capability}" + (f" ({held})" if held else "")
+    return words
+
+
 def _run_paragraph(results: dict) -> str:
     meta, machine = results["meta"], results["meta"]["machine"]
-    simd = f", engine kernels: {meta['simd_level']}" if meta.get("simd_level") else ""
+    simd = f", {_isa_words(meta)}" if meta.get("simd_level") else ""
     load = meta["load_average"]
     return (
         f"Run of {_format_date(meta['date'])}, `{meta['command']}` ({meta['preset']} sizes), on "
@@ -253,10 +298,11 @@ def _run_paragraph(results: dict) -> str:
 
 def _brief_line(results: dict) -> str:
     meta, machine = results["meta"], results["meta"]["machine"]
+    level = f", engine kernels {meta['simd_level']}" if meta.get("simd_level") else ""
     return (
-        f"Run of {_format_date(meta['date'])} ({meta['preset']} sizes) on {machine['cpu']}, "
-        f"{machine['usable_cpus']} CPUs, {meta['threads']} threads for every contender, "
-        f"torch {meta['torch']}."
+        f"Run of {_format_date(meta['date'])} ({meta['preset']} sizes) on {machine['cpu']}"
+        f"{level}, {machine['usable_cpus']} CPUs, {meta['threads']} threads for every "
+        f"contender, torch {meta['torch']}."
     )
 
 
@@ -322,6 +368,58 @@ def _models_block(results: dict, ids: list[str] | None, source: str) -> str:
     return f"{paragraph}\n\n{table}\n\nResident memory of each loaded model: {memory}."
 
 
+def _levels_block(ids: list[str] | None, results_dir: Path) -> str:
+    """The rows of each ``latest-LEVEL.json``, side by side, and the run behind each file."""
+    runs = {
+        level: json.loads(path.read_text(encoding="utf-8"))
+        for level in instruction_sets.LEVELS
+        if (path := results_dir / f"{results_stem('full', level)}.json").exists()
+    }
+    if not runs:
+        return (
+            "No run held to one instruction set is recorded yet: "
+            "`python benchmarks/bench.py --isa avx2` writes `results/latest-avx2.json`."
+        )
+    rows_by_level = {level: {row["id"]: row for row in run["rows"]} for level, run in runs.items()}
+    if ids is None:
+        ids = list(dict.fromkeys(row["id"] for run in runs.values() for row in run["rows"]))
+    missing = [
+        row_id for row_id in ids if not any(row_id in by_id for by_id in rows_by_level.values())
+    ]
+    if missing:
+        files = ", ".join(f"latest-{level}.json" for level in runs)
+        raise ValueError(f"rows: {', '.join(missing)} in none of {files}")
+    lines = []
+    for row_id in ids:
+        for level, run in runs.items():
+            if row_id not in rows_by_level[level]:
+                continue
+            row = Row(**rows_by_level[level][row_id])
+            meta, roof = run["meta"], run["limits"]["sgemm"]["gflops"]
+            lines.append(
+                [
+                    row.label,
+                    f"{level}, {meta['machine']['cpu']}",
+                    format_seconds(row.cells.get("attnscope")),
+                    format_seconds(row.cells.get("torch")),
+                    row.result or "—",
+                    _format_gflops(row.gflops, roof),
+                    meta.get("torch_cpu_capability") or "—",
+                ]
+            )
+    header = [
+        "Row",
+        "Instruction set, CPU",
+        "attnscope",
+        "torch",
+        "Result",
+        "attnscope GFLOP/s (% of the same level's SGEMM)",
+        "torch capability",
+    ]
+    notes = [f"- {level}: {_run_paragraph(run)}" for level, run in runs.items()]
+    return _simple_table(header, lines) + "\n\n" + "\n".join(notes)
+
+
 def generated_block(spec: str, results_dir: Path = RESULTS_DIR) -> str:
     """The text of one generated block, from its marker's spec (``"rows rows=decode,tiny"``)."""
     kind, *options = spec.split()
@@ -331,9 +429,11 @@ def generated_block(spec: str, results_dir: Path = RESULTS_DIR) -> str:
     unknown = set(settings) - {"rows", "file"}
     if unknown:
         raise ValueError(f"generated block {spec!r}: unknown option {', '.join(sorted(unknown))}")
+    ids = settings["rows"].split(",") if "rows" in settings else None
+    if kind == "levels":
+        return _levels_block(ids, results_dir)
     source = settings.get("file", "latest.json")
     results = json.loads((results_dir / source).read_text(encoding="utf-8"))
-    ids = settings["rows"].split(",") if "rows" in settings else None
     if kind == "models":
         return _models_block(results, ids, source)
     if kind == "run":
@@ -345,7 +445,7 @@ def generated_block(spec: str, results_dir: Path = RESULTS_DIR) -> str:
     rows = [Row(**row) for row in _pick_rows(results["rows"], ids, source)]
     if kind == "rows":
         return _compact_table(rows)
-    return markdown_table(rows, results["limits"]["sgemm"]["gflops"])
+    return markdown_table(rows, results["limits"]["sgemm"]["gflops"], results["meta"].get("isa"))
 
 
 def render_docs(text: str, results_dir: Path = RESULTS_DIR) -> str:

@@ -22,8 +22,10 @@ BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 import bench  # noqa: E402
+import instruction_sets  # noqa: E402
 import peers  # noqa: E402
 import report  # noqa: E402
+from attnscope import _core  # noqa: E402
 
 RULES = [
     {},
@@ -94,6 +96,7 @@ def smoke_results():
 def test_smoke_run_has_every_row_and_passes_the_error_check(smoke_results):
     meta, limits, rows = smoke_results["meta"], smoke_results["limits"], smoke_results["rows"]
     assert meta["threads"] >= 1 and meta["preset"] == "smoke"
+    assert meta["isa"] is None and meta["simd_level"] in instruction_sets.LEVELS
     assert meta["machine"]["cpu"]
     assert limits["sgemm"]["gflops"] > 0 and limits["read_bandwidth"]["gbs"] > 0
 
@@ -166,3 +169,91 @@ def test_command_line_prints_the_table_and_writes_nothing_with_no_write(tmp_path
     assert "threads: SGEMM" in done.stdout
     assert "| B1 H4 L=S=16 D16 full, per call |" in done.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+# --- Held to one instruction set (--isa) ---
+
+UNSUPPORTED = next(
+    (level for level in instruction_sets.LEVELS if instruction_sets.unsupported_reason(level)),
+    None,
+)
+
+
+def test_isa_argument_names_a_level_and_its_own_result_file():
+    args = bench._parse_args(["--smoke", "--isa", "portable", "--rows", "tiny"])
+    assert (args.isa, args.stem) == ("portable", "smoke-portable")
+    assert bench._parse_args(["--isa", "avx2", "--rows", "dense"]).stem == "latest-avx2"
+    assert bench._parse_args([]).isa is None
+    with pytest.raises(SystemExit) as refused:
+        bench._parse_args(["--isa", "sse9"])
+    assert refused.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("preset", "level", "every_row", "stem"),
+    [
+        ("full", None, True, "latest"),  # the one file the docs' main tables come from
+        ("full", None, False, "partial"),
+        ("full", "avx2", False, "latest-avx2"),
+        ("quick", None, True, "quick"),
+        ("quick", "portable", True, "quick-portable"),
+        ("smoke", None, False, "smoke"),
+    ],
+)
+def test_only_a_full_run_of_every_row_writes_latest(preset, level, every_row, stem):
+    assert report.results_stem(preset, level, every_row) == stem
+
+
+def test_a_run_held_to_portable_records_the_level_and_restores_it():
+    automatic = _core.simd_level()
+    results = bench.run(
+        preset="smoke", groups=["tiny"], use_torch=False, log=lambda line: None, isa="portable"
+    )
+    meta, (row,) = results["meta"], results["rows"]
+    assert (meta["simd_level"], meta["isa"]) == ("portable", "portable")
+    assert meta["machine"]["cpu"] and meta["roof_source"] == results["limits"]["sgemm"]["how"]
+    assert results["limits"]["sgemm"]["level"] == "portable"
+    assert row["max_rel_error"] <= peers.ERROR_TOLERANCE
+    assert _core.simd_level() == automatic
+
+
+@pytest.mark.skipif(UNSUPPORTED is None, reason="this CPU and engine run every level")
+def test_a_level_this_cpu_lacks_is_refused_by_name():
+    with pytest.raises(ValueError, match=f"isa: .*{UNSUPPORTED}"):
+        bench.run(preset="smoke", groups=["tiny"], use_torch=False, isa=UNSUPPORTED)
+    done = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench.py"), "--smoke", "--isa", UNSUPPORTED],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"--isa {UNSUPPORTED} refused" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_command_line_holds_torch_and_writes_the_level_file(tmp_path):
+    # A child process, since torch reads its limits when imported: with torch installed it
+    # must report the portable capability, and the result goes to a file of its own.
+    done = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "bench.py"), "--smoke", "--isa", "portable"]
+        + ["--rows", "tiny", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "smoke-portable.json",
+        "smoke-portable.md",
+    ]
+    meta = json.loads((tmp_path / "smoke-portable.json").read_text(encoding="utf-8"))["meta"]
+    assert (meta["simd_level"], meta["isa"]) == ("portable", "portable")
+    assert "held to portable" in done.stdout
+    if meta["torch"] == "not installed":
+        assert meta["torch_cpu_capability"] is None
+    else:
+        assert meta["torch_cpu_capability"] == "DEFAULT"
+        assert meta["torch_limits"]["ATEN_CPU_CAPABILITY"] == "default"
+        assert "torch_note" not in meta

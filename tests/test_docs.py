@@ -89,6 +89,7 @@ def test_the_docs_hold_the_generated_blocks():
         for path in (README, *DOCS)
     }
     assert "table" in specs["performance.md"] and "run" in specs["performance.md"]
+    assert any(spec.startswith("levels") for spec in specs["performance.md"])
     assert any(spec.startswith("rows ") for spec in specs["README.md"])
     assert "brief" in specs["README.md"]
     for name in ("gradients.md", "masks.md", "kv-cache.md"):
@@ -126,6 +127,38 @@ def test_blocks_follow_the_result_file(tmp_path):
     assert "old" not in rendered and rendered.endswith("<!-- end: generated -->\nend\n")
     assert "2031-01-02 03:04 UTC" in report.generated_block("brief", tmp_path)
     assert report.render_docs(rendered, tmp_path) == rendered
+
+
+def _level_file(tmp_path: Path, level: str, cpu: str, keep: set[str]) -> dict:
+    """`latest-LEVEL.json` in `tmp_path`: the committed full run's `keep` rows, as if that run
+    had been held to `level` on `cpu`."""
+    results = json.loads((report.RESULTS_DIR / "latest.json").read_text(encoding="utf-8"))
+    results["rows"] = [row for row in results["rows"] if row["id"] in keep]
+    results["meta"].update(simd_level=level, isa=level, torch_cpu_capability=level.upper())
+    results["meta"]["machine"]["cpu"] = cpu
+    (tmp_path / f"latest-{level}.json").write_text(json.dumps(results), encoding="utf-8")
+    return results
+
+
+def test_levels_block_sets_each_level_side_by_side(tmp_path):
+    assert "No run held to one instruction set" in report.generated_block("levels", tmp_path)
+    avx2 = _level_file(tmp_path, "avx2", "Test CPU A", {"sdpa_full_h8_d64", "backward_full"})
+    _level_file(tmp_path, "portable", "Test CPU B", {"sdpa_full_h8_d64"})
+    block = report.generated_block("levels rows=backward_full,sdpa_full_h8_d64", tmp_path)
+    lines = block.splitlines()
+    assert "attnscope GFLOP/s (% of the same level's SGEMM)" in lines[0]
+    full = next(row for row in avx2["rows"] if row["id"] == "sdpa_full_h8_d64")
+    # The chosen order, each row at every level that has it, the widest level first.
+    assert [line.split(" | ")[:2] for line in lines[2:5]] == [
+        ["| forward+backward B1 H8 L=S=2048 D64 full", "avx2, Test CPU A"],
+        [f"| {full['label']}", "avx2, Test CPU A"],
+        [f"| {full['label']}", "portable, Test CPU B"],
+    ]
+    roof = avx2["limits"]["sgemm"]["gflops"]
+    assert f"{full['gflops']:.1f} ({full['gflops'] / roof:.0%})" in lines[3]
+    assert "- avx2: Run of" in block and "engine kernels held to avx2 (`--isa avx2`)" in block
+    with pytest.raises(ValueError, match="window in none of latest-avx2.json"):
+        report.generated_block("levels rows=window", tmp_path)
 
 
 @pytest.mark.parametrize(
