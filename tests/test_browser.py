@@ -27,7 +27,7 @@ CHART = '[data-testid="stVegaLiteChart"]'
 SERVER_PYTHON = os.environ.get("ATTNSCOPE_SERVER_PYTHON", sys.executable)
 IDLE = '[data-testid="stApp"][data-test-script-state="notRunning"]'
 # Charts each page draws with its default controls; _settle waits until they are all drawn.
-PAGE_CHARTS = {"start": 3, "heads": 10, "regimes": 10, "inside": 12, "cost": 2}
+PAGE_CHARTS = {"start": 3, "heads": 7, "regimes": 10, "inside": 12, "cost": 2}
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 # Every request the browser sent to a host other than the dashboard's server.
 OUTSIDE_REQUESTS: list[str] = []

@@ -315,3 +315,16 @@ def test_heads_long_sentence_fits_and_the_row_follows_edits():
     assert chooser.options[6] == "6 he" and "Where 'he' looks" in charts(app)
     assert not any("guess by distance" in w.value for w in app.warning)  # 'king' is known
     assert {"heads_sentence", "heads_head", "heads_causal"} <= bound_keys(app)
+
+
+def test_heads_explanation_is_built_only_when_opened():
+    app = open_with_url("heads.py", heads_head="Rhyme")
+    assert not any(title.startswith("Scaled scores") for title in charts(app))
+    app.session_state["heads_how"] = True  # the reader opens the expander
+    app.run()
+    assert_clean(app)
+    drawn = charts(app)
+    scores = next(frame for title, frame in drawn.items() if title.startswith("Scaled scores"))
+    tokens, _ = text.tokenize(app.text_input(key="heads_sentence").value)
+    expected = heads.masked_scores(tokens, heads.HEAD_NAMES.index("Rhyme"), True)
+    np.testing.assert_allclose(scores["value"], expected.ravel(), atol=1e-9)

@@ -100,58 +100,66 @@ with right:
             "which is what makes a model predict the next word rather than read it."
         )
 
-with st.expander("How this head is built: embeddings, W_Q, W_K and the scores"):
-    st.markdown(
-        "Each token's embedding `x` holds readable features: its word class, a gender for "
-        "nouns and pronouns that carry one, a sine/cosine code of its position, and three "
-        "'rime' features for rhymes. The head's rule below is written into `W_Q` and `W_K` "
-        "so that `Q·Kᵀ/√d_k` equals it exactly; the engine masks those scores and applies "
-        "softmax. A gap of a few logits is enough for softmax to put almost all the weight "
-        "on one key."
-    )
-    st.dataframe(pd.DataFrame(heads.rule_table(spec)), hide_index=True, key="heads_rule")
-    ui.chart(
-        st,
-        charts.matrix(
-            heads.readable_embeddings(tokens),
-            charts.token_labels(words),
-            heads.READABLE_FEATURES,
-            title="Embeddings x (word-class, gender and start features; position and rime "
-            "codes not shown)",
-        ),
-        key="heads_embeddings",
-    )
-    w_q, read_features, key_features = heads.query_weights_used(spec)
-    if len(key_features) <= 24:
+# Its charts are built only while it is open: a closed expander costs a rerun nothing.
+how = st.expander(
+    "How this head is built: embeddings, W_Q, W_K and the scores",
+    key="heads_how",
+    on_change="rerun",
+)
+if how.open:
+    with how:
+        st.markdown(
+            "Each token's embedding `x` holds readable features: its word class, a gender for "
+            "nouns and pronouns that carry one, a sine/cosine code of its position, and three "
+            "'rime' features for rhymes. The head's rule below is written into `W_Q` and `W_K` "
+            "so that `Q·Kᵀ/√d_k` equals it exactly; the engine masks those scores and applies "
+            "softmax. A gap of a few logits is enough for softmax to put almost all the weight "
+            "on one key."
+        )
+        st.dataframe(pd.DataFrame(heads.rule_table(spec)), hide_index=True, key="heads_rule")
         ui.chart(
             st,
             charts.matrix(
-                w_q,
-                read_features,
-                key_features,
-                title="W_Q (rows it reads from x, columns of the key space)",
+                heads.readable_embeddings(tokens),
+                charts.token_labels(words),
+                heads.READABLE_FEATURES,
+                title="Embeddings x (word-class, gender and start features; position and rime "
+                "codes not shown)",
             ),
-            key="heads_wq",
+            key="heads_embeddings",
         )
-    else:
+        w_q, read_features, key_features = heads.query_weights_used(spec)
+        if len(key_features) <= 24:
+            ui.chart(
+                st,
+                charts.matrix(
+                    w_q,
+                    read_features,
+                    key_features,
+                    title="W_Q (rows it reads from x, columns of the key space)",
+                ),
+                key="heads_wq",
+            )
+        else:
+            st.caption(
+                f"This head's W_Q uses {len(key_features)} key-space columns (its position code); "
+                "the rule table above says what they do."
+            )
         st.caption(
-            f"This head's W_Q uses {len(key_features)} key-space columns (its position code); "
-            "the rule table above says what they do."
+            "W_K simply copies those key features out of x: column c of W_K is 1 at the feature "
+            "named on column c of W_Q."
         )
-    st.caption(
-        "W_K simply copies those key features out of x: column c of W_K is 1 at the feature "
-        "named on column c of W_Q."
-    )
-    ui.chart(
-        st,
-        charts.matrix(
-            ui.masked_scores(sentence, head_index, causal),
-            charts.token_labels(words),
-            charts.token_labels(words),
-            title="Scaled scores Q·Kᵀ/√d_k before softmax (masked cells shown as 0)",
-        ),
-        key="heads_scores",
-    )
+        ui.chart(
+            st,
+            charts.matrix(
+                ui.masked_scores(sentence, head_index, causal),
+                charts.token_labels(words),
+                charts.token_labels(words),
+                title="Scaled scores Q·Kᵀ/√d_k before softmax (masked cells shown as 0)",
+            ),
+            key="heads_scores",
+        )
+
 
 st.subheader("All heads side by side")
 st.markdown(
