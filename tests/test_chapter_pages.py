@@ -328,3 +328,69 @@ def test_heads_explanation_is_built_only_when_opened():
     tokens, _ = text.tokenize(app.text_input(key="heads_sentence").value)
     expected = heads.masked_scores(tokens, heads.HEAD_NAMES.index("Rhyme"), True)
     np.testing.assert_allclose(scores["value"], expected.ravel(), atol=1e-9)
+
+
+# --- Shareable views: every main control round-trips through the URL ------------------------
+
+LLAMA = "Llama 3 8B (32 layers, 32 query / 8 kv heads of 128)"
+# Per page: URL parameter -> (the value written in the address, the widget's value it opens).
+URL_STATES = {
+    "heads.py": {
+        "heads_sentence": ("The king thanked the queen because he was proud.",) * 2,
+        "heads_head": ("Delimiters", "Delimiters"),
+        "heads_causal": ("false", False),
+    },
+    "inside.py": {
+        "inside_sentence": ("a b c d", "a b c d"),
+        "inside_d_k": ("64", 64),
+        "inside_scaling": ("no scaling", "no scaling"),
+        "inside_metric": ("entropy (nats)", "entropy (nats)"),
+        "inside_flash_block": ("3", 3),
+    },
+    "cost.py": {
+        "cost_longest": ("512", 512),
+        "cost_seconds": ("5", 5),
+        "cost_dim": ("32", 32),
+        "cost_threads": ("1", 1),
+        "cost_budget": ("64", 64),
+        "cost_shape": (LLAMA, LLAMA),
+        "cost_decode_n": ("1024", 1024),
+    },
+    "learning.py": {
+        "learning_task": ("Copy the previous token", "previous_token"),  # the label shown
+        "learning_layers": ("1", 1),
+        "learning_heads": ("2", 2),
+        "learning_width": ("128", 128),
+        "learning_steps": ("150", 150),
+        "learning_scaling": ("no scaling (× 1)", "no scaling (× 1)"),
+        "learning_seed": ("7", 7),
+        "learning_mode": ("Train one model", "Train one model"),
+    },
+}
+
+
+def widget_value(app: AppTest, key: str):
+    for kind in (
+        "select_slider",
+        "slider",
+        "selectbox",
+        "radio",
+        "toggle",
+        "text_input",
+        "number_input",
+        "checkbox",
+    ):
+        for widget in app.get(kind):
+            if widget.key == key:
+                return widget.value
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("page", list(URL_STATES))
+def test_a_page_opens_in_the_state_its_url_names_and_writes_it_back(page):
+    states = URL_STATES[page]
+    app = open_with_url(page, **{name: written for name, (written, _) in states.items()})
+    for name, (_, expected) in states.items():
+        assert widget_value(app, name) == expected, name
+    # Each of those widgets is bound: the browser writes its value back into the address.
+    assert set(states) <= bound_keys(app)

@@ -188,7 +188,7 @@ st.markdown(
     "16 bits halves both; int8 blocks (32 values sharing one scale) bring it near a quarter."
 )
 names = [*cost.MODEL_SHAPES, "Custom…"]
-shape_name = st.selectbox("Model shape", names, key="cost_shape")
+shape_name = st.selectbox("Model shape", names, key="cost_shape", bind="query-params")
 shape = cost.MODEL_SHAPES.get(shape_name)
 if shape is None:
     row = st.columns(4)
@@ -215,7 +215,11 @@ st.caption(
 
 decode_row = st.columns([3, 1])
 decode_n = decode_row[0].select_slider(
-    "Cached tokens for the decoding step", cost.DECODE_LENGTHS, value=4_096, key="cost_decode_n"
+    "Cached tokens for the decoding step",
+    cost.DECODE_LENGTHS,
+    value=4_096,
+    key="cost_decode_n",
+    bind="query-params",
 )
 decode_row[1].button("Time one decoding step", key="cost_decode_run")
 decode_key = (shape, decode_n, threads)
