@@ -254,3 +254,25 @@ def test_bad_calls_are_refused():
         trainer.apply_gradients({"token_embedding": grads["token_embedding"]})
     assert trainer.step == 0
     assert all(np.array_equal(before[n], trainer.params[n]) for n in before)
+
+
+@pytest.mark.parametrize("learning_rate", [1e300, 1e30])
+def test_a_diverging_run_stops_with_a_report_that_says_so(learning_rate):
+    healthy = learning.train(replace(TINY, dtype=np.float32, steps=40, report_every=4))
+    config = replace(TINY, dtype=np.float32, steps=40, report_every=4, learning_rate=learning_rate)
+    reports = learning.train(config)
+    *kept, last = reports
+    assert last.diverged and not any(r.diverged for r in kept)
+    assert last.step < config.steps  # stopped early, at the step that broke
+    assert math.isnan(last.loss) and np.isnan(last.maps).all()
+    assert not math.isfinite(last.train_loss)  # the steps that broke are reported as they were
+    # The reports before the divergence are measured as usual: step 0 is the healthy run's.
+    assert [r.step for r in kept] == [r.step for r in healthy[: len(kept)]]
+    assert kept[0].loss == healthy[0].loss
+    for report in kept:
+        assert math.isfinite(report.loss) and np.isfinite(report.maps).all()
+    # The trainer says the same when asked directly.
+    trainer = learning.Trainer(config)
+    for _ in range(last.step):
+        trainer.train_step()
+    assert not trainer.weights_finite() or trainer.report().diverged

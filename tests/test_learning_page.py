@@ -5,6 +5,7 @@ are refused with the argument named."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -192,3 +193,19 @@ def test_an_interrupted_run_is_shown_as_one():
 def test_bad_choices_are_refused(choices, words):
     with pytest.raises(ValueError, match=words):
         lab.make_config(*choices)
+
+
+def test_a_diverged_run_is_a_message_with_the_steps_before_it(monkeypatch):
+    make_config = lab.make_config
+
+    def too_fast(*choices):  # the page offers no learning rate: a config that diverges
+        return dataclasses.replace(make_config(*choices), learning_rate=1e300)
+
+    monkeypatch.setattr(lab, "make_config", too_fast)
+    app = trained_page("previous_token", 1, 32, 50)
+    runs = app.session_state["learning_runs"]
+    assert runs[0].diverged and not any(r.diverged for r in runs[0].reports)
+    warning = next(w.value for w in app.warning if "diverged" in w.value)
+    expected = lab.learning.train(too_fast("previous_token", 1, 4, 32, 50, "÷ √d_k", 0))
+    assert [r.step for r in runs[0].reports] == [r.step for r in expected[:-1]]
+    assert f"diverged at step {expected[-1].step}" in warning

@@ -478,6 +478,10 @@ class Report:
             together, per layer.
         maps: ``(layers, heads, T, T)`` attention weights on the first held-out task sequence.
         seconds: wall time since training started (the one field a rerun does not repeat).
+        diverged: True on the last report of a run that diverged: a training loss, a weight
+            or the model's outputs became NaN or infinite (a learning rate too large, most
+            often). Training stops there; this report's measurements are NaN, its
+            ``train_loss`` is what the last steps gave, and every earlier report is intact.
     """
 
     step: int
@@ -493,6 +497,7 @@ class Report:
     qk_grad_norm: np.ndarray
     maps: np.ndarray
     seconds: float = field(compare=False)
+    diverged: bool = False
 
 
 def _seeds(config: TrainConfig) -> list[np.random.SeedSequence]:
@@ -553,6 +558,10 @@ class Trainer:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size})")
         return tokens
 
+    def weights_finite(self) -> bool:
+        """Whether every parameter is finite (training has not diverged)."""
+        return all(np.isfinite(param).all() for param in self.params.values())
+
     def train_step(self) -> float:
         """One Adam step on a fresh training batch; returns that batch's loss."""
         config = self.config
@@ -595,9 +604,16 @@ class Trainer:
         self, train_loss: float | None = None, seconds: float = 0.0, steps: int | None = None
     ) -> Report:
         """Measure the model as it is now on the held-out and probe sequences (`steps`: the
-        run's step count in all, the config's by default)."""
+        run's step count in all, the config's by default). A model whose weights or outputs
+        are not finite gets a ``diverged`` report instead, its measurements NaN."""
         config = self.config
+        steps = config.steps if steps is None else steps
+        if not self.weights_finite():
+            return self._diverged_report(train_loss, seconds, steps)
         logits, saved, maps = _forward(self.params, config, self.held_out.tokens, True)
+        probe_logits, _, probe_maps = _forward(self.params, config, self.probe, True)
+        if not all(np.isfinite(a).all() for a in (logits, maps, probe_logits, probe_maps)):
+            return self._diverged_report(train_loss, seconds, steps)
         loss, grad_logits, _ = _cross_entropy(logits, self.held_out)
         grads = _backward(self.params, config, self.held_out.tokens, saved, grad_logits)
         right = (logits.argmax(axis=-1) == self.held_out.targets) & self.held_out.counted
@@ -607,12 +623,11 @@ class Trainer:
             )
             for layer in range(config.num_layers)
         ]
-        probe_logits, _, probe_maps = _forward(self.params, config, self.probe, True)
         first_copy, second_copy = _copy_losses(probe_logits, self.probe)
         previous, induction, entropy = head_scores(probe_maps)
         return Report(
             step=self.step,
-            steps=config.steps if steps is None else steps,
+            steps=steps,
             loss=loss,
             accuracy=float(right.sum() / max(int(self.held_out.counted.sum()), 1)),
             train_loss=train_loss,
@@ -626,24 +641,54 @@ class Trainer:
             seconds=seconds,
         )
 
+    def _diverged_report(self, train_loss: float | None, seconds: float, steps: int) -> Report:
+        """The report of a model that diverged: where and when, every measurement NaN."""
+        shape = (self.config.num_layers, self.config.num_heads)
+        length = self.held_out.tokens.shape[1]
+        return Report(
+            step=self.step,
+            steps=steps,
+            loss=math.nan,
+            accuracy=math.nan,
+            train_loss=train_loss,
+            previous_token=np.full(shape, np.nan),
+            induction=np.full(shape, np.nan),
+            entropy=np.full(shape, np.nan),
+            first_copy_loss=math.nan,
+            second_copy_loss=math.nan,
+            qk_grad_norm=np.full(self.config.num_layers, np.nan),
+            maps=np.full((*shape, length, length), np.nan),
+            seconds=seconds,
+            diverged=True,
+        )
+
     def run(self, steps: int | None = None) -> Iterator[Report]:
         """Train until ``steps`` steps in all (default: the config's), yielding a report now,
-        after every ``report_every`` steps and at the end."""
+        after every ``report_every`` steps and at the end. A run that diverges (a loss or a
+        weight turns NaN or infinite) stops at the step where it did, with a last report
+        marked ``diverged``."""
         steps = self.config.steps if steps is None else steps
         _check_int(steps, "steps", self.step)
         started = time.perf_counter()
         with _one_blas_thread():
             report = self.report(seconds=0.0, steps=steps)
         yield report
-        while self.step < steps:
+        while self.step < steps and not report.diverged:
             # Train up to the next report with BLAS on one thread, and give the caller back
-            # its threads while it looks at the report.
-            with _one_blas_thread():
+            # its threads while it looks at the report. Overflow is not warned about: a run
+            # that diverges says so in its last report.
+            with _one_blas_thread(), np.errstate(over="ignore", invalid="ignore"):
                 losses = [self.train_step()]
-                while self.step % self.config.report_every and self.step < steps:
+                while (
+                    self.step % self.config.report_every
+                    and self.step < steps
+                    and math.isfinite(losses[-1])
+                ):
                     losses.append(self.train_step())
                 seconds = time.perf_counter() - started
                 report = self.report(float(np.mean(losses)), seconds, steps)
+                if not math.isfinite(losses[-1]) and not report.diverged:
+                    report = self._diverged_report(report.train_loss, seconds, steps)
             yield report
 
 
@@ -702,7 +747,7 @@ def training(config: TrainConfig) -> Iterator[Report]:
 
 def train(config: TrainConfig, on_report: Callable[[Report], None] | None = None) -> list[Report]:
     """Train a fresh model for `config` and return every report (each also given to
-    `on_report` as it is made)."""
+    `on_report` as it is made); a run that diverges ends with a report marked ``diverged``."""
     reports = []
     for report in training(config):
         if on_report is not None:

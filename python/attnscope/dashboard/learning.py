@@ -44,12 +44,14 @@ SCORES = {
 
 @dataclass(frozen=True)
 class Run:
-    """The reports of one training run so far, and why it ended (None while it goes on)."""
+    """The reports of one training run so far, and why it ended (None while it goes on).
+    A run that diverged keeps its reports up to the divergence, all finite."""
 
     label: str
     config: learning.TrainConfig
     reports: tuple[learning.Report, ...]
     ended: str | None = None
+    diverged: bool = False
 
     @property
     def last(self) -> learning.Report:
@@ -94,11 +96,19 @@ def compare_configs(config: learning.TrainConfig) -> dict[str, learning.TrainCon
 def bounded_run(
     label: str, config: learning.TrainConfig, time_budget_s: float = TIME_BUDGET_S
 ) -> Iterator[Run]:
-    """Train `config`, yielding the run after every report; it ends at its last step or when
-    `time_budget_s` has passed, whichever comes first (``Run.ended`` says which)."""
+    """Train `config`, yielding the run after every report; it ends at its last step, when
+    `time_budget_s` has passed or when training diverges, whichever comes first
+    (``Run.ended`` says which)."""
     reports: list[learning.Report] = []
     started = time.perf_counter()
     for report in learning.training(config):
+        if report.diverged:
+            ended = (
+                f"diverged at step {report.step}: the training loss or the weights became "
+                "NaN or infinite, so training stopped; the charts show the steps before"
+            )
+            yield Run(label, config, tuple(reports), ended=ended, diverged=True)
+            return
         reports.append(report)
         if report.step >= config.steps:
             yield Run(label, config, tuple(reports), ended=f"finished {config.steps} steps")

@@ -166,6 +166,8 @@ if not runs:
 for run in runs:
     if run.ended is None:
         st.warning(f"{run.label}: interrupted at step {run.last.step}; showing what it reached.")
+    elif run.diverged:
+        st.warning(f"{run.label}: {run.ended}.", icon=":material/warning:")
     else:
         st.caption(f"{run.label}: {run.ended} in {run.last.seconds:.1f} s.")
 
