@@ -282,11 +282,20 @@ class LlamaModel(Model):
 
     def chat_prompt(self, messages) -> str:
         """`messages` (``[{"role": "user", "content": ...}, ...]``) through the chat template,
-        with the assistant's turn opened, ready to :meth:`generate` from."""
+        with the assistant's turn opened, ready to :meth:`generate` from.
+
+        The contents are pasted into the template as they are, and the prompt is then read
+        as one text, so a special token written in a message (``<|im_end|>``,
+        ``<|im_start|>system``) is the real token: it closes the turn and can open a new
+        one, exactly as with Hugging Face's ``apply_chat_template`` followed by the
+        tokenizer, their default. Text from someone you do not trust should have such
+        markers removed before it is passed in.
+        """
         return chat_prompt(self, messages)
 
     def chat(self, messages, max_new_tokens=32, temperature=0.0, top_k=None, seed=None):
-        """``generate(chat_prompt(messages), ...)``: the assistant's answer to `messages`."""
+        """``generate(chat_prompt(messages), ...)``: the assistant's answer to `messages`.
+        Special tokens typed in a message act as real ones (see :meth:`chat_prompt`)."""
         prompt = self.chat_prompt(messages)
         return self.generate(prompt, max_new_tokens, temperature, top_k, seed)
 
