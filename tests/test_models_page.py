@@ -283,6 +283,86 @@ def test_a_new_text_resets_the_token_pickers():
     assert widget(app, "real_model_source").value < n
 
 
+def link_to(app: AppTest) -> dict[str, str]:
+    """The query string a browser keeps for the page as it stands: every widget bound to the
+    URL, under its key, with the value it shows (a choice's label, a field's text)."""
+    link = {}
+    for kind in ("selectbox", "radio", "text_area", "text_input", "number_input", "slider"):
+        for element in app.get(kind):
+            key = element.proto.query_param_key
+            if not key:
+                continue
+            if kind in ("selectbox", "radio"):
+                link[key] = element.options[element.index]
+            else:
+                link[key] = str(element.value)
+    return link
+
+
+def open_with_url(**params: str) -> AppTest:
+    """The page opened from a link whose query string holds `params`."""
+    app = AppTest.from_file(str(PAGE), default_timeout=180)
+    app.query_params.update(params)
+    app.run()
+    assert_clean(app)
+    return app
+
+
+@needs_minilm
+def test_every_head_view_round_trips_through_its_url():
+    text = "The nurse thanked the doctor because he was kind"
+    trace = am.load("all-MiniLM-L6-v2").encode(text)
+    he, doctor = trace.tokens.index("he"), trace.tokens.index("doctor")
+    app = run_page()
+    app.text_area(key="real_model_text").input(text).run()
+    widget(app, "real_model_layer").select(2)
+    widget(app, "real_model_head").select(5)
+    widget(app, "real_model_target").select(doctor)
+    widget(app, "real_model_statistic").select("previous_token")
+    app.run()
+    assert_clean(app)
+    link = link_to(app)
+    assert link["real_model_text"] == text and link["real_model_target"] == f"{doctor} doctor"
+    assert {"real_model_view", "real_model_name", "real_model_layer", "real_model_head"} <= set(
+        link
+    )
+    opened = open_with_url(**link)
+    assert opened.text_area(key="real_model_text").value == text
+    for key, value in [
+        ("real_model_layer", 2),
+        ("real_model_head", 5),
+        ("real_model_source", he),
+        ("real_model_target", doctor),
+        ("real_model_statistic", "previous_token"),
+    ]:
+        assert widget(opened, key).value == value, key
+    weights, _ = heatmap_grid(chart_data(opened)["Layer 2, head 5"])
+    np.testing.assert_allclose(weights, trace.attentions[2, 5], atol=1e-6)
+    assert metric(opened, "Most specific head for he → doctor")
+    # A value the page does not offer is ignored, not an error.
+    ignored = open_with_url(real_model_layer="99", real_model_view="No such view")
+    assert widget(ignored, "real_model_layer").value == 0
+    assert ignored.radio(key="real_model_view").value == "Every head"
+
+
+@needs_smollm2
+def test_generate_and_regimes_views_open_from_their_url(smollm2):
+    app = open_with_url(
+        real_model_view="Generate",
+        real_model_gen_mode="text to continue",  # a choice travels as its label
+        real_model_gen_prompt="Once upon a time",
+        real_model_gen_tokens="5",
+    )
+    assert app.radio(key="real_model_view").value == "Generate"
+    assert app.radio(key="real_model_gen_mode").value == "continue"
+    assert app.text_area(key="real_model_gen_prompt").value == "Once upon a time"
+    assert app.number_input(key="real_model_gen_tokens").value == 5
+    swapped = rm.swap_words(PRONOUN, "she", "he")
+    app = open_with_url(real_model_view="Regimes on trained heads", real_model_regimes_text=swapped)
+    assert app.text_input(key="real_model_regimes_text").value == swapped
+    assert [m.label for m in app.metric][:1] == ["Most specific head for he → nurse"]
+
+
 @needs_minilm
 def test_a_text_longer_than_the_context_is_an_error():
     app = run_page()

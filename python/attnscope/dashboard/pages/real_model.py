@@ -11,6 +11,9 @@ from attnscope.dashboard import real_model as rm
 LOCAL_FOLDER = "A local folder…"
 VIEWS = ("Every head", "Regimes on trained heads", "Generate")
 DEFAULT_PROMPT = "Why does a language model only look at the words before the current one?"
+# The page's main controls live in the URL (their keys are the parameters' names), so a link
+# opens the page as its sender saw it.
+URL = "query-params"
 
 
 def keep_choice(key: str, options: range, default: int) -> None:
@@ -27,8 +30,8 @@ def layer_and_head(
     keep_choice(f"{prefix}_layer", range(num_layers), default[0])
     keep_choice(f"{prefix}_head", range(num_heads), default[1])
     pickers = st.columns(2)
-    layer = pickers[0].selectbox("Layer", range(num_layers), key=f"{prefix}_layer")
-    head = pickers[1].selectbox("Head", range(num_heads), key=f"{prefix}_head")
+    layer = pickers[0].selectbox("Layer", range(num_layers), key=f"{prefix}_layer", bind=URL)
+    head = pickers[1].selectbox("Head", range(num_heads), key=f"{prefix}_head", bind=URL)
     return layer, head
 
 
@@ -43,7 +46,7 @@ def reset_on_new_tokens(prefix: str, tokens: list[str], defaults: dict[str, int]
 def token_picker(container, label: str, tokens: list[str], key: str) -> int:
     # Options are positions, shown with their token: a stale label can never come back.
     return container.selectbox(
-        label, range(len(tokens)), key=key, format_func=lambda i: f"{i} {tokens[i]}"
+        label, range(len(tokens)), key=key, format_func=lambda i: f"{i} {tokens[i]}", bind=URL
     )
 
 
@@ -170,6 +173,7 @@ def every_head_view() -> None:
         "Model",
         names,
         key="real_model_name",
+        bind=URL,
         help="all-MiniLM-L6-v2 (bidirectional encoder) and SmolLM2-135M-Instruct (causal "
         "language model) ship in pip packages and run offline; gpt2 and distilgpt2 come from "
         f"the Hugging Face hub when online. Reading a model from a folder on the server is off "
@@ -185,7 +189,9 @@ def every_head_view() -> None:
             st.info("Type the path of a folder holding a BERT or GPT-2 checkpoint.")
             return
     st.session_state.setdefault("real_model_text", rm.PRONOUN_SENTENCE)
-    text = controls[1].text_area("Text", key="real_model_text", height=80, max_chars=50_000)
+    text = controls[1].text_area(
+        "Text", key="real_model_text", height=80, max_chars=50_000, bind=URL
+    )
     counterfactual_buttons(controls[1], "real_model_text")
     local = choice == LOCAL_FOLDER
     model = load(source, any_error=local)
@@ -236,6 +242,7 @@ def grid_section(model, table) -> None:
         "Colour the heads by",
         list(am.STATISTICS),
         key="real_model_statistic",
+        bind=URL,
         format_func=lambda name: name.replace("_", " "),
     )
     st.caption(f"**{statistic.replace('_', ' ')}**: {rm.STATISTIC_HELP[statistic]}.")
@@ -322,7 +329,7 @@ def regimes_view() -> None:
         "tokens do (specificity); the map shows the winner."
     )
     st.session_state.setdefault("real_model_regimes_text", rm.PRONOUN_SENTENCE)
-    sentence = st.text_input("Sentence", key="real_model_regimes_text", max_chars=2_000)
+    sentence = st.text_input("Sentence", key="real_model_regimes_text", max_chars=2_000, bind=URL)
     counterfactual_buttons(st, "real_model_regimes_text")
     columns = st.columns(2)
     for column, name, regime in zip(
@@ -375,11 +382,16 @@ def generate_view() -> None:
         "The prompt is",
         generation.MODES,
         key="real_model_gen_mode",
+        bind=URL,
         horizontal=True,
         format_func={"chat": "a chat message", "continue": "text to continue"}.get,
     )
     max_new_tokens = settings[1].number_input(
-        f"New tokens (1–{generation.MAX_NEW_TOKENS})", value=32, step=1, key="real_model_gen_tokens"
+        f"New tokens (1–{generation.MAX_NEW_TOKENS})",
+        value=32,
+        step=1,
+        key="real_model_gen_tokens",
+        bind=URL,
     )
     temperature = settings[2].slider(
         "Temperature (0: always the likeliest token)",
@@ -388,11 +400,12 @@ def generate_view() -> None:
         0.0,
         0.1,
         key="real_model_gen_temperature",
+        bind=URL,
         help="Above 0 the next token is drawn at random, likelier tokens more often; the draw "
         "is seeded, so the same settings write the same text.",
     )
     prompt = st.text_area(
-        "Prompt", DEFAULT_PROMPT, key="real_model_gen_prompt", height=80, max_chars=5_000
+        "Prompt", DEFAULT_PROMPT, key="real_model_gen_prompt", height=80, max_chars=5_000, bind=URL
     )
     clicked = st.button("Generate", key="real_model_generate", type="primary")
     answer = st.empty()
@@ -626,7 +639,9 @@ if not attnscope.core_available():
         "imported here. Build it with `make build`."
     )
     st.stop()
-view = st.radio("Show", VIEWS, key="real_model_view", horizontal=True, label_visibility="collapsed")
+view = st.radio(
+    "Show", VIEWS, key="real_model_view", horizontal=True, label_visibility="collapsed", bind=URL
+)
 if view == VIEWS[0]:
     every_head_view()
 elif view == VIEWS[1]:
