@@ -136,3 +136,25 @@ def test_the_parser_turns_every_bad_value_into_a_named_value_error():
         budget.whole_numbers("1, two", "ids")
     with pytest.raises(ValueError, match="ids must be text"):
         budget.whole_numbers(None, "ids")
+
+
+def test_a_generation_replay_is_estimated_exactly_and_refused_past_the_budget(
+    tmp_path, monkeypatch
+):
+    import attnscope.models as am
+    from attnscope.dashboard import generation
+    from fixtures.llama_checkpoints import write_tiny_llama_folder
+
+    model = am.load(write_tiny_llama_folder(tmp_path / "tiny"))
+    request = generation.prepare(
+        model, "the sun in the north", mode="continue", max_new_tokens=6, temperature=0.0
+    )
+    replay = generation.run(model, request)
+    kept = sum(row.nbytes for row in replay.attention)
+    prompt = len(request.prompt_tokens)
+    assert kept == budget.estimate_replay(model.num_layers, model.num_heads, prompt, replay.steps)
+    monkeypatch.setenv(budget.ENVIRONMENT_VARIABLE, "4K")
+    with pytest.raises(budget.OverBudget, match="Replaying 6 new tokens of .* lower the new"):
+        generation.prepare(
+            model, "the sun in the north", mode="continue", max_new_tokens=6, temperature=0.0
+        )

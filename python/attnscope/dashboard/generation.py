@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from . import budget
 from .real_model import display_tokens
 
 MODES = ("chat", "continue")
@@ -77,6 +78,15 @@ def prepare(model, prompt: str, *, mode: str, max_new_tokens, temperature: float
             f"The prompt leaves room for {room} new tokens in {model.name}'s context window, "
             f"not {int(max_new_tokens)}."
         )
+    # The page keeps the replay and, when asked, the same reply recomputed without the cache.
+    replay_bytes = budget.estimate_replay(
+        model.num_layers, model.num_heads, len(tokens), int(max_new_tokens)
+    )
+    budget.check(
+        2 * replay_bytes,
+        f"Replaying {int(max_new_tokens)} new tokens of {model.name}",
+        lower="the new tokens or shorten the prompt",
+    )
     return Request(text, display_tokens(tokens), int(max_new_tokens), float(temperature))
 
 

@@ -22,6 +22,8 @@ import streamlit as st
 import attnscope.models as am
 from attnscope.reference import visibility
 
+from . import budget
+
 BIDIRECTIONAL_MODEL = "all-MiniLM-L6-v2"
 CAUSAL_MODEL = "SmolLM2-135M-Instruct"
 # Offline weights packages of the models the page offers first, for the "how to get it" note.
@@ -122,9 +124,11 @@ def display_tokens(tokens: list[str]) -> list[str]:
 
 def token_limit(model: am.Model) -> int:
     """The longest text the page reads with `model`: its context window, or less where every
-    head's map of a longer text would not fit in ATTENTION_BUDGET_BYTES."""
+    head's map of a longer text would not fit in ATTENTION_BUDGET_BYTES (nor in the
+    dashboard's memory budget, when that is smaller)."""
     bytes_per_pair = 4 * model.num_layers * model.num_heads
-    return min(model.context_length, math.isqrt(ATTENTION_BUDGET_BYTES // bytes_per_pair))
+    allowed = min(ATTENTION_BUDGET_BYTES, budget.budget_bytes())
+    return min(model.context_length, math.isqrt(allowed // bytes_per_pair))
 
 
 @dataclass(frozen=True, eq=False)
