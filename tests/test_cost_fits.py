@@ -147,6 +147,39 @@ def test_sweep_stops_lengthening_before_its_time_runs_out(monkeypatch):
     assert (unbounded["status"] == "measured").all()
 
 
+def test_a_disturbed_longest_point_is_timed_again(monkeypatch):
+    # The machine is busy while the sweep times n = 2,048 (three times slower), and quiet
+    # when the sweep comes back to the points whose growth looked off.
+    clock = [0.0]
+    quiet = [False]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+
+    def full(q, k, v):
+        busy = len(q) == 2048 and not quiet[0]
+        clock[0] += 1e-9 * len(q) ** 2 * (3 if busy else 1)
+
+    monkeypatch.setattr(cost, "methods", lambda include_torch=True: {FULL: (full, False)})
+    retime = cost._retime_disturbed
+
+    def spy(*args):
+        quiet[0] = True
+        retime(*args)
+
+    monkeypatch.setattr(cost, "_retime_disturbed", spy)
+    sizes = [256, 512, 1024, 2048]
+    frame = cost.sweep(sizes, 4, total_seconds=100.0)
+    assert quiet[0]
+    growth = cost.growth_table(frame).set_index("method")
+    assert growth.loc[FULL, "within"]
+    assert frame.set_index("n").loc[2048, "seconds"] == pytest.approx(1e-9 * 2048**2)
+    # A sweep without a time budget keeps the disturbed point as measured, and it is flagged.
+    quiet[0] = False
+    monkeypatch.setattr(cost, "_retime_disturbed", retime)
+    busy = cost.sweep(sizes, 4)
+    assert busy.set_index("n").loc[2048, "seconds"] == pytest.approx(3e-9 * 2048**2)
+    assert not cost.growth_table(busy).set_index("method").loc[FULL, "within"]
+
+
 def test_storage_speed_note_says_what_the_numbers_show():
     def steps(*speed_ups):
         return pd.DataFrame({"storage": cost.STORAGES, "speed-up vs float32": [1.0, *speed_ups]})

@@ -132,15 +132,17 @@ st.dataframe(cost.growth_shown(growth), hide_index=True, key="cost_growth")
 off = growth[(growth["fitted p"] == growth["fitted p"]) & ~growth["within"]]
 if len(off):
     st.warning(
-        f"{', '.join(off['method'])}: the fitted exponent is more than "
-        f"{cost.EXPONENT_TOLERANCE} away from what the pair counts predict. Other work on this "
+        f"{', '.join(off['method'])}: the fitted exponent, or the time when n doubles (as a "
+        f"power of two), is more than {cost.EXPONENT_TOLERANCE} away from what the pair "
+        "counts predict, even after timing the longest points again. Other work on this "
         "machine disturbed those timings; the fit is not used for anything below. Run the "
         "sweep again, or give it a longer time budget.",
         icon=":material/warning:",
     )
 st.caption(
-    f"Each point is the fastest of at least three runs (one, for a run over a second), and "
-    f"NumPy's BLAS may use at most the engine's {threads} thread(s)."
+    "Each point is the fastest of at least three runs (one, for a run over a second); a "
+    "method whose growth looks off has its longest points timed once more while the time "
+    f"budget lasts. NumPy's BLAS may use at most the engine's {threads} thread(s)."
 )
 for _, item in cost.stopped_methods(frame).iterrows():
     st.caption(f"{item['method']}: stopped at n = {item['n']:,} ({item['status']}).")
