@@ -113,6 +113,18 @@ def test_estimates_are_time_per_pair_times_exact_pairs():
     assert again.loc[(CAUSAL, 200_000), "seconds"] == table.loc[(CAUSAL, 200_000), "seconds"]
 
 
+def test_time_per_pair_is_the_least_disturbed_of_the_longest_points():
+    frame = synthetic({FULL: per_pair(FULL, fixed=0.0)})
+    assert cost.seconds_per_pair(frame, FULL) == (8192, pytest.approx(5e-9))
+    # A busy moment slowed the longest point: the estimate comes from the next one down.
+    frame.loc[frame["n"] == 8192, "seconds"] *= 3
+    assert cost.seconds_per_pair(frame, FULL) == (4096, pytest.approx(5e-9))
+    table = cost.projections_table(frame).set_index(["method", "n"])
+    assert table.loc[(FULL, 200_000), "seconds"] == pytest.approx(5e-9 * 200_000**2)
+    assert "at n = 4,096" in table.loc[(FULL, 200_000), "how"]
+    assert cost.seconds_per_pair(frame[frame["method"] == "none"], FULL) is None
+
+
 def test_estimate_timeline_continues_each_method_from_its_longest_point():
     frame = synthetic({FULL: per_pair(FULL, fixed=0.0)}, sizes=[512, 1024])
     line = cost.estimate_timeline(frame)

@@ -338,15 +338,23 @@ def _measured(frame: pd.DataFrame, method: str) -> pd.DataFrame:
     return rows[rows["seconds"] > 0].sort_values("n")
 
 
-def seconds_per_pair(frame: pd.DataFrame, method: str) -> tuple[int, float] | None:
-    """``(n, seconds per visible query–key pair)`` at the longest length `method` was
-    measured, where fixed costs weigh least; None when it was never measured."""
-    measured = _measured(frame, method)
+def seconds_per_pair(
+    frame: pd.DataFrame, method: str, points: int = FIT_POINTS
+) -> tuple[int, float] | None:
+    """``(n, seconds per visible query–key pair)`` of `method`: the least over its `points`
+    longest measured lengths, where fixed costs weigh least. Other work on the machine only
+    ever adds time, so the least is the best estimate of the work itself (on a tie, the
+    longer length). None when the method was never measured."""
+    measured = _measured(frame, method).iloc[-points:]
     if measured.empty:
         return None
-    longest = measured.iloc[-1]
-    n = int(longest["n"])
-    return n, float(longest["seconds"]) / visible_pairs(n, mask_kind(method))
+    kind = mask_kind(method)
+    per_pair = [
+        (float(seconds) / visible_pairs(int(n), kind), -int(n))
+        for n, seconds in zip(measured["n"], measured["seconds"], strict=True)
+    ]
+    best, negative_n = min(per_pair)
+    return -negative_n, best
 
 
 def growth_table(frame: pd.DataFrame, points: int = FIT_POINTS) -> pd.DataFrame:
@@ -428,9 +436,10 @@ def projections_table(
     frame: pd.DataFrame, targets=TARGET_LENGTHS, memory_budget: int | None = None
 ) -> pd.DataFrame:
     """Seconds at each target length per method: measured when the sweep reached it, else
-    estimated as the measured time per visible query–key pair at the method's longest length
-    times the exact number of visible pairs at the target (labelled so, with a warning when
-    the method's n² matrices would not fit `memory_budget`). No fitted exponent is
+    estimated as the measured time per visible query–key pair (:func:`seconds_per_pair`, from
+    the method's longest lengths) times the exact number of visible pairs at the target
+    (labelled so, with a warning when the method's n² matrices would not fit
+    `memory_budget`). No fitted exponent is
     extrapolated: a noisy exponent raised to a 100× longer context would swamp the estimate."""
     materialising = {name for name, (_, needs_n2) in methods(False).items() if needs_n2}
     rows = []
