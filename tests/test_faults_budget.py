@@ -163,3 +163,23 @@ def test_a_generation_replay_is_estimated_exactly_and_refused_past_the_budget(
         generation.prepare(
             model, "the sun in the north", mode="continue", max_new_tokens=6, temperature=0.0
         )
+
+
+def test_sparse_page_masks_and_timings_keep_within_the_budget(monkeypatch):
+    from attnscope.dashboard import sparse
+
+    if not sparse.masks_available():
+        pytest.skip("this build has no attnscope.masks (mask expressions)")
+    pattern = sparse.Pattern(sparse.WINDOW)
+    monkeypatch.setenv(budget.ENVIRONMENT_VARIABLE, "1M")
+    picture = sparse.picture(pattern, 256, 4)  # 64 KiB of mask and 4 KiB of tiles: drawn
+    assert picture.dense.nbytes == budget.estimate_dense_mask(256, 256)
+    assert sparse.dense_refusal(1_024) is None  # exactly 1 MiB
+    assert sparse.dense_refusal(2_048) == (
+        "not built: its 2,048×2,048 bool mask alone needs 4.0 MiB"
+    )
+    monkeypatch.setenv(budget.ENVIRONMENT_VARIABLE, "32K")
+    with pytest.raises(budget.OverBudget, match="Drawing the mask at L = 256 .* lower the drawn"):
+        sparse.picture(pattern, 256, 4)
+    seconds, status = sparse.time_method(pattern, 256, sparse.EXPRESSION)
+    assert np.isnan(seconds) and status == "not run: its inputs need 256.0 KiB"
