@@ -35,6 +35,9 @@ EXPONENT_TOLERANCE = 0.2
 # once the next length would not fit, so a fast machine reaches long contexts and a slow one
 # stops early instead of hanging.
 SWEEP_SECONDS = 10.0
+# The share of a sweep's time spent lengthening the context; the rest times the longest
+# points again, in rounds, so that a busy moment does not decide a fit.
+LENGTHEN_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,11 @@ def sweep(
     """Time every method at every length, each point the best of a few runs (at least three
     unless one run takes over a second). A method stops once its next point would need more
     than `memory_budget` bytes of n² matrices or (judging by growth so far) more than
-    `time_limit` seconds; with `total_seconds`, the whole sweep stops before a length whose
-    points (judged the same way) would end it past that time. Points not run are recorded
-    with a status saying why. The NumPy path's BLAS gets at most `threads` threads (default:
-    the engine's).
+    `time_limit` seconds. With `total_seconds`, the sweep stops lengthening before a length
+    whose points (judged the same way) would pass :data:`LENGTHEN_SHARE` of that time, then
+    times each method's longest points again in rounds for the rest of it. Points not run are
+    recorded with a status saying why. The NumPy path's BLAS gets at most `threads` threads
+    (default: the engine's).
 
     Returns columns: n, method, seconds, gflops, status.
     """
@@ -216,7 +220,7 @@ def sweep(
                 for name, seconds in last_time.items()
                 if name not in stopped and not (table[name][1] and naive_bytes(n) > memory_budget)
             )
-            if time.perf_counter() - started + ahead > total_seconds:
+            if time.perf_counter() - started + ahead > LENGTHEN_SHARE * total_seconds:
                 for name in table:
                     stopped.setdefault(
                         name, f"skipped: the sweep's {total_seconds:g} s would run out"
@@ -246,7 +250,7 @@ def sweep(
             rows.append({"n": n, "method": name, "seconds": seconds, "status": "measured"})
     frame = pd.DataFrame(rows, columns=["n", "method", "seconds", "status"])
     if total_seconds is not None:
-        _retime_disturbed(frame, table, head_dim, threads, started + total_seconds, seed)
+        _retime_longest(frame, table, head_dim, started + total_seconds, seed)
     frame["gflops"] = [
         _flops(int(n), head_dim, str(m)) / s / 1e9 if s == s else np.nan
         for n, m, s in zip(frame["n"], frame["method"], frame["seconds"], strict=True)
@@ -254,35 +258,37 @@ def sweep(
     return frame
 
 
-def _retime_disturbed(
+def _retime_longest(
     frame: pd.DataFrame,
     table: dict[str, tuple[Callable, bool]],
     head_dim: int,
-    threads: int,
     deadline: float,
     seed: int,
 ) -> None:
-    """Time once more the longest points of every method whose growth contradicts its pair
-    counts (a busy moment on a shared machine), keeping each point's best time, for as long
-    as the sweep's time lasts (`deadline`, a perf_counter value). Changes `frame` in place."""
-    growth = growth_table(frame).set_index("method")
-    disturbed = growth.index[growth["fitted p"].notna() & ~growth["within"]]
-    for method in disturbed:
-        measured = _measured(frame, method)
-        points = measured.iloc[-FIT_POINTS:]
-        if time.perf_counter() + 3 * points["seconds"].sum() > deadline:
+    """Time the longest points of every engine method again, in rounds that visit each point
+    once, keeping each point's best time, until the next round would end past `deadline` (a
+    perf_counter value). A busy moment on a shared machine slows a different point in each
+    round, so the best of the rounds is the least disturbed. The NumPy path keeps its own
+    timing (the best of two BLAS thread counts). Changes `frame` in place."""
+    points = []
+    for method, (function, _) in table.items():
+        if method == NAIVE:
             continue
-        function = table[method][0]
-        for index, n in zip(points.index, points["n"], strict=True):
-            rng = np.random.default_rng((seed, int(n)))
-            q, k, v = (rng.standard_normal((int(n), head_dim), dtype=np.float32) for _ in range(3))
-            call = partial(function, q, k, v)
-            seconds = (
-                time_naive(call, threads, give_up_seconds=1.0)
-                if method == NAIVE
-                else time_call(call, give_up_seconds=1.0)
-            )
-            frame.loc[index, "seconds"] = min(frame.loc[index, "seconds"], seconds)
+        top = _measured(frame, method).iloc[-FIT_POINTS:]
+        points += [(index, function, int(n)) for index, n in zip(top.index, top["n"], strict=True)]
+    inputs = {}
+    for _, _, n in points:
+        rng = np.random.default_rng((seed, n))
+        inputs[n] = [rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3)]
+    while points:
+        round_seconds = sum(frame.loc[index, "seconds"] for index, _, _ in points)
+        if time.perf_counter() + 1.5 * round_seconds > deadline:
+            return
+        for index, function, n in points:
+            start = time.perf_counter()
+            function(*inputs[n])
+            elapsed = time.perf_counter() - start
+            frame.loc[index, "seconds"] = min(frame.loc[index, "seconds"], elapsed)
 
 
 def _flops(n: int, head_dim: int, method: str) -> float:
