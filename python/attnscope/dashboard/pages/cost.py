@@ -140,9 +140,11 @@ if len(off):
         icon=":material/warning:",
     )
 st.caption(
-    "Each point is the fastest of at least three runs (one, for a run over a second); a "
-    "method whose growth looks off has its longest points timed once more while the time "
-    f"budget lasts. NumPy's BLAS may use at most the engine's {threads} thread(s)."
+    "Each point is the fastest of at least three runs (one, for a run over a second). The "
+    f"sweep lengthens n for {cost.LENGTHEN_SHARE:.0%} of its time budget and spends the rest "
+    "timing each engine method's longest points again, in rounds, keeping the fastest: a "
+    "busy moment slows a different point in each round. NumPy's BLAS may use at most the "
+    f"engine's {threads} thread(s)."
 )
 for _, item in cost.stopped_methods(frame).iterrows():
     st.caption(f"{item['method']}: stopped at n = {item['n']:,} ({item['status']}).")
