@@ -115,36 +115,44 @@ st.markdown(
     "against 16 random keys at each width, every softmax from the engine."
 )
 curves = ui.saturation(D_VALUES)
-metric = st.radio(
-    "Show",
-    ["max weight", "entropy (nats)", "softmax gradient", "score std"],
-    key="inside_metric",
-    horizontal=True,
-    bind="query-params",
-)
-ui.chart(
-    st,
-    charts.lines(curves, "d_k", metric, "scaling", title=f"{metric} vs d_k", marker_x=d_k),
-    key="inside_saturation",
-)
-at_d = inside.saturation_at(curves, d_k)
-cols = st.columns(3)
-for column, (name, label) in zip(
-    cols,
-    (
-        ("max weight", f"max weight at d_k = {d_k}"),
-        ("entropy (nats)", "entropy (nats)"),
-        ("softmax gradient", "softmax gradient"),
-    ),
-    strict=True,
-):
-    # Three significant digits: a gradient of 2e-7 should not read as 0.000.
-    ui.note_metric(
-        column,
-        label,
-        f"{at_d.loc['no scaling', name]:.3g} unscaled",
-        f"{at_d.loc['÷ √d_k', name]:.3g} scaled",
+
+
+# A fragment: choosing what to show redraws this section only, not the page's other charts.
+@st.fragment
+def saturation_section(curves, d_k: int) -> None:
+    metric = st.radio(
+        "Show",
+        ["max weight", "entropy (nats)", "softmax gradient", "score std"],
+        key="inside_metric",
+        horizontal=True,
+        bind="query-params",
     )
+    ui.chart(
+        st,
+        charts.lines(curves, "d_k", metric, "scaling", title=f"{metric} vs d_k", marker_x=d_k),
+        key="inside_saturation",
+    )
+    at_d = inside.saturation_at(curves, d_k)
+    cols = st.columns(3)
+    for column, (name, label) in zip(
+        cols,
+        (
+            ("max weight", f"max weight at d_k = {d_k}"),
+            ("entropy (nats)", "entropy (nats)"),
+            ("softmax gradient", "softmax gradient"),
+        ),
+        strict=True,
+    ):
+        # Three significant digits: a gradient of 2e-7 should not read as 0.000.
+        ui.note_metric(
+            column,
+            label,
+            f"{at_d.loc['no scaling', name]:.3g} unscaled",
+            f"{at_d.loc['÷ √d_k', name]:.3g} scaled",
+        )
+
+
+saturation_section(curves, d_k)
 
 st.subheader("4 · FlashAttention: the same softmax, one block of keys at a time")
 st.markdown(
@@ -156,68 +164,80 @@ st.markdown(
     "them on the new scale, and the block is added. Blocks the causal mask hides entirely are "
     "skipped. Step through one query row:"
 )
-flash_controls = st.columns([2, 2, 3])
-st.session_state.setdefault("inside_flash_row", len(words) - 1)
-query_row = ui.position_select(flash_controls[0], "Query row", words, key="inside_flash_row")
-block = flash_controls[1].select_slider(
-    "Keys per block", [1, 2, 3, 4], value=2, key="inside_flash_block", bind="query-params"
-)
-flash = inside.flash_row(
-    steps.q[query_row],
-    steps.k,
-    steps.v,
-    scale=steps.scale,
-    visible=steps.visible[query_row],
-    block=block,
-)
-walked = ui.bounded_slider(
-    flash_controls[2], "Blocks walked", 1, len(flash.steps), 1, key="inside_flash_walked"
-)
-st.dataframe(
-    inside.flash_table(flash, labels, walked),
-    hide_index=True,
-    key="inside_flash_table",
-    column_config={
-        name: st.column_config.NumberColumn(format="%.4g")
-        for name in ("running max m", "rescale exp(m_old − m)", "running sum l")
-    },
-)
-current = flash.steps[walked - 1]
-st.dataframe(
-    pd.DataFrame(
-        [current.partial_output[:shown], flash.output[:shown]],
-        index=[f"accumulator / l after block {walked}", "final output"],
-        columns=dims,
-    ),
-    key="inside_flash_output",
-    column_config={d: st.column_config.NumberColumn(format="%.4f") for d in dims},
-)
-if walked < len(flash.steps):
-    st.caption("Move the slider to the last block to compare the result with the engine.")
-else:
-    gaps = inside.flash_check(flash, steps, query_row)
+
+
+# A fragment: stepping through the blocks redraws this section only.
+@st.fragment
+def flash_stepper(steps, words: list[str], labels: list[str], dims: list[str]) -> None:
+    shown = len(dims)
+    d_k = steps.q.shape[1]
+    flash_controls = st.columns([2, 2, 3])
+    st.session_state.setdefault("inside_flash_row", len(words) - 1)
+    query_row = ui.position_select(flash_controls[0], "Query row", words, key="inside_flash_row")
+    block = flash_controls[1].select_slider(
+        "Keys per block", [1, 2, 3, 4], value=2, key="inside_flash_block", bind="query-params"
+    )
+    flash = inside.flash_row(
+        steps.q[query_row],
+        steps.k,
+        steps.v,
+        scale=steps.scale,
+        visible=steps.visible[query_row],
+        block=block,
+    )
+    walked = ui.bounded_slider(
+        flash_controls[2], "Blocks walked", 1, len(flash.steps), 1, key="inside_flash_walked"
+    )
     st.dataframe(
-        pd.DataFrame(
-            {
-                "key": labels,
-                "blockwise weight exp(score − m − log l)": flash.weights(),
-                "engine weight": steps.weights[query_row],
-            }
-        ),
+        inside.flash_table(flash, labels, walked),
         hide_index=True,
-        key="inside_flash_weights",
+        key="inside_flash_table",
         column_config={
-            "blockwise weight exp(score − m − log l)": st.column_config.NumberColumn(format="%.6f"),
-            "engine weight": st.column_config.NumberColumn(format="%.6f"),
+            name: st.column_config.NumberColumn(format="%.4g")
+            for name in ("running max m", "rescale exp(m_old − m)", "running sum l")
         },
     )
-    largest = max(gaps.values())
-    message = (
-        f"After the last block: weights within {gaps['weights']:.1e}, log-sum-exp "
-        f"m + log l within {gaps['log-sum-exp']:.1e} and output within {gaps['output']:.1e} "
-        "of the engine's (return_weights, return_lse)."
+    current = flash.steps[walked - 1]
+    st.dataframe(
+        pd.DataFrame(
+            [current.partial_output[:shown], flash.output[:shown]],
+            index=[f"accumulator / l after block {walked}", "final output"],
+            columns=dims,
+        ),
+        key="inside_flash_output",
+        column_config={d: st.column_config.NumberColumn(format="%.4f") for d in dims},
     )
-    (st.success if largest <= 1e-6 else st.error)(message)
-st.dataframe(
-    inside.flash_memory(len(words), block, d_k), hide_index=True, key="inside_flash_memory"
-)
+    if walked < len(flash.steps):
+        st.caption("Move the slider to the last block to compare the result with the engine.")
+    else:
+        gaps = inside.flash_check(flash, steps, query_row)
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "key": labels,
+                    "blockwise weight exp(score − m − log l)": flash.weights(),
+                    "engine weight": steps.weights[query_row],
+                }
+            ),
+            hide_index=True,
+            key="inside_flash_weights",
+            column_config={
+                "blockwise weight exp(score − m − log l)": st.column_config.NumberColumn(
+                    format="%.6f"
+                ),
+                "engine weight": st.column_config.NumberColumn(format="%.6f"),
+            },
+        )
+        largest = max(gaps.values())
+        message = (
+            f"After the last block: weights within {gaps['weights']:.1e}, log-sum-exp "
+            f"m + log l within {gaps['log-sum-exp']:.1e} and output within {gaps['output']:.1e} "
+            "of the engine's (return_weights, return_lse)."
+        )
+        (st.success if largest <= 1e-6 else st.error)(message)
+    st.dataframe(
+        inside.flash_memory(len(words), block, d_k), hide_index=True, key="inside_flash_memory"
+    )
+
+
+flash_stepper(steps, words, labels, dims)
