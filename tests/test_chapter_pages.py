@@ -181,13 +181,16 @@ def test_start_here_is_the_first_page_and_links_every_step():
         assert float(metrics["8 tokens through the cache vs recomputed"]) < 1e-5
 
 
-def test_a_start_link_opens_its_page_in_the_state_it_names():
+def test_every_start_link_opens_its_page_in_the_state_it_names():
     app = open_with_url(None)
-    link = next(link for link in app.get("page_link") if "unscaled" in link.proto.label)
-    params = dict(pair.split("=") for pair in link.proto.query_string.split("&"))
-    opened = open_with_url("inside.py", **{k: unquote_plus(v) for k, v in params.items()})
-    assert opened.select_slider(key="inside_d_k").value == story.WIDE_HEAD
-    assert opened.radio(key="inside_scaling").value == "no scaling"
+    stateful = [link.proto for link in app.get("page_link") if link.proto.query_string]
+    assert len(stateful) >= 3
+    for link in stateful:
+        params = dict(pair.split("=") for pair in link.query_string.split("&"))
+        params = {name: unquote_plus(value) for name, value in params.items()}
+        opened = open_with_url(f"{link.page}.py", **params)
+        for name, value in params.items():
+            assert str(widget_value(opened, name)) == value, (link.label, name)
 
 
 @pytest.mark.parametrize("page", [None, "heads.py", "cost.py", "learning.py"])

@@ -72,7 +72,7 @@ words_column, result_column = step(3, "Why divide by √d_k")
 words_column.markdown(
     f"A score adds up d_k products, so wide heads give huge scores. At d_k = {story.WIDE_HEAD} "
     "without the factor, softmax puts almost all of a row's weight on one key and its "
-    "gradient, the signal learning needs, shrinks. Dividing by √d_k keeps the scores near 1."
+    "gradient, the signal learning needs, shrinks. Dividing by √d_k keeps their spread near 1."
 )
 link(
     words_column,
@@ -81,7 +81,12 @@ link(
     inside_d_k=str(story.WIDE_HEAD),
     inside_scaling="no scaling",
 )
-link(words_column, "learning.py", "Learning: train with and without √d_k")
+link(
+    words_column,
+    "learning.py",
+    "Learning: train with and without √d_k",
+    learning_mode="Compare with and without √d_k",
+)
 ui.note_metric(
     result_column,
     "Largest weight of a row, unscaled",
@@ -131,9 +136,10 @@ words_column.markdown(
     "Every query scores every key: n tokens make about n² pairs, so doubling the context "
     f"quadruples the work (causal pairs at 2,048 tokens: {pairs['n']:,}; at 4,096: "
     f"{pairs['2n']:,}, ×{pairs['2n'] / pairs['n']:.2f}). The rest of a layer grows only "
-    f"linearly, so at long contexts attention dominates. The chart counts a layer "
-    f"{story.LAYER_WIDTH:,} wide: 4·width multiply-adds per key for attention, 24·width² for "
-    "its projections and feed-forward block."
+    f"linearly, so at long contexts attention dominates. The chart counts the operations of "
+    f"a layer {story.LAYER_WIDTH:,} wide, per token: 4·width per key it attends to (n/2 on "
+    "average under a causal mask), against 24·width² for its four projections and a "
+    "feed-forward block four times wider."
 )
 link(words_column, "cost.py", "Cost of context: time it on this machine")
 lengths = [2**p for p in range(9, 19)]
