@@ -767,6 +767,8 @@ def test_generate_again_without_the_cache_gives_the_same_tokens_and_times_both(s
     assert_clean(app)
     prompt = len(expected.prompt_ids)
     assert any(f"all {prompt} prompt tokens go through each layer" in c.value for c in app.caption)
+    fed = sum(prompt + k for k in range(4))
+    assert f"feed {fed:,} tokens through the layers" in app.button(key="real_model_recompute").help
     app.button(key="real_model_recompute").click().run()
     assert_clean(app)
     cached, recomputed = app.session_state["real_model_recomputed"]
@@ -818,6 +820,8 @@ def test_cache_comparison_lines_up_the_two_runs():
     assert generation.first_difference(cached, replay([5, 6], [1, 1])) == 2
     assert generation.decoding_ratio(table.iloc[:1]) is None
     assert cached.prompt_cost() == pytest.approx((100.0, 10.0))
+    # Without the cache the three steps feed 2, 3 and 4 tokens, at the prompt's 0.1 s a token.
+    assert generation.recompute_estimate(cached) == (9, pytest.approx(0.9))
 
 
 @needs_smollm2

@@ -247,6 +247,15 @@ def cache_comparison(cached: Replay, recomputed: Replay) -> pd.DataFrame:
     )
 
 
+def recompute_estimate(replay: Replay) -> tuple[int, float]:
+    """Tokens that writing `replay` again without the cache feeds through the layers (every
+    step reads the whole sequence so far), and a rough time for that in seconds: those tokens
+    at the cost per token of this run's prompt read."""
+    prompt = len(replay.prompt_tokens)
+    tokens = sum(prompt + step for step in range(replay.steps))
+    return tokens, tokens * replay.seconds[0] / prompt
+
+
 def decoding_ratio(comparison: pd.DataFrame) -> float | None:
     """Total time of the steps after the prompt, without the cache over with it (None for a
     one-step reply: both runs only read the prompt)."""

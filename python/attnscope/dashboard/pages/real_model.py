@@ -478,8 +478,13 @@ def cache_section(model, replay: generation.Replay) -> None:
         "writes this reply that way and times every step beside the cached run."
     )
     request = st.session_state.get("real_model_request")
+    fed, seconds = generation.recompute_estimate(replay)
     if request is not None and st.button(
-        "Write it again without the cache", key="real_model_recompute"
+        "Write it again without the cache",
+        key="real_model_recompute",
+        help=f"Its {replay.steps} steps feed {fed:,} tokens through the layers in all, against "
+        f"{len(replay.prompt_tokens) + replay.steps - 1:,} with the cache: at the prompt "
+        f"read's pace, about {seconds:,.0f} s.",
     ):
         progress = st.progress(0.0, text="Reading the prompt again…")
 
