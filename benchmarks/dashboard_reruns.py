@@ -49,7 +49,7 @@ CHANGES: dict[str, tuple[str | None, dict[str, str], Callable[[AppTest, int], ob
     ),
     "cost: model shape": (
         "cost.py",
-        {"cost_longest": "512", "cost_seconds": "5"},
+        {"cost_longest": "512", "cost_seconds": "2"},
         lambda app, i: app.selectbox(key="cost_shape").set_value((LLAMA, GPT2)[i % 2]),
     ),
     "learning: steps": (

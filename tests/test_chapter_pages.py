@@ -53,7 +53,7 @@ def bound_keys(app: AppTest) -> set[str]:
 
 
 def test_cost_page_estimates_follow_its_own_measurements():
-    app = open_with_url("cost.py", cost_longest="1024", cost_seconds="5", cost_dim="32")
+    app = open_with_url("cost.py", cost_longest="1024", cost_seconds="2", cost_dim="32")
     assert app.select_slider(key="cost_longest").value == 1024
     assert app.select_slider(key="cost_dim").value == 32
     timing = next(f for t, f in charts(app).items() if t.startswith("Time per call"))
@@ -87,7 +87,7 @@ def test_cost_page_estimates_follow_its_own_measurements():
 
 
 def test_cost_page_ignores_a_url_value_it_does_not_offer():
-    app = open_with_url("cost.py", cost_longest="1000", cost_seconds="5")
+    app = open_with_url("cost.py", cost_longest="1000", cost_seconds="2")
     assert app.select_slider(key="cost_longest").value == 16_384  # the default, not 1000
 
 
@@ -108,7 +108,7 @@ def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
         return frame
 
     monkeypatch.setattr(cost, "decode_step_times", fake_times)
-    app = open_with_url("cost.py", cost_longest="512", cost_seconds="5")
+    app = open_with_url("cost.py", cost_longest="512", cost_seconds="2")
     app.button(key="cost_decode_run").click().run()
     assert_clean(app)
     caption = next(c.value for c in app.caption if "One layer, one new token" in c.value)
@@ -195,7 +195,7 @@ def test_every_start_link_opens_its_page_in_the_state_it_names():
 
 @pytest.mark.parametrize("page", [None, "heads.py", "cost.py", "learning.py"])
 def test_the_glossary_is_in_every_page_sidebar(page):
-    app = open_with_url(page, cost_longest="512", cost_seconds="5")
+    app = open_with_url(page, cost_longest="512", cost_seconds="2")
     glossary = [e for e in app.sidebar.children.values() if getattr(e, "label", "") == "Glossary"]
     assert len(glossary) == 1
     shown = " ".join(m.value for m in glossary[0].markdown)
@@ -356,7 +356,7 @@ URL_STATES = {
     },
     "cost.py": {
         "cost_longest": ("512", 512),
-        "cost_seconds": ("5", 5),
+        "cost_seconds": ("2", 2),
         "cost_dim": ("32", 32),
         "cost_threads": ("1", 1),
         "cost_budget": ("64", 64),

@@ -38,6 +38,7 @@ SWEEP_SECONDS = 10.0
 # The share of a sweep's time spent lengthening the context; the rest times the longest
 # points again, in rounds, so that a busy moment does not decide a fit.
 LENGTHEN_SHARE = 0.6
+RETIME_ROUNDS = 5  # at most this many rounds of re-timing, so a fast machine ends early
 
 
 @dataclass(frozen=True)
@@ -265,11 +266,12 @@ def _retime_longest(
     deadline: float,
     seed: int,
 ) -> None:
-    """Time the longest points of every engine method again, in rounds that visit each point
-    once, keeping each point's best time, until the next round would end past `deadline` (a
-    perf_counter value). A busy moment on a shared machine slows a different point in each
-    round, so the best of the rounds is the least disturbed. The NumPy path keeps its own
-    timing (the best of two BLAS thread counts). Changes `frame` in place."""
+    """Time the longest points of every engine method again, in up to :data:`RETIME_ROUNDS`
+    rounds that visit each point once, keeping each point's best time, until the next round
+    would end past `deadline` (a perf_counter value). A busy moment on a shared machine
+    slows a different point in each round, so the best of the rounds is the least disturbed.
+    The NumPy path keeps its own timing (the best of two BLAS thread counts). Changes `frame`
+    in place."""
     points = []
     for method, (function, _) in table.items():
         if method == NAIVE:
@@ -280,7 +282,7 @@ def _retime_longest(
     for _, _, n in points:
         rng = np.random.default_rng((seed, n))
         inputs[n] = [rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3)]
-    while points:
+    for _ in range(RETIME_ROUNDS if points else 0):
         round_seconds = sum(frame.loc[index, "seconds"] for index, _, _ in points)
         if time.perf_counter() + 1.5 * round_seconds > deadline:
             return

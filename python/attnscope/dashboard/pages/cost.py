@@ -9,7 +9,7 @@ from attnscope.dashboard import budget, charts, cost, engine, ui
 
 LONGEST_CHOICES = [512, 1_024, 2_048, 4_096, 8_192, 16_384, 65_536, 262_144]
 BUDGET_CHOICES = [64, 128, 256, 512, 1_024]
-SECONDS_CHOICES = [5, 10, 20, 40, 80]
+SECONDS_CHOICES = [2, 5, 10, 20, 40, 80]
 
 st.title("The cost of context")
 st.markdown(
