@@ -113,6 +113,25 @@ def test_estimates_are_time_per_pair_times_exact_pairs():
     assert again.loc[(CAUSAL, 200_000), "seconds"] == table.loc[(CAUSAL, 200_000), "seconds"]
 
 
+def test_a_cheap_method_keeps_lengthening_after_an_expensive_one_stops(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+
+    def fake(kind):
+        def run(q, k, v):
+            clock[0] += 1e-9 * cost.visible_pairs(len(q), kind)
+
+        return run
+
+    table = {FULL: (fake("full"), False), WINDOW: (fake("window"), False)}
+    monkeypatch.setattr(cost, "methods", lambda include_torch=True: table)
+    sizes = [1024, 2048, 4096, 8192, 16384]
+    frame = cost.sweep(sizes, 4, total_seconds=0.5)
+    measured = frame[frame["status"] == "measured"].groupby("method")["n"].max()
+    assert measured[FULL] == 4096 and measured[WINDOW] == 16384
+    assert clock[0] <= 0.5
+
+
 def test_time_per_pair_is_the_least_disturbed_of_the_longest_points():
     frame = synthetic({FULL: per_pair(FULL, fixed=0.0)})
     assert cost.seconds_per_pair(frame, FULL) == (8192, pytest.approx(5e-9))

@@ -215,17 +215,18 @@ def sweep(
     for n in sizes:
         if total_seconds is not None and previous_n is not None:
             # Each method still going runs three times, grown as n² since the last length,
-            # or for time_call's budget if that is longer.
-            ahead = sum(
-                max(POINT_SECONDS, 3 * seconds * (n / previous_n) ** 2)
+            # or for time_call's budget if that is longer. The cheapest go on first, so a
+            # window keeps lengthening after full attention has had to stop.
+            ahead = sorted(
+                (max(POINT_SECONDS, 3 * seconds * (n / previous_n) ** 2), name)
                 for name, seconds in last_time.items()
                 if name not in stopped and not (table[name][1] and naive_bytes(n) > memory_budget)
             )
-            if time.perf_counter() - started + ahead > LENGTHEN_SHARE * total_seconds:
-                for name in table:
-                    stopped.setdefault(
-                        name, f"skipped: the sweep's {total_seconds:g} s would run out"
-                    )
+            room = LENGTHEN_SHARE * total_seconds - (time.perf_counter() - started)
+            for seconds, name in ahead:
+                room -= seconds
+                if room < 0:
+                    stopped[name] = f"skipped: the sweep's {total_seconds:g} s would run out"
         previous_n = n
         q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
         for name, (function, materialises) in table.items():
@@ -283,14 +284,15 @@ def _retime_longest(
         rng = np.random.default_rng((seed, n))
         inputs[n] = [rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3)]
     for _ in range(RETIME_ROUNDS if points else 0):
-        round_seconds = sum(frame.loc[index, "seconds"] for index, _, _ in points)
+        # A short call repeats for time_call's budget, a long one runs once.
+        round_seconds = sum(
+            max(POINT_SECONDS, frame.loc[index, "seconds"]) for index, _, _ in points
+        )
         if time.perf_counter() + 1.5 * round_seconds > deadline:
             return
         for index, function, n in points:
-            start = time.perf_counter()
-            function(*inputs[n])
-            elapsed = time.perf_counter() - start
-            frame.loc[index, "seconds"] = min(frame.loc[index, "seconds"], elapsed)
+            seconds = time_call(partial(function, *inputs[n]), min_repeats=1)
+            frame.loc[index, "seconds"] = min(frame.loc[index, "seconds"], seconds)
 
 
 def _flops(n: int, head_dim: int, method: str) -> float:
