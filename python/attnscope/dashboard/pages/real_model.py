@@ -508,8 +508,8 @@ def show_cache_comparison(replay: generation.Replay, recomputed: generation.Repl
     differs = generation.first_difference(replay, recomputed)
     if differs is not None:
         st.warning(
-            f"The two runs part at step {differs}: rounding in a different order changed "
-            "which token came out on top."
+            f"The two runs part at step {differs}: they add the same numbers in a different "
+            "order, and a difference in the last digits changed which token came out on top."
         )
     comparison = generation.cache_comparison(replay, recomputed)
     ratio = generation.decoding_ratio(comparison)
@@ -555,8 +555,9 @@ def sink_note(replay: generation.Replay, layer: int, head: int, step: int) -> st
         f"{share.max():.2f} in the heaviest (layer {top_layer}, head {top_head}). It is an "
         "**attention sink**: softmax must hand out a total weight of 1 in every row, and a "
         "head with nothing useful to read at this step parks the rest on a token every query "
-        "can see, whatever it says. A cache that drops these first tokens breaks the model "
-        "(StreamingLLM's finding); the Sparse page's perplexity test keeps them as sinks."
+        "can see, whatever it says. A windowed cache that drops these first tokens sends the "
+        "model's perplexity soaring (StreamingLLM's finding); the Sparse page's perplexity "
+        "test keeps them as sinks."
     )
 
 
