@@ -132,9 +132,10 @@ st.dataframe(cost.growth_shown(growth), hide_index=True, key="cost_growth")
 off = growth[(growth["fitted p"] == growth["fitted p"]) & ~growth["within"]]
 if len(off):
     st.warning(
-        f"{', '.join(off['method'])}: the fitted exponent, or the time when n doubles (as a "
-        f"power of two), is more than {cost.EXPONENT_TOLERANCE} away from what the pair "
-        "counts predict, even after timing the longest points again. Other work on this "
+        f"{', '.join(off['method'])}: the fitted exponent is more than "
+        f"{cost.EXPONENT_TOLERANCE} away from what the pair counts predict, or the time when "
+        f"n doubles more than a factor 2^{cost.DOUBLING_TOLERANCE} from it, even after timing "
+        "the longest points again. Other work on this "
         "machine disturbed those timings; the fit is not used for anything below. Run the "
         "sweep again, or give it a longer time budget.",
         icon=":material/warning:",
