@@ -191,6 +191,43 @@ impl MaskExpr {
     /// another length, positions past both lengths).
     pub fn check(&self, shape: MaskShape) -> Result<(), AttnError> {
         let (l, s) = (shape.num_queries, shape.num_keys);
+        for (name, length) in [("L", l), ("S", s)] {
+            if length > MAX_MASK_LENGTH {
+                return Err(AttnError::value(
+                    name,
+                    format!("must be at most {MAX_MASK_LENGTH} (2^60), got {length}"),
+                ));
+            }
+        }
+        let depth = self.depth();
+        if depth > MAX_MASK_DEPTH {
+            return Err(AttnError::value(
+                "attn_mask",
+                format!(
+                    "the mask expression is {depth} levels deep; at most {MAX_MASK_DEPTH} are \
+                     evaluated (combine long lists of patterns in a balanced tree, or use one \
+                     pattern with many positions, such as global_tokens)"
+                ),
+            ));
+        }
+        self.check_leaves(shape)
+    }
+
+    /// [`MaskExpr::check`] of each leaf, walked without recursion.
+    fn check_leaves(&self, shape: MaskShape) -> Result<(), AttnError> {
+        let mut pending = vec![self];
+        while let Some(expr) = pending.pop() {
+            match expr {
+                MaskExpr::And(a, b) | MaskExpr::Or(a, b) => pending.extend([&**a, &**b]),
+                MaskExpr::Not(a) => pending.push(a),
+                leaf => leaf.check_leaf(shape)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn check_leaf(&self, shape: MaskShape) -> Result<(), AttnError> {
+        let (l, s) = (shape.num_queries, shape.num_keys);
         match self {
             MaskExpr::Document { query_ids, key_ids } => {
                 let key_len = key_ids.as_ref().map_or(query_ids.len(), Vec::len);
@@ -279,12 +316,20 @@ impl MaskExpr {
     }
 
     /// Depth of the tree (a leaf is 1): how many scratch rows [`MaskExpr::fill`] needs.
+    /// Walked without recursion, so any depth can be measured (and refused by `check`).
     pub fn depth(&self) -> usize {
-        match self {
-            MaskExpr::And(a, b) | MaskExpr::Or(a, b) => 1 + a.depth().max(b.depth()),
-            MaskExpr::Not(a) => 1 + a.depth(),
-            _ => 1,
+        let (mut deepest, mut pending) = (0, vec![(self, 1)]);
+        while let Some((expr, depth)) = pending.pop() {
+            deepest = deepest.max(depth);
+            match expr {
+                MaskExpr::And(a, b) | MaskExpr::Or(a, b) => {
+                    pending.extend([(&**a, depth + 1), (&**b, depth + 1)])
+                }
+                MaskExpr::Not(a) => pending.push((a, depth + 1)),
+                _ => {}
+            }
         }
+        deepest
     }
 
     /// Whether query `i` may see key `j`.
@@ -739,40 +784,66 @@ impl MaskExpr {
     }
 
     /// Tiles of `block x block` pairs classified as empty, partial or full, and the exact count
-    /// of visible pairs (partial tiles are evaluated pair by pair to count them).
+    /// of visible pairs (partial tiles are evaluated pair by pair to count them). Refused, like
+    /// [`MaskExpr::to_dense`], when its tiles would not fit in memory, and when its partial
+    /// tiles hold more than [`LAYOUT_MAX_PARTIAL_PAIRS`] pairs to evaluate one by one.
     pub fn layout(&self, shape: MaskShape, block: usize) -> Result<MaskLayout, AttnError> {
         self.check(shape)?;
         if block == 0 {
             return Err(AttnError::value("block", "must be >= 1, got 0"));
         }
         let (l, s) = (shape.num_queries, shape.num_keys);
+        if (l as u128) * (s as u128) > u64::MAX as u128 {
+            return Err(AttnError::value(
+                "L",
+                format!("{l} x {s} pairs are more than a layout can count; use shorter lengths"),
+            ));
+        }
         let (row_tiles, key_tiles) = (l.div_ceil(block), s.div_ceil(block));
-        let mut states = Vec::with_capacity(row_tiles * key_tiles);
-        let (mut visible_pairs, mut spare, mut scratch) = (0u64, Vec::new(), Vec::new());
-        for row_tile in 0..row_tiles {
-            let rows = row_tile * block..(row_tile * block + block).min(l);
-            for key_tile in 0..key_tiles {
-                let keys = key_tile * block..(key_tile * block + block).min(s);
-                let class = self.classify(shape, &rows, &keys);
-                let area = (rows.len() * keys.len()) as u64;
-                let (state, count) = match class {
-                    TileClass::Empty => (0, 0),
-                    TileClass::Full => (2, area),
+        if (row_tiles as u128) * (key_tiles as u128) > LAYOUT_MAX_TILES {
+            return Err(AttnError::value(
+                "block",
+                format!(
+                    "{l} x {s} in blocks of {block} makes {row_tiles} x {key_tiles} tiles, more \
+                     than {LAYOUT_MAX_TILES}; use a larger block"
+                ),
+            ));
+        }
+        let mut states = crate::memory::filled(&[row_tiles, key_tiles], 0u8, "block")?;
+        let (mut visible_pairs, mut partial_pairs) = (0u64, 0u64);
+        let (mut spare, mut scratch) = (Vec::new(), Vec::new());
+        for (row_tile, tile_states) in states.chunks_mut(key_tiles.max(1)).enumerate() {
+            let row_start = row_tile * block;
+            // Never past the length, even where `start + block` would overflow.
+            let rows = row_start..row_start + block.min(l - row_start);
+            for (key_tile, state) in tile_states.iter_mut().enumerate() {
+                let key_start = key_tile * block;
+                let keys = key_start..key_start + block.min(s - key_start);
+                let area = rows.len() as u64 * keys.len() as u64;
+                let count = match self.classify(shape, &rows, &keys) {
+                    TileClass::Empty => 0,
+                    TileClass::Full => area,
                     TileClass::Partial(_) => {
-                        scratch.clear();
-                        scratch.resize(rows.len() * keys.len(), false);
-                        self.fill(shape, &rows, &keys, &mut scratch, &mut spare);
-                        let count = scratch.iter().filter(|&&v| v).count() as u64;
-                        // An unsure class is made exact here, where every pair is known.
-                        let state = match count {
-                            0 => 0,
-                            c if c == area => 2,
-                            _ => 1,
-                        };
-                        (state, count)
+                        partial_pairs += area;
+                        if partial_pairs > LAYOUT_MAX_PARTIAL_PAIRS {
+                            return Err(AttnError::value(
+                                "block",
+                                format!(
+                                    "the partial tiles of {l} x {s} in blocks of {block} hold \
+                                     more than {LAYOUT_MAX_PARTIAL_PAIRS} pairs to evaluate one \
+                                     by one; use shorter lengths or a smaller block"
+                                ),
+                            ));
+                        }
+                        self.count_visible(shape, &rows, &keys, &mut scratch, &mut spare)
                     }
                 };
-                states.push(state);
+                // An unsure class is made exact here, where every pair is known.
+                *state = match count {
+                    0 => 0,
+                    c if c == area => 2,
+                    _ => 1,
+                };
                 visible_pairs += count;
             }
         }
@@ -783,7 +854,45 @@ impl MaskExpr {
             visible_pairs,
         })
     }
+
+    /// Visible pairs of a tile, evaluated in pieces of at most `COUNT_PIECE` pairs so the
+    /// scratch stays small whatever the tile's size.
+    fn count_visible(
+        &self,
+        shape: MaskShape,
+        rows: &Range<usize>,
+        keys: &Range<usize>,
+        scratch: &mut Vec<bool>,
+        spare: &mut Vec<Vec<bool>>,
+    ) -> u64 {
+        const COUNT_PIECE: usize = 1 << 16;
+        let key_piece = keys.len().clamp(1, COUNT_PIECE);
+        let row_piece = (COUNT_PIECE / key_piece).max(1);
+        let mut count = 0u64;
+        for row_start in rows.clone().step_by(row_piece) {
+            let piece_rows = row_start..rows.end.min(row_start + row_piece);
+            for key_start in keys.clone().step_by(key_piece) {
+                let piece_keys = key_start..keys.end.min(key_start + key_piece);
+                scratch.clear();
+                scratch.resize(piece_rows.len() * piece_keys.len(), false);
+                self.fill(shape, &piece_rows, &piece_keys, scratch, spare);
+                count += scratch.iter().filter(|&&v| v).count() as u64;
+            }
+        }
+        count
+    }
 }
+
+/// Deepest mask expression evaluated: evaluation recurses once per level on the worker
+/// threads' stacks, and this depth stays far inside them.
+pub const MAX_MASK_DEPTH: usize = 1024;
+/// Longest `L` or `S` a mask is evaluated for: positions and diagonals stay exact in `i64`.
+pub const MAX_MASK_LENGTH: usize = 1 << 60;
+
+/// Most tiles a layout may hold (one byte of state each).
+pub const LAYOUT_MAX_TILES: u128 = 1 << 28;
+/// Most pairs a layout evaluates one by one in its partial tiles (a few seconds of work).
+pub const LAYOUT_MAX_PARTIAL_PAIRS: u64 = 1 << 32;
 
 #[cfg(test)]
 mod tests {
@@ -948,5 +1057,90 @@ mod tests {
         );
         let global = MaskExpr::GlobalTokens { positions: vec![9] };
         assert!(global.check(shape(5, 5)).is_err());
+    }
+
+    /// `~` applied `depth - 1` times to a causal mask.
+    fn negations(depth: usize) -> MaskExpr {
+        let mut expr = MaskExpr::Causal {
+            bottom_right: false,
+        };
+        for _ in 1..depth {
+            expr = MaskExpr::Not(Box::new(expr));
+        }
+        expr
+    }
+
+    /// The deepest accepted expression is evaluated (on worker threads, through attention:
+    /// see the attention tests) and one level more is refused, by a check that itself never
+    /// recurses.
+    #[test]
+    fn depth_is_measured_without_recursion_and_bounded() {
+        let deepest = negations(MAX_MASK_DEPTH);
+        assert_eq!(deepest.depth(), MAX_MASK_DEPTH);
+        let dense = deepest.to_dense(shape(9, 9)).unwrap();
+        // An odd number of negations flips causal; an even number keeps it.
+        let flipped = (MAX_MASK_DEPTH - 1) % 2 == 1;
+        for (index, &seen) in dense.iter().enumerate() {
+            assert_eq!(seen, (index % 9 <= index / 9) != flipped, "pair {index}");
+        }
+        let error = negations(MAX_MASK_DEPTH + 1)
+            .check(shape(9, 9))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("attn_mask") && error.contains("1025 levels"),
+            "{error}"
+        );
+        // A left-deep chain of ORs, as `functools.reduce` builds one.
+        let mut chain = MaskExpr::Sinks { count: 1 };
+        for _ in 0..5000 {
+            chain = MaskExpr::Or(Box::new(chain), Box::new(MaskExpr::Sinks { count: 1 }));
+        }
+        assert_eq!(chain.depth(), 5001);
+        assert!(chain.check(shape(4, 4)).is_err());
+        // Dropping a Box chain recurses once per level: keep this one shallow enough to drop.
+        std::mem::forget(chain);
+    }
+
+    /// A layout counts exactly what `to_dense` shows, for every block size, and refuses
+    /// sizes it could not hold or count instead of aborting or wrapping.
+    #[test]
+    fn layout_counts_exactly_and_refuses_what_it_cannot_hold() {
+        for expr in patterns() {
+            let dense = expr.to_dense(shape(37, 41)).unwrap();
+            let visible = dense.iter().filter(|&&v| v).count() as u64;
+            for block in [1, 4, 16, 64, usize::MAX] {
+                let layout = expr.layout(shape(37, 41), block).unwrap();
+                assert_eq!(layout.visible_pairs, visible, "{expr:?} block {block}");
+                assert_eq!(layout.states.len(), layout.row_tiles * layout.key_tiles);
+            }
+        }
+        let causal = MaskExpr::Causal {
+            bottom_right: false,
+        };
+        let error = causal
+            .layout(shape(1 << 40, 1 << 40), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("more than a layout can count"), "{error}");
+        let huge = shape(1 << 31, 1 << 31);
+        for block in [1, 1 << 14] {
+            let error = causal.layout(huge, block).unwrap_err().to_string();
+            assert!(
+                error.contains("block") && error.contains("tiles"),
+                "{error}"
+            );
+        }
+        let error = causal.layout(huge, 1 << 28).unwrap_err().to_string();
+        assert!(error.contains("partial tiles"), "{error}");
+        // Few tiles, all of them empty or full: counted without evaluating a pair.
+        let sinks = MaskExpr::Sinks { count: 1 << 31 };
+        let layout = sinks.layout(shape(1 << 31, 1 << 31), 1 << 30).unwrap();
+        assert_eq!((layout.states, layout.visible_pairs), (vec![2; 4], 1 << 62));
+        let error = causal
+            .layout(shape(usize::MAX, 4), 7)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains('L') && error.contains("2^60"), "{error}");
     }
 }
