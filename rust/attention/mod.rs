@@ -154,8 +154,28 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
-    let plain = ScoreMods::default();
-    attend_arrays(level, query, key, value, mask, options, &plain, false)
+    attention_with_mods_at_level(
+        level,
+        query,
+        key,
+        value,
+        mask,
+        options,
+        &ScoreMods::default(),
+    )
+}
+
+/// [`attention_at_level`] with softcapping and/or ALiBi.
+pub(crate) fn attention_with_mods_at_level<T: KernelElement>(
+    level: SimdLevel,
+    query: ArrayViewD<'_, T>,
+    key: ArrayViewD<'_, T>,
+    value: ArrayViewD<'_, T>,
+    mask: Mask<'_, T>,
+    options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
+) -> Result<Attention<T>, AttnError> {
+    attend_arrays(level, query, key, value, mask, options, mods, false)
         .map(|(attention, _)| attention)
 }
 

@@ -25,7 +25,8 @@ use crate::bounds::{Bounds, CausalAlignment};
 use crate::error::AttnError;
 use crate::kernel::KernelElement;
 use crate::kernel::{
-    score_scale, HeadData, KernelParams, MaskRows, Scratch, SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
+    check_alibi_range, score_scale, softcap_params, HeadData, KernelParams, MaskRows, Scratch,
+    SoftmaxState, KEY_BLOCK, QUERY_BLOCK,
 };
 use crate::masks::{MaskExpr, MaskShape, TileClass};
 use crate::memory::{filled, standard_layout, strided_elements, zeroed, StridedElements};
@@ -288,6 +289,9 @@ fn kernel_params<T: KernelElement>(
     mods: &ScoreMods<'_>,
 ) -> Result<KernelParams<T>, AttnError> {
     let scale = call_scale(geometry, options);
+    if let Some(slopes) = mods.alibi_slopes {
+        check_alibi_range::<T>(slopes, geometry.num_queries, geometry.num_keys)?;
+    }
     Ok(KernelParams {
         num_keys: geometry.num_keys,
         depth: geometry.depth,
@@ -300,12 +304,7 @@ fn kernel_params<T: KernelElement>(
             options.window,
         ),
         score_scale: score_scale(scale)?,
-        softcap: mods.softcap.map(|cap| {
-            (
-                T::from_f64(cap * std::f64::consts::LOG2_E),
-                T::from_f64(1.0 / cap),
-            )
-        }),
+        softcap: mods.softcap.map(softcap_params).transpose()?,
         diagonal_offset: match options.alignment {
             CausalAlignment::TopLeft => 0,
             CausalAlignment::BottomRight => geometry.num_keys as i64 - geometry.num_queries as i64,

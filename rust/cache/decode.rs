@@ -79,19 +79,29 @@ const PREFETCH_AHEAD_BYTES: usize = 8192;
 /// earlier ones compute. A hint never faults, so it may point past the buffer's end.
 #[inline(always)]
 fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        const LINE_BYTES: usize = 64;
-        let bytes = buffer.per_row * std::mem::size_of::<U>();
-        let start = (buffer.row_ptr(row) as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
-        for offset in (0..bytes).step_by(LINE_BYTES) {
-            // SAFETY: prefetching is a hint with no effect on memory; any address is allowed.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset)) };
-        }
+    const LINE_BYTES: usize = 64;
+    let bytes = buffer.per_row * std::mem::size_of::<U>();
+    let start = (buffer.row_ptr(row) as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
+    for offset in (0..bytes).step_by(LINE_BYTES) {
+        let line = start.wrapping_add(offset);
+        // SAFETY: prefetching is a hint with no effect on memory; any address is allowed.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(line)
+        };
+        // SAFETY: as above (`prfm` is Arm's prefetch hint; its intrinsic is not yet stable).
+        #[cfg(target_arch = "aarch64")]
+        unsafe {
+            std::arch::asm!(
+                "prfm pldl1keep, [{0}]",
+                in(reg) line,
+                options(nostack, readonly, preserves_flags)
+            )
+        };
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let _ = line;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (buffer, row);
 }
 
 impl RowFormat for RowBuffer<f32> {
@@ -730,7 +740,24 @@ macro_rules! task_at_level {
             match $level {
                 SimdLevel::Avx512 => return unsafe { avx512($call, $keys, $values, $task) },
                 SimdLevel::Avx2 => return unsafe { avx2($call, $keys, $values, $task) },
-                SimdLevel::Portable => {}
+                _ => {}
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            use crate::simd::neon::NeonF32;
+            #[target_feature(enable = "neon")]
+            unsafe fn neon<F: RowFormat>(
+                call: &CachedCall<'_>,
+                keys: &F,
+                values: &F,
+                task: &Task,
+            ) -> Vec<f32> {
+                attend_task::<NeonF32, F>(call, keys, values, task)
+            }
+            if $level == SimdLevel::Neon {
+                // SAFETY: NEON is part of every aarch64 CPU.
+                return unsafe { neon($call, $keys, $values, $task) };
             }
         }
         // SAFETY: portable vectors need no CPU feature.

@@ -33,7 +33,7 @@ use crate::error::shape_str;
 use crate::error::AttnError;
 use crate::kernel::score_scale;
 use crate::kernel::KernelElement;
-use crate::simd::active_level;
+use crate::simd::{active_level, SimdLevel};
 use crate::threads::{pool_for, APPEND_INLINE_VALUES};
 
 /// One head's key rows and value rows, borrowed for writing.
@@ -103,6 +103,22 @@ pub struct CacheAttendOptions {
     pub return_weights: bool,
     /// Worker threads for this call; `None` uses the engine-wide count.
     pub num_threads: Option<usize>,
+}
+
+impl CacheAttendOptions {
+    /// The attention call a cache makes: its queries are the newest tokens, so they see the
+    /// held keys bottom-right causally.
+    fn attention_options(&self) -> AttentionOptions {
+        AttentionOptions {
+            is_causal: true,
+            alignment: CausalAlignment::BottomRight,
+            window: self.window,
+            scale: self.scale,
+            enable_gqa: self.enable_gqa,
+            return_weights: self.return_weights,
+            num_threads: self.num_threads,
+        }
+    }
 }
 
 /// Which tokens of an appended chunk are written, and how many old ones leave.
@@ -486,18 +502,10 @@ impl<T: KernelElement> KvCache<T> {
                 ),
             ));
         }
-        let attention_options = AttentionOptions {
-            is_causal: true,
-            alignment: CausalAlignment::BottomRight,
-            window: options.window,
-            scale: options.scale,
-            enable_gqa: options.enable_gqa,
-            return_weights: options.return_weights,
-            num_threads: options.num_threads,
-        };
+        let attention_options = options.attention_options();
         let plain = matches!(mask, Mask::None) && !options.return_weights;
         if plain && (self.storage != Storage::Native || self.decodes_natively(shape)) {
-            return self.attend_stored(query, &attention_options);
+            return self.attend_stored(active_level(), query, &attention_options);
         }
         match self.strided() {
             Some(kv) => attention_over_strided_kv(query, &kv, mask, &attention_options),
@@ -512,9 +520,10 @@ impl<T: KernelElement> KvCache<T> {
         T::TYPE_NAME == "float32" && query_shape[2] == 1
     }
 
-    /// The kernel over the stored rows (no mask, no weights).
+    /// The kernel over the stored rows (no mask, no weights), at `level`.
     fn attend_stored(
         &self,
+        level: SimdLevel,
         query: ArrayViewD<'_, T>,
         options: &AttentionOptions,
     ) -> Result<Attention<T>, AttnError> {
@@ -550,7 +559,7 @@ impl<T: KernelElement> KvCache<T> {
             let values = (values as &dyn Any).downcast_ref::<RowBuffer<f32>>()?;
             Some((keys, values))
         });
-        let output = attend_stored(active_level(), &call, &self.keys, &self.values, native_f32)?;
+        let output = attend_stored(level, &call, &self.keys, &self.values, native_f32)?;
         let output: Vec<T> = output
             .into_iter()
             .map(|x| T::from_f64(f64::from(x)))
@@ -738,9 +747,9 @@ mod tests {
         assert!(difference < 1e-12, "{difference}");
     }
 
-    /// Every storage: the stored-rows kernel (no mask, no weights) equals the general kernel
-    /// over the same decoded values (asking for weights takes that path), for one and several
-    /// queries, grouped heads and a window.
+    /// Every storage at every SIMD level: the stored-rows kernel (no mask, no weights) equals
+    /// the general kernel over the same decoded values (asking for weights takes that path), for
+    /// one and several queries, grouped heads and a window.
     #[test]
     fn stored_kernel_matches_the_general_kernel_on_decoded_values() {
         let keys = ramp([2, 2, 70, 40], 1.0);
@@ -769,16 +778,21 @@ mod tests {
                     enable_gqa: true,
                     ..Default::default()
                 };
-                let stored = cache.attend(query.view(), Mask::None, &options).unwrap();
+                let stored_options = options.attention_options();
                 options.return_weights = true;
                 let general = cache.attend(query.view(), Mask::None, &options).unwrap();
-                let difference = (&stored.output - &general.output)
-                    .iter()
-                    .fold(0.0f32, |m, x| m.max(x.abs()));
-                assert!(
-                    difference < 2e-5,
-                    "{storage:?}, {queries} queries, {window:?}: {difference}"
-                );
+                for level in SimdLevel::supported() {
+                    let stored = cache
+                        .attend_stored(level, query.view(), &stored_options)
+                        .unwrap();
+                    let difference = (&stored.output - &general.output)
+                        .iter()
+                        .fold(0.0f32, |m, x| m.max(x.abs()));
+                    assert!(
+                        difference < 2e-5,
+                        "{level:?}, {storage:?}, {queries} queries, {window:?}: {difference}"
+                    );
+                }
             }
         }
     }

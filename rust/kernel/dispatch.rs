@@ -60,7 +60,7 @@ pub trait KernelElement: Element {
 /// instance compiled inside a `#[target_feature]` function so the generic code inlines into
 /// code that may use those instructions.
 macro_rules! at_level {
-    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $kernel:ident($($arg:ident: $ty:ty),*)) => {{
+    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $neon:ty, $kernel:ident($($arg:ident: $ty:ty),*)) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f")]
@@ -76,7 +76,18 @@ macro_rules! at_level {
             match $level {
                 SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
                 SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
-                SimdLevel::Portable => {}
+                _ => {}
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            #[target_feature(enable = "neon")]
+            unsafe fn neon($($arg: $ty),*) {
+                $kernel::<$neon>($($arg),*)
+            }
+            if $level == SimdLevel::Neon {
+                // SAFETY: NEON is part of every aarch64 CPU.
+                return unsafe { neon($($arg),*) };
             }
         }
         let _ = $level;
@@ -87,7 +98,7 @@ macro_rules! at_level {
 
 /// Compiles the generic kernels for one element type at each instruction set.
 macro_rules! kernel_element {
-    ($t:ty, $portable:ty, $avx2:ty, $avx512:ty) => {
+    ($t:ty, $portable:ty, $avx2:ty, $avx512:ty, $neon:ty) => {
         impl KernelElement for $t {
             fn flash(
                 level: SimdLevel,
@@ -101,7 +112,7 @@ macro_rules! kernel_element {
                     level,
                     $portable,
                     $avx2,
-                    $avx512,
+                    $avx512, $neon,
                     flash_block(
                         params: &KernelParams<$t>,
                         head: &HeadData<'_, $t>,
@@ -126,7 +137,7 @@ macro_rules! kernel_element {
                     level,
                     $portable,
                     $avx2,
-                    $avx512,
+                    $avx512, $neon,
                     weights_block(
                         params: &KernelParams<$t>,
                         head: &HeadData<'_, $t>,
@@ -152,7 +163,7 @@ macro_rules! kernel_element {
                     level,
                     $portable,
                     $avx2,
-                    $avx512,
+                    $avx512, $neon,
                     key_block_grads(
                         params: &GradParams<$t>,
                         heads: &[GradHead<'_, $t>],
@@ -176,7 +187,7 @@ macro_rules! kernel_element {
                     level,
                     $portable,
                     $avx2,
-                    $avx512,
+                    $avx512, $neon,
                     query_block_grads(
                         params: &GradParams<$t>,
                         head: &GradHead<'_, $t>,
@@ -190,13 +201,15 @@ macro_rules! kernel_element {
     };
 }
 
-// The x86 vector types are named only inside the macro's x86-only branches, so other
-// architectures never need them.
+// Each architecture's vector types are named only inside the macro's branches for that
+// architecture, so the others never need them.
 #[cfg(target_arch = "x86_64")]
 use crate::simd::avx2::{Avx2F32, Avx2F64};
 #[cfg(target_arch = "x86_64")]
 use crate::simd::avx512::{Avx512F32, Avx512F64};
+#[cfg(target_arch = "aarch64")]
+use crate::simd::neon::{NeonF32, NeonF64};
 use crate::simd::portable::{PortableF32, PortableF64};
 
-kernel_element!(f32, PortableF32, Avx2F32, Avx512F32);
-kernel_element!(f64, PortableF64, Avx2F64, Avx512F64);
+kernel_element!(f32, PortableF32, Avx2F32, Avx512F32, NeonF32);
+kernel_element!(f64, PortableF64, Avx2F64, Avx512F64, NeonF64);

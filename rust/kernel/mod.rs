@@ -99,6 +99,52 @@ pub(crate) fn score_scale<T: Element>(scale: f64) -> Result<T, AttnError> {
     }
 }
 
+/// Softcapping's constants for the kernel, `(cap · log2(e), 1 / cap)`, refused (as an
+/// overflowing `scale` is) where `T` cannot carry them.
+pub(crate) fn softcap_params<T: Element>(cap: f64) -> Result<(T, T), AttnError> {
+    let log2_e = std::f64::consts::LOG2_E;
+    let (cap_base2, inverse) = (T::from_f64(cap * log2_e), T::from_f64(1.0 / cap));
+    if cap_base2.is_finite() && inverse.is_finite() {
+        Ok((cap_base2, inverse))
+    } else {
+        Err(AttnError::value(
+            "softcap",
+            format!(
+                "{cap:e} is out of range for {}: it must lie between {:.3e} and {:.3e}",
+                T::TYPE_NAME,
+                1.0 / T::MAX.to_f64(),
+                T::MAX.to_f64() / log2_e
+            ),
+        ))
+    }
+}
+
+/// Refuses ALiBi slopes whose largest bias, `slope · log2(e) · max(L, S)` in the kernel's
+/// base 2, `T` cannot carry (the bias of a far key would become infinite, and the diagonal's
+/// `inf · 0` NaN).
+pub(crate) fn check_alibi_range<T: Element>(
+    slopes: &[f64],
+    num_queries: usize,
+    num_keys: usize,
+) -> Result<(), AttnError> {
+    let reach = num_queries.max(num_keys).max(1) as f64 * std::f64::consts::LOG2_E;
+    match slopes
+        .iter()
+        .find(|slope| !T::from_f64(slope.abs() * reach).is_finite())
+    {
+        None => Ok(()),
+        Some(slope) => Err(AttnError::value(
+            "alibi_slopes",
+            format!(
+                "{slope:e} is too large for {} at these lengths: |slope| x max(L, S) must be at \
+                 most {:.3e}",
+                T::TYPE_NAME,
+                T::MAX.to_f64() / std::f64::consts::LOG2_E
+            ),
+        )),
+    }
+}
+
 /// Online-softmax state of a block of rows: running max and sum (base 2) and the unnormalised
 /// output accumulator (`rows x Dv`).
 pub struct SoftmaxState<T> {

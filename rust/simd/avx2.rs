@@ -47,6 +47,11 @@ impl SimdVec for Avx2F32 {
         Avx2F32(_mm256_max_ps(self.0, other.0))
     }
     #[inline(always)]
+    unsafe fn select_less(self, bound: Self, then: Self, otherwise: Self) -> Self {
+        let less = _mm256_cmp_ps::<_CMP_LT_OQ>(self.0, bound.0);
+        Avx2F32(_mm256_blendv_ps(otherwise.0, then.0, less))
+    }
+    #[inline(always)]
     unsafe fn reduce_max(self) -> f32 {
         let halves = _mm_max_ps(
             _mm256_castps256_ps128(self.0),
@@ -124,6 +129,11 @@ impl SimdVec for Avx2F64 {
     #[inline(always)]
     unsafe fn max(self, other: Self) -> Self {
         Avx2F64(_mm256_max_pd(self.0, other.0))
+    }
+    #[inline(always)]
+    unsafe fn select_less(self, bound: Self, then: Self, otherwise: Self) -> Self {
+        let less = _mm256_cmp_pd::<_CMP_LT_OQ>(self.0, bound.0);
+        Avx2F64(_mm256_blendv_pd(otherwise.0, then.0, less))
     }
     #[inline(always)]
     unsafe fn reduce_max(self) -> f64 {

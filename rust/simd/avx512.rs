@@ -46,6 +46,11 @@ impl SimdVec for Avx512F32 {
         Avx512F32(_mm512_max_ps(self.0, other.0))
     }
     #[inline(always)]
+    unsafe fn select_less(self, bound: Self, then: Self, otherwise: Self) -> Self {
+        let less = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(self.0, bound.0);
+        Avx512F32(_mm512_mask_blend_ps(less, otherwise.0, then.0))
+    }
+    #[inline(always)]
     unsafe fn reduce_max(self) -> f32 {
         _mm512_reduce_max_ps(self.0)
     }
@@ -110,6 +115,11 @@ impl SimdVec for Avx512F64 {
     #[inline(always)]
     unsafe fn max(self, other: Self) -> Self {
         Avx512F64(_mm512_max_pd(self.0, other.0))
+    }
+    #[inline(always)]
+    unsafe fn select_less(self, bound: Self, then: Self, otherwise: Self) -> Self {
+        let less = _mm512_cmp_pd_mask::<_CMP_LT_OQ>(self.0, bound.0);
+        Avx512F64(_mm512_mask_blend_pd(less, otherwise.0, then.0))
     }
     #[inline(always)]
     unsafe fn reduce_max(self) -> f64 {

@@ -14,6 +14,8 @@ use crate::error::AttnError;
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512;
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod neon;
 pub(crate) mod portable;
 pub(crate) mod widen;
 
@@ -31,6 +33,8 @@ pub(crate) trait SimdVec: Copy {
     unsafe fn add(self, other: Self) -> Self;
     unsafe fn div(self, other: Self) -> Self;
     unsafe fn max(self, other: Self) -> Self;
+    /// Per lane, `then` where `self < bound`, else `otherwise` (a NaN lane takes `otherwise`).
+    unsafe fn select_less(self, bound: Self, then: Self, otherwise: Self) -> Self;
     unsafe fn reduce_max(self) -> Self::Elem;
     unsafe fn reduce_sum(self) -> Self::Elem;
     /// `2^x` for `x <= 0`; exactly 0 for `-inf` and far below the normal range; NaN for NaN
@@ -61,14 +65,25 @@ pub(crate) const EXP2_COEFFS: [f32; 8] = [
 pub enum SimdLevel {
     Avx512,
     Avx2,
+    /// aarch64's baseline vectors: present on every Arm64 CPU.
+    Neon,
     Portable,
 }
 
 impl SimdLevel {
+    /// Every level, best first (those this CPU lacks included).
+    pub const ALL: [SimdLevel; 4] = [
+        SimdLevel::Avx512,
+        SimdLevel::Avx2,
+        SimdLevel::Neon,
+        SimdLevel::Portable,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             SimdLevel::Avx512 => "avx512",
             SimdLevel::Avx2 => "avx2",
+            SimdLevel::Neon => "neon",
             SimdLevel::Portable => "portable",
         }
     }
@@ -77,9 +92,18 @@ impl SimdLevel {
         match name {
             "avx512" => Some(SimdLevel::Avx512),
             "avx2" => Some(SimdLevel::Avx2),
+            "neon" => Some(SimdLevel::Neon),
             "portable" => Some(SimdLevel::Portable),
             _ => None,
         }
+    }
+
+    /// The levels this CPU can run, best first.
+    pub fn supported() -> Vec<SimdLevel> {
+        SimdLevel::ALL
+            .into_iter()
+            .filter(|level| level.is_supported())
+            .collect()
     }
 
     /// Whether this CPU can run the level.
@@ -93,13 +117,14 @@ impl SimdLevel {
             }
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            SimdLevel::Neon => cfg!(target_arch = "aarch64"),
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
     fn best_supported() -> Self {
-        [SimdLevel::Avx512, SimdLevel::Avx2]
+        [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Neon]
             .into_iter()
             .find(|level| level.is_supported())
             .unwrap_or(SimdLevel::Portable)
@@ -124,7 +149,7 @@ fn encode(level: SimdLevel) -> u8 {
 }
 
 fn decode(code: u8) -> Option<SimdLevel> {
-    [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Portable]
+    SimdLevel::ALL
         .into_iter()
         .find(|level| encode(*level) == code)
 }
@@ -186,10 +211,27 @@ mod tests {
         }
     }
 
+    /// NEON is aarch64's baseline, so it is the level chosen there unless another is forced.
+    #[cfg(target_arch = "aarch64")]
+    #[test]
+    fn neon_is_the_best_level_on_aarch64() {
+        assert!(SimdLevel::Neon.is_supported());
+        assert_eq!(SimdLevel::best_supported(), SimdLevel::Neon);
+        assert_eq!(
+            SimdLevel::supported(),
+            [SimdLevel::Neon, SimdLevel::Portable]
+        );
+    }
+
     #[test]
     fn exp2_keeps_nan_and_sends_minus_infinity_to_zero_at_every_level() {
         check_exp2::<portable::PortableF32>("portable f32");
         check_exp2::<portable::PortableF64>("portable f64");
+        #[cfg(target_arch = "aarch64")]
+        {
+            check_exp2::<neon::NeonF32>("neon f32");
+            check_exp2::<neon::NeonF64>("neon f64");
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if SimdLevel::Avx2.is_supported() {

@@ -83,6 +83,16 @@ macro_rules! portable_vector {
                 $name(out)
             }
             #[inline(always)]
+            unsafe fn select_less(self, bound: Self, then: Self, otherwise: Self) -> Self {
+                let mut out = otherwise.0;
+                for lane in 0..$lanes {
+                    if self.0[lane] < bound.0[lane] {
+                        out[lane] = then.0[lane];
+                    }
+                }
+                $name(out)
+            }
+            #[inline(always)]
             unsafe fn reduce_max(self) -> $t {
                 self.0.iter().copied().fold(<$t>::NEG_INFINITY, <$t>::max)
             }

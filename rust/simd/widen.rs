@@ -1,6 +1,7 @@
 //! Loads that widen compressed cache values to f32 vectors: bfloat16 (a shift), float16 (F16C's
-//! `vcvtph2ps` on x86) and int8 (sign-extend and convert). The compressed-cache kernel reads its
-//! rows through these, so no decompressed copy of a row is ever written.
+//! `vcvtph2ps` on x86, bit arithmetic on NEON) and int8 (sign-extend and convert). The
+//! compressed-cache kernel reads its rows through these, so no decompressed copy of a row is
+//! ever written.
 
 use half::{bf16, f16};
 
@@ -95,6 +96,48 @@ mod x86 {
     }
 }
 
+#[cfg(target_arch = "aarch64")]
+mod arm {
+    use std::arch::aarch64::*;
+
+    use half::{bf16, f16};
+
+    use super::Widen;
+    use crate::simd::neon::NeonF32;
+
+    // Each load reads exactly LANES (4) values: a row's last vector may end the buffer.
+    impl Widen for NeonF32 {
+        #[inline(always)]
+        unsafe fn load_bf16(ptr: *const bf16) -> Self {
+            let words = vshlq_n_u32::<16>(vmovl_u16(vld1_u16(ptr as *const u16)));
+            NeonF32(vreinterpretq_f32_u32(words))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(ptr: *const f16) -> Self {
+            // By bits, with baseline instructions only: the magnitude moves into f32's fields
+            // and a multiply by 2^112 rebiases the exponent (exact, and it turns float16's
+            // subnormals into f32 normals); infinities and NaNs keep an all-ones exponent.
+            let halves = vmovl_u16(vld1_u16(ptr as *const u16));
+            let sign = vshlq_n_u32::<16>(vandq_u32(halves, vdupq_n_u32(0x8000)));
+            let magnitude = vshlq_n_u32::<13>(vandq_u32(halves, vdupq_n_u32(0x7fff)));
+            let rebiased = vmulq_f32(
+                vreinterpretq_f32_u32(magnitude),
+                vreinterpretq_f32_u32(vdupq_n_u32(0x7780_0000)),
+            );
+            let not_finite = vcgeq_u32(magnitude, vdupq_n_u32(0x7c00 << 13));
+            let special = vorrq_u32(magnitude, vdupq_n_u32(0x7f80_0000));
+            let bits = vbslq_u32(not_finite, special, vreinterpretq_u32_f32(rebiased));
+            NeonF32(vreinterpretq_f32_u32(vorrq_u32(bits, sign)))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(ptr: *const i8) -> Self {
+            let four = vreinterpret_s8_u32(vdup_n_u32((ptr as *const u32).read_unaligned()));
+            let wide = vmovl_s16(vget_low_s16(vmovl_s8(four)));
+            NeonF32(vcvtq_f32_s32(wide))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,19 +165,49 @@ mod tests {
         }
     }
 
+    /// Every float16 bit pattern (subnormals, infinities and NaNs included) widens to the
+    /// value `half` gives it, at vector type `V`.
+    fn check_every_f16<V: Widen>(name: &str) {
+        let patterns: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut out = vec![0.0f32; V::LANES];
+        for (start, chunk) in patterns.chunks_exact(V::LANES).enumerate() {
+            // SAFETY: the chunk holds LANES values; callers pass only supported vector types.
+            unsafe { V::load_f16(chunk.as_ptr()).store(out.as_mut_ptr()) };
+            for (lane, (&half, &got)) in chunk.iter().zip(&out).enumerate() {
+                let want = half.to_f32();
+                let same = got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan());
+                assert!(
+                    same,
+                    "{name}: f16 {:#06x} gave {got}, not {want}",
+                    start * V::LANES + lane
+                );
+            }
+        }
+    }
+
     #[test]
     fn every_level_widens_exactly() {
         check::<PortableF32>("portable");
+        check_every_f16::<PortableF32>("portable");
+        #[cfg(target_arch = "aarch64")]
+        {
+            use crate::simd::neon::NeonF32;
+            // SAFETY: NEON is part of every aarch64 CPU.
+            check::<NeonF32>("neon");
+            check_every_f16::<NeonF32>("neon");
+        }
         #[cfg(target_arch = "x86_64")]
         {
             use crate::simd::{avx2::Avx2F32, avx512::Avx512F32};
             #[target_feature(enable = "avx2,fma,f16c")]
             unsafe fn avx2() {
                 check::<Avx2F32>("avx2");
+                check_every_f16::<Avx2F32>("avx2");
             }
             #[target_feature(enable = "avx512f")]
             unsafe fn avx512() {
                 check::<Avx512F32>("avx512");
+                check_every_f16::<Avx512F32>("avx512");
             }
             if crate::simd::f16c_supported() {
                 // SAFETY: the features were just detected.

@@ -121,8 +121,7 @@ fn check<T: KernelElement>(heads: usize, kv_heads: usize, tolerance: f64, mods: 
         0.4,
         mods.softcap,
     );
-    let levels = [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Portable];
-    for level in levels.into_iter().filter(|level| level.is_supported()) {
+    for level in SimdLevel::supported() {
         let mut first: Option<Vec<ArrayD<T>>> = None;
         for threads in [1, 2, 3] {
             let inputs = BackwardInputs {

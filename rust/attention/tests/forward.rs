@@ -3,8 +3,8 @@
 
 use ndarray::{ArrayD, IxDyn};
 
-use crate::attention::attention_at_level;
 use crate::attention::schedule::KV_CHUNK;
+use crate::attention::{attention_at_level, attention_with_mods_at_level, ScoreMods};
 use crate::attention::{AttentionOptions, Mask};
 use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::error::AttnError;
@@ -65,10 +65,7 @@ fn naive_head(
 }
 
 fn levels() -> Vec<SimdLevel> {
-    [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Portable]
-        .into_iter()
-        .filter(|level| level.is_supported())
-        .collect()
+    SimdLevel::supported()
 }
 
 fn to_f64<T: KernelElement>(array: &ArrayD<T>) -> Vec<f64> {
@@ -264,9 +261,15 @@ fn results_do_not_depend_on_thread_count() {
     };
     let run = |threads: usize| {
         crate::threads::set_num_threads(threads).unwrap();
-        crate::attention::scaled_dot_product_attention(q.view(), k.view(), v.view(), Mask::None, &options)
-            .unwrap()
-            .output
+        crate::attention::scaled_dot_product_attention(
+            q.view(),
+            k.view(),
+            v.view(),
+            Mask::None,
+            &options,
+        )
+        .unwrap()
+        .output
     };
     let one = run(1);
     assert_eq!(one, run(2));
@@ -283,9 +286,14 @@ fn empty_sequences_give_empty_or_zero_output() {
             return_weights: true,
             ..Default::default()
         };
-        let result =
-            crate::attention::scaled_dot_product_attention(q.view(), k.view(), v.view(), Mask::None, &options)
-                .unwrap();
+        let result = crate::attention::scaled_dot_product_attention(
+            q.view(),
+            k.view(),
+            v.view(),
+            Mask::None,
+            &options,
+        )
+        .unwrap();
         assert_eq!(result.output.shape(), &[2, l, 4]);
         assert!(result.output.iter().all(|&x| x == 0.0));
         assert_eq!(result.weights.unwrap().shape(), &[2, l, s]);
@@ -347,4 +355,127 @@ fn shape_errors_name_the_argument() {
         ),
         "{error}"
     );
+}
+
+/// The output of one head with scores `cap·tanh(s / cap)`, in f64.
+fn naive_softcapped(
+    q: &[f64],
+    k: &[f64],
+    v: &[f64],
+    dims: (usize, usize, usize),
+    cap: f64,
+) -> Vec<f64> {
+    let (l, s, d) = dims;
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0.0; l * d];
+    for i in 0..l {
+        let scores: Vec<f64> = (0..s)
+            .map(|j| {
+                let score = (0..d).map(|c| q[i * d + c] * k[j * d + c]).sum::<f64>() * scale;
+                cap * (score / cap).tanh()
+            })
+            .collect();
+        let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = exps.iter().sum();
+        for (j, e) in exps.iter().enumerate() {
+            for c in 0..d {
+                out[i * d + c] += e / total * v[j * d + c];
+            }
+        }
+    }
+    out
+}
+
+fn check_softcap<T: KernelElement>(cap: f64, tolerance: f64) {
+    let (l, s, d) = (9, 37, 16);
+    let mut rng = Lcg(7);
+    let (q, k, v) = (
+        rng.array::<T>(&[l, d]),
+        rng.array::<T>(&[s, d]),
+        rng.array::<T>(&[s, d]),
+    );
+    let expected = naive_softcapped(&to_f64(&q), &to_f64(&k), &to_f64(&v), (l, s, d), cap);
+    let mods = ScoreMods {
+        softcap: Some(cap),
+        alibi_slopes: None,
+    };
+    let options = AttentionOptions::default();
+    for level in levels() {
+        let result = attention_with_mods_at_level(
+            level,
+            q.view(),
+            k.view(),
+            v.view(),
+            Mask::None,
+            &options,
+            &mods,
+        )
+        .unwrap();
+        let error = max_abs_diff(&to_f64(&result.output), &expected);
+        assert!(
+            error <= tolerance,
+            "{level:?} {} cap {cap:e}: error {error}",
+            T::TYPE_NAME
+        );
+    }
+}
+
+/// Softcapping is exact for every cap a type can carry: tanh written with exponentials cancels
+/// once `s / cap` is small (a cap of 1e8 used to flatten float32 attention to uniform), so
+/// small ratios take tanh's series. Caps of both kinds of score (saturated and linear) are
+/// checked at every level.
+#[test]
+fn softcap_is_accurate_for_every_cap() {
+    for cap in [0.3, 2.0, 30.0, 1e4, 1e6, 1e8, 1e15, 1e30] {
+        check_softcap::<f32>(cap, 2e-6);
+        check_softcap::<f64>(cap, 1e-13);
+    }
+    check_softcap::<f64>(1e300, 1e-13);
+}
+
+/// A softcap or ALiBi slope the type cannot carry is refused, naming the argument, as an
+/// overflowing scale is, instead of giving NaN.
+#[test]
+fn out_of_range_softcaps_and_slopes_are_refused() {
+    let mut rng = Lcg(3);
+    let (q, k) = (rng.array::<f32>(&[2, 4, 8]), rng.array::<f32>(&[2, 4, 8]));
+    let call = |mods: &ScoreMods<'_>| {
+        attention_with_mods_at_level(
+            SimdLevel::Portable,
+            q.view(),
+            k.view(),
+            k.view(),
+            Mask::None,
+            &AttentionOptions::default(),
+            mods,
+        )
+    };
+    for cap in [1e39, 1e-39] {
+        let mods = ScoreMods {
+            softcap: Some(cap),
+            alibi_slopes: None,
+        };
+        let error = call(&mods).err().expect("refused").to_string();
+        assert!(
+            error.contains("softcap") && error.contains("float32"),
+            "{error}"
+        );
+    }
+    let slopes = [0.5, 1e38];
+    let mods = ScoreMods {
+        softcap: None,
+        alibi_slopes: Some(&slopes),
+    };
+    let error = call(&mods).err().expect("refused").to_string();
+    assert!(
+        error.contains("alibi_slopes") && error.contains("1e38"),
+        "{error}"
+    );
+    let slopes = [0.5, 1e30];
+    let mods = ScoreMods {
+        softcap: None,
+        alibi_slopes: Some(&slopes),
+    };
+    assert!(call(&mods).unwrap().output.iter().all(|x| x.is_finite()));
 }

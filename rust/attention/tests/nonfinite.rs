@@ -22,10 +22,7 @@ const SHAPES: [(usize, usize); 4] = [
 const DEPTH: usize = 8;
 
 fn levels() -> Vec<SimdLevel> {
-    [SimdLevel::Avx512, SimdLevel::Avx2, SimdLevel::Portable]
-        .into_iter()
-        .filter(|level| level.is_supported())
-        .collect()
+    SimdLevel::supported()
 }
 
 /// Smooth values in [-1, 1] that differ from cell to cell.
