@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8501
 export VIRTUAL_ENV := $(abspath $(VENV))
 
-.PHONY: run test build venv test-rust test-python lint bench bench-quick clean
+.PHONY: run test build venv test-rust test-aarch64 test-python lint bench bench-quick clean
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m mypy.stubtest attnscope._core --allowlist .stubtest-allowlist
+
+# The core cross-compiled for aarch64 and its tests (the NEON level's among them) run under
+# qemu-aarch64, from Debian's packages (installed on first use; needs apt).
+test-aarch64:
+	tools/aarch64-tests.sh
 
 test-python: build
 	$(PY) -m pytest
