@@ -49,8 +49,9 @@ def head_effects(
     scores below 0. For an encoder, which has no next token: 1 − the cosine similarity of the
     mean-pooled final hidden states with and without the ablation (0: nothing changed).
 
-    Exactly ``encode(..., ablate=[(layer, head)], ablation=ablation)`` for every head, computed
-    without repeating the layers before each ablation (see the module docstring).
+    The numbers of ``encode(..., ablate=[(layer, head)], ablation=ablation)`` for every head
+    (up to float32 rounding), computed without repeating the layers before each ablation (see
+    the module docstring).
 
     Args:
         model: a loaded :class:`~attnscope.models.Model`.
