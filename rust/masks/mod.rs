@@ -713,13 +713,19 @@ impl MaskExpr {
                 set_every(out, from, keys.end, *stride);
             }
             MaskExpr::Fixed { block, summary } => {
+                // Ends past every length are cut at the longest one, so they fit an i64.
+                let end_of = |start: usize| start.saturating_add(*block).min(MAX_MASK_LENGTH);
                 let own = row / block * block;
-                set_range(out, clip(own as i64..(own + block) as i64, keys));
-                if *summary > 0 {
-                    for offset in block - summary..*block {
-                        let from = first_congruent(keys.start, offset as i64, *block);
-                        set_every(out, from, keys.end, *block);
-                    }
+                set_range(out, clip(own as i64..end_of(own) as i64, keys));
+                // Each block's last `summary` keys: one range per block the keys cross, never
+                // one pass per summary position (a summary may be far wider than the keys).
+                let mut block_start = keys.start / block * block;
+                while *summary > 0 && block_start < keys.end {
+                    let block_end = block_start.saturating_add(*block);
+                    let summary_start = (block_end - summary).min(MAX_MASK_LENGTH);
+                    let summary_keys = clip(summary_start as i64..end_of(block_start) as i64, keys);
+                    out[summary_keys.start - keys.start..summary_keys.end - keys.start].fill(true);
+                    block_start = block_end;
                 }
             }
             MaskExpr::Dilated { window, dilation } => {
@@ -1057,6 +1063,27 @@ mod tests {
         );
         let global = MaskExpr::GlobalTokens { positions: vec![9] };
         assert!(global.check(shape(5, 5)).is_err());
+    }
+
+    /// A fixed pattern's summary keys are found block by block, not position by position: a
+    /// summary wider than the sequence costs nothing more.
+    #[test]
+    fn fixed_summaries_wider_than_the_keys_are_immediate() {
+        let huge = MaskExpr::Fixed {
+            block: 1 << 40,
+            summary: 1 << 40,
+        };
+        assert_eq!(huge.to_dense(shape(3, 8)).unwrap(), vec![true; 24]);
+        // Keys 0..8 in blocks of 4 with a summary of 3: keys 1, 2, 3 and 5, 6, 7 for everyone.
+        let fixed = MaskExpr::Fixed {
+            block: 4,
+            summary: 3,
+        };
+        let dense = fixed.to_dense(shape(8, 8)).unwrap();
+        for (index, &seen) in dense.iter().enumerate() {
+            let (row, key) = (index / 8, index % 8);
+            assert_eq!(seen, row / 4 == key / 4 || key % 4 >= 1, "({row}, {key})");
+        }
     }
 
     /// `~` applied `depth - 1` times to a causal mask.
