@@ -5,11 +5,11 @@ import attnscope
 import attnscope.models as am
 import numpy as np
 import streamlit as st
-from attnscope.dashboard import generation, model_charts, ui
+from attnscope.dashboard import generation, head_matters_view, model_charts, ui
 from attnscope.dashboard import real_model as rm
 
 LOCAL_FOLDER = "A local folder…"
-VIEWS = ("Every head", "Regimes on trained heads", "Generate")
+VIEWS = ("Every head", "Regimes on trained heads", "Generate", "Does this head matter?")
 DEFAULT_PROMPT = "Why does a language model only look at the words before the current one?"
 # The page's main controls live in the URL (their keys are the parameters' names), so a link
 # opens the page as its sender saw it.
@@ -652,5 +652,7 @@ if view == VIEWS[0]:
     every_head_view()
 elif view == VIEWS[1]:
     regimes_view()
-else:
+elif view == VIEWS[2]:
     generate_view()
+else:
+    head_matters_view.show(load)
