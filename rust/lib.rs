@@ -6,7 +6,8 @@
 //! bindings live in `python/` behind the `python` feature.
 //!
 //! The modules are floors; each uses only those below it (`make lint` checks it):
-//! - `error`, `element`, `bounds` (the causal/window rule), `memory`, `threads`: shared ground;
+//! - `error`, `element`, `bounds` (the causal/window rule), `memory`, `threads`, `limits`:
+//!   shared ground;
 //! - `simd`: vectors only, one module per instruction set, and the runtime choice of level;
 //! - `masks`: mask expressions, evaluated per tile;
 //! - `kernel`: everything generic over the SIMD vector: the forward and backward tiles, their
@@ -23,6 +24,7 @@ mod element;
 mod error;
 mod kernel;
 mod layer;
+mod limits;
 mod masks;
 mod memory;
 pub mod simd;
@@ -34,9 +36,6 @@ mod python;
 pub use attention::backward::{
     scaled_dot_product_attention_backward, scaled_dot_product_attention_backward_with_mods,
     AttentionGrads, BackwardInputs,
-};
-pub use attention::shapes::{
-    set_weights_memory_limit, weights_memory_limit, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
 };
 pub use attention::{
     attention_over_strided_kv, scaled_dot_product_attention, scaled_dot_product_attention_with_lse,
@@ -50,5 +49,8 @@ pub use element::Element;
 pub use error::AttnError;
 pub use kernel::KernelElement as Float;
 pub use layer::{multi_head_attention, MhaHeads, MhaInputs, MhaWeights};
+pub use limits::{
+    set_weights_memory_limit, weights_memory_limit, DEFAULT_WEIGHTS_LIMIT, WEIGHTS_LIMIT_ENV,
+};
 pub use masks::{MaskExpr, MaskLayout, MaskShape, TileClass};
 pub use threads::{num_threads, set_num_threads, MAX_THREADS, NUM_THREADS_ENV};

@@ -21,7 +21,9 @@ from conftest import FLOAT_DTYPES, assert_close, random_qkv
 
 sdpa = attnscope.scaled_dot_product_attention
 
-LEVELS = [level for level in ("avx512", "avx2", "portable") if _core.simd_level_supported(level)]
+LEVELS = [
+    level for level in ("avx512", "avx2", "neon", "portable") if _core.simd_level_supported(level)
+]
 
 # (L, S): the paths a call can take.
 SHAPES = [
@@ -157,10 +159,20 @@ def test_a_decoding_step_over_any_storage_follows_the_rule(
     simd_level, rng, storage, poison, kv_heads
 ):
     """One query row per head over a stored cache (the stored-rows kernel, every format): a NaN
-    the row sees reaches it, even a query whose every score is NaN."""
+    the row sees reaches it, even a query whose every score is NaN. int8 storage refuses a
+    NaN key or value at append (a block of 32 values shares its scale, which would spread the
+    NaN to outputs it does not feed), and keeps nothing of the refused chunk."""
     q, k, v, _, sees = poisoned_case(rng, 1, 3000, np.float32, poison)
     k, v = k[:, :kv_heads], v[:, :kv_heads]
     cache = attnscope.KVCache(kv_heads, 8, batch=2, storage=storage)
+    if storage == "int8" and poison != "query-nan":
+        name = poison.split("-")[0][0]
+        with pytest.raises(
+            ValueError, match=rf"^{name}: holds NaN, which int8 storage cannot keep"
+        ):
+            cache.append(k, v)
+        assert len(cache) == 0
+        return
     cache.append(k, v)
     got = cache.attend(q, enable_gqa=kv_heads == 1)
     want = reference.scaled_dot_product_attention(

@@ -12,7 +12,7 @@ import pytest
 from attnscope import _core, reference
 from conftest import assert_close, random_qkv
 
-LEVELS = [level for level in ("avx512", "avx2", "portable") if _core.simd_level_supported(level)]
+LEVELS = [level for level in ("avx512", "avx2", "neon", "portable") if _core.simd_level_supported(level)]
 
 CASES = [
     # (q shape, k shape, v shape, options)

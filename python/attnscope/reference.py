@@ -262,7 +262,8 @@ def scaled_dot_product_attention_backward(
 
 def stored_values(x: np.ndarray, storage: str) -> np.ndarray:
     """`x` (float32, last axis = head_dim) rounded as a ``KVCache(storage=...)`` keeps it,
-    back in float32: what attention over a compressed cache must equal."""
+    back in float32: what attention over a compressed cache must equal. (The cache refuses
+    what a storage cannot keep: inf or NaN for int8, finite values past ±65504 for float16.)"""
     x = np.asarray(x, dtype=np.float32)
     if storage == "float32":
         return x

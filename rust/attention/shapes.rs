@@ -1,12 +1,11 @@
 //! The shape of a call: sizes and their checks, where a broadcast mask's elements live, and the
 //! memory limit on returned weights. Everything here runs before any work is done.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use crate::attention::{AttentionOptions, Mask, ScoreMods};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
 use crate::kernel::score_scale;
+use crate::limits::weights_memory_limit;
 use crate::masks::MaskShape;
 
 /// Sizes of one call, with leading dims flattened into `batch` (2-D inputs are one head).
@@ -343,30 +342,6 @@ pub(crate) fn check_score_mods(geometry: &Geometry, mods: &ScoreMods<'_>) -> Res
         }
     }
     Ok(())
-}
-
-/// The environment variable read for the initial weights memory limit, in bytes.
-pub const WEIGHTS_LIMIT_ENV: &str = "ATTNSCOPE_WEIGHTS_LIMIT_BYTES";
-/// The weights memory limit when neither the variable nor `set_weights_memory_limit` sets one.
-pub const DEFAULT_WEIGHTS_LIMIT: u64 = 2 << 30;
-const LIMIT_UNSET: u64 = u64::MAX;
-static WEIGHTS_LIMIT: AtomicU64 = AtomicU64::new(LIMIT_UNSET);
-
-/// The largest weights array, in bytes, that `return_weights` may allocate.
-pub fn weights_memory_limit() -> u64 {
-    match WEIGHTS_LIMIT.load(Ordering::Relaxed) {
-        LIMIT_UNSET => std::env::var(WEIGHTS_LIMIT_ENV)
-            .ok()
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .filter(|&limit| limit != LIMIT_UNSET)
-            .unwrap_or(DEFAULT_WEIGHTS_LIMIT),
-        limit => limit,
-    }
-}
-
-/// Sets the weights memory limit in bytes.
-pub fn set_weights_memory_limit(bytes: u64) {
-    WEIGHTS_LIMIT.store(bytes.min(LIMIT_UNSET - 1), Ordering::Relaxed);
 }
 
 /// Refuses, before anything is allocated, weights of `shape` larger than the memory limit.

@@ -317,6 +317,8 @@ impl<T: KernelElement> KvCache<T> {
         num_threads: Option<usize>,
     ) -> Result<(), AttnError> {
         self.check_append(key.shape(), value.shape())?;
+        self.storage.check_values("k", key.iter().copied())?;
+        self.storage.check_values("v", value.iter().copied())?;
         let pool = pool_for(num_threads)?;
         let new_tokens = key.shape()[2];
         if new_tokens == 0 {
@@ -664,6 +666,46 @@ mod tests {
         assert_eq!(cache.keys, before.keys);
         assert_eq!(cache.first_row, before.first_row);
         assert_eq!(cache.capacity(), before.capacity());
+    }
+
+    /// Values a compressed storage cannot keep are refused, naming k or v, before anything
+    /// is written: int8 takes no inf or NaN (its block scale would spread it), float16 no
+    /// finite value past 65,504 (it would become inf). Storages that hold them keep them.
+    #[test]
+    fn compressed_storage_refuses_what_it_cannot_keep() {
+        let good = Array4::<f32>::ones([1, 1, 2, 64]);
+        for (storage, bad, refused) in [
+            (Storage::Int8, f32::NAN, true),
+            (Storage::Int8, f32::NEG_INFINITY, true),
+            (Storage::Int8, 3e38, false),
+            (Storage::Float16, 65520.0, true),
+            (Storage::Float16, -1e6, true),
+            (Storage::Float16, 65504.0, false),
+            (Storage::Float16, f32::NAN, false),
+            (Storage::BFloat16, f32::INFINITY, false),
+            (Storage::Native, f32::NAN, false),
+        ] {
+            let mut cache = KvCache::<f32>::with_storage(1, 64, 1, 0, storage, None).unwrap();
+            cache.append(good.view(), good.view(), None).unwrap();
+            let mut chunk = good.clone();
+            chunk[[0, 0, 1, 40]] = bad;
+            for (name, key, value) in [("k", &chunk, &good), ("v", &good, &chunk)] {
+                let result = cache.clone().append(key.view(), value.view(), None);
+                match result {
+                    Err(error) if refused => {
+                        let text = error.to_string();
+                        assert!(text.starts_with(name), "{storage:?} {bad}: {text}");
+                    }
+                    Ok(()) if !refused => {}
+                    other => panic!("{storage:?} {bad} in {name}: {other:?}"),
+                }
+            }
+            let before = cache.clone();
+            let _ = cache.append(chunk.view(), good.view(), None);
+            if refused {
+                assert_eq!((cache.len(), &cache.keys), (before.len(), &before.keys));
+            }
+        }
     }
 
     /// Attention over the cache equals attention over the same keys as plain arrays, with

@@ -30,6 +30,46 @@ pub enum Storage {
 }
 
 impl Storage {
+    /// Refuses values this storage cannot hold, before anything is written: int8 shares one
+    /// scale per block of a row, so an inf or NaN would turn its whole block into NaN (and
+    /// leak into outputs the value does not feed); float16 turns finite values past ±65,504
+    /// into infinities. Native and bfloat16 storage hold every value of the compute type.
+    pub(crate) fn check_values<T: Element>(
+        self,
+        name: &'static str,
+        values: impl IntoIterator<Item = T>,
+    ) -> Result<(), AttnError> {
+        let refused = |x: f64| match self {
+            Storage::Int8 => !x.is_finite(),
+            Storage::Float16 => x.is_finite() && f16::from_f64(x).is_infinite(),
+            Storage::Native | Storage::BFloat16 => false,
+        };
+        if matches!(self, Storage::Native | Storage::BFloat16) {
+            return Ok(());
+        }
+        match values
+            .into_iter()
+            .map(Element::to_f64)
+            .find(|&x| refused(x))
+        {
+            None => Ok(()),
+            Some(bad) if self == Storage::Int8 => Err(AttnError::value(
+                name,
+                format!(
+                    "holds {bad}, which int8 storage cannot keep (a block of {INT8_BLOCK} values \
+                     shares one scale); store non-finite values as float32, bfloat16 or float16"
+                ),
+            )),
+            Some(bad) => Err(AttnError::value(
+                name,
+                format!(
+                    "holds {bad:e}, beyond float16's largest value (65504); use bfloat16 or \
+                     float32 storage, or scale the values down"
+                ),
+            )),
+        }
+    }
+
     /// The storage called `name` for a cache computing in `T`. Compressed storage needs a
     /// float32 cache: a float64 cache exists to keep float64 precision.
     pub fn parse<T: Element>(name: &str) -> Result<Self, AttnError> {
@@ -332,8 +372,8 @@ impl<T: Element> Rows<T> {
 }
 
 /// q8_0-style quantisation of one row: per block of [`INT8_BLOCK`] values, the scale
-/// `max |x| / 127` and `round(x / scale)`. A block holding a non-finite value gets a NaN scale,
-/// so the non-finite value reaches the attention output as it would from float32 storage.
+/// `max |x| / 127` and `round(x / scale)`. The cache refuses non-finite values before they
+/// get here ([`Storage::check_values`]); were one to arrive, its block gets a NaN scale.
 pub(crate) fn quantize_row(row: &[f32], values: &mut [i8], scales: &mut [f32]) {
     for ((block, quantized), scale) in row
         .chunks(INT8_BLOCK)

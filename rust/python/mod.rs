@@ -469,7 +469,8 @@ fn same_dtype_array<'py, T: numpy::Element>(
     }
     if is_dtype::<f32>(array) || is_dtype::<f64>(array) {
         return Err(PyTypeError::new_err(format!(
-            "{name} has dtype {} but query has {}; the backward pass computes in the forward's              dtype: convert {name} with .astype()",
+            "{name} has dtype {} but query has {}; the backward pass computes in the forward's \
+             dtype: convert {name} with .astype()",
             dtype_of(array),
             dtype_of(query)
         )));
