@@ -18,6 +18,16 @@ REFERENCE_TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 FLOAT_DTYPES = (np.float32, np.float64)
 
 
+def supported_simd_levels() -> list[str]:
+    """The engine's instruction-set levels this CPU runs, best first (none without the engine)."""
+    try:
+        from attnscope import _core
+    except ImportError:
+        return []
+    levels = ("avx512", "avx2", "neon", "portable")
+    return [level for level in levels if _core.simd_level_supported(level)]
+
+
 def tolerance_for(expected: np.ndarray, dtype, relative: float | None = None) -> float:
     """The absolute tolerance for `expected`: `relative` (default: the dtype's) x max(1, max|x|)."""
     if relative is None:

@@ -9,7 +9,7 @@ import pytest
 from attnscope import masks as M
 from attnscope import reference
 from attnscope._engine import core
-from conftest import FLOAT_DTYPES, assert_close, random_qkv
+from conftest import FLOAT_DTYPES, assert_close, random_qkv, supported_simd_levels
 
 # Gradients are sums of many products: float32 keeps them to about 1e-6 of their size.
 GRAD_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
@@ -87,7 +87,7 @@ def test_lse_with_masks_is_minus_infinity_for_rows_that_see_no_key(rng, dtype, r
 
 def test_lse_is_the_same_at_every_simd_level_and_thread_count(rng):
     q, k, v = random_qkv(rng, (2, 4, 150, 32), (2, 4, 300, 32), (2, 4, 300, 32))
-    levels = [lvl for lvl in ("avx512", "avx2", "neon", "portable") if core().simd_level_supported(lvl)]
+    levels = supported_simd_levels()
     _, expected = reference.scaled_dot_product_attention(q, k, v, is_causal=True, return_lse=True)
     try:
         for level in levels:
@@ -152,7 +152,7 @@ def _assert_same_for_every_thread_count(q, k, v, grad_out, mask=None, **options)
 
 def _assert_close_at_every_simd_level(q, k, v, grad_out, **options):
     expected = reference.scaled_dot_product_attention_backward(grad_out, q, k, v, **options)
-    levels = [lvl for lvl in ("avx512", "avx2", "neon", "portable") if core().simd_level_supported(lvl)]
+    levels = supported_simd_levels()
     try:
         for level in levels:
             core().force_simd_level(level)

@@ -3,17 +3,17 @@ ValueError naming the argument where it cannot carry them, never NaN, a hang or 
 
 import re
 
+import attnscope
 import numpy as np
 import pytest
-
-import attnscope
 from attnscope import masks, reference
 
 _core = pytest.importorskip("attnscope._core", reason="the compiled engine is not built")
 
 
-def random_qkv(rng, dtype, l=9, s=37, d=16, heads=2):
-    return tuple(rng.standard_normal((heads, n, d)).astype(dtype) for n in (l, s, s))
+def random_qkv(rng, dtype, queries=9, keys=37, depth=16, heads=2):
+    shapes = [(heads, n, depth) for n in (queries, keys, keys)]
+    return tuple(rng.standard_normal(shape).astype(dtype) for shape in shapes)
 
 
 @pytest.mark.parametrize("cap", [0.5, 3.0, 1e4, 1e6, 1e8, 1e20, 1e30])

@@ -7,12 +7,13 @@ import attnscope
 import numpy as np
 import pytest
 from attnscope import _core, reference
+from conftest import supported_simd_levels
 
 NUM_KEYS = 262_144
 # Largest |error| over the largest |output|; one block of queries sums over all NUM_KEYS keys.
 RELATIVE_ERROR = 5e-6
 
-LEVELS = [level for level in ("avx512", "avx2", "neon", "portable") if _core.simd_level_supported(level)]
+LEVELS = supported_simd_levels()
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,11 @@ import attnscope
 import numpy as np
 import pytest
 from attnscope import _core, reference
-from conftest import FLOAT_DTYPES, assert_close, random_qkv
+from conftest import FLOAT_DTYPES, assert_close, random_qkv, supported_simd_levels
 
 sdpa = attnscope.scaled_dot_product_attention
 
-LEVELS = [
-    level for level in ("avx512", "avx2", "neon", "portable") if _core.simd_level_supported(level)
-]
+LEVELS = supported_simd_levels()
 
 # (L, S): the paths a call can take.
 SHAPES = [

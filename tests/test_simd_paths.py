@@ -10,9 +10,9 @@ import attnscope
 import numpy as np
 import pytest
 from attnscope import _core, reference
-from conftest import assert_close, random_qkv
+from conftest import assert_close, random_qkv, supported_simd_levels
 
-LEVELS = [level for level in ("avx512", "avx2", "neon", "portable") if _core.simd_level_supported(level)]
+LEVELS = supported_simd_levels()
 
 CASES = [
     # (q shape, k shape, v shape, options)
