@@ -362,6 +362,18 @@ def test_real_model_generate(server, page):
     assert "from 1 to 128" in page.locator('[data-testid="stAlert"]').first.inner_text()
 
 
+@pytest.mark.skipif(
+    not _smollm2_runs(), reason="the server's environment lacks SmolLM2's weights or gguf"
+)
+def test_real_model_head_matters(server, page):
+    # Every head of SmolLM2 ablated twice and patched once, with a progress bar, then the
+    # scatter, the patching grid, one head's map and its next-token bars.
+    _real_model_view(page, server, "Does this head matter?")
+    _settle(page, min_charts=4)
+    _check(page, "real-model-head-matters", min_charts=4)
+    assert page.get_by_text("Heads that restore the most").count() == 1
+
+
 def test_cost_page_kv_cache_memory_side(server, page):
     """The KV-cache section: bytes per storage for a grouped-query shape, one decoding step
     timed per storage, and (where the server has SmolLM2) perplexity per storage."""
