@@ -34,6 +34,17 @@ impl Window {
     }
 }
 
+impl CausalAlignment {
+    /// `c(i) - i`: where row `i`'s diagonal lies, for `num_queries` queries over `num_keys`
+    /// keys. The one home of the alignment rule (bounds, masks and ALiBi all read it).
+    pub(crate) fn diagonal_offset(self, num_queries: usize, num_keys: usize) -> i64 {
+        match self {
+            CausalAlignment::TopLeft => 0,
+            CausalAlignment::BottomRight => num_keys as i64 - num_queries as i64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Bounds {
     num_keys: i64,
@@ -51,10 +62,7 @@ impl Bounds {
         alignment: CausalAlignment,
         window: Option<Window>,
     ) -> Self {
-        let diagonal_offset = match alignment {
-            CausalAlignment::TopLeft => 0,
-            CausalAlignment::BottomRight => num_keys as i64 - num_queries as i64,
-        };
+        let diagonal_offset = alignment.diagonal_offset(num_queries, num_keys);
         // Sides wider than the sequence are unbounded; clamping keeps the arithmetic in range.
         let clamp = |side: usize| side.min(num_keys + num_queries) as i64;
         let window = window.unwrap_or_default();

@@ -31,6 +31,13 @@ def normalize_window(window) -> tuple[int | None, int | None] | None:
     return (int(window) - 1, int(window) - 1)
 
 
+def diagonals(num_queries: int, num_keys: int, causal_alignment: str = "top_left") -> np.ndarray:
+    """Column ``(L, 1)`` of each query's diagonal ``c(i)``: ``i`` top-left, ``i + S - L``
+    bottom-right. The causal rule, windows and ALiBi all measure from it."""
+    rows = np.arange(num_queries)[:, None]
+    return rows if causal_alignment == "top_left" else rows + (num_keys - num_queries)
+
+
 def visibility(
     num_queries: int,
     num_keys: int,
@@ -40,9 +47,8 @@ def visibility(
     window=None,
 ) -> np.ndarray:
     """The (L, S) boolean matrix of which key each query may see under causal/window rules."""
-    rows = np.arange(num_queries)[:, None]
     cols = np.arange(num_keys)[None, :]
-    diagonal = rows if causal_alignment == "top_left" else rows + (num_keys - num_queries)
+    diagonal = diagonals(num_queries, num_keys, causal_alignment)
     visible = np.ones((num_queries, num_keys), dtype=bool)
     if is_causal:
         visible &= cols <= diagonal
@@ -128,9 +134,7 @@ def _scores(
         capped = np.tanh(scores / softcap)
         scores, cap_slope = softcap * capped, 1.0 - capped**2
     if alibi_slopes is not None:
-        rows = np.arange(num_queries)[:, None]
-        diagonal = rows if causal_alignment == "top_left" else rows + (num_keys - num_queries)
-        distance = np.arange(num_keys)[None, :] - diagonal
+        distance = np.arange(num_keys)[None, :] - diagonals(num_queries, num_keys, causal_alignment)
         slopes = np.asarray(alibi_slopes, dtype=np.float64)
         bias = slopes[:, None, None] * distance  # (Hq, L, S); a 2-D call is one head
         scores = scores + (bias if scores.ndim >= 3 else bias[0])

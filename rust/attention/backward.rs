@@ -14,9 +14,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 
-use crate::attention::schedule::{
-    call_scale, run_tasks, with_call_data, CallData, DisjointWriter, Task,
-};
+use crate::attention::schedule::{run_tasks, with_call_data, CallData, DisjointWriter, Task};
 use crate::attention::shapes::{check_call, check_score_mods, Geometry};
 use crate::attention::{AttentionOptions, Mask, ScoreMods, StridedKv};
 use crate::element::Element;
@@ -145,7 +143,7 @@ pub(crate) fn backward_at_level<T: KernelElement>(
                     call,
                     params: GradParams {
                         kernel: call.params,
-                        scale: T::from_f64(call_scale(&geometry, &options)),
+                        scale: T::from_f64(options.scale_for(geometry.depth)),
                     },
                     grad_out,
                     lse,

@@ -34,6 +34,18 @@ pub struct AttentionOptions {
     pub num_threads: Option<usize>,
 }
 
+impl AttentionOptions {
+    /// The scale of `Q·Kᵀ` for heads of width `depth`: the option, else `1 / sqrt(D)` (1 for an
+    /// empty head, whose scores are all 0 anyway). The one home of the default.
+    pub fn scale_for(&self, depth: usize) -> f64 {
+        self.scale.unwrap_or(if depth == 0 {
+            1.0
+        } else {
+            1.0 / (depth as f64).sqrt()
+        })
+    }
+}
+
 /// What happens to each score `s = scale·q·k` before the mask: softcapping `c·tanh(s/c)`,
 /// then ALiBi's `slope[h]·(j - c(i))` on the call's diagonal.
 #[derive(Debug, Clone, Copy, Default)]

@@ -21,7 +21,7 @@ use rayon::ThreadPool;
 
 use crate::attention::shapes::{Geometry, MaskPlan};
 use crate::attention::{Attention, AttentionOptions, Mask, ScoreMods, StridedKv};
-use crate::bounds::{Bounds, CausalAlignment};
+use crate::bounds::Bounds;
 use crate::error::AttnError;
 use crate::kernel::KernelElement;
 use crate::kernel::{
@@ -273,22 +273,13 @@ impl<T: KernelElement> CallData<'_, T> {
     }
 }
 
-/// The scale of `Q·Kᵀ` in a call: the option, else `1 / sqrt(D)`.
-pub(crate) fn call_scale(geometry: &Geometry, options: &AttentionOptions) -> f64 {
-    options.scale.unwrap_or(if geometry.depth == 0 {
-        1.0
-    } else {
-        1.0 / (geometry.depth as f64).sqrt()
-    })
-}
-
 /// The kernel's parameters for a call of `geometry` with `options`.
 fn kernel_params<T: KernelElement>(
     geometry: &Geometry,
     options: &AttentionOptions,
     mods: &ScoreMods<'_>,
 ) -> Result<KernelParams<T>, AttnError> {
-    let scale = call_scale(geometry, options);
+    let scale = options.scale_for(geometry.depth);
     if let Some(slopes) = mods.alibi_slopes {
         check_alibi_range::<T>(slopes, geometry.num_queries, geometry.num_keys)?;
     }
@@ -305,10 +296,9 @@ fn kernel_params<T: KernelElement>(
         ),
         score_scale: score_scale(scale)?,
         softcap: mods.softcap.map(softcap_params).transpose()?,
-        diagonal_offset: match options.alignment {
-            CausalAlignment::TopLeft => 0,
-            CausalAlignment::BottomRight => geometry.num_keys as i64 - geometry.num_queries as i64,
-        },
+        diagonal_offset: options
+            .alignment
+            .diagonal_offset(geometry.num_queries, geometry.num_keys),
     })
 }
 

@@ -534,7 +534,7 @@ impl<T: KernelElement> KvCache<T> {
         let geometry = Geometry::check(&shape, &kv_shape, &kv_shape, options.enable_gqa)?;
         check_call(&geometry, &Mask::<T>::None, options)?;
         let depth = self.head_dim;
-        let scale = options.scale.unwrap_or(1.0 / (depth as f64).sqrt());
+        let scale = options.scale_for(depth);
         let query32: Vec<f32> = query.iter().map(|x| x.to_f64() as f32).collect();
         let call = CachedCall {
             query: &query32,

@@ -9,6 +9,7 @@
 
 use std::ops::Range;
 
+use crate::bounds::CausalAlignment;
 use crate::error::{shape_str, AttnError};
 
 /// A mask pattern, or a combination of them. Positions are indices into the queries (`i`) and
@@ -94,11 +95,12 @@ pub struct MaskShape {
 
 impl MaskShape {
     fn diagonal_offset(self, bottom_right: bool) -> i64 {
-        if bottom_right {
-            self.num_keys as i64 - self.num_queries as i64
+        let alignment = if bottom_right {
+            CausalAlignment::BottomRight
         } else {
-            0
-        }
+            CausalAlignment::TopLeft
+        };
+        alignment.diagonal_offset(self.num_queries, self.num_keys)
     }
 }
 
