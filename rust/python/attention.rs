@@ -64,6 +64,26 @@ pub(super) fn sdpa_typed<'py, T: Float + numpy::Element>(
     attention_result(py, result.output, result.weights)
 }
 
+/// The options shared by the forward and the backward, checked (weights not asked for).
+fn call_options(
+    is_causal: &Bound<'_, PyAny>,
+    scale: Option<&Bound<'_, PyAny>>,
+    enable_gqa: &Bound<'_, PyAny>,
+    causal_alignment: &Bound<'_, PyAny>,
+    window: Option<(Option<usize>, Option<usize>)>,
+    num_threads: Option<usize>,
+) -> PyResult<AttentionOptions> {
+    Ok(AttentionOptions {
+        is_causal: flag(is_causal, "is_causal")?,
+        alignment: parse_alignment(causal_alignment)?,
+        window: window.map(|(left, right)| Window { left, right }),
+        scale: scale_value(scale)?,
+        enable_gqa: flag(enable_gqa, "enable_gqa")?,
+        return_weights: false,
+        num_threads,
+    })
+}
+
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
 /// causal_alignment, window, return_weights, num_threads, softcap=None, alibi_slopes=None,
 /// return_lse=None) -- every argument is checked here and in the core; the Python wrapper only
@@ -94,14 +114,17 @@ pub(super) fn scaled_dot_product_attention<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     guarded(|| {
         let mods = ScoreModArgs::parse(softcap, alibi_slopes)?;
-        let options = AttentionOptions {
-            is_causal: flag(is_causal, "is_causal")?,
-            alignment: parse_alignment(causal_alignment)?,
-            window: window.map(|(left, right)| Window { left, right }),
-            scale: scale_value(scale)?,
-            enable_gqa: flag(enable_gqa, "enable_gqa")?,
-            return_weights: flag(return_weights, "return_weights")?,
+        let shared = call_options(
+            is_causal,
+            scale,
+            enable_gqa,
+            causal_alignment,
+            window,
             num_threads,
+        )?;
+        let options = AttentionOptions {
+            return_weights: flag(return_weights, "return_weights")?,
+            ..shared
         };
         let return_lse = match return_lse {
             Some(value) => flag(value, "return_lse")?,
@@ -251,15 +274,14 @@ pub(super) fn scaled_dot_product_attention_backward<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     guarded(|| {
         let mods = ScoreModArgs::parse(softcap, alibi_slopes)?;
-        let options = AttentionOptions {
-            is_causal: flag(is_causal, "is_causal")?,
-            alignment: parse_alignment(causal_alignment)?,
-            window: window.map(|(left, right)| Window { left, right }),
-            scale: scale_value(scale)?,
-            enable_gqa: flag(enable_gqa, "enable_gqa")?,
-            return_weights: false,
+        let options = call_options(
+            is_causal,
+            scale,
+            enable_gqa,
+            causal_alignment,
+            window,
             num_threads,
-        };
+        )?;
         let arrays = BackwardArrays {
             grad_out,
             query,
