@@ -415,7 +415,7 @@ def test_sparse_page(server, page):
     field.press("Enter")
     _settle(page, charts=False)
     _check(page, "sparse-bad-documents", charts=False)
-    assert "ids" in page.locator('[data-testid="stAlert"]').first.inner_text()
+    assert "add up to 64" in page.locator('[data-testid="stAlert"]').first.inner_text()
     field.fill("40, 24")
     field.press("Enter")
     _settle(page, min_charts=2)
