@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from attnscope import reference
 from attnscope.dashboard import cost, engine, heads, regimes, text
+from page_helpers import assert_clean
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
 
@@ -26,11 +27,6 @@ def open_page(page: str | None = "heads.py") -> AppTest:
         app.switch_page(f"{PAGES}/{page}").run()
     assert_clean(app)
     return app
-
-
-def assert_clean(app: AppTest) -> None:
-    assert not app.exception, [e.value for e in app.exception]
-    assert not app.error, [e.value for e in app.error]
 
 
 def _title(spec: dict) -> str:

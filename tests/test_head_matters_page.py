@@ -6,14 +6,13 @@ is what attnscope.models computes for the same sentence, asked directly."""
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import attnscope.models as am
 import numpy as np
 import pytest
 from attnscope.dashboard import head_matters as hm
-from streamlit import dataframe_util
+from page_helpers import assert_clean, chart_data
 from streamlit.testing.v1 import AppTest
 
 PAGE = Path(__file__).resolve().parent.parent / "python/attnscope/dashboard/pages/real_model.py"
@@ -26,30 +25,8 @@ needs_smollm2 = pytest.mark.skipif(
 )
 
 
-def chart_data(app: AppTest) -> dict[str, object]:
-    """Chart title -> the data frame of its largest data set, for every Altair chart."""
-    found = {}
-    for element in app.get("vega_lite_chart"):
-        spec = json.loads(element.proto.spec)
-        title = spec.get("title") or next(
-            (layer["title"] for layer in spec.get("layer", []) if layer.get("title")), ""
-        )
-        title = title.get("text", "") if isinstance(title, dict) else title
-        frames = [
-            dataframe_util.convert_arrow_bytes_to_pandas_df(dataset.data.data)
-            for dataset in element.proto.datasets
-        ]
-        found[title] = max(frames, key=len)
-    return found
-
-
 def metric(app: AppTest, starts: str):
     return next(m for m in app.metric if m.label.startswith(starts))
-
-
-def assert_clean(app: AppTest) -> None:
-    assert not app.exception, [e.value for e in app.exception]
-    assert not app.error, [e.value for e in app.error]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +71,7 @@ def test_view_shows_the_apis_effects_for_every_head(view, smollm2):
     she, nurse = tokens.index("she"), tokens.index("nurse")
     predicted = int(trace.logits[-1].argmax())
     assert predicted == smollm2.tokenizer.token_to_id("Ġnurse")  # the example's premise
-    charts = chart_data(view)
+    charts = chart_data(view, largest=True)
     scatter = next(frame for title, frame in charts.items() if title.startswith("Every head"))
     scatter = scatter.sort_values(["layer", "head"])
     assert len(scatter) == 270
@@ -114,7 +91,7 @@ def test_view_shows_the_apis_effects_for_every_head(view, smollm2):
 
 @needs_smollm2
 def test_view_shows_the_apis_patching_grid(view, smollm2):
-    grid = chart_data(view)["Share of the nurse-vs-doctor difference restored"]
+    grid = chart_data(view, largest=True)["Share of the nurse-vs-doctor difference restored"]
     grid = grid.sort_values(["layer", "head"])
     nurse = smollm2.tokenizer.token_to_id("Ġnurse")
     doctor = smollm2.tokenizer.token_to_id("Ġdoctor")
@@ -135,7 +112,7 @@ def test_one_head_shows_its_map_effects_and_next_tokens(view, smollm2):
     assert_clean(app)
     ids = smollm2.tokenize(hm.SENTENCE)[1]
     trace = smollm2.encode(ids=ids)
-    charts = chart_data(app)
+    charts = chart_data(app, largest=True)
     heatmap = charts["Layer 13, head 8: where each token looks"]
     n = ids.size
     weights = np.zeros((n, n))

@@ -6,37 +6,17 @@ are refused with the argument named."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from attnscope.dashboard import learning as lab
-from streamlit import dataframe_util
+from page_helpers import assert_clean, chart_data
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "python/attnscope/dashboard/pages/learning.py"
 COMPARE = "Compare with and without √d_k"
-
-
-def assert_clean(app: AppTest) -> None:
-    assert not app.exception, [e.value for e in app.exception]
-    assert not app.error, [e.value for e in app.error]
-
-
-def chart_data(app: AppTest) -> dict[str, object]:
-    """Chart title -> the data frame it draws, for every Altair chart on the page."""
-    found = {}
-    for element in app.get("vega_lite_chart"):
-        spec = json.loads(element.proto.spec)
-        title = spec.get("title") or next(
-            (layer["title"] for layer in spec.get("layer", []) if layer.get("title")), ""
-        )
-        title = title.get("text", "") if isinstance(title, dict) else title
-        data = element.proto.datasets[0].data.data
-        found[title] = dataframe_util.convert_arrow_bytes_to_pandas_df(data)
-    return found
 
 
 def metric(app: AppTest, label: str):

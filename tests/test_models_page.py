@@ -19,7 +19,7 @@ from attnscope.dashboard import generation
 from attnscope.dashboard import real_model as rm
 from attnscope.reference import visibility
 from fixtures.models_checkpoints import write_tiny_gpt2
-from streamlit import dataframe_util
+from page_helpers import assert_clean, chart_data
 from streamlit.testing.v1 import AppTest
 
 PAGE = Path(__file__).resolve().parent.parent / "python/attnscope/dashboard/pages/real_model.py"
@@ -51,29 +51,10 @@ def unescaped(text: str) -> str:
     return text.replace("\\", "")
 
 
-def assert_clean(app: AppTest) -> None:
-    assert not app.exception, [e.value for e in app.exception]
-    assert not app.error, [e.value for e in app.error]
-
-
 def run_page() -> AppTest:
     app = AppTest.from_file(str(PAGE), default_timeout=180)
     app.run()
     return app
-
-
-def chart_data(app: AppTest) -> dict[str, object]:
-    """Chart title -> the data frame it draws, for every Altair chart on the page."""
-    found = {}
-    for element in app.get("vega_lite_chart"):
-        spec = json.loads(element.proto.spec)
-        title = spec.get("title") or next(
-            (layer["title"] for layer in spec.get("layer", []) if layer.get("title")), ""
-        )
-        title = title.get("text", "") if isinstance(title, dict) else title
-        data = element.proto.datasets[0].data.data
-        found[title] = dataframe_util.convert_arrow_bytes_to_pandas_df(data)
-    return found
 
 
 def heatmap_grid(frame) -> tuple[np.ndarray, np.ndarray]:
