@@ -283,10 +283,12 @@ def _isa_words(meta: dict) -> str:
 def _run_paragraph(results: dict) -> str:
     meta, machine = results["meta"], results["meta"]["machine"]
     simd = f", {_isa_words(meta)}" if meta.get("simd_level") else ""
+    flags = machine.get("simd_flags")
+    cpu = machine["cpu"] + (f" (vector flags: {' '.join(flags)})" if flags else "")
     load = meta["load_average"]
     return (
         f"Run of {_format_date(meta['date'])}, `{meta['command']}` ({meta['preset']} sizes), on "
-        f"{machine['cpu']} with {machine['usable_cpus']} usable of {machine['logical_cpus']} "
+        f"{cpu} with {machine['usable_cpus']} usable of {machine['logical_cpus']} "
         f"logical CPUs and {machine['memory_gib']} GiB RAM{simd}; {machine['os']}. "
         f"{meta['threads']} threads for every contender (NumPy's BLAS: {meta['numpy_threads']}). "
         f"Versions: attnscope {meta['attnscope']}, torch {meta['torch']}, NumPy {meta['numpy']}, "
@@ -369,7 +371,10 @@ def _models_block(results: dict, ids: list[str] | None, source: str) -> str:
 
 
 def _levels_block(ids: list[str] | None, results_dir: Path) -> str:
-    """The rows of each ``latest-LEVEL.json``, side by side, and the run behind each file."""
+    """The rows of each ``latest-LEVEL.json``, side by side, and the run behind each file.
+
+    Rows a level's file lacks are left out of that level; rows no file has, left out.
+    """
     runs = {
         level: json.loads(path.read_text(encoding="utf-8"))
         for level in instruction_sets.LEVELS
@@ -383,12 +388,15 @@ def _levels_block(ids: list[str] | None, results_dir: Path) -> str:
     rows_by_level = {level: {row["id"]: row for row in run["rows"]} for level, run in runs.items()}
     if ids is None:
         ids = list(dict.fromkeys(row["id"] for run in runs.values() for row in run["rows"]))
-    missing = [
-        row_id for row_id in ids if not any(row_id in by_id for by_id in rows_by_level.values())
-    ]
-    if missing:
-        files = ", ".join(f"latest-{level}.json" for level in runs)
-        raise ValueError(f"rows: {', '.join(missing)} in none of {files}")
+    # A level's run may hold some rows only; an id that no run of any kind has is a mistake.
+    known = set().union(*rows_by_level.values())
+    if (results_dir / "latest.json").exists():
+        full_run = json.loads((results_dir / "latest.json").read_text(encoding="utf-8"))
+        known |= {row["id"] for row in full_run["rows"]}
+    unknown = [row_id for row_id in ids if row_id not in known]
+    if unknown:
+        files = ", ".join(["latest.json", *(f"latest-{level}.json" for level in runs)])
+        raise ValueError(f"rows: {', '.join(unknown)} in none of {files}")
     lines = []
     for row_id in ids:
         for level, run in runs.items():

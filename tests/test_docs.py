@@ -157,8 +157,12 @@ def test_levels_block_sets_each_level_side_by_side(tmp_path):
     roof = avx2["limits"]["sgemm"]["gflops"]
     assert f"{full['gflops']:.1f} ({full['gflops'] / roof:.0%})" in lines[3]
     assert "- avx2: Run of" in block and "engine kernels held to avx2 (`--isa avx2`)" in block
-    with pytest.raises(ValueError, match="window in none of latest-avx2.json"):
-        report.generated_block("levels rows=window", tmp_path)
+    # A row of the full run that no level's run holds is left out; an unknown id is refused.
+    shutil.copy(report.RESULTS_DIR / "latest.json", tmp_path / "latest.json")
+    partial = report.generated_block("levels rows=window,sdpa_full_h8_d64", tmp_path)
+    assert partial.splitlines()[2:4] == lines[3:5] and partial.splitlines()[4] == ""
+    with pytest.raises(ValueError, match="no_such_row in none of latest.json, latest-avx2.json"):
+        report.generated_block("levels rows=no_such_row", tmp_path)
 
 
 @pytest.mark.parametrize(
