@@ -1,6 +1,6 @@
 """attnscope.learning: the trainer's gradients against finite differences, its attention
 against the reference, its data and head scores against hand-built cases, its determinism,
-its argument checks, and short runs that learn."""
+its argument checks, short runs that learn, and its refusal without the compiled engine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from attnscope import learning
+from attnscope import _attention, _engine, learning
 from attnscope import reference as ref
 
 TINY = learning.TrainConfig(
@@ -276,3 +276,21 @@ def test_a_diverging_run_stops_with_a_report_that_says_so(learning_rate):
     for _ in range(last.step):
         trainer.train_step()
     assert not trainer.weights_finite() or trainer.report().diverged
+
+
+def test_without_the_compiled_engine_training_refuses_and_says_why(monkeypatch):
+    made_before = learning.Trainer(TINY)
+    # As if attnscope._core had failed to import (_attention binds the two calls it makes).
+    monkeypatch.setattr(_engine, "_compiled", None)
+    monkeypatch.setattr(_attention, "_core_sdpa", None)
+    monkeypatch.setattr(_attention, "_core_backward", None)
+    not_built = pytest.raises(ImportError, match="compiled engine .* could not be imported")
+    with not_built:
+        learning.Trainer(TINY)
+    with not_built:
+        learning.train(TINY)
+    # A trainer made while the engine was there does not fall back to the reference either.
+    with not_built:
+        made_before.train_step()
+    with not_built:
+        made_before.attention_maps(made_before.probe)

@@ -1,7 +1,7 @@
 """The "Learning: heads emerge" page under streamlit's AppTest: it opens without training, a
 Train press shows the trainer's own numbers (loss curve, score grids, maps, metrics), the
-comparison shows both runs' numbers, an interrupted run is said to be one, and bad choices
-are refused with the argument named."""
+comparison shows both runs' numbers, an interrupted run is said to be one, bad choices
+are refused with the argument named, and without the compiled engine Train says it is needed."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from attnscope.dashboard import engine
 from attnscope.dashboard import learning as lab
 from page_helpers import assert_clean, chart_data
 from streamlit.testing.v1 import AppTest
@@ -60,6 +61,16 @@ def test_the_app_serves_the_page():
     app.switch_page("python/attnscope/dashboard/pages/learning.py").run()
     assert_clean(app)
     assert app.title[0].value == "Learning: heads emerge"
+
+
+def test_without_the_compiled_engine_train_says_the_engine_is_needed(monkeypatch):
+    monkeypatch.setattr(engine, "compiled_available", lambda: False)
+    app = AppTest.from_file(str(PAGE), default_timeout=60)
+    app.run()
+    app.button(key="learning_train").click().run()
+    assert not app.exception, [e.value for e in app.exception]
+    assert ["not built" in e.value for e in app.error] == [True]
+    assert not app.get("vega_lite_chart")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from .._checks import flag, float_dtype, real_number, whole_number
 from .tasks import _FIRST_FILLER, _FIRST_NOUN, TASKS, _check_choice
 
 
@@ -62,26 +62,21 @@ class TrainConfig:
             ("report_every", 1),
             ("eval_size", 1),
         ):
-            _check_int(getattr(self, name), name, low)
+            whole_number(getattr(self, name), name, low=low)
         if self.d_model % self.num_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of num_heads ({self.num_heads})"
             )
         for name in ("mlp", "layer_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+            flag(getattr(self, name), name)
         _check_positive(self.learning_rate, "learning_rate")
         if self.scale != "sqrt":
             if isinstance(self.scale, str):
                 raise ValueError(f"scale must be 'sqrt' or a positive number, got {self.scale!r}")
             _check_positive(self.scale, "scale")
-        try:
-            # np.dtype(None) would be float64: None is refused, not taken for a default.
-            name = None if self.dtype is None else np.dtype(self.dtype).name
-        except TypeError:
-            name = None
-        if name not in ("float32", "float64"):
-            raise TypeError(f"dtype must be np.float32 or np.float64, got {self.dtype!r}")
+        if self.dtype is None:  # np.dtype(None) would be float64: refused, not a default
+            raise TypeError("dtype must be numpy.float32 or numpy.float64, got None")
+        float_dtype(self.dtype)
         _check_task_fits(self)
 
     @property
@@ -94,17 +89,8 @@ class TrainConfig:
         return 1.0 / math.sqrt(self.head_dim) if self.scale == "sqrt" else float(self.scale)
 
 
-def _check_int(value, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
 def _check_positive(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    if real_number(value, name, finite=True) <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 

@@ -7,9 +7,8 @@ import math
 
 import numpy as np
 
-from .. import reference
 from .._attention import scaled_dot_product_attention, scaled_dot_product_attention_backward
-from .._engine import core_available
+from ..models._model import merge_heads, split_heads
 from .config import TrainConfig
 from .tasks import Batch
 
@@ -54,41 +53,21 @@ def _layer_norm_backward(grad: np.ndarray, normed: np.ndarray, inv_std: np.ndarr
     return inv_std * (grad - mean_grad - normed * mean_grad_normed)
 
 
-def _split_heads(x: np.ndarray, num_heads: int) -> np.ndarray:
-    """``(B, T, H·Dh)`` -> contiguous ``(B, H, T, Dh)``, the engine's layout."""
-    batch, length, width = x.shape
-    heads = x.reshape(batch, length, num_heads, width // num_heads).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(heads)
-
-
-def _merge_heads(x: np.ndarray) -> np.ndarray:
-    batch, num_heads, length, head_dim = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(batch, length, num_heads * head_dim)
-
-
 def _causal_attention(q, k, v, scale: float, keep_weights: bool):
-    """Causal attention of ``(B, H, T, Dh)`` heads: ``(out, lse, weights or None)``, from the
-    engine, or from the float64 reference when the compiled engine is missing."""
-    sdpa = (
-        scaled_dot_product_attention if core_available() else reference.scaled_dot_product_attention
-    )
-    results = sdpa(
+    """Causal attention of ``(B, H, T, Dh)`` heads in the engine: ``(out, lse, weights or
+    None)``. Without the compiled engine it raises ImportError, as the whole API does."""
+    results = scaled_dot_product_attention(
         q, k, v, is_causal=True, scale=scale, return_weights=keep_weights, return_lse=True
     )
-    results = tuple(np.asarray(r, dtype=q.dtype) for r in results)
     out, lse = results[0], results[-1]
     return out, lse, (results[1] if keep_weights else None)
 
 
 def _causal_attention_backward(grad_out, q, k, v, out, lse, scale: float):
-    """``(grad_q, grad_k, grad_v)`` of :func:`_causal_attention`, from the same implementation."""
-    backward = (
-        scaled_dot_product_attention_backward
-        if core_available()
-        else reference.scaled_dot_product_attention_backward
+    """``(grad_q, grad_k, grad_v)`` of :func:`_causal_attention`, from the engine."""
+    return scaled_dot_product_attention_backward(
+        grad_out, q, k, v, out, lse, is_causal=True, scale=scale
     )
-    grads = backward(grad_out, q, k, v, out, lse, is_causal=True, scale=scale)
-    return tuple(np.asarray(g, dtype=q.dtype) for g in grads)
 
 
 def _normed(x: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray | None]:
@@ -108,10 +87,13 @@ def _forward(params, config: TrainConfig, tokens: np.ndarray, keep_weights: bool
     for layer in range(config.num_layers):
         p = {name: params[f"{layer}.{name}"] for name in ("w_q", "w_k", "w_v", "w_o")}
         normed, inv_std = _normed(x, config)
-        q, k, v = (_split_heads(normed @ p[n], config.num_heads) for n in ("w_q", "w_k", "w_v"))
+        rows = normed.reshape(-1, config.d_model)
+        q, k, v = (
+            split_heads(rows @ p[n], config.num_heads, length) for n in ("w_q", "w_k", "w_v")
+        )
         out, lse, layer_weights = _causal_attention(q, k, v, config.attention_scale, keep_weights)
         weights.append(layer_weights)
-        merged = _merge_heads(out)
+        merged = merge_heads(out).reshape(x.shape)
         x = x + merged @ p["w_o"]
         saved.append(("attention", layer, normed, inv_std, q, k, v, out, lse, merged))
         if config.mlp:
@@ -173,15 +155,15 @@ def _attention_backward_layer(params, entry, grad_x, grads, config: TrainConfig)
     width = config.d_model
     rows = grad_x.reshape(-1, width)
     grads[f"{layer}.w_o"] = merged.reshape(-1, width).T @ rows
-    grad_out = _split_heads(grad_x @ params[f"{layer}.w_o"].T, config.num_heads)
+    grad_out = split_heads(rows @ params[f"{layer}.w_o"].T, config.num_heads, grad_x.shape[1])
     grad_heads = _causal_attention_backward(grad_out, q, k, v, out, lse, config.attention_scale)
     flat_normed = normed.reshape(-1, width)
-    grad_normed = np.zeros_like(normed)
+    grad_normed = np.zeros_like(flat_normed)
     for name, grad in zip(("w_q", "w_k", "w_v"), grad_heads, strict=True):
-        merged_grad = _merge_heads(grad)
-        grads[f"{layer}.{name}"] = flat_normed.T @ merged_grad.reshape(-1, width)
+        merged_grad = merge_heads(grad)
+        grads[f"{layer}.{name}"] = flat_normed.T @ merged_grad
         grad_normed += merged_grad @ params[f"{layer}.{name}"].T
-    return _normed_backward(grad_normed, normed, inv_std)
+    return _normed_backward(grad_normed.reshape(normed.shape), normed, inv_std)
 
 
 def _mlp_backward(params, entry, grad_x, grads, config: TrainConfig):

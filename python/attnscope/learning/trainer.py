@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._checks import whole_number
+from .._engine import core
 from ..models.stats import head_stats, row_entropy
-from .config import TrainConfig, _check_int
+from .config import TrainConfig
 from .model import _backward, _cross_entropy, _forward, _init_params
 from .tasks import Batch, make_batch, repeated_sequences
 
@@ -87,6 +89,9 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        # Attention runs in the compiled engine, never in the slow reference: without it,
+        # refuse here with the reason rather than at the first step.
+        core()
         self.config = config
         init_seed, data_seed, _ = _seeds(config)
         self.params = _init_params(config, np.random.default_rng(init_seed))
@@ -230,7 +235,7 @@ class Trainer:
         weight turns NaN or infinite) stops at the step where it did, with a last report
         marked ``diverged``."""
         steps = self.config.steps if steps is None else steps
-        _check_int(steps, "steps", self.step)
+        whole_number(steps, "steps", low=self.step)
         started = time.perf_counter()
         with _one_blas_thread():
             report = self.report(seconds=0.0, steps=steps)

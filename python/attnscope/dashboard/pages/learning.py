@@ -1,9 +1,9 @@
 """Page: train a tiny transformer live and watch its heads specialise, with and without √d_k."""
 
 import streamlit as st
+from attnscope.dashboard import engine, ui
 from attnscope.dashboard import learning as lab
 from attnscope.dashboard import learning_charts as lc
-from attnscope.dashboard import ui
 from attnscope.reference import visibility
 
 TASK_NOTES = {
@@ -128,6 +128,13 @@ def show_live(run, slots) -> None:
 
 
 if train:
+    if not engine.compiled_available():
+        # The trainer refuses to run its attention in the slow reference.
+        st.error(
+            "Training computes every attention forward and backward in the compiled engine, "
+            "which is not built here. Build it with `make build` to train."
+        )
+        st.stop()
     try:
         config = lab.make_config(task, int(layers), heads, width, steps, scaling, int(seed))
     except (TypeError, ValueError) as problem:
