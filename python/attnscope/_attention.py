@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import numbers
 from collections.abc import Iterator
 
 import numpy as np
 
+from ._checks import is_whole_number, whole_number
 from ._engine import core
 from .masks import Mask
 
@@ -33,9 +33,7 @@ def check_window(window) -> tuple[int | None, int | None] | None:
     """`w` (int >= 1) becomes `(w - 1, w - 1)`; `(left, right)` sides are ints >= 0 or None."""
     if window is None:
         return None
-    if isinstance(window, bool):
-        raise TypeError(f"window must be an int >= 1 or a (left, right) tuple, got {window!r}")
-    if isinstance(window, numbers.Integral):
+    if is_whole_number(window):
         if window < 1:
             raise ValueError(f"window must be >= 1 (the number of keys seen), got {window}")
         side = min(int(window) - 1, _WIDEST_SIDE)
@@ -45,7 +43,7 @@ def check_window(window) -> tuple[int | None, int | None] | None:
         for side, label in zip(window, ("left", "right"), strict=True):
             if side is None:
                 sides.append(None)
-            elif isinstance(side, numbers.Integral) and not isinstance(side, bool):
+            elif is_whole_number(side):
                 if side < 0:
                     raise ValueError(f"window {label} side must be >= 0 or None, got {side}")
                 sides.append(min(int(side), _WIDEST_SIDE))
@@ -53,13 +51,6 @@ def check_window(window) -> tuple[int | None, int | None] | None:
                 raise TypeError(f"window {label} side must be an int or None, got {side!r}")
         return (sides[0], sides[1])
     raise TypeError(f"window must be an int >= 1 or a (left, right) tuple, got {window!r}")
-
-
-def check_flag(value, name: str) -> bool:
-    """A bool for a Python-side option (the core checks its own flags)."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
 
 
 def scaled_dot_product_attention(
@@ -215,17 +206,10 @@ def context_threads() -> int | None:
     return _CONTEXT_THREADS.get()
 
 
-def _an_int(num_threads) -> int:
-    """An int, not a bool (the core checks the range: 1 to its maximum)."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, numbers.Integral):
-        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
-    return int(num_threads)
-
-
 def set_num_threads(num_threads: int) -> None:
     """Use `num_threads` worker threads for every later call (1 = run serially), in every
     thread and context that has not chosen its own count with :func:`threads`."""
-    core().set_num_threads(_an_int(num_threads))
+    core().set_num_threads(whole_number(num_threads, "num_threads"))
 
 
 def get_num_threads() -> int:
@@ -253,7 +237,7 @@ def threads(num_threads: int) -> Iterator[None]:
         with attnscope.threads(1):
             out = attnscope.scaled_dot_product_attention(q, k, v)
     """
-    token = _CONTEXT_THREADS.set(core().check_num_threads(_an_int(num_threads)))
+    token = _CONTEXT_THREADS.set(core().check_num_threads(whole_number(num_threads, "num_threads")))
     try:
         yield
     finally:
@@ -262,11 +246,8 @@ def threads(num_threads: int) -> Iterator[None]:
 
 def set_weights_memory_limit(num_bytes: int) -> None:
     """Refuse ``return_weights=True`` when the weights array would exceed `num_bytes`."""
-    if isinstance(num_bytes, bool) or not isinstance(num_bytes, numbers.Integral):
-        raise TypeError(f"num_bytes must be an int, got {type(num_bytes).__name__}")
-    if num_bytes < 0:
-        raise ValueError(f"num_bytes must be >= 0, got {num_bytes}")
-    core().set_weights_memory_limit(min(int(num_bytes), 2**64 - 1))
+    num_bytes = whole_number(num_bytes, "num_bytes", low=0)
+    core().set_weights_memory_limit(min(num_bytes, 2**64 - 1))
 
 
 def get_weights_memory_limit() -> int:

@@ -4,59 +4,19 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping
 
 import numpy as np
 
-from ._attention import check_flag, check_window, context_threads
+from ._attention import check_window, context_threads
+from ._checks import array_of, flag, float_dtype, whole_number
 from ._engine import core
 from .masks import Mask
 
 __all__ = ["KVCache", "MultiHeadAttention"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
-
-
-def _float_dtype(dtype) -> np.dtype:
-    try:
-        resolved = np.dtype(dtype)
-    except TypeError as error:
-        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {dtype!r}") from error
-    if resolved not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be numpy.float32 or numpy.float64, got {resolved}")
-    return resolved
-
-
-def _positive_int(value, name: str, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    lowest = 0 if allow_zero else 1
-    if value < lowest:
-        raise ValueError(f"{name} must be >= {lowest}, got {value}")
-    return int(value)
-
-
-def _array_of(value, name: str, dtype: np.dtype, ndims: tuple[int, ...]) -> np.ndarray:
-    """`value` as an ndarray of `dtype` with one of `ndims` dimensions, else TypeError or
-    ValueError naming the argument."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(
-            f"{name} must be a numpy.ndarray, got {type(value).__name__}; "
-            f"wrap it with numpy.asarray({name}, dtype=numpy.{dtype})"
-        )
-    # By kind, not byte order: the core computes on a byte-swapped ('>f4') array too.
-    if value.dtype.char != dtype.char:
-        raise TypeError(
-            f"{name} has dtype {value.dtype} but this computes in {dtype}; "
-            f"convert with {name}.astype(numpy.{dtype})"
-        )
-    if value.ndim not in ndims:
-        expected = " or ".join(str(n) for n in ndims)
-        raise ValueError(f"{name} must have {expected} dims, got shape {value.shape}")
-    return value
 
 
 class KVCache:
@@ -105,20 +65,20 @@ class KVCache:
         max_len=None,
         sinks=0,
     ):
-        self._dtype = _float_dtype(dtype)
+        self._dtype = float_dtype(dtype)
         if storage is None:
             storage = str(self._dtype)
         elif not isinstance(storage, str):
             raise TypeError(f"storage must be a str or None, got {type(storage).__name__}")
         self._core = core().KvCacheCore(
-            _positive_int(num_kv_heads, "num_kv_heads"),
-            _positive_int(head_dim, "head_dim"),
-            _positive_int(batch, "batch"),
+            whole_number(num_kv_heads, "num_kv_heads", low=1),
+            whole_number(head_dim, "head_dim", low=1),
+            whole_number(batch, "batch", low=1),
             str(self._dtype),
-            0 if capacity is None else _positive_int(capacity, "capacity", allow_zero=True),
+            0 if capacity is None else whole_number(capacity, "capacity", low=0),
             storage,
-            None if max_len is None else _positive_int(max_len, "max_len"),
-            _positive_int(sinks, "sinks", allow_zero=True),
+            None if max_len is None else whole_number(max_len, "max_len", low=1),
+            whole_number(sinks, "sinks", low=0),
         )
 
     @property
@@ -188,8 +148,8 @@ class KVCache:
             ValueError: shapes that do not fit the cache, or ``k`` and ``v`` of different
                 lengths. The cache is left exactly as it was.
         """
-        k = _array_of(k, "k", self._dtype, (4,))
-        v = _array_of(v, "v", self._dtype, (4,))
+        k = array_of(k, "k", self._dtype, (4,))
+        v = array_of(v, "v", self._dtype, (4,))
         self._core.append(k, v, context_threads())
 
     def attend(self, q, *, scale=None, window=None, enable_gqa=False, attn_mask=None) -> np.ndarray:
@@ -210,7 +170,7 @@ class KVCache:
         Returns:
             ``(batch, num_heads, L, head_dim)`` in the cache's dtype.
         """
-        q = _array_of(q, "q", self._dtype, (4,))
+        q = array_of(q, "q", self._dtype, (4,))
         if attn_mask is not None and not isinstance(attn_mask, Mask):
             raise TypeError(
                 "attn_mask must be an attnscope.masks expression or None, got "
@@ -346,10 +306,10 @@ class MultiHeadAttention:
         kdim=None,
         vdim=None,
     ):
-        embed_dim = _positive_int(embed_dim, "embed_dim")
-        num_heads = _positive_int(num_heads, "num_heads")
+        embed_dim = whole_number(embed_dim, "embed_dim", low=1)
+        num_heads = whole_number(num_heads, "num_heads", low=1)
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
+        num_kv_heads = whole_number(num_kv_heads, "num_kv_heads", low=1)
         if embed_dim % num_heads:
             raise ValueError(
                 f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
@@ -358,20 +318,20 @@ class MultiHeadAttention:
             raise ValueError(
                 f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
             )
-        self._dtype = _float_dtype(dtype)
+        self._dtype = float_dtype(dtype)
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.kdim = embed_dim if kdim is None else _positive_int(kdim, "kdim")
-        self.vdim = embed_dim if vdim is None else _positive_int(vdim, "vdim")
+        self.kdim = embed_dim if kdim is None else whole_number(kdim, "kdim", low=1)
+        self.vdim = embed_dim if vdim is None else whole_number(vdim, "vdim", low=1)
         kv_width = num_kv_heads * self.head_dim
         rng = np.random.default_rng(seed)
         self.w_q = _xavier_uniform(rng, embed_dim, embed_dim, self._dtype)
         self.w_k = _xavier_uniform(rng, self.kdim, kv_width, self._dtype)
         self.w_v = _xavier_uniform(rng, self.vdim, kv_width, self._dtype)
         self.w_o = _xavier_uniform(rng, embed_dim, embed_dim, self._dtype)
-        use_bias = check_flag(bias, "bias")
+        use_bias = flag(bias, "bias")
         zeros = (lambda n: np.zeros(n, dtype=self._dtype)) if use_bias else (lambda n: None)
         self.b_q = zeros(embed_dim)
         self.b_k = zeros(kv_width)
@@ -402,9 +362,9 @@ class MultiHeadAttention:
         )
 
     def _parameters(self) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-        matrices = [_array_of(getattr(self, n), n, self._dtype, (2,)) for n in _WEIGHT_NAMES]
+        matrices = [array_of(getattr(self, n), n, self._dtype, (2,)) for n in _WEIGHT_NAMES]
         biases = [
-            None if getattr(self, n) is None else _array_of(getattr(self, n), n, self._dtype, (1,))
+            None if getattr(self, n) is None else array_of(getattr(self, n), n, self._dtype, (1,))
             for n in _BIAS_NAMES
         ]
         return matrices, biases
@@ -446,7 +406,7 @@ class MultiHeadAttention:
             that sees no key gets attention output zeros (so its output is ``b_o``).
         """
         dtype = self._dtype
-        query = _array_of(query, "query", dtype, (2, 3))
+        query = array_of(query, "query", dtype, (2, 3))
         if cache is not None:
             if not isinstance(cache, KVCache):
                 raise TypeError(f"cache must be an attnscope.KVCache, got {type(cache).__name__}")
@@ -459,8 +419,8 @@ class MultiHeadAttention:
                     f"cache holds {cache.dtype} but the layer computes in {dtype}; create it "
                     f"with dtype=numpy.{dtype} (or layer.new_cache())"
                 )
-        key = query if key is None else _array_of(key, "key", dtype, (2, 3))
-        value = key if value is None else _array_of(value, "value", dtype, (2, 3))
+        key = query if key is None else array_of(key, "key", dtype, (2, 3))
+        value = key if value is None else array_of(value, "value", dtype, (2, 3))
         unbatched = query.ndim == 2
         for name, array in (("key", key), ("value", value)):
             if array.ndim != query.ndim:

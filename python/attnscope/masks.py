@@ -36,11 +36,11 @@ Limits, each refused with a ``ValueError`` that names what was too large:
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
+from ._checks import is_whole_number, whole_number
 from ._engine import core
 
 __all__ = [
@@ -279,14 +279,7 @@ def _same_spec(a, b) -> bool:
 
 def _count(value, name: str, minimum: int = 0, maximum: int = _LARGEST) -> int:
     """A whole number (not a bool) from `minimum` to `maximum`."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if value > maximum:
-        limit = "2**63 - 1" if maximum == _LARGEST else str(maximum)
-        raise ValueError(f"{name} must be <= {limit}, got {value}")
-    return int(value)
+    return whole_number(value, name, low=minimum, high=maximum)
 
 
 def _alignment(alignment) -> bool:
@@ -309,7 +302,7 @@ def _positions(values, name: str) -> np.ndarray:
         # Python ints as they are: NumPy would turn one past int64 into uint64, float or object.
         array = np.asarray(list(values) if isinstance(values, range) else values, dtype=object)
         for value in array.flat:
-            if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+            if not is_whole_number(value):
                 raise TypeError(f"{name} must hold integers, got {type(value).__name__}")
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
@@ -339,7 +332,7 @@ def window(left, right=..., *, alignment: str = "top_left") -> Mask:
     for side, label in ((left, "left"), (left if right is ... else right, "right")):
         if side is None:
             sides.append(None)
-        elif isinstance(side, bool) or not isinstance(side, numbers.Integral):
+        elif not is_whole_number(side):
             raise TypeError(f"window {label} must be an int >= 0 or None, got {side!r}")
         elif side < 0:
             raise ValueError(f"window {label} must be >= 0 or None, got {side}")

@@ -4,13 +4,13 @@ size and the time of every step)."""
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from .._checks import is_real_number
 from . import budget
 from .real_model import display_tokens
 
@@ -53,10 +53,9 @@ def prepare(model, prompt: str, *, mode: str, max_new_tokens, temperature: float
     if not isinstance(prompt, str) or not prompt.strip():
         raise GenerationInputError("Type a prompt first: the model needs something to continue.")
     if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, numbers.Real)
+        not is_real_number(max_new_tokens)
+        or not 1 <= max_new_tokens <= MAX_NEW_TOKENS  # NaN and inf fail here
         or max_new_tokens != int(max_new_tokens)
-        or not 1 <= max_new_tokens <= MAX_NEW_TOKENS
     ):
         raise GenerationInputError(
             f"New tokens must be a whole number from 1 to {MAX_NEW_TOKENS}, got {max_new_tokens}."

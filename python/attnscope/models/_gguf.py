@@ -13,12 +13,12 @@ and safetensors folders alike. Two conversions made by llama.cpp are undone here
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
+from .._checks import file_positive_number, file_whole_number
 from ._llama import MAX_POSITIONS
 from ._model import Checkpoint
 
@@ -160,13 +160,7 @@ class _Fields:
             if default is None:
                 raise ValueError(f"{self._path} has no metadata field {key}")
             return default
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"{self._path}: {key} must be an integer, got {value!r}")
-        if value < minimum:
-            raise ValueError(f"{self._path}: {key} must be >= {minimum}, got {value}")
-        if value > maximum:
-            raise ValueError(f"{self._path}: {key} must be <= {maximum:,}{why}, got {value:,}")
-        return int(value)
+        return file_whole_number(value, f"{self._path}: {key}", low=minimum, high=maximum, why=why)
 
     def number(self, key: str, *, default: float | None = None) -> float:
         value = self.optional(key)
@@ -174,9 +168,7 @@ class _Fields:
             if default is None:
                 raise ValueError(f"{self._path} has no metadata field {key}")
             return default
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1e30:
-            raise ValueError(f"{self._path}: {key} must be a positive number, got {value!r}")
-        return float(value)
+        return file_positive_number(value, f"{self._path}: {key}")
 
     def strings(self, key: str) -> list[str]:
         value = self.required(key)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._mha import _float_dtype as float_dtype
+from .._checks import float_dtype
 from ._bert import BertModel
 from ._gguf import read_gguf
 from ._gpt2 import GPT2Model

@@ -8,7 +8,6 @@ and a forward pass in NumPy whose attention goes through
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import attnscope
+
+from .._checks import file_positive_number, file_whole_number, is_whole_number
 
 
 @dataclass(frozen=True, eq=False)
@@ -301,7 +302,7 @@ class Model:
             if len(pair) != 2:
                 raise TypeError(f"{name} must hold (layer, head) pairs, got {pair!r}")
             for value in pair:
-                if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+                if not is_whole_number(value):
                     raise TypeError(f"{name}: layers and heads must be integers, got {pair!r}")
             layer, head = int(pair[0]), int(pair[1])
             if not 0 <= layer < self.num_layers:
@@ -431,25 +432,16 @@ class Model:
             value = config.get(key)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"{self._config_file}: {key} must be an integer, got {value!r}")
-            if value < minimum:
-                raise ValueError(f"{self._config_file}: {key} must be >= {minimum}, got {value}")
-            if maximum is not None and value > maximum:
-                raise ValueError(
-                    f"{self._config_file}: {key} must be <= {maximum:,}, got {value:,}"
-                )
-            return int(value)
+            return file_whole_number(
+                value, f"{self._config_file}: {key}", low=minimum, high=maximum
+            )
         if default is not None:
             return default
         raise ValueError(f"{self._config_file} has no integer {' / '.join(keys)}")
 
     def _config_float(self, config: dict, key: str, default: float) -> float:
         """``config[key]`` as a positive finite float, `default` when absent."""
-        value = config.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1e30:
-            raise ValueError(f"{self._config_file}: {key} must be a positive number, got {value!r}")
-        return float(value)
+        return file_positive_number(config.get(key, default), f"{self._config_file}: {key}")
 
     def _heads_divide(self, width: int, heads: int, what: str) -> int:
         """Width of one head; refuses a width that `heads` does not divide."""

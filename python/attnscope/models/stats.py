@@ -22,10 +22,11 @@ uniform spread's), or ``mixed``.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+from .._checks import is_whole_number, whole_number
 
 DELIMITERS = frozenset(
     {"[CLS]", "[SEP]", "<s>", "</s>", "<|endoftext|>", "<bos>", "<eos>"}
@@ -129,8 +130,7 @@ def induction_scores(attentions: np.ndarray, period: int | None = None) -> np.nd
     n = maps.shape[-1]
     if period is None:
         period = n // 2
-    if isinstance(period, bool) or not isinstance(period, numbers.Integral):
-        raise TypeError(f"period must be an int, got {type(period).__name__}")
+    period = whole_number(period, "period")
     if period < 2 or 2 * period > n:
         raise ValueError(f"period must be in [2, n // 2] = [2, {n // 2}], got {period}")
     queries = np.arange(period, 2 * period)
@@ -148,12 +148,9 @@ def repeated_random_ids(
         seed: seed of the random draw.
         avoid: ids never drawn (special tokens such as ``[CLS]`` or padding).
     """
-    for value, label in ((vocab_size, "vocab_size"), (period, "period")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{label} must be an int, got {type(value).__name__}")
+    vocab_size = whole_number(vocab_size, "vocab_size")
+    period = whole_number(period, "period", low=2)
     allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(avoid, dtype=np.int64))
-    if period < 2:
-        raise ValueError(f"period must be >= 2, got {period}")
     if allowed.size < period:
         raise ValueError(f"vocab_size {vocab_size} leaves fewer than period={period} ids to draw")
     block = np.random.default_rng(seed).choice(allowed, size=period, replace=False)
@@ -241,7 +238,7 @@ def _label(row: dict, relative_entropy: float) -> str:
 
 
 def _positions(value, name: str, n: int) -> np.ndarray:
-    values = [value] if isinstance(value, numbers.Integral) else value
+    values = [value] if is_whole_number(value) else value
     try:
         positions = np.asarray(values)
     except (TypeError, ValueError):
