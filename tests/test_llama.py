@@ -14,7 +14,7 @@ import attnscope
 import attnscope.models as am
 import numpy as np
 import pytest
-from attnscope.models import _generate, _sources
+from attnscope.models import _generate, _perplexity, _sources
 from attnscope.models._gguf import unpermute_rows
 from attnscope.models._loader import read_safetensors
 from fixtures.llama_checkpoints import (
@@ -389,7 +389,7 @@ LONG_TEXT = " ".join(["the sun rose and the nurse sang in the sea"] * 2)
 def test_perplexity_through_a_bounded_cache_equals_a_masked_full_pass(
     tiny, monkeypatch, window, sinks
 ):
-    monkeypatch.setattr(_generate, "_PERPLEXITY_CHUNK", 16)  # several chunks without a window
+    monkeypatch.setattr(_perplexity, "_PERPLEXITY_CHUNK", 16)  # several chunks without a window
     result = tiny.perplexity(LONG_TEXT, window=window, sinks=sinks)
     nll, tokens = perplexity_by_full_recomputation(tiny, LONG_TEXT, window, sinks)
     assert result.tokens == tokens > 40

@@ -778,7 +778,7 @@ def storage_quality(
 ) -> pd.DataFrame:
     """Per storage: the perplexity of `text` read through KV caches kept that way, its change
     from float32 storage, and how often the likeliest next token agrees with float32's."""
-    from attnscope.models._generate import read_through_caches
+    from attnscope.models._perplexity import read_through_caches
 
     _, ids = model.tokenize(text)
     rows, baseline = [], None

@@ -18,9 +18,10 @@ run time. Generation decodes through one :class:`attnscope.KVCache` per layer.
 
 from __future__ import annotations
 
-from ._generate import Generation, GenerationStep, Perplexity
+from ._generate import Generation, GenerationStep
 from ._loader import load
 from ._model import Model, Trace
+from ._perplexity import Perplexity
 from ._sources import KNOWN_MODELS, ModelUnavailableError
 from .interventions import attention_rollout, head_effects, patching_effects
 from .stats import (

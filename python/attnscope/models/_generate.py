@@ -1,4 +1,4 @@
-"""Text generation, chat and perplexity for causal models, with the engine's KV cache.
+"""Text generation for causal models, with the engine's KV cache.
 
 Generation reads the prompt once (one causal attention call per layer) and then decodes one
 token per step: each layer appends the new token's key and value to its
@@ -27,9 +27,6 @@ import numpy as np
 import attnscope
 
 from ._model import check_encodable
-
-_PERPLEXITY_CHUNK = 256  # tokens read per step when no window bounds the cache
-_CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True, eq=False)
@@ -72,16 +69,6 @@ class Generation:
     tokens: list[str]
     text: str
     steps: list[GenerationStep]
-
-
-@dataclass(frozen=True)
-class Perplexity:
-    """Mean negative log-likelihood (nats per token), its exponential, and the tokens scored
-    (every token of the text but the first, which has nothing before it)."""
-
-    nll: float
-    ppl: float
-    tokens: int
 
 
 # --- argument checks ------------------------------------------------------------------------
@@ -398,176 +385,3 @@ def _steps(
             return
         started = time.perf_counter()
         logits = decoder.decode(token)
-
-
-# --- chat ------------------------------------------------------------------------------------
-
-
-def _check_messages(messages) -> list[dict]:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
-        raise TypeError(
-            'messages must be a list of {"role": ..., "content": ...} dicts, got '
-            f"{type(messages).__name__}"
-        )
-    if not messages:
-        raise ValueError("messages is empty: give at least one user message")
-    checked = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) != {"role", "content"}:
-            raise ValueError(
-                f'messages[{index}] must be a dict with exactly "role" and "content", '
-                f"got {message!r}"
-            )
-        role, content = message["role"], message["content"]
-        if role not in _CHAT_ROLES:
-            raise ValueError(
-                f"messages[{index}]['role'] must be one of {', '.join(_CHAT_ROLES)}, got {role!r}"
-            )
-        if not isinstance(content, str):
-            raise TypeError(
-                f"messages[{index}]['content'] must be a str, got {type(content).__name__}"
-            )
-        check_encodable(content, f"messages[{index}]['content']")
-        checked.append({"role": role, "content": content})
-    if checked[-1]["role"] == "assistant":
-        raise ValueError("the last message is the assistant's: end with a user message")
-    return checked
-
-
-def chat_prompt(model, messages) -> str:
-    """`messages` rendered by the model's Jinja chat template, the assistant's turn opened."""
-    messages = _check_messages(messages)
-    if not model.chat_template:
-        raise ValueError(f"{model.name} carries no chat template: use generate() with a prompt")
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise TemplateError(message)
-
-    # As transformers renders templates: sandboxed, blocks trimmed.
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals["raise_exception"] = raise_exception
-    try:
-        template = environment.from_string(model.chat_template)
-        return template.render(messages=messages, add_generation_prompt=True)
-    except TemplateError as error:
-        raise ValueError(
-            f"the chat template of {model.name} refused the messages: {error}"
-        ) from None
-
-
-# --- perplexity ------------------------------------------------------------------------------
-
-
-def visible_keys(queries: np.ndarray, keys: np.ndarray, window: int | None, sinks: int):
-    """Which key positions each query position sees: causal, then at most the `window` most
-    recent keys, plus the first `sinks` tokens. ``(len(queries), len(keys))`` bool."""
-    seen = keys[None, :] <= queries[:, None]
-    if window is not None:
-        seen &= (keys[None, :] > queries[:, None] - window) | (keys[None, :] < sinks)
-    return seen
-
-
-def perplexity(model, text, *, window=None, sinks=0, kv_storage=None) -> Perplexity:
-    """Perplexity of `text`, reading it in chunks through a KV cache that keeps, when `window`
-    is set, only the first `sinks` tokens and the most recent keys (older ones are evicted).
-    With `kv_storage` (and no window) the chunks attend over an :class:`attnscope.KVCache`
-    storing its keys and values that way."""
-    if window is not None:
-        window = _check_int(window, "window", 1)
-    sinks = _check_int(sinks, "sinks", 0)
-    storage = _check_kv_storage(model, kv_storage)
-    if storage is not None and window is not None:
-        raise ValueError("kv_storage works with window=None (the whole text kept)")
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
-    _, ids = model.tokenize(text)
-    if ids.size < 2:
-        raise ValueError("text must give at least two tokens: the first one is not predicted")
-    if ids.size > model.context_length:
-        raise ValueError(
-            f"text is {ids.size} tokens long but {model.name} reads at most "
-            f"{model.context_length} tokens (its context window); shorten the text"
-        )
-    # A window as long as the text hides nothing (any larger one, 10**30 included, is the
-    # same), and sinks past the text's end are all of it.
-    if window is not None and window >= ids.size:
-        window = None
-    sinks = min(sinks, ids.size)
-    if storage is not None:
-        return _perplexity_through_caches(model, ids, storage)
-    chunk = window or _PERPLEXITY_CHUNK
-    cache = [None] * model.num_layers  # per layer: (keys, values, positions) kept so far
-    total = 0.0
-    for start in range(0, ids.size - 1, chunk):
-        stop = min(start + chunk, ids.size - 1)
-        positions = np.arange(start, stop)
-
-        def attend(layer, q, k, v, positions=positions):
-            if cache[layer] is None:
-                keys, values, kept = k, v, positions
-            else:
-                old_keys, old_values, old_positions = cache[layer]
-                keys = np.concatenate([old_keys, k], axis=1)
-                values = np.concatenate([old_values, v], axis=1)
-                kept = np.concatenate([old_positions, positions])
-            mask = visible_keys(positions, kept, window, sinks)
-            context = attnscope.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, enable_gqa=True
-            )
-            # Evict what no later query can see.
-            if window is not None:
-                keep = (kept < sinks) | (kept > positions[-1] - window + 1)
-                keys, values, kept = keys[:, keep], values[:, keep], kept[keep]
-            cache[layer] = (keys, values, kept)
-            return context
-
-        logits = model.logits(model.blocks(ids[start:stop], start, attend))
-        total += _negative_log_likelihood(logits, ids[start + 1 : stop + 1])
-    scored = ids.size - 1
-    nll = total / scored
-    return Perplexity(nll=nll, ppl=math.exp(nll), tokens=scored)
-
-
-def read_through_caches(model, ids: np.ndarray, storage: str | None) -> tuple[float, np.ndarray]:
-    """Reads `ids` in chunks, every chunk attending over per-layer :class:`attnscope.KVCache`
-    objects in `storage` (None: the model's dtype). Returns the summed negative
-    log-likelihood of ``ids[1:]`` and the model's likeliest next token after each of
-    ``ids[:-1]``."""
-    caches = [
-        attnscope.KVCache(
-            model.num_kv_heads,
-            model.head_dim,
-            dtype=model.dtype,
-            capacity=ids.size,
-            storage=storage,
-        )
-        for _ in range(model.num_layers)
-    ]
-
-    def attend(layer, q, k, v):
-        caches[layer].append(k[None], v[None])
-        return caches[layer].attend(q[None], enable_gqa=True)[0]
-
-    total, predictions = 0.0, []
-    for start in range(0, ids.size - 1, _PERPLEXITY_CHUNK):
-        stop = min(start + _PERPLEXITY_CHUNK, ids.size - 1)
-        logits = model.logits(model.blocks(ids[start:stop], start, attend))
-        total += _negative_log_likelihood(logits, ids[start + 1 : stop + 1])
-        predictions.append(logits.argmax(axis=1))
-    return total, np.concatenate(predictions)
-
-
-def _perplexity_through_caches(model, ids: np.ndarray, storage: str) -> Perplexity:
-    """Perplexity with every chunk attending over a per-layer KVCache in `storage`."""
-    nll = read_through_caches(model, ids, storage)[0] / (ids.size - 1)
-    return Perplexity(nll=nll, ppl=math.exp(nll), tokens=ids.size - 1)
-
-
-def _negative_log_likelihood(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Sum over rows of ``-log softmax(logits[i])[targets[i]]``."""
-    top = logits.max(axis=1, keepdims=True)
-    log_sums = np.log(np.exp(logits - top).sum(axis=1, dtype=np.float64)) + top[:, 0]
-    picked = logits[np.arange(targets.size), targets].astype(np.float64)
-    return float((log_sums - picked).sum())

@@ -23,8 +23,10 @@ import numpy as np
 
 import attnscope
 
-from ._generate import chat_prompt, generate, perplexity, stream
+from ._chat import chat_prompt
+from ._generate import generate, stream
 from ._model import Checkpoint, Model
+from ._perplexity import perplexity
 
 # attend(layer, q, k, v) -> context: q (Hq, n, Dh), k and v (Hkv, n, Dh) -> (Hq, n, Dh).
 Attend = Callable[[int, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
@@ -219,7 +221,7 @@ class LlamaModel(Model):
         """Next-token scores ``(n, vocab)`` for final hidden states ``(n, d)``."""
         return _project(hidden, self._unembed)
 
-    # --- generation, chat and perplexity (see _generate) -----------------------------------
+    # --- generation, chat and perplexity (see _generate, _chat, _perplexity) -----------------
 
     def stream(
         self,
