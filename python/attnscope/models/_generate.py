@@ -17,7 +17,6 @@ every layer as one batch, an empty value matrix, and a mask hiding unused buffer
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 
 import attnscope
 
+from .._checks import flag, real_number, whole_number
 from ._model import check_encodable
 
 
@@ -74,25 +74,15 @@ class Generation:
 # --- argument checks ------------------------------------------------------------------------
 
 
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bounds}, got {value}")
-    return int(value)
-
-
 def _check_sampling(temperature, top_k, seed) -> tuple[float, int | None, int | None]:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
+    temperature = real_number(temperature, "temperature")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None:
-        top_k = _check_int(top_k, "top_k", 1)
+        top_k = whole_number(top_k, "top_k", low=1)
     if seed is not None:
-        seed = _check_int(seed, "seed", 0)
-    return float(temperature), top_k, seed
+        seed = whole_number(seed, "seed", low=0)
+    return temperature, top_k, seed
 
 
 KV_STORAGES = ("float32", "bfloat16", "float16", "int8")
@@ -120,7 +110,7 @@ def _prompt_ids(model, prompt, max_new_tokens) -> tuple[np.ndarray, int]:
         raise ValueError("prompt is empty: give some text to continue")
     check_encodable(prompt, "prompt")
     context = model.context_length
-    max_new_tokens = _check_int(max_new_tokens, "max_new_tokens", 1, context)
+    max_new_tokens = whole_number(max_new_tokens, "max_new_tokens", low=1, high=context)
     _, ids = model.tokenize(prompt)
     if ids.size == 0:
         raise ValueError(f"prompt {prompt!r} gives no tokens")
@@ -348,8 +338,7 @@ def _start(
     ids, max_new_tokens = _prompt_ids(model, prompt, max_new_tokens)
     temperature, top_k, seed = _check_sampling(temperature, top_k, seed)
     storage = _check_kv_storage(model, kv_storage)
-    if not isinstance(use_cache, bool):
-        raise TypeError(f"use_cache must be True or False, got {type(use_cache).__name__}")
+    flag(use_cache, "use_cache")
     if not use_cache and kv_storage is not None:
         raise ValueError("kv_storage sets how the cache stores rows: it needs use_cache=True")
     capacity = ids.size + max_new_tokens

@@ -10,7 +10,8 @@ import numpy as np
 
 import attnscope
 
-from ._generate import _check_int, _check_kv_storage
+from .._checks import whole_number
+from ._generate import _check_kv_storage
 
 _PERPLEXITY_CHUNK = 256  # tokens read per step when no window bounds the cache
 
@@ -40,8 +41,8 @@ def perplexity(model, text, *, window=None, sinks=0, kv_storage=None) -> Perplex
     With `kv_storage` (and no window) the chunks attend over an :class:`attnscope.KVCache`
     storing its keys and values that way."""
     if window is not None:
-        window = _check_int(window, "window", 1)
-    sinks = _check_int(sinks, "sinks", 0)
+        window = whole_number(window, "window", low=1)
+    sinks = whole_number(sinks, "sinks", low=0)
     storage = _check_kv_storage(model, kv_storage)
     if storage is not None and window is not None:
         raise ValueError("kv_storage works with window=None (the whole text kept)")
