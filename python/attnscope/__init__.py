@@ -19,7 +19,8 @@ from ._attention import (
     threads,
 )
 from ._engine import core_available
-from ._mha import KVCache, MultiHeadAttention
+from ._kv_cache import KVCache
+from ._layer import MultiHeadAttention
 
 __version__ = "0.1.0"
 

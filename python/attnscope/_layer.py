@@ -1,5 +1,5 @@
-"""`MultiHeadAttention` (projections, every head at once, output projection) and `KVCache`
-(past keys and values for token-by-token decoding): argument checks here, the work in Rust."""
+"""`MultiHeadAttention`: projections, every head at once, output projection. Argument checks
+here, the work in Rust."""
 
 from __future__ import annotations
 
@@ -8,267 +8,22 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ._attention import check_window, context_threads
+from ._attention import context_threads
 from ._checks import array_of, flag, float_dtype, whole_number
 from ._engine import core
+from ._kv_cache import KVCache
+from ._torch_state import _input_projections, _state_bias, _state_matrix, _to_numpy
 from .masks import Mask
 
-__all__ = ["KVCache", "MultiHeadAttention"]
+__all__ = ["MultiHeadAttention"]
 
 _WEIGHT_NAMES = ("w_q", "w_k", "w_v", "w_o")
 _BIAS_NAMES = ("b_q", "b_k", "b_v", "b_o")
 
 
-class KVCache:
-    """The keys and values of the tokens generated so far, for decoding one token at a time.
-
-    Holds keys and values of shape ``(batch, num_kv_heads, len, head_dim)`` in buffers with
-    spare room; when the room runs out it at least doubles, so a long generation copies each
-    key a bounded number of times (no O(n²) copying). Attention reads the buffers in place.
-
-    Args:
-        num_kv_heads: key/value heads held.
-        head_dim: width of each head.
-        batch: sequences decoded side by side.
-        dtype: ``numpy.float32`` or ``numpy.float64``: the compute dtype of ``append``,
-            ``attend`` and their results.
-        capacity: tokens to make room for up front (``None``: grow as needed).
-        storage: how keys and values are kept. ``None`` or the dtype's name: as given.
-            For float32 caches also ``"bfloat16"``, ``"float16"`` (2 bytes a value) or
-            ``"int8"`` (blocks of 32 values sharing one float32 scale, ``max|x|/127``, per
-            token and head: 1.125 bytes a value). ``append`` converts once; attention reads
-            the stored values and accumulates in float32. A float64 cache stores float64.
-        max_len: keep at most this many tokens (``None``: unbounded). Once full, the oldest
-            tokens after the first ``sinks`` are evicted, as StreamingLLM does.
-        sinks: the first tokens a bounded cache never evicts (``0 <= sinks <= max_len``).
-
-    Positions: the cache stores keys exactly as given (rotated by the caller, if the model
-    rotates them), and the queries of ``attend`` see the kept tokens with bottom-right causal
-    alignment: the ``L`` queries are the last ``L`` kept tokens.
-
-    Example::
-
-        cache = attnscope.KVCache(8, 64, storage="int8", max_len=4096, sinks=4)
-        cache.append(k, v)                 # (1, 8, n, 64) each
-        out = cache.attend(q)              # (1, 8, L, 64); query i sees keys <= len - L + i
-    """
-
-    def __init__(
-        self,
-        num_kv_heads,
-        head_dim,
-        *,
-        batch=1,
-        dtype=np.float32,
-        capacity=None,
-        storage=None,
-        max_len=None,
-        sinks=0,
-    ):
-        self._dtype = float_dtype(dtype)
-        if storage is None:
-            storage = str(self._dtype)
-        elif not isinstance(storage, str):
-            raise TypeError(f"storage must be a str or None, got {type(storage).__name__}")
-        self._core = core().KvCacheCore(
-            whole_number(num_kv_heads, "num_kv_heads", low=1),
-            whole_number(head_dim, "head_dim", low=1),
-            whole_number(batch, "batch", low=1),
-            str(self._dtype),
-            0 if capacity is None else whole_number(capacity, "capacity", low=0),
-            storage,
-            None if max_len is None else whole_number(max_len, "max_len", low=1),
-            whole_number(sinks, "sinks", low=0),
-        )
-
-    @property
-    def storage(self) -> str:
-        """How keys and values are kept: ``"float32"``, ``"float64"``, ``"bfloat16"``,
-        ``"float16"`` or ``"int8"``."""
-        return self._core.storage
-
-    @property
-    def max_len(self) -> int | None:
-        """The most tokens kept (``None``: unbounded)."""
-        return self._core.max_len
-
-    @property
-    def sinks(self) -> int:
-        """The first tokens a bounded cache never evicts."""
-        return self._core.sinks
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self._core.num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self._core.head_dim
-
-    @property
-    def batch(self) -> int:
-        return self._core.batch
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._dtype
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the keys and values held, in their storage: ``2 · batch · num_kv_heads ·
-        len`` rows of ``head_dim`` values (int8 rows count their block scales; the spare room
-        is not counted, see :attr:`capacity`)."""
-        return self._core.nbytes
-
-    @property
-    def capacity(self) -> int:
-        """Rows allocated per head: tokens that fit before the buffers grow (a bounded cache
-        never grows past ``max_len + (max_len - sinks)`` rows)."""
-        return self._core.capacity
-
-    def __len__(self) -> int:
-        """Tokens held."""
-        return len(self._core)
-
-    def __repr__(self) -> str:
-        return (
-            f"KVCache(num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"batch={self.batch}, dtype={self.dtype}, storage={self.storage!r}, "
-            f"max_len={self.max_len}, sinks={self.sinks}, len={len(self)})"
-        )
-
-    def append(self, k, v) -> None:
-        """Appends ``k`` and ``v``, each ``(batch, num_kv_heads, n, head_dim)``, converted to
-        the storage (a long chunk's heads on the worker threads of :func:`threads` or
-        :func:`set_num_threads`). A bounded cache then keeps its sinks and most recent tokens
-        (of a chunk longer than fits, only its last ones).
-
-        Raises:
-            TypeError: not arrays of the cache's dtype.
-            ValueError: shapes that do not fit the cache, or ``k`` and ``v`` of different
-                lengths. The cache is left exactly as it was.
-        """
-        k = array_of(k, "k", self._dtype, (4,))
-        v = array_of(v, "v", self._dtype, (4,))
-        self._core.append(k, v, context_threads())
-
-    def attend(self, q, *, scale=None, window=None, enable_gqa=False, attn_mask=None) -> np.ndarray:
-        """Attention of the newest ``L`` tokens' queries over the whole cache.
-
-        Args:
-            q: ``(batch, num_heads, L, head_dim)``; the ``L`` queries are the last ``L``
-                tokens appended, so query ``i`` sees keys ``j <= len - L + i`` (bottom-right
-                causal alignment).
-            scale: multiplies ``Q·Kᵀ``; defaults to ``1/sqrt(head_dim)``.
-            window: ``w`` keeps each query's ``w`` most recent keys; ``(left, right)`` as in
-                :func:`attnscope.scaled_dot_product_attention`.
-            enable_gqa: allow ``num_heads`` to be a multiple of ``num_kv_heads``.
-            attn_mask: an :mod:`attnscope.masks` expression over the ``(L, len)`` queries
-                and keys, intersected with the causal rule (``M.sinks(4) | M.window(1023, 0,
-                alignment="bottom_right")`` keeps StreamingLLM's keys).
-
-        Returns:
-            ``(batch, num_heads, L, head_dim)`` in the cache's dtype.
-        """
-        q = array_of(q, "q", self._dtype, (4,))
-        if attn_mask is not None and not isinstance(attn_mask, Mask):
-            raise TypeError(
-                "attn_mask must be an attnscope.masks expression or None, got "
-                f"{type(attn_mask).__name__}"
-            )
-        return self._core.attend(
-            q,
-            scale,
-            None if window is None else check_window(window),
-            enable_gqa,
-            context_threads(),
-            None if attn_mask is None else attn_mask._spec,
-        )
-
-    def reset(self) -> None:
-        """Forgets every token (the buffers are kept for the next sequence)."""
-        self._core.reset()
-
-
 def _xavier_uniform(rng: np.random.Generator, rows: int, cols: int, dtype) -> np.ndarray:
     bound = math.sqrt(6.0 / (rows + cols)) if rows + cols else 0.0
     return rng.uniform(-bound, bound, size=(rows, cols)).astype(dtype)
-
-
-def _to_numpy(value) -> np.ndarray:
-    """A torch tensor (without importing torch) or anything array-like, as a NumPy array."""
-    if hasattr(value, "detach"):
-        value = value.detach().cpu()
-        if str(value.dtype) not in ("torch.float32", "torch.float64"):
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
-
-
-def _state_matrix(arrays: Mapping[str, np.ndarray], name: str) -> np.ndarray:
-    """A state-dict weight: a 2-D float array, else an error naming the entry."""
-    weight = arrays[name]
-    if not np.issubdtype(weight.dtype, np.floating):
-        raise TypeError(f"{name} has dtype {weight.dtype}; weights must be floating point")
-    if weight.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D (out_features, in_features), got shape {weight.shape}"
-        )
-    return weight
-
-
-def _state_bias(arrays: Mapping[str, np.ndarray], name: str, length: int) -> np.ndarray | None:
-    """A state-dict bias of `length` floats, None when absent, else an error naming it."""
-    bias = arrays.get(name)
-    if bias is None:
-        return None
-    if not np.issubdtype(bias.dtype, np.floating):
-        raise TypeError(f"{name} has dtype {bias.dtype}; biases must be floating point")
-    if bias.shape != (length,):
-        raise ValueError(f"{name} must have shape ({length},), got {bias.shape}")
-    return bias
-
-
-def _input_projections(
-    arrays: Mapping[str, np.ndarray], embed_dim: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The query, key and value projection weights of a state dict, packed or separate, each
-    checked against `embed_dim` (from out_proj.weight)."""
-    if "in_proj_weight" in arrays:
-        packed = _state_matrix(arrays, "in_proj_weight")
-        if packed.shape != (3 * embed_dim, embed_dim):
-            raise ValueError(
-                f"in_proj_weight has shape {packed.shape}, expected "
-                f"(3 * embed_dim, embed_dim) = {(3 * embed_dim, embed_dim)}"
-            )
-        q_weight, k_weight, v_weight = np.split(packed, 3, axis=0)
-    else:
-        missing = [
-            name
-            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-            if name not in arrays
-        ]
-        if missing:
-            raise ValueError(f"the state dict has no in_proj_weight and no {missing}")
-        q_weight = _state_matrix(arrays, "q_proj_weight")
-        k_weight = _state_matrix(arrays, "k_proj_weight")
-        v_weight = _state_matrix(arrays, "v_proj_weight")
-        for name, weight in (
-            ("q_proj_weight", q_weight),
-            ("k_proj_weight", k_weight),
-            ("v_proj_weight", v_weight),
-        ):
-            if weight.shape[0] != embed_dim:
-                raise ValueError(
-                    f"{name} has shape {weight.shape}, expected (embed_dim, ...) with "
-                    f"embed_dim = {embed_dim} (from out_proj.weight)"
-                )
-        if q_weight.shape != (embed_dim, embed_dim):
-            raise ValueError(
-                f"q_proj_weight has shape {q_weight.shape}, expected "
-                f"(embed_dim, embed_dim) = {(embed_dim, embed_dim)}"
-            )
-    return q_weight, k_weight, v_weight
 
 
 class MultiHeadAttention:
