@@ -4,7 +4,6 @@ here, the work in Rust."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -12,7 +11,7 @@ from ._attention import context_threads
 from ._checks import array_of, flag, float_dtype, whole_number
 from ._engine import core
 from ._kv_cache import KVCache
-from ._torch_state import _input_projections, _state_bias, _state_matrix, _to_numpy
+from ._torch_state import layer_weights
 from .masks import Mask
 
 __all__ = ["MultiHeadAttention"]
@@ -240,60 +239,15 @@ class MultiHeadAttention:
         this layer takes ``(B, L, E)``. Dropout is not applied (use the module in eval mode
         to compare).
         """
-        source = module_or_state_dict
-        if hasattr(source, "state_dict") and callable(source.state_dict):
-            module_heads = getattr(source, "num_heads", None)
-            if num_heads is not None and num_heads != module_heads:
-                raise ValueError(
-                    f"num_heads={num_heads} but the module has num_heads={module_heads}"
-                )
-            num_heads = module_heads
-            if getattr(source, "add_zero_attn", False):
-                raise ValueError("add_zero_attn=True is not supported")
-            state = source.state_dict()
-        elif isinstance(source, Mapping):
-            if num_heads is None:
-                raise ValueError("num_heads is required when converting a state dict")
-            state = source
-        else:
-            raise TypeError(
-                "module_or_state_dict must be a torch.nn.MultiheadAttention or a mapping of "
-                f"its state-dict names to arrays, got {type(source).__name__}"
-            )
-        arrays = {name: _to_numpy(tensor) for name, tensor in state.items()}
-        for unsupported in ("bias_k", "bias_v"):
-            if arrays.get(unsupported) is not None:
-                raise ValueError(f"{unsupported} (add_bias_kv=True) is not supported")
-        if "out_proj.weight" not in arrays:
-            raise ValueError(
-                f"no 'out_proj.weight' in the state dict; found {sorted(arrays)} — is this an "
-                "nn.MultiheadAttention?"
-            )
-        out_weight = _state_matrix(arrays, "out_proj.weight")
-        embed_dim = out_weight.shape[0]
-        q_weight, k_weight, v_weight = _input_projections(arrays, embed_dim)
-        in_bias = _state_bias(arrays, "in_proj_bias", 3 * embed_dim)
-        out_bias = _state_bias(arrays, "out_proj.bias", embed_dim)
-        dtype = np.float64 if q_weight.dtype == np.float64 else np.float32
+        num_heads, weights = layer_weights(module_or_state_dict, num_heads)
         layer = cls(
-            embed_dim,
+            weights["w_o"].shape[1],
             num_heads,
-            bias=in_bias is not None or out_bias is not None,
-            dtype=dtype,
-            kdim=k_weight.shape[1],
-            vdim=v_weight.shape[1],
+            bias=weights["b_q"] is not None or weights["b_o"] is not None,
+            dtype=weights["w_o"].dtype,
+            kdim=weights["w_k"].shape[0],
+            vdim=weights["w_v"].shape[0],
         )
-
-        def oriented(weight: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(weight.T, dtype=dtype)
-
-        layer.w_q, layer.w_k, layer.w_v = oriented(q_weight), oriented(k_weight), oriented(v_weight)
-        layer.w_o = oriented(out_weight)
-        if in_bias is not None:
-            layer.b_q, layer.b_k, layer.b_v = (
-                np.ascontiguousarray(part, dtype=dtype) for part in np.split(in_bias, 3)
-            )
-        else:
-            layer.b_q = layer.b_k = layer.b_v = None
-        layer.b_o = None if out_bias is None else np.ascontiguousarray(out_bias, dtype=dtype)
+        for name, array in weights.items():
+            setattr(layer, name, array)
         return layer

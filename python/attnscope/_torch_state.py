@@ -83,3 +83,61 @@ def _input_projections(
                 f"(embed_dim, embed_dim) = {(embed_dim, embed_dim)}"
             )
     return q_weight, k_weight, v_weight
+
+
+def layer_weights(
+    module_or_state_dict, num_heads: int | None
+) -> tuple[int, dict[str, np.ndarray | None]]:
+    """The number of heads and the layer's eight parameters (``w_q`` ... ``b_o``, ``x·W``
+    orientation, contiguous float32 or float64; an absent bias is None) of a
+    ``torch.nn.MultiheadAttention`` or its state dict, each refused with an error naming it
+    when it does not fit (see :meth:`MultiHeadAttention.from_torch`)."""
+    source = module_or_state_dict
+    if hasattr(source, "state_dict") and callable(source.state_dict):
+        module_heads = getattr(source, "num_heads", None)
+        if num_heads is not None and num_heads != module_heads:
+            raise ValueError(f"num_heads={num_heads} but the module has num_heads={module_heads}")
+        num_heads = module_heads
+        if getattr(source, "add_zero_attn", False):
+            raise ValueError("add_zero_attn=True is not supported")
+        state = source.state_dict()
+    elif isinstance(source, Mapping):
+        if num_heads is None:
+            raise ValueError("num_heads is required when converting a state dict")
+        state = source
+    else:
+        raise TypeError(
+            "module_or_state_dict must be a torch.nn.MultiheadAttention or a mapping of "
+            f"its state-dict names to arrays, got {type(source).__name__}"
+        )
+    arrays = {name: _to_numpy(tensor) for name, tensor in state.items()}
+    for unsupported in ("bias_k", "bias_v"):
+        if arrays.get(unsupported) is not None:
+            raise ValueError(f"{unsupported} (add_bias_kv=True) is not supported")
+    if "out_proj.weight" not in arrays:
+        raise ValueError(
+            f"no 'out_proj.weight' in the state dict; found {sorted(arrays)} — is this an "
+            "nn.MultiheadAttention?"
+        )
+    out_weight = _state_matrix(arrays, "out_proj.weight")
+    embed_dim = out_weight.shape[0]
+    q_weight, k_weight, v_weight = _input_projections(arrays, embed_dim)
+    in_bias = _state_bias(arrays, "in_proj_bias", 3 * embed_dim)
+    out_bias = _state_bias(arrays, "out_proj.bias", embed_dim)
+    dtype = np.float64 if q_weight.dtype == np.float64 else np.float32
+
+    q_bias, k_bias, v_bias = (None,) * 3 if in_bias is None else np.split(in_bias, 3)
+    parameters = {
+        "w_q": q_weight.T,
+        "w_k": k_weight.T,
+        "w_v": v_weight.T,
+        "w_o": out_weight.T,
+        "b_q": q_bias,
+        "b_k": k_bias,
+        "b_v": v_bias,
+        "b_o": out_bias,
+    }
+    return num_heads, {
+        name: None if array is None else np.ascontiguousarray(array, dtype=dtype)
+        for name, array in parameters.items()
+    }
