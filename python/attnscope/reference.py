@@ -8,6 +8,7 @@ favour being obviously right over being fast or frugal.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -86,22 +87,33 @@ def log_sum_exp(scores: np.ndarray, visible: np.ndarray) -> np.ndarray:
         return np.log(np.exp(masked - shift[..., None]).sum(axis=-1)) + shift
 
 
+class _Scores(NamedTuple):
+    """One call's scores, as :func:`_scores` builds them for the forward and the backward."""
+
+    query: np.ndarray  # float64
+    key: np.ndarray  # float64, each kv head repeated for its query heads
+    value: np.ndarray  # float64, likewise
+    scores: np.ndarray  # scaled, capped, biased and masked: (..., Hq, L, S)
+    visible: np.ndarray  # which scores take part, broadcast to the scores' shape
+    scale: float
+    cap_slope: np.ndarray | float  # d(score) / d(scale·q·k): 1 without a softcap
+
+
 def _scores(
     query,
     key,
     value,
-    attn_mask,
-    is_causal,
-    scale,
-    enable_gqa,
-    causal_alignment,
-    window,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
     softcap=None,
     alibi_slopes=None,
-):
-    """The float64 inputs with kv heads repeated for their query heads, the scaled and masked
-    scores, which of them are visible, the scale, and ``d(score)/d(scale·q·k)`` (1 without a
-    softcap).
+) -> _Scores:
+    """The scores of one call, with the engine's arguments.
 
     A score's life: ``s = scale·q·k``, then ``softcap·tanh(s / softcap)``, then
     ``+ slope[h]·(j - c(i))`` (ALiBi), then the float mask is added / hidden keys dropped. An
@@ -157,76 +169,42 @@ def _scores(
             mask = mask.astype(np.float64)
             visible = visible & (mask != -np.inf)
             scores = scores + mask
-    return q, k, v, scores, visible, scale, cap_slope
+    return _Scores(q, k, v, scores, visible, scale, cap_slope)
 
 
 def scaled_dot_product_attention(
-    query,
-    key,
-    value,
-    attn_mask=None,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    *,
-    causal_alignment="top_left",
-    window=None,
-    return_weights=False,
-    return_lse=False,
-    softcap=None,
-    alibi_slopes=None,
+    query, key, value, *options, return_weights=False, return_lse=False, **keywords
 ):
-    """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine.
+    """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine's
+    :func:`attnscope.scaled_dot_product_attention` (`options` and `keywords` are its
+    ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``, ``causal_alignment``, ``window``,
+    ``softcap`` and ``alibi_slopes``; see ``_scores`` for the order they act in).
 
     Shapes: query (..., Hq, L, D), key (..., Hkv, S, D), value (..., Hkv, S, Dv); 2-D inputs
     are a single head. Returns float64 output (..., Hq, L, Dv) and, if asked, the weights and
-    the log-sum-exp (..., Hq, L), in that order. See ``_scores`` for softcap and ALiBi.
+    the log-sum-exp (..., Hq, L), in that order.
     """
-    _, _, v, scores, visible, _, _ = _scores(
-        query,
-        key,
-        value,
-        attn_mask,
-        is_causal,
-        scale,
-        enable_gqa,
-        causal_alignment,
-        window,
-        softcap,
-        alibi_slopes,
-    )
-    weights = softmax(scores, visible)
+    call = _scores(query, key, value, *options, **keywords)
+    weights = softmax(call.scores, call.visible)
     # A masked-out value must not reach the output even when it is NaN or inf, and 0 * NaN is
     # NaN, so non-finite values take the exact (slow) road of summing only visible keys.
-    if np.isfinite(v).all():
-        out = weights @ v
+    if np.isfinite(call.value).all():
+        out = weights @ call.value
     else:
         with np.errstate(invalid="ignore"):  # 0 * inf at hidden keys, discarded just below
-            picked = np.where(visible[..., None], weights[..., None] * v[..., None, :, :], 0.0)
+            picked = weights[..., None] * call.value[..., None, :, :]
+            picked = np.where(call.visible[..., None], picked, 0.0)
         out = picked.sum(axis=-2)
     results = (out,) + ((weights,) if return_weights else ())
-    results += (log_sum_exp(scores, visible),) if return_lse else ()
+    results += (log_sum_exp(call.scores, call.visible),) if return_lse else ()
     return results if len(results) > 1 else out
 
 
 def scaled_dot_product_attention_backward(
-    grad_out,
-    query,
-    key,
-    value,
-    out=None,
-    lse=None,
-    attn_mask=None,
-    is_causal=False,
-    scale=None,
-    enable_gqa=False,
-    *,
-    causal_alignment="top_left",
-    window=None,
-    softcap=None,
-    alibi_slopes=None,
+    grad_out, query, key, value, out=None, lse=None, *options, **keywords
 ):
-    """The gradients ``(grad_query, grad_key, grad_value)`` of the attention above, in float64.
+    """The gradients ``(grad_query, grad_key, grad_value)`` of the attention above, in float64,
+    with the arguments of the engine's :func:`attnscope.scaled_dot_product_attention_backward`.
 
     The textbook chain rule through the full weights ``P``: ``dV = Pᵀ·dO``,
     ``dS = P ∘ (dO·Vᵀ - rowsum(P ∘ dO·Vᵀ))``, ``dQ = scale·dS·K``, ``dK = scale·dSᵀ·Q``. A
@@ -234,27 +212,15 @@ def scaled_dot_product_attention_backward(
     not needed: the weights are computed again here. A softcap multiplies ``dS`` by
     ``1 - tanh(s / softcap)²``; ALiBi's bias is a constant.
     """
-    q, k, v, scores, visible, scale, cap_slope = _scores(
-        query,
-        key,
-        value,
-        attn_mask,
-        is_causal,
-        scale,
-        enable_gqa,
-        causal_alignment,
-        window,
-        softcap,
-        alibi_slopes,
-    )
-    weights = softmax(scores, visible)
+    call = _scores(query, key, value, *options, **keywords)
+    weights = softmax(call.scores, call.visible)
     grad_out = np.asarray(grad_out, dtype=np.float64)
     grad_value = np.swapaxes(weights, -1, -2) @ grad_out
-    grad_weights = grad_out @ np.swapaxes(v, -1, -2)
+    grad_weights = grad_out @ np.swapaxes(call.value, -1, -2)
     grad_scores = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
-    grad_scores = grad_scores * cap_slope
-    grad_query = scale * grad_scores @ k
-    grad_key = scale * np.swapaxes(grad_scores, -1, -2) @ q
+    grad_scores = grad_scores * call.cap_slope
+    grad_query = call.scale * grad_scores @ call.key
+    grad_key = call.scale * np.swapaxes(grad_scores, -1, -2) @ call.query
     key_shape = np.shape(key)
     if grad_key.shape != key_shape:  # grouped heads: sum each kv head's query heads
         group = grad_key.shape[-3] // key_shape[-3]
