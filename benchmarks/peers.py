@@ -2,7 +2,7 @@
 
 * NumPy naive: float32 attention that materialises the whole ``(B, H, L, S)`` score matrix and
   its softmax, which is what attention costs without tiling (the same function the
-  dashboard's cost page times, :func:`attnscope.dashboard.naive.naive_attention`).
+  dashboard's cost page times, :func:`attnscope.reference.naive_attention`).
 * torch: ``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention`` on the CPU, used only
   when torch is importable.
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 from attnscope import masks, reference
-from attnscope.dashboard.naive import naive_attention
+from attnscope.reference import naive_attention
 
 __all__ = [
     "ERROR_TOLERANCE",

@@ -1,8 +1,9 @@
 """The executable specification of attnscope's attention, in plain float64 NumPy.
 
 Every fast path is tested against these functions. They materialise the full L x S score
-matrix, so they are also the "naive" baseline the dashboard and the benchmark plot. They
-favour being obviously right over being fast or frugal.
+matrix and favour being obviously right over being fast or frugal. ``naive_attention`` is the
+same textbook computation in the inputs' dtype: the baseline the dashboard and the benchmarks
+time.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 __all__ = [
     "log_sum_exp",
+    "naive_attention",
     "normalize_window",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
@@ -228,6 +230,26 @@ def scaled_dot_product_attention_backward(
         grad_key = grad_key.reshape(regroup).sum(axis=-3)
         grad_value = grad_value.reshape((*regroup[:-1], grad_value.shape[-1])).sum(axis=-3)
     return grad_query, grad_key, grad_value
+
+
+def naive_attention(query, key, value, hidden=None) -> np.ndarray:
+    """The textbook attention ``softmax(Q·Kᵀ/√D) · V`` in the inputs' dtype, with the whole
+    ``(..., L, S)`` score matrix in memory: what attention costs without tiling, the baseline
+    the benchmarks and the dashboard's cost page time the engine against (not a specification:
+    the functions above are).
+
+    `hidden` is an ``(L, S)`` bool array, True where a key is masked out (callers build it
+    outside any timed region). Leading dimensions broadcast as in :func:`numpy.matmul`.
+    """
+    dtype = query.dtype.type
+    scores = np.matmul(query, np.swapaxes(key, -1, -2))
+    scores *= dtype(1.0 / math.sqrt(query.shape[-1]))
+    if hidden is not None:
+        np.copyto(scores, dtype(-np.inf), where=hidden)
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return np.matmul(scores, value)
 
 
 def stored_values(x: np.ndarray, storage: str) -> np.ndarray:
