@@ -11,7 +11,7 @@ from urllib.parse import unquote_plus
 
 import numpy as np
 import pytest
-from attnscope.dashboard import cost, engine, heads, story, text, ui
+from attnscope.dashboard import cost, engine, heads, kv_cost, story, text, ui
 from attnscope.dashboard import learning as learning_lab
 from streamlit.testing.v1 import AppTest
 from test_dashboard_app import APP, PAGES, _title, assert_clean, charts
@@ -96,7 +96,7 @@ def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
     def fake_times(shape, n, **_):
         frame = cost.pd.DataFrame(
             {
-                "storage": cost.STORAGES,
+                "storage": kv_cost.STORAGES,
                 "cache bytes": [4, 2, 2, 1],
                 "seconds": [1e-3 / s for s in (1.0, *speed_ups)],
                 "GB/s read": 1.0,
@@ -107,7 +107,7 @@ def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
         frame["cache"] = [cost.human_bytes(b) for b in frame["cache bytes"]]
         return frame
 
-    monkeypatch.setattr(cost, "decode_step_times", fake_times)
+    monkeypatch.setattr(kv_cost, "decode_step_times", fake_times)
     app = open_with_url("cost.py", cost_longest="512", cost_seconds="2")
     app.button(key="cost_decode_run").click().run()
     assert_clean(app)
@@ -115,7 +115,7 @@ def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
     low, high = min(speed_ups), max(speed_ups)
     assert f"{low:.2f}–{high:.2f}×" in caption
     assert "does not show the cache's own gain" in caption
-    assert ("not time" in caption) == (high < cost.SAME_SPEED[1])
+    assert ("not time" in caption) == (high < kv_cost.SAME_SPEED[1])
 
 
 # --- Inside one head: the FlashAttention stepper --------------------------------------------

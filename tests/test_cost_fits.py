@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from attnscope import masks, reference
-from attnscope.dashboard import cost, engine
+from attnscope.dashboard import cost, engine, kv_cost
 
 SIZES = [128, 256, 512, 1024, 2048, 4096, 8192]
 FULL, CAUSAL, WINDOW = "attnscope full", "attnscope causal", f"attnscope window {cost.SWEEP_WINDOW}"
@@ -218,9 +218,9 @@ def test_the_longest_points_are_timed_again_in_rounds(monkeypatch):
 
 def test_storage_speed_note_says_what_the_numbers_show():
     def steps(*speed_ups):
-        return pd.DataFrame({"storage": cost.STORAGES, "speed-up vs float32": [1.0, *speed_ups]})
+        return pd.DataFrame({"storage": kv_cost.STORAGES, "speed-up vs float32": [1.0, *speed_ups]})
 
-    same = cost.storage_speed_note(steps(0.96, 1.03, 0.99))
+    same = kv_cost.storage_speed_note(steps(0.96, 1.03, 0.99))
     assert "0.96–1.03×" in same and "not time" in same
-    assert "faster" in cost.storage_speed_note(steps(1.8, 1.9, 3.1))
-    assert "slower" in cost.storage_speed_note(steps(1.1, 1.2, 0.5))
+    assert "faster" in kv_cost.storage_speed_note(steps(1.8, 1.9, 3.1))
+    assert "slower" in kv_cost.storage_speed_note(steps(1.1, 1.2, 0.5))

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 from attnscope import reference
-from attnscope.dashboard import cost, engine, heads, inside, naive, regimes, text
+from attnscope.dashboard import cost, engine, heads, inside, kv_cost, naive, regimes, text
 from attnscope.models.stats import row_entropy
 from threadpoolctl import threadpool_info
 
@@ -321,9 +321,9 @@ def test_without_scaling_softmax_saturates():
 def test_lengths_and_memory_models():
     assert cost.lengths(128, 2048) == [128, 256, 512, 1024, 2048]
     assert cost.naive_bytes(1024) == 2 * 1024 * 1024 * 4
-    llama = cost.MODEL_SHAPES["Llama 3 8B (32 layers, 32 query / 8 kv heads of 128)"]
-    assert cost.kv_cache_bytes(llama, 8_192) == 2**30  # 1 GiB in 16-bit
-    table = cost.kv_cache_frame(llama, [8_192, 16_384], bytes_per_value=1).set_index("n")
+    llama = kv_cost.MODEL_SHAPES["Llama 3 8B (32 layers, 32 query / 8 kv heads of 128)"]
+    assert kv_cost.kv_cache_bytes(llama, 8_192) == 2**30  # 1 GiB in 16-bit
+    table = kv_cost.kv_cache_frame(llama, [8_192, 16_384], bytes_per_value=1).set_index("n")
     assert list(table["size"]) == ["512.0 MiB", "1.0 GiB"]
     assert table.loc[16_384, "GiB"] == 1.0
 

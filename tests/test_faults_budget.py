@@ -9,7 +9,7 @@ import tracemalloc
 import attnscope
 import numpy as np
 import pytest
-from attnscope.dashboard import budget, cost
+from attnscope.dashboard import budget, cost, kv_cost
 from test_dashboard_app import open_page
 
 GiB = 2**30
@@ -49,24 +49,24 @@ def test_check_names_the_action_the_sizes_and_what_to_lower():
 def test_decode_estimate_covers_the_arrays_the_step_allocates(kv_heads, head_dim, tokens):
     keys = np.ones((1, kv_heads, tokens, head_dim), dtype=np.float32)
     held = 2 * keys.nbytes
-    for storage in cost.STORAGES:
+    for storage in kv_cost.STORAGES:
         cache = attnscope.KVCache(kv_heads, head_dim, storage=storage)
         cache.append(keys, keys)
         held += cache.nbytes
     query_heads = 2 * kv_heads
     held += 2 * query_heads * head_dim * 4  # the query and the output
-    rows = [cost.storage_row_bytes(head_dim, storage) for storage in cost.STORAGES]
+    rows = [kv_cost.storage_row_bytes(head_dim, storage) for storage in kv_cost.STORAGES]
     estimate = budget.estimate_decode_step(query_heads, kv_heads, head_dim, tokens, rows)
     assert held <= estimate <= held * budget.SLACK + 1
 
 
 def test_a_decoding_step_over_budget_is_refused_before_allocating(monkeypatch):
     monkeypatch.setenv(budget.ENVIRONMENT_VARIABLE, "16M")
-    shape = cost.ModelShape(1, 8, 8, 128)  # 4,096 tokens: 32 MiB of keys and values
+    shape = kv_cost.ModelShape(1, 8, 8, 128)  # 4,096 tokens: 32 MiB of keys and values
     tracemalloc.start()
     try:
         with pytest.raises(budget.OverBudget, match="lower the kv heads, the head dim or"):
-            cost.decode_step_times(shape, 4_096, repeats=1)
+            kv_cost.decode_step_times(shape, 4_096, repeats=1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -74,11 +74,11 @@ def test_a_decoding_step_over_budget_is_refused_before_allocating(monkeypatch):
     # The largest custom shape the page accepts is refused under the default budget too.
     monkeypatch.delenv(budget.ENVIRONMENT_VARIABLE)
     with pytest.raises(budget.OverBudget, match="256.0 GiB|GiB of memory"):
-        cost.decode_step_times(cost.ModelShape(512, 1024, 1024, 1024), 32_768)
+        kv_cost.decode_step_times(kv_cost.ModelShape(512, 1024, 1024, 1024), 32_768)
     # Under the budget it still runs.
     monkeypatch.setenv(budget.ENVIRONMENT_VARIABLE, "64M")
-    steps = cost.decode_step_times(shape, 1_024, repeats=1)
-    assert list(steps["storage"]) == list(cost.STORAGES)
+    steps = kv_cost.decode_step_times(shape, 1_024, repeats=1)
+    assert list(steps["storage"]) == list(kv_cost.STORAGES)
 
 
 def test_cost_page_refuses_a_decoding_step_over_budget_with_a_message(monkeypatch):
@@ -107,7 +107,7 @@ def test_cost_page_refuses_a_decoding_step_over_budget_with_a_message(monkeypatc
 
 
 def cost_estimate(query_heads, kv_heads, head_dim, tokens) -> int:
-    rows = [cost.storage_row_bytes(head_dim, storage) for storage in cost.STORAGES]
+    rows = [kv_cost.storage_row_bytes(head_dim, storage) for storage in kv_cost.STORAGES]
     return budget.estimate_decode_step(query_heads, kv_heads, head_dim, tokens, rows)
 
 

