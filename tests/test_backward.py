@@ -14,25 +14,33 @@ from conftest import FLOAT_DTYPES, assert_close, random_qkv, supported_simd_leve
 # Gradients are sums of many products: float32 keeps them to about 1e-6 of their size.
 GRAD_TOLERANCE = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
 
-# (query shape, key shape, value shape, options); each exercises one path of the engine.
+
+def case(name, q_shape, k_shape, v_shape=None, mask=None, **options):
+    """A row of the tables below: the value shape defaults to the key's; `mask` is a builder
+    and its shape (built by `_mask`), or None; `options` go to the forward and the backward."""
+    return pytest.param(q_shape, k_shape, v_shape or k_shape, mask, options, id=name)
+
+
+CASE_FIELDS = ("q_shape", "k_shape", "v_shape", "mask_spec", "options")
+# Causal on the bottom-right diagonal, as a KV cache's queries are.
+BOTTOM_RIGHT = dict(is_causal=True, causal_alignment="bottom_right")
+
+# Each exercises one path of the engine.
 LSE_PATHS = [
-    pytest.param((2, 3, 70, 16), (2, 3, 300, 16), (2, 3, 300, 8), {}, id="tiled"),
-    pytest.param((1, 2, 3, 16), (1, 2, 5000, 16), (1, 2, 5000, 16), {}, id="split-kv"),
-    pytest.param((2, 4, 2, 8), (2, 4, 40, 8), (2, 4, 40, 8), {}, id="row-layout"),
-    pytest.param(
-        (2, 8, 1, 16), (2, 2, 600, 16), (2, 2, 600, 16), dict(enable_gqa=True), id="grouped-decode"
-    ),
-    pytest.param(
+    case("tiled", (2, 3, 70, 16), (2, 3, 300, 16), (2, 3, 300, 8)),
+    case("split-kv", (1, 2, 3, 16), (1, 2, 5000, 16)),
+    case("row-layout", (2, 4, 2, 8), (2, 4, 40, 8)),
+    case("grouped-decode", (2, 8, 1, 16), (2, 2, 600, 16), enable_gqa=True),
+    case(
+        "grouped-decode-window",
         (2, 8, 1, 16),
         (2, 2, 600, 16),
-        (2, 2, 600, 16),
-        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right", window=100),
-        id="grouped-decode-window",
+        enable_gqa=True,
+        **BOTTOM_RIGHT,
+        window=100,
     ),
-    pytest.param(
-        (3, 50, 16), (3, 90, 16), (3, 90, 16), dict(is_causal=True, window=(20, 3)), id="causal"
-    ),
-    pytest.param((40, 8), (60, 8), (60, 8), dict(scale=0.3), id="2-D"),
+    case("causal", (3, 50, 16), (3, 90, 16), is_causal=True, window=(20, 3)),
+    case("2-D", (40, 8), (60, 8), scale=0.3),
 ]
 
 
@@ -49,18 +57,24 @@ def _float_mask(rng, shape):
     return mask
 
 
+def _mask(rng, mask_spec):
+    """The mask a table row asks for, or None."""
+    return None if mask_spec is None else mask_spec[0](rng, mask_spec[1])
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("return_weights", [False, True])
-@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), LSE_PATHS)
+@pytest.mark.parametrize(CASE_FIELDS, LSE_PATHS)
 def test_lse_matches_reference_on_every_path(
-    rng, dtype, return_weights, q_shape, k_shape, v_shape, options
+    rng, dtype, return_weights, q_shape, k_shape, v_shape, mask_spec, options
 ):
     q, k, v = random_qkv(rng, q_shape, k_shape, v_shape, dtype)
+    mask = _mask(rng, mask_spec)
     results = attnscope.scaled_dot_product_attention(
-        q, k, v, **options, return_weights=return_weights, return_lse=True
+        q, k, v, mask, **options, return_weights=return_weights, return_lse=True
     )
     expected = reference.scaled_dot_product_attention(
-        q, k, v, **options, return_weights=True, return_lse=True
+        q, k, v, mask, **options, return_weights=True, return_lse=True
     )
     assert len(results) == (3 if return_weights else 2)
     assert_close(results[0], expected[0], dtype)
@@ -122,6 +136,16 @@ def _assert_grads_close(grads, expected, dtype):
         assert_close(got, want, dtype, GRAD_TOLERANCE[np.dtype(dtype)])
 
 
+def _assert_backward_matches_reference(q, k, v, grad_out, mask=None, **options):
+    """The engine's gradients, from its own forward's output and log-sum-exp, against the
+    reference's (which reads a mask expression as its dense matrix)."""
+    grads = _forward_backward(q, k, v, grad_out, mask, **options)
+    expected = reference.scaled_dot_product_attention_backward(
+        grad_out, q, k, v, None, None, mask, **options
+    )
+    _assert_grads_close(grads, expected, q.dtype)
+
+
 def _assert_matches_finite_differences(rng, q, k, v, grad_out, mask=None, **options):
     """d/dε of ⟨dO, attention(x + ε·t)⟩ at ε = 0 is ⟨grad_x, t⟩, for x each of q, k, v."""
     grads = _forward_backward(q, k, v, grad_out, mask, **options)
@@ -162,92 +186,48 @@ def _assert_close_at_every_simd_level(q, k, v, grad_out, **options):
         core().force_simd_level(None)
 
 
-# (query shape, key shape, value shape, mask builder and shape or None, options)
 GRAD_CASES = [
-    pytest.param((2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8), None, {}, id="plain"),
-    pytest.param((1, 2, 130, 32), (1, 2, 130, 32), (1, 2, 130, 32), None, {"is_causal": True}),
-    pytest.param(
-        (2, 2, 40, 8),
-        (2, 2, 100, 8),
-        (2, 2, 100, 8),
-        None,
-        dict(is_causal=True, causal_alignment="bottom_right"),
-        id="causal-bottom-right",
-    ),
-    pytest.param(
-        (2, 2, 100, 8),
-        (2, 2, 40, 8),
-        (2, 2, 40, 8),
-        None,
-        dict(is_causal=True, causal_alignment="bottom_right"),
-        id="bottom-right-empty-rows",
-    ),
-    pytest.param(
-        (1, 2, 150, 16), (1, 2, 150, 16), (1, 2, 150, 16), None, dict(window=17), id="window"
-    ),
-    pytest.param(
+    case("plain", (2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8)),
+    case("causal", (1, 2, 130, 32), (1, 2, 130, 32), is_causal=True),
+    case("causal-bottom-right", (2, 2, 40, 8), (2, 2, 100, 8), **BOTTOM_RIGHT),
+    case("bottom-right-empty-rows", (2, 2, 100, 8), (2, 2, 40, 8), **BOTTOM_RIGHT),
+    case("window", (1, 2, 150, 16), (1, 2, 150, 16), window=17),
+    case(
+        "causal-window-scale",
         (1, 2, 90, 16),
         (1, 2, 90, 16),
-        (1, 2, 90, 16),
-        None,
-        dict(is_causal=True, window=(30, None), scale=0.7),
-        id="causal-window-scale",
+        is_causal=True,
+        window=(30, None),
+        scale=0.7,
     ),
-    pytest.param(
-        (2, 6, 50, 16),
-        (2, 2, 80, 16),
-        (2, 2, 80, 24),
-        None,
-        dict(enable_gqa=True, is_causal=True),
-        id="gqa",
+    case("gqa", (2, 6, 50, 16), (2, 2, 80, 16), (2, 2, 80, 24), enable_gqa=True, is_causal=True),
+    case("bool", (2, 3, 40, 16), (2, 3, 70, 16), mask=(_bool_mask, (2, 1, 40, 70))),
+    case(
+        "float-causal", (2, 3, 40, 16), (2, 3, 70, 16), mask=(_float_mask, (40, 70)), is_causal=True
     ),
-    pytest.param(
-        (2, 3, 40, 16), (2, 3, 70, 16), (2, 3, 70, 16), (_bool_mask, (2, 1, 40, 70)), {}, id="bool"
-    ),
-    pytest.param(
-        (2, 3, 40, 16),
-        (2, 3, 70, 16),
-        (2, 3, 70, 16),
-        (_float_mask, (40, 70)),
-        dict(is_causal=True),
-        id="float-causal",
-    ),
-    pytest.param(
-        (2, 2, 3, 2, 16, 8),
-        (2, 2, 3, 1, 20, 8),
-        (2, 2, 3, 1, 20, 8),
-        None,
-        dict(enable_gqa=True),
-        id="leading-dims",
-    ),
-    pytest.param((33, 8), (21, 8), (21, 5), None, {}, id="2-D"),
+    case("leading-dims", (2, 2, 3, 2, 16, 8), (2, 2, 3, 1, 20, 8), enable_gqa=True),
+    case("2-D", (33, 8), (21, 8), (21, 5)),
     # From 8 (batch, kv head) pairs on, a task per kv head computes all three gradients.
-    pytest.param(
-        (2, 4, 150, 16), (2, 4, 90, 16), (2, 4, 90, 8), None, dict(window=(40, 5)), id="per-kv-head"
-    ),
-    pytest.param(
+    case("per-kv-head", (2, 4, 150, 16), (2, 4, 90, 16), (2, 4, 90, 8), window=(40, 5)),
+    case(
+        "per-kv-head-gqa",
         (2, 8, 70, 16),
         (2, 4, 130, 16),
-        (2, 4, 130, 16),
-        (_float_mask, (2, 1, 70, 130)),
-        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
-        id="per-kv-head-gqa",
+        mask=(_float_mask, (2, 1, 70, 130)),
+        enable_gqa=True,
+        **BOTTOM_RIGHT,
     ),
-    pytest.param((2, 4, 1, 16), (2, 4, 300, 16), (2, 4, 300, 16), None, {}, id="one-query"),
+    case("one-query", (2, 4, 1, 16), (2, 4, 300, 16)),
 ]
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "mask_spec", "options"), GRAD_CASES)
+@pytest.mark.parametrize(CASE_FIELDS, GRAD_CASES)
 def test_backward_matches_reference(rng, dtype, q_shape, k_shape, v_shape, mask_spec, options):
     q, k, v = random_qkv(rng, q_shape, k_shape, v_shape, dtype)
-    mask = None if mask_spec is None else mask_spec[0](rng, mask_spec[1])
+    mask = _mask(rng, mask_spec)
     grad_out = rng.standard_normal((*q_shape[:-1], v_shape[-1]))
-    grads = _forward_backward(q, k, v, grad_out, mask, **options)
-    expected = reference.scaled_dot_product_attention_backward(
-        grad_out, q, k, v, None, None, mask, **options
-    )
-    _assert_grads_close(grads, expected, dtype)
+    _assert_backward_matches_reference(q, k, v, grad_out, mask, **options)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -267,11 +247,7 @@ def test_backward_on_random_shapes_and_options(seed):
     )
     mask = _bool_mask(rng, (length, s), empty_row=False) if length > 1 and rng.integers(2) else None
     grad_out = rng.standard_normal((*q_shape[:-1], dv))
-    grads = _forward_backward(q, k, v, grad_out, mask, **options)
-    expected = reference.scaled_dot_product_attention_backward(
-        grad_out, q, k, v, None, None, mask, **options
-    )
-    _assert_grads_close(grads, expected, dtype)
+    _assert_backward_matches_reference(q, k, v, grad_out, mask, **options)
 
 
 def test_backward_matches_finite_differences_of_the_forward(rng):
@@ -343,37 +319,17 @@ def test_empty_inputs_give_empty_or_zero_gradients(rng):
     assert np.all(grad_k == 0) and np.all(grad_v == 0)
 
 
-# (query shape, key shape, value shape, options): softcapping and ALiBi on each path of the
-# backward (two passes; a task per kv head), with the rules and masks they meet.
+# Softcapping and ALiBi on each path of the backward (two passes; a task per kv head), with
+# the rules and masks they meet.
 SCORE_MOD_CASES = [
-    pytest.param((2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8), {}, id="plain"),
-    pytest.param(
-        (1, 2, 130, 32), (1, 2, 130, 32), (1, 2, 130, 32), dict(is_causal=True), id="causal"
-    ),
-    pytest.param(
-        (2, 2, 40, 8),
-        (2, 2, 100, 8),
-        (2, 2, 100, 8),
-        dict(is_causal=True, causal_alignment="bottom_right", window=(30, 4)),
-        id="bottom-right-window",
-    ),
-    pytest.param((2, 6, 50, 16), (2, 2, 80, 16), (2, 2, 80, 24), dict(enable_gqa=True), id="gqa"),
-    pytest.param(
-        (2, 8, 70, 16),
-        (2, 4, 130, 16),
-        (2, 4, 130, 16),
-        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
-        id="per-kv-head-gqa",
-    ),
-    pytest.param((33, 8), (21, 8), (21, 5), dict(scale=0.9), id="2-D"),
-    pytest.param((1, 2, 3, 16), (1, 2, 5000, 16), (1, 2, 5000, 16), {}, id="split-kv"),
-    pytest.param(
-        (2, 8, 1, 16),
-        (2, 2, 600, 16),
-        (2, 2, 600, 16),
-        dict(enable_gqa=True, is_causal=True, causal_alignment="bottom_right"),
-        id="decode-gqa",
-    ),
+    case("plain", (2, 3, 70, 16), (2, 3, 90, 16), (2, 3, 90, 8)),
+    case("causal", (1, 2, 130, 32), (1, 2, 130, 32), is_causal=True),
+    case("bottom-right-window", (2, 2, 40, 8), (2, 2, 100, 8), **BOTTOM_RIGHT, window=(30, 4)),
+    case("gqa", (2, 6, 50, 16), (2, 2, 80, 16), (2, 2, 80, 24), enable_gqa=True),
+    case("per-kv-head-gqa", (2, 8, 70, 16), (2, 4, 130, 16), enable_gqa=True, **BOTTOM_RIGHT),
+    case("2-D", (33, 8), (21, 8), (21, 5), scale=0.9),
+    case("split-kv", (1, 2, 3, 16), (1, 2, 5000, 16)),
+    case("decode-gqa", (2, 8, 1, 16), (2, 2, 600, 16), enable_gqa=True, **BOTTOM_RIGHT),
 ]
 
 # (softcap, whether to pass ALiBi slopes)
@@ -399,20 +355,16 @@ def _mods(q_shape, k_shape, softcap, alibi):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize(("softcap", "alibi"), SCORE_MODS)
-@pytest.mark.parametrize(("q_shape", "k_shape", "v_shape", "options"), SCORE_MOD_CASES)
+@pytest.mark.parametrize(CASE_FIELDS, SCORE_MOD_CASES)
 def test_score_modifiers_match_reference(
-    rng, dtype, softcap, alibi, q_shape, k_shape, v_shape, options
+    rng, dtype, softcap, alibi, q_shape, k_shape, v_shape, mask_spec, options
 ):
     # Scores of size ~3 against caps of 1.5 and 4: tanh is well into its bend.
     q, k, v = random_qkv(rng, q_shape, k_shape, v_shape, dtype)
     q = (q * 2).astype(dtype)
     options = {**options, **_mods(q_shape, k_shape, softcap, alibi)}
     grad_out = rng.standard_normal((*q_shape[:-1], v_shape[-1]))
-    grads = _forward_backward(q, k, v, grad_out, **options)
-    expected = reference.scaled_dot_product_attention_backward(
-        grad_out, q, k, v, None, None, **options
-    )
-    _assert_grads_close(grads, expected, dtype)
+    _assert_backward_matches_reference(q, k, v, grad_out, _mask(rng, mask_spec), **options)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -428,12 +380,7 @@ def test_score_modifiers_with_masks_and_mask_expressions(rng, dtype):
         M.sinks(2) | M.window(10, alignment="bottom_right"),
     ]
     for mask in masks:
-        dense = mask.to_dense(60, 90) if isinstance(mask, M.Mask) else mask
-        grads = _forward_backward(q, k, v, grad_out, mask, **mods)
-        expected = reference.scaled_dot_product_attention_backward(
-            grad_out, q, k, v, None, None, dense, **mods
-        )
-        _assert_grads_close(grads, expected, dtype)
+        _assert_backward_matches_reference(q, k, v, grad_out, mask, **mods)
 
 
 def test_score_modifiers_match_finite_differences_of_the_forward(rng):

@@ -26,57 +26,32 @@ def _float_mask(rng, shape):
     return mask
 
 
-# (query shape, key shape, value shape, mask builder and shape or None, options)
+def case(name, q_shape, k_shape, v_shape=None, mask=None, **options):
+    """A row of CASES: the value shape defaults to the key's; `mask` is a builder and its
+    shape, or None; `options` go to both functions."""
+    return pytest.param(q_shape, k_shape, v_shape or k_shape, mask, options, id=name)
+
+
 CASES = [
-    pytest.param((2, 4, 33, 16), (2, 4, 47, 16), (2, 4, 47, 16), None, {}, id="plain"),
-    pytest.param((1, 2, 70, 8), (1, 2, 65, 8), (1, 2, 65, 24), None, {}, id="dv-differs"),
-    pytest.param((3, 20, 12), (3, 20, 12), (3, 20, 12), None, {}, id="3-D"),
-    pytest.param(
-        (2, 3, 40, 16), (2, 3, 50, 16), (2, 3, 50, 16), (_bool_mask, (40, 50)), {}, id="bool-LS"
+    case("plain", (2, 4, 33, 16), (2, 4, 47, 16)),
+    case("dv-differs", (1, 2, 70, 8), (1, 2, 65, 8), (1, 2, 65, 24)),
+    case("3-D", (3, 20, 12), (3, 20, 12)),
+    case("bool-LS", (2, 3, 40, 16), (2, 3, 50, 16), mask=(_bool_mask, (40, 50))),
+    case("bool-B1LS", (2, 3, 40, 16), (2, 3, 50, 16), mask=(_bool_mask, (2, 1, 40, 50))),
+    case("float-BH1S", (2, 3, 40, 16), (2, 3, 50, 16), mask=(_float_mask, (2, 3, 1, 50))),
+    case("float-scale", (2, 3, 40, 16), (2, 3, 50, 16), mask=(_float_mask, (40, 50)), scale=0.37),
+    case("causal", (2, 2, 64, 32), (2, 2, 64, 32), is_causal=True),
+    case("causal-L<S", (1, 2, 30, 16), (1, 2, 90, 16), is_causal=True),
+    case(
+        "gqa-causal", (2, 6, 45, 16), (2, 2, 45, 16), (2, 2, 45, 8), enable_gqa=True, is_causal=True
     ),
-    pytest.param(
-        (2, 3, 40, 16),
-        (2, 3, 50, 16),
-        (2, 3, 50, 16),
-        (_bool_mask, (2, 1, 40, 50)),
-        {},
-        id="bool-B1LS",
-    ),
-    pytest.param(
-        (2, 3, 40, 16),
-        (2, 3, 50, 16),
-        (2, 3, 50, 16),
-        (_float_mask, (2, 3, 1, 50)),
-        {},
-        id="float-BH1S",
-    ),
-    pytest.param(
-        (2, 3, 40, 16),
-        (2, 3, 50, 16),
-        (2, 3, 50, 16),
-        (_float_mask, (40, 50)),
-        dict(scale=0.37),
-        id="float-scale",
-    ),
-    pytest.param((2, 2, 64, 32), (2, 2, 64, 32), (2, 2, 64, 32), None, dict(is_causal=True)),
-    pytest.param(
-        (1, 2, 30, 16), (1, 2, 90, 16), (1, 2, 90, 16), None, dict(is_causal=True), id="causal-L<S"
-    ),
-    pytest.param(
-        (2, 6, 45, 16),
-        (2, 2, 45, 16),
-        (2, 2, 45, 8),
-        None,
-        dict(enable_gqa=True, is_causal=True),
-        id="gqa-causal",
-    ),
-    pytest.param(
+    case(
+        "gqa-mask-scale",
         (1, 8, 17, 16),
         (1, 2, 70, 16),
-        (1, 2, 70, 16),
-        (_bool_mask, (8, 17, 70)),
-        dict(enable_gqa=True, scale=0.2),
-        id="gqa-mask-scale",
+        mask=(_bool_mask, (8, 17, 70)),
+        enable_gqa=True,
+        scale=0.2,
     ),
 ]
 
