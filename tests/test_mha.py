@@ -13,17 +13,10 @@ from hypothesis import strategies as st
 
 
 def reference_layer(
-    layer,
-    query,
-    key=None,
-    value=None,
-    *,
-    attn_mask=None,
-    key_padding_mask=None,
-    is_causal=False,
-    causal_alignment="top_left",
+    layer, query, key=None, value=None, *, attn_mask=None, key_padding_mask=None, **options
 ):
     """The layer in float64 from its definition: x·W + b, heads, reference attention, ·W_O + b.
+    `options` (``is_causal``, ``causal_alignment``) go to the reference attention.
 
     Batched inputs only. Returns (output (B, L, E), weights (B, Hq, L, S)).
     """
@@ -51,14 +44,7 @@ def reference_layer(
         else:
             mask = np.where(keep, mask, -np.inf)
     out, weights = reference.scaled_dot_product_attention(
-        q,
-        k,
-        v,
-        attn_mask=mask,
-        is_causal=is_causal,
-        enable_gqa=True,
-        causal_alignment=causal_alignment,
-        return_weights=True,
+        q, k, v, mask, enable_gqa=True, return_weights=True, **options
     )
     batch, _, length, _ = out.shape
     joined = out.transpose(0, 2, 1, 3).reshape(batch, length, out.shape[1] * out.shape[3])

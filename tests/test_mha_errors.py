@@ -3,6 +3,8 @@ the shapes involved; none reaches the engine as a panic."""
 
 from __future__ import annotations
 
+import re
+
 import attnscope
 import numpy as np
 import pytest
@@ -111,49 +113,40 @@ def test_call_errors(layer, call, error, match):
 
 
 @pytest.mark.parametrize(
+    ("name", "shape", "expected"),
+    [
+        ("w_k", (16, 16), "(kdim, num_kv_heads * head_dim) = (kdim, 8)"),
+        ("w_o", (8, 16), "(num_heads * head_dim, E) = (16, 16)"),
+        ("w_o", (16, 12), "(num_heads * head_dim, E) = (16, 16)"),  # w_o's fault, not b_o's
+        ("b_v", (16,), "(8,)"),
+    ],
+)
+def test_reassigned_weights_of_another_shape_are_named_with_the_shape_expected(
+    layer, name, shape, expected
+):
+    setattr(layer, name, x(*shape))
+    message = f"{name}: expected shape {expected}, got {shape}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(x(1, 2, 16))
+
+
+@pytest.mark.parametrize(("name", "input_name"), [("w_k", "key"), ("w_v", "value")])
+def test_reassigned_weights_with_rows_that_do_not_fit_the_input_are_their_fault(
+    layer, name, input_name
+):
+    # In self-attention the key and value inputs are the query: wrong rows are the weight's.
+    setattr(layer, name, x(12, 8))
+    message = f"{name}: has 12 rows but the {input_name} input (here the query) is 16 wide"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        layer(x(1, 2, 16))
+
+
+@pytest.mark.parametrize(
     ("name", "value", "error", "match"),
     [
-        (
-            "w_k",
-            np.zeros((16, 16), np.float32),
-            ValueError,
-            r"w_k: expected shape \(kdim, num_kv_heads \* head_dim\) = \(kdim, 8\), got \(16, 16\)",
-        ),
-        (
-            "w_q",
-            np.zeros((16, 18), np.float32),
-            ValueError,
-            r"w_q: has 18 columns, not a multiple of num_heads \(4\)",
-        ),
-        (
-            "w_o",
-            np.zeros((8, 16), np.float32),
-            ValueError,
-            r"w_o: expected shape \(num_heads \* head_dim, E\) = \(16, 16\), got \(8, 16\)",
-        ),
-        # A w_o of the wrong width is w_o's fault, not b_o's.
-        (
-            "w_o",
-            np.zeros((16, 12), np.float32),
-            ValueError,
-            r"w_o: expected shape \(num_heads \* head_dim, E\) = \(16, 16\), got \(16, 12\)",
-        ),
-        # In self-attention the key input is the query: a w_k with the wrong rows is w_k's.
-        (
-            "w_k",
-            np.zeros((12, 8), np.float32),
-            ValueError,
-            r"w_k: has 12 rows but the key input \(here the query\) is 16 wide",
-        ),
-        (
-            "w_v",
-            np.zeros((12, 8), np.float32),
-            ValueError,
-            r"w_v: has 12 rows but the value input \(here the query\) is 16 wide",
-        ),
-        ("b_v", np.zeros(16, np.float32), ValueError, r"b_v: expected shape \(8,\), got \(16,\)"),
-        ("w_v", np.zeros((16, 8), np.float64), TypeError, "w_v has dtype float64"),
-        ("b_q", np.zeros((1, 16), np.float32), ValueError, "b_q must have 1 dims"),
+        ("w_q", x(16, 18), ValueError, r"w_q: has 18 columns, not a multiple of num_heads \(4\)"),
+        ("w_v", x(16, 8, dtype=np.float64), TypeError, "w_v has dtype float64"),
+        ("b_q", x(1, 16), ValueError, "b_q must have 1 dims"),
     ],
 )
 def test_reassigned_weights_are_checked(layer, name, value, error, match):
