@@ -103,8 +103,8 @@ def test_cost_decode_caption_says_what_its_numbers_show(monkeypatch, speed_ups):
             }
         )
         frame["speed-up vs float32"] = frame["seconds"].iloc[0] / frame["seconds"]
-        frame["step"] = [cost.human_seconds(t) for t in frame["seconds"]]
-        frame["cache"] = [cost.human_bytes(b) for b in frame["cache bytes"]]
+        frame["step"] = [text.human_seconds(t) for t in frame["seconds"]]
+        frame["cache"] = [text.human_bytes(b) for b in frame["cache bytes"]]
         return frame
 
     monkeypatch.setattr(kv_cost, "decode_step_times", fake_times)

@@ -10,7 +10,7 @@ import math
 import attnscope
 import numpy as np
 import pytest
-from attnscope.dashboard import cost, kv_cost
+from attnscope.dashboard import kv_cost, text
 from test_dashboard_app import assert_clean, open_page, table_with
 
 SMOLLM2 = "SmolLM2-135M (30 layers, 9 query / 3 kv heads of 64)"
@@ -91,7 +91,7 @@ def test_page_memory_section_numbers():
     assert_clean(app)
     steps = table_with(app, "speed-up vs float32").set_index("storage")
     assert list(steps.index) == list(kv_cost.STORAGES)
-    assert steps.loc["float32", "cache"] == cost.human_bytes(2 * 2 * 1024 * 32 * 4)
+    assert steps.loc["float32", "cache"] == text.human_bytes(2 * 2 * 1024 * 32 * 4)
     assert steps.loc["float32", "speed-up vs float32"] == 1.0
 
 

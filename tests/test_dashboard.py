@@ -383,8 +383,8 @@ def test_timeline_and_tables_extrapolate():
     assert list(zip(stopped["method"], stopped["n"], strict=True)) == [("naive", 512)]
 
     shown = cost.projections_shown(cost.projections_table(frame, targets=(1024, 8_192)))
-    assert shown.loc["m", "n = 1,024"] == cost.human_seconds(3e-9 * 1024**2)
-    assert shown.loc["m", "n = 8,192"] == cost.human_seconds(3e-9 * 8192**2) + " *"
+    assert shown.loc["m", "n = 1,024"] == text.human_seconds(3e-9 * 1024**2)
+    assert shown.loc["m", "n = 8,192"] == text.human_seconds(3e-9 * 8192**2) + " *"
 
 
 def test_fit_exponent_leaves_out_short_contexts():

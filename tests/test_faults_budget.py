@@ -9,7 +9,7 @@ import tracemalloc
 import attnscope
 import numpy as np
 import pytest
-from attnscope.dashboard import budget, cost, kv_cost
+from attnscope.dashboard import budget, cost, kv_cost, text
 from test_dashboard_app import open_page
 
 GiB = 2**30
@@ -99,7 +99,7 @@ def test_cost_page_refuses_a_decoding_step_over_budget_with_a_message(monkeypatc
     assert not app.exception, [e.value for e in app.exception]
     assert [e.value for e in app.error] == [
         "A decoding step over 4,096 cached tokens of 8 kv heads of 128 would need about "
-        f"{budget.human_bytes(cost_estimate(8, 8, 128, 4_096))} of memory, more than the "
+        f"{text.human_bytes(cost_estimate(8, 8, 128, 4_096))} of memory, more than the "
         "16.0 MiB this server allows one action; lower the kv heads, the head dim or the "
         "cached tokens."
     ]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from attnscope import reference
-from attnscope.dashboard import budget, cost, sparse, sparse_charts
+from attnscope.dashboard import budget, sparse, sparse_charts, text
 from attnscope.dashboard import real_model as rm
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
@@ -135,19 +135,19 @@ def test_projections_follow_the_cost_pages_fit_and_never_build_a_huge_dense_mask
     frame = pd.DataFrame(rows)
     table = sparse.projections(frame)
     assert list(table.index) == list(sparse.TIMED_METHODS)
-    assert table.loc[sparse.EXPRESSION, "n = 2,048"] == cost.human_seconds(1e-6 * 2_048)
+    assert table.loc[sparse.EXPRESSION, "n = 2,048"] == text.human_seconds(1e-6 * 2_048)
     assert table.loc[sparse.EXPRESSION, "n = 200,000"] == (
-        cost.human_seconds(1e-6 * 200_000) + " * (n^1.00)"
+        text.human_seconds(1e-6 * 200_000) + " * (n^1.00)"
     )
     assert table.loc[sparse.CAUSAL, "n = 200,000"].startswith(
-        cost.human_seconds(5e-10 * 200_000**2)
+        text.human_seconds(5e-10 * 200_000**2)
     )
     # 8,192² bytes is exactly the budget: still built, so extrapolated like the others.
     assert table.loc[sparse.DENSE, "n = 8,192"] == (
-        cost.human_seconds(1e-9 * 8_192**2) + " * (n^2.00)"
+        text.human_seconds(1e-9 * 8_192**2) + " * (n^2.00)"
     )
     assert table.loc[sparse.DENSE, "n = 200,000"] == (
-        f"not built: mask of {cost.human_bytes(200_000**2)}"
+        f"not built: mask of {text.human_bytes(200_000**2)}"
     )
     ratios = sparse.speedups(frame)
     np.testing.assert_allclose(ratios["× faster than the dense mask"], [0.5, 1.0, 2.0, 4.1])

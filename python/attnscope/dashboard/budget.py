@@ -16,6 +16,8 @@ import os
 import re
 from collections.abc import Mapping
 
+from .text import human_bytes
+
 ENVIRONMENT_VARIABLE = "ATTNSCOPE_DASHBOARD_MEMORY"
 DEFAULT_BYTES = 2**30
 # Free memory is shared with every other visitor and the server itself: one action may take
@@ -28,14 +30,6 @@ _AMOUNT = re.compile(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECA
 class OverBudget(ValueError):
     """A heavy action whose estimated memory exceeds the budget; the message says what to
     lower."""
-
-
-def human_bytes(num_bytes: float) -> str:
-    """'512 KiB', '3.0 MiB', '1.5 GiB'."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= size:
-            return f"{num_bytes / size:,.1f} {unit}"
-    return f"{num_bytes:,.0f} B"
 
 
 def configured_bytes(environ: Mapping[str, str] | None = None) -> int:

@@ -14,8 +14,8 @@ import pandas as pd
 from threadpoolctl import ThreadpoolController
 
 from . import engine
-from .budget import human_bytes
 from .naive import naive_attention
+from .text import human_bytes, human_seconds
 
 BYTES_F32 = 4
 TARGET_LENGTHS = (2_048, 8_192, 200_000)  # GPT-2, GPT-3.5, today's long-context models
@@ -560,18 +560,3 @@ def memory_frame(sizes: list[int], head_dim: int) -> pd.DataFrame:
             {"n": n, "path": "tiled: q, k, v, output", "MiB": tiled_bytes(n, head_dim) / 2**20}
         )
     return pd.DataFrame(rows)
-
-
-def human_seconds(seconds: float) -> str:
-    """'850 µs', '12.3 ms', '4.2 s', '3.1 min', '2.0 h'."""
-    if seconds != seconds:
-        return "—"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
-        return f"{seconds * 1e3:.1f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -16,7 +16,7 @@ from attnscope.models.stats import row_entropy
 from attnscope.reference import visibility
 
 from . import engine
-from .text import SentenceRule, word_vector
+from .text import SentenceRule, human_bytes, word_vector
 
 MODEL_DIM = 4
 SENTENCE = SentenceRule(
@@ -253,7 +253,7 @@ def flash_memory(n: int, block: int, d_v: int, long_n: int = 200_000) -> pd.Data
     """Numbers one query row keeps while its softmax is computed each way, and what one head
     needs at `long_n` tokens (float32): every score and weight of the n×n matrix, against
     q, k, v and the output alone (the running m and l add two numbers per row)."""
-    from .cost import human_bytes, naive_bytes, tiled_bytes
+    from .cost import naive_bytes, tiled_bytes
 
     return pd.DataFrame(
         [

@@ -9,14 +9,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from importlib import resources
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from . import budget
-from .budget import human_bytes
-from .cost import TARGET_LENGTHS, human_seconds
+from .cost import TARGET_LENGTHS
+from .text import human_bytes, human_seconds
 
 
 @dataclass(frozen=True)
@@ -257,68 +258,4 @@ def cached_storage_quality(_progress: Callable[[float, str], None] | None = None
 
 
 # A real text of about 1,000 tokens for the storage comparison (written for this page).
-SAMPLE_TEXT = """\
-The old harbour town had grown up around a single street that ran from the fish market to the \
-lighthouse. Every morning the boats came back before sunrise, and by the time the bakery opened \
-its shutters the quay was already loud with buyers, gulls and the scrape of crates on stone. \
-Children who grew up there learned to read the weather before they learned to read books: a \
-grey ring around the moon meant rain, a flat sea at dawn meant wind by noon, and a sky that \
-turned green at dusk meant that nobody would sail the next day.
-
-Marta ran the small library above the post office. It held about four thousand books, most of \
-them donated by families who had moved away, and a long shelf of logbooks that the harbour \
-master had kept since the town was founded. She liked the logbooks best. They recorded every \
-departure and every return, the cargo, the crew, and now and then a short remark in the margin: \
-"fog until ten", "engine trouble, towed home", "whale seen off the point". Read one after \
-another, the remarks told a story that no single page could tell, the way a sentence only \
-makes sense once you have seen all of its words.
-
-One winter a student from the university arrived with a laptop and a question. She wanted to \
-know whether the town's boats had changed their habits as the sea warmed. Marta gave her the \
-logbooks and a table by the window, and for three weeks the student copied dates, catches and \
-remarks into long columns. In the evenings the two of them talked about what the numbers \
-seemed to show. The boats went out earlier in the year than they used to. Cod had become rare \
-and mackerel common. The remark "ice in the harbour" appeared forty times in the first fifty \
-years and never after that.
-
-The student explained that she would feed the columns to a program that looked for patterns. \
-Marta asked how a program could know which entries mattered. The student said that the trick \
-was to let every entry look at every other entry and decide, for itself, how much each one \
-should count. A remark about fog matters for the return time written two lines below it, but \
-hardly at all for the catch recorded a month later. The program learns those weights from \
-examples, she said, and once it has learned them it can read a new page and pay attention to \
-the right lines.
-
-"That sounds expensive," Marta said. "If every line looks at every other line, a book twice \
-as long is four times the work."
-
-The student laughed, because that was exactly the problem her professor complained about. \
-For long records the program had to keep a summary of every earlier line in memory while it \
-read, and the memory grew with every page. Some programs kept only the first few lines and the \
-most recent ones, which worked surprisingly well: the opening lines said what kind of record \
-it was, and the recent lines said what was happening now. Others stored their summaries with \
-fewer digits, the way a tired clerk might round a weight to the nearest kilogram, and found \
-that the answers hardly changed.
-
-In spring the student left, promising to send her results. The town went back to its usual \
-rhythm. The boats painted their hulls, the bakery added a rhubarb tart to its window, and the \
-lighthouse keeper replaced the lamp with one that used a tenth of the power. Marta moved the \
-logbooks back to their shelf and added a new one for the current year, which she filled in \
-herself because the harbour master had retired and nobody had replaced him.
-
-The letter came in autumn. It had two graphs and a short note. The first graph showed the \
-date of the first departure each year, drifting earlier by about a day every two years. The \
-second showed how often each kind of fish appeared in the logbooks, with cod falling and \
-mackerel rising as if someone had slowly turned a dial. The note thanked Marta for the table \
-by the window and said that the program had found one more pattern that the student had not \
-expected: boats that reported fog in the morning almost always came back with a smaller catch, \
-even when the fog had lifted by ten. Nobody in the town was surprised by that, but they were \
-pleased that a machine had noticed it too.
-
-Marta pinned the graphs to the notice board beside the library door. For a few weeks people \
-stopped to look at them on their way to the post office, and some of the older fishermen \
-argued about whether the dial would keep turning. Then the first storm of the winter arrived, \
-the boats stayed in for six days, and the graphs were covered by a poster for the harbour \
-festival. But Marta kept a copy in the newest logbook, and in its margin she wrote a remark of \
-her own: "the sea remembers, if someone reads it all the way through."
-"""
+SAMPLE_TEXT = resources.files(__package__).joinpath("sample_text.txt").read_text(encoding="utf-8")

@@ -22,8 +22,10 @@ import streamlit as st
 
 import attnscope
 
-from . import budget, cost, engine
+from . import budget, engine
 from . import real_model as rm
+from .cost import TARGET_LENGTHS, fit_exponent, time_call
+from .text import human_bytes, human_seconds
 
 WINDOW = "Sliding window"
 LONGFORMER = "Window + global tokens (Longformer)"
@@ -230,7 +232,7 @@ def dense_refusal(n: int) -> str | None:
     """Why the dense path does not run at length `n` (its mask would not fit), or None."""
     if dense_mask_bytes(n) <= dense_mask_limit():
         return None
-    size = cost.human_bytes(dense_mask_bytes(n))
+    size = human_bytes(dense_mask_bytes(n))
     return f"not built: its {n:,}×{n:,} bool mask alone needs {size}"
 
 
@@ -249,17 +251,17 @@ def time_method(
     pattern: Pattern, n: int, method: str, head_dim: int = 64, seed: int = 0
 ) -> tuple[float, str]:
     """``(seconds, "measured")``: the best of a few runs of `method` at length `n` on one head
-    of random float32 inputs (:func:`cost.time_call`); or ``(nan, why)`` when it is not run
+    of random float32 inputs (:func:`time_call`); or ``(nan, why)`` when it is not run
     (its mask or its inputs would not fit the memory budget)."""
     needed = budget.estimate_attention(n, n, head_dim)
     if needed > budget.budget_bytes():
-        return math.nan, f"not run: its inputs need {cost.human_bytes(needed)}"
+        return math.nan, f"not run: its inputs need {human_bytes(needed)}"
     rng = np.random.default_rng(seed)
     q, k, v = (rng.standard_normal((n, head_dim), dtype=np.float32) for _ in range(3))
     call = timed_call(method, pattern, n, q, k, v)
     if isinstance(call, str):
         return math.nan, call
-    return cost.time_call(call), "measured"
+    return time_call(call), "measured"
 
 
 def sweep(
@@ -289,7 +291,7 @@ def sweep(
                 seconds, status = math.nan, refused
             elif last_time.get(method, 0.0) * 4.5 > time_limit:
                 seconds = math.nan
-                status = f"skipped: would take about {cost.human_seconds(last_time[method] * 4)}"
+                status = f"skipped: would take about {human_seconds(last_time[method] * 4)}"
             else:
                 seconds, status = measure(pattern, n, method, head_dim)
             if status == "measured":
@@ -308,29 +310,29 @@ def speedups(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "n": table.index,
-            "expression": [cost.human_seconds(s) for s in table[EXPRESSION]],
+            "expression": [human_seconds(s) for s in table[EXPRESSION]],
             "× faster than the dense mask": (table[DENSE] / table[EXPRESSION]).round(1).values,
             "× faster than full causal": (table[CAUSAL] / table[EXPRESSION]).round(1).values,
         }
     )
 
 
-def projections(frame: pd.DataFrame, targets=cost.TARGET_LENGTHS) -> pd.DataFrame:
+def projections(frame: pd.DataFrame, targets=TARGET_LENGTHS) -> pd.DataFrame:
     """Per method and target length, readable time: measured when the sweep reached it,
-    else extrapolated with :func:`cost.fit_exponent` (marked ``*``). The dense path says
+    else extrapolated with :func:`fit_exponent` (marked ``*``). The dense path says
     instead what its mask would weigh where it could not be built. Methods × lengths."""
     rows = []
     for method in TIMED_METHODS:
-        fit = cost.fit_exponent(frame, method)
+        fit = fit_exponent(frame, method)
         for n in targets:
             hit = frame[(frame["method"] == method) & (frame["n"] == n)]
             if len(hit) and hit["status"].iloc[0] == "measured":
-                shown = cost.human_seconds(float(hit["seconds"].iloc[0]))
+                shown = human_seconds(float(hit["seconds"].iloc[0]))
             elif method == DENSE and dense_mask_bytes(n) > dense_mask_limit():
-                shown = f"not built: mask of {cost.human_bytes(dense_mask_bytes(n))}"
+                shown = f"not built: mask of {human_bytes(dense_mask_bytes(n))}"
             elif fit is not None:
                 exponent, constant = fit
-                shown = f"{cost.human_seconds(constant * n**exponent)} * (n^{exponent:.2f})"
+                shown = f"{human_seconds(constant * n**exponent)} * (n^{exponent:.2f})"
             else:
                 shown = "too few points to extrapolate"
             rows.append({"method": method, "n": n, "time": shown})

@@ -96,8 +96,8 @@ def long_context_memory(head_dim: int = 128) -> dict[str, str]:
     """One head at 200,000 tokens: the n×n scores and weights against what a tiled kernel
     keeps (q, k, v and the output)."""
     return {
-        "materialised": cost.human_bytes(cost.naive_bytes(LONG_CONTEXT)),
-        "tiled": cost.human_bytes(cost.tiled_bytes(LONG_CONTEXT, head_dim)),
+        "materialised": text.human_bytes(cost.naive_bytes(LONG_CONTEXT)),
+        "tiled": text.human_bytes(cost.tiled_bytes(LONG_CONTEXT, head_dim)),
     }
 
 

@@ -1,6 +1,7 @@
 """Sentences to words and tokens for every page: the one place a reader's text is split, cut
 to a page's limit, refused when empty, tagged with the word classes the designed heads read,
-and turned into a fixed random vector per word.
+and turned into a fixed random vector per word; and the times and sizes every page writes
+for a reader ('12.3 ms', '1.5 GiB').
 
 A tiny rule-based tagger stands in for what a trained model learns: it is enough for the
 example sentences and for most short sentences a reader types in.
@@ -232,3 +233,29 @@ GLOSSARY = {
     "int8 / bfloat16 / float16 storage": "Ways to keep a KV cache in fewer bytes: 16-bit "
     "floats halve it; int8 keeps one byte per value plus a scale per block of 32.",
 }
+
+
+# --- numbers as a reader reads them -------------------------------------------------------
+
+
+def human_seconds(seconds: float) -> str:
+    """'850 µs', '12.3 ms', '4.2 s', '3.1 min', '2.0 h'."""
+    if seconds != seconds:
+        return "—"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def human_bytes(num_bytes: float) -> str:
+    """'512 KiB', '3.0 MiB', '1.5 GiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:,.1f} {unit}"
+    return f"{num_bytes:,.0f} B"

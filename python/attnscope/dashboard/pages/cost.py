@@ -5,7 +5,7 @@ import os
 
 import attnscope
 import streamlit as st
-from attnscope.dashboard import budget, charts, cost, engine, kv_cost, ui
+from attnscope.dashboard import budget, charts, cost, engine, kv_cost, text, ui
 
 LONGEST_CHOICES = [512, 1_024, 2_048, 4_096, 8_192, 16_384, 65_536, 262_144]
 BUDGET_CHOICES = [64, 128, 256, 512, 1_024]
@@ -179,10 +179,10 @@ ui.chart(
     ),
     key="cost_memory_chart",
 )
-naive_200k = cost.human_bytes(cost.naive_bytes(200_000))
+naive_200k = text.human_bytes(cost.naive_bytes(200_000))
 st.caption(
     f"At 200,000 tokens the naive path would need {naive_200k} for one head of one layer; a "
-    f"tiled kernel needs {cost.human_bytes(cost.tiled_bytes(200_000, head_dim))}."
+    f"tiled kernel needs {text.human_bytes(cost.tiled_bytes(200_000, head_dim))}."
 )
 
 st.subheader("KV cache: the memory a long context keeps")

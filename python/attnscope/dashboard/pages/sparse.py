@@ -2,7 +2,7 @@
 read through a sliding window with and without attention sinks."""
 
 import streamlit as st
-from attnscope.dashboard import charts, cost, engine, sparse, sparse_charts, ui
+from attnscope.dashboard import charts, cost, engine, sparse, sparse_charts, text, ui
 from attnscope.dashboard import real_model as rm
 
 DRAWN_LENGTHS = [32, 64, 128, 256]
@@ -160,7 +160,7 @@ else:
                 "\\* extrapolated from the exponent fitted to the measured points, not measured. "
                 "The dense path needs the whole L×L bool mask in memory before it starts: one "
                 "byte per pair, 37 GiB at 200,000 tokens, so beyond "
-                f"{cost.human_bytes(sparse.dense_mask_limit())} this page does not build it. "
+                f"{text.human_bytes(sparse.dense_mask_limit())} this page does not build it. "
                 "The expression costs a few bytes at any length."
             )
             for _, item in (
