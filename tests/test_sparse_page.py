@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from attnscope import reference
-from attnscope.dashboard import budget, sparse, sparse_charts, text
+from attnscope.dashboard import budget, sparse, sparse_charts, text, ui
 from attnscope.dashboard import real_model as rm
 from streamlit import dataframe_util
 from streamlit.testing.v1 import AppTest
@@ -325,7 +325,7 @@ def test_perplexity_section_shows_the_models_own_numbers(monkeypatch):
     assert not app.exception and not app.error, [e.value for e in app.error]
     table = next(d.value for d in app.dataframe if "perplexity" in d.value.columns)
     assert table["setting"].tolist() == ["full attention", "window of 16", "4 sinks + window of 16"]
-    model = rm.cached_model(rm.CAUSAL_MODEL)
+    model = ui.cached_model(rm.CAUSAL_MODEL)
     # Two of the three settings read again here (each costs a few seconds on two cores).
     for index, window, sinks in [(0, None, 0), (2, 16, 4)]:
         direct = model.perplexity(short, window=window, sinks=sinks)
@@ -344,7 +344,7 @@ def test_a_model_that_cannot_load_is_a_warning_not_a_traceback(monkeypatch):
         raise ImportError("reading GGUF files needs the gguf package: pip install gguf")
 
     monkeypatch.setattr(rm, "missing_package_hint", lambda name: None)
-    monkeypatch.setattr(sparse, "cached_perplexity", no_reader)
+    monkeypatch.setattr(ui, "cached_perplexity", no_reader)
     app = open_page()
     app.button(key="sparse_ppl_run").click().run()
     assert not app.exception and not app.error, [e.value for e in app.error]

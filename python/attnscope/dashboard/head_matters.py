@@ -11,14 +11,11 @@ makes the charts and :mod:`attnscope.dashboard.head_matters_view` lays them out.
 from __future__ import annotations
 
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import streamlit as st
 
 import attnscope.models as am
 
@@ -276,40 +273,3 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
     values = logits.astype(np.float64)
     values = np.exp(values - values.max())
     return values / values.sum()
-
-
-# --- cached for the page ------------------------------------------------------------------------
-# The analyses are kept in a small store shared by the server's sessions rather than in
-# st.cache_data: the page's progress bar lives outside the cached work, and st.cache_data would
-# record the bar's updates and replay them on a hit.
-
-_STORE_SIZE = 8
-_lock = threading.Lock()
-
-
-@st.cache_resource(show_spinner=False)
-def _store() -> OrderedDict:
-    return OrderedDict()
-
-
-def cached_analysis(
-    name: str, text: str, target: str, progress: Progress | None = None
-) -> Analysis:
-    """:func:`analyse` of the model `name`, computed once per (model, text, target)."""
-    key = (name, text, target)
-    store = _store()
-    with _lock:
-        if key in store:
-            store.move_to_end(key)
-            return store[key]
-    result = analyse(rm.cached_model(name), text, target, progress)
-    with _lock:
-        store[key] = result
-        while len(store) > _STORE_SIZE:
-            store.popitem(last=False)
-    return result
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def cached_next_tokens(name: str, ids: tuple[int, ...], layer: int, head: int, ablation: str):
-    return next_tokens(rm.cached_model(name), np.array(ids), layer, head, ablation)

@@ -41,7 +41,7 @@ def show(load: Callable[[str], object]) -> None:
         bar.progress(min(done, 1.0), text=f"Ablating and patching every head: {label}…")
 
     try:
-        analysis = hm.cached_analysis(hm.MODEL, text, target, progress)
+        analysis = ui.cached_analysis(hm.MODEL, text, target, progress)
     except ValueError as problem:  # the page's ReadingError, or a text the model refuses
         st.error(rm.plain(str(problem)))
         return
@@ -245,7 +245,7 @@ def head_section(model, analysis: hm.Analysis, ablation: str) -> None:
         ),
         key=f"{PREFIX}_map",
     )
-    after = hm.cached_next_tokens(
+    after = ui.cached_next_tokens(
         hm.MODEL, tuple(analysis.trace.ids.tolist()), layer, head, ablation
     )
     bars = after.melt(id_vars="token", var_name="run", value_name="probability")

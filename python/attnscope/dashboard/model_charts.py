@@ -1,7 +1,7 @@
 """Altair charts of the Real model page: the grid of every head, heatmaps whose axes may be
 blocks of tokens, and a decoding replay. Like :mod:`attnscope.dashboard.charts`, they take
-arrays and frames and compute no attention; :func:`draw_map` also draws its heatmap on the
-page, in blocks of tokens when the text is long."""
+arrays and frames and compute no attention; :func:`block_map` sums a long text's map into
+blocks of tokens."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from collections.abc import Sequence
 import altair as alt
 import numpy as np
 import pandas as pd
-import streamlit as st
 
 from . import real_model as rm
-from . import ui
 from .charts import BAR_BLUE, HIGHLIGHT, NATURAL_SIZE, lines, weight_cells
 
 
@@ -191,29 +189,21 @@ def ratio_line(comparison: pd.DataFrame) -> alt.Chart:
     )
 
 
-def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, **options):
-    """A heatmap of every cell, or of blocks of tokens when the matrix is too big to draw."""
+def block_map(weights, visible, row_tokens, col_tokens, *, title: str, **options):
+    """A heatmap of every cell, or of blocks of tokens when the matrix is too big to draw:
+    ``(chart, exact)``, `exact` False for blocks."""
     blocks = rm.block_sum(weights, visible)
     largest = max(blocks.weights.shape)
-    ui.chart(
-        st,
-        labelled_heatmap(
-            blocks.weights,
-            rm.block_labels(row_tokens, blocks.row_starts, blocks.row_size),
-            rm.block_labels(col_tokens, blocks.col_starts, blocks.col_size),
-            visible=blocks.visible,
-            title=title if blocks.exact else f"{title} (blocks of {block_size(blocks)} tokens)",
-            cell_px=max(6, min(24, options.pop("width_px", 480) // largest)),
-            **options,
-        ),
-        key=key,
+    chart = labelled_heatmap(
+        blocks.weights,
+        rm.block_labels(row_tokens, blocks.row_starts, blocks.row_size),
+        rm.block_labels(col_tokens, blocks.col_starts, blocks.col_size),
+        visible=blocks.visible,
+        title=title if blocks.exact else f"{title} (blocks of {block_size(blocks)} tokens)",
+        cell_px=max(6, min(24, options.pop("width_px", 480) // largest)),
+        **options,
     )
-    if not blocks.exact:
-        st.caption(
-            "Too many tokens to draw one cell each: a cell here is the share of attention a "
-            "block of rows gives, on average, to a block of columns. The bars below show one "
-            "row exactly."
-        )
+    return chart, blocks.exact
 
 
 def block_size(blocks: rm.Blocks) -> str:

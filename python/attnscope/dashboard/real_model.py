@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import streamlit as st
 
 import attnscope.models as am
 from attnscope.reference import visibility
@@ -331,26 +330,8 @@ def block_labels(tokens: list[str], starts: np.ndarray, size: int) -> list[str]:
     return [f"{i}–{end - 1} {' '.join(tokens[i:end])}" for i, end in zip(starts, ends, strict=True)]
 
 
-# Cached for the page: one copy of each model per server, and the latest readings. A reading
-# holds up to ATTENTION_BUDGET_BYTES of maps, so few are kept; the models are never copied.
-@st.cache_resource(show_spinner=False, max_entries=3)
-def cached_model(name_or_path: str) -> am.Model:
-    return am.load(name_or_path)
-
-
-@st.cache_resource(show_spinner=False, max_entries=3)
-def cached_reading(name_or_path: str, text: str, limit: int | None = None) -> Reading:
-    return read_text(cached_model(name_or_path), text, limit)
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def cached_head_table(name_or_path: str, text: str) -> pd.DataFrame:
-    return head_table(cached_model(name_or_path), cached_reading(name_or_path, text))
-
-
-@st.cache_data(show_spinner=False, max_entries=4)
-def chapter_head(name_or_path: str) -> tuple[int, int]:
-    """The head the finder picks in the chapter's sentence for its pronoun and 'nurse'."""
-    reading = cached_reading(name_or_path, PRONOUN_SENTENCE)
+def chapter_head(reading: Reading) -> tuple[int, int]:
+    """The head the finder picks in `reading` (of :data:`PRONOUN_SENTENCE`) for its pronoun and
+    'nurse'."""
     layer, head, _ = find_heads(reading, *default_pair(reading.tokens)).best
     return layer, head

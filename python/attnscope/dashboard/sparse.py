@@ -18,12 +18,10 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
-import streamlit as st
 
 import attnscope
 
 from . import budget, engine
-from . import real_model as rm
 from .cost import TARGET_LENGTHS, fit_exponent, time_call
 from .text import human_bytes, human_seconds
 
@@ -450,26 +448,3 @@ def streaming_summary(table: pd.DataFrame) -> str:
         f"The window alone raised perplexity from {full:.2f} to {windowed:.2f}; keeping the "
         f"first tokens brought it to {sunk:.2f}, winning back {regained:.0%} of that loss."
     )
-
-
-# --- Cached for the page: a rerun with the same controls costs nothing -------------------------
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def cached_picture(pattern: Pattern, length: int, block: int) -> MaskPicture:
-    return picture(pattern, length, block)
-
-
-# Cached a point at a time, so the page's progress bar lives outside every cached function.
-@st.cache_data(show_spinner=False, max_entries=512)
-def cached_time_method(
-    pattern: Pattern, n: int, method: str, head_dim: int, threads: int
-) -> tuple[float, str]:
-    # The thread count holds for this call only, never for other visitors'.
-    with attnscope.threads(threads):
-        return time_method(pattern, n, method, head_dim)
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def cached_perplexity(model_name: str, text: str, window: int | None, sinks: int):
-    return rm.cached_model(model_name).perplexity(text, window=window, sinks=sinks)

@@ -1,19 +1,29 @@
 """Streamlit pieces every page shares: the page icon, the engine banner, widgets whose choices
 follow the reader's text, cached calls into the compute modules (cached on plain
 arguments, so a rerun with the same controls costs nothing), and the Real model page's
-pickers, model loading and error guards."""
+pickers, model loading, error guards and attention maps.
+
+The compute modules never import streamlit: every ``st.cache_*`` wrapper lives here."""
 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import pandas as pd
 import streamlit as st
 
+import attnscope
 import attnscope.models as am
 
-from . import charts, engine, heads, inside, regimes, text
+from . import charts, engine, heads, inside, kv_cost, model_charts, regimes, sparse, text
+from . import head_matters as hm
 from . import real_model as rm
+
+Progress = Callable[[float, str], None]
 
 
 def _page_icon_svg() -> str:
@@ -198,6 +208,101 @@ def story_results() -> dict[str, object]:
     }
 
 
+# --- the Sparse page: a rerun with the same controls costs nothing ---------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_picture(pattern: sparse.Pattern, length: int, block: int) -> sparse.MaskPicture:
+    return sparse.picture(pattern, length, block)
+
+
+# Cached a point at a time, so the page's progress bar lives outside every cached function.
+@st.cache_data(show_spinner=False, max_entries=512)
+def cached_time_method(
+    pattern: sparse.Pattern, n: int, method: str, head_dim: int, threads: int
+) -> tuple[float, str]:
+    # The thread count holds for this call only, never for other visitors'.
+    with attnscope.threads(threads):
+        return sparse.time_method(pattern, n, method, head_dim)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_perplexity(model_name: str, text: str, window: int | None, sinks: int):
+    return cached_model(model_name).perplexity(text, window=window, sinks=sinks)
+
+
+# --- the Cost page --------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=1)
+def cached_storage_quality(_progress: Progress | None = None) -> pd.DataFrame:
+    """:func:`kv_cost.storage_quality` of SmolLM2 on :data:`kv_cost.SAMPLE_TEXT`, computed once
+    per server (`_progress` is not part of the cache key)."""
+    return kv_cost.storage_quality(cached_model(rm.CAUSAL_MODEL), kv_cost.SAMPLE_TEXT, _progress)
+
+
+# --- the Real model page's models and readings ----------------------------------------------
+# One copy of each model per server, and the latest readings. A reading holds up to
+# ATTENTION_BUDGET_BYTES of maps, so few are kept; the models are never copied.
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def cached_model(name_or_path: str) -> am.Model:
+    return am.load(name_or_path)
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def cached_reading(name_or_path: str, text: str, limit: int | None = None) -> rm.Reading:
+    return rm.read_text(cached_model(name_or_path), text, limit)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_head_table(name_or_path: str, text: str) -> pd.DataFrame:
+    return rm.head_table(cached_model(name_or_path), cached_reading(name_or_path, text))
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def chapter_head(name_or_path: str) -> tuple[int, int]:
+    """The head the finder picks in the chapter's sentence for its pronoun and 'nurse'."""
+    return rm.chapter_head(cached_reading(name_or_path, rm.PRONOUN_SENTENCE))
+
+
+# The head-ablation analyses are kept in a small store shared by the server's sessions rather
+# than in st.cache_data: the page's progress bar lives outside the cached work, and
+# st.cache_data would record the bar's updates and replay them on a hit.
+_STORE_SIZE = 8
+_lock = threading.Lock()
+
+
+@st.cache_resource(show_spinner=False)
+def _store() -> OrderedDict:
+    return OrderedDict()
+
+
+def cached_analysis(
+    name: str, text: str, target: str, progress: Progress | None = None
+) -> hm.Analysis:
+    """:func:`head_matters.analyse` of the model `name`, computed once per (model, text,
+    target)."""
+    key = (name, text, target)
+    store = _store()
+    with _lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    result = hm.analyse(cached_model(name), text, target, progress)
+    with _lock:
+        store[key] = result
+        while len(store) > _STORE_SIZE:
+            store.popitem(last=False)
+    return result
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_next_tokens(name: str, ids: tuple[int, ...], layer: int, head: int, ablation: str):
+    return hm.next_tokens(cached_model(name), np.array(ids), layer, head, ablation)
+
+
 # --- the Real model page's pickers and guards ------------------------------------------
 
 # Widgets bound this way keep their value in the URL (their keys name the parameters).
@@ -234,7 +339,7 @@ def load(name: str, *, any_error: bool = False):
     """The model, or None after telling the reader why it is not here and how to get it."""
     try:
         with st.spinner(f"Loading {rm.plain(name)}…"):
-            return rm.cached_model(name)
+            return cached_model(name)
     except am.ModelUnavailableError as problem:
         st.warning(f"{rm.plain(name)} is not available here: {rm.load_error_message(problem)}")
         hint = rm.missing_package_hint(name)
@@ -264,3 +369,17 @@ def refuse(problem: Exception, any_error: bool, prefix: str = ""):
         raise problem
     st.error(prefix + rm.load_error_message(problem))
     return None
+
+
+def draw_map(weights, visible, row_tokens, col_tokens, *, title: str, key: str, **options):
+    """A heatmap of every cell, or of blocks of tokens when the matrix is too big to draw."""
+    spec, exact = model_charts.block_map(
+        weights, visible, row_tokens, col_tokens, title=title, **options
+    )
+    chart(st, spec, key=key)
+    if not exact:
+        st.caption(
+            "Too many tokens to draw one cell each: a cell here is the share of attention a "
+            "block of rows gives, on average, to a block of columns. The bars below show one "
+            "row exactly."
+        )

@@ -276,7 +276,7 @@ else:
     st.button("Compare storages on SmolLM2", key="cost_quality_run")
     if st.session_state.get("cost_quality_run") or "cost_quality" in st.session_state:
         progress = st.progress(0.0, text="Loading SmolLM2…")
-        quality = kv_cost.cached_storage_quality(
+        quality = ui.cached_storage_quality(
             lambda fraction, label: progress.progress(fraction, text=label)
         )
         progress.empty()

@@ -102,8 +102,8 @@ def every_head_view() -> None:
     counterfactual_buttons(controls[1], "real_model_text")
     local = choice == LOCAL_FOLDER
     model = ui.load(source, any_error=local)
-    reading = model and ui.shielded(lambda: rm.cached_reading(source, text), any_error=local)
-    table = reading and ui.shielded(lambda: rm.cached_head_table(source, text), any_error=local)
+    reading = model and ui.shielded(lambda: ui.cached_reading(source, text), any_error=local)
+    table = reading and ui.shielded(lambda: ui.cached_head_table(source, text), any_error=local)
     if table is None:
         return
     kind = (
@@ -188,7 +188,7 @@ def one_head_section(model, reading, table) -> None:
 def head_heatmap(reading, layer: int, head: int) -> None:
     """One head's map (in blocks of tokens when the text is long) and one query's full row."""
     tokens = reading.tokens
-    model_charts.draw_map(
+    ui.draw_map(
         reading.attentions[layer, head],
         reading.visible(),
         tokens,
@@ -250,13 +250,13 @@ def regimes_view() -> None:
 def regime_column(name: str, regime: str, sentence: str) -> None:
     model = ui.load(name)
     reading = model and ui.shielded(
-        lambda: rm.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS)
+        lambda: ui.cached_reading(name, sentence, rm.REGIMES_MAX_TOKENS)
     )
     if reading is None:
         return
     search = head_search(f"real_model_{regime}", reading)
     layer, head, _ = search.best
-    model_charts.draw_map(
+    ui.draw_map(
         reading.attentions[layer, head],
         reading.visible(),
         reading.tokens,
@@ -483,12 +483,12 @@ def show_replay(replay: generation.Replay) -> None:
     st.caption(prompt_reading_note(replay))
 
     st.subheader("Replay: each new token's attention over the cache")
-    opening = ui.shielded(lambda: rm.chapter_head(rm.CAUSAL_MODEL))
+    opening = ui.shielded(lambda: ui.chapter_head(rm.CAUSAL_MODEL))
     layer, head = ui.layer_and_head(
         "real_model_replay", replay.num_layers, replay.num_heads, default=opening or (0, 0)
     )
     weights, visible = replay.head_rows(layer, head)
-    model_charts.draw_map(
+    ui.draw_map(
         weights,
         visible,
         replay.step_tokens(),

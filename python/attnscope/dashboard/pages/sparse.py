@@ -82,7 +82,7 @@ else:
     block = top[1].select_slider("Tile size", TILE_SIZES, value=8, key="sparse_tile")
     try:
         pattern = pattern_controls(length)
-        shown = sparse.cached_picture(pattern, length, block)
+        shown = ui.cached_picture(pattern, length, block)
     except (ValueError, TypeError) as problem:
         st.error(f"That pattern cannot be built: {problem}")
         pattern = shown = None
@@ -129,7 +129,7 @@ else:
                 pattern,
                 cost.lengths(sparse.SHORTEST_TIMED, longest),
                 progress=lambda done, label: bar.progress(done, text=f"Timing {label}"),
-                measure=lambda *point: sparse.cached_time_method(*point, threads),
+                measure=lambda *point: ui.cached_time_method(*point, threads),
             )
         except (ValueError, TypeError) as problem:
             frame = None
@@ -200,7 +200,7 @@ if measure or st.session_state.get("sparse_ppl_done"):
     bar = st.progress(0.0, text="Loading SmolLM2…")
     try:
         table = sparse.perplexities(
-            lambda kept, first: sparse.cached_perplexity(
+            lambda kept, first: ui.cached_perplexity(
                 rm.CAUSAL_MODEL, sparse.LONG_TEXT, kept, first
             ),
             sparse.cache_settings(window, sinks),
