@@ -39,6 +39,7 @@ lint: venv
 	cargo clippy --all-targets --features python -- -D warnings
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m mypy.stubtest attnscope._core --allowlist .stubtest-allowlist
 
 # The core cross-compiled for aarch64 and its tests (the NEON level's among them) run under
