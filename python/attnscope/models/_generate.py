@@ -289,38 +289,8 @@ class _TextPieces:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def stream(
-    model,
-    prompt,
-    max_new_tokens=32,
-    temperature=0.0,
-    top_k=None,
-    seed=None,
-    kv_storage=None,
-    use_cache=True,
-):
-    """Generate after `prompt`, yielding a :class:`GenerationStep` per new token.
-
-    Arguments are checked here, before the first step: a bad one raises at the call.
-    See :meth:`LlamaModel.generate` for their meaning.
-    """
-    arguments = (max_new_tokens, temperature, top_k, seed, kv_storage, use_cache)
-    return _start(model, prompt, *arguments)[1]
-
-
-def generate(
-    model,
-    prompt,
-    max_new_tokens=32,
-    temperature=0.0,
-    top_k=None,
-    seed=None,
-    kv_storage=None,
-    use_cache=True,
-):
-    """Every step of :func:`stream`, gathered into a :class:`Generation`."""
-    arguments = (max_new_tokens, temperature, top_k, seed, kv_storage, use_cache)
-    ids, steps = _start(model, prompt, *arguments)
+def gathered(model, ids: np.ndarray, steps: Iterator[GenerationStep]) -> Generation:
+    """Every step of a generation (:func:`start`'s), gathered into a :class:`Generation`."""
     steps = list(steps)
     new_ids = [step.token_id for step in steps]
     return Generation(
@@ -332,9 +302,12 @@ def generate(
     )
 
 
-def _start(
+def start(
     model, prompt, max_new_tokens, temperature, top_k, seed, kv_storage=None, use_cache=True
-):
+) -> tuple[np.ndarray, Iterator[GenerationStep]]:
+    """The prompt's ids and an iterator of the generation's steps, each yielded as soon as its
+    token is chosen. Every argument is checked here, before the first step (see
+    :meth:`LlamaModel.generate` for their meaning)."""
     ids, max_new_tokens = _prompt_ids(model, prompt, max_new_tokens)
     temperature, top_k, seed = _check_sampling(temperature, top_k, seed)
     storage = _check_kv_storage(model, kv_storage)

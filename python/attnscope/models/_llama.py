@@ -24,7 +24,7 @@ import numpy as np
 import attnscope
 
 from ._chat import chat_prompt
-from ._generate import generate, stream
+from ._generate import gathered, start
 from ._model import Checkpoint, Model
 from ._perplexity import perplexity
 
@@ -237,8 +237,8 @@ class LlamaModel(Model):
         """:meth:`generate` one step at a time: an iterator of
         :class:`~attnscope.models.GenerationStep`, each yielded as soon as its token is chosen.
         The arguments are checked at the call, before the first step."""
-        options = dict(kv_storage=kv_storage, use_cache=use_cache)
-        return stream(self, prompt, max_new_tokens, temperature, top_k, seed, **options)
+        sampling = (max_new_tokens, temperature, top_k, seed, kv_storage, use_cache)
+        return start(self, prompt, *sampling)[1]
 
     def generate(
         self,
@@ -279,8 +279,8 @@ class LlamaModel(Model):
                 negative seed, an unknown `kv_storage`, or a `kv_storage` with
                 ``use_cache=False``.
         """
-        options = dict(kv_storage=kv_storage, use_cache=use_cache)
-        return generate(self, prompt, max_new_tokens, temperature, top_k, seed, **options)
+        sampling = (max_new_tokens, temperature, top_k, seed, kv_storage, use_cache)
+        return gathered(self, *start(self, prompt, *sampling))
 
     def chat_prompt(self, messages) -> str:
         """`messages` (``[{"role": "user", "content": ...}, ...]``) through the chat template,
