@@ -113,7 +113,10 @@ def test_estimates_are_time_per_pair_times_exact_pairs():
     assert again.loc[(CAUSAL, 200_000), "seconds"] == table.loc[(CAUSAL, 200_000), "seconds"]
 
 
-def test_a_cheap_method_keeps_lengthening_after_an_expensive_one_stops(monkeypatch):
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """The sweep's clock, made fake: ``(clock, timed)``, where ``timed(*methods)`` makes the
+    sweep time those methods, each call advancing ``clock[0]`` by 1 ns per visible pair."""
     clock = [0.0]
     monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
 
@@ -123,8 +126,16 @@ def test_a_cheap_method_keeps_lengthening_after_an_expensive_one_stops(monkeypat
 
         return run
 
-    table = {FULL: (fake("full"), False), WINDOW: (fake("window"), False)}
-    monkeypatch.setattr(cost, "methods", lambda include_torch=True: table)
+    def timed(*names):
+        table = {name: (fake(cost.mask_kind(name)), False) for name in names}
+        monkeypatch.setattr(cost, "methods", lambda include_torch=True: table)
+
+    return clock, timed
+
+
+def test_a_cheap_method_keeps_lengthening_after_an_expensive_one_stops(fake_clock):
+    clock, timed = fake_clock
+    timed(FULL, WINDOW)
     sizes = [1024, 2048, 4096, 8192, 16384]
     frame = cost.sweep(sizes, 4, total_seconds=0.5)
     measured = frame[frame["status"] == "measured"].groupby("method")["n"].max()
@@ -153,19 +164,9 @@ def test_estimate_timeline_continues_each_method_from_its_longest_point():
     assert len(line[line["kind"] == "measured"]) == 2
 
 
-def test_sweep_stops_lengthening_before_its_time_runs_out(monkeypatch):
-    # A fake clock: each call advances it by 1 ns per visible pair.
-    clock = [0.0]
-    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
-
-    def fake(kind):
-        def run(q, k, v):
-            clock[0] += 1e-9 * cost.visible_pairs(len(q), kind)
-
-        return run
-
-    table = {FULL: (fake("full"), False), CAUSAL: (fake("causal"), False)}
-    monkeypatch.setattr(cost, "methods", lambda include_torch=True: table)
+def test_sweep_stops_lengthening_before_its_time_runs_out(fake_clock):
+    clock, timed = fake_clock
+    timed(FULL, CAUSAL)
     sizes = [256, 512, 1024, 2048, 4096, 8192]
     frame = cost.sweep(sizes, 4, total_seconds=0.5).set_index(["method", "n"])
     # A point runs at most 50 times and otherwise for time_call's 40 ms: about 0.28 s up to
