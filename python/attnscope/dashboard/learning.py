@@ -120,27 +120,29 @@ def bounded_run(
         yield Run(label, config, tuple(reports))
 
 
+def measures(report: learning.Report) -> dict[str, float]:
+    """Every number of one report that a curve, a metric or the comparison shows, by name."""
+    return {
+        "held-out loss": report.loss,
+        "accuracy": report.accuracy,
+        "best induction score": float(report.induction.max()),
+        "best previous-token score": float(report.previous_token.max()),
+        "entropy (nats)": float(report.entropy.mean()),
+        "W_Q/W_K gradient norm": float(np.sqrt((report.qk_grad_norm**2).sum())),
+        "softmax gradient": softmax_gradient(report),
+        "first-copy loss": report.first_copy_loss,
+        "second-copy loss": report.second_copy_loss,
+        "seconds": report.seconds,
+    }
+
+
 def history_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per (run, report): the step and every number a curve can show."""
-    rows = []
-    for run in runs:
-        for report in run.reports:
-            rows.append(
-                {
-                    "run": run.label,
-                    "step": report.step,
-                    "held-out loss": report.loss,
-                    "accuracy": report.accuracy,
-                    "best induction score": float(report.induction.max()),
-                    "best previous-token score": float(report.previous_token.max()),
-                    "entropy (nats)": float(report.entropy.mean()),
-                    "W_Q/W_K gradient norm": float(np.sqrt((report.qk_grad_norm**2).sum())),
-                    "softmax gradient": softmax_gradient(report),
-                    "first-copy loss": report.first_copy_loss,
-                    "second-copy loss": report.second_copy_loss,
-                    "seconds": report.seconds,
-                }
-            )
+    rows = [
+        {"run": run.label, "step": report.step, **measures(report)}
+        for run in runs
+        for report in run.reports
+    ]
     return pd.DataFrame(rows)
 
 
@@ -191,14 +193,15 @@ def example_tokens(config: learning.TrainConfig) -> list[str]:
 def summary(run: Run) -> dict[str, float]:
     """The numbers the page states under the charts: first and last report."""
     first, last = run.reports[0], run.last
+    now = measures(last)
     return {
         "steps": last.step,
         "seconds": last.seconds,
         "loss before": first.loss,
         "loss after": last.loss,
         "accuracy after": last.accuracy,
-        "best induction score": float(last.induction.max()),
-        "best previous-token score": float(last.previous_token.max()),
+        "best induction score": now["best induction score"],
+        "best previous-token score": now["best previous-token score"],
         "first-copy loss": last.first_copy_loss,
         "second-copy loss": last.second_copy_loss,
     }
@@ -208,20 +211,20 @@ def compare_table(runs: list[Run]) -> pd.DataFrame:
     """Per run, its numbers at the first and the last report: the comparison's evidence."""
     rows = []
     for run in runs:
-        first, last = run.reports[0], run.last
+        first, last = measures(run.reports[0]), measures(run.last)
         rows.append(
             {
                 "run": run.label,
-                "steps": last.step,
-                "loss at step 0": first.loss,
-                "loss at the end": last.loss,
-                "entropy at step 0 (nats)": float(first.entropy.mean()),
-                "entropy at the end (nats)": float(last.entropy.mean()),
-                "W_Q/W_K gradient at step 0": float(np.sqrt((first.qk_grad_norm**2).sum())),
-                "W_Q/W_K gradient at the end": float(np.sqrt((last.qk_grad_norm**2).sum())),
-                "softmax gradient at step 0": softmax_gradient(first),
-                "softmax gradient at the end": softmax_gradient(last),
-                "best induction score": float(last.induction.max()),
+                "steps": run.last.step,
+                "loss at step 0": first["held-out loss"],
+                "loss at the end": last["held-out loss"],
+                "entropy at step 0 (nats)": first["entropy (nats)"],
+                "entropy at the end (nats)": last["entropy (nats)"],
+                "W_Q/W_K gradient at step 0": first["W_Q/W_K gradient norm"],
+                "W_Q/W_K gradient at the end": last["W_Q/W_K gradient norm"],
+                "softmax gradient at step 0": first["softmax gradient"],
+                "softmax gradient at the end": last["softmax gradient"],
+                "best induction score": last["best induction score"],
             }
         )
     return pd.DataFrame(rows)
