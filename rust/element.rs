@@ -30,10 +30,14 @@ pub trait Element:
     fn exp2(self) -> Self;
     fn max(self, other: Self) -> Self;
     fn is_finite(self) -> bool;
+    /// The same elements as float32 when they are float32 (the decoding kernel's type).
+    fn as_f32(values: &[Self]) -> Option<&[f32]>;
+    /// float32 elements as this type.
+    fn from_f32(values: Vec<f32>) -> Vec<Self>;
 }
 
 macro_rules! impl_element {
-    ($t:ty, $name:expr) => {
+    ($t:ty, $name:expr, $as_f32:expr, $from_f32:expr) => {
         impl Element for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -60,9 +64,18 @@ macro_rules! impl_element {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
+            fn as_f32(values: &[Self]) -> Option<&[f32]> {
+                $as_f32(values)
+            }
+            fn from_f32(values: Vec<f32>) -> Vec<Self> {
+                $from_f32(values)
+            }
         }
     };
 }
 
-impl_element!(f32, "float32");
-impl_element!(f64, "float64");
+impl_element!(f32, "float32", Some, |values| values);
+impl_element!(f64, "float64", |_| None, |values: Vec<f32>| values
+    .into_iter()
+    .map(f64::from)
+    .collect());

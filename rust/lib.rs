@@ -2,7 +2,7 @@
 //!
 //! A tiled, online-softmax kernel (never the L x S matrix unless weights are asked for),
 //! multithreaded with rayon over (batch, head, query block) and, for few queries, key chunks;
-//! SIMD micro-kernels chosen at run time (AVX-512, AVX2+FMA, portable). Pure Rust: the Python
+//! SIMD micro-kernels chosen at run time (AVX-512, AVX2+FMA+F16C, NEON, portable). Pure Rust: the Python
 //! bindings live in `python/` behind the `python` feature.
 //!
 //! The modules are floors; each uses only those below it (`make lint` checks it):
@@ -10,11 +10,12 @@
 //!   shared ground;
 //! - `simd`: vectors only, one module per instruction set, and the runtime choice of level;
 //! - `masks`: mask expressions, evaluated per tile;
-//! - `kernel`: everything generic over the SIMD vector: the forward and backward tiles, their
-//!   micro-kernels, and their instances per instruction set (`kernel::dispatch`);
-//! - `attention`: one call: its vocabulary, shape checks, scheduling (`attention::schedule`),
-//!   and the forward and backward entry points;
-//! - `cache`: the KV cache, its storages and its decode kernel; `layer`: the multi-head layer;
+//! - `kernel`: everything generic over the SIMD vector: the forward and backward tiles, the
+//!   decoding kernel over stored rows in any storage (`kernel::decode`), their micro-kernels,
+//!   and their instances per instruction set (`kernel::dispatch`);
+//! - `attention`: one call: its vocabulary, shape checks, scheduling (`attention::schedule`,
+//!   `attention::decode`), and the forward and backward entry points;
+//! - `cache`: the KV cache and its storages; `layer`: the multi-head layer;
 //! - `python`: the bindings, the only code that knows Python.
 
 mod attention;

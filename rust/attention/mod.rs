@@ -4,6 +4,7 @@
 //! once, and hand the work to `schedule`.
 
 pub(crate) mod backward;
+pub(crate) mod decode;
 pub(crate) mod schedule;
 pub(crate) mod shapes;
 #[cfg(test)]
@@ -11,11 +12,13 @@ mod tests;
 
 use ndarray::{ArrayD, ArrayViewD, Axis, IxDyn, Slice};
 
+use crate::attention::decode::decode;
 use crate::attention::schedule::{attend_checked, WithLse};
 use crate::attention::shapes::{check_call, check_score_mods, Geometry};
 use crate::bounds::{Bounds, CausalAlignment, Window};
 use crate::error::{shape_str, AttnError};
-use crate::kernel::KernelElement;
+use crate::kernel::decode::{DecodeCall, StoredRows};
+use crate::kernel::{score_scale, KernelElement};
 use crate::masks::MaskExpr;
 use crate::memory::standard_layout;
 use crate::simd::{active_level, SimdLevel};
@@ -230,11 +233,87 @@ fn attend_arrays<T: KernelElement>(
         depth: geometry.depth,
         value_dim: geometry.value_dim,
     };
-    // Regrouped heads would share one head's slope, so ALiBi keeps the plain path.
-    if decodes_by_group(&geometry, &mask, options) && !mods.any() {
-        return attend_query_groups(level, &geometry, query, &kv, &mask, options, want_lse);
+    attend_kv(level, &geometry, query, &kv, &mask, options, mods, want_lse)
+}
+
+/// A checked call over keys and values in [`StridedKv`] buffers, to the kernel that fits it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call's inputs, passed through"
+)]
+fn attend_kv<T: KernelElement>(
+    level: SimdLevel,
+    geometry: &Geometry,
+    query: ArrayViewD<'_, T>,
+    kv: &StridedKv<'_, T>,
+    mask: &Mask<'_, T>,
+    options: &AttentionOptions,
+    mods: &ScoreMods<'_>,
+    want_lse: bool,
+) -> Result<WithLse<T>, AttnError> {
+    let plain = matches!(mask, Mask::None) && !mods.any();
+    if plain && geometry.num_queries == 1 && geometry.value_dim == geometry.depth {
+        if let Some(result) = decode_float32(level, geometry, query.view(), kv, options)? {
+            return Ok(result);
+        }
     }
-    attend_checked(level, &geometry, query, &kv, &mask, options, mods, want_lse)
+    // Regrouped heads would share one head's slope, so ALiBi keeps the plain path.
+    if decodes_by_group(geometry, mask, options) && !mods.any() {
+        return attend_query_groups(level, geometry, query, kv, mask, options, want_lse);
+    }
+    attend_checked(level, geometry, query, kv, mask, options, mods, want_lse)
+}
+
+/// One float32 query row per head with no mask: the decoding kernel, the one a KV cache runs,
+/// so a decoding step gives the same bits through a cache and through arrays. `None` for
+/// float64, which the general kernel computes in its own precision.
+fn decode_float32<T: KernelElement>(
+    level: SimdLevel,
+    geometry: &Geometry,
+    query: ArrayViewD<'_, T>,
+    kv: &StridedKv<'_, T>,
+    options: &AttentionOptions,
+) -> Result<Option<WithLse<T>>, AttnError> {
+    let (Some(key), Some(value)) = (T::as_f32(kv.key), T::as_f32(kv.value)) else {
+        return Ok(None);
+    };
+    let query = standard_layout(query, "query")?;
+    let query = T::as_f32(query.as_slice().expect("standard layout is contiguous"))
+        .expect("the query has the keys' dtype");
+    let depth = geometry.depth;
+    let call = DecodeCall {
+        query,
+        batch: geometry.batch,
+        query_heads: geometry.query_heads,
+        kv_heads: geometry.kv_heads,
+        num_queries: geometry.num_queries,
+        num_keys: geometry.num_keys,
+        depth,
+        row_capacity: kv.row_capacity,
+        first_row: 0,
+        score_scale: score_scale::<f32>(options.scale_for(depth))?,
+        bounds: Bounds::new(
+            geometry.num_queries,
+            geometry.num_keys,
+            options.is_causal,
+            options.alignment,
+            options.window,
+        ),
+    };
+    let rows = |data| StoredRows {
+        data,
+        per_row: depth,
+    };
+    let decoded = decode(
+        level,
+        &call,
+        &rows(key),
+        &rows(value),
+        options.num_threads,
+        options.return_weights,
+    )?;
+    let (attention, lse) = decoded.into_arrays(&geometry.output_shape());
+    Ok(Some((attention, Some(lse))))
 }
 
 /// The result at once when the output, weights and log-sum-exp hold no element: the work
@@ -353,12 +432,8 @@ pub fn attention_over_strided_kv<T: KernelElement>(
     if let Some((empty, _)) = nothing_to_compute(&geometry, options, false)? {
         return Ok(empty);
     }
-    if decodes_by_group(&geometry, &mask, options) {
-        return attend_query_groups(level, &geometry, query, kv, &mask, options, false)
-            .map(|(attention, _)| attention);
-    }
     let plain = ScoreMods::default();
-    attend_checked(level, &geometry, query, kv, &mask, options, &plain, false)
+    attend_kv(level, &geometry, query, kv, &mask, options, &plain, false)
         .map(|(attention, _)| attention)
 }
 

@@ -13,26 +13,25 @@
 //! evicted the few sink rows move forward over them, and the rows slide back to the buffer's
 //! start only when its end is reached (at most once per `max_len − sinks` tokens).
 
-pub(crate) mod decode;
 pub(crate) mod storage;
 
-use std::any::Any;
-
-use ndarray::{s, ArrayD, ArrayView4, ArrayViewD, IxDyn};
+use ndarray::{s, ArrayView4, ArrayViewD};
 use rayon::prelude::*;
 use rayon::ThreadPool;
 
+use crate::attention::decode::decode;
 use crate::attention::shapes::{check_call, Geometry};
 use crate::attention::{attention_over_strided_kv, StridedKv};
 use crate::attention::{Attention, AttentionOptions, Mask};
 use crate::bounds::Window;
 use crate::bounds::{Bounds, CausalAlignment};
-use crate::cache::decode::{attend_stored, CachedCall};
 use crate::cache::storage::{HeadRowsMut, RowBuffer, Rows, Storage};
 use crate::error::shape_str;
 use crate::error::AttnError;
+use crate::kernel::decode::{DecodeCall, Int8Rows, RowFormat, StoredRows};
 use crate::kernel::score_scale;
 use crate::kernel::KernelElement;
+use crate::memory::standard_layout;
 use crate::simd::{active_level, SimdLevel};
 use crate::threads::{pool_for, APPEND_INLINE_VALUES};
 
@@ -505,9 +504,12 @@ impl<T: KernelElement> KvCache<T> {
             ));
         }
         let attention_options = options.attention_options();
-        let plain = matches!(mask, Mask::None) && !options.return_weights;
-        if plain && (self.storage != Storage::Native || self.decodes_natively(shape)) {
-            return self.attend_stored(active_level(), query, &attention_options);
+        if matches!(mask, Mask::None) && (self.storage != Storage::Native || shape[2] == 1) {
+            if let Some(result) =
+                self.attend_stored(active_level(), query.view(), &attention_options)?
+            {
+                return Ok(result);
+            }
         }
         match self.strided() {
             Some(kv) => attention_over_strided_kv(query, &kv, mask, &attention_options),
@@ -515,29 +517,31 @@ impl<T: KernelElement> KvCache<T> {
         }
     }
 
-    /// Whether a float32 cache's call runs the stored-rows kernel: one query row per head (a
-    /// decoding step, streamed at the memory's pace, with the query heads of a group sharing
-    /// each read of a key).
-    fn decodes_natively(&self, query_shape: &[usize]) -> bool {
-        T::TYPE_NAME == "float32" && query_shape[2] == 1
-    }
-
-    /// The kernel over the stored rows (no mask, no weights), at `level`.
+    /// The decoding kernel over the stored rows (no mask), at `level`: every compressed storage,
+    /// and float32 rows (`None` for float64 rows, which the general kernel reads).
     fn attend_stored(
         &self,
         level: SimdLevel,
         query: ArrayViewD<'_, T>,
         options: &AttentionOptions,
-    ) -> Result<Attention<T>, AttnError> {
+    ) -> Result<Option<Attention<T>>, AttnError> {
         let shape = query.shape().to_vec();
         let kv_shape = [self.batch, self.kv_heads, self.len, self.head_dim];
         let geometry = Geometry::check(&shape, &kv_shape, &kv_shape, options.enable_gqa)?;
         check_call(&geometry, &Mask::<T>::None, options)?;
         let depth = self.head_dim;
-        let scale = options.scale_for(depth);
-        let query32: Vec<f32> = query.iter().map(|x| x.to_f64() as f32).collect();
-        let call = CachedCall {
-            query: &query32,
+        let query = standard_layout(query, "q")?;
+        let query_slice = query.as_slice().expect("standard layout is contiguous");
+        let widened: Vec<f32>;
+        let query32 = match T::as_f32(query_slice) {
+            Some(query32) => query32,
+            None => {
+                widened = query_slice.iter().map(|x| x.to_f64() as f32).collect();
+                &widened
+            }
+        };
+        let call = DecodeCall {
+            query: query32,
             batch: self.batch,
             query_heads: shape[1],
             kv_heads: self.kv_heads,
@@ -546,7 +550,7 @@ impl<T: KernelElement> KvCache<T> {
             depth,
             row_capacity: self.row_capacity,
             first_row: self.first_row,
-            score_scale: score_scale::<f32>(scale)?,
+            score_scale: score_scale::<f32>(options.scale_for(depth))?,
             bounds: Bounds::new(
                 shape[2],
                 self.len,
@@ -554,23 +558,78 @@ impl<T: KernelElement> KvCache<T> {
                 CausalAlignment::BottomRight,
                 options.window,
             ),
-            num_threads: options.num_threads,
         };
-        let native_f32 = self.native().and_then(|(keys, values)| {
-            let keys = (keys as &dyn Any).downcast_ref::<RowBuffer<f32>>()?;
-            let values = (values as &dyn Any).downcast_ref::<RowBuffer<f32>>()?;
-            Some((keys, values))
-        });
-        let output = attend_stored(level, &call, &self.keys, &self.values, native_f32)?;
-        let output: Vec<T> = output
-            .into_iter()
-            .map(|x| T::from_f64(f64::from(x)))
-            .collect();
-        Ok(Attention {
-            output: ArrayD::from_shape_vec(IxDyn(&shape), output)
-                .expect("the output holds (batch, Hq, L, D) values"),
-            weights: None,
-        })
+        let decoded = match (&self.keys, &self.values) {
+            (Rows::Native(keys), Rows::Native(values)) => {
+                let (Some(keys), Some(values)) = (T::as_f32(&keys.data), T::as_f32(&values.data))
+                else {
+                    return Ok(None);
+                };
+                let keys = StoredRows {
+                    data: keys,
+                    per_row: depth,
+                };
+                let values = StoredRows {
+                    data: values,
+                    per_row: depth,
+                };
+                self.decode_with(level, &call, &keys, &values, options)?
+            }
+            (Rows::BFloat16(keys), Rows::BFloat16(values)) => {
+                self.decode_with(level, &call, &keys.stored(), &values.stored(), options)?
+            }
+            (Rows::Float16(keys), Rows::Float16(values)) => {
+                self.decode_with(level, &call, &keys.stored(), &values.stored(), options)?
+            }
+            (
+                Rows::Int8 {
+                    values: key_values,
+                    scales: key_scales,
+                },
+                Rows::Int8 {
+                    values: value_values,
+                    scales: value_scales,
+                },
+            ) => {
+                let keys = Int8Rows {
+                    values: key_values.stored(),
+                    scales: key_scales.stored(),
+                };
+                let values = Int8Rows {
+                    values: value_values.stored(),
+                    scales: value_scales.stored(),
+                };
+                self.decode_with(level, &call, &keys, &values, options)?
+            }
+            _ => unreachable!("keys and values share one storage"),
+        };
+        Ok(Some(decoded))
+    }
+
+    /// Runs the decoding kernel over `keys` and `values` in one storage.
+    fn decode_with<F: RowFormat>(
+        &self,
+        level: SimdLevel,
+        call: &DecodeCall<'_>,
+        keys: &F,
+        values: &F,
+        options: &AttentionOptions,
+    ) -> Result<Attention<T>, AttnError> {
+        let decoded = decode(
+            level,
+            call,
+            keys,
+            values,
+            options.num_threads,
+            options.return_weights,
+        )?;
+        let shape = [
+            self.batch,
+            call.query_heads,
+            call.num_queries,
+            self.head_dim,
+        ];
+        Ok(decoded.into_attention(&shape))
     }
 
     /// A compressed cache with a mask or weights: its held rows decoded to float32 for this
@@ -600,6 +659,8 @@ impl<T: KernelElement> KvCache<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attention::schedule::attend_checked;
+    use crate::attention::ScoreMods;
     use crate::cache::storage::Storage;
     use ndarray::{Array4, ArrayD, Axis, IxDyn};
 
@@ -789,9 +850,43 @@ mod tests {
         assert!(difference < 1e-12, "{difference}");
     }
 
-    /// Every storage at every SIMD level: the stored-rows kernel (no mask, no weights) equals
-    /// the general kernel over the same decoded values (asking for weights takes that path), for
-    /// one and several queries, grouped heads and a window.
+    /// The tiled kernel over the cache's rows decoded to float32, weights included.
+    fn general_kernel(
+        cache: &KvCache<f32>,
+        query: ArrayViewD<'_, f32>,
+        options: &AttentionOptions,
+    ) -> Attention<f32> {
+        let (keys, values) = cache.decoded();
+        let depth = cache.head_dim;
+        let kv = StridedKv {
+            key: &keys,
+            value: &values,
+            kv_heads: cache.kv_heads,
+            num_keys: cache.len,
+            row_capacity: cache.len,
+            depth,
+            value_dim: depth,
+        };
+        let kv_shape = [cache.batch, cache.kv_heads, cache.len, depth];
+        let geometry = Geometry::check(query.shape(), &kv_shape, &kv_shape, true).unwrap();
+        let plain = ScoreMods::default();
+        let (attention, _) = attend_checked(
+            active_level(),
+            &geometry,
+            query,
+            &kv,
+            &Mask::None,
+            options,
+            &plain,
+            false,
+        )
+        .unwrap();
+        attention
+    }
+
+    /// Every storage at every SIMD level: the decoding kernel's output and weights equal the
+    /// tiled kernel's over the same decoded values, for one and several queries, grouped heads
+    /// and a window.
     #[test]
     fn stored_kernel_matches_the_general_kernel_on_decoded_values() {
         let keys = ramp([2, 2, 70, 40], 1.0);
@@ -815,26 +910,85 @@ mod tests {
             }
             for (queries, window) in [(1, None), (5, None), (3, Some(Window::symmetric(9)))] {
                 let query = ramp([2, 6, queries, 40], 3.0).into_dyn();
-                let mut options = CacheAttendOptions {
+                let options = CacheAttendOptions {
                     window,
                     enable_gqa: true,
+                    return_weights: true,
                     ..Default::default()
+                }
+                .attention_options();
+                let general = general_kernel(&cache, query.view(), &options);
+                let largest = |a: &ArrayD<f32>, b: &ArrayD<f32>| {
+                    assert_eq!(a.shape(), b.shape());
+                    (a - b).iter().fold(0.0f32, |m, x| m.max(x.abs()))
                 };
-                let stored_options = options.attention_options();
-                options.return_weights = true;
-                let general = cache.attend(query.view(), Mask::None, &options).unwrap();
                 for level in SimdLevel::supported() {
                     let stored = cache
-                        .attend_stored(level, query.view(), &stored_options)
-                        .unwrap();
-                    let difference = (&stored.output - &general.output)
-                        .iter()
-                        .fold(0.0f32, |m, x| m.max(x.abs()));
+                        .attend_stored(level, query.view(), &options)
+                        .unwrap()
+                        .expect("float32 rows decode");
+                    let output = largest(&stored.output, &general.output);
+                    let weights = largest(
+                        stored.weights.as_ref().unwrap(),
+                        general.weights.as_ref().unwrap(),
+                    );
                     assert!(
-                        difference < 2e-5,
-                        "{level:?}, {storage:?}, {queries} queries, {window:?}: {difference}"
+                        output < 2e-5 && weights < 2e-6,
+                        "{level:?}, {storage:?}, {queries} queries, {window:?}: output \
+                         {output}, weights {weights}"
                     );
                 }
+            }
+        }
+    }
+
+    /// One decoding query gives the same bits through a float32 cache, through SDPA over the
+    /// same keys and values (bottom-right causal, or no mask at all), with or without weights,
+    /// on one thread or two: grouped heads or not, keys in several chunks.
+    #[test]
+    fn a_decoding_step_is_the_same_through_every_entry() {
+        use crate::attention::scaled_dot_product_attention;
+        for (query_heads, kv_heads) in [(4, 4), (8, 2)] {
+            let keys = ramp([2, kv_heads, 2500, 48], 1.0);
+            let values = ramp([2, kv_heads, 2500, 48], 2.0);
+            let query = ramp([2, query_heads, 1, 48], 3.0).into_dyn();
+            let mut cache = KvCache::<f32>::new(kv_heads, 48, 2, 0).unwrap();
+            cache.append(keys.view(), values.view(), None).unwrap();
+            let options = CacheAttendOptions {
+                enable_gqa: true,
+                ..Default::default()
+            };
+            let cached = cache.attend(query.view(), Mask::None, &options).unwrap();
+            let bits = |array: &ArrayD<f32>| array.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (is_causal, return_weights, num_threads) in [
+                (true, false, None),
+                (true, true, Some(1)),
+                (false, false, Some(2)),
+                (false, true, None),
+            ] {
+                let sdpa_options = AttentionOptions {
+                    is_causal,
+                    alignment: CausalAlignment::BottomRight,
+                    enable_gqa: true,
+                    return_weights,
+                    num_threads,
+                    ..Default::default()
+                };
+                let direct = scaled_dot_product_attention(
+                    query.view(),
+                    keys.view().into_dyn(),
+                    values.view().into_dyn(),
+                    Mask::None,
+                    &sdpa_options,
+                )
+                .unwrap();
+                assert_eq!(
+                    bits(&direct.output),
+                    bits(&cached.output),
+                    "Hq {query_heads}, Hkv {kv_heads}, causal {is_causal}, weights \
+                     {return_weights}, threads {num_threads:?}"
+                );
+                assert_eq!(direct.weights.is_some(), return_weights);
             }
         }
     }

@@ -11,12 +11,12 @@ use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use ndarray::{ArrayView1, ArrayViewMut1};
 
+pub use crate::kernel::decode::INT8_BLOCK;
+
 use crate::element::Element;
 use crate::error::AttnError;
+use crate::kernel::decode::StoredRows;
 use crate::memory::{advise_huge_pages, lazily_zeroed};
-
-/// Values that share one scale in int8 storage.
-pub const INT8_BLOCK: usize = 32;
 
 /// The precision keys and values are kept in; attention always accumulates in float32 (or
 /// float64 for a float64 cache, which keeps its own precision).
@@ -142,12 +142,12 @@ impl<U> RowBuffer<U> {
         &self.data[row * self.per_row..(row + 1) * self.per_row]
     }
 
-    /// Where global row `row` starts, unchecked: for kernels that compute a row's address
-    /// once and then read it through `unsafe` loads. Computing it never faults; reading through
-    /// it is sound only for a row inside the buffer.
-    #[inline(always)]
-    pub fn row_ptr(&self, row: usize) -> *const U {
-        self.data.as_ptr().wrapping_add(row * self.per_row)
+    /// The rows as the decoding kernel reads them.
+    pub fn stored(&self) -> StoredRows<'_, U> {
+        StoredRows {
+            data: &self.data,
+            per_row: self.per_row,
+        }
     }
 }
 

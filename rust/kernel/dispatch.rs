@@ -56,20 +56,23 @@ pub trait KernelElement: Element {
     );
 }
 
-/// Calls `$kernel::<V>(args)` with `V` the vector type of `$level`, each instruction set's
-/// instance compiled inside a `#[target_feature]` function so the generic code inlines into
-/// code that may use those instructions.
+/// Calls `$kernel::<V>(args)` (or `$kernel::<V, G...>(args)` for a kernel with more generic
+/// parameters) with `V` the vector type of `$level`, each instruction set's instance compiled
+/// inside a `#[target_feature]` function so the generic code inlines into code that may use
+/// those instructions.
 macro_rules! at_level {
-    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $neon:ty, $kernel:ident($($arg:ident: $ty:ty),*)) => {{
+    ($level:expr, $portable:ty, $avx2:ty, $avx512:ty, $neon:ty,
+     $kernel:ident $(<$($generic:ident: $bound:path),+>)? ($($arg:ident: $ty:ty),*)) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f")]
-            unsafe fn avx512($($arg: $ty),*) {
-                $kernel::<$avx512>($($arg),*)
+            unsafe fn avx512 $(<$($generic: $bound),+>)? ($($arg: $ty),*) {
+                $kernel::<$avx512 $($(, $generic)+)?>($($arg),*)
             }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) {
-                $kernel::<$avx2>($($arg),*)
+            // F16C (float16 conversion) is part of the AVX2 level: every CPU with AVX2 has it.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn avx2 $(<$($generic: $bound),+>)? ($($arg: $ty),*) {
+                $kernel::<$avx2 $($(, $generic)+)?>($($arg),*)
             }
             // SAFETY: `level` comes from `simd::active_level`, which only returns levels this
             // CPU supports.
@@ -82,8 +85,8 @@ macro_rules! at_level {
         #[cfg(target_arch = "aarch64")]
         {
             #[target_feature(enable = "neon")]
-            unsafe fn neon($($arg: $ty),*) {
-                $kernel::<$neon>($($arg),*)
+            unsafe fn neon $(<$($generic: $bound),+>)? ($($arg: $ty),*) {
+                $kernel::<$neon $($(, $generic)+)?>($($arg),*)
             }
             if $level == SimdLevel::Neon {
                 // SAFETY: NEON is part of every aarch64 CPU.
@@ -92,9 +95,10 @@ macro_rules! at_level {
         }
         let _ = $level;
         // SAFETY: portable vectors need no CPU feature.
-        unsafe { $kernel::<$portable>($($arg),*) }
+        unsafe { $kernel::<$portable $($(, $generic)+)?>($($arg),*) }
     }};
 }
+pub(crate) use at_level;
 
 /// Compiles the generic kernels for one element type at each instruction set.
 macro_rules! kernel_element {

@@ -7,6 +7,7 @@
 //! are never visited; blocks they leave fully visible skip the per-element rule check.
 
 pub(crate) mod backward;
+pub(crate) mod decode;
 mod dispatch;
 pub(crate) mod microkernel;
 

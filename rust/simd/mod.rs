@@ -111,9 +111,12 @@ impl SimdLevel {
         match self {
             SimdLevel::Portable => true,
             #[cfg(target_arch = "x86_64")]
+            // F16C (float16 conversion, which the cache's widening loads use) came before AVX2
+            // on Intel and AMD alike, so requiring it excludes no AVX2 CPU.
             SimdLevel::Avx2 => {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
             }
             #[cfg(target_arch = "x86_64")]
             SimdLevel::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
@@ -129,16 +132,6 @@ impl SimdLevel {
             .find(|level| level.is_supported())
             .unwrap_or(SimdLevel::Portable)
     }
-}
-
-/// Whether this CPU converts float16 in hardware (F16C), which the AVX2 widening loads need.
-pub(crate) fn f16c_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        SimdLevel::Avx2.is_supported() && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 const LEVEL_UNSET: u8 = u8::MAX;

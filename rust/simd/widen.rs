@@ -209,7 +209,7 @@ mod tests {
                 check::<Avx512F32>("avx512");
                 check_every_f16::<Avx512F32>("avx512");
             }
-            if crate::simd::f16c_supported() {
+            if crate::simd::SimdLevel::Avx2.is_supported() {
                 // SAFETY: the features were just detected.
                 unsafe { avx2() };
             }

@@ -1,39 +1,35 @@
-//! Attention over a KV cache's stored rows, read in their stored format (float32, bfloat16,
-//! float16 or int8 blocks) and widened in registers: decoding reads each cached byte once and
-//! writes no decompressed copy. Scores, softmax and the output accumulate in float32.
+//! Decoding: a few query rows against stored key and value rows read in their stored format
+//! (float32, bfloat16, float16 or int8 blocks) and widened in registers, so each stored byte is
+//! read once and no decompressed copy is written. Scores, softmax and the output accumulate in
+//! float32, in a [`SoftmaxState`] per block of rows.
 //!
-//! Work is cut into tasks over (batch · kv head, block of query rows, chunk of keys): the query
-//! heads that share a kv head are rows of one task, so their keys and values are read once.
-//! Few rows split their keys into fixed chunks whose partial softmax states merge in key
-//! order, so results are the same for every thread count.
+//! The same kernel serves a KV cache in any storage and a float32 `scaled_dot_product_attention`
+//! decoding one query row, so a decoding step gives the same bits whichever way it comes in.
+//! The scheduler (`attention::decode`) cuts the work into blocks and merges their states.
 
 use std::ops::Range;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::bounds::Bounds;
-use crate::cache::storage::{RowBuffer, Rows, INT8_BLOCK};
-use crate::error::AttnError;
+use crate::kernel::dispatch::at_level;
 use crate::kernel::microkernel::{row_exp2, row_max, scale_row};
+use crate::kernel::SoftmaxState;
 use crate::simd::portable::{exp2_f32, PortableF32};
 use crate::simd::widen::Widen;
-use crate::simd::{f16c_supported, SimdLevel};
-use crate::threads::{pool_for, ATTENTION_INLINE_WORK};
+use crate::simd::SimdLevel;
 
+/// Values that share one scale in int8 storage (llama.cpp's q8_0 block).
+pub const INT8_BLOCK: usize = 32;
 /// Keys scored together before their softmax update (the scores stay in registers' reach).
 const KEY_BLOCK: usize = 32;
-/// Keys per task when the rows are few enough to split keys; fixed by the shape alone.
-const KEY_CHUNK: usize = 1024;
-/// Query rows per task (and the most rows for which keys are split into chunks).
-const ROW_BLOCK: usize = 16;
-/// Keys scored before each softmax update of a task with one row: all their scores fit in L1,
-/// so the keys and then the values stream through once, whole rows at a time.
-const STREAM_BLOCK: usize = KEY_CHUNK;
+/// Keys scored before each softmax update of a block with one row: all their scores fit in
+/// L1, so the keys and then the values stream through once, whole rows at a time.
+const STREAM_BLOCK: usize = 1024;
 
 /// One call: queries `(batch, Hq, L, D)` (contiguous float32) over `num_keys` stored rows per
 /// (batch, kv head), starting at row `first_row` of each head's `row_capacity`.
-pub(crate) struct CachedCall<'a> {
+pub(crate) struct DecodeCall<'a> {
     pub query: &'a [f32],
     pub batch: usize,
     pub query_heads: usize,
@@ -46,11 +42,59 @@ pub(crate) struct CachedCall<'a> {
     /// `scale · log2(e)`.
     pub score_scale: f32,
     pub bounds: Bounds,
-    pub num_threads: Option<usize>,
+}
+
+impl DecodeCall<'_> {
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.query_heads / self.kv_heads
+    }
+
+    /// The query rows of one kv head: its query heads' rows, head after head.
+    pub fn rows_per_head(&self) -> usize {
+        self.group() * self.num_queries
+    }
+
+    /// The global stored row of kv head `head`'s first key (key 0 of the call).
+    fn first_stored_row(&self, head: usize) -> usize {
+        head * self.row_capacity + self.first_row
+    }
+
+    /// Row `row` of kv head `head` (flattened with the batch): where its query and its output
+    /// row start, in rows of `(batch, Hq, L)`, and the keys it sees.
+    pub fn row(&self, head: usize, row: usize) -> (usize, Range<usize>) {
+        let (batch, kv_head) = (head / self.kv_heads, head % self.kv_heads);
+        let (member, position) = (row / self.num_queries, row % self.num_queries);
+        let query_head = batch * self.query_heads + kv_head * self.group() + member;
+        (
+            query_head * self.num_queries + position,
+            self.bounds.row_keys(position),
+        )
+    }
+
+    fn query_row(&self, index: usize) -> &[f32] {
+        &self.query[index * self.depth..][..self.depth]
+    }
+}
+
+/// A buffer of stored rows: row `r` is `data[r · per_row..][..per_row]`.
+#[derive(Clone, Copy)]
+pub(crate) struct StoredRows<'a, U> {
+    pub data: &'a [U],
+    pub per_row: usize,
+}
+
+impl<U> StoredRows<'_, U> {
+    /// Where row `row` starts, unchecked: computing it never faults; reading through it is
+    /// sound only for a row inside the buffer.
+    #[inline(always)]
+    fn row_ptr(&self, row: usize) -> *const U {
+        self.data.as_ptr().wrapping_add(row * self.per_row)
+    }
 }
 
 /// Stored rows of one format, read by the kernel.
-trait RowFormat: Sync {
+pub(crate) trait RowFormat: Sync {
     /// Whether values carry a per-block scale.
     const SCALED: bool;
     /// Where one row lies: raw pointers, found once per row and kept in registers while its
@@ -78,7 +122,7 @@ const PREFETCH_AHEAD_BYTES: usize = 8192;
 /// of `buffer`: decoding reads its rows once and in order, so later rows are requested while
 /// earlier ones compute. A hint never faults, so it may point past the buffer's end.
 #[inline(always)]
-fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
+fn prefetch_row<U>(buffer: &StoredRows<'_, U>, row: usize) {
     const LINE_BYTES: usize = 64;
     let bytes = buffer.per_row * std::mem::size_of::<U>();
     let start = (buffer.row_ptr(row) as *const i8).wrapping_add(PREFETCH_AHEAD_BYTES);
@@ -104,7 +148,7 @@ fn prefetch_row<U>(buffer: &RowBuffer<U>, row: usize) {
     }
 }
 
-impl RowFormat for RowBuffer<f32> {
+impl RowFormat for StoredRows<'_, f32> {
     const SCALED: bool = false;
     type Row = *const f32;
     fn prefetch(&self, row: usize) {
@@ -123,7 +167,7 @@ impl RowFormat for RowBuffer<f32> {
     }
 }
 
-impl RowFormat for RowBuffer<bf16> {
+impl RowFormat for StoredRows<'_, bf16> {
     const SCALED: bool = false;
     type Row = *const bf16;
     fn prefetch(&self, row: usize) {
@@ -142,7 +186,7 @@ impl RowFormat for RowBuffer<bf16> {
     }
 }
 
-impl RowFormat for RowBuffer<f16> {
+impl RowFormat for StoredRows<'_, f16> {
     const SCALED: bool = false;
     type Row = *const f16;
     fn prefetch(&self, row: usize) {
@@ -162,9 +206,10 @@ impl RowFormat for RowBuffer<f16> {
 }
 
 /// int8 rows and their block scales.
-struct Int8Rows<'a> {
-    values: &'a RowBuffer<i8>,
-    scales: &'a RowBuffer<f32>,
+#[derive(Clone, Copy)]
+pub(crate) struct Int8Rows<'a> {
+    pub values: StoredRows<'a, i8>,
+    pub scales: StoredRows<'a, f32>,
 }
 
 impl RowFormat for Int8Rows<'_> {
@@ -173,7 +218,7 @@ impl RowFormat for Int8Rows<'_> {
     type Row = (*const i8, *const f32);
     fn prefetch(&self, row: usize) {
         // The scales (a few bytes per row) stream in order and need no hint.
-        prefetch_row(self.values, row);
+        prefetch_row(&self.values, row);
     }
     #[inline(always)]
     fn row(&self, row: usize) -> Self::Row {
@@ -191,65 +236,6 @@ impl RowFormat for Int8Rows<'_> {
         let scale = self.scales.data[row * self.scales.per_row + col / INT8_BLOCK];
         f32::from(self.values.data[row * self.values.per_row + col]) * scale
     }
-}
-
-/// One task: query rows `rows` (indices into the (group, L) rows of a kv head) of kv head
-/// `head` (flattened with the batch), over keys `keys`.
-#[derive(Clone)]
-struct Task {
-    head: usize,
-    rows: Range<usize>,
-    keys: Range<usize>,
-}
-
-impl CachedCall<'_> {
-    fn group(&self) -> usize {
-        self.query_heads / self.kv_heads
-    }
-
-    /// The tasks, in the order their partial results merge.
-    fn tasks(&self) -> Vec<Task> {
-        let rows_per_head = self.group() * self.num_queries;
-        let key_chunk = if rows_per_head <= ROW_BLOCK {
-            KEY_CHUNK
-        } else {
-            self.num_keys.max(1)
-        };
-        let mut tasks = Vec::new();
-        for head in 0..self.batch * self.kv_heads {
-            for row_start in (0..rows_per_head).step_by(ROW_BLOCK) {
-                let rows = row_start..(row_start + ROW_BLOCK).min(rows_per_head);
-                for key_start in (0..self.num_keys).step_by(key_chunk) {
-                    let keys = key_start..(key_start + key_chunk).min(self.num_keys);
-                    tasks.push(Task {
-                        head,
-                        rows: rows.clone(),
-                        keys,
-                    });
-                }
-            }
-        }
-        tasks
-    }
-
-    /// The global stored row of kv head `head`'s first key (key 0 of the call).
-    fn first_stored_row(&self, head: usize) -> usize {
-        head * self.row_capacity + self.first_row
-    }
-
-    /// Row `row` of kv head `head`: its query's offset in `query` and the keys it sees.
-    fn row(&self, head: usize, row: usize) -> (usize, Range<usize>) {
-        let (batch, kv_head) = (head / self.kv_heads, head % self.kv_heads);
-        let (member, position) = (row / self.num_queries, row % self.num_queries);
-        let query_head = batch * self.query_heads + kv_head * self.group() + member;
-        let offset = (query_head * self.num_queries + position) * self.depth;
-        (offset, self.bounds.row_keys(position))
-    }
-}
-
-/// Per row: running max, running sum (base 2), then the `D` accumulators.
-fn state_len(rows: usize, depth: usize) -> usize {
-    rows * (depth + 2)
 }
 
 /// `q · k` for global key row `row`, four accumulators deep.
@@ -392,47 +378,40 @@ unsafe fn accumulate<V: Widen, F: RowFormat>(
     }
 }
 
-/// The online softmax of one task's rows over its keys, as partial states.
+/// The online softmax of kv head `head`'s rows `rows` (indices into its
+/// [`DecodeCall::rows_per_head`]) over keys `keys`, into `state` (emptied first).
 #[inline(always)]
-unsafe fn attend_task<V: Widen, F: RowFormat>(
-    call: &CachedCall<'_>,
+unsafe fn decode_block_at<V: Widen, F: RowFormat>(
+    call: &DecodeCall<'_>,
     keys: &F,
     values: &F,
-    task: &Task,
-) -> Vec<f32> {
+    head: usize,
+    rows: Range<usize>,
+    key_range: Range<usize>,
+    state: &mut SoftmaxState<f32>,
+) {
     let depth = call.depth;
-    let mut states = vec![0.0f32; state_len(task.rows.len(), depth)];
-    for state in states.chunks_exact_mut(depth + 2) {
-        state[0] = f32::NEG_INFINITY;
-    }
-    let rows: Vec<_> = task
-        .rows
-        .clone()
-        .map(|row| call.row(task.head, row))
-        .collect();
+    state.reset(rows.len(), depth);
+    let rows: Vec<_> = rows.map(|row| call.row(head, row)).collect();
     if call.num_queries == 1 && rows.len() > 1 {
-        attend_shared::<V, F>(call, keys, values, task, &rows, &mut states);
-        return states;
+        attend_shared::<V, F>(call, keys, values, head, &key_range, &rows, state);
+        return;
     }
     if let [row] = rows.as_slice() {
-        attend_one_row::<V, F>(call, keys, values, task, row, &mut states);
-        return states;
+        attend_one_row::<V, F>(call, keys, values, head, &key_range, row, state);
+        return;
     }
-    let first_row = call.first_stored_row(task.head);
+    let first_row = call.first_stored_row(head);
     let mut scores = [0.0f32; KEY_BLOCK];
-    for block_start in task.keys.clone().step_by(KEY_BLOCK) {
-        let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
-        for (index, ((offset, visible), state)) in rows
-            .iter()
-            .zip(states.chunks_exact_mut(depth + 2))
-            .enumerate()
-        {
+    for block_start in key_range.clone().step_by(KEY_BLOCK) {
+        let block_end = (block_start + KEY_BLOCK).min(key_range.end);
+        for (index, (query_row, visible)) in rows.iter().enumerate() {
             let start = visible.start.max(block_start);
             let end = visible.end.min(block_end);
             if start >= end {
                 continue;
             }
-            let query = &call.query[*offset..offset + depth];
+            let query = call.query_row(*query_row);
             let weights = &mut scores[..end - start];
             for (j, score) in weights.iter_mut().enumerate() {
                 let row = first_row + start + j;
@@ -442,31 +421,31 @@ unsafe fn attend_task<V: Widen, F: RowFormat>(
                 }
                 *score = dot::<V, F>(query, keys, row) * call.score_scale;
             }
-            if softmax_update::<V>(state, weights) {
-                accumulate::<V, F>(&mut state[2..], values, first_row + start, weights);
-            }
+            let acc = &mut state.acc[index * depth..][..depth];
+            softmax_update::<V>(&mut state.max[index], &mut state.sum[index], acc, weights);
+            accumulate::<V, F>(acc, values, first_row + start, weights);
         }
     }
-    states
 }
 
-/// A task with a single row (one head decoding one token, or a head's last row left alone):
+/// A block with a single row (one head decoding one token, or a head's last row left alone):
 /// the scores of up to [`STREAM_BLOCK`] keys, one softmax update, then the values of those keys
 /// row after row.
 #[inline(always)]
 unsafe fn attend_one_row<V: Widen, F: RowFormat>(
-    call: &CachedCall<'_>,
+    call: &DecodeCall<'_>,
     keys: &F,
     values: &F,
-    task: &Task,
-    (offset, visible): &(usize, Range<usize>),
-    state: &mut [f32],
+    head: usize,
+    key_range: &Range<usize>,
+    (query_row, visible): &(usize, Range<usize>),
+    state: &mut SoftmaxState<f32>,
 ) {
-    let query = &call.query[*offset..offset + call.depth];
-    let first_row = call.first_stored_row(task.head);
+    let query = call.query_row(*query_row);
+    let first_row = call.first_stored_row(head);
     let (start, end) = (
-        visible.start.max(task.keys.start),
-        visible.end.min(task.keys.end),
+        visible.start.max(key_range.start),
+        visible.end.min(key_range.end),
     );
     let mut scores = vec![0.0f32; STREAM_BLOCK.min(end.saturating_sub(start))];
     for block_start in (start..end).step_by(STREAM_BLOCK) {
@@ -476,9 +455,9 @@ unsafe fn attend_one_row<V: Widen, F: RowFormat>(
             keys.prefetch(row);
             *score = dot::<V, F>(query, keys, row) * call.score_scale;
         }
-        if softmax_update::<V>(state, weights) {
-            accumulate_rows::<V, F>(&mut state[2..], values, first_row + block_start, weights);
-        }
+        let acc = &mut state.acc[..];
+        softmax_update::<V>(&mut state.max[0], &mut state.sum[0], acc, weights);
+        accumulate_rows::<V, F>(acc, values, first_row + block_start, weights);
     }
 }
 
@@ -538,10 +517,17 @@ unsafe fn accumulate_row_group<V: Widen, F: RowFormat, const N: usize>(
     }
 }
 
-/// Folds a block's scores into a row's state (max, sum, accumulators): rescales what was
-/// accumulated and turns `scores` into the block's weights. False when every score is -inf.
+/// Folds a block's scores into a row's running `max`, `sum` and accumulator `acc`: rescales
+/// what was accumulated and turns `scores` into the block's weights. Scores that are all -inf
+/// (so far) give zero weights, which still carry a visible NaN or inf value into the output
+/// (0 · NaN is NaN), as the tiled kernel and PyTorch do.
 #[inline(always)]
-unsafe fn softmax_update<V: Widen>(state: &mut [f32], scores: &mut [f32]) -> bool {
+unsafe fn softmax_update<V: Widen>(
+    max: &mut f32,
+    sum: &mut f32,
+    acc: &mut [f32],
+    scores: &mut [f32],
+) {
     let block_max = row_max::<V>(scores);
     // A NaN score must reach the output. The vector max may return it or skip it, and where it
     // is skipped among scores that are otherwise all -inf, the row would pass for one that
@@ -551,37 +537,39 @@ unsafe fn softmax_update<V: Widen>(state: &mut [f32], scores: &mut [f32]) -> boo
     {
         f32::NAN
     } else {
-        state[0].max(block_max)
+        max.max(block_max)
     };
     if new_max == f32::NEG_INFINITY {
-        return false;
+        scores.fill(0.0);
+        return;
     }
-    let correction = exp2_f32(state[0] - new_max);
+    let correction = exp2_f32(*max - new_max);
     if correction != 1.0 {
-        scale_row::<V>(&mut state[1..], correction);
+        *sum *= correction;
+        scale_row::<V>(acc, correction);
     }
-    state[0] = new_max;
-    state[1] += row_exp2::<V>(scores, new_max);
-    true
+    *max = new_max;
+    *sum += row_exp2::<V>(scores, new_max);
 }
 
 /// Rows that all see the same keys (the query heads of one kv head, decoding one token):
 /// each stored key and value vector is widened once for four rows at a time.
 #[inline(always)]
 unsafe fn attend_shared<V: Widen, F: RowFormat>(
-    call: &CachedCall<'_>,
+    call: &DecodeCall<'_>,
     keys: &F,
     values: &F,
-    task: &Task,
+    head: usize,
+    key_range: &Range<usize>,
     rows: &[(usize, Range<usize>)],
-    states: &mut [f32],
+    state: &mut SoftmaxState<f32>,
 ) {
-    let (depth, width) = (call.depth, call.depth + 2);
-    let first_row = call.first_stored_row(task.head);
+    let depth = call.depth;
+    let first_row = call.first_stored_row(head);
     let visible = rows[0].1.clone();
     let mut scores = vec![0.0f32; rows.len() * KEY_BLOCK];
-    for block_start in task.keys.clone().step_by(KEY_BLOCK) {
-        let block_end = (block_start + KEY_BLOCK).min(task.keys.end);
+    for block_start in key_range.clone().step_by(KEY_BLOCK) {
+        let block_end = (block_start + KEY_BLOCK).min(key_range.end);
         let (start, end) = (visible.start.max(block_start), visible.end.min(block_end));
         if start >= end {
             continue;
@@ -590,7 +578,7 @@ unsafe fn attend_shared<V: Widen, F: RowFormat>(
         for first in (0..rows.len()).step_by(4) {
             // Rows past the last are stand-ins for the last one, computed and dropped.
             let pick = |i: usize| (first + i).min(rows.len() - 1);
-            let queries = [0, 1, 2, 3].map(|i| &call.query[rows[pick(i)].0..][..depth]);
+            let queries = [0, 1, 2, 3].map(|i| call.query_row(rows[pick(i)].0));
             for j in 0..count {
                 let row = first_row + start + j;
                 if first == 0 {
@@ -603,14 +591,19 @@ unsafe fn attend_shared<V: Widen, F: RowFormat>(
                 }
             }
         }
-        for (row, state) in states.chunks_exact_mut(width).enumerate() {
+        for row in 0..rows.len() {
             let weights = &mut scores[row * KEY_BLOCK..][..count];
-            if !softmax_update::<V>(state, weights) {
-                // A row whose scores were all -inf adds nothing; zero weights say so.
-                weights.fill(0.0);
-            }
+            let acc = &mut state.acc[row * depth..][..depth];
+            softmax_update::<V>(&mut state.max[row], &mut state.sum[row], acc, weights);
         }
-        accumulate_four_rows::<V, F>(states, width, values, first_row + start, &scores, count);
+        accumulate_four_rows::<V, F>(
+            &mut state.acc,
+            depth,
+            values,
+            first_row + start,
+            &scores,
+            count,
+        );
     }
 }
 
@@ -641,19 +634,19 @@ unsafe fn dot_four<V: Widen, F: RowFormat>(queries: [&[f32]; 4], keys: &F, row: 
     dots
 }
 
-/// Every row's `acc += Σ_j w[row][j] · v_(first + j)`: rows four at a time, two vectors of
-/// the accumulators in registers, each value vector widened once for the four rows.
+/// Every row's `acc += Σ_j w[row][j] · v_(first + j)` (`acc` holds rows of `depth`): rows four
+/// at a time, two vectors of the accumulators in registers, each value vector widened once for
+/// the four rows.
 #[inline(always)]
 unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
-    states: &mut [f32],
-    width: usize,
+    acc: &mut [f32],
+    depth: usize,
     values: &F,
     first: usize,
     weights: &[f32],
     count: usize,
 ) {
-    let rows = states.len() / width;
-    let depth = width - 2;
+    let rows = acc.len() / depth;
     let vectors = depth / V::LANES;
     for first_row in (0..rows).step_by(4) {
         let pick = |i: usize| (first_row + i).min(rows - 1);
@@ -661,11 +654,11 @@ unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
         let mut v = 0;
         while v + 2 <= vectors {
             let cols = [v * V::LANES, (v + 1) * V::LANES];
-            let at = |i: usize, c: usize| pick(i) * width + 2 + cols[c];
+            let at = |i: usize, c: usize| pick(i) * depth + cols[c];
             let mut sums = [[V::splat(0.0); 2]; 4];
             for (i, pair) in sums.iter_mut().enumerate() {
                 for (c, sum) in pair.iter_mut().enumerate() {
-                    *sum = V::load(states.as_ptr().add(at(i, c)));
+                    *sum = V::load(acc.as_ptr().add(at(i, c)));
                 }
             }
             for j in 0..count {
@@ -686,7 +679,7 @@ unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
             }
             for (i, pair) in sums.iter().enumerate().take(real) {
                 for (c, sum) in pair.iter().enumerate() {
-                    sum.store(states.as_mut_ptr().add(at(i, c)));
+                    sum.store(acc.as_mut_ptr().add(at(i, c)));
                 }
             }
             v += 2;
@@ -694,188 +687,111 @@ unsafe fn accumulate_four_rows<V: Widen, F: RowFormat>(
         // The columns left over (an odd vector, a tail narrower than a vector), one by one.
         for row in first_row..first_row + real {
             for col in v * V::LANES..depth {
-                let slot = row * width + 2 + col;
+                let slot = row * depth + col;
                 for j in 0..count {
-                    states[slot] += weights[row * KEY_BLOCK + j] * values.value(first + j, col);
+                    acc[slot] += weights[row * KEY_BLOCK + j] * values.value(first + j, col);
                 }
             }
         }
     }
 }
 
-/// The stored rows of keys and values in one format.
-enum Formats<'a> {
-    F32(&'a RowBuffer<f32>, &'a RowBuffer<f32>),
-    BFloat16(&'a RowBuffer<bf16>, &'a RowBuffer<bf16>),
-    Float16(&'a RowBuffer<f16>, &'a RowBuffer<f16>),
-    Int8(Int8Rows<'a>, Int8Rows<'a>),
-}
-
-/// Runs `attend_task::<V, F>` inside a function compiled for the level's instructions.
-macro_rules! task_at_level {
-    ($level:expr, $call:expr, $keys:expr, $values:expr, $task:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            use crate::simd::avx2::Avx2F32;
-            use crate::simd::avx512::Avx512F32;
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512<F: RowFormat>(
-                call: &CachedCall<'_>,
-                keys: &F,
-                values: &F,
-                task: &Task,
-            ) -> Vec<f32> {
-                attend_task::<Avx512F32, F>(call, keys, values, task)
-            }
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn avx2<F: RowFormat>(
-                call: &CachedCall<'_>,
-                keys: &F,
-                values: &F,
-                task: &Task,
-            ) -> Vec<f32> {
-                attend_task::<Avx2F32, F>(call, keys, values, task)
-            }
-            // SAFETY: `cached_level` returns only levels this CPU supports.
-            match $level {
-                SimdLevel::Avx512 => return unsafe { avx512($call, $keys, $values, $task) },
-                SimdLevel::Avx2 => return unsafe { avx2($call, $keys, $values, $task) },
-                _ => {}
-            }
-        }
-        #[cfg(target_arch = "aarch64")]
-        {
-            use crate::simd::neon::NeonF32;
-            #[target_feature(enable = "neon")]
-            unsafe fn neon<F: RowFormat>(
-                call: &CachedCall<'_>,
-                keys: &F,
-                values: &F,
-                task: &Task,
-            ) -> Vec<f32> {
-                attend_task::<NeonF32, F>(call, keys, values, task)
-            }
-            if $level == SimdLevel::Neon {
-                // SAFETY: NEON is part of every aarch64 CPU.
-                return unsafe { neon($call, $keys, $values, $task) };
-            }
-        }
-        // SAFETY: portable vectors need no CPU feature.
-        unsafe { attend_task::<PortableF32, _>($call, $keys, $values, $task) }
-    }};
-}
-
-fn run_task(
-    level: SimdLevel,
-    call: &CachedCall<'_>,
-    formats: &Formats<'_>,
-    task: &Task,
-) -> Vec<f32> {
-    match formats {
-        Formats::F32(keys, values) => task_at_level!(level, call, *keys, *values, task),
-        Formats::BFloat16(keys, values) => task_at_level!(level, call, *keys, *values, task),
-        Formats::Float16(keys, values) => task_at_level!(level, call, *keys, *values, task),
-        Formats::Int8(keys, values) => task_at_level!(level, call, keys, values, task),
+/// The weights of row `row` of kv head `head` over the keys it sees, into `weights` (one per
+/// visible key): `2^(s - max) / sum` from the row's merged state, each score `s` computed as
+/// the output's were.
+#[inline(always)]
+unsafe fn decode_weights_at<V: Widen, F: RowFormat>(
+    call: &DecodeCall<'_>,
+    keys: &F,
+    head: usize,
+    row: usize,
+    max: f32,
+    sum: f32,
+    weights: &mut [f32],
+) {
+    let (query_row, visible) = call.row(head, row);
+    let query = call.query_row(query_row);
+    let first_row = call.first_stored_row(head) + visible.start;
+    for (j, weight) in weights.iter_mut().enumerate() {
+        *weight = dot::<V, F>(query, keys, first_row + j) * call.score_scale;
     }
-}
-
-/// The instruction set for the cache kernel: the active level, except that the AVX2 widening
-/// loads also need F16C.
-fn cached_level(level: SimdLevel) -> SimdLevel {
-    match level {
-        SimdLevel::Avx2 if !f16c_supported() => SimdLevel::Portable,
-        other => other,
-    }
-}
-
-/// Attention of `call`'s queries over stored `keys` and `values` (float32 rows or a compressed
-/// storage): the output `(batch, Hq, L, D)` as float32.
-pub(crate) fn attend_stored<T: crate::element::Element>(
-    level: SimdLevel,
-    call: &CachedCall<'_>,
-    keys: &Rows<T>,
-    values: &Rows<T>,
-    native_f32: Option<(&RowBuffer<f32>, &RowBuffer<f32>)>,
-) -> Result<Vec<f32>, AttnError> {
-    let formats = match (keys, values, native_f32) {
-        (_, _, Some((k, v))) => Formats::F32(k, v),
-        (Rows::BFloat16(k), Rows::BFloat16(v), None) => Formats::BFloat16(k, v),
-        (Rows::Float16(k), Rows::Float16(v), None) => Formats::Float16(k, v),
-        (
-            Rows::Int8 {
-                values: kv,
-                scales: ks,
-            },
-            Rows::Int8 {
-                values: vv,
-                scales: vs,
-            },
-            None,
-        ) => Formats::Int8(
-            Int8Rows {
-                values: kv,
-                scales: ks,
-            },
-            Int8Rows {
-                values: vv,
-                scales: vs,
-            },
-        ),
-        _ => unreachable!("keys and values share one storage"),
-    };
-    let level = cached_level(level);
-    let tasks = call.tasks();
-    let pool = pool_for(call.num_threads)?;
-    let work = call.batch * call.query_heads * call.num_queries * call.num_keys * call.depth;
-    let run = |task: &Task| run_task(level, call, &formats, task);
-    let partials: Vec<Vec<f32>> =
-        if work <= ATTENTION_INLINE_WORK || pool.current_num_threads() == 1 {
-            tasks.iter().map(run).collect()
-        } else {
-            pool.install(|| tasks.par_iter().with_max_len(1).map(run).collect())
-        };
-    Ok(merge(call, &tasks, &partials))
-}
-
-/// The output rows from the tasks' partial states, merged in key order.
-fn merge(call: &CachedCall<'_>, tasks: &[Task], partials: &[Vec<f32>]) -> Vec<f32> {
-    let depth = call.depth;
-    let mut output = vec![0.0f32; call.batch * call.query_heads * call.num_queries * depth];
-    let mut index = 0;
-    while index < tasks.len() {
-        let (head, rows) = (tasks[index].head, tasks[index].rows.clone());
-        let mut merged = partials[index].clone();
-        index += 1;
-        while index < tasks.len() && tasks[index].head == head && tasks[index].rows == rows {
-            for (into, from) in merged
-                .chunks_exact_mut(depth + 2)
-                .zip(partials[index].chunks_exact(depth + 2))
-            {
-                merge_state(into, from);
-            }
-            index += 1;
-        }
-        for (row, state) in rows.zip(merged.chunks_exact(depth + 2)) {
-            let (offset, _) = call.row(head, row);
-            let sum = state[1];
-            let scale = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-            for (out, &acc) in output[offset..offset + depth].iter_mut().zip(&state[2..]) {
-                *out = acc * scale;
-            }
-        }
-    }
-    output
-}
-
-/// Folds the partial state `from` (later keys) into `into`.
-fn merge_state(into: &mut [f32], from: &[f32]) {
-    let max = into[0].max(from[0]);
-    if max == f32::NEG_INFINITY {
+    if sum == 0.0 {
+        weights.fill(0.0);
         return;
     }
-    let (keep, take) = (exp2_f32(into[0] - max), exp2_f32(from[0] - max));
-    into[0] = max;
-    for (a, &b) in into[1..].iter_mut().zip(&from[1..]) {
-        *a = *a * keep + b * take;
-    }
+    row_exp2::<V>(weights, max);
+    scale_row::<V>(weights, 1.0 / sum);
+}
+
+#[cfg(target_arch = "aarch64")]
+use crate::simd::neon::NeonF32;
+#[cfg(target_arch = "x86_64")]
+use crate::simd::{avx2::Avx2F32, avx512::Avx512F32};
+
+/// The online softmax of kv head `head`'s rows `rows` over keys `key_range`, at `level`, into
+/// `state` (emptied first).
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one block's inputs and its state, passed through"
+)]
+pub(crate) fn decode_block<F: RowFormat>(
+    level: SimdLevel,
+    call: &DecodeCall<'_>,
+    keys: &F,
+    values: &F,
+    head: usize,
+    rows: Range<usize>,
+    key_range: Range<usize>,
+    state: &mut SoftmaxState<f32>,
+) {
+    at_level!(
+        level,
+        PortableF32,
+        Avx2F32,
+        Avx512F32,
+        NeonF32,
+        decode_block_at<F: RowFormat>(
+            call: &DecodeCall<'_>,
+            keys: &F,
+            values: &F,
+            head: usize,
+            rows: Range<usize>,
+            key_range: Range<usize>,
+            state: &mut SoftmaxState<f32>
+        )
+    )
+}
+
+/// [`decode_weights_at`] at `level`: row `row` of kv head `head`, from its merged `max` and
+/// `sum`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one row's inputs and its weights, passed through"
+)]
+pub(crate) fn decode_weights<F: RowFormat>(
+    level: SimdLevel,
+    call: &DecodeCall<'_>,
+    keys: &F,
+    head: usize,
+    row: usize,
+    max: f32,
+    sum: f32,
+    weights: &mut [f32],
+) {
+    at_level!(
+        level,
+        PortableF32,
+        Avx2F32,
+        Avx512F32,
+        NeonF32,
+        decode_weights_at<F: RowFormat>(
+            call: &DecodeCall<'_>,
+            keys: &F,
+            head: usize,
+            row: usize,
+            max: f32,
+            sum: f32,
+            weights: &mut [f32]
+        )
+    )
 }
