@@ -28,6 +28,16 @@ def supported_simd_levels() -> list[str]:
     return [level for level in levels if _core.simd_level_supported(level)]
 
 
+@pytest.fixture(params=supported_simd_levels())
+def simd_level(request):
+    """The test once per level this CPU runs, with the engine held to it."""
+    from attnscope import _core
+
+    _core.force_simd_level(request.param)
+    yield request.param
+    _core.force_simd_level(None)
+
+
 def tolerance_for(expected: np.ndarray, dtype, relative: float | None = None) -> float:
     """The absolute tolerance for `expected`: `relative` (default: the dtype's) x max(1, max|x|)."""
     if relative is None:

@@ -100,6 +100,30 @@ def test_attend_results_do_not_depend_on_thread_count(rng, restore_num_threads):
     np.testing.assert_array_equal(cache.attend(q, enable_gqa=True), one)
 
 
+@pytest.mark.parametrize("num_kv_heads", [8, 2])
+def test_a_decoding_step_has_the_same_bits_through_the_cache_and_sdpa(
+    rng, simd_level, num_kv_heads
+):
+    """One kernel decodes: the cache, SDPA (bottom-right causal) and SDPA with weights give the
+    same output to the bit, grouped heads or not, and the weights match the reference."""
+    cache = attnscope.KVCache(num_kv_heads, 64)
+    keys, values = fill(cache, rng, 2500)
+    q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
+    cached = cache.attend(q, enable_gqa=True)
+    options = dict(is_causal=True, causal_alignment="bottom_right", enable_gqa=True)
+    direct = attnscope.scaled_dot_product_attention(q, keys, values, **options)
+    with_weights, weights = attnscope.scaled_dot_product_attention(
+        q, keys, values, return_weights=True, **options
+    )
+    np.testing.assert_array_equal(direct.view(np.uint32), cached.view(np.uint32))
+    np.testing.assert_array_equal(with_weights.view(np.uint32), cached.view(np.uint32))
+    want_out, want_weights = reference.scaled_dot_product_attention(
+        q, keys, values, return_weights=True, **options
+    )
+    assert_close(cached, want_out, np.float32)
+    assert_close(weights, want_weights, np.float32)
+
+
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 def test_token_by_token_decode_equals_one_causal_forward(rng, dtype, num_kv_heads):

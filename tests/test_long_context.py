@@ -6,14 +6,12 @@ from __future__ import annotations
 import attnscope
 import numpy as np
 import pytest
-from attnscope import _core, reference
-from conftest import supported_simd_levels
+from attnscope import reference
 
 NUM_KEYS = 262_144
 # Largest |error| over the largest |output|; one block of queries sums over all NUM_KEYS keys.
 RELATIVE_ERROR = 5e-6
 
-LEVELS = supported_simd_levels()
 
 
 @pytest.fixture(scope="module")
@@ -22,13 +20,6 @@ def long_case():
     rng = np.random.default_rng(11)
     q, k, v = (rng.standard_normal((1, n, 16)).astype(np.float32) for n in (65, NUM_KEYS, NUM_KEYS))
     return q, k, v, reference.scaled_dot_product_attention(q, k, v)
-
-
-@pytest.fixture(params=LEVELS)
-def simd_level(request):
-    _core.force_simd_level(request.param)
-    yield request.param
-    _core.force_simd_level(None)
 
 
 def relative_error(got: np.ndarray, want: np.ndarray) -> float:

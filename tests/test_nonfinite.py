@@ -16,12 +16,11 @@ from __future__ import annotations
 import attnscope
 import numpy as np
 import pytest
-from attnscope import _core, reference
-from conftest import FLOAT_DTYPES, assert_close, random_qkv, supported_simd_levels
+from attnscope import reference
+from conftest import FLOAT_DTYPES, assert_close, random_qkv
 
 sdpa = attnscope.scaled_dot_product_attention
 
-LEVELS = supported_simd_levels()
 
 # (L, S): the paths a call can take.
 SHAPES = [
@@ -38,13 +37,6 @@ NAN_POISONS = ["query-nan", "key-nan", "value-nan", "mask-nan", "mask-inf"]
 INF_POISONS = ["query-inf", "key-inf", "key-neg-inf", "value-inf"]
 
 CAUSAL = dict(is_causal=True, causal_alignment="bottom_right")
-
-
-@pytest.fixture(params=LEVELS)
-def simd_level(request):
-    _core.force_simd_level(request.param)
-    yield request.param
-    _core.force_simd_level(None)
 
 
 def poisoned_case(rng, num_queries, num_keys, dtype, poison, heads=2):

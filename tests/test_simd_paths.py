@@ -10,9 +10,7 @@ import attnscope
 import numpy as np
 import pytest
 from attnscope import _core, reference
-from conftest import assert_close, random_qkv, supported_simd_levels
-
-LEVELS = supported_simd_levels()
+from conftest import assert_close, random_qkv
 
 CASES = [
     # (q shape, k shape, v shape, options)
@@ -29,13 +27,6 @@ CASES = [
         {"enable_gqa": True, "is_causal": True, "causal_alignment": "bottom_right", "window": 900},
     ),
 ]
-
-
-@pytest.fixture(params=LEVELS)
-def simd_level(request):
-    _core.force_simd_level(request.param)
-    yield request.param
-    _core.force_simd_level(None)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
