@@ -51,6 +51,22 @@ def _peak_kib() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _run_once(call):
+    """``call()`` run once: its result, the seconds it took, the bytes the peak resident set
+    rose above the resident set before it, and whether the peak counter could be reset first.
+    When it could not, the peak so far stands in for the resident set before; the inputs are
+    made without temporaries, so the two are close."""
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    resettable = rss_before is not None and _reset_peak()
+    if not resettable:
+        rss_before = _peak_kib()
+    start = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - start
+    return result, seconds, (_peak_kib() - rss_before) * 1024, resettable
+
+
 def measure(length: int, heads: int, head_dim: int, threads: int, mask: str = "") -> dict:
     """Run causal attention on ``(1, heads, length, head_dim)`` float32 inputs once, under
     the mask expression named `mask` (see ``peers.MASK_PATTERNS``) when one is given.
@@ -72,24 +88,15 @@ def measure(length: int, heads: int, head_dim: int, threads: int, mask: str = ""
     ats.scaled_dot_product_attention(
         query[:, :, warm], key[:, :, warm], value[:, :, warm], is_causal=True
     )
-    gc.collect()
-
-    rss_before = _status_kib("VmRSS")
-    resettable = rss_before is not None and _reset_peak()
-    if not resettable:
-        # The peak so far stands in for the current RSS; inputs are made without temporaries,
-        # so the two are close.
-        rss_before = _peak_kib()
-    start = time.perf_counter()
-    out = ats.scaled_dot_product_attention(query, key, value, **options)
-    seconds = time.perf_counter() - start
-    peak = _peak_kib()
+    out, seconds, grown, resettable = _run_once(
+        lambda: ats.scaled_dot_product_attention(query, key, value, **options)
+    )
     if mask:
         error = max_relative_error_masked(out, query, key, value, expression)
     else:
         error = max_relative_error(out, query, key, value, is_causal=True)
 
-    extra_bytes = (peak - rss_before) * 1024 - out.nbytes
+    extra_bytes = grown - out.nbytes
     return {
         "extra_mib": max(extra_bytes, 0) / 2**20,
         "inputs_mib": 3 * query.nbytes / 2**20,
@@ -120,21 +127,13 @@ def measure_backward(length: int, heads: int, head_dim: int, threads: int) -> di
         lse[:, :, warm],
         is_causal=True,
     )
-    gc.collect()
-
-    rss_before = _status_kib("VmRSS")
-    resettable = rss_before is not None and _reset_peak()
-    if not resettable:
-        rss_before = _peak_kib()
-    start = time.perf_counter()
-    grads = ats.scaled_dot_product_attention_backward(
-        grad_out, query, key, value, out, lse, is_causal=True
+    grads, seconds, grown, resettable = _run_once(
+        lambda: ats.scaled_dot_product_attention_backward(
+            grad_out, query, key, value, out, lse, is_causal=True
+        )
     )
-    seconds = time.perf_counter() - start
-    peak = _peak_kib()
-
     grads_bytes = sum(grad.nbytes for grad in grads)
-    extra_bytes = (peak - rss_before) * 1024 - grads_bytes
+    extra_bytes = grown - grads_bytes
     # The last keys are seen only by the last queries: their dV is a small exact sum to check.
     tail = slice(length - 16, length)
     weights = ats.scaled_dot_product_attention(
