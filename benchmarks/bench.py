@@ -597,30 +597,49 @@ class Benchmark:
     def memory_rows(self) -> list[Row]:
         """Peak memory of a long causal call without weights, in a fresh process."""
         length, heads, head_dim = self.preset.peak_length, 8, 64
-        label = f"peak memory, B1 H{heads} L=S={length} D{head_dim} causal"
-        self.log(label)
         row = Row(
             id="peak_memory",
-            label=label,
+            label=f"peak memory, B1 H{heads} L=S={length} D{head_dim} causal",
             target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
         )
+        pairs = peers.visible_pairs(length, length, is_causal=True)
+        return [self._peak_row(row, (length, heads, head_dim), 4 * pairs, PEAK_MEMORY_TARGET_MIB)]
+
+    def _peak_row(
+        self,
+        row: Row,
+        shape: tuple[int, int, int],
+        flops_per_dim: int,
+        target_mib: float,
+        *,
+        call: str = "call",
+        inputs: str = "inputs",
+        outputs: str = "output",
+        **child,
+    ) -> Row:
+        """`row` filled from one call measured in a fresh process (:mod:`peak_memory`): its
+        extra MiB against `target_mib`, its time, and its GFLOP/s at `flops_per_dim` flops
+        per head and per unit of head_dim (4 per visible pair for a forward). `child` goes
+        to :func:`peak_memory.run_in_child`; `call`, `inputs` and `outputs` name them in the
+        row's note."""
+        length, heads, head_dim = shape
+        self.log(row.label)
         measured = peak_memory.run_in_child(
-            length, heads, head_dim, self.threads, simd_level=self.simd_level
+            length, heads, head_dim, self.threads, simd_level=self.simd_level, **child
         )
         row.cells = {"attnscope": measured["seconds"]}
-        flops = 4 * heads * head_dim * peers.visible_pairs(length, length, is_causal=True)
-        row.gflops = flops / measured["seconds"] / 1e9
+        row.gflops = flops_per_dim * heads * head_dim / measured["seconds"] / 1e9
         row.metrics["extra_mib"] = measured["extra_mib"]
         row.result = f"{measured['extra_mib']:.1f} MiB"
-        row.met = measured["extra_mib"] <= PEAK_MEMORY_TARGET_MIB
+        row.met = measured["extra_mib"] <= target_mib
         row.max_rel_error = measured["max_rel_error"]
         row.notes.append(
-            f"fresh process, one call; inputs {measured['inputs_mib']:.0f} MiB, output "
+            f"fresh process, one {call}; {inputs} {measured['inputs_mib']:.0f} MiB, {outputs} "
             f"{measured['output_mib']:.0f} MiB; peak counter reset: "
             f"{'yes' if measured['peak_counter_reset'] else 'no (upper bound)'}"
         )
         row.verdict = _verdict(row, "")
-        return [row]
+        return row
 
     def mha_rows(self) -> list[Row]:
         """The whole self-attention block (projections included) vs nn.MultiheadAttention."""
@@ -845,29 +864,15 @@ class Benchmark:
     def _sparse_peak_row(self) -> Row:
         """Peak memory of a Longformer expression, in a fresh process."""
         length, heads, head_dim = self.preset.sparse_peak_length, 8, 64
-        label = f"peak memory, B1 H{heads} L=S={length} D{head_dim} Longformer expression"
-        self.log(label)
         row = Row(
             id="sparse_peak_memory",
-            label=label,
+            label=f"peak memory, B1 H{heads} L=S={length} D{head_dim} Longformer expression",
             target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
         )
-        measured = peak_memory.run_in_child(
-            length, heads, head_dim, self.threads, "longformer", simd_level=self.simd_level
-        )
-        row.cells = {"attnscope": measured["seconds"]}
         pairs = peers.MASK_PATTERNS["longformer"](length).layout(length, length, block=256)
-        row.gflops = 4 * heads * head_dim * pairs.visible_pairs / measured["seconds"] / 1e9
-        row.metrics["extra_mib"] = measured["extra_mib"]
-        row.result = f"{measured['extra_mib']:.1f} MiB"
-        row.met = measured["extra_mib"] <= PEAK_MEMORY_TARGET_MIB
-        row.max_rel_error = measured["max_rel_error"]
-        row.notes.append(
-            f"fresh process, one call; inputs {measured['inputs_mib']:.0f} MiB, output "
-            f"{measured['output_mib']:.0f} MiB"
-        )
-        row.verdict = _verdict(row, "")
-        return row
+        flops = 4 * pairs.visible_pairs
+        shape = (length, heads, head_dim)
+        return self._peak_row(row, shape, flops, PEAK_MEMORY_TARGET_MIB, mask="longformer")
 
     def backward_rows(self) -> list[Row]:
         """Forward + backward against torch SDPA under autograd; the backward's peak memory."""
@@ -919,30 +924,21 @@ class Benchmark:
 
     def _backward_memory_row(self) -> Row:
         length, heads, head_dim = self.preset.backward_peak_length, 1, 64
-        label = f"backward peak memory, B1 H{heads} L=S={length} D{head_dim} causal"
-        self.log(label)
         row = Row(
             id="backward_peak_memory",
-            label=label,
+            label=f"backward peak memory, B1 H{heads} L=S={length} D{head_dim} causal",
             target=f"≤ {BACKWARD_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+outputs+grads",
         )
-        measured = peak_memory.run_in_child(
-            length, heads, head_dim, self.threads, backward=True, simd_level=self.simd_level
+        return self._peak_row(
+            row,
+            (length, heads, head_dim),
+            10 * peers.visible_pairs(length, length, is_causal=True),
+            BACKWARD_MEMORY_TARGET_MIB,
+            call="backward call",
+            inputs="inputs (q, k, v, out, lse, grad_out)",
+            outputs="gradients",
+            backward=True,
         )
-        row.cells = {"attnscope": measured["seconds"]}
-        pairs = peers.visible_pairs(length, length, is_causal=True)
-        row.gflops = 10 * heads * head_dim * pairs / measured["seconds"] / 1e9
-        row.metrics["extra_mib"] = measured["extra_mib"]
-        row.result = f"{measured['extra_mib']:.1f} MiB"
-        row.met = measured["extra_mib"] <= BACKWARD_MEMORY_TARGET_MIB
-        row.max_rel_error = measured["max_rel_error"]
-        row.notes.append(
-            f"fresh process, one backward call; inputs (q, k, v, out, lse, grad_out) "
-            f"{measured['inputs_mib']:.0f} MiB, gradients {measured['output_mib']:.0f} MiB; "
-            f"peak counter reset: {'yes' if measured['peak_counter_reset'] else 'no'}"
-        )
-        row.verdict = _verdict(row, "")
-        return row
 
 
 def _score_mod_error(out, query, key, value, extra) -> float:
