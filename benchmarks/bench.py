@@ -596,34 +596,33 @@ class Benchmark:
 
     def memory_rows(self) -> list[Row]:
         """Peak memory of a long causal call without weights, in a fresh process."""
-        length, heads, head_dim = self.preset.peak_length, 8, 64
-        row = Row(
-            id="peak_memory",
-            label=f"peak memory, B1 H{heads} L=S={length} D{head_dim} causal",
-            target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
-        )
-        pairs = peers.visible_pairs(length, length, is_causal=True)
-        return [self._peak_row(row, (length, heads, head_dim), 4 * pairs, PEAK_MEMORY_TARGET_MIB)]
+        shape = length, heads, head_dim = self.preset.peak_length, 8, 64
+        label = f"peak memory, B1 H{heads} L=S={length} D{head_dim} causal"
+        flops = 4 * peers.visible_pairs(length, length, is_causal=True)
+        return [self._peak_row("peak_memory", label, shape, flops, PEAK_MEMORY_TARGET_MIB)]
 
     def _peak_row(
         self,
-        row: Row,
+        row_id: str,
+        label: str,
         shape: tuple[int, int, int],
         flops_per_dim: int,
         target_mib: float,
         *,
+        beyond: str = "inputs+output",
         call: str = "call",
         inputs: str = "inputs",
         outputs: str = "output",
         **child,
     ) -> Row:
-        """`row` filled from one call measured in a fresh process (:mod:`peak_memory`): its
-        extra MiB against `target_mib`, its time, and its GFLOP/s at `flops_per_dim` flops
-        per head and per unit of head_dim (4 per visible pair for a forward). `child` goes
-        to :func:`peak_memory.run_in_child`; `call`, `inputs` and `outputs` name them in the
-        row's note."""
+        """One call of `shape` (length, heads, head_dim) measured in a fresh process
+        (:mod:`peak_memory`): the MiB it needs beyond `beyond` against `target_mib`, its time,
+        and its GFLOP/s at `flops_per_dim` flops per head and per unit of head_dim (4 per
+        visible pair for a forward). `child` goes to :func:`peak_memory.run_in_child`; `call`,
+        `inputs` and `outputs` name them in the row's note."""
         length, heads, head_dim = shape
-        self.log(row.label)
+        row = Row(id=row_id, label=label, target=f"≤ {target_mib:.0f} MiB beyond {beyond}")
+        self.log(label)
         measured = peak_memory.run_in_child(
             length, heads, head_dim, self.threads, simd_level=self.simd_level, **child
         )
@@ -863,16 +862,13 @@ class Benchmark:
 
     def _sparse_peak_row(self) -> Row:
         """Peak memory of a Longformer expression, in a fresh process."""
-        length, heads, head_dim = self.preset.sparse_peak_length, 8, 64
-        row = Row(
-            id="sparse_peak_memory",
-            label=f"peak memory, B1 H{heads} L=S={length} D{head_dim} Longformer expression",
-            target=f"≤ {PEAK_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+output",
-        )
+        shape = length, heads, head_dim = self.preset.sparse_peak_length, 8, 64
+        label = f"peak memory, B1 H{heads} L=S={length} D{head_dim} Longformer expression"
         pairs = peers.MASK_PATTERNS["longformer"](length).layout(length, length, block=256)
         flops = 4 * pairs.visible_pairs
-        shape = (length, heads, head_dim)
-        return self._peak_row(row, shape, flops, PEAK_MEMORY_TARGET_MIB, mask="longformer")
+        return self._peak_row(
+            "sparse_peak_memory", label, shape, flops, PEAK_MEMORY_TARGET_MIB, mask="longformer"
+        )
 
     def backward_rows(self) -> list[Row]:
         """Forward + backward against torch SDPA under autograd; the backward's peak memory."""
@@ -923,17 +919,14 @@ class Benchmark:
         return rows
 
     def _backward_memory_row(self) -> Row:
-        length, heads, head_dim = self.preset.backward_peak_length, 1, 64
-        row = Row(
-            id="backward_peak_memory",
-            label=f"backward peak memory, B1 H{heads} L=S={length} D{head_dim} causal",
-            target=f"≤ {BACKWARD_MEMORY_TARGET_MIB:.0f} MiB beyond inputs+outputs+grads",
-        )
+        shape = length, heads, head_dim = self.preset.backward_peak_length, 1, 64
         return self._peak_row(
-            row,
-            (length, heads, head_dim),
+            "backward_peak_memory",
+            f"backward peak memory, B1 H{heads} L=S={length} D{head_dim} causal",
+            shape,
             10 * peers.visible_pairs(length, length, is_causal=True),
             BACKWARD_MEMORY_TARGET_MIB,
+            beyond="inputs+outputs+grads",
             call="backward call",
             inputs="inputs (q, k, v, out, lse, grad_out)",
             outputs="gradients",
