@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import attnscope
 import numpy as np
@@ -205,6 +208,41 @@ def test_weights_memory_limit_round_trips(restore_weights_limit):
     assert attnscope.get_weights_memory_limit() == 12345
     attnscope.set_weights_memory_limit(0)
     assert attnscope.get_weights_memory_limit() == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "limit"), [("abc", None), ("-1", None), ("1e9", None), (" 4096 ", 4096)]
+)
+def test_the_weights_limit_variable_is_read_or_refused(value, limit):
+    """ATTNSCOPE_WEIGHTS_LIMIT_BYTES follows ATTNSCOPE_NUM_THREADS' rule: a value that is not a
+    whole number of bytes is reported at first use, not ignored, and the setter still works."""
+    script = f"""
+import numpy as np, attnscope
+q = np.ones((1, 4, 4), np.float32)
+calls = (
+    attnscope.get_weights_memory_limit,
+    lambda: attnscope.scaled_dot_product_attention(q, q, q, return_weights=True),
+)
+for call in calls:
+    try:
+        got = call()
+    except ValueError as error:
+        assert {limit!r} is None, error
+        assert "ATTNSCOPE_WEIGHTS_LIMIT_BYTES" in str(error) and "whole number" in str(error), error
+    else:
+        assert {limit!r} is not None, "no error"
+assert {limit!r} is None or attnscope.get_weights_memory_limit() == {limit!r}
+attnscope.set_weights_memory_limit(1 << 20)
+assert attnscope.get_weights_memory_limit() == 1 << 20
+attnscope.scaled_dot_product_attention(q, q, q, return_weights=True)
+print("ok")
+"""
+    env = {**os.environ, "ATTNSCOPE_WEIGHTS_LIMIT_BYTES": value}
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "ok"
 
 
 @pytest.mark.parametrize(

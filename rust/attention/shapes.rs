@@ -351,7 +351,7 @@ pub(crate) fn check_weights_fit<T>(shape: &[usize]) -> Result<(), AttnError> {
         .fold(std::mem::size_of::<T>() as u128, |product, &dim| {
             product.saturating_mul(dim as u128)
         });
-    let limit = weights_memory_limit();
+    let limit = weights_memory_limit()?;
     if bytes > limit as u128 {
         return Err(AttnError::WeightsTooLarge {
             shape: shape.to_vec(),

@@ -76,8 +76,8 @@ fn set_weights_memory_limit(num_bytes: u64) {
 }
 
 #[pyfunction]
-fn get_weights_memory_limit() -> u64 {
-    crate::weights_memory_limit()
+fn get_weights_memory_limit() -> PyResult<u64> {
+    crate::weights_memory_limit().map_err(Into::into)
 }
 
 /// The instruction set kernels run at: "avx512", "avx2" or "portable".
