@@ -127,28 +127,48 @@ def row_bars(
             ],
         }
     )
+    return kind_bars(
+        frame,
+        "key",
+        "weight",
+        kinds={"strongest": HIGHLIGHT, "visible": BAR_BLUE, "hidden by mask": HIDDEN_GREY},
+        axis=alt.Axis(labelAngle=-45, labelOverlap=False),
+        y_domain=(0, 1),
+        tooltip=["key:N", alt.Tooltip("weight:Q", format=".4f"), "kind:N"],
+        title=title,
+    )
+
+
+def kind_bars(
+    frame: pd.DataFrame,
+    category: str,
+    value: str,
+    *,
+    kinds: dict[str, str],
+    axis: alt.Axis,
+    tooltip: list,
+    title: str = "",
+    y_title: str | None = None,
+    y_domain: tuple[float, float] | None = None,
+    height: int = 220,
+) -> alt.Chart:
+    """A bar of `value` per `category`, in the frame's order across the column, coloured by
+    the frame's ``kind`` column (`kinds`: each kind's colour, in the legend's order)."""
+    scale = alt.Undefined if y_domain is None else alt.Scale(domain=list(y_domain))
     return (
         alt.Chart(frame, title=title)
         .mark_bar()
         .encode(
-            x=alt.X(
-                "key:N",
-                sort=list(frame["key"]),
-                title=None,
-                axis=alt.Axis(labelAngle=-45, labelOverlap=False),
-            ),
-            y=alt.Y("weight:Q", scale=alt.Scale(domain=[0, 1]), title="weight"),
+            x=alt.X(f"{category}:N", sort=list(frame[category]), title=None, axis=axis),
+            y=alt.Y(f"{value}:Q", scale=scale, title=y_title or value),
             color=alt.Color(
                 "kind:N",
-                scale=alt.Scale(
-                    domain=["strongest", "visible", "hidden by mask"],
-                    range=[HIGHLIGHT, BAR_BLUE, HIDDEN_GREY],
-                ),
+                scale=alt.Scale(domain=list(kinds), range=list(kinds.values())),
                 legend=alt.Legend(title=None, orient="top"),
             ),
-            tooltip=["key:N", alt.Tooltip("weight:Q", format=".4f"), "kind:N"],
+            tooltip=tooltip,
         )
-        .properties(width="container", height=220, autosize=FIT_WIDTH)
+        .properties(width="container", height=height, autosize=FIT_WIDTH)
     )
 
 
@@ -237,6 +257,23 @@ def lines(
         rule = alt.Chart(pd.DataFrame({x: [marker_x]})).mark_rule(color="grey").encode(x=f"{x}:Q")
         chart = chart + rule
     return chart.properties(width="container", height=260, autosize=FIT_WIDTH)
+
+
+def time_lines(frame: pd.DataFrame, *, title: str) -> alt.Chart | alt.LayerChart:
+    """Seconds per call against the context length, one line per method, both axes log; rows
+    of the frame's first ``kind`` (the measured ones) solid, of later kinds (estimates,
+    extrapolations) dashed."""
+    return lines(
+        frame,
+        "n",
+        "seconds",
+        "method",
+        log_y=True,
+        title=title,
+        x_title="context length n (log)",
+        y_title="seconds (log)",
+        dashed="kind",
+    )
 
 
 def grouped_bars(

@@ -80,21 +80,17 @@ def controls() -> tuple[str, str, str]:
         on_click=lambda: st.session_state.__setitem__(key, hm.SENTENCE),
     )
     choices = st.columns(2)
-    target = choices[0].radio(
-        "Target: the next word whose log-probability is measured",
-        list(TARGETS),
-        key=f"{PREFIX}_target",
-        format_func=TARGETS.get,
-        horizontal=True,
-    )
-    ablation = choices[1].radio(
-        "Ablation",
-        list(ABLATIONS),
-        key=f"{PREFIX}_ablation",
-        format_func=ABLATIONS.get,
-        horizontal=True,
-    )
+    label = "Target: the next word whose log-probability is measured"
+    target = _radio(choices[0], label, TARGETS, "target")
+    ablation = _radio(choices[1], "Ablation", ABLATIONS, "ablation")
     return text, target, ablation
+
+
+def _radio(container, label: str, options: dict[str, str], name: str) -> str:
+    """A row of radio buttons over `options` (value -> what it shows), keyed by `name`."""
+    return container.radio(
+        label, list(options), key=f"{PREFIX}_{name}", format_func=options.get, horizontal=True
+    )
 
 
 def _swap_pronoun() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import real_model as rm
-from .charts import BAR_BLUE, HIGHLIGHT, NATURAL_SIZE, lines, weight_cells
+from .charts import BAR_BLUE, HIGHLIGHT, NATURAL_SIZE, kind_bars, lines, weight_cells
 
 
 def head_grid(table: pd.DataFrame, statistic: str) -> alt.Chart:
@@ -108,30 +108,18 @@ def key_bars(
     row = np.asarray(row, dtype=float)
     groups = ["other keys"] * len(row) if groups is None else list(groups)
     strongest = int(row.argmax())
-    kinds = ["strongest" if j == strongest else group for j, group in enumerate(groups)]
-    domain = ["strongest", *dict.fromkeys(g for g in groups)]
-    palette = [HIGHLIGHT, BAR_BLUE, "#72b7b2", "#b279a2"][: len(domain)]
+    palette = [HIGHLIGHT, BAR_BLUE, "#72b7b2", "#b279a2"]
+    kinds = {kind: palette[i % 4] for i, kind in enumerate(["strongest", *dict.fromkeys(groups)])}
     frame = pd.DataFrame({"position": np.arange(len(row)), "key": list(labels), "weight": row})
-    frame["kind"] = kinds
-    return (
-        alt.Chart(frame, title=title)
-        .mark_bar()
-        .encode(
-            x=alt.X(
-                "key:N",
-                sort=list(labels),
-                title=None,
-                axis=alt.Axis(labelAngle=-60, labels=show_labels, ticks=show_labels),
-            ),
-            y=alt.Y("weight:Q", title="weight"),
-            color=alt.Color(
-                "kind:N",
-                scale=alt.Scale(domain=domain, range=palette),
-                legend=alt.Legend(title=None, orient="top"),
-            ),
-            tooltip=["key:N", alt.Tooltip("weight:Q", format=".4f"), "kind:N"],
-        )
-        .properties(width="container", height=220, autosize=alt.AutoSizeParams(type="fit-x"))
+    frame["kind"] = ["strongest" if j == strongest else group for j, group in enumerate(groups)]
+    return kind_bars(
+        frame,
+        "key",
+        "weight",
+        kinds=kinds,
+        axis=alt.Axis(labelAngle=-60, labels=show_labels, ticks=show_labels),
+        tooltip=["key:N", alt.Tooltip("weight:Q", format=".4f"), "kind:N"],
+        title=title,
     )
 
 

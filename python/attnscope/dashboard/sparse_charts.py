@@ -7,7 +7,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from .charts import BAR_BLUE, FIT_WIDTH, HIDDEN_GREY, HIGHLIGHT, NATURAL_SIZE
+from .charts import BAR_BLUE, HIDDEN_GREY, HIGHLIGHT, NATURAL_SIZE, kind_bars
 
 TILE_COLOURS = {"empty": "#f0f0f0", "partial": "#9ecae1", "full": "#08519c"}
 SIDE_PX = 384
@@ -104,30 +104,18 @@ def perplexity_bars(table: pd.DataFrame, *, title: str) -> alt.Chart:
             for w, s in zip(table["window"], table["sinks"], strict=True)
         ]
     )
-    return (
-        alt.Chart(frame, title=title)
-        .mark_bar()
-        .encode(
-            x=alt.X(
-                "setting:N",
-                sort=list(frame["setting"]),
-                title=None,
-                axis=alt.Axis(labelAngle=0, labelLimit=220),
-            ),
-            y=alt.Y("perplexity:Q", title="perplexity (lower is better)"),
-            color=alt.Color(
-                "kind:N",
-                scale=alt.Scale(
-                    domain=["keeps the first tokens", "evicts the first tokens"],
-                    range=[BAR_BLUE, HIGHLIGHT],
-                ),
-                legend=alt.Legend(title=None, orient="top"),
-            ),
-            tooltip=[
-                "setting:N",
-                alt.Tooltip("perplexity:Q", format=".3f"),
-                alt.Tooltip("nll:Q", format=".4f", title="nats per token"),
-            ],
-        )
-        .properties(width="container", height=240, autosize=FIT_WIDTH)
+    return kind_bars(
+        frame,
+        "setting",
+        "perplexity",
+        kinds={"keeps the first tokens": BAR_BLUE, "evicts the first tokens": HIGHLIGHT},
+        axis=alt.Axis(labelAngle=0, labelLimit=220),
+        tooltip=[
+            "setting:N",
+            alt.Tooltip("perplexity:Q", format=".3f"),
+            alt.Tooltip("nll:Q", format=".4f", title="nats per token"),
+        ],
+        title=title,
+        y_title="perplexity (lower is better)",
+        height=240,
     )

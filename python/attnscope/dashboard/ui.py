@@ -68,6 +68,17 @@ def chart(container, spec, key: str) -> None:
     container.altair_chart(spec, key=key, width="stretch" if stretch else "content")
 
 
+def significant_table(frame, *, key: str, columns: Sequence[str]) -> None:
+    """A table whose `columns` show four significant digits: a weight of 3e-9 reads as 3e-09,
+    not as a row of zeros."""
+    st.dataframe(
+        frame,
+        hide_index=True,
+        key=key,
+        column_config={name: st.column_config.NumberColumn(format="%.4g") for name in columns},
+    )
+
+
 # The main column's width at a desktop window (1,400 px, wide layout, sidebar open): charts
 # laid side by side in columns share it.
 MAIN_COLUMN_PX = 940

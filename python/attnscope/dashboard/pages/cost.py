@@ -107,16 +107,9 @@ if frame is None:
 
 ui.chart(
     st,
-    charts.lines(
+    charts.time_lines(
         cost.estimate_timeline(frame),
-        "n",
-        "seconds",
-        "method",
-        log_y=True,
         title="Time per call (one head, float32): measured, then estimated (dashed)",
-        x_title="context length n (log)",
-        y_title="seconds (log)",
-        dashed="kind",
     ),
     key="cost_time_chart",
 )

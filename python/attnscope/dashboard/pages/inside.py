@@ -93,15 +93,10 @@ st.markdown(
     "of weights times `V`: a blend of the values it found interesting."
 )
 row = len(words) - 1
-st.dataframe(
+ui.significant_table(
     inside.softmax_by_hand(steps, row, labels),
-    hide_index=True,
     key="inside_softmax_table",
-    # Four significant digits: a weight of 3e-9 reads as 3e-09, not as a row of zeros.
-    column_config={
-        name: st.column_config.NumberColumn(format="%.4g")
-        for name in ("scaled score", "exp(score − max)", "weight = exp / sum", "engine weight")
-    },
+    columns=("scaled score", "exp(score − max)", "weight = exp / sum", "engine weight"),
 )
 st.caption(f"The softmax of the last row ('{words[row]}'), by hand and from the engine.")
 show(steps.output[:, :shown], labels, dims, "output = weights · V", "inside_output", 1)
@@ -188,14 +183,10 @@ def flash_stepper(steps, words: list[str], labels: list[str], dims: list[str]) -
     walked = ui.bounded_slider(
         flash_controls[2], "Blocks walked", 1, len(flash.steps), 1, key="inside_flash_walked"
     )
-    st.dataframe(
+    ui.significant_table(
         inside.flash_table(flash, labels, walked),
-        hide_index=True,
         key="inside_flash_table",
-        column_config={
-            name: st.column_config.NumberColumn(format="%.4g")
-            for name in ("running max m", "rescale exp(m_old − m)", "running sum l")
-        },
+        columns=("running max m", "rescale exp(m_old − m)", "running sum l"),
     )
     current = flash.steps[walked - 1]
     st.dataframe(

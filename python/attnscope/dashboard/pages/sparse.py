@@ -140,16 +140,9 @@ else:
             fitted = {method: cost.fit_exponent(frame, method) for method in sparse.TIMED_METHODS}
             ui.chart(
                 st,
-                charts.lines(
+                charts.time_lines(
                     cost.timeline(frame, fitted),
-                    "n",
-                    "seconds",
-                    "method",
-                    log_y=True,
                     title="Time per call (one head of 64, float32): measured, then extrapolated",
-                    x_title="context length n (log)",
-                    y_title="seconds (log)",
-                    dashed="kind",
                 ),
                 key="sparse_time_chart",
             )
