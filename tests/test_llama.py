@@ -17,6 +17,7 @@ import pytest
 from attnscope.models import _generate, _perplexity, _sources
 from attnscope.models._gguf import unpermute_rows
 from attnscope.models._loader import read_safetensors
+from conftest import perplexity_by_full_recomputation
 from fixtures.llama_checkpoints import (
     CHAT_TEMPLATE,
     bfloat16_rounded,
@@ -361,25 +362,6 @@ def test_model_without_a_template_says_so(folders, tmp_path):
 
 
 # --- perplexity ------------------------------------------------------------------------------
-
-
-def perplexity_by_full_recomputation(model, text, window, sinks):
-    """The reference: one pass over the whole text with an explicit (n, n) visibility mask."""
-    ids = model.tokenize(text)[1]
-    n = ids.size
-    rows, cols = np.arange(n)[:, None], np.arange(n)[None, :]
-    mask = cols <= rows
-    if window is not None:
-        mask &= (cols > rows - window) | (cols < sinks)
-
-    def attend(layer, q, k, v):
-        return attnscope.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-    logits = model.logits(model.blocks(ids, 0, attend)).astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
-    nll = -log_probs[np.arange(n - 1), ids[1:]].mean()
-    return nll, n - 1
 
 
 LONG_TEXT = " ".join(["the sun rose and the nurse sang in the sea"] * 2)

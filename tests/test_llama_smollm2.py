@@ -12,10 +12,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import attnscope
 import attnscope.models as am
 import numpy as np
 import pytest
+from conftest import perplexity_by_full_recomputation
 from fixtures.make_smollm2_reference import GREEDY_TOKENS, PRONOUN, TOKENIZER_TEXTS
 
 pytestmark = [
@@ -30,11 +30,6 @@ pytestmark = [
 REFERENCE = np.load(Path(__file__).parent / "fixtures" / "smollm2_reference.npz")
 ATOL_ATTENTION = 1e-4
 LOGITS_RELATIVE = 1e-3
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> am.Model:
-    return am.load("SmolLM2-135M-Instruct")
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +176,9 @@ def test_chat_uses_the_files_template(smollm2):
 
 def test_windowed_perplexity_equals_a_masked_full_pass(smollm2):
     text = " ".join([PRONOUN + ", and the baby cried."] * 3)
-    ids = smollm2.tokenize(text)[1]
-    n = ids.size
-    rows, cols = np.arange(n)[:, None], np.arange(n)[None, :]
-    mask = (cols <= rows) & ((cols > rows - 8) | (cols < 2))
-
-    def attend(layer, q, k, v):
-        return attnscope.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-
-    logits = smollm2.logits(smollm2.blocks(ids, 0, attend)).astype(np.float64)
-    top = logits.max(axis=1, keepdims=True)
-    log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
-    expected = -log_probs[np.arange(n - 1), ids[1:]].mean()
+    expected, tokens = perplexity_by_full_recomputation(smollm2, text, window=8, sinks=2)
     result = smollm2.perplexity(text, window=8, sinks=2)
-    assert result.tokens == n - 1
+    assert result.tokens == tokens
     assert result.nll == pytest.approx(expected, rel=1e-4)
     # Repeated text is easy with the whole context and harder through an 8-key window.
     assert smollm2.perplexity(text).nll < result.nll

