@@ -128,32 +128,47 @@ fn chain_through_cap<T: Element>(params: &KernelParams<T>, scratch: &mut GradScr
     }
 }
 
-/// Lays out `rows` of one head for its tiles: `Qᵀ` (scaled to base 2) and `dOᵀ`, padded to
-/// `width` columns, with each row's `lse` shift and `D`. Returns `width`.
+/// Lays out `lines` of a score operand (`Qᵀ` or `Kᵀ`, scaled to base 2) and of a gradient
+/// operand (`dOᵀ` or `Vᵀ`), transposed and padded to `width` columns, in `scratch.score_operand`
+/// and `scratch.grad_operand`. Returns `width`.
+fn pack_transposed<V: SimdVec>(
+    kernel: &KernelParams<V::Elem>,
+    score_source: &[V::Elem],
+    grad_source: &[V::Elem],
+    lines: &Range<usize>,
+    scratch: &mut GradScratch<V::Elem>,
+) -> usize {
+    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
+    let width = round_up(lines.len(), V::LANES);
+    refill(&mut scratch.score_operand, depth * width, V::Elem::ZERO);
+    refill(&mut scratch.grad_operand, value_dim * width, V::Elem::ZERO);
+    for (column, line) in lines.clone().enumerate() {
+        for (d, &x) in score_source[line * depth..][..depth].iter().enumerate() {
+            scratch.score_operand[d * width + column] = x * kernel.score_scale;
+        }
+        for (d, &x) in grad_source[line * value_dim..][..value_dim]
+            .iter()
+            .enumerate()
+        {
+            scratch.grad_operand[d * width + column] = x;
+        }
+    }
+    width
+}
+
+/// Lays out `rows` of one head for its tiles: `Qᵀ` and `dOᵀ` ([`pack_transposed`]) with each
+/// row's `lse` shift and `D`. Returns `width`.
 fn pack_rows<V: SimdVec>(
     params: &GradParams<V::Elem>,
     head: &GradHead<'_, V::Elem>,
     rows: &Range<usize>,
     scratch: &mut GradScratch<V::Elem>,
 ) -> usize {
-    let kernel = &params.kernel;
-    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
-    let width = round_up(rows.len(), V::LANES);
-    refill(&mut scratch.score_operand, depth * width, V::Elem::ZERO);
-    refill(&mut scratch.grad_operand, value_dim * width, V::Elem::ZERO);
-    let infinity = V::Elem::from_f64(f64::INFINITY);
-    refill(&mut scratch.shift, width, infinity);
+    let width = pack_transposed::<V>(&params.kernel, head.head.q, head.grad_out, rows, scratch);
+    refill(&mut scratch.shift, width, V::Elem::from_f64(f64::INFINITY));
     refill(&mut scratch.delta, width, V::Elem::ZERO);
     let log2_e = V::Elem::from_f64(std::f64::consts::LOG2_E);
     for (column, row) in rows.clone().enumerate() {
-        let query = &head.head.q[row * depth..(row + 1) * depth];
-        for (d, &x) in query.iter().enumerate() {
-            scratch.score_operand[d * width + column] = x * kernel.score_scale;
-        }
-        let grad = &head.grad_out[row * value_dim..(row + 1) * value_dim];
-        for (d, &x) in grad.iter().enumerate() {
-            scratch.grad_operand[d * width + column] = x;
-        }
         // A row that saw no key has no probability anywhere: 2^(s - inf) is 0.
         let lse = head.lse[row];
         if lse != V::Elem::NEG_INFINITY {
@@ -190,41 +205,74 @@ fn hide_invisible<T: Element>(
     true
 }
 
-/// `Pᵀ` and `dSᵀ` of the packed `rows` against `keys` (keys x `width`, in `scratch.probs` and
-/// `scratch.grad_scores`). Returns false when no pair of the tile is visible.
+/// Which operand a backward tile packs; the other is read in place.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Packed {
+    /// The query pass (`dQ`): query rows packed, keys and values read in place; the tile is
+    /// `Pᵀ` and `dSᵀ`, keys x `width`.
+    Rows,
+    /// The key pass (`dK`, `dV`): keys packed, queries and output gradients read in place; the
+    /// tile is `P` and `dS`, rows x `width`.
+    Keys,
+}
+
+/// `P` and `dS = P ∘ (dP − D)` of `rows` against `keys` in `scratch.probs` and
+/// `scratch.grad_scores`, in the orientation `packed` gives (PyTorch's CPU backward likewise
+/// runs one GEMM with transpose flags rather than two loops). Returns false when no pair of the
+/// tile is visible.
 #[inline(always)]
-unsafe fn query_tile<V: SimdVec>(
+unsafe fn grad_tile<V: SimdVec>(
     params: &GradParams<V::Elem>,
     head: &GradHead<'_, V::Elem>,
     rows: &Range<usize>,
     keys: &Range<usize>,
     width: usize,
+    packed: Packed,
     scratch: &mut GradScratch<V::Elem>,
 ) -> bool {
     let kernel = &params.kernel;
     let (depth, value_dim) = (kernel.depth, kernel.value_dim);
-    let tile = keys.len() * width;
+    let along_queries = packed == Packed::Rows;
+    let (lines, score_source, grad_source) = if along_queries {
+        (keys, head.head.k, head.head.v)
+    } else {
+        (rows, head.head.q, head.grad_out)
+    };
+    let tile = lines.len() * width;
     // Every element of the tile is a product's output.
     resize_for_overwrite(&mut scratch.probs, tile);
-    let key_rows = &head.head.k[keys.start * depth..keys.end * depth];
     transposed_scores::<V>(
-        key_rows,
-        keys.len(),
+        &score_source[lines.start * depth..lines.end * depth],
+        lines.len(),
         &scratch.score_operand,
         depth,
         width,
         &mut scratch.probs,
     );
-    let lines = ScoreLines {
-        count: keys.len(),
+    let score_lines = ScoreLines {
+        count: lines.len(),
         len: width,
         stride: width,
-        along_queries: true,
+        along_queries,
     };
-    modify_tile::<V>(kernel, head.head.alibi_slope, rows, keys, lines, scratch);
-    let layout = WeightLayout {
-        row_stride: 1,
-        key_stride: width,
+    modify_tile::<V>(
+        kernel,
+        head.head.alibi_slope,
+        rows,
+        keys,
+        score_lines,
+        scratch,
+    );
+    let layout = if along_queries {
+        WeightLayout {
+            row_stride: 1,
+            key_stride: width,
+        }
+    } else {
+        WeightLayout {
+            row_stride: width,
+            key_stride: 1,
+        }
     };
     if !hide_invisible(
         kernel,
@@ -237,142 +285,54 @@ unsafe fn query_tile<V: SimdVec>(
     ) {
         return false;
     }
-    refill(&mut scratch.sums, width, V::Elem::ZERO);
-    column_exp2::<V>(
-        &mut scratch.probs,
-        keys.len(),
-        width,
-        &scratch.shift,
-        &mut scratch.sums,
-    );
+    if along_queries {
+        refill(&mut scratch.sums, width, V::Elem::ZERO);
+        column_exp2::<V>(
+            &mut scratch.probs,
+            keys.len(),
+            width,
+            &scratch.shift,
+            &mut scratch.sums,
+        );
+    } else {
+        let log2_e = V::Elem::from_f64(std::f64::consts::LOG2_E);
+        let infinity = V::Elem::from_f64(f64::INFINITY);
+        for (probs, row) in scratch.probs.chunks_exact_mut(width).zip(rows.clone()) {
+            // A row that saw no key has no probability anywhere: 2^(s - inf) is 0.
+            let lse = head.lse[row];
+            let shift = if lse == V::Elem::NEG_INFINITY {
+                infinity
+            } else {
+                lse * log2_e
+            };
+            row_exp2::<V>(&mut probs[..keys.len()], shift);
+        }
+    }
     // Every element of the tile is a product's output.
     resize_for_overwrite(&mut scratch.grad_scores, tile);
-    let value_rows = &head.head.v[keys.start * value_dim..keys.end * value_dim];
     transposed_scores::<V>(
-        value_rows,
-        keys.len(),
+        &grad_source[lines.start * value_dim..lines.end * value_dim],
+        lines.len(),
         &scratch.grad_operand,
         value_dim,
         width,
         &mut scratch.grad_scores,
     );
-    for (probs, grads) in scratch
+    let pairs = scratch
         .probs
         .chunks_exact(width)
-        .zip(scratch.grad_scores.chunks_exact_mut(width))
-    {
-        for ((grad, &p), &delta) in grads.iter_mut().zip(probs).zip(&scratch.delta) {
-            *grad = p * (*grad - delta);
-        }
-    }
-    chain_through_cap(kernel, scratch);
-    true
-}
-
-/// Lays out a key pass task's `keys` for its tiles: `Kᵀ` (scaled to base 2) and `Vᵀ`, padded
-/// to `width` columns, in `scratch.score_operand` and `scratch.grad_operand`. Returns `width`.
-fn pack_keys<V: SimdVec>(
-    params: &GradParams<V::Elem>,
-    head: &HeadData<'_, V::Elem>,
-    keys: &Range<usize>,
-    scratch: &mut GradScratch<V::Elem>,
-) -> usize {
-    let kernel = &params.kernel;
-    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
-    let width = round_up(keys.len(), V::LANES);
-    refill(&mut scratch.score_operand, depth * width, V::Elem::ZERO);
-    refill(&mut scratch.grad_operand, value_dim * width, V::Elem::ZERO);
-    for (column, key) in keys.clone().enumerate() {
-        for (d, &x) in head.k[key * depth..(key + 1) * depth].iter().enumerate() {
-            scratch.score_operand[d * width + column] = x * kernel.score_scale;
-        }
-        for (d, &x) in head.v[key * value_dim..(key + 1) * value_dim]
-            .iter()
-            .enumerate()
-        {
-            scratch.grad_operand[d * width + column] = x;
-        }
-    }
-    width
-}
-
-/// `P` and `dS` of query `rows` (read in place) against the packed `keys` (`rows x width`, in
-/// `scratch.probs` and `scratch.grad_scores`). Returns false when no pair is visible.
-#[inline(always)]
-unsafe fn key_tile<V: SimdVec>(
-    params: &GradParams<V::Elem>,
-    head: &GradHead<'_, V::Elem>,
-    rows: &Range<usize>,
-    keys: &Range<usize>,
-    width: usize,
-    scratch: &mut GradScratch<V::Elem>,
-) -> bool {
-    let kernel = &params.kernel;
-    let (depth, value_dim) = (kernel.depth, kernel.value_dim);
-    let tile = rows.len() * width;
-    // Every element of the tile is a product's output.
-    resize_for_overwrite(&mut scratch.probs, tile);
-    transposed_scores::<V>(
-        &head.head.q[rows.start * depth..rows.end * depth],
-        rows.len(),
-        &scratch.score_operand,
-        depth,
-        width,
-        &mut scratch.probs,
-    );
-    let lines = ScoreLines {
-        count: rows.len(),
-        len: width,
-        stride: width,
-        along_queries: false,
-    };
-    modify_tile::<V>(kernel, head.head.alibi_slope, rows, keys, lines, scratch);
-    let layout = WeightLayout {
-        row_stride: width,
-        key_stride: 1,
-    };
-    if !hide_invisible(
-        kernel,
-        &head.head.mask,
-        rows,
-        keys,
-        &mut scratch.probs,
-        layout,
-        &mut scratch.tile,
-    ) {
-        return false;
-    }
-    let log2_e = V::Elem::from_f64(std::f64::consts::LOG2_E);
-    let infinity = V::Elem::from_f64(f64::INFINITY);
-    for (probs, row) in scratch.probs.chunks_exact_mut(width).zip(rows.clone()) {
-        // A row that saw no key has no probability anywhere: 2^(s - inf) is 0.
-        let lse = head.lse[row];
-        let shift = if lse == V::Elem::NEG_INFINITY {
-            infinity
+        .zip(scratch.grad_scores.chunks_exact_mut(width));
+    for (line, (probs, grads)) in pairs.enumerate() {
+        if along_queries {
+            // A line is one key against the packed rows, each with its own D.
+            for ((grad, &p), &delta) in grads.iter_mut().zip(probs).zip(&scratch.delta) {
+                *grad = p * (*grad - delta);
+            }
         } else {
-            lse * log2_e
-        };
-        row_exp2::<V>(&mut probs[..keys.len()], shift);
-    }
-    // Every element of the tile is a product's output.
-    resize_for_overwrite(&mut scratch.grad_scores, tile);
-    transposed_scores::<V>(
-        &head.grad_out[rows.start * value_dim..rows.end * value_dim],
-        rows.len(),
-        &scratch.grad_operand,
-        value_dim,
-        width,
-        &mut scratch.grad_scores,
-    );
-    for ((probs, grads), row) in scratch
-        .probs
-        .chunks_exact(width)
-        .zip(scratch.grad_scores.chunks_exact_mut(width))
-        .zip(rows.clone())
-    {
-        let delta = head.delta[row];
-        for (grad, &p) in grads[..keys.len()].iter_mut().zip(probs) {
-            *grad = p * (*grad - delta);
+            let delta = head.delta[rows.start + line];
+            for (grad, &p) in grads[..keys.len()].iter_mut().zip(probs) {
+                *grad = p * (*grad - delta);
+            }
         }
     }
     chain_through_cap(kernel, scratch);
@@ -411,7 +371,7 @@ pub(crate) unsafe fn key_block_grads<V: SimdVec>(
     let Some(first) = heads.first() else {
         return;
     };
-    let width = pack_keys::<V>(params, &first.head, &keys, scratch);
+    let width = pack_transposed::<V>(&params.kernel, first.head.k, first.head.v, &keys, scratch);
     // dV += Pᵀ·dO and dK += dSᵀ·Q: a key per row, the tile's query rows as the sum.
     let layout = WeightLayout {
         row_stride: 1,
@@ -423,7 +383,7 @@ pub(crate) unsafe fn key_block_grads<V: SimdVec>(
     for (index, head) in heads.iter().enumerate() {
         for start in seeing.clone().step_by(KEY_PASS_QUERIES) {
             let rows = start..(start + KEY_PASS_QUERIES).min(seeing.end);
-            if !key_tile::<V>(params, head, &rows, &keys, width, scratch) {
+            if !grad_tile::<V>(params, head, &rows, &keys, width, Packed::Keys, scratch) {
                 continue;
             }
             accumulate_pv::<V>(
@@ -489,7 +449,7 @@ pub(crate) unsafe fn query_block_grads<V: SimdVec>(
     while block_start < span.end {
         let keys = block_start..(block_start + QUERY_PASS_KEYS).min(span.end);
         block_start = keys.end;
-        if !query_tile::<V>(params, head, &rows, &keys, width, scratch) {
+        if !grad_tile::<V>(params, head, &rows, &keys, width, Packed::Rows, scratch) {
             continue;
         }
         // dQ += dS·K: the tile's keys are the sum.
