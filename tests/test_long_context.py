@@ -13,7 +13,6 @@ NUM_KEYS = 262_144
 RELATIVE_ERROR = 5e-6
 
 
-
 @pytest.fixture(scope="module")
 def long_case():
     """65 queries (a full query block and one more row) against 262,144 keys, D = 16."""
