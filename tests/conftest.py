@@ -1,10 +1,13 @@
 """Shared test helpers: dtype tolerances against the float64 reference, random inputs,
-fixtures that put the engine's global settings back after a test changes them, and the trained
-models (SmolLM2, MiniLM) with the marks that skip a test where their packages are missing."""
+fixtures that put the engine's global settings back after a test changes them, a fresh Python
+process for settings read at import, and the trained models (SmolLM2, MiniLM) with the marks
+that skip a test where their packages are missing."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +134,23 @@ def counting_while(call) -> tuple[int, float, float]:
         counting.join()
         sys.setswitchinterval(switch_interval)
     return during_call, free_rate, call_seconds
+
+
+def run_python(script: str, env: dict[str, str]) -> str:
+    """Runs `script` in a fresh interpreter whose environment is this one's plus `env`, and
+    returns what it printed, stripped. Fails the test, showing the stderr, if it exits non-zero.
+
+    Settings the engine reads once at import (environment variables) need a process of their
+    own to be tested."""
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    return completed.stdout.strip()
 
 
 # --- trained models, where their weights packages are installed ---------------------------------

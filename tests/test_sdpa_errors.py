@@ -7,16 +7,13 @@
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 
 import attnscope
 import numpy as np
 import pytest
 from attnscope import reference
-from conftest import assert_close
+from conftest import assert_close, run_python
 
 sdpa = attnscope.scaled_dot_product_attention
 
@@ -237,12 +234,7 @@ assert attnscope.get_weights_memory_limit() == 1 << 20
 attnscope.scaled_dot_product_attention(q, q, q, return_weights=True)
 print("ok")
 """
-    env = {**os.environ, "ATTNSCOPE_WEIGHTS_LIMIT_BYTES": value}
-    completed = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip() == "ok"
+    assert run_python(script, env={"ATTNSCOPE_WEIGHTS_LIMIT_BYTES": value}) == "ok"
 
 
 @pytest.mark.parametrize(

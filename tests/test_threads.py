@@ -4,8 +4,6 @@ concurrent calls from Python threads, and the GIL being released while the kerne
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +12,7 @@ import attnscope
 import numpy as np
 import pytest
 from attnscope import reference
-from conftest import assert_close, counting_while, random_qkv
+from conftest import assert_close, counting_while, random_qkv, run_python
 
 sdpa = attnscope.scaled_dot_product_attention
 
@@ -90,16 +88,7 @@ def test_results_are_bitwise_identical_for_every_thread_count(restore_num_thread
 def test_environment_variable_sets_the_thread_count_at_import():
     script = "import attnscope; print(attnscope.get_num_threads())"
     for count in ("3", "1"):
-        env = {**os.environ, "ATTNSCOPE_NUM_THREADS": count}
-        completed = subprocess.run(
-            [sys.executable, "-c", script],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
-        assert completed.stdout.strip() == count
+        assert run_python(script, env={"ATTNSCOPE_NUM_THREADS": count}) == count
 
 
 def _varied_calls():
@@ -219,12 +208,7 @@ assert attnscope.get_num_threads() == 2
 attnscope.scaled_dot_product_attention(q, q, q)
 print("ok")
 """
-    env = {**os.environ, "ATTNSCOPE_NUM_THREADS": value}
-    completed = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip() == "ok"
+    assert run_python(script, env={"ATTNSCOPE_NUM_THREADS": value}) == "ok"
 
 
 def test_set_num_threads_has_an_upper_bound(restore_num_threads):
