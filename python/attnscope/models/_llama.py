@@ -143,14 +143,6 @@ class LlamaModel(Model):
             down=w(p + "mlp.down_proj.weight", d, inner),
         )
 
-    @property
-    def num_kv_heads(self) -> int:
-        return self._num_kv_heads
-
-    @property
-    def head_dim(self) -> int:
-        return self._head_dim
-
     # --- the forward pass ------------------------------------------------------------------
 
     def _embeddings(self, ids: np.ndarray) -> np.ndarray:

@@ -100,6 +100,10 @@ class Model:
     hidden_size: int
     vocab_size: int
     max_positions: int
+    # Set only by families whose config can say otherwise (grouped-query attention, a head
+    # width apart from hidden_size / num_heads).
+    _num_kv_heads: int | None = None
+    _head_dim: int | None = None
 
     @property
     def causal(self) -> bool:
@@ -109,11 +113,11 @@ class Model:
     @property
     def num_kv_heads(self) -> int:
         """Key/value heads per layer (fewer than query heads with grouped-query attention)."""
-        return self.num_heads
+        return self.num_heads if self._num_kv_heads is None else self._num_kv_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.hidden_size // self.num_heads if self._head_dim is None else self._head_dim
 
     @property
     def context_length(self) -> int:
