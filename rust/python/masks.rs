@@ -40,9 +40,9 @@ pub(super) fn mask_expr(spec: &Bound<'_, PyTuple>) -> PyResult<crate::MaskExpr> 
     let refuse = || not_a_mask_spec(spec);
     let item = |index: usize| spec.get_item(index).map_err(|_| refuse());
     let size = |index: usize| item(index)?.extract::<usize>().map_err(|_| refuse());
-    let child = |index: usize| -> PyResult<Box<E>> {
+    let child = |index: usize| -> PyResult<std::sync::Arc<E>> {
         let inner = item(index)?;
-        Ok(Box::new(mask_expr(
+        Ok(std::sync::Arc::new(mask_expr(
             inner.cast::<PyTuple>().map_err(|_| refuse())?,
         )?))
     };
