@@ -459,3 +459,9 @@ def test_global_positions_must_be_a_query_or_a_key():
     np.testing.assert_allclose(got, reference.scaled_dot_product_attention(q, k, k, expected))
     with pytest.raises(ValueError, match="position 8"):
         M.global_tokens([8]).to_dense(6, 8)
+
+
+def test_the_limits_are_the_engines():
+    from attnscope._engine import core
+
+    assert (M.MAX_DEPTH, M.MAX_NODES) == (core().MAX_MASK_DEPTH, core().MAX_MASK_NODES)

@@ -6,16 +6,16 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_MASK_DEPTH",
+    "MAX_MASK_NODES",
     "MAX_THREADS",
     "KvCacheCore",
+    "MaskExpr",
     "_panic_for_tests",
     "check_num_threads",
     "force_simd_level",
     "get_num_threads",
     "get_weights_memory_limit",
-    "mask_dense_rows",
-    "mask_layout",
-    "mask_to_dense",
     "multi_head_attention_forward",
     "scaled_dot_product_attention",
     "scaled_dot_product_attention_backward",
@@ -29,7 +29,7 @@ def scaled_dot_product_attention(
     query: npt.NDArray[np.floating[Any]],
     key: npt.NDArray[np.floating[Any]],
     value: npt.NDArray[np.floating[Any]],
-    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
+    attn_mask: npt.NDArray[Any] | MaskExpr | None,
     is_causal: bool | np.bool_,
     scale: float | None,
     enable_gqa: bool | np.bool_,
@@ -48,7 +48,7 @@ def scaled_dot_product_attention_backward(
     value: npt.NDArray[np.floating[Any]],
     out: npt.NDArray[np.floating[Any]],
     lse: npt.NDArray[np.floating[Any]],
-    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
+    attn_mask: npt.NDArray[Any] | MaskExpr | None,
     is_causal: bool | np.bool_,
     scale: float | None,
     enable_gqa: bool | np.bool_,
@@ -61,16 +61,54 @@ def scaled_dot_product_attention_backward(
     npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]], npt.NDArray[np.floating[Any]]
 ]: ...
 
-# Mask expressions: `spec` is the nested tuple an `attnscope.masks.Mask` holds.
-def mask_to_dense(
-    spec: tuple[Any, ...], num_queries: int, num_keys: int
-) -> npt.NDArray[np.bool_]: ...
-def mask_layout(
-    spec: tuple[Any, ...], num_queries: int, num_keys: int, block: int
-) -> tuple[npt.NDArray[np.uint8], int]: ...
-def mask_dense_rows(
-    spec: tuple[Any, ...], num_queries: int, num_keys: int, rows: list[int]
-) -> npt.NDArray[np.bool_]: ...
+# Mask expressions: what an `attnscope.masks.Mask` holds. The arguments arrive checked as ints
+# of the engine's range, int64 arrays and 2-D bool arrays; the patterns' own rules are checked
+# here.
+MAX_MASK_DEPTH: int
+MAX_MASK_NODES: int
+
+@final
+class MaskExpr:
+    """A mask expression in the engine (see `attnscope.masks.Mask`)."""
+
+    @staticmethod
+    def causal(alignment: str) -> MaskExpr: ...
+    @staticmethod
+    def window(left: int | None, right: int | None, alignment: str) -> MaskExpr: ...
+    @staticmethod
+    def prefix_lm(prefix_len: int) -> MaskExpr: ...
+    @staticmethod
+    def document(
+        ids: npt.NDArray[np.int64], kv_ids: npt.NDArray[np.int64] | None = None
+    ) -> MaskExpr: ...
+    @staticmethod
+    def global_tokens(positions: npt.NDArray[np.int64]) -> MaskExpr: ...
+    @staticmethod
+    def sinks(n: int) -> MaskExpr: ...
+    @staticmethod
+    def strided(stride: int) -> MaskExpr: ...
+    @staticmethod
+    def fixed(block: int, summary: int) -> MaskExpr: ...
+    @staticmethod
+    def dilated(window: int, dilation: int) -> MaskExpr: ...
+    @staticmethod
+    def random_blocks(block: int, per_row: int, seed: int) -> MaskExpr: ...
+    @staticmethod
+    def from_array(mask: npt.NDArray[np.bool_]) -> MaskExpr: ...
+    def __and__(self, other: MaskExpr, /) -> MaskExpr: ...
+    def __or__(self, other: MaskExpr, /) -> MaskExpr: ...
+    def __invert__(self) -> MaskExpr: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+    @property
+    def nodes(self) -> int: ...
+    def to_dense(self, num_queries: int, num_keys: int) -> npt.NDArray[np.bool_]: ...
+    def dense_rows(
+        self, num_queries: int, num_keys: int, rows: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.bool_]: ...
+    def layout(
+        self, num_queries: int, num_keys: int, block: int
+    ) -> tuple[npt.NDArray[np.uint8], int]: ...
 
 MAX_THREADS: int
 
@@ -112,7 +150,7 @@ class KvCacheCore:
         window: tuple[int | None, int | None] | None,
         enable_gqa: bool,
         num_threads: int | None,
-        attn_mask: tuple[Any, ...] | None = None,
+        attn_mask: MaskExpr | None = None,
     ) -> npt.NDArray[np.floating[Any]]: ...
     def reset(self) -> None: ...
     def __len__(self) -> int: ...
@@ -149,7 +187,7 @@ def multi_head_attention_forward(
     b_o: npt.NDArray[np.floating[Any]] | None,
     num_heads: int,
     num_kv_heads: int,
-    attn_mask: npt.NDArray[Any] | tuple[Any, ...] | None,
+    attn_mask: npt.NDArray[Any] | MaskExpr | None,
     key_padding_mask: npt.NDArray[np.bool_] | None,
     is_causal: bool,
     need_weights: bool,

@@ -176,7 +176,7 @@ class KVCache:
             None if window is None else check_window(window),
             enable_gqa,
             context_threads(),
-            None if attn_mask is None else attn_mask._spec,
+            None if attn_mask is None else attn_mask._expr,
         )
 
     def reset(self) -> None:

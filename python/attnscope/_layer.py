@@ -207,7 +207,7 @@ class MultiHeadAttention:
             *biases,
             self.num_heads,
             self.num_kv_heads,
-            attn_mask._spec if isinstance(attn_mask, Mask) else attn_mask,
+            attn_mask._expr if isinstance(attn_mask, Mask) else attn_mask,
             padding,
             is_causal,
             need_weights,

@@ -68,7 +68,7 @@ __all__ = [
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
 #: The deepest expression allowed: levels of ``&``, ``|`` and ``~`` nesting, a pattern being
-#: one level. The engine refuses deeper specs too.
+#: one level (the engine's ``MAX_MASK_DEPTH``).
 MAX_DEPTH = 1024
 #: The most patterns and operators one expression may hold (``m = m & m`` doubles it).
 MAX_NODES = 1 << 16
@@ -80,52 +80,18 @@ class Mask:
     """An immutable mask expression. Build it with this module's functions; combine with
     ``&``, ``|`` and ``~``. Two masks are equal when they are the same expression.
 
-    Combining is constant time: the text of :func:`repr` is written only when asked for, and
-    equality and the text are computed without recursion, so no depth allowed here reaches
-    Python's recursion limit. An expression deeper than :data:`MAX_DEPTH` or with more than
-    :data:`MAX_NODES` patterns and operators is refused when it is built."""
+    The expression lives in the engine (``_expr``, an ``attnscope._core.MaskExpr``), which
+    shares the operands of ``&``, ``|`` and ``~`` rather than copying them: combining is
+    constant time, and equality and the text of :func:`repr` are computed without recursion,
+    so no depth allowed here reaches Python's recursion limit. An expression deeper than
+    :data:`MAX_DEPTH` or with more than :data:`MAX_NODES` patterns and operators is refused
+    when it is built."""
 
-    __slots__ = ("_spec", "_text", "_children", "_depth", "_nodes", "_hash")
+    __slots__ = ("_expr",)
 
-    def __init__(self, spec: tuple, text: str):
-        # A pattern: its spec for the engine and its text, both small.
-        for name, value in (
-            ("_spec", spec),
-            ("_text", text),
-            ("_children", ()),
-            ("_depth", 1),
-            ("_nodes", 1),
-            ("_hash", hash(text)),
-        ):
-            object.__setattr__(self, name, value)
-
-    @classmethod
-    def _combine(cls, operator: str, *children: Mask) -> Mask:
-        """``operator`` ("and", "or" or "not") over ``children``, checked against the limits."""
-        depth = 1 + max(child._depth for child in children)
-        if depth > MAX_DEPTH:
-            raise ValueError(
-                f"mask expression would be {depth} levels deep; at most MAX_DEPTH = {MAX_DEPTH} "
-                "levels of & | ~ nesting are allowed (combine patterns as a balanced tree, "
-                "e.g. pairwise, instead of a long chain)"
-            )
-        nodes = 1 + sum(child._nodes for child in children)
-        if nodes > MAX_NODES:
-            raise ValueError(
-                f"mask expression would hold {nodes} patterns and operators; at most "
-                f"MAX_NODES = {MAX_NODES} are allowed"
-            )
-        mask = object.__new__(cls)
-        for name, value in (
-            ("_spec", (operator, *(child._spec for child in children))),
-            ("_text", None),  # written by __repr__ when first asked for
-            ("_children", children),
-            ("_depth", depth),
-            ("_nodes", nodes),
-            ("_hash", hash((operator, *(child._hash for child in children)))),
-        ):
-            object.__setattr__(mask, name, value)
-        return mask
+    def __init__(self, expr):
+        """Wraps the engine's expression `expr`; this module's functions build them."""
+        object.__setattr__(self, "_expr", expr)
 
     def __setattr__(self, name, value):
         raise AttributeError("a mask expression is immutable; combine masks to make a new one")
@@ -134,33 +100,38 @@ class Mask:
         raise AttributeError("a mask expression is immutable")
 
     def __repr__(self) -> str:
-        if self._text is None:
-            object.__setattr__(self, "_text", _expression_text(self))
-        return self._text
+        """Each pattern as the call that builds it, ``&`` and ``|`` in parentheses, ``~`` as a
+        prefix: ``(causal() & ~sinks(4))``."""
+        return repr(self._expr)
 
     def __and__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
-        return Mask._combine("and", self, other)
+        return Mask(self._expr & other._expr)
 
     def __or__(self, other: Mask) -> Mask:
         if not isinstance(other, Mask):
             return NotImplemented
-        return Mask._combine("or", self, other)
+        return Mask(self._expr | other._expr)
 
     def __invert__(self) -> Mask:
-        return Mask._combine("not", self)
+        return Mask(~self._expr)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Mask):
             return NotImplemented
-        return self._hash == other._hash and _same_spec(self._spec, other._spec)
+        return self._expr == other._expr
 
     def __hash__(self) -> int:
-        return self._hash
+        return hash(self._expr)
 
     def __bool__(self):
         raise TypeError("a mask expression has no truth value; use & | ~ to combine masks")
+
+    @property
+    def _nodes(self) -> int:
+        """Patterns and operators in the expression (a shared operand counted each time)."""
+        return self._expr.nodes
 
     def to_dense(self, num_queries: int, num_keys: int) -> np.ndarray:
         """The ``(L, S)`` bool matrix of visible pairs (True = may attend).
@@ -169,19 +140,14 @@ class Mask:
             ValueError: negative sizes, or a pattern that does not fit them (document ids or
                 a ``from_array`` mask of another length).
         """
-        num_queries = _count(num_queries, "num_queries")
-        num_keys = _count(num_keys, "num_keys")
-        return core().mask_to_dense(self._spec, num_queries, num_keys)
+        return self._expr.to_dense(_count(num_queries, "num_queries"), _count(num_keys, "num_keys"))
 
     def dense_rows(self, num_queries: int, num_keys: int, rows) -> np.ndarray:
         """Rows ``rows`` (query indices) of :meth:`to_dense`, without building the rest: a
         sample of a mask too long to hold, ``(len(rows), S)``."""
         num_queries = _count(num_queries, "num_queries")
         num_keys = _count(num_keys, "num_keys")
-        picked = _positions(rows, "rows")
-        if (picked < 0).any():
-            raise ValueError(f"rows must be >= 0, got {int(picked.min())}")
-        return core().mask_dense_rows(self._spec, num_queries, num_keys, picked.tolist())
+        return self._expr.dense_rows(num_queries, num_keys, _positions(rows, "rows"))
 
     def layout(self, num_queries: int, num_keys: int, *, block: int = 64) -> MaskLayout:
         """Which ``block x block`` tiles of the ``(L, S)`` matrix are empty, partial or full,
@@ -192,8 +158,8 @@ class Mask:
         """
         num_queries = _count(num_queries, "num_queries")
         num_keys = _count(num_keys, "num_keys")
-        block = _count(block, "block", minimum=1)
-        states, visible = core().mask_layout(self._spec, num_queries, num_keys, block)
+        block = _count(block, "block")
+        states, visible = self._expr.layout(num_queries, num_keys, block)
         states.setflags(write=False)
         return MaskLayout(states, block, num_queries, num_keys, int(visible))
 
@@ -231,67 +197,14 @@ class MaskLayout:
         }
 
 
-_OPERATOR_SYMBOLS = {"and": " & ", "or": " | "}
-
-
-def _expression_text(mask: Mask) -> str:
-    """The text of an expression, written with an explicit stack (no recursion): each pattern
-    as its constructor call, ``&`` and ``|`` in parentheses, ``~`` as a prefix."""
-    pieces: list[str] = []
-    pending: list[Mask | str] = [mask]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, str):
-            pieces.append(item)
-        elif item._text is not None:
-            pieces.append(item._text)
-        elif item._spec[0] == "not":
-            pending += [item._children[0], "~"]
-        else:
-            left, right = item._children
-            pending += [")", right, _OPERATOR_SYMBOLS[item._spec[0]], left, "("]
-    return "".join(pieces)
-
-
-def _same_spec(a, b) -> bool:
-    """Whether two specs are the same expression, compared with an explicit stack."""
-    pending = [(a, b)]
-    while pending:
-        a, b = pending.pop()
-        if a is b:
-            continue
-        if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-            if not (
-                isinstance(a, np.ndarray)
-                and isinstance(b, np.ndarray)
-                and a.shape == b.shape
-                and bool(np.array_equal(a, b))
-            ):
-                return False
-        elif isinstance(a, tuple) and isinstance(b, tuple):
-            if len(a) != len(b):
-                return False
-            pending.extend(zip(a, b, strict=True))
-        elif type(a) is not type(b) or a != b:
-            return False
-    return True
-
-
-def _count(value, name: str, minimum: int = 0, maximum: int = _LARGEST) -> int:
-    """A whole number (not a bool) from `minimum` to `maximum`."""
-    return whole_number(value, name, low=minimum, high=maximum)
-
-
-def _alignment(alignment) -> bool:
-    """Whether `alignment` is bottom-right."""
-    if alignment not in ("top_left", "bottom_right") or not isinstance(alignment, str):
-        raise ValueError(f"alignment must be 'top_left' or 'bottom_right', got {alignment!r}")
-    return alignment == "bottom_right"
+def _count(value, name: str) -> int:
+    """A whole number within the engine's index range (the patterns check their own bounds)."""
+    return whole_number(value, name, low=0, high=_LARGEST)
 
 
 def _positions(values, name: str) -> np.ndarray:
-    """A read-only 1-D int64 copy of integer `values` (a list, range or integer array); values
-    outside int64 are refused rather than wrapped."""
+    """Integer `values` (a list, range or integer array) as a 1-D int64 array; values outside
+    int64 are refused rather than wrapped. The engine keeps its own copy."""
     if isinstance(values, np.ndarray):
         array = values
         if array.dtype == np.bool_ or not (
@@ -309,16 +222,12 @@ def _positions(values, name: str) -> np.ndarray:
     if array.size and (int(array.max()) > _LARGEST or int(array.min()) < -_LARGEST - 1):
         outside = int(array.max()) if int(array.max()) > _LARGEST else int(array.min())
         raise ValueError(f"{name} must hold values within int64 (<= 2**63 - 1), got {outside}")
-    copy = np.ascontiguousarray(array, dtype=np.int64).copy()
-    copy.setflags(write=False)
-    return copy
+    return np.asarray(array, dtype=np.int64)
 
 
 def causal(alignment: str = "top_left") -> Mask:
     """Key ``j`` is visible to query ``i`` iff ``j <= c(i)`` (the past and the present)."""
-    bottom_right = _alignment(alignment)
-    text = "causal()" if not bottom_right else "causal(alignment='bottom_right')"
-    return Mask(("causal", bottom_right), text)
+    return Mask(core().MaskExpr.causal(alignment))
 
 
 def window(left, right=..., *, alignment: str = "top_left") -> Mask:
@@ -342,17 +251,13 @@ def window(left, right=..., *, alignment: str = "top_left") -> Mask:
             )
         else:
             sides.append(int(side))
-    bottom_right = _alignment(alignment)
-    text = f"window({sides[0]}, {sides[1]}"
-    text += ", alignment='bottom_right')" if bottom_right else ")"
-    return Mask(("window", sides[0], sides[1], bottom_right), text)
+    return Mask(core().MaskExpr.window(sides[0], sides[1], alignment))
 
 
 def prefix_lm(prefix_len: int) -> Mask:
     """Prefix-LM (T5, PaLM): every query sees the first ``prefix_len`` keys (a bidirectional
     prefix) and the keys up to itself: visible iff ``j < prefix_len or j <= i``."""
-    prefix_len = _count(prefix_len, "prefix_len")
-    return Mask(("prefix_lm", prefix_len), f"prefix_lm({prefix_len})")
+    return Mask(core().MaskExpr.prefix_lm(_count(prefix_len, "prefix_len")))
 
 
 def document(ids, kv_ids=None) -> Mask:
@@ -365,9 +270,7 @@ def document(ids, kv_ids=None) -> Mask:
     """
     query_ids = _positions(ids, "ids")
     key_ids = None if kv_ids is None else _positions(kv_ids, "kv_ids")
-    text = f"document({_short(query_ids)}"
-    text += ")" if key_ids is None else f", kv_ids={_short(key_ids)})"
-    return Mask(("document", query_ids, key_ids), text)
+    return Mask(core().MaskExpr.document(query_ids, key_ids))
 
 
 def global_tokens(positions) -> Mask:
@@ -376,46 +279,33 @@ def global_tokens(positions) -> Mask:
 
     Each position must be a query or a key of the call (``< max(L, S)``); one past both is
     refused when the mask is used."""
-    array = _positions(positions, "positions")
-    if (array < 0).any():
-        raise ValueError(f"positions must be >= 0, got {int(array.min())}")
-    unique = np.unique(array)
-    unique.setflags(write=False)
-    return Mask(("global_tokens", unique), f"global_tokens({_short(unique)})")
+    return Mask(core().MaskExpr.global_tokens(_positions(positions, "positions")))
 
 
 def sinks(n: int) -> Mask:
     """Attention sinks (StreamingLLM): the first ``n`` keys are visible to every query:
     visible iff ``j < n``."""
-    n = _count(n, "n")
-    return Mask(("sinks", n), f"sinks({n})")
+    return Mask(core().MaskExpr.sinks(_count(n, "n")))
 
 
 def strided(stride: int) -> Mask:
     """The Sparse Transformer's strided pattern: visible iff ``(i - j) % stride == 0`` (every
     ``stride``-th key counting back from the query). Combine with :func:`causal` and a
     :func:`window` of ``stride`` keys for the paper's strided attention."""
-    stride = _count(stride, "stride", minimum=1)
-    return Mask(("strided", stride), f"strided({stride})")
+    return Mask(core().MaskExpr.strided(_count(stride, "stride")))
 
 
 def fixed(block: int, summary: int = 1) -> Mask:
     """The Sparse Transformer's fixed pattern: queries see their own block of ``block``
     positions, and the last ``summary`` positions of every block act as summaries anyone may
     read: visible iff ``i // block == j // block or j % block >= block - summary``."""
-    block = _count(block, "block", minimum=1)
-    summary = _count(summary, "summary")
-    if summary > block:
-        raise ValueError(f"summary must be <= block ({block}), got {summary}")
-    return Mask(("fixed", block, summary), f"fixed({block}, summary={summary})")
+    return Mask(core().MaskExpr.fixed(_count(block, "block"), _count(summary, "summary")))
 
 
 def dilated(window: int, dilation: int) -> Mask:
     """A dilated sliding window (Longformer): visible iff ``|i - j| <= window`` and
     ``|i - j| % dilation == 0``."""
-    window = _count(window, "window")
-    dilation = _count(dilation, "dilation", minimum=1)
-    return Mask(("dilated", window, dilation), f"dilated({window}, {dilation})")
+    return Mask(core().MaskExpr.dilated(_count(window, "window"), _count(dilation, "dilation")))
 
 
 def random_blocks(block: int, per_row: int, seed: int = 0) -> Mask:
@@ -423,13 +313,10 @@ def random_blocks(block: int, per_row: int, seed: int = 0) -> Mask:
     block sees ``per_row`` distinct key blocks drawn from ``seed`` (all of them when there are
     fewer). The draw depends only on the seed, the query block and the number of key blocks,
     so it is the same on every machine and every call."""
-    block = _count(block, "block", minimum=1)
+    block = _count(block, "block")
     per_row = _count(per_row, "per_row")
-    seed = _count(seed, "seed", maximum=2**64 - 1)
-    return Mask(
-        ("random_blocks", block, per_row, seed),
-        f"random_blocks({block}, {per_row}, seed={seed})",
-    )
+    seed = whole_number(seed, "seed", low=0, high=2**64 - 1)
+    return Mask(core().MaskExpr.random_blocks(block, per_row, seed))
 
 
 def from_array(mask) -> Mask:
@@ -441,14 +328,4 @@ def from_array(mask) -> Mask:
         raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (L, S), got shape {mask.shape}")
-    copy = np.ascontiguousarray(mask).copy()
-    copy.setflags(write=False)
-    return Mask(("array", copy), f"from_array(<{copy.shape[0]}x{copy.shape[1]} bool>)")
-
-
-def _short(values: np.ndarray) -> str:
-    """A list for a repr, cut short when long."""
-    if values.size <= 8:
-        return str(values.tolist())
-    head = ", ".join(str(v) for v in values[:4].tolist())
-    return f"[{head}, ... ({values.size} values)]"
+    return Mask(core().MaskExpr.from_array(mask))

@@ -8,13 +8,18 @@
 //! `to_dense` and `layout` are computed by the same code, so what is taught is what runs.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use crate::bounds::CausalAlignment;
 use crate::error::{shape_str, AttnError};
 
 /// A mask pattern, or a combination of them. Positions are indices into the queries (`i`) and
 /// keys (`j`); `c(i)` is the diagonal of the pattern's alignment.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Operands are shared (`Arc`), so combining two expressions is one new node whatever their
+/// size, and an expression may use one subtree many times. The derived `==` and `Hash` recurse
+/// once per level; [`MaskExpr::same`] compares without recursion.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum MaskExpr {
     /// `j <= c(i)`.
     Causal {
@@ -70,9 +75,9 @@ pub enum MaskExpr {
         cols: usize,
         data: Vec<bool>,
     },
-    And(Box<MaskExpr>, Box<MaskExpr>),
-    Or(Box<MaskExpr>, Box<MaskExpr>),
-    Not(Box<MaskExpr>),
+    And(Arc<MaskExpr>, Arc<MaskExpr>),
+    Or(Arc<MaskExpr>, Arc<MaskExpr>),
+    Not(Arc<MaskExpr>),
 }
 
 /// What a mask does to a tile of (query rows, keys).
@@ -189,8 +194,10 @@ fn first_congruent(from: usize, residue: i64, step: usize) -> usize {
 }
 
 impl MaskExpr {
-    /// Refuses a mask that cannot be evaluated for `L` queries and `S` keys (ids or arrays of
-    /// another length, positions past both lengths).
+    /// Refuses a mask that cannot be evaluated for `L` queries and `S` keys: a pattern that is
+    /// no pattern ([`MaskExpr::check_pattern`]), ids or arrays of another length, positions
+    /// past both lengths, lengths past [`MAX_MASK_LENGTH`], trees deeper than
+    /// [`MAX_MASK_DEPTH`].
     pub fn check(&self, shape: MaskShape) -> Result<(), AttnError> {
         let (l, s) = (shape.num_queries, shape.num_keys);
         for (name, length) in [("L", l), ("S", s)] {
@@ -222,13 +229,46 @@ impl MaskExpr {
             match expr {
                 MaskExpr::And(a, b) | MaskExpr::Or(a, b) => pending.extend([&**a, &**b]),
                 MaskExpr::Not(a) => pending.push(a),
-                leaf => leaf.check_leaf(shape)?,
+                leaf => {
+                    leaf.check_pattern()?;
+                    leaf.check_fit(shape)?;
+                }
             }
         }
         Ok(())
     }
 
-    fn check_leaf(&self, shape: MaskShape) -> Result<(), AttnError> {
+    /// Refuses a pattern whose own arguments make no pattern, whatever the sizes: a stride,
+    /// block or dilation of 0, or a fixed summary wider than its block. The Python bindings
+    /// ask when a pattern is built; [`MaskExpr::check`] asks again for trees built in Rust.
+    pub fn check_pattern(&self) -> Result<(), AttnError> {
+        let at_least_one = |name: &'static str, value: usize| {
+            if value == 0 {
+                Err(AttnError::value(name, "must be >= 1, got 0"))
+            } else {
+                Ok(())
+            }
+        };
+        match self {
+            MaskExpr::Strided { stride } => at_least_one("stride", *stride),
+            MaskExpr::Fixed { block, summary } => {
+                at_least_one("block", *block)?;
+                if summary > block {
+                    return Err(AttnError::value(
+                        "summary",
+                        format!("must be <= block ({block}), got {summary}"),
+                    ));
+                }
+                Ok(())
+            }
+            MaskExpr::Dilated { dilation, .. } => at_least_one("dilation", *dilation),
+            MaskExpr::RandomBlocks { block, .. } => at_least_one("block", *block),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses a pattern that does not fit `L` queries and `S` keys.
+    fn check_fit(&self, shape: MaskShape) -> Result<(), AttnError> {
         let (l, s) = (shape.num_queries, shape.num_keys);
         match self {
             MaskExpr::Document { query_ids, key_ids } => {
@@ -281,37 +321,6 @@ impl MaskExpr {
                     ),
                 ));
             }
-            MaskExpr::And(a, b) | MaskExpr::Or(a, b) => {
-                a.check(shape)?;
-                b.check(shape)?;
-            }
-            MaskExpr::Not(a) => a.check(shape)?,
-            MaskExpr::Strided { stride: 0 } => {
-                return Err(AttnError::value(
-                    "attn_mask",
-                    "strided: stride must be >= 1, got 0",
-                ))
-            }
-            MaskExpr::Fixed { block, summary } if *block == 0 || summary > block => {
-                return Err(AttnError::value(
-                    "attn_mask",
-                    format!(
-                        "fixed: need block >= 1 and summary <= block, got {block} and {summary}"
-                    ),
-                ))
-            }
-            MaskExpr::Dilated { dilation: 0, .. } => {
-                return Err(AttnError::value(
-                    "attn_mask",
-                    "dilated: dilation must be >= 1, got 0",
-                ))
-            }
-            MaskExpr::RandomBlocks { block: 0, .. } => {
-                return Err(AttnError::value(
-                    "attn_mask",
-                    "random_blocks: block must be >= 1, got 0",
-                ))
-            }
             _ => {}
         }
         Ok(())
@@ -332,6 +341,30 @@ impl MaskExpr {
             }
         }
         deepest
+    }
+
+    /// Whether `self` and `other` are the same expression, compared without recursion (pairs
+    /// of operands wait on a stack; a subtree both share is equal without a look).
+    pub fn same(&self, other: &MaskExpr) -> bool {
+        let mut pending = vec![(self, other)];
+        while let Some((a, b)) = pending.pop() {
+            if std::ptr::eq(a, b) {
+                continue;
+            }
+            match (a, b) {
+                (MaskExpr::And(a1, a2), MaskExpr::And(b1, b2))
+                | (MaskExpr::Or(a1, a2), MaskExpr::Or(b1, b2)) => {
+                    pending.extend([(&**a1, &**b1), (&**a2, &**b2)])
+                }
+                (MaskExpr::Not(a1), MaskExpr::Not(b1)) => pending.push((a1, b1)),
+                (MaskExpr::And(..) | MaskExpr::Or(..) | MaskExpr::Not(..), _)
+                | (_, MaskExpr::And(..) | MaskExpr::Or(..) | MaskExpr::Not(..)) => return false,
+                // Two patterns: the derived `==` compares their fields, with nothing to recurse into.
+                (a, b) if a != b => return false,
+                _ => {}
+            }
+        }
+        true
     }
 
     /// Whether query `i` may see key `j`.
@@ -954,16 +987,16 @@ mod tests {
                 seed: 11,
             },
             MaskExpr::And(
-                Box::new(MaskExpr::Causal {
+                Arc::new(MaskExpr::Causal {
                     bottom_right: false,
                 }),
-                Box::new(MaskExpr::Or(
-                    Box::new(MaskExpr::Window {
+                Arc::new(MaskExpr::Or(
+                    Arc::new(MaskExpr::Window {
                         left: Some(4),
                         right: Some(4),
                         bottom_right: false,
                     }),
-                    Box::new(MaskExpr::Not(Box::new(MaskExpr::Sinks { count: 20 }))),
+                    Arc::new(MaskExpr::Not(Arc::new(MaskExpr::Sinks { count: 20 }))),
                 )),
             ),
         ]
@@ -1094,7 +1127,7 @@ mod tests {
             bottom_right: false,
         };
         for _ in 1..depth {
-            expr = MaskExpr::Not(Box::new(expr));
+            expr = MaskExpr::Not(Arc::new(expr));
         }
         expr
     }
@@ -1123,12 +1156,82 @@ mod tests {
         // A left-deep chain of ORs, as `functools.reduce` builds one.
         let mut chain = MaskExpr::Sinks { count: 1 };
         for _ in 0..5000 {
-            chain = MaskExpr::Or(Box::new(chain), Box::new(MaskExpr::Sinks { count: 1 }));
+            chain = MaskExpr::Or(Arc::new(chain), Arc::new(MaskExpr::Sinks { count: 1 }));
         }
         assert_eq!(chain.depth(), 5001);
         assert!(chain.check(shape(4, 4)).is_err());
-        // Dropping a Box chain recurses once per level: keep this one shallow enough to drop.
+        // Dropping an Arc chain recurses once per level: keep this one shallow enough to drop.
         std::mem::forget(chain);
+    }
+
+    /// `same` agrees with the derived `==`, and compares chains far deeper than a recursive
+    /// comparison could walk on a test thread's stack.
+    #[test]
+    fn same_compares_without_recursion() {
+        let all = patterns();
+        for (i, a) in all.iter().enumerate() {
+            for (j, b) in all.iter().enumerate() {
+                assert_eq!(a.same(b), i == j, "{a:?} {b:?}");
+                assert_eq!(a.same(b), a == b, "{a:?} {b:?}");
+            }
+        }
+        let chain = |count| {
+            (0..100_000).fold(MaskExpr::Sinks { count }, |expr, _| {
+                MaskExpr::Not(Arc::new(expr))
+            })
+        };
+        let (first, second, other) = (chain(1), chain(1), chain(2));
+        assert!(first.same(&second) && !first.same(&other));
+        let shared = Arc::new(other);
+        let both = MaskExpr::And(shared.clone(), shared.clone());
+        assert!(both.same(&MaskExpr::And(shared.clone(), shared)));
+        // Dropping an Arc chain recurses once per level: these are too deep to drop.
+        std::mem::forget((first, second, both));
+    }
+
+    /// A pattern whose own arguments make no pattern is refused by name, alone and inside a
+    /// tree.
+    #[test]
+    fn check_pattern_names_the_argument() {
+        let refused = [
+            (MaskExpr::Strided { stride: 0 }, "stride"),
+            (
+                MaskExpr::Fixed {
+                    block: 0,
+                    summary: 0,
+                },
+                "block",
+            ),
+            (
+                MaskExpr::Fixed {
+                    block: 4,
+                    summary: 5,
+                },
+                "summary",
+            ),
+            (
+                MaskExpr::Dilated {
+                    window: 3,
+                    dilation: 0,
+                },
+                "dilation",
+            ),
+            (
+                MaskExpr::RandomBlocks {
+                    block: 0,
+                    per_row: 1,
+                    seed: 0,
+                },
+                "block",
+            ),
+        ];
+        for (expr, name) in refused {
+            let error = expr.check_pattern().unwrap_err().to_string();
+            assert!(error.starts_with(&format!("{name}: must be")), "{error}");
+            let tree = MaskExpr::Or(Arc::new(MaskExpr::Sinks { count: 1 }), Arc::new(expr));
+            assert_eq!(tree.check(shape(4, 4)).unwrap_err().to_string(), error);
+        }
+        assert!(patterns().iter().all(|expr| expr.check_pattern().is_ok()));
     }
 
     /// A layout counts exactly what `to_dense` shows, for every block size, and refuses

@@ -1,13 +1,15 @@
 //! Arrays and plain arguments from Python: dtype tests, borrowing, and the checks shared by
 //! every entry point.
 
+use std::sync::Arc;
+
 use numpy::{PyArrayDyn, PyReadonlyArray, PyReadonlyArrayDyn, PyUntypedArray};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedStr;
-use pyo3::types::{PyBool, PyTuple};
+use pyo3::types::PyBool;
 
-use super::masks::mask_expr;
+use super::masks::PyMask;
 use crate::threads::{check_thread_count, MAX_THREADS};
 use crate::{AttnError, CausalAlignment, Mask};
 
@@ -133,12 +135,17 @@ pub(super) fn scale_value(scale: Option<&Bound<'_, PyAny>>) -> PyResult<Option<f
     scale.extract::<f64>().map(Some).map_err(|_| refused())
 }
 
-pub(super) fn parse_alignment(alignment: &Bound<'_, PyAny>) -> PyResult<CausalAlignment> {
+/// The diagonal's alignment named by `alignment` ("top_left" or "bottom_right"), which the
+/// caller calls `name`.
+pub(super) fn parse_alignment(
+    alignment: &Bound<'_, PyAny>,
+    name: &str,
+) -> PyResult<CausalAlignment> {
     match alignment.extract::<PyBackedStr>().as_deref() {
         Ok("top_left") => Ok(CausalAlignment::TopLeft),
         Ok("bottom_right") => Ok(CausalAlignment::BottomRight),
         _ => Err(PyValueError::new_err(format!(
-            "causal_alignment must be 'top_left' or 'bottom_right', got {}",
+            "{name} must be 'top_left' or 'bottom_right', got {}",
             alignment.repr()?
         ))),
     }
@@ -159,7 +166,7 @@ pub(super) fn thread_count(value: &Bound<'_, PyAny>) -> PyResult<usize> {
 pub(super) enum BorrowedMask<'py, T: numpy::Element> {
     Bool(PyReadonlyArrayDyn<'py, bool>),
     Additive(PyReadonlyArrayDyn<'py, T>),
-    Expr(crate::MaskExpr),
+    Expr(Arc<crate::MaskExpr>),
 }
 
 impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
@@ -169,8 +176,8 @@ impl<'py, T: numpy::Element> BorrowedMask<'py, T> {
         let Some(mask) = mask else {
             return Ok(None);
         };
-        if let Ok(spec) = mask.cast::<PyTuple>() {
-            return Ok(Some(BorrowedMask::Expr(mask_expr(spec)?)));
+        if let Ok(expr) = mask.cast::<PyMask>() {
+            return Ok(Some(BorrowedMask::Expr(expr.get().expr.clone())));
         }
         if let Ok(bools) = mask.extract::<PyReadonlyArrayDyn<'py, bool>>() {
             return Ok(Some(BorrowedMask::Bool(bools)));

@@ -75,7 +75,7 @@ fn call_options(
 ) -> PyResult<AttentionOptions> {
     Ok(AttentionOptions {
         is_causal: flag(is_causal, "is_causal")?,
-        alignment: parse_alignment(causal_alignment)?,
+        alignment: parse_alignment(causal_alignment, "causal_alignment")?,
         window: window.map(|(left, right)| Window { left, right }),
         scale: scale_value(scale)?,
         enable_gqa: flag(enable_gqa, "enable_gqa")?,
@@ -87,8 +87,8 @@ fn call_options(
 /// scaled_dot_product_attention(query, key, value, attn_mask, is_causal, scale, enable_gqa,
 /// causal_alignment, window, return_weights, num_threads, softcap=None, alibi_slopes=None,
 /// return_lse=None) -- every argument is checked here and in the core; the Python wrapper only
-/// turns `window=w` into its two sides, a mask expression into its spec and the slopes into
-/// float64.
+/// turns `window=w` into its two sides, a mask expression into the `MaskExpr` it holds and
+/// the slopes into float64.
 #[pyfunction]
 #[pyo3(signature = (query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_alignment, window, return_weights, num_threads, softcap=None, alibi_slopes=None, return_lse=None))]
 #[expect(

@@ -3,12 +3,11 @@
 use numpy::{IntoPyArray, PyReadonlyArray};
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
 use super::arrays::{borrow_as, flag, scale_value};
 use super::guarded;
 use super::layer::multi_head_attention_forward;
-use super::masks::mask_expr;
+use super::masks::PyMask;
 use crate::element::Element;
 use crate::{Float, Mask, Window};
 
@@ -218,7 +217,7 @@ impl KvCacheCore {
     }
 
     /// Bottom-right causal attention of `q` (batch, H, L, head_dim) over the cache, under a
-    /// mask expression's spec if one is given.
+    /// mask expression if one is given.
     #[pyo3(signature = (q, scale, window, enable_gqa, num_threads, attn_mask=None))]
     #[expect(
         clippy::too_many_arguments,
@@ -232,10 +231,10 @@ impl KvCacheCore {
         window: Option<(Option<usize>, Option<usize>)>,
         enable_gqa: &Bound<'py, PyAny>,
         num_threads: Option<usize>,
-        attn_mask: Option<&Bound<'py, PyTuple>>,
+        attn_mask: Option<&Bound<'py, PyMask>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         guarded(|| {
-            let expr = attn_mask.map(mask_expr).transpose()?;
+            let expr = attn_mask.map(|mask| mask.get().expr.clone());
             let options = crate::CacheAttendOptions {
                 scale: scale_value(scale)?,
                 window: window.map(|(left, right)| Window { left, right }),
@@ -245,8 +244,12 @@ impl KvCacheCore {
             };
             let mut this = Self::borrow_mut(slf)?;
             match this.store {
-                CacheStore::F32(_) => this.cache_attend_typed::<f32>(py, q, options, expr.as_ref()),
-                CacheStore::F64(_) => this.cache_attend_typed::<f64>(py, q, options, expr.as_ref()),
+                CacheStore::F32(_) => {
+                    this.cache_attend_typed::<f32>(py, q, options, expr.as_deref())
+                }
+                CacheStore::F64(_) => {
+                    this.cache_attend_typed::<f64>(py, q, options, expr.as_deref())
+                }
             }
         })
     }
