@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from ._model import Checkpoint, Model, split_heads
-from ._numerics import activation, layer_norm, linear
+from ._model import Checkpoint, Model, split_qkv
+from ._numerics import activation, feed_forward, layer_norm, linear
 
 
 class BertModel(Model):
@@ -88,8 +88,7 @@ class BertModel(Model):
 
     def _layer_attention(self, index, x, n, *, return_weights):
         qkv = linear(x, self._layers[index]["qkv"], self._layers[index]["qkv_bias"])
-        d = self.hidden_size
-        q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads, n) for i in range(3))
+        q, k, v = split_qkv(qkv, self.num_heads, n)
         return self._attend(q, k, v, scale=self._scale, return_weights=return_weights)
 
     def _layer_rest(self, index, x, merged):
@@ -97,7 +96,6 @@ class BertModel(Model):
         attended = linear(merged, layer["out"], layer["out_bias"])
         attended += x
         x = layer_norm(attended, *layer["norm1"], self._eps)
-        hidden = self._act(linear(x, layer["up"], layer["up_bias"]))
-        hidden = linear(hidden, layer["down"], layer["down_bias"])
+        hidden = feed_forward(x, layer, self._act)
         hidden += x
         return layer_norm(hidden, *layer["norm2"], self._eps)

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from ._model import Checkpoint, Model, split_heads
-from ._numerics import activation, layer_norm, linear
+from ._model import Checkpoint, Model, split_qkv
+from ._numerics import activation, feed_forward, layer_norm, linear
 
 
 class GPT2Model(Model):
@@ -75,17 +75,14 @@ class GPT2Model(Model):
         layer = self._layers[index]
         normed = layer_norm(x, *layer["norm1"], self._eps)
         qkv = linear(normed, layer["qkv"], layer["qkv_bias"])
-        d = self.hidden_size
-        q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], self.num_heads, n) for i in range(3))
+        q, k, v = split_qkv(qkv, self.num_heads, n)
         return self._attend(q, k, v, scale=self._scales[index], return_weights=return_weights)
 
     def _layer_rest(self, index, x, merged):
         layer = self._layers[index]
         attended = linear(merged, layer["out"], layer["out_bias"])
         attended += x
-        normed = layer_norm(attended, *layer["norm2"], self._eps)
-        hidden = self._act(linear(normed, layer["up"], layer["up_bias"]))
-        hidden = linear(hidden, layer["down"], layer["down_bias"])
+        hidden = feed_forward(layer_norm(attended, *layer["norm2"], self._eps), layer, self._act)
         hidden += attended
         return hidden
 

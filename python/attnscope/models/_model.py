@@ -485,6 +485,14 @@ def split_heads(x: np.ndarray, num_heads: int, n: int) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(shape).transpose(0, 2, 1, 3))
 
 
+def split_qkv(qkv: np.ndarray, num_heads: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A fused ``[q | k | v]`` projection (batch·n, 3·d) -> q, k and v, each (batch, heads, n,
+    d_head), contiguous."""
+    d = qkv.shape[1] // 3
+    q, k, v = (split_heads(qkv[:, i * d : (i + 1) * d], num_heads, n) for i in range(3))
+    return q, k, v
+
+
 def merge_heads(x: np.ndarray) -> np.ndarray:
     """(batch, heads, n, d_head) -> (batch·n, heads·d_head)."""
     batch, heads, n, d_head = x.shape

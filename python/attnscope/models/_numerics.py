@@ -1,8 +1,10 @@
-"""The NumPy pieces around attention in a transformer block: layer norm and activations."""
+"""The NumPy pieces around attention in a transformer block: layer norm, activations and the
+MLP."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -97,3 +99,9 @@ def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     out = x @ weight
     out += bias
     return out
+
+
+def feed_forward(x: np.ndarray, layer: Mapping[str, np.ndarray], act) -> np.ndarray:
+    """A block's MLP, ``act(x · up + up_bias) · down + down_bias``, from a layer's weights."""
+    hidden = act(linear(x, layer["up"], layer["up_bias"]))
+    return linear(hidden, layer["down"], layer["down_bias"])
