@@ -86,6 +86,11 @@ class Preset:
             64: the extra memory does not grow with heads, the run time does).
         sgemm_size, bandwidth_bytes: sizes of the two limit measurements.
         plan: how long each row is timed.
+        sparse_length: L=S of the sparse-mask cases against attnscope's own equivalents (8
+            heads, head_dim 64).
+        sparse_torch_length: L=S of the sparse-mask cases against torch with a dense bool mask.
+        sparse_peak_length: L=S of the Longformer expression's peak-memory case.
+        score_mods: ``(heads, length, head_dim)`` of the softcap and ALiBi cases.
     """
 
     name: str
@@ -103,74 +108,47 @@ class Preset:
     sgemm_size: int
     bandwidth_bytes: int
     plan: Plan
-    sparse_length: int = 32768
-    sparse_torch_length: int = 8192
-    sparse_peak_length: int = 65536
-    score_mods: tuple[int, int, int] = (8, 4096, 64)
+    sparse_length: int
+    sparse_torch_length: int
+    sparse_peak_length: int
+    score_mods: tuple[int, int, int]
 
 
+# Each Preset field for the three presets, side by side: (full, quick, smoke). "smoke" holds
+# tiny sizes for the test suite: it checks that every row runs and is correct; its times mean
+# nothing.
+_PRESET_NAMES = ("full", "quick", "smoke")
+_PRESET_SIZES = {
+    "dense": (
+        ((8, 4096, 64), (16, 2048, 128)),
+        ((8, 1024, 64), (16, 512, 128)),
+        ((2, 96, 16), (2, 64, 32)),
+    ),
+    "window_length": (16384, 2048, 256),
+    "window": (256, 256, 32),
+    "decode": ((32, 32768, 128), (32, 8192, 128), (4, 512, 32)),
+    "decode_kv_heads": (8, 8, 2),
+    "tiny": ((4, 16, 16), (4, 16, 16), (4, 16, 16)),
+    "scaling_length": (4096, 1024, 128),
+    "peak_length": (65536, 8192, 512),
+    "mha": ((512, 8, 2048), (512, 8, 512), (64, 4, 48)),
+    "backward": ((8, 2048, 64), (8, 512, 64), (2, 96, 16)),
+    "backward_peak_length": (65536, 8192, 512),
+    "sgemm_size": (4096, 2048, 256),
+    "bandwidth_bytes": (2**30, 2**28, 2**24),
+    "plan": (
+        Plan(budget_s=6.0, min_repeats=3, max_repeats=30, min_sample_s=0.05),
+        Plan(budget_s=1.0, min_repeats=3, max_repeats=20, min_sample_s=0.02),
+        Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0, settle_s=0.0),
+    ),
+    "sparse_length": (32768, 4096, 2048),
+    "sparse_torch_length": (8192, 2048, 256),
+    "sparse_peak_length": (65536, 8192, 512),
+    "score_mods": ((8, 4096, 64), (8, 1024, 64), (2, 96, 16)),
+}
 PRESETS = {
-    "full": Preset(
-        name="full",
-        dense=((8, 4096, 64), (16, 2048, 128)),
-        window_length=16384,
-        window=256,
-        decode=(32, 32768, 128),
-        decode_kv_heads=8,
-        tiny=(4, 16, 16),
-        scaling_length=4096,
-        peak_length=65536,
-        mha=(512, 8, 2048),
-        backward=(8, 2048, 64),
-        backward_peak_length=65536,
-        sgemm_size=4096,
-        bandwidth_bytes=2**30,
-        plan=Plan(budget_s=6.0, min_repeats=3, max_repeats=30, min_sample_s=0.05),
-    ),
-    "quick": Preset(
-        name="quick",
-        dense=((8, 1024, 64), (16, 512, 128)),
-        window_length=2048,
-        window=256,
-        decode=(32, 8192, 128),
-        decode_kv_heads=8,
-        tiny=(4, 16, 16),
-        scaling_length=1024,
-        peak_length=8192,
-        mha=(512, 8, 512),
-        backward=(8, 512, 64),
-        backward_peak_length=8192,
-        sgemm_size=2048,
-        bandwidth_bytes=2**28,
-        plan=Plan(budget_s=1.0, min_repeats=3, max_repeats=20, min_sample_s=0.02),
-        sparse_length=4096,
-        sparse_torch_length=2048,
-        sparse_peak_length=8192,
-        score_mods=(8, 1024, 64),
-    ),
-    # Tiny sizes for the test suite: checks that every row runs and is correct; the times mean
-    # nothing.
-    "smoke": Preset(
-        name="smoke",
-        dense=((2, 96, 16), (2, 64, 32)),
-        window_length=256,
-        window=32,
-        decode=(4, 512, 32),
-        decode_kv_heads=2,
-        tiny=(4, 16, 16),
-        scaling_length=128,
-        peak_length=512,
-        mha=(64, 4, 48),
-        backward=(2, 96, 16),
-        backward_peak_length=512,
-        sgemm_size=256,
-        bandwidth_bytes=2**24,
-        plan=Plan(budget_s=0.01, min_repeats=2, max_repeats=2, min_sample_s=0.0, settle_s=0.0),
-        sparse_length=2048,
-        sparse_torch_length=256,
-        sparse_peak_length=512,
-        score_mods=(2, 96, 16),
-    ),
+    name: Preset(name=name, **{field: sizes[i] for field, sizes in _PRESET_SIZES.items()})
+    for i, name in enumerate(_PRESET_NAMES)
 }
 
 # Row groups, in the order they run; --rows picks a subset.
