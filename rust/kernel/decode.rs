@@ -148,62 +148,33 @@ fn prefetch_row<U>(buffer: &StoredRows<'_, U>, row: usize) {
     }
 }
 
-impl RowFormat for StoredRows<'_, f32> {
-    const SCALED: bool = false;
-    type Row = *const f32;
-    fn prefetch(&self, row: usize) {
-        prefetch_row(self, row);
-    }
-    #[inline(always)]
-    fn row(&self, row: usize) -> Self::Row {
-        self.row_ptr(row)
-    }
-    #[inline(always)]
-    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
-        V::load(row.add(col))
-    }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.per_row + col]
-    }
+/// [`RowFormat`] for rows stored as `$elem`, widened to float32 by `V::$load`.
+macro_rules! plain_rows {
+    ($elem:ty, $load:ident) => {
+        impl RowFormat for StoredRows<'_, $elem> {
+            const SCALED: bool = false;
+            type Row = *const $elem;
+            fn prefetch(&self, row: usize) {
+                prefetch_row(self, row);
+            }
+            #[inline(always)]
+            fn row(&self, row: usize) -> Self::Row {
+                self.row_ptr(row)
+            }
+            #[inline(always)]
+            unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
+                V::$load(row.add(col))
+            }
+            fn value(&self, row: usize, col: usize) -> f32 {
+                f32::from(self.data[row * self.per_row + col])
+            }
+        }
+    };
 }
 
-impl RowFormat for StoredRows<'_, bf16> {
-    const SCALED: bool = false;
-    type Row = *const bf16;
-    fn prefetch(&self, row: usize) {
-        prefetch_row(self, row);
-    }
-    #[inline(always)]
-    fn row(&self, row: usize) -> Self::Row {
-        self.row_ptr(row)
-    }
-    #[inline(always)]
-    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
-        V::load_bf16(row.add(col))
-    }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.per_row + col].to_f32()
-    }
-}
-
-impl RowFormat for StoredRows<'_, f16> {
-    const SCALED: bool = false;
-    type Row = *const f16;
-    fn prefetch(&self, row: usize) {
-        prefetch_row(self, row);
-    }
-    #[inline(always)]
-    fn row(&self, row: usize) -> Self::Row {
-        self.row_ptr(row)
-    }
-    #[inline(always)]
-    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
-        V::load_f16(row.add(col))
-    }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.per_row + col].to_f32()
-    }
-}
+plain_rows!(f32, load);
+plain_rows!(bf16, load_bf16);
+plain_rows!(f16, load_f16);
 
 /// int8 rows and their block scales.
 #[derive(Clone, Copy)]
