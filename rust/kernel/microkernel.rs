@@ -14,6 +14,34 @@
 use crate::element::Element;
 use crate::simd::SimdVec;
 
+/// `Σ_k a(r, k) · b[k][c]` for `ROWS` rows of `a` (broadcast) and `COLS` vectors of `b`
+/// columns, `k < depth`: `a(r, k)` is at `a[r * a_layout.row_stride + k * a_layout.key_stride]`
+/// and `b[k][c]` at `b[k * b_stride + c]`. The one register tile of both products.
+#[inline(always)]
+unsafe fn tile_sums<V: SimdVec, const ROWS: usize, const COLS: usize>(
+    a: *const V::Elem,
+    a_layout: WeightLayout,
+    b: *const V::Elem,
+    b_stride: usize,
+    depth: usize,
+) -> [[V; COLS]; ROWS] {
+    let zero = V::splat(V::Elem::ZERO);
+    let mut acc = [[zero; COLS]; ROWS];
+    for k in 0..depth {
+        let mut columns = [zero; COLS];
+        for (col, column) in columns.iter_mut().enumerate() {
+            *column = V::load(b.add(k * b_stride + col * V::LANES));
+        }
+        for (row, acc_row) in acc.iter_mut().enumerate() {
+            let broadcast = V::splat(*a.add(row * a_layout.row_stride + k * a_layout.key_stride));
+            for col in 0..COLS {
+                acc_row[col] = V::mul_add(broadcast, columns[col], acc_row[col]);
+            }
+        }
+    }
+    acc
+}
+
 /// `out[r][c] = Σ_k a[r][k] · b[k][c]` for `ROWS` rows of `a` (broadcast) and `COLS` vectors of
 /// `b` columns: reads `a[r * a_stride + k]`, `b[k * b_stride + c]` for `k < depth`.
 #[inline(always)]
@@ -26,20 +54,11 @@ unsafe fn product_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
     out: *mut V::Elem,
     out_stride: usize,
 ) {
-    let zero = V::splat(V::Elem::ZERO);
-    let mut acc = [[zero; COLS]; ROWS];
-    for k in 0..depth {
-        let mut columns = [zero; COLS];
-        for (col, column) in columns.iter_mut().enumerate() {
-            *column = V::load(b.add(k * b_stride + col * V::LANES));
-        }
-        for (row, acc_row) in acc.iter_mut().enumerate() {
-            let broadcast = V::splat(*a.add(row * a_stride + k));
-            for col in 0..COLS {
-                acc_row[col] = V::mul_add(broadcast, columns[col], acc_row[col]);
-            }
-        }
-    }
+    let a_layout = WeightLayout {
+        row_stride: a_stride,
+        key_stride: 1,
+    };
+    let acc = tile_sums::<V, ROWS, COLS>(a, a_layout, b, b_stride, depth);
     for (row, acc_row) in acc.iter().enumerate() {
         for (col, value) in acc_row.iter().enumerate() {
             value.store(out.add(row * out_stride + col * V::LANES));
@@ -244,20 +263,7 @@ unsafe fn pv_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
     acc: *mut V::Elem,
     acc_stride: usize,
 ) {
-    let zero = V::splat(V::Elem::ZERO);
-    let mut sums = [[zero; COLS]; ROWS];
-    for key in 0..num_keys {
-        let mut values = [zero; COLS];
-        for (col, value) in values.iter_mut().enumerate() {
-            *value = V::load(v.add(key * v_stride + col * V::LANES));
-        }
-        for (row, sums_row) in sums.iter_mut().enumerate() {
-            let weight = V::splat(*p.add(row * layout.row_stride + key * layout.key_stride));
-            for col in 0..COLS {
-                sums_row[col] = V::mul_add(weight, values[col], sums_row[col]);
-            }
-        }
-    }
+    let sums = tile_sums::<V, ROWS, COLS>(p, layout, v, v_stride, num_keys);
     for (row, sums_row) in sums.iter().enumerate() {
         for (col, sum) in sums_row.iter().enumerate() {
             let cell = acc.add(row * acc_stride + col * V::LANES);
