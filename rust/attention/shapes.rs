@@ -4,7 +4,7 @@
 use crate::attention::{AttentionOptions, Mask, ScoreMods};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
-use crate::kernel::score_scale;
+use crate::kernel::{score_scale, MaskCells};
 use crate::limits::weights_memory_limit;
 use crate::masks::MaskShape;
 
@@ -279,6 +279,16 @@ impl MaskPlan {
             remaining /= dim;
         }
         offset
+    }
+
+    /// The cells of `data` for the head whose element (query 0, key 0) is at `base`.
+    pub(crate) fn cells<'a, M>(&self, data: &'a [M], base: usize) -> MaskCells<'a, M> {
+        MaskCells {
+            data,
+            base,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
     }
 }
 
