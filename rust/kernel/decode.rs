@@ -12,7 +12,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::bounds::Bounds;
-use crate::kernel::dispatch::at_level;
+use crate::kernel::dispatch::dispatched;
 use crate::kernel::microkernel::{row_exp2, row_max, scale_row};
 use crate::kernel::SoftmaxState;
 use crate::simd::portable::{exp2_f32, PortableF32};
@@ -699,70 +699,26 @@ use crate::simd::neon::NeonF32;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{avx2::Avx2F32, avx512::Avx512F32};
 
-/// The online softmax of kv head `head`'s rows `rows` over keys `key_range`, at `level`, into
-/// `state` (emptied first).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one block's inputs and its state, passed through"
-)]
-pub(crate) fn decode_block<F: RowFormat>(
-    level: SimdLevel,
-    call: &DecodeCall<'_>,
-    keys: &F,
-    values: &F,
-    head: usize,
-    rows: Range<usize>,
-    key_range: Range<usize>,
-    state: &mut SoftmaxState<f32>,
-) {
-    at_level!(
-        level,
-        PortableF32,
-        Avx2F32,
-        Avx512F32,
-        NeonF32,
-        decode_block_at<F: RowFormat>(
-            call: &DecodeCall<'_>,
-            keys: &F,
-            values: &F,
-            head: usize,
-            rows: Range<usize>,
-            key_range: Range<usize>,
-            state: &mut SoftmaxState<f32>
-        )
+dispatched!(
+    PortableF32, Avx2F32, Avx512F32, NeonF32;
+    /// The online softmax of kv head `head`'s rows `rows` over keys `key_range`, at `level`,
+    /// into `state` (emptied first).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one block's inputs and its state, passed through"
+    )]
+    pub(crate) decode_block<F: RowFormat> => decode_block_at(
+        call: &DecodeCall<'_>, keys: &F, values: &F, head: usize, rows: Range<usize>,
+        key_range: Range<usize>, state: &mut SoftmaxState<f32>,
+    );
+    /// [`decode_weights_at`] at `level`: row `row` of kv head `head`, from its merged `max`
+    /// and `sum`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one row's inputs and its weights, passed through"
+    )]
+    pub(crate) decode_weights<F: RowFormat> => decode_weights_at(
+        call: &DecodeCall<'_>, keys: &F, head: usize, row: usize, max: f32, sum: f32,
+        weights: &mut [f32],
     )
-}
-
-/// [`decode_weights_at`] at `level`: row `row` of kv head `head`, from its merged `max` and
-/// `sum`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one row's inputs and its weights, passed through"
-)]
-pub(crate) fn decode_weights<F: RowFormat>(
-    level: SimdLevel,
-    call: &DecodeCall<'_>,
-    keys: &F,
-    head: usize,
-    row: usize,
-    max: f32,
-    sum: f32,
-    weights: &mut [f32],
-) {
-    at_level!(
-        level,
-        PortableF32,
-        Avx2F32,
-        Avx512F32,
-        NeonF32,
-        decode_weights_at<F: RowFormat>(
-            call: &DecodeCall<'_>,
-            keys: &F,
-            head: usize,
-            row: usize,
-            max: f32,
-            sum: f32,
-            weights: &mut [f32]
-        )
-    )
-}
+);
