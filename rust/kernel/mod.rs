@@ -596,29 +596,8 @@ unsafe fn block_scores<V: SimdVec>(
             scores,
         );
     }
-    modify_scores::<V>(params, head, rows, keys, queries, scores, layout, tile);
-    let mask = if coverage == MaskCoverage::Neutral {
-        &MaskRows::None
-    } else {
-        &head.mask
-    };
-    apply_visibility(params, mask, rows, keys, scores, layout, tile)
-}
-
-/// Softcapping then ALiBi on a block's scores, before any mask (the order of a score's life).
-#[inline(always)]
-#[expect(clippy::too_many_arguments)]
-unsafe fn modify_scores<V: SimdVec>(
-    params: &KernelParams<V::Elem>,
-    head: &HeadData<'_, V::Elem>,
-    rows: &Range<usize>,
-    keys: &Range<usize>,
-    queries: &PackedQueries<'_, V::Elem>,
-    scores: &mut [V::Elem],
-    layout: WeightLayout,
-    tile: &mut TileScratch<V::Elem>,
-) {
-    // The score lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
+    // Softcapping then ALiBi, before any mask (the order of a score's life), along the score
+    // lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
     let lines = if queries.by_dot {
         ScoreLines {
             count: rows.len(),
@@ -635,6 +614,12 @@ unsafe fn modify_scores<V: SimdVec>(
         }
     };
     modify_score_lines::<V>(params, head.alibi_slope, rows, keys, lines, scores, tile);
+    let mask = if coverage == MaskCoverage::Neutral {
+        &MaskRows::None
+    } else {
+        &head.mask
+    };
+    apply_visibility(params, mask, rows, keys, scores, layout, tile)
 }
 
 /// How a block's scores lie: `count` lines of `len` values, `stride` apart, each one key's
