@@ -25,7 +25,7 @@ use crate::attention::{attention_over_strided_kv, StridedKv};
 use crate::attention::{Attention, AttentionOptions, Mask};
 use crate::bounds::Window;
 use crate::bounds::{Bounds, CausalAlignment};
-use crate::cache::storage::{HeadRowsMut, RowBuffer, Rows, Storage};
+use crate::cache::storage::{HeadRowsMut, Relocation, RowBuffer, Rows, Storage};
 use crate::error::shape_str;
 use crate::error::AttnError;
 use crate::kernel::decode::{DecodeCall, Int8Rows, RowFormat, StoredRows};
@@ -377,14 +377,14 @@ impl<T: KernelElement> KvCache<T> {
 
     /// Moves the held rows into new buffers of `rows` rows per head, starting at row 0.
     fn relocate(&mut self, rows: usize) -> Result<(), AttnError> {
-        let heads = self.batch * self.kv_heads;
-        let held = self.first_row..self.first_row + self.len;
-        let keys = self
-            .keys
-            .relocated(heads, self.row_capacity, rows, held.clone())?;
-        let values = self
-            .values
-            .relocated(heads, self.row_capacity, rows, held)?;
+        let relocation = Relocation {
+            heads: self.batch * self.kv_heads,
+            capacity: self.row_capacity,
+            new_capacity: rows,
+            held: self.first_row..self.first_row + self.len,
+        };
+        let keys = self.keys.relocated(&relocation)?;
+        let values = self.values.relocated(&relocation)?;
         self.keys = keys;
         self.values = values;
         self.row_capacity = rows;
