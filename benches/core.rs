@@ -23,12 +23,12 @@ fn filled<T: Float>(shape: [usize; 4], seed: u64) -> ArrayD<T> {
     .into_dyn()
 }
 
-/// One SDPA row: `(B, H, L, D)` queries against `(B, Hkv, S, D)` keys and values.
+/// One SDPA row: `(B, H, L, D)` queries against `(B, Hkv, S, D)` keys and values, given as
+/// `[B, H, Hkv, L, S, D]`.
 fn sdpa_row(
     criterion: &mut Criterion,
     name: &str,
-    (batch, heads, kv_heads): (usize, usize, usize),
-    (length, keys, depth): (usize, usize, usize),
+    [batch, heads, kv_heads, length, keys, depth]: [usize; 6],
     options: AttentionOptions,
 ) {
     let query = filled::<f32>([batch, heads, length, depth], 1);
@@ -56,42 +56,36 @@ fn attention(criterion: &mut Criterion) {
         is_causal: true,
         ..Default::default()
     };
-    sdpa_row(
-        criterion,
-        "tiny B1 H4 L=S=16 D16",
-        (1, 4, 4),
-        (16, 16, 16),
-        Default::default(),
-    );
-    sdpa_row(
-        criterion,
-        "causal B1 H8 L=S=2048 D64",
-        (1, 8, 8),
-        (2048, 2048, 64),
-        causal,
-    );
     let window = AttentionOptions {
         window: Some(Window::symmetric(256)),
         ..causal
     };
-    sdpa_row(
-        criterion,
-        "window 256 B1 H8 L=S=4096 D64",
-        (1, 8, 8),
-        (4096, 4096, 64),
-        window,
-    );
     let weights = AttentionOptions {
         return_weights: true,
         ..Default::default()
     };
-    sdpa_row(
-        criterion,
-        "weights B1 H4 L=S=512 D64",
-        (1, 4, 4),
-        (512, 512, 64),
-        weights,
-    );
+    let plain = AttentionOptions::default();
+    let rows = [
+        ("tiny B1 H4 L=S=16 D16", [1, 4, 4, 16, 16, 16], plain),
+        (
+            "causal B1 H8 L=S=2048 D64",
+            [1, 8, 8, 2048, 2048, 64],
+            causal,
+        ),
+        (
+            "window 256 B1 H8 L=S=4096 D64",
+            [1, 8, 8, 4096, 4096, 64],
+            window,
+        ),
+        (
+            "weights B1 H4 L=S=512 D64",
+            [1, 4, 4, 512, 512, 64],
+            weights,
+        ),
+    ];
+    for (name, dims, options) in rows {
+        sdpa_row(criterion, name, dims, options);
+    }
 }
 
 fn decode(criterion: &mut Criterion) {

@@ -143,6 +143,11 @@ mod tests {
             .collect()
     }
 
+    /// A window of `left` keys before the diagonal and `right` after it.
+    fn sides(left: Option<usize>, right: Option<usize>) -> Window {
+        Window { left, right }
+    }
+
     #[test]
     fn causal_top_left_and_bottom_right() {
         let top = Bounds::new(3, 5, true, CausalAlignment::TopLeft, None);
@@ -160,52 +165,24 @@ mod tests {
 
     #[test]
     fn window_sides() {
-        let window = Bounds::new(
-            10,
-            10,
-            false,
-            CausalAlignment::TopLeft,
-            Some(Window::symmetric(3)),
-        );
+        // `n` queries and keys, top-left aligned, in a window.
+        let square = |n, is_causal, window| {
+            Bounds::new(n, n, is_causal, CausalAlignment::TopLeft, Some(window))
+        };
+        let window = square(10, false, Window::symmetric(3));
         assert_eq!(window.row_keys(0), 0..3);
         assert_eq!(window.row_keys(5), 3..8);
         assert_eq!(window.row_keys(9), 7..10);
-        let causal_window = Bounds::new(
-            10,
-            10,
-            true,
-            CausalAlignment::TopLeft,
-            Some(Window {
-                left: Some(2),
-                right: None,
-            }),
-        );
+        let causal_window = square(10, true, sides(Some(2), None));
         assert_eq!(causal_window.row_keys(5), 3..6);
-        let huge = Bounds::new(
-            4,
-            4,
-            false,
-            CausalAlignment::TopLeft,
-            Some(Window {
-                left: Some(usize::MAX),
-                right: Some(0),
-            }),
-        );
+        let huge = square(4, false, sides(Some(usize::MAX), Some(0)));
         assert_eq!(huge.row_keys(3), 0..4);
     }
 
     #[test]
     fn block_classification_matches_rows() {
-        let bounds = Bounds::new(
-            20,
-            30,
-            true,
-            CausalAlignment::BottomRight,
-            Some(Window {
-                left: Some(7),
-                right: None,
-            }),
-        );
+        let window = Some(sides(Some(7), None));
+        let bounds = Bounds::new(20, 30, true, CausalAlignment::BottomRight, window);
         let rows = 4..9;
         let span = bounds.block_keys(&rows);
         for row in rows.clone() {
@@ -229,18 +206,9 @@ mod tests {
         let windows = [
             None,
             Some(Window::symmetric(3)),
-            Some(Window {
-                left: Some(4),
-                right: None,
-            }),
-            Some(Window {
-                left: None,
-                right: Some(2),
-            }),
-            Some(Window {
-                left: Some(0),
-                right: Some(0),
-            }),
+            Some(sides(Some(4), None)),
+            Some(sides(None, Some(2))),
+            Some(sides(Some(0), Some(0))),
         ];
         for (num_queries, num_keys) in [(12, 12), (5, 17), (17, 5), (1, 9), (9, 1)] {
             for causal in [false, true] {

@@ -147,17 +147,7 @@ pub fn scaled_dot_product_attention_with_mods<T: KernelElement>(
     options: &AttentionOptions,
     mods: &ScoreMods<'_>,
 ) -> Result<Attention<T>, AttnError> {
-    attend_arrays(
-        active_level(),
-        query,
-        key,
-        value,
-        mask,
-        options,
-        mods,
-        false,
-    )
-    .map(|(attention, _)| attention)
+    attention_with_mods_at_level(active_level(), query, key, value, mask, options, mods)
 }
 
 /// [`scaled_dot_product_attention`] at a given instruction set (tests cover each one).
@@ -169,15 +159,8 @@ pub(crate) fn attention_at_level<T: KernelElement>(
     mask: Mask<'_, T>,
     options: &AttentionOptions,
 ) -> Result<Attention<T>, AttnError> {
-    attention_with_mods_at_level(
-        level,
-        query,
-        key,
-        value,
-        mask,
-        options,
-        &ScoreMods::default(),
-    )
+    let mods = ScoreMods::default();
+    attention_with_mods_at_level(level, query, key, value, mask, options, &mods)
 }
 
 /// [`attention_at_level`] with softcapping and/or ALiBi.

@@ -205,20 +205,9 @@ impl<T: KernelElement> CallData<'_, T> {
             },
             Some((plan, elements)) => {
                 let base = plan.base(geometry, batch, query_head);
-                let (row_stride, col_stride) = (plan.row_stride, plan.col_stride);
                 match *elements {
-                    MaskElements::Bool(data) => MaskRows::Bool {
-                        data,
-                        base,
-                        row_stride,
-                        col_stride,
-                    },
-                    MaskElements::Additive(data) => MaskRows::Additive {
-                        data,
-                        base,
-                        row_stride,
-                        col_stride,
-                    },
+                    MaskElements::Bool(data) => MaskRows::Bool(plan.cells(data, base)),
+                    MaskElements::Additive(data) => MaskRows::Additive(plan.cells(data, base)),
                 }
             }
         };

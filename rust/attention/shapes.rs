@@ -4,7 +4,7 @@
 use crate::attention::{AttentionOptions, Mask, ScoreMods};
 use crate::element::Element;
 use crate::error::{shape_str, AttnError};
-use crate::kernel::score_scale;
+use crate::kernel::{score_scale, MaskCells};
 use crate::limits::weights_memory_limit;
 use crate::masks::MaskShape;
 
@@ -84,31 +84,18 @@ impl Shapes<'_> {
     fn check_sizes(&self) -> Result<(), AttnError> {
         let rank = self.query.len();
         let (query, key, value) = (self.query, self.key, self.value);
-        let mismatch = |name, what: &str, other: &str, got: usize, expected: usize| {
-            AttnError::shape(
-                name,
-                format!("{what} is {got} but {other} is {expected} {}", self.all()),
-            )
-        };
-        if key[rank - 1] != query[rank - 1] {
-            let what = "head dim D (last axis)";
-            return Err(mismatch(
-                "key",
-                what,
-                "query's",
-                key[rank - 1],
-                query[rank - 1],
-            ));
-        }
-        if value[rank - 2] != key[rank - 2] {
-            let what = "length S (axis -2)";
-            return Err(mismatch(
-                "value",
-                what,
-                "key's",
-                value[rank - 2],
-                key[rank - 2],
-            ));
+        let checks = [
+            ("key", key, "head dim D (last axis)", "query's", query, 1),
+            ("value", value, "length S (axis -2)", "key's", key, 2),
+        ];
+        for (name, shape, what, other, expected, axis) in checks {
+            let (got, expected) = (shape[rank - axis], expected[rank - axis]);
+            if got != expected {
+                return Err(AttnError::shape(
+                    name,
+                    format!("{what} is {got} but {other} is {expected} {}", self.all()),
+                ));
+            }
         }
         if rank >= 3 && value[rank - 3] != key[rank - 3] {
             return Err(AttnError::shape(
@@ -279,6 +266,16 @@ impl MaskPlan {
             remaining /= dim;
         }
         offset
+    }
+
+    /// The cells of `data` for the head whose element (query 0, key 0) is at `base`.
+    pub(crate) fn cells<'a, M>(&self, data: &'a [M], base: usize) -> MaskCells<'a, M> {
+        MaskCells {
+            data,
+            base,
+            row_stride: self.row_stride,
+            col_stride: self.col_stride,
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use crate::attention::{attention_over_strided_kv, StridedKv};
 use crate::attention::{Attention, AttentionOptions, Mask};
 use crate::bounds::Window;
 use crate::bounds::{Bounds, CausalAlignment};
-use crate::cache::storage::{HeadRowsMut, RowBuffer, Rows, Storage};
+use crate::cache::storage::{HeadRowsMut, Relocation, RowBuffer, Rows, Storage};
 use crate::error::shape_str;
 use crate::error::AttnError;
 use crate::kernel::decode::{DecodeCall, Int8Rows, RowFormat, StoredRows};
@@ -377,14 +377,14 @@ impl<T: KernelElement> KvCache<T> {
 
     /// Moves the held rows into new buffers of `rows` rows per head, starting at row 0.
     fn relocate(&mut self, rows: usize) -> Result<(), AttnError> {
-        let heads = self.batch * self.kv_heads;
-        let held = self.first_row..self.first_row + self.len;
-        let keys = self
-            .keys
-            .relocated(heads, self.row_capacity, rows, held.clone())?;
-        let values = self
-            .values
-            .relocated(heads, self.row_capacity, rows, held)?;
+        let relocation = Relocation {
+            heads: self.batch * self.kv_heads,
+            capacity: self.row_capacity,
+            new_capacity: rows,
+            held: self.first_row..self.first_row + self.len,
+        };
+        let keys = self.keys.relocated(&relocation)?;
+        let values = self.values.relocated(&relocation)?;
         self.keys = keys;
         self.values = values;
         self.row_capacity = rows;
@@ -672,6 +672,20 @@ mod tests {
         })
     }
 
+    /// Appends `keys` and `values` to `cache` ten tokens at a time.
+    fn append_in_chunks(cache: &mut KvCache<f32>, keys: &Array4<f32>, values: &Array4<f32>) {
+        for start in (0..keys.len_of(Axis(2))).step_by(10) {
+            let range = start..start + 10;
+            cache
+                .append(
+                    keys.slice(s![.., .., range.clone(), ..]),
+                    values.slice(s![.., .., range, ..]),
+                    None,
+                )
+                .unwrap();
+        }
+    }
+
     #[test]
     fn appends_grow_and_keep_what_was_held() {
         let mut cache = KvCache::<f32>::new(2, 3, 2, 1).unwrap();
@@ -777,16 +791,7 @@ mod tests {
             let mut cache = KvCache::<f32>::new(2, 8, 1, 3).unwrap();
             let keys = ramp([1, 2, 40, 8], 1.0);
             let values = ramp([1, 2, 40, 8], 2.0);
-            for step in 0..4 {
-                let range = step * 10..(step + 1) * 10;
-                cache
-                    .append(
-                        keys.slice(s![.., .., range.clone(), ..]),
-                        values.slice(s![.., .., range, ..]),
-                        None,
-                    )
-                    .unwrap();
-            }
+            append_in_chunks(&mut cache, &keys, &values);
             let query = ramp([1, 6, queries, 8], 3.0).into_dyn();
             let options = CacheAttendOptions {
                 window,
@@ -898,16 +903,7 @@ mod tests {
             Storage::Int8,
         ] {
             let mut cache = KvCache::<f32>::with_storage(2, 40, 2, 0, storage, None).unwrap();
-            for step in 0..7 {
-                let range = step * 10..(step + 1) * 10;
-                cache
-                    .append(
-                        keys.slice(s![.., .., range.clone(), ..]),
-                        values.slice(s![.., .., range, ..]),
-                        None,
-                    )
-                    .unwrap();
-            }
+            append_in_chunks(&mut cache, &keys, &values);
             for (queries, window) in [(1, None), (5, None), (3, Some(Window::symmetric(9)))] {
                 let query = ramp([2, 6, queries, 40], 3.0).into_dyn();
                 let options = CacheAttendOptions {

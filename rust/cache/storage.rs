@@ -151,6 +151,15 @@ impl<U> RowBuffer<U> {
     }
 }
 
+/// A move of every head's rows into new buffers: from `capacity` rows per head to
+/// `new_capacity`, rows `held` of each head going to its start.
+pub(crate) struct Relocation {
+    pub heads: usize,
+    pub capacity: usize,
+    pub new_capacity: usize,
+    pub held: std::ops::Range<usize>,
+}
+
 impl<U: Copy + Zeroable> RowBuffer<U> {
     /// `rows` zeroed rows of `per_row` units, left untouched until rows are written into them.
     fn new(rows: usize, per_row: usize) -> Result<Self, AttnError> {
@@ -162,14 +171,14 @@ impl<U: Copy + Zeroable> RowBuffer<U> {
         Ok(RowBuffer { data, per_row })
     }
 
-    /// A copy with `new_capacity` rows per head, holding rows `held` of each head at its start.
-    fn relocated(
-        &self,
-        heads: usize,
-        capacity: usize,
-        new_capacity: usize,
-        held: std::ops::Range<usize>,
-    ) -> Result<Self, AttnError> {
+    /// A copy laid out as `relocation` asks.
+    fn relocated(&self, relocation: &Relocation) -> Result<Self, AttnError> {
+        let Relocation {
+            heads,
+            capacity,
+            new_capacity,
+            ref held,
+        } = *relocation;
         let rows = heads.checked_mul(new_capacity).ok_or_else(|| {
             AttnError::value(
                 "capacity",
@@ -298,27 +307,15 @@ impl<T: Element> Rows<T> {
         })
     }
 
-    /// A copy with `new_capacity` rows per head holding rows `held` of each head first.
-    pub fn relocated(
-        &self,
-        heads: usize,
-        capacity: usize,
-        new_capacity: usize,
-        held: std::ops::Range<usize>,
-    ) -> Result<Self, AttnError> {
+    /// A copy laid out as `relocation` asks.
+    pub fn relocated(&self, relocation: &Relocation) -> Result<Self, AttnError> {
         Ok(match self {
-            Rows::Native(buffer) => {
-                Rows::Native(buffer.relocated(heads, capacity, new_capacity, held)?)
-            }
-            Rows::BFloat16(buffer) => {
-                Rows::BFloat16(buffer.relocated(heads, capacity, new_capacity, held)?)
-            }
-            Rows::Float16(buffer) => {
-                Rows::Float16(buffer.relocated(heads, capacity, new_capacity, held)?)
-            }
+            Rows::Native(buffer) => Rows::Native(buffer.relocated(relocation)?),
+            Rows::BFloat16(buffer) => Rows::BFloat16(buffer.relocated(relocation)?),
+            Rows::Float16(buffer) => Rows::Float16(buffer.relocated(relocation)?),
             Rows::Int8 { values, scales } => Rows::Int8 {
-                values: values.relocated(heads, capacity, new_capacity, held.clone())?,
-                scales: scales.relocated(heads, capacity, new_capacity, held)?,
+                values: values.relocated(relocation)?,
+                scales: scales.relocated(relocation)?,
             },
         })
     }

@@ -179,17 +179,16 @@ fn pack_rows<V: SimdVec>(
     width
 }
 
-/// Hides the scores of `rows` against `keys` that the rules or the mask exclude (the one door
-/// through which visibility enters the backward pass). Returns false when the mask hides the
-/// whole block, whose scores are then left unset.
+/// Hides the scores of `rows` against `keys` in `scratch.probs` (at `layout`) that the rules
+/// or the mask exclude (the one door through which visibility enters the backward pass).
+/// Returns false when the mask hides the whole block, whose scores are then left unset.
 fn hide_invisible<T: Element>(
     params: &KernelParams<T>,
     mask: &MaskRows<'_, T>,
     rows: &Range<usize>,
     keys: &Range<usize>,
-    scores: &mut [T],
     layout: WeightLayout,
-    tile: &mut TileScratch<T>,
+    scratch: &mut GradScratch<T>,
 ) -> bool {
     // The whole tile is recomputed, so a partial tile's narrower key hull is not needed.
     let (coverage, _) = mask_coverage(mask, rows, keys);
@@ -201,6 +200,7 @@ fn hide_invisible<T: Element>(
     } else {
         mask
     };
+    let (scores, tile) = (&mut scratch.probs, &mut scratch.tile);
     apply_visibility(params, mask, rows, keys, scores, layout, tile);
     true
 }
@@ -274,15 +274,7 @@ unsafe fn grad_tile<V: SimdVec>(
             key_stride: 1,
         }
     };
-    if !hide_invisible(
-        kernel,
-        &head.head.mask,
-        rows,
-        keys,
-        &mut scratch.probs,
-        layout,
-        &mut scratch.tile,
-    ) {
+    if !hide_invisible(kernel, &head.head.mask, rows, keys, layout, scratch) {
         return false;
     }
     if along_queries {

@@ -12,7 +12,7 @@ use std::ops::Range;
 use half::{bf16, f16};
 
 use crate::bounds::Bounds;
-use crate::kernel::dispatch::at_level;
+use crate::kernel::dispatch::dispatched;
 use crate::kernel::microkernel::{row_exp2, row_max, scale_row};
 use crate::kernel::SoftmaxState;
 use crate::simd::portable::{exp2_f32, PortableF32};
@@ -148,62 +148,33 @@ fn prefetch_row<U>(buffer: &StoredRows<'_, U>, row: usize) {
     }
 }
 
-impl RowFormat for StoredRows<'_, f32> {
-    const SCALED: bool = false;
-    type Row = *const f32;
-    fn prefetch(&self, row: usize) {
-        prefetch_row(self, row);
-    }
-    #[inline(always)]
-    fn row(&self, row: usize) -> Self::Row {
-        self.row_ptr(row)
-    }
-    #[inline(always)]
-    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
-        V::load(row.add(col))
-    }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.per_row + col]
-    }
+/// [`RowFormat`] for rows stored as `$elem`, widened to float32 by `V::$load`.
+macro_rules! plain_rows {
+    ($elem:ty, $load:ident) => {
+        impl RowFormat for StoredRows<'_, $elem> {
+            const SCALED: bool = false;
+            type Row = *const $elem;
+            fn prefetch(&self, row: usize) {
+                prefetch_row(self, row);
+            }
+            #[inline(always)]
+            fn row(&self, row: usize) -> Self::Row {
+                self.row_ptr(row)
+            }
+            #[inline(always)]
+            unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
+                V::$load(row.add(col))
+            }
+            fn value(&self, row: usize, col: usize) -> f32 {
+                f32::from(self.data[row * self.per_row + col])
+            }
+        }
+    };
 }
 
-impl RowFormat for StoredRows<'_, bf16> {
-    const SCALED: bool = false;
-    type Row = *const bf16;
-    fn prefetch(&self, row: usize) {
-        prefetch_row(self, row);
-    }
-    #[inline(always)]
-    fn row(&self, row: usize) -> Self::Row {
-        self.row_ptr(row)
-    }
-    #[inline(always)]
-    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
-        V::load_bf16(row.add(col))
-    }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.per_row + col].to_f32()
-    }
-}
-
-impl RowFormat for StoredRows<'_, f16> {
-    const SCALED: bool = false;
-    type Row = *const f16;
-    fn prefetch(&self, row: usize) {
-        prefetch_row(self, row);
-    }
-    #[inline(always)]
-    fn row(&self, row: usize) -> Self::Row {
-        self.row_ptr(row)
-    }
-    #[inline(always)]
-    unsafe fn widen<V: Widen>(row: Self::Row, col: usize) -> V {
-        V::load_f16(row.add(col))
-    }
-    fn value(&self, row: usize, col: usize) -> f32 {
-        self.data[row * self.per_row + col].to_f32()
-    }
-}
+plain_rows!(f32, load);
+plain_rows!(bf16, load_bf16);
+plain_rows!(f16, load_f16);
 
 /// int8 rows and their block scales.
 #[derive(Clone, Copy)]
@@ -728,70 +699,26 @@ use crate::simd::neon::NeonF32;
 #[cfg(target_arch = "x86_64")]
 use crate::simd::{avx2::Avx2F32, avx512::Avx512F32};
 
-/// The online softmax of kv head `head`'s rows `rows` over keys `key_range`, at `level`, into
-/// `state` (emptied first).
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one block's inputs and its state, passed through"
-)]
-pub(crate) fn decode_block<F: RowFormat>(
-    level: SimdLevel,
-    call: &DecodeCall<'_>,
-    keys: &F,
-    values: &F,
-    head: usize,
-    rows: Range<usize>,
-    key_range: Range<usize>,
-    state: &mut SoftmaxState<f32>,
-) {
-    at_level!(
-        level,
-        PortableF32,
-        Avx2F32,
-        Avx512F32,
-        NeonF32,
-        decode_block_at<F: RowFormat>(
-            call: &DecodeCall<'_>,
-            keys: &F,
-            values: &F,
-            head: usize,
-            rows: Range<usize>,
-            key_range: Range<usize>,
-            state: &mut SoftmaxState<f32>
-        )
+dispatched!(
+    PortableF32, Avx2F32, Avx512F32, NeonF32;
+    /// The online softmax of kv head `head`'s rows `rows` over keys `key_range`, at `level`,
+    /// into `state` (emptied first).
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one block's inputs and its state, passed through"
+    )]
+    pub(crate) decode_block<F: RowFormat> => decode_block_at(
+        call: &DecodeCall<'_>, keys: &F, values: &F, head: usize, rows: Range<usize>,
+        key_range: Range<usize>, state: &mut SoftmaxState<f32>,
+    );
+    /// [`decode_weights_at`] at `level`: row `row` of kv head `head`, from its merged `max`
+    /// and `sum`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one row's inputs and its weights, passed through"
+    )]
+    pub(crate) decode_weights<F: RowFormat> => decode_weights_at(
+        call: &DecodeCall<'_>, keys: &F, head: usize, row: usize, max: f32, sum: f32,
+        weights: &mut [f32],
     )
-}
-
-/// [`decode_weights_at`] at `level`: row `row` of kv head `head`, from its merged `max` and
-/// `sum`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one row's inputs and its weights, passed through"
-)]
-pub(crate) fn decode_weights<F: RowFormat>(
-    level: SimdLevel,
-    call: &DecodeCall<'_>,
-    keys: &F,
-    head: usize,
-    row: usize,
-    max: f32,
-    sum: f32,
-    weights: &mut [f32],
-) {
-    at_level!(
-        level,
-        PortableF32,
-        Avx2F32,
-        Avx512F32,
-        NeonF32,
-        decode_weights_at<F: RowFormat>(
-            call: &DecodeCall<'_>,
-            keys: &F,
-            head: usize,
-            row: usize,
-            max: f32,
-            sum: f32,
-            weights: &mut [f32]
-        )
-    )
-}
+);

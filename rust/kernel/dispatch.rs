@@ -100,107 +100,46 @@ macro_rules! at_level {
 }
 pub(crate) use at_level;
 
+/// Functions `$name(level, args)` that run `$kernel(args)` at `level` (see [`at_level`]), one
+/// per `;`-separated item; attributes and doc comments go before the name.
+macro_rules! dispatched {
+    ($portable:ty, $avx2:ty, $avx512:ty, $neon:ty;
+     $($(#[$attr:meta])* $vis:vis $name:ident $(<$($generic:ident: $bound:path),+>)?
+       => $kernel:ident($($arg:ident: $ty:ty),* $(,)?));+ $(;)?) => {$(
+        $(#[$attr])*
+        $vis fn $name $(<$($generic: $bound),+>)? (level: SimdLevel, $($arg: $ty),*) {
+            $crate::kernel::dispatch::at_level!(
+                level, $portable, $avx2, $avx512, $neon,
+                $kernel $(<$($generic: $bound),+>)? ($($arg: $ty),*)
+            )
+        }
+    )+};
+}
+pub(crate) use dispatched;
+
 /// Compiles the generic kernels for one element type at each instruction set.
 macro_rules! kernel_element {
     ($t:ty, $portable:ty, $avx2:ty, $avx512:ty, $neon:ty) => {
         impl KernelElement for $t {
-            fn flash(
-                level: SimdLevel,
-                params: &KernelParams<$t>,
-                head: &HeadData<'_, $t>,
-                rows: Range<usize>,
-                keys: Range<usize>,
-                scratch: &mut Scratch<$t>,
-            ) {
-                at_level!(
-                    level,
-                    $portable,
-                    $avx2,
-                    $avx512, $neon,
-                    flash_block(
-                        params: &KernelParams<$t>,
-                        head: &HeadData<'_, $t>,
-                        rows: Range<usize>,
-                        keys: Range<usize>,
-                        scratch: &mut Scratch<$t>
-                    )
-                )
-            }
-
-            fn weights(
-                level: SimdLevel,
-                params: &KernelParams<$t>,
-                head: &HeadData<'_, $t>,
-                rows: Range<usize>,
-                weights: &mut [$t],
-                out: &mut [$t],
-                lse: &mut [$t],
-                scratch: &mut Scratch<$t>,
-            ) {
-                at_level!(
-                    level,
-                    $portable,
-                    $avx2,
-                    $avx512, $neon,
-                    weights_block(
-                        params: &KernelParams<$t>,
-                        head: &HeadData<'_, $t>,
-                        rows: Range<usize>,
-                        weights: &mut [$t],
-                        out: &mut [$t],
-                        lse: &mut [$t],
-                        scratch: &mut Scratch<$t>
-                    )
-                )
-            }
-
-            fn key_block_grads(
-                level: SimdLevel,
-                params: &GradParams<$t>,
-                heads: &[GradHead<'_, $t>],
-                keys: Range<usize>,
-                num_queries: usize,
-                out: KeyBlockGrads<'_, $t>,
-                scratch: &mut GradScratch<$t>,
-            ) {
-                at_level!(
-                    level,
-                    $portable,
-                    $avx2,
-                    $avx512, $neon,
-                    key_block_grads(
-                        params: &GradParams<$t>,
-                        heads: &[GradHead<'_, $t>],
-                        keys: Range<usize>,
-                        num_queries: usize,
-                        out: KeyBlockGrads<'_, $t>,
-                        scratch: &mut GradScratch<$t>
-                    )
-                )
-            }
-
-            fn query_block_grads(
-                level: SimdLevel,
-                params: &GradParams<$t>,
-                head: &GradHead<'_, $t>,
-                rows: Range<usize>,
-                grad_query: &mut [$t],
-                scratch: &mut GradScratch<$t>,
-            ) {
-                at_level!(
-                    level,
-                    $portable,
-                    $avx2,
-                    $avx512, $neon,
-                    query_block_grads(
-                        params: &GradParams<$t>,
-                        head: &GradHead<'_, $t>,
-                        rows: Range<usize>,
-                        grad_query: &mut [$t],
-                        scratch: &mut GradScratch<$t>
-                    )
-                )
-            }
+            dispatched!(
+                $portable, $avx2, $avx512, $neon;
+                flash => flash_block(
+                    params: &KernelParams<$t>, head: &HeadData<'_, $t>,
+                    rows: Range<usize>, keys: Range<usize>, scratch: &mut Scratch<$t>,
+                );
+                weights => weights_block(
+                    params: &KernelParams<$t>, head: &HeadData<'_, $t>, rows: Range<usize>,
+                    weights: &mut [$t], out: &mut [$t], lse: &mut [$t], scratch: &mut Scratch<$t>,
+                );
+                key_block_grads => key_block_grads(
+                    params: &GradParams<$t>, heads: &[GradHead<'_, $t>], keys: Range<usize>,
+                    num_queries: usize, out: KeyBlockGrads<'_, $t>, scratch: &mut GradScratch<$t>,
+                );
+                query_block_grads => query_block_grads(
+                    params: &GradParams<$t>, head: &GradHead<'_, $t>, rows: Range<usize>,
+                    grad_query: &mut [$t], scratch: &mut GradScratch<$t>,
+                );
+            );
         }
     };
 }

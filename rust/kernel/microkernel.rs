@@ -14,35 +14,45 @@
 use crate::element::Element;
 use crate::simd::SimdVec;
 
-/// `out[r][c] = Σ_k a[r][k] · b[k][c]` for `ROWS` rows of `a` (broadcast) and `COLS` vectors of
-/// `b` columns: reads `a[r * a_stride + k]`, `b[k * b_stride + c]` for `k < depth`.
+/// `out[r][c] = Σ_k a(r, k) · b[k][c]`, or with `ADD` `out[r][c] += Σ_k ...`, for `ROWS` rows
+/// of `a` (broadcast) and `COLS` vectors of `b` columns, `k < depth`: reads `a(r, k)` at
+/// `a[r * a_layout.row_stride + k * a_layout.key_stride]` and `b[k][c]` at `b[k * stride + c]`,
+/// writes `out[r][c]` at `out[r * stride + c]`.
+///
+/// With `ADD` (`P·V`) the sum over these keys starts from zero and is added to `out` once at
+/// the end: over a long run of keys the running total then takes one rounding per call (per
+/// key block), not one per key, which keeps float32 accurate at hundreds of thousands of keys.
 #[inline(always)]
-unsafe fn product_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
+unsafe fn product_tile<V: SimdVec, const ROWS: usize, const COLS: usize, const ADD: bool>(
     a: *const V::Elem,
-    a_stride: usize,
+    a_layout: WeightLayout,
     b: *const V::Elem,
-    b_stride: usize,
     depth: usize,
     out: *mut V::Elem,
-    out_stride: usize,
+    stride: usize,
 ) {
     let zero = V::splat(V::Elem::ZERO);
-    let mut acc = [[zero; COLS]; ROWS];
+    let mut sums = [[zero; COLS]; ROWS];
     for k in 0..depth {
         let mut columns = [zero; COLS];
         for (col, column) in columns.iter_mut().enumerate() {
-            *column = V::load(b.add(k * b_stride + col * V::LANES));
+            *column = V::load(b.add(k * stride + col * V::LANES));
         }
-        for (row, acc_row) in acc.iter_mut().enumerate() {
-            let broadcast = V::splat(*a.add(row * a_stride + k));
+        for (row, sums_row) in sums.iter_mut().enumerate() {
+            let broadcast = V::splat(*a.add(row * a_layout.row_stride + k * a_layout.key_stride));
             for col in 0..COLS {
-                acc_row[col] = V::mul_add(broadcast, columns[col], acc_row[col]);
+                sums_row[col] = V::mul_add(broadcast, columns[col], sums_row[col]);
             }
         }
     }
-    for (row, acc_row) in acc.iter().enumerate() {
-        for (col, value) in acc_row.iter().enumerate() {
-            value.store(out.add(row * out_stride + col * V::LANES));
+    for (row, sums_row) in sums.iter().enumerate() {
+        for (col, sum) in sums_row.iter().enumerate() {
+            let cell = out.add(row * stride + col * V::LANES);
+            if ADD {
+                V::load(cell).add(*sum).store(cell);
+            } else {
+                sum.store(cell);
+            }
         }
     }
 }
@@ -98,36 +108,37 @@ unsafe fn scores_columns<V: SimdVec>(
         let rows = (num_keys - key).min(V::TILE_ROWS);
         let (a, out) = (k.add(key * depth), s.add(key * width));
         match vectors {
-            4 => product_rows::<V, 4>(rows, a, depth, q, width, depth, out, width),
-            2 => product_rows::<V, 2>(rows, a, depth, q, width, depth, out, width),
-            _ => product_rows::<V, 1>(rows, a, depth, q, width, depth, out, width),
+            4 => product_rows::<V, 4>(rows, a, q, depth, width, out),
+            2 => product_rows::<V, 2>(rows, a, q, depth, width, out),
+            _ => product_rows::<V, 1>(rows, a, q, depth, width, out),
         }
         key += rows;
     }
 }
 
 /// [`product_tile`] for `rows` rows (1 to 6), so that a remainder of rows still gets one tile
-/// rather than a tile per row.
+/// rather than a tile per row: rows of `a` are `depth` long, rows of `b` and `out` `width`.
 #[inline(always)]
-#[expect(clippy::too_many_arguments)]
 unsafe fn product_rows<V: SimdVec, const COLS: usize>(
     rows: usize,
     a: *const V::Elem,
-    a_stride: usize,
     b: *const V::Elem,
-    b_stride: usize,
     depth: usize,
+    width: usize,
     out: *mut V::Elem,
-    out_stride: usize,
 ) {
     debug_assert!((1..=6).contains(&rows));
+    let a_layout = WeightLayout {
+        row_stride: depth,
+        key_stride: 1,
+    };
     match rows {
-        1 => product_tile::<V, 1, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
-        2 => product_tile::<V, 2, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
-        3 => product_tile::<V, 3, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
-        4 => product_tile::<V, 4, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
-        5 => product_tile::<V, 5, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
-        _ => product_tile::<V, 6, COLS>(a, a_stride, b, b_stride, depth, out, out_stride),
+        1 => product_tile::<V, 1, COLS, false>(a, a_layout, b, depth, out, width),
+        2 => product_tile::<V, 2, COLS, false>(a, a_layout, b, depth, out, width),
+        3 => product_tile::<V, 3, COLS, false>(a, a_layout, b, depth, out, width),
+        4 => product_tile::<V, 4, COLS, false>(a, a_layout, b, depth, out, width),
+        5 => product_tile::<V, 5, COLS, false>(a, a_layout, b, depth, out, width),
+        _ => product_tile::<V, 6, COLS, false>(a, a_layout, b, depth, out, width),
     }
 }
 
@@ -229,43 +240,6 @@ pub(crate) struct WeightLayout {
     pub key_stride: usize,
 }
 
-/// `acc[r][c] += Σ_j p(r, j) · v[j][c]` for `ROWS` rows and `COLS` vectors of columns.
-///
-/// The sum over these keys starts from zero and is added to `acc` once at the end: over a long
-/// run of keys the running total then takes one rounding per call (per key block), not one
-/// per key, which keeps float32 accurate at hundreds of thousands of keys.
-#[inline(always)]
-unsafe fn pv_tile<V: SimdVec, const ROWS: usize, const COLS: usize>(
-    p: *const V::Elem,
-    layout: WeightLayout,
-    num_keys: usize,
-    v: *const V::Elem,
-    v_stride: usize,
-    acc: *mut V::Elem,
-    acc_stride: usize,
-) {
-    let zero = V::splat(V::Elem::ZERO);
-    let mut sums = [[zero; COLS]; ROWS];
-    for key in 0..num_keys {
-        let mut values = [zero; COLS];
-        for (col, value) in values.iter_mut().enumerate() {
-            *value = V::load(v.add(key * v_stride + col * V::LANES));
-        }
-        for (row, sums_row) in sums.iter_mut().enumerate() {
-            let weight = V::splat(*p.add(row * layout.row_stride + key * layout.key_stride));
-            for col in 0..COLS {
-                sums_row[col] = V::mul_add(weight, values[col], sums_row[col]);
-            }
-        }
-    }
-    for (row, sums_row) in sums.iter().enumerate() {
-        for (col, sum) in sums_row.iter().enumerate() {
-            let cell = acc.add(row * acc_stride + col * V::LANES);
-            V::load(cell).add(*sum).store(cell);
-        }
-    }
-}
-
 /// `P·V` for `ROWS` rows over all `dv` columns: wide tiles, then single vectors, then scalars.
 #[inline(always)]
 unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
@@ -281,19 +255,19 @@ unsafe fn pv_rows<V: SimdVec, const ROWS: usize>(
     // A single row has registers to spare: eight vectors per pass read each row of V in one
     // sweep (decoding is bound by that read).
     while ROWS == 1 && col + 8 * V::LANES <= dv {
-        pv_tile::<V, ROWS, 8>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
+        product_tile::<V, ROWS, 8, true>(p, layout, v.add(col), num_keys, acc.add(col), dv);
         col += 8 * V::LANES;
     }
     while col + wide <= dv {
         if V::TILE_VECS == 4 {
-            pv_tile::<V, ROWS, 4>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
+            product_tile::<V, ROWS, 4, true>(p, layout, v.add(col), num_keys, acc.add(col), dv);
         } else {
-            pv_tile::<V, ROWS, 2>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
+            product_tile::<V, ROWS, 2, true>(p, layout, v.add(col), num_keys, acc.add(col), dv);
         }
         col += wide;
     }
     while col + V::LANES <= dv {
-        pv_tile::<V, ROWS, 1>(p, layout, num_keys, v.add(col), dv, acc.add(col), dv);
+        product_tile::<V, ROWS, 1, true>(p, layout, v.add(col), num_keys, acc.add(col), dv);
         col += V::LANES;
     }
     for row in 0..ROWS {

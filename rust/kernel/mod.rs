@@ -31,23 +31,30 @@ pub const QUERY_BLOCK: usize = 64;
 /// rows stay in L2 between the `Q·Kᵀ` pass and the `P·V` pass that reads the scores back.
 pub const KEY_BLOCK: usize = 256;
 
-/// Where the mask element for (query `i`, key `j`) of one head lives:
+/// One head's cells of an array mask: the element for (query `i`, key `j`) lives at
 /// `data[base + i * row_stride + j * col_stride]` (strides are 0 along broadcast dims).
+#[derive(Clone, Copy)]
+pub struct MaskCells<'a, M> {
+    pub data: &'a [M],
+    pub base: usize,
+    pub row_stride: usize,
+    pub col_stride: usize,
+}
+
+impl<M: Copy> MaskCells<'_, M> {
+    /// The element for query `row` and key `key`.
+    #[inline(always)]
+    pub fn at(&self, row: usize, key: usize) -> M {
+        self.data[self.base + row * self.row_stride + key * self.col_stride]
+    }
+}
+
+/// One head's mask: none, array cells (bool, or added to the scores), or an expression.
 #[derive(Clone, Copy)]
 pub enum MaskRows<'a, T> {
     None,
-    Bool {
-        data: &'a [bool],
-        base: usize,
-        row_stride: usize,
-        col_stride: usize,
-    },
-    Additive {
-        data: &'a [T],
-        base: usize,
-        row_stride: usize,
-        col_stride: usize,
-    },
+    Bool(MaskCells<'a, bool>),
+    Additive(MaskCells<'a, T>),
     /// A mask expression, evaluated a tile at a time.
     Expr {
         expr: &'a MaskExpr,
@@ -388,8 +395,7 @@ fn scan_coverage<T: Element>(
     keys: &Range<usize>,
 ) -> MaskCoverage {
     fn classify<M: Copy>(
-        data: &[M],
-        (base, row_stride, col_stride): (usize, usize, usize),
+        cells: MaskCells<'_, M>,
         rows: &Range<usize>,
         keys: &Range<usize>,
         visible: impl Fn(M) -> bool,
@@ -397,9 +403,8 @@ fn scan_coverage<T: Element>(
     ) -> MaskCoverage {
         let (mut any_visible, mut all_neutral) = (false, true);
         for row in rows.clone() {
-            let row_base = base + row * row_stride;
             for key in keys.clone() {
-                let value = data[row_base + key * col_stride];
+                let value = cells.at(row, key);
                 any_visible |= visible(value);
                 all_neutral &= neutral(value);
             }
@@ -412,27 +417,9 @@ fn scan_coverage<T: Element>(
     }
     match *mask {
         MaskRows::None | MaskRows::Expr { .. } => MaskCoverage::Neutral,
-        MaskRows::Bool {
-            data,
-            base,
-            row_stride,
-            col_stride,
-        } => classify(
-            data,
-            (base, row_stride, col_stride),
-            rows,
-            keys,
-            |m| m,
-            |m| m,
-        ),
-        MaskRows::Additive {
-            data,
-            base,
-            row_stride,
-            col_stride,
-        } => classify(
-            data,
-            (base, row_stride, col_stride),
+        MaskRows::Bool(cells) => classify(cells, rows, keys, |m| m, |m| m),
+        MaskRows::Additive(cells) => classify(
+            cells,
             rows,
             keys,
             |m| m != T::NEG_INFINITY,
@@ -476,29 +463,17 @@ pub(crate) fn apply_visibility<T: Element>(
                     }
                 }
             }
-            MaskRows::Bool {
-                data,
-                base,
-                row_stride,
-                col_stride,
-            } => {
-                let row_base = base + row * row_stride;
+            MaskRows::Bool(cells) => {
                 for col in 0..keys.len() {
-                    if !data[row_base + (keys.start + col) * col_stride] {
+                    if !cells.at(row, keys.start + col) {
                         scores[cell(col)] = T::NEG_INFINITY;
                         hidden = true;
                     }
                 }
             }
-            MaskRows::Additive {
-                data,
-                base,
-                row_stride,
-                col_stride,
-            } => {
-                let row_base = base + row * row_stride;
+            MaskRows::Additive(cells) => {
                 for col in 0..keys.len() {
-                    let bias = data[row_base + (keys.start + col) * col_stride];
+                    let bias = cells.at(row, keys.start + col);
                     // Assigning (not adding) -inf keeps a NaN key score from surviving its mask.
                     if bias == T::NEG_INFINITY {
                         scores[cell(col)] = T::NEG_INFINITY;
@@ -542,18 +517,8 @@ fn is_visible<T: Element>(
     params.bounds.row_keys(row).contains(&key)
         && match *mask {
             MaskRows::None => true,
-            MaskRows::Bool {
-                data,
-                base,
-                row_stride,
-                col_stride,
-            } => data[base + row * row_stride + key * col_stride],
-            MaskRows::Additive {
-                data,
-                base,
-                row_stride,
-                col_stride,
-            } => data[base + row * row_stride + key * col_stride] != T::NEG_INFINITY,
+            MaskRows::Bool(cells) => cells.at(row, key),
+            MaskRows::Additive(cells) => cells.at(row, key) != T::NEG_INFINITY,
             MaskRows::Expr { expr, shape } => expr.visible(shape, row, key),
         }
 }
@@ -631,29 +596,8 @@ unsafe fn block_scores<V: SimdVec>(
             scores,
         );
     }
-    modify_scores::<V>(params, head, rows, keys, queries, scores, layout, tile);
-    let mask = if coverage == MaskCoverage::Neutral {
-        &MaskRows::None
-    } else {
-        &head.mask
-    };
-    apply_visibility(params, mask, rows, keys, scores, layout, tile)
-}
-
-/// Softcapping then ALiBi on a block's scores, before any mask (the order of a score's life).
-#[inline(always)]
-#[expect(clippy::too_many_arguments)]
-unsafe fn modify_scores<V: SimdVec>(
-    params: &KernelParams<V::Elem>,
-    head: &HeadData<'_, V::Elem>,
-    rows: &Range<usize>,
-    keys: &Range<usize>,
-    queries: &PackedQueries<'_, V::Elem>,
-    scores: &mut [V::Elem],
-    layout: WeightLayout,
-    tile: &mut TileScratch<V::Elem>,
-) {
-    // The score lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
+    // Softcapping then ALiBi, before any mask (the order of a score's life), along the score
+    // lines of the block: a key's queries (Sᵀ) or a query's keys (rows).
     let lines = if queries.by_dot {
         ScoreLines {
             count: rows.len(),
@@ -670,6 +614,12 @@ unsafe fn modify_scores<V: SimdVec>(
         }
     };
     modify_score_lines::<V>(params, head.alibi_slope, rows, keys, lines, scores, tile);
+    let mask = if coverage == MaskCoverage::Neutral {
+        &MaskRows::None
+    } else {
+        &head.mask
+    };
+    apply_visibility(params, mask, rows, keys, scores, layout, tile)
 }
 
 /// How a block's scores lie: `count` lines of `len` values, `stride` apart, each one key's

@@ -563,6 +563,17 @@ mod tests {
                 b_o: Some(self.b[3].view()),
             }
         }
+
+        /// The layer over `x` attending to itself without a causal mask, through `cache`
+        /// when given.
+        fn self_attend(
+            &self,
+            heads: MhaHeads,
+            x: ArrayView3<'_, f64>,
+            cache: Option<&mut KvCache<f64>>,
+        ) -> Result<Attention<f64>, AttnError> {
+            multi_head_attention(&self.weights(), heads, self_attention(x, false), cache)
+        }
     }
 
     fn self_attention(x: ArrayView3<'_, f64>, is_causal: bool) -> MhaInputs<'_, f64> {
@@ -578,13 +589,15 @@ mod tests {
         }
     }
 
+    /// Four query heads over two kv heads.
+    const HEADS: MhaHeads = MhaHeads {
+        num_heads: 4,
+        num_kv_heads: 2,
+    };
+
     #[test]
     fn decoding_token_by_token_equals_one_causal_forward() {
-        let heads = MhaHeads {
-            num_heads: 4,
-            num_kv_heads: 2,
-        };
-        let layer = Layer::new(16, heads);
+        let (heads, layer) = (HEADS, Layer::new(16, HEADS));
         let x: Array3<f64> = filled(ndarray::Ix3(2, 9, 16), 1.0);
         let full = multi_head_attention(
             &layer.weights(),
@@ -597,27 +610,15 @@ mod tests {
         let mut cache = KvCache::new(2, 4, 2, 0).unwrap();
         let prompt = x.slice(s![.., ..5, ..]);
         let mut steps = vec![
-            multi_head_attention(
-                &layer.weights(),
-                heads,
-                self_attention(prompt, false),
-                Some(&mut cache),
-            )
-            .unwrap()
-            .output,
+            layer
+                .self_attend(heads, prompt, Some(&mut cache))
+                .unwrap()
+                .output,
         ];
         for token in 5..9 {
             let step = x.slice(s![.., token..token + 1, ..]);
-            steps.push(
-                multi_head_attention(
-                    &layer.weights(),
-                    heads,
-                    self_attention(step, false),
-                    Some(&mut cache),
-                )
-                .unwrap()
-                .output,
-            );
+            let output = layer.self_attend(heads, step, Some(&mut cache)).unwrap();
+            steps.push(output.output);
         }
         let views: Vec<_> = steps.iter().map(|step| step.view()).collect();
         let decoded = ndarray::concatenate(Axis(1), &views).unwrap();
@@ -630,44 +631,22 @@ mod tests {
 
     #[test]
     fn shape_errors_name_the_argument() {
-        let heads = MhaHeads {
-            num_heads: 4,
-            num_kv_heads: 2,
-        };
-        let layer = Layer::new(16, heads);
+        let (heads, layer) = (HEADS, Layer::new(16, HEADS));
         let narrow: Array3<f64> = Array3::zeros((1, 3, 12));
-        let error = multi_head_attention(
-            &layer.weights(),
-            heads,
-            self_attention(narrow.view(), false),
-            None,
-        )
-        .err()
-        .unwrap();
+        let error = layer.self_attend(heads, narrow.view(), None).err().unwrap();
         assert!(error.to_string().starts_with("query: "), "{error}");
         let bad_heads = MhaHeads {
             num_heads: 4,
             num_kv_heads: 3,
         };
         let x: Array3<f64> = Array3::zeros((1, 3, 16));
-        let error = multi_head_attention(
-            &layer.weights(),
-            bad_heads,
-            self_attention(x.view(), false),
-            None,
-        )
-        .err()
-        .unwrap();
+        let error = layer.self_attend(bad_heads, x.view(), None).err().unwrap();
         assert!(error.to_string().starts_with("num_kv_heads: "), "{error}");
         let mut cache = KvCache::new(1, 4, 1, 0).unwrap();
-        let error = multi_head_attention(
-            &layer.weights(),
-            heads,
-            self_attention(x.view(), false),
-            Some(&mut cache),
-        )
-        .err()
-        .unwrap();
+        let error = layer
+            .self_attend(heads, x.view(), Some(&mut cache))
+            .err()
+            .unwrap();
         assert!(error.to_string().starts_with("cache: "), "{error}");
         assert!(cache.is_empty());
     }

@@ -89,6 +89,17 @@ pub(super) fn mixed_dtypes_error(arrays: [&Bound<'_, PyAny>; 3]) -> PyErr {
     ))
 }
 
+/// `array` as an array of `T` elements (a byte-swapped one as a native-order copy), or `None`
+/// when it holds another element type.
+pub(super) fn typed_array<'py, T: numpy::Element>(
+    array: &Bound<'py, PyAny>,
+) -> PyResult<Option<Bound<'py, PyArrayDyn<T>>>> {
+    if let Ok(typed) = array.cast::<PyArrayDyn<T>>() {
+        return Ok(Some(typed.clone()));
+    }
+    Ok(native_order_copy(array)?.and_then(|native| native.cast_into::<PyArrayDyn<T>>().ok()))
+}
+
 /// `array` as an array of the query's element type `T` (a byte-swapped one as a native-order
 /// copy), or an error that explains why it is not one.
 pub(super) fn input_array<'py, T: numpy::Element>(
@@ -96,13 +107,8 @@ pub(super) fn input_array<'py, T: numpy::Element>(
     name: &str,
     all: [&Bound<'py, PyAny>; 3],
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    if let Ok(typed) = array.cast::<PyArrayDyn<T>>() {
-        return Ok(typed.clone());
-    }
-    if let Some(native) = native_order_copy(array)? {
-        if let Ok(typed) = native.cast_into::<PyArrayDyn<T>>() {
-            return Ok(typed);
-        }
+    if let Some(typed) = typed_array::<T>(array)? {
+        return Ok(typed);
     }
     if is_dtype::<f32>(array) || is_dtype::<f64>(array) {
         Err(mixed_dtypes_error(all))

@@ -6,8 +6,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyTuple};
 
 use super::arrays::{
-    dtype_of, flag, input_array, input_error, is_dtype, native_order_copy, parse_alignment,
-    scale_value, type_name, BorrowedMask,
+    dtype_of, flag, input_array, input_error, is_dtype, parse_alignment, scale_value, type_name,
+    typed_array, BorrowedMask,
 };
 use super::guarded;
 use crate::{AttentionOptions, Float, Mask, Window};
@@ -177,13 +177,8 @@ pub(super) fn same_dtype_array<'py, T: numpy::Element>(
     name: &str,
     query: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyArrayDyn<T>>> {
-    if let Ok(typed) = array.cast::<PyArrayDyn<T>>() {
-        return Ok(typed.clone());
-    }
-    if let Some(native) = native_order_copy(array)? {
-        if let Ok(typed) = native.cast_into::<PyArrayDyn<T>>() {
-            return Ok(typed);
-        }
+    if let Some(typed) = typed_array::<T>(array)? {
+        return Ok(typed);
     }
     if is_dtype::<f32>(array) || is_dtype::<f64>(array) {
         return Err(PyTypeError::new_err(format!(

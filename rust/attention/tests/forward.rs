@@ -305,15 +305,19 @@ fn shape_errors_name_the_argument() {
     let q = ArrayD::<f32>::zeros(IxDyn(&[2, 4, 8]));
     let bad_depth = ArrayD::<f32>::zeros(IxDyn(&[2, 4, 7]));
     let fewer_heads = ArrayD::<f32>::zeros(IxDyn(&[1, 4, 8]));
-    let error = crate::attention::scaled_dot_product_attention(
-        q.view(),
-        bad_depth.view(),
-        q.view(),
-        Mask::None,
-        &AttentionOptions::default(),
-    )
-    .err()
-    .unwrap();
+    let error_of = |key: &ArrayD<f32>, value: &ArrayD<f32>, mask: Mask<'_, f32>| {
+        let options = AttentionOptions::default();
+        crate::attention::scaled_dot_product_attention(
+            q.view(),
+            key.view(),
+            value.view(),
+            mask,
+            &options,
+        )
+        .err()
+        .unwrap()
+    };
+    let error = error_of(&bad_depth, &q, Mask::None);
     assert!(
         matches!(
             error,
@@ -325,26 +329,10 @@ fn shape_errors_name_the_argument() {
         "{error}"
     );
     assert!(error.to_string().contains("(2, 4, 7)"));
-    let error = crate::attention::scaled_dot_product_attention(
-        q.view(),
-        fewer_heads.view(),
-        fewer_heads.view(),
-        Mask::None,
-        &AttentionOptions::default(),
-    )
-    .err()
-    .unwrap();
+    let error = error_of(&fewer_heads, &fewer_heads, Mask::None);
     assert!(error.to_string().contains("enable_gqa"), "{error}");
     let mask = ArrayD::from_elem(IxDyn(&[3, 4, 4]), true);
-    let error = crate::attention::scaled_dot_product_attention(
-        q.view(),
-        q.view(),
-        q.view(),
-        Mask::Bool(mask.view()),
-        &AttentionOptions::default(),
-    )
-    .err()
-    .unwrap();
+    let error = error_of(&q, &q, Mask::Bool(mask.view()));
     assert!(
         matches!(
             error,
@@ -462,20 +450,20 @@ fn out_of_range_softcaps_and_slopes_are_refused() {
             "{error}"
         );
     }
-    let slopes = [0.5, 1e38];
-    let mods = ScoreMods {
-        softcap: None,
-        alibi_slopes: Some(&slopes),
+    let with_slopes = |slopes: &[f64]| {
+        call(&ScoreMods {
+            softcap: None,
+            alibi_slopes: Some(slopes),
+        })
     };
-    let error = call(&mods).err().expect("refused").to_string();
+    let error = with_slopes(&[0.5, 1e38])
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(
         error.contains("alibi_slopes") && error.contains("1e38"),
         "{error}"
     );
-    let slopes = [0.5, 1e30];
-    let mods = ScoreMods {
-        softcap: None,
-        alibi_slopes: Some(&slopes),
-    };
-    assert!(call(&mods).unwrap().output.iter().all(|x| x.is_finite()));
+    let finite = with_slopes(&[0.5, 1e30]).unwrap();
+    assert!(finite.output.iter().all(|x| x.is_finite()));
 }
