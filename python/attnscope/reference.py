@@ -175,18 +175,41 @@ def _scores(
 
 
 def scaled_dot_product_attention(
-    query, key, value, *options, return_weights=False, return_lse=False, **keywords
+    query,
+    key,
+    value,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+    return_weights=False,
+    return_lse=False,
+    softcap=None,
+    alibi_slopes=None,
 ):
     """softmax(Q·Kᵀ·scale + mask) · V in float64, with the same arguments as the engine's
-    :func:`attnscope.scaled_dot_product_attention` (`options` and `keywords` are its
-    ``attn_mask``, ``is_causal``, ``scale``, ``enable_gqa``, ``causal_alignment``, ``window``,
-    ``softcap`` and ``alibi_slopes``; see ``_scores`` for the order they act in).
+    :func:`attnscope.scaled_dot_product_attention` (see ``_scores`` for the order they act in).
 
     Shapes: query (..., Hq, L, D), key (..., Hkv, S, D), value (..., Hkv, S, Dv); 2-D inputs
     are a single head. Returns float64 output (..., Hq, L, Dv) and, if asked, the weights and
     the log-sum-exp (..., Hq, L), in that order.
     """
-    call = _scores(query, key, value, *options, **keywords)
+    call = _scores(
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        causal_alignment=causal_alignment,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+    )
     weights = softmax(call.scores, call.visible)
     # A masked-out value must not reach the output even when it is NaN or inf, and 0 * NaN is
     # NaN, so non-finite values take the exact (slow) road of summing only visible keys.
@@ -203,7 +226,21 @@ def scaled_dot_product_attention(
 
 
 def scaled_dot_product_attention_backward(
-    grad_out, query, key, value, out=None, lse=None, *options, **keywords
+    grad_out,
+    query,
+    key,
+    value,
+    out=None,
+    lse=None,
+    attn_mask=None,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    *,
+    causal_alignment="top_left",
+    window=None,
+    softcap=None,
+    alibi_slopes=None,
 ):
     """The gradients ``(grad_query, grad_key, grad_value)`` of the attention above, in float64,
     with the arguments of the engine's :func:`attnscope.scaled_dot_product_attention_backward`.
@@ -214,7 +251,19 @@ def scaled_dot_product_attention_backward(
     not needed: the weights are computed again here. A softcap multiplies ``dS`` by
     ``1 - tanh(s / softcap)²``; ALiBi's bias is a constant.
     """
-    call = _scores(query, key, value, *options, **keywords)
+    call = _scores(
+        query,
+        key,
+        value,
+        attn_mask,
+        is_causal,
+        scale,
+        enable_gqa,
+        causal_alignment=causal_alignment,
+        window=window,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+    )
     weights = softmax(call.scores, call.visible)
     grad_out = np.asarray(grad_out, dtype=np.float64)
     grad_value = np.swapaxes(weights, -1, -2) @ grad_out
