@@ -12,8 +12,9 @@ use crate::element::Element;
 use crate::{Float, Mask, Window};
 
 // ---------------------------------------------------------------------------------------------
-// The multi-head attention layer and the KV cache. The Python classes in `attnscope._mha` check
-// the argument types and own the weights; these functions borrow the arrays and run the layer.
+// The multi-head attention layer and the KV cache. The Python classes (`attnscope._layer`,
+// `attnscope._kv_cache`) check the argument types and own the weights; these functions borrow
+// the arrays and run the layer.
 
 pub(super) fn register_layer(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<KvCacheCore>()?;
