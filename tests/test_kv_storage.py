@@ -133,6 +133,18 @@ def test_len_nbytes_growth_and_reset(rng, storage):
     )
 
 
+def test_the_engine_lists_the_storages_a_float32_cache_keeps():
+    """The one list (from the engine) that the generation API and the Cost page read."""
+    from attnscope import _kv_cache
+    from attnscope.dashboard import kv_cost
+    from attnscope.models import _generate
+
+    assert _kv_cache.STORAGES == STORAGES
+    assert kv_cost.STORAGES is _kv_cache.STORAGES and _generate.STORAGES is _kv_cache.STORAGES
+    for storage in STORAGES:
+        assert attnscope.KVCache(1, 8, storage=storage).storage == storage
+
+
 def test_float64_cache_stores_float64():
     cache = attnscope.KVCache(1, 8, dtype=np.float64)
     assert cache.storage == "float64"

@@ -9,6 +9,7 @@ __all__ = [
     "MAX_MASK_DEPTH",
     "MAX_MASK_NODES",
     "MAX_THREADS",
+    "STORAGES",
     "KvCacheCore",
     "MaskExpr",
     "_panic_for_tests",
@@ -111,6 +112,7 @@ class MaskExpr:
     ) -> tuple[npt.NDArray[np.uint8], int]: ...
 
 MAX_THREADS: int
+STORAGES: tuple[str, ...]
 
 def set_num_threads(num_threads: int) -> None: ...
 def check_num_threads(num_threads: int) -> int: ...

@@ -7,10 +7,15 @@ import numpy as np
 
 from ._attention import check_window, context_threads
 from ._checks import array_of, float_dtype, whole_number
-from ._engine import core
+from ._engine import core, core_available
 from .masks import Mask
 
 __all__ = ["KVCache"]
+
+
+#: The storages a float32 cache can keep its keys and values in, as the engine lists them (a
+#: float64 cache keeps float64). Empty without the engine, where no cache can be made.
+STORAGES: tuple[str, ...] = core().STORAGES if core_available() else ()
 
 
 class KVCache:

@@ -30,6 +30,14 @@ pub enum Storage {
 }
 
 impl Storage {
+    /// Every storage, the compute type first.
+    pub const ALL: [Storage; 4] = [
+        Storage::Native,
+        Storage::BFloat16,
+        Storage::Float16,
+        Storage::Int8,
+    ];
+
     /// Refuses values this storage cannot hold, before anything is written: int8 shares one
     /// scale per block of a row, so an inf or NaN would turn its whole block into NaN (and
     /// leak into outputs the value does not feed); float16 turns finite values past ±65,504

@@ -7,6 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 use crate::simd::{active_level, force_level, SimdLevel};
 use crate::threads::MAX_THREADS;
@@ -118,6 +119,12 @@ fn _core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(check_num_threads, module)?)?;
     module.add_function(wrap_pyfunction!(_panic_for_tests, module)?)?;
     module.add("MAX_THREADS", MAX_THREADS)?;
+    // The storages a float32 cache can keep (a float64 cache keeps float64): the one list.
+    let storages: Vec<&str> = crate::Storage::ALL
+        .iter()
+        .map(|storage| storage.name::<f32>())
+        .collect();
+    module.add("STORAGES", PyTuple::new(module.py(), storages)?)?;
     module.add_function(wrap_pyfunction!(set_weights_memory_limit, module)?)?;
     module.add_function(wrap_pyfunction!(get_weights_memory_limit, module)?)?;
     module.add_function(wrap_pyfunction!(simd_level, module)?)?;

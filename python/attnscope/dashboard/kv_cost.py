@@ -14,6 +14,8 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 
+from attnscope._kv_cache import STORAGES
+
 from . import budget
 from .cost import TARGET_LENGTHS
 from .text import human_bytes, human_seconds
@@ -56,7 +58,6 @@ def kv_cache_frame(
     )
 
 
-STORAGES = ("float32", "bfloat16", "float16", "int8")
 INT8_BLOCK = 32  # values sharing one float32 scale in int8 storage
 DECODE_LENGTHS = (1_024, 4_096, 16_384, 32_768)
 

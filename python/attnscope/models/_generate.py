@@ -26,6 +26,7 @@ import numpy as np
 import attnscope
 
 from .._checks import flag, real_number, whole_number
+from .._kv_cache import STORAGES
 from ._model import check_encodable
 
 
@@ -85,7 +86,6 @@ def _check_sampling(temperature, top_k, seed) -> tuple[float, int | None, int | 
     return temperature, top_k, seed
 
 
-KV_STORAGES = ("float32", "bfloat16", "float16", "int8")
 
 
 def _check_kv_storage(model, kv_storage) -> str | None:
@@ -94,8 +94,8 @@ def _check_kv_storage(model, kv_storage) -> str | None:
         return None
     if not isinstance(kv_storage, str):
         raise TypeError(f"kv_storage must be a str or None, got {type(kv_storage).__name__}")
-    if kv_storage not in KV_STORAGES:
-        raise ValueError(f"kv_storage must be one of {', '.join(KV_STORAGES)}, got {kv_storage!r}")
+    if kv_storage not in STORAGES:
+        raise ValueError(f"kv_storage must be one of {', '.join(STORAGES)}, got {kv_storage!r}")
     if kv_storage != "float32" and np.dtype(model.dtype) != np.float32:
         raise ValueError(
             f"kv_storage={kv_storage!r} needs a float32 model; this one computes in {model.dtype}"
