@@ -86,8 +86,6 @@ def _check_sampling(temperature, top_k, seed) -> tuple[float, int | None, int | 
     return temperature, top_k, seed
 
 
-
-
 def _check_kv_storage(model, kv_storage) -> str | None:
     """`kv_storage` (None: the model's dtype) checked against the model's dtype."""
     if kv_storage is None:
