@@ -10,6 +10,8 @@
 use std::sync::OnceLock;
 
 use ndarray::{ArrayD, IxDyn};
+use rayon::prelude::*;
+use rayon::ThreadPool;
 
 use crate::attention::schedule::{run_tasks, Task};
 use crate::attention::Attention;
@@ -19,7 +21,7 @@ use crate::kernel::decode::{decode_block, decode_weights, DecodeCall, RowFormat}
 use crate::kernel::SoftmaxState;
 use crate::memory::filled;
 use crate::simd::SimdLevel;
-use crate::threads::pool_for;
+use crate::threads::{pool_for, ATTENTION_INLINE_WORK};
 
 /// Keys per block when a kv head's rows are few enough to split keys; fixed by the shape alone.
 const KEY_CHUNK: usize = 1024;
@@ -176,7 +178,7 @@ pub(crate) fn decode<F: RowFormat>(
         }
     }
     let weights = if want_weights {
-        Some(weights_of(level, call, keys, &merged_rows, rows)?)
+        Some(weights_of(level, call, keys, &merged_rows, rows, &pool)?)
     } else {
         None
     };
@@ -188,31 +190,50 @@ pub(crate) fn decode<F: RowFormat>(
     })
 }
 
+/// Where one output row's weights come from: its kv head, its row in that head, and the row's
+/// merged max and sum.
+type WeightSource = Option<(usize, usize, f32, f32)>;
+
 /// The weights `(batch, Hq, L, S)` of every row from its merged state: zeros outside the keys
-/// each row sees.
+/// each row sees. Rows are independent, so they run on `pool` (inline when the work is small).
 fn weights_of<F: RowFormat>(
     level: SimdLevel,
     call: &DecodeCall<'_>,
     keys: &F,
     merged_rows: &[(usize, usize, Vec<f32>, Vec<f32>)],
     rows: usize,
+    pool: &ThreadPool,
 ) -> Result<Vec<f32>, AttnError> {
     let mut weights = filled(&[rows, call.num_keys], 0.0f32, "query")?;
+    let mut sources: Vec<WeightSource> = vec![None; rows];
     for (head, row_start, max, sum) in merged_rows {
         for (i, (&max, &sum)) in max.iter().zip(sum).enumerate() {
-            let (index, visible) = call.row(*head, row_start + i);
-            let row = &mut weights[index * call.num_keys..][..call.num_keys];
+            let (index, _) = call.row(*head, row_start + i);
+            sources[index] = Some((*head, row_start + i, max, sum));
+        }
+    }
+    let fill = |(weights_row, source): (&mut [f32], &WeightSource)| {
+        if let Some((head, row, max, sum)) = *source {
+            let visible = call.row(head, row).1;
             decode_weights(
                 level,
                 call,
                 keys,
-                *head,
-                row_start + i,
+                head,
+                row,
                 max,
                 sum,
-                &mut row[visible],
+                &mut weights_row[visible],
             );
         }
+    };
+    let chunks = weights.chunks_mut(call.num_keys.max(1));
+    if rows * call.num_keys * call.depth <= ATTENTION_INLINE_WORK || pool.current_num_threads() == 1
+    {
+        chunks.zip(&sources).for_each(fill);
+    } else {
+        let chunks: Vec<&mut [f32]> = chunks.collect();
+        pool.install(|| chunks.into_par_iter().zip(&sources).for_each(fill));
     }
     Ok(weights)
 }
